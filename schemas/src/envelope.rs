@@ -1,0 +1,361 @@
+//! The canonical envelope and the mapping that reads foreign shapes into it.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+
+/// One event as the wire contract defines it: the full new state of one aggregate.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Envelope {
+    /// Version of the entity's payload schema.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schema_version: Option<i64>,
+    /// Unique id of the event, for idempotency and tracing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub event_id: Option<String>,
+    /// Kind of change, e.g. `athlete.updated`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub event_type: Option<String>,
+    /// When the source committed the change.
+    #[serde(default, with = "time::serde::rfc3339::option", skip_serializing_if = "Option::is_none")]
+    pub occurred_at: Option<OffsetDateTime>,
+    /// Entity kind, e.g. `athlete`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aggregate_type: Option<String>,
+    /// Entity id; also the shard key.
+    pub aggregate_id: String,
+    /// Monotonic per aggregate: the ordering and idempotency guard.
+    pub aggregate_version: u64,
+    /// Full new state; `None` is a tombstone.
+    #[serde(default)]
+    pub payload: Option<Value>,
+    /// True for a tombstone.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub deleted: bool,
+}
+
+impl Envelope {
+    /// Whether this event deletes the aggregate (`deleted: true` or no payload).
+    pub fn is_tombstone(&self) -> bool {
+        self.deleted || matches!(self.payload, None | Some(Value::Null))
+    }
+
+    /// Looks up a dotted path (`aggregateId`, `payload.address.city`) in the canonical view.
+    pub fn lookup(&self, path: &str) -> Option<Value> {
+        let (head, rest) = match path.split_once('.') {
+            Some((h, r)) => (h, Some(r)),
+            None => (path, None),
+        };
+        let top = match head {
+            "aggregateId" => Value::String(self.aggregate_id.clone()),
+            "aggregateVersion" => Value::from(self.aggregate_version),
+            "aggregateType" => self.aggregate_type.clone().map(Value::String)?,
+            "eventId" => self.event_id.clone().map(Value::String)?,
+            "eventType" => self.event_type.clone().map(Value::String)?,
+            "schemaVersion" => self.schema_version.map(Value::from)?,
+            "occurredAt" => Value::String(format_timestamp(self.occurred_at?)),
+            "deleted" => Value::Bool(self.is_tombstone()),
+            "payload" => {
+                let payload = self.payload.as_ref()?;
+                return match rest {
+                    None => Some(payload.clone()),
+                    Some(rest) => json_path(payload, rest).cloned(),
+                };
+            }
+            _ => return None,
+        };
+        match rest {
+            None => Some(top),
+            Some(_) => None,
+        }
+    }
+
+    /// The canonical JSON view (camelCase keys), as CEL expressions and `lookup` see it.
+    pub fn to_value(&self) -> Value {
+        serde_json::to_value(self).unwrap_or(Value::Null)
+    }
+}
+
+/// Formats a timestamp as RFC 3339 UTC, the wire form of `occurredAt`.
+pub fn format_timestamp(ts: OffsetDateTime) -> String {
+    ts.to_offset(time::UtcOffset::UTC)
+        .format(&Rfc3339)
+        .unwrap_or_default()
+}
+
+/// Follows a dotted path through nested JSON objects (and array indexes).
+pub fn json_path<'a>(root: &'a Value, path: &str) -> Option<&'a Value> {
+    let mut current = root;
+    for part in path.split('.') {
+        current = match current {
+            Value::Object(map) => map.get(part)?,
+            Value::Array(items) => items.get(part.parse::<usize>().ok()?)?,
+            _ => return None,
+        };
+    }
+    Some(current)
+}
+
+/// Where each envelope member lives in a body: dotted paths, canonical names by default.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EnvelopeKeys {
+    /// Path of the schema version.
+    pub schema_version: String,
+    /// Path of the event id.
+    pub event_id: String,
+    /// Path of the event type.
+    pub event_type: String,
+    /// Path of the commit timestamp (RFC 3339, ISO 8601 without offset as UTC, or Unix millis).
+    pub occurred_at: String,
+    /// Path of the aggregate type.
+    pub aggregate_type: String,
+    /// Path of the aggregate id (string or integer).
+    pub aggregate_id: String,
+    /// Path of the aggregate version (non-negative integer).
+    pub aggregate_version: String,
+    /// Path of the payload (the full state).
+    pub payload: String,
+    /// Path of the tombstone flag.
+    pub deleted: String,
+}
+
+impl Default for EnvelopeKeys {
+    fn default() -> Self {
+        EnvelopeKeys {
+            schema_version: "schemaVersion".into(),
+            event_id: "eventId".into(),
+            event_type: "eventType".into(),
+            occurred_at: "occurredAt".into(),
+            aggregate_type: "aggregateType".into(),
+            aggregate_id: "aggregateId".into(),
+            aggregate_version: "aggregateVersion".into(),
+            payload: "payload".into(),
+            deleted: "deleted".into(),
+        }
+    }
+}
+
+/// Why a decoded body is not a valid envelope.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum EnvelopeError {
+    /// The body is not an object.
+    #[error("body is not an object")]
+    NotAnObject,
+    /// A required key is absent or null.
+    #[error("missing {member} (key `{key}`)")]
+    Missing {
+        /// Envelope member.
+        member: &'static str,
+        /// Configured key path.
+        key: String,
+    },
+    /// A key holds a value of the wrong kind.
+    #[error("{member} (key `{key}`) {problem}, got {got}")]
+    Invalid {
+        /// Envelope member.
+        member: &'static str,
+        /// Configured key path.
+        key: String,
+        /// What is wrong.
+        problem: &'static str,
+        /// The offending value, shortened.
+        got: String,
+    },
+}
+
+impl EnvelopeKeys {
+    /// Reads an envelope out of a decoded body according to this mapping.
+    pub fn read(&self, body: &Value) -> Result<Envelope, EnvelopeError> {
+        if !body.is_object() {
+            return Err(EnvelopeError::NotAnObject);
+        }
+        let get = |key: &str| json_path(body, key).filter(|v| !v.is_null());
+        let invalid = |member: &'static str, key: &str, problem: &'static str, got: &Value| {
+            EnvelopeError::Invalid {
+                member,
+                key: key.to_string(),
+                problem,
+                got: shorten(got),
+            }
+        };
+
+        let aggregate_id = match get(&self.aggregate_id) {
+            Some(Value::String(s)) if !s.is_empty() => s.clone(),
+            Some(Value::Number(n)) if n.is_i64() || n.is_u64() => n.to_string(),
+            Some(other) => {
+                return Err(invalid(
+                    "aggregateId",
+                    &self.aggregate_id,
+                    "must be a non-empty string or an integer",
+                    other,
+                ));
+            }
+            None => return Err(missing("aggregateId", &self.aggregate_id)),
+        };
+        let aggregate_version = match get(&self.aggregate_version) {
+            Some(Value::Number(n)) if n.is_u64() => n.as_u64().unwrap_or_default(),
+            Some(other) => {
+                return Err(invalid(
+                    "aggregateVersion",
+                    &self.aggregate_version,
+                    "must be a non-negative integer",
+                    other,
+                ));
+            }
+            None => return Err(missing("aggregateVersion", &self.aggregate_version)),
+        };
+        let occurred_at = match get(&self.occurred_at) {
+            None => None,
+            Some(v) => Some(parse_timestamp(v).ok_or_else(|| {
+                invalid(
+                    "occurredAt",
+                    &self.occurred_at,
+                    "must be an RFC 3339 timestamp or Unix milliseconds",
+                    v,
+                )
+            })?),
+        };
+        let deleted = match get(&self.deleted) {
+            None => false,
+            Some(Value::Bool(b)) => *b,
+            Some(other) => {
+                return Err(invalid("deleted", &self.deleted, "must be a boolean", other));
+            }
+        };
+        let optional_string = |member: &'static str, key: &str| match get(key) {
+            None => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s.clone())),
+            Some(Value::Number(n)) => Ok(Some(n.to_string())),
+            Some(other) => Err(invalid(member, key, "must be a string", other)),
+        };
+        let schema_version = match get(&self.schema_version) {
+            None => None,
+            Some(Value::Number(n)) if n.is_i64() => n.as_i64(),
+            Some(other) => {
+                return Err(invalid(
+                    "schemaVersion",
+                    &self.schema_version,
+                    "must be an integer",
+                    other,
+                ));
+            }
+        };
+        Ok(Envelope {
+            schema_version,
+            event_id: optional_string("eventId", &self.event_id)?,
+            event_type: optional_string("eventType", &self.event_type)?,
+            occurred_at,
+            aggregate_type: optional_string("aggregateType", &self.aggregate_type)?,
+            aggregate_id,
+            aggregate_version,
+            payload: get(&self.payload).cloned(),
+            deleted,
+        })
+    }
+}
+
+fn missing(member: &'static str, key: &str) -> EnvelopeError {
+    EnvelopeError::Missing {
+        member,
+        key: key.to_string(),
+    }
+}
+
+fn shorten(value: &Value) -> String {
+    let text = value.to_string();
+    if text.len() <= 64 {
+        text
+    } else {
+        let cut: String = text.chars().take(61).collect();
+        format!("{cut}...")
+    }
+}
+
+/// Parses RFC 3339, ISO 8601 without an offset (taken as UTC, as Python's `isoformat()` writes
+/// it), or an integer of Unix milliseconds.
+pub fn parse_timestamp(value: &Value) -> Option<OffsetDateTime> {
+    match value {
+        Value::String(s) => OffsetDateTime::parse(s, &Rfc3339).ok().or_else(|| {
+            let naive = time::PrimitiveDateTime::parse(
+                s,
+                &time::format_description::well_known::Iso8601::DEFAULT,
+            )
+            .ok()?;
+            Some(naive.assume_utc())
+        }),
+        Value::Number(n) => {
+            let millis = n.as_i64()?;
+            OffsetDateTime::from_unix_timestamp_nanos(i128::from(millis) * 1_000_000).ok()
+        }
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn canonical_envelope_reads_with_default_keys() {
+        let body = json!({
+            "schemaVersion": 1, "eventId": "e-1", "eventType": "athlete.updated",
+            "occurredAt": "2026-11-24T10:00:00Z", "aggregateType": "athlete",
+            "aggregateId": "ath-1", "aggregateVersion": 7,
+            "payload": {"displayName": "Ada", "status": "active"}
+        });
+        let env = EnvelopeKeys::default().read(&body).unwrap();
+        assert_eq!(env.aggregate_id, "ath-1");
+        assert_eq!(env.aggregate_version, 7);
+        assert!(!env.is_tombstone());
+        assert_eq!(env.lookup("payload.displayName"), Some(json!("Ada")));
+        assert_eq!(env.lookup("occurredAt"), Some(json!("2026-11-24T10:00:00Z")));
+        // The serialized form is the same wire shape.
+        let back: Envelope = serde_json::from_value(env.to_value()).unwrap();
+        assert_eq!(back, env);
+    }
+
+    #[test]
+    fn seed_python_shape_reads_with_a_mapping() {
+        let keys = EnvelopeKeys {
+            event_id: "event_id".into(),
+            event_type: "event_type".into(),
+            aggregate_id: "customer_id".into(),
+            aggregate_version: "version".into(),
+            occurred_at: "timestamp".into(),
+            deleted: "is_deleted".into(),
+            ..EnvelopeKeys::default()
+        };
+        let body = json!({"event_id": "evt-3", "event_type": "CUSTOMER_UPDATED", "customer_id": "C-001",
+            "payload": null, "timestamp": "2024-05-01T12:00:00.123456", "version": 3, "is_deleted": true});
+        let env = keys.read(&body).unwrap();
+        assert_eq!(env.aggregate_id, "C-001");
+        assert!(env.is_tombstone());
+        assert_eq!(env.occurred_at.unwrap().unix_timestamp(), 1_714_564_800);
+    }
+
+    #[test]
+    fn invalid_versions_are_named() {
+        let keys = EnvelopeKeys::default();
+        for bad in [json!(-1), json!(1.5), json!("7")] {
+            let err = keys.read(&json!({"aggregateId": "a", "aggregateVersion": bad})).unwrap_err();
+            assert!(err.to_string().starts_with("aggregateVersion (key `aggregateVersion`) must be a non-negative integer"), "{err}");
+        }
+        let err = keys.read(&json!({"aggregateId": "a"})).unwrap_err();
+        assert_eq!(err.to_string(), "missing aggregateVersion (key `aggregateVersion`)");
+        assert_eq!(keys.read(&json!([1])).unwrap_err(), EnvelopeError::NotAnObject);
+    }
+
+    #[test]
+    fn integer_ids_and_unix_millis_are_accepted() {
+        let env = EnvelopeKeys::default()
+            .read(&json!({"aggregateId": 42, "aggregateVersion": 0, "occurredAt": 1_700_000_000_000i64, "payload": {}}))
+            .unwrap();
+        assert_eq!(env.aggregate_id, "42");
+        assert_eq!(env.occurred_at.unwrap().unix_timestamp(), 1_700_000_000);
+    }
+}

@@ -1,0 +1,17 @@
+//! ecst wire types: the event envelope every producer writes and every pipeline reads.
+//!
+//! # Layout
+//!
+//! - [`envelope`]: the canonical [`Envelope`] and the [`EnvelopeKeys`] mapping that reads foreign
+//!   shapes into it.
+//! - [`wire`]: stream entry field names, content types and body decoding with hostile-input limits.
+//!
+//! This crate does no I/O.
+#![forbid(unsafe_code)]
+#![warn(missing_docs, unreachable_pub)]
+
+pub mod envelope;
+pub mod wire;
+
+pub use envelope::{Envelope, EnvelopeError, EnvelopeKeys};
+pub use wire::{BodyLimits, ContentType, WireError};

@@ -1,0 +1,263 @@
+//! Stream entry fields, content types and body decoding.
+
+use serde_json::Value;
+
+/// Stream entry field holding the event body.
+pub const FIELD_BODY: &str = "v";
+/// Stream entry field holding the optional content type.
+pub const FIELD_CONTENT_TYPE: &str = "ct";
+/// Stream entry field holding the producer's W3C trace context.
+pub const FIELD_TRACEPARENT: &str = "traceparent";
+
+/// Content type of an event body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ContentType {
+    /// `application/json`, the default.
+    Json,
+    /// `application/msgpack` (rmp-serde encoding of the same envelope).
+    MsgPack,
+}
+
+impl ContentType {
+    /// The MIME name written in the `ct` field.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ContentType::Json => "application/json",
+            ContentType::MsgPack => "application/msgpack",
+        }
+    }
+
+    /// Parses a `ct` field value; unknown names are an error, never a guess.
+    pub fn parse(name: &str) -> Result<Self, WireError> {
+        match name.trim().to_ascii_lowercase().as_str() {
+            "application/json" | "json" => Ok(ContentType::Json),
+            "application/msgpack" | "application/x-msgpack" | "application/vnd.msgpack"
+            | "msgpack" => Ok(ContentType::MsgPack),
+            _ => Err(WireError::UnknownContentType(name.chars().take(64).collect())),
+        }
+    }
+}
+
+/// Limits applied to a body before and while decoding it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BodyLimits {
+    /// Largest accepted raw body, in bytes.
+    pub max_bytes: usize,
+    /// Deepest accepted nesting of arrays and objects.
+    pub max_depth: usize,
+}
+
+impl Default for BodyLimits {
+    fn default() -> Self {
+        BodyLimits {
+            max_bytes: 1024 * 1024,
+            max_depth: 64,
+        }
+    }
+}
+
+/// Why a body could not be decoded.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum WireError {
+    /// The body is larger than the configured limit.
+    #[error("body is {size} bytes, over the limit of {limit} bytes")]
+    TooLarge {
+        /// Size of the body.
+        size: usize,
+        /// Configured limit.
+        limit: usize,
+    },
+    /// The `ct` field names a content type ecst does not know.
+    #[error("unknown content type {0:?}")]
+    UnknownContentType(String),
+    /// The body is not valid JSON.
+    #[error("invalid JSON body: {0}")]
+    Json(String),
+    /// The body is not valid MessagePack.
+    #[error("invalid MessagePack body: {0}")]
+    MsgPack(String),
+    /// The body nests deeper than the configured limit.
+    #[error("body nests deeper than {0} levels")]
+    TooDeep(usize),
+}
+
+/// Decodes a raw body into a JSON value, enforcing `limits` before and during decoding.
+pub fn decode_body(bytes: &[u8], ct: ContentType, limits: BodyLimits) -> Result<Value, WireError> {
+    if bytes.len() > limits.max_bytes {
+        return Err(WireError::TooLarge {
+            size: bytes.len(),
+            limit: limits.max_bytes,
+        });
+    }
+    let value = match ct {
+        ContentType::Json => {
+            // serde_json refuses nesting past 128 levels itself, so the depth check below is
+            // the only unbounded walk and it runs on an already bounded tree.
+            serde_json::from_slice::<Value>(bytes).map_err(|e| WireError::Json(e.to_string()))?
+        }
+        ContentType::MsgPack => {
+            if msgpack_depth_exceeds(bytes, limits.max_depth) {
+                return Err(WireError::TooDeep(limits.max_depth));
+            }
+            rmp_serde::from_slice::<Value>(bytes).map_err(|e| WireError::MsgPack(e.to_string()))?
+        }
+    };
+    if depth(&value) > limits.max_depth {
+        return Err(WireError::TooDeep(limits.max_depth));
+    }
+    Ok(value)
+}
+
+/// Encodes a value as a body of the given content type.
+pub fn encode_body<T: serde::Serialize>(value: &T, ct: ContentType) -> Result<Vec<u8>, WireError> {
+    match ct {
+        ContentType::Json => serde_json::to_vec(value).map_err(|e| WireError::Json(e.to_string())),
+        ContentType::MsgPack => {
+            rmp_serde::to_vec_named(value).map_err(|e| WireError::MsgPack(e.to_string()))
+        }
+    }
+}
+
+fn depth(value: &Value) -> usize {
+    let mut max = 0;
+    let mut stack = vec![(value, 1usize)];
+    while let Some((v, d)) = stack.pop() {
+        max = max.max(d);
+        match v {
+            Value::Array(items) => stack.extend(items.iter().map(|i| (i, d + 1))),
+            Value::Object(map) => stack.extend(map.values().map(|i| (i, d + 1))),
+            _ => {}
+        }
+    }
+    max
+}
+
+/// Scans MessagePack container headers without allocating, so that a hostile body cannot make
+/// the real decoder recurse or pre-allocate for declared lengths it never delivers.
+fn msgpack_depth_exceeds(bytes: &[u8], max_depth: usize) -> bool {
+    // Each stack slot holds how many items the open container still expects.
+    let mut open: Vec<u64> = Vec::new();
+    let mut pos = 0usize;
+    let read_be = |pos: usize, n: usize| -> Option<u64> {
+        let slice = bytes.get(pos..pos + n)?;
+        Some(slice.iter().fold(0u64, |acc, b| (acc << 8) | u64::from(*b)))
+    };
+    while pos < bytes.len() {
+        let marker = bytes[pos];
+        pos += 1;
+        // (payload bytes to skip, items of a new container)
+        let (skip, container): (u64, Option<u64>) = match marker {
+            0x00..=0x7f | 0xe0..=0xff | 0xc0 | 0xc2 | 0xc3 => (0, None),
+            0x80..=0x8f => (0, Some(u64::from(marker & 0x0f) * 2)),
+            0x90..=0x9f => (0, Some(u64::from(marker & 0x0f))),
+            0xa0..=0xbf => (u64::from(marker & 0x1f), None),
+            0xc4 | 0xd9 => (read_be(pos, 1).unwrap_or(u64::MAX).saturating_add(1), None),
+            0xc5 | 0xda => (read_be(pos, 2).unwrap_or(u64::MAX).saturating_add(2), None),
+            0xc6 | 0xdb => (read_be(pos, 4).unwrap_or(u64::MAX).saturating_add(4), None),
+            0xc7 => (read_be(pos, 1).unwrap_or(u64::MAX).saturating_add(2), None),
+            0xc8 => (read_be(pos, 2).unwrap_or(u64::MAX).saturating_add(3), None),
+            0xc9 => (read_be(pos, 4).unwrap_or(u64::MAX).saturating_add(5), None),
+            0xca | 0xce | 0xd2 => (4, None),
+            0xcb | 0xcf | 0xd3 => (8, None),
+            0xcc | 0xd0 => (1, None),
+            0xcd | 0xd1 => (2, None),
+            0xd4 => (2, None),
+            0xd5 => (3, None),
+            0xd6 => (5, None),
+            0xd7 => (9, None),
+            0xd8 => (17, None),
+            0xdc => (2, Some(read_be(pos, 2).unwrap_or(0))),
+            0xdd => (4, Some(read_be(pos, 4).unwrap_or(0))),
+            0xde => (2, Some(read_be(pos, 2).unwrap_or(0) * 2)),
+            0xdf => (4, Some(read_be(pos, 4).unwrap_or(0) * 2)),
+            0xc1 => return false, // never used; the real decoder reports it
+        };
+        pos = pos.saturating_add(usize::try_from(skip).unwrap_or(usize::MAX));
+        // This item fills one slot of the innermost open container.
+        if let Some(top) = open.last_mut() {
+            *top = top.saturating_sub(1);
+        }
+        if let Some(items) = container
+            && items > 0
+        {
+            open.push(items);
+            if open.len() >= max_depth {
+                return true;
+            }
+        }
+        while open.last() == Some(&0) {
+            open.pop();
+        }
+    }
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn json_and_msgpack_decode_to_the_same_value() {
+        let value = serde_json::json!({"aggregateId": "a-1", "aggregateVersion": 3, "payload": {"x": [1, 2, {"y": null}]}});
+        let json = encode_body(&value, ContentType::Json).unwrap();
+        let mp = encode_body(&value, ContentType::MsgPack).unwrap();
+        let limits = BodyLimits::default();
+        assert_eq!(decode_body(&json, ContentType::Json, limits).unwrap(), value);
+        assert_eq!(decode_body(&mp, ContentType::MsgPack, limits).unwrap(), value);
+    }
+
+    #[test]
+    fn oversized_body_is_refused_before_decoding() {
+        let limits = BodyLimits { max_bytes: 10, max_depth: 8 };
+        let err = decode_body(b"{\"a\": \"0123456789\"}", ContentType::Json, limits).unwrap_err();
+        assert_eq!(err, WireError::TooLarge { size: 19, limit: 10 });
+    }
+
+    #[test]
+    fn deep_msgpack_is_refused() {
+        // 200 nested one-element arrays.
+        let mut bytes = vec![0x91u8; 200];
+        bytes.push(0x01);
+        let err = decode_body(&bytes, ContentType::MsgPack, BodyLimits::default()).unwrap_err();
+        assert_eq!(err, WireError::TooDeep(64));
+    }
+
+    #[test]
+    fn huge_declared_msgpack_length_does_not_allocate() {
+        // array32 declaring 4 billion items but carrying none.
+        let bytes = [0xdd, 0xff, 0xff, 0xff, 0xff];
+        assert!(decode_body(&bytes, ContentType::MsgPack, BodyLimits::default()).is_err());
+        // map32 the same way.
+        let bytes = [0xdf, 0xff, 0xff, 0xff, 0xff, 0xa1, b'a'];
+        assert!(decode_body(&bytes, ContentType::MsgPack, BodyLimits::default()).is_err());
+    }
+
+    #[test]
+    fn content_type_names() {
+        assert_eq!(ContentType::parse("application/msgpack").unwrap(), ContentType::MsgPack);
+        assert_eq!(ContentType::parse("Application/JSON").unwrap(), ContentType::Json);
+        assert!(ContentType::parse("text/xml").is_err());
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 2000, .. ProptestConfig::default() })]
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let limits = BodyLimits { max_bytes: 4096, max_depth: 16 };
+            let _ = decode_body(&bytes, ContentType::Json, limits);
+            let _ = decode_body(&bytes, ContentType::MsgPack, limits);
+        }
+
+        #[test]
+        fn msgpack_prefixes_of_valid_bodies_never_panic(cut in 0usize..200, depth in 0usize..40) {
+            let mut value = serde_json::json!({"aggregateId": "a", "aggregateVersion": 1});
+            for _ in 0..depth { value = serde_json::json!([value, "x"]); }
+            let bytes = encode_body(&value, ContentType::MsgPack).unwrap();
+            let cut = cut.min(bytes.len());
+            let _ = decode_body(&bytes[..cut], ContentType::MsgPack, BodyLimits::default());
+        }
+    }
+}
