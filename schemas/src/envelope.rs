@@ -19,7 +19,11 @@ pub struct Envelope {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub event_type: Option<String>,
     /// When the source committed the change.
-    #[serde(default, with = "time::serde::rfc3339::option", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        with = "time::serde::rfc3339::option",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub occurred_at: Option<OffsetDateTime>,
     /// Entity kind, e.g. `athlete`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -223,7 +227,12 @@ impl EnvelopeKeys {
             None => false,
             Some(Value::Bool(b)) => *b,
             Some(other) => {
-                return Err(invalid("deleted", &self.deleted, "must be a boolean", other));
+                return Err(invalid(
+                    "deleted",
+                    &self.deleted,
+                    "must be a boolean",
+                    other,
+                ));
             }
         };
         let optional_string = |member: &'static str, key: &str| match get(key) {
@@ -313,7 +322,10 @@ mod tests {
         assert_eq!(env.aggregate_version, 7);
         assert!(!env.is_tombstone());
         assert_eq!(env.lookup("payload.displayName"), Some(json!("Ada")));
-        assert_eq!(env.lookup("occurredAt"), Some(json!("2026-11-24T10:00:00Z")));
+        assert_eq!(
+            env.lookup("occurredAt"),
+            Some(json!("2026-11-24T10:00:00Z"))
+        );
         // The serialized form is the same wire shape.
         let back: Envelope = serde_json::from_value(env.to_value()).unwrap();
         assert_eq!(back, env);
@@ -342,12 +354,25 @@ mod tests {
     fn invalid_versions_are_named() {
         let keys = EnvelopeKeys::default();
         for bad in [json!(-1), json!(1.5), json!("7")] {
-            let err = keys.read(&json!({"aggregateId": "a", "aggregateVersion": bad})).unwrap_err();
-            assert!(err.to_string().starts_with("aggregateVersion (key `aggregateVersion`) must be a non-negative integer"), "{err}");
+            let err = keys
+                .read(&json!({"aggregateId": "a", "aggregateVersion": bad}))
+                .unwrap_err();
+            assert!(
+                err.to_string().starts_with(
+                    "aggregateVersion (key `aggregateVersion`) must be a non-negative integer"
+                ),
+                "{err}"
+            );
         }
         let err = keys.read(&json!({"aggregateId": "a"})).unwrap_err();
-        assert_eq!(err.to_string(), "missing aggregateVersion (key `aggregateVersion`)");
-        assert_eq!(keys.read(&json!([1])).unwrap_err(), EnvelopeError::NotAnObject);
+        assert_eq!(
+            err.to_string(),
+            "missing aggregateVersion (key `aggregateVersion`)"
+        );
+        assert_eq!(
+            keys.read(&json!([1])).unwrap_err(),
+            EnvelopeError::NotAnObject
+        );
     }
 
     #[test]

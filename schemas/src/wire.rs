@@ -32,9 +32,13 @@ impl ContentType {
     pub fn parse(name: &str) -> Result<Self, WireError> {
         match name.trim().to_ascii_lowercase().as_str() {
             "application/json" | "json" => Ok(ContentType::Json),
-            "application/msgpack" | "application/x-msgpack" | "application/vnd.msgpack"
+            "application/msgpack"
+            | "application/x-msgpack"
+            | "application/vnd.msgpack"
             | "msgpack" => Ok(ContentType::MsgPack),
-            _ => Err(WireError::UnknownContentType(name.chars().take(64).collect())),
+            _ => Err(WireError::UnknownContentType(
+                name.chars().take(64).collect(),
+            )),
         }
     }
 }
@@ -205,15 +209,30 @@ mod tests {
         let json = encode_body(&value, ContentType::Json).unwrap();
         let mp = encode_body(&value, ContentType::MsgPack).unwrap();
         let limits = BodyLimits::default();
-        assert_eq!(decode_body(&json, ContentType::Json, limits).unwrap(), value);
-        assert_eq!(decode_body(&mp, ContentType::MsgPack, limits).unwrap(), value);
+        assert_eq!(
+            decode_body(&json, ContentType::Json, limits).unwrap(),
+            value
+        );
+        assert_eq!(
+            decode_body(&mp, ContentType::MsgPack, limits).unwrap(),
+            value
+        );
     }
 
     #[test]
     fn oversized_body_is_refused_before_decoding() {
-        let limits = BodyLimits { max_bytes: 10, max_depth: 8 };
+        let limits = BodyLimits {
+            max_bytes: 10,
+            max_depth: 8,
+        };
         let err = decode_body(b"{\"a\": \"0123456789\"}", ContentType::Json, limits).unwrap_err();
-        assert_eq!(err, WireError::TooLarge { size: 19, limit: 10 });
+        assert_eq!(
+            err,
+            WireError::TooLarge {
+                size: 19,
+                limit: 10
+            }
+        );
     }
 
     #[test]
@@ -237,8 +256,14 @@ mod tests {
 
     #[test]
     fn content_type_names() {
-        assert_eq!(ContentType::parse("application/msgpack").unwrap(), ContentType::MsgPack);
-        assert_eq!(ContentType::parse("Application/JSON").unwrap(), ContentType::Json);
+        assert_eq!(
+            ContentType::parse("application/msgpack").unwrap(),
+            ContentType::MsgPack
+        );
+        assert_eq!(
+            ContentType::parse("Application/JSON").unwrap(),
+            ContentType::Json
+        );
         assert!(ContentType::parse("text/xml").is_err());
     }
 

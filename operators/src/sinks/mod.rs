@@ -1,0 +1,3 @@
+//! The sinks: DAG leaves that apply batches to a replica store.
+
+pub mod redis_hash;

@@ -1,0 +1,128 @@
+//! Key templates: `athlete:{aggregateId}`, placeholders are envelope paths.
+
+use ecst_schemas::Envelope;
+use serde_json::Value;
+
+/// A parsed key template.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyTemplate {
+    parts: Vec<Part>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Part {
+    Literal(String),
+    Path(String),
+}
+
+impl KeyTemplate {
+    /// Parses a template; `{{` and `}}` write literal braces.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let mut parts = Vec::new();
+        let mut literal = String::new();
+        let mut chars = text.chars().peekable();
+        while let Some(c) = chars.next() {
+            match c {
+                '{' if chars.peek() == Some(&'{') => {
+                    chars.next();
+                    literal.push('{');
+                }
+                '}' if chars.peek() == Some(&'}') => {
+                    chars.next();
+                    literal.push('}');
+                }
+                '{' => {
+                    let mut path = String::new();
+                    loop {
+                        match chars.next() {
+                            Some('}') => break,
+                            Some(c) => path.push(c),
+                            None => return Err(format!("unclosed `{{` in key template {text:?}")),
+                        }
+                    }
+                    if path.trim().is_empty() {
+                        return Err(format!("empty placeholder in key template {text:?}"));
+                    }
+                    if !literal.is_empty() {
+                        parts.push(Part::Literal(std::mem::take(&mut literal)));
+                    }
+                    parts.push(Part::Path(path.trim().to_string()));
+                }
+                '}' => return Err(format!("unmatched `}}` in key template {text:?}")),
+                c => literal.push(c),
+            }
+        }
+        if !literal.is_empty() {
+            parts.push(Part::Literal(literal));
+        }
+        if !parts.iter().any(|p| matches!(p, Part::Path(_))) {
+            return Err(format!(
+                "key template {text:?} has no placeholder, so every aggregate would share one key; use e.g. \"athlete:{{aggregateId}}\""
+            ));
+        }
+        Ok(KeyTemplate { parts })
+    }
+
+    /// Renders the key for an event.
+    pub fn render(&self, event: &Envelope) -> Result<String, String> {
+        let mut key = String::new();
+        for part in &self.parts {
+            match part {
+                Part::Literal(s) => key.push_str(s),
+                Part::Path(path) => match event.lookup(path) {
+                    Some(Value::String(s)) => key.push_str(&s),
+                    Some(Value::Null) | None => {
+                        return Err(format!(
+                            "key template placeholder `{path}` is missing in the event"
+                        ));
+                    }
+                    Some(other) => key.push_str(&other.to_string()),
+                },
+            }
+        }
+        Ok(key)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ecst_schemas::EnvelopeKeys;
+    use serde_json::json;
+
+    #[test]
+    fn renders_envelope_and_payload_paths() {
+        let t = KeyTemplate::parse("{aggregateType}:{aggregateId}:{payload.region}:{{x}}").unwrap();
+        let env = EnvelopeKeys::default()
+            .read(&json!({"aggregateType": "athlete", "aggregateId": "a1", "aggregateVersion": 1, "payload": {"region": 7}}))
+            .unwrap();
+        assert_eq!(t.render(&env).unwrap(), "athlete:a1:7:{x}");
+        let env = EnvelopeKeys::default()
+            .read(&json!({"aggregateId": "a1", "aggregateVersion": 1}))
+            .unwrap();
+        assert_eq!(
+            t.render(&env).unwrap_err(),
+            "key template placeholder `aggregateType` is missing in the event"
+        );
+    }
+
+    #[test]
+    fn rejects_malformed_templates() {
+        assert!(
+            KeyTemplate::parse("athlete:{aggregateId")
+                .unwrap_err()
+                .contains("unclosed")
+        );
+        assert!(
+            KeyTemplate::parse("athlete")
+                .unwrap_err()
+                .contains("no placeholder")
+        );
+        assert!(
+            KeyTemplate::parse("a:{}")
+                .unwrap_err()
+                .contains("empty placeholder")
+        );
+        assert!(KeyTemplate::parse("a}").unwrap_err().contains("unmatched"));
+    }
+}

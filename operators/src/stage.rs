@@ -1,0 +1,193 @@
+//! The traits every component implements, and the closed registry of stage types.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use serde::Deserialize;
+
+use crate::record::{Outcomes, RawEntry, Record};
+use crate::secret::SecretUrl;
+use crate::sinks::redis_hash::RedisHashConfig;
+use crate::stages::decode::DecodeConfig;
+use crate::stages::project::ProjectConfig;
+use crate::stages::tombstone::TombstoneConfig;
+use crate::stages::version_filter::VersionFilterConfig;
+
+/// A synchronous batch transform: records in, records out.
+///
+/// A root stage (`decode`) receives an empty `input` and reads the batch's raw `entries`.
+pub trait Stage: Send {
+    /// Processes one batch; records not returned must be reported in `out`.
+    fn process(
+        &mut self,
+        input: Vec<Record>,
+        entries: &[RawEntry],
+        out: &mut Outcomes,
+    ) -> Vec<Record>;
+}
+
+/// What a sink did with one batch.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct SinkReport {
+    /// Records written.
+    pub applied: usize,
+    /// Records the store's version guard rejected as not newer.
+    pub stale: usize,
+    /// Records that cannot be written (a data error), by entry index, with the reason.
+    pub rejected: Vec<(usize, String)>,
+}
+
+/// Future returned by [`Sink::apply_batch`].
+pub type ApplyFuture<'a> = Pin<Box<dyn Future<Output = Result<SinkReport, SinkError>> + Send + 'a>>;
+
+/// A leaf that durably applies whole batches to a store.
+pub trait Sink: Send + Sync {
+    /// Applies a batch in one round trip; `Ok` means durably committed.
+    fn apply_batch<'a>(&'a self, batch: &'a [Record]) -> ApplyFuture<'a>;
+}
+
+/// A batch-level sink failure; the batch is retried and nothing is acked.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SinkError {
+    /// No connection could be had or the connection broke.
+    #[error("{store} unavailable: {message}")]
+    Unavailable {
+        /// `redis` or `postgres`.
+        store: &'static str,
+        /// What the client said.
+        message: String,
+    },
+    /// The store answered with an error for the whole batch.
+    #[error("{store} refused the batch: {message}")]
+    Refused {
+        /// `redis` or `postgres`.
+        store: &'static str,
+        /// What the store said.
+        message: String,
+    },
+}
+
+/// What a stage may need to know about its pipeline when it is built.
+#[derive(Debug, Clone)]
+pub struct BuildContext {
+    /// Pipeline name.
+    pub pipeline: String,
+    /// Stage name in the pipeline file.
+    pub stage: String,
+    /// The source's Redis URL, the default for Redis sinks.
+    pub source_redis: SecretUrl,
+}
+
+/// A stage failed to build.
+#[derive(Debug, thiserror::Error)]
+#[error("stage `{stage}`: {message}")]
+pub struct BuildError {
+    /// Stage name.
+    pub stage: String,
+    /// What went wrong.
+    pub message: String,
+}
+
+/// A built component: a transform or a sink.
+pub enum BuiltStage {
+    /// A synchronous transform.
+    Stage(Box<dyn Stage>),
+    /// A sink (a DAG leaf).
+    Sink(Arc<dyn Sink>),
+}
+
+/// A problem in one stage's configuration, found without any I/O.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigProblem {
+    /// Key inside the stage (dotted), where the problem is.
+    pub key: String,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl ConfigProblem {
+    /// A problem at `key`.
+    pub fn new(key: impl Into<String>, message: impl Into<String>) -> Self {
+        ConfigProblem {
+            key: key.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// Every stage type a pipeline file may name in `type:`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+#[non_exhaustive]
+pub enum StageConfig {
+    /// Stream entry body to envelope.
+    Decode(DecodeConfig),
+    /// Drops events not newer than seen; coalesces versions in a batch.
+    VersionFilter(VersionFilterConfig),
+    /// Applies a delete policy to tombstones.
+    Tombstone(TombstoneConfig),
+    /// Builds the replica record and filters with CEL.
+    Project(ProjectConfig),
+    /// Writes Redis hashes behind a version guard.
+    RedisHash(RedisHashConfig),
+}
+
+/// Names accepted in `type:`, for error messages.
+pub const STAGE_TYPES: &[&str] = &[
+    "decode",
+    "version_filter",
+    "tombstone",
+    "project",
+    "redis_hash",
+];
+
+impl StageConfig {
+    /// The `type:` name.
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            StageConfig::Decode(_) => "decode",
+            StageConfig::VersionFilter(_) => "version_filter",
+            StageConfig::Tombstone(_) => "tombstone",
+            StageConfig::Project(_) => "project",
+            StageConfig::RedisHash(_) => "redis_hash",
+        }
+    }
+
+    /// Whether this stage is a sink (a DAG leaf that writes a replica).
+    pub fn is_sink(&self) -> bool {
+        matches!(self, StageConfig::RedisHash(_))
+    }
+
+    /// Whether this stage reads the source directly (and so takes no `input`).
+    pub fn is_root(&self) -> bool {
+        matches!(self, StageConfig::Decode(_))
+    }
+
+    /// Problems found without I/O (expressions that do not compile, bad templates).
+    pub fn check(&self) -> Vec<ConfigProblem> {
+        match self {
+            StageConfig::Decode(c) => c.check(),
+            StageConfig::VersionFilter(c) => c.check(),
+            StageConfig::Tombstone(_) => Vec::new(),
+            StageConfig::Project(c) => c.check(),
+            StageConfig::RedisHash(c) => c.check(),
+        }
+    }
+
+    /// Builds the running component.
+    pub async fn build(&self, ctx: &BuildContext) -> Result<BuiltStage, BuildError> {
+        let err = |message: String| BuildError {
+            stage: ctx.stage.clone(),
+            message,
+        };
+        Ok(match self {
+            StageConfig::Decode(c) => BuiltStage::Stage(Box::new(c.build())),
+            StageConfig::VersionFilter(c) => BuiltStage::Stage(Box::new(c.build())),
+            StageConfig::Tombstone(c) => BuiltStage::Stage(Box::new(c.build())),
+            StageConfig::Project(c) => BuiltStage::Stage(Box::new(c.build().map_err(err)?)),
+            StageConfig::RedisHash(c) => BuiltStage::Sink(Arc::new(c.build(ctx).map_err(err)?)),
+        })
+    }
+}

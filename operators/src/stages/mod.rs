@@ -1,0 +1,6 @@
+//! The transform stages, one file each.
+
+pub mod decode;
+pub mod project;
+pub mod tombstone;
+pub mod version_filter;

@@ -1,0 +1,267 @@
+//! `project`: builds the replica record from envelope paths and filters events with CEL.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use cel::{Context, Program, Value as CelValue};
+use ecst_schemas::Envelope;
+use serde::Deserialize;
+use serde_json::{Map, Value};
+
+use crate::record::{DropReason, Outcomes, RawEntry, Record};
+use crate::stage::{ConfigProblem, Stage};
+
+/// Where one output field comes from.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum FieldSource {
+    /// An envelope path: `aggregateId`, `occurredAt`, `payload.address.city`.
+    Path(String),
+    /// A path with a value used when the path is absent or null.
+    WithDefault(FieldWithDefault),
+}
+
+/// A path with a default value.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FieldWithDefault {
+    /// Envelope path.
+    pub path: String,
+    /// Value when the path is absent or null.
+    pub default: Value,
+}
+
+/// Configuration of the `project` stage.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProjectConfig {
+    /// Output field name to source path.
+    #[serde(default)]
+    pub fields: BTreeMap<String, FieldSource>,
+    /// Payload fields copied as they are (`["*"]` for all).
+    #[serde(default)]
+    pub include: Vec<String>,
+    /// Payload fields never copied by `include`.
+    #[serde(default)]
+    pub exclude: Vec<String>,
+    /// A CEL expression over the envelope (`payload.status != "retired"`); events for which it
+    /// is false are acked and never written. Deletes always pass.
+    #[serde(default, rename = "where")]
+    pub where_: Option<String>,
+}
+
+const ENVELOPE_ROOTS: &[&str] = &[
+    "aggregateId",
+    "aggregateVersion",
+    "aggregateType",
+    "eventId",
+    "eventType",
+    "schemaVersion",
+    "occurredAt",
+    "deleted",
+    "payload",
+];
+
+fn check_path(path: &str) -> Option<String> {
+    let root = path.split('.').next().unwrap_or_default();
+    if ENVELOPE_ROOTS.contains(&root) && !path.split('.').any(str::is_empty) {
+        None
+    } else {
+        Some(format!(
+            "path {path:?} must start with one of {} (e.g. payload.displayName)",
+            ENVELOPE_ROOTS.join(", ")
+        ))
+    }
+}
+
+impl ProjectConfig {
+    pub(crate) fn check(&self) -> Vec<ConfigProblem> {
+        let mut problems = Vec::new();
+        for (name, source) in &self.fields {
+            let path = match source {
+                FieldSource::Path(p) => p,
+                FieldSource::WithDefault(f) => &f.path,
+            };
+            if let Some(message) = check_path(path) {
+                problems.push(ConfigProblem::new(format!("fields.{name}"), message));
+            }
+        }
+        if let Some(expr) = &self.where_
+            && let Err(e) = Program::compile(expr)
+        {
+            problems.push(ConfigProblem::new(
+                "where",
+                format!("invalid CEL expression: {e}"),
+            ));
+        }
+        if self.fields.is_empty() && self.include.is_empty() {
+            problems.push(ConfigProblem::new(
+                "fields",
+                "a project stage needs `fields` or `include` (use include: [\"*\"] to copy the payload)",
+            ));
+        }
+        problems
+    }
+
+    /// Builds the stage.
+    pub fn build(&self) -> Result<Project, String> {
+        let program = match &self.where_ {
+            Some(expr) => {
+                Some(Arc::new(Program::compile(expr).map_err(|e| {
+                    format!("invalid CEL expression in `where`: {e}")
+                })?))
+            }
+            None => None,
+        };
+        Ok(Project {
+            config: self.clone(),
+            include_all: self.include.iter().any(|f| f == "*"),
+            program,
+        })
+    }
+}
+
+/// The running `project` stage.
+#[derive(Debug)]
+pub struct Project {
+    config: ProjectConfig,
+    include_all: bool,
+    program: Option<Arc<Program>>,
+}
+
+impl Project {
+    /// Evaluates `where:`; `Err` is an expression that failed on this event.
+    fn matches(&self, event: &Envelope) -> Result<bool, String> {
+        let Some(program) = &self.program else {
+            return Ok(true);
+        };
+        let mut context = Context::default();
+        if let Value::Object(map) = event.to_value() {
+            for (name, value) in map {
+                context
+                    .add_variable(name, value)
+                    .map_err(|e| format!("cannot expose event to CEL: {e}"))?;
+            }
+        }
+        match program.execute(&context) {
+            Ok(CelValue::Bool(b)) => Ok(b),
+            Ok(other) => Err(format!("`where` returned {other:?}, not a boolean")),
+            Err(e) => Err(format!("`where` failed: {e}")),
+        }
+    }
+
+    fn project(&self, event: &Envelope) -> Map<String, Value> {
+        let mut fields = Map::new();
+        if let Some(Value::Object(payload)) = &event.payload {
+            for (name, value) in payload {
+                let included = self.include_all || self.config.include.iter().any(|f| f == name);
+                if included && !self.config.exclude.iter().any(|f| f == name) {
+                    fields.insert(name.clone(), value.clone());
+                }
+            }
+        }
+        for (name, source) in &self.config.fields {
+            let value = match source {
+                FieldSource::Path(path) => event.lookup(path),
+                FieldSource::WithDefault(f) => event
+                    .lookup(&f.path)
+                    .filter(|v| !v.is_null())
+                    .or_else(|| Some(f.default.clone())),
+            };
+            if let Some(value) = value {
+                fields.insert(name.clone(), value);
+            }
+        }
+        fields
+    }
+}
+
+impl Stage for Project {
+    fn process(
+        &mut self,
+        input: Vec<Record>,
+        _entries: &[RawEntry],
+        out: &mut Outcomes,
+    ) -> Vec<Record> {
+        let mut kept = Vec::with_capacity(input.len());
+        for mut record in input {
+            if record.event.is_tombstone() {
+                record.fields = Some(Map::new());
+                kept.push(record);
+                continue;
+            }
+            match self.matches(&record.event) {
+                Ok(true) => {
+                    record.fields = Some(self.project(&record.event));
+                    kept.push(record);
+                }
+                Ok(false) => out.drop_entry(record.entry, DropReason::Filtered),
+                Err(reason) => out.dead_letter(record.entry, reason),
+            }
+        }
+        kept
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ecst_schemas::EnvelopeKeys;
+    use serde_json::json;
+
+    fn record(entry: usize, body: Value) -> Record {
+        Record::new(entry, EnvelopeKeys::default().read(&body).unwrap())
+    }
+
+    fn config(value: Value) -> ProjectConfig {
+        serde_json::from_value(value).unwrap()
+    }
+
+    #[test]
+    fn maps_paths_defaults_and_includes() {
+        let stage = config(json!({
+            "fields": {"display_name": "payload.displayName", "city": "payload.address.city",
+                       "id": "aggregateId", "tier": {"path": "payload.tier", "default": "basic"}},
+            "include": ["status", "missing"], "exclude": ["secret"]
+        }));
+        let mut project = stage.build().unwrap();
+        let mut out = Outcomes::default();
+        let kept = project.process(vec![record(0, json!({"aggregateId": "a", "aggregateVersion": 1,
+            "payload": {"displayName": "Ada", "status": "active", "secret": "x", "address": {"city": "London"}}}))], &[], &mut out);
+        assert_eq!(
+            kept[0].fields.as_ref().unwrap(),
+            json!({"status": "active", "city": "London",
+            "display_name": "Ada", "id": "a", "tier": "basic"})
+            .as_object()
+            .unwrap()
+        );
+    }
+
+    #[test]
+    fn where_filters_upserts_passes_deletes_and_dead_letters_errors() {
+        let stage = config(json!({"include": ["*"], "where": "payload.status != \"retired\""}));
+        let mut project = stage.build().unwrap();
+        let mut out = Outcomes::default();
+        let kept = project.process(vec![
+            record(0, json!({"aggregateId": "a", "aggregateVersion": 1, "payload": {"status": "active"}})),
+            record(1, json!({"aggregateId": "b", "aggregateVersion": 1, "payload": {"status": "retired"}})),
+            record(2, json!({"aggregateId": "c", "aggregateVersion": 1, "payload": null})),
+            record(3, json!({"aggregateId": "d", "aggregateVersion": 1, "payload": {"other": 1}})),
+        ], &[], &mut out);
+        assert_eq!(kept.iter().map(|r| r.entry).collect::<Vec<_>>(), vec![0, 2]);
+        assert_eq!(out.dropped, vec![(1, DropReason::Filtered)]);
+        assert_eq!(out.dead_letters.len(), 1);
+        assert_eq!(out.dead_letters[0].0, 3);
+    }
+
+    #[test]
+    fn check_reports_bad_paths_and_expressions() {
+        let problems =
+            config(json!({"fields": {"x": "payloads.name"}, "where": "payload.status ==="}))
+                .check();
+        assert_eq!(problems.len(), 2);
+        assert_eq!(problems[0].key, "fields.x");
+        assert_eq!(problems[1].key, "where");
+        assert!(problems[1].message.starts_with("invalid CEL expression"));
+    }
+}
