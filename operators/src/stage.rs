@@ -4,7 +4,8 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
-use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
 
 use crate::record::{Outcomes, RawEntry, Record};
 use crate::secret::SecretUrl;
@@ -118,8 +119,7 @@ impl ConfigProblem {
 }
 
 /// Every stage type a pipeline file may name in `type:`.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+#[derive(Debug, Clone)]
 #[non_exhaustive]
 pub enum StageConfig {
     /// Stream entry body to envelope.
@@ -143,7 +143,52 @@ pub const STAGE_TYPES: &[&str] = &[
     "redis_hash",
 ];
 
+/// A stage's keys do not fit its type.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StageConfigError {
+    /// Dotted key path inside the stage (empty for the stage itself).
+    pub path: Vec<String>,
+    /// What serde said.
+    pub message: String,
+}
+
+fn typed<T: DeserializeOwned>(body: Value) -> Result<T, StageConfigError> {
+    serde_path_to_error::deserialize(body).map_err(|e| {
+        let mut path: Vec<String> = e
+            .path()
+            .iter()
+            .filter_map(|segment| match segment {
+                serde_path_to_error::Segment::Map { key } => Some(key.clone()),
+                serde_path_to_error::Segment::Seq { index } => Some(index.to_string()),
+                serde_path_to_error::Segment::Enum { variant } => Some(variant.clone()),
+                _ => None,
+            })
+            .collect();
+        let message = e.into_inner().to_string();
+        // serde names an unknown key only in its message; point at the key itself.
+        if let Some(rest) = message.strip_prefix("unknown field `")
+            && let Some(end) = rest.find('`')
+        {
+            path.push(rest[..end].to_string());
+        }
+        StageConfigError { path, message }
+    })
+}
+
 impl StageConfig {
+    /// Reads a stage's keys (without `type`, `input` and `inputs`) for the named type.
+    /// `Ok(None)` means the type is unknown.
+    pub fn from_type(type_name: &str, body: Value) -> Result<Option<Self>, StageConfigError> {
+        Ok(Some(match type_name {
+            "decode" => StageConfig::Decode(typed(body)?),
+            "version_filter" => StageConfig::VersionFilter(typed(body)?),
+            "tombstone" => StageConfig::Tombstone(typed(body)?),
+            "project" => StageConfig::Project(typed(body)?),
+            "redis_hash" => StageConfig::RedisHash(typed(body)?),
+            _ => return Ok(None),
+        }))
+    }
+
     /// The `type:` name.
     pub fn type_name(&self) -> &'static str {
         match self {

@@ -1,1 +1,17 @@
+//! ecst pipelines: YAML loading, the stage DAG, the Redis Streams source, the run loop and
+//! the benchmark behind the `ecst` binary.
+//!
+//! # Layout
+//!
+//! - [`config`]: pipeline files, with every error positioned.
+//! - [`graph`]: DAG checks, order and rendering.
+//! - [`source`]: the consumer-group reader (pending first, then new, then claims).
+//! - [`runner`]: batches through the DAG to the sinks, acked only after commit.
+//! - [`bench`]: `ecst bench`.
+#![forbid(unsafe_code)]
+#![warn(missing_docs, unreachable_pub)]
 
+pub mod config;
+pub mod graph;
+pub mod runner;
+pub mod source;

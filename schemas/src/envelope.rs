@@ -171,13 +171,71 @@ pub enum EnvelopeError {
     },
 }
 
+/// The envelope members of one body, found but not yet validated.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Members {
+    /// `schemaVersion`.
+    pub schema_version: Option<Value>,
+    /// `eventId`.
+    pub event_id: Option<Value>,
+    /// `eventType`.
+    pub event_type: Option<Value>,
+    /// `occurredAt`.
+    pub occurred_at: Option<Value>,
+    /// `aggregateType`.
+    pub aggregate_type: Option<Value>,
+    /// `aggregateId`.
+    pub aggregate_id: Option<Value>,
+    /// `aggregateVersion`.
+    pub aggregate_version: Option<Value>,
+    /// `payload`.
+    pub payload: Option<Value>,
+    /// `deleted`.
+    pub deleted: Option<Value>,
+}
+
 impl EnvelopeKeys {
+    /// Whether this mapping is the canonical one (bodies can then be read without a mapping).
+    pub fn is_canonical(&self) -> bool {
+        *self == EnvelopeKeys::default()
+    }
+
     /// Reads an envelope out of a decoded body according to this mapping.
     pub fn read(&self, body: &Value) -> Result<Envelope, EnvelopeError> {
+        self.read_owned(body.clone())
+    }
+
+    /// Like [`EnvelopeKeys::read`], moving the payload out of the body instead of copying it.
+    pub fn read_owned(&self, body: Value) -> Result<Envelope, EnvelopeError> {
         if !body.is_object() {
             return Err(EnvelopeError::NotAnObject);
         }
-        let get = |key: &str| json_path(body, key).filter(|v| !v.is_null());
+        self.assemble(self.members(body))
+    }
+
+    /// Finds each member at its mapped path.
+    pub fn members(&self, mut body: Value) -> Members {
+        let get = |body: &Value, key: &str| json_path(body, key).cloned();
+        let mut members = Members {
+            schema_version: get(&body, &self.schema_version),
+            event_id: get(&body, &self.event_id),
+            event_type: get(&body, &self.event_type),
+            occurred_at: get(&body, &self.occurred_at),
+            aggregate_type: get(&body, &self.aggregate_type),
+            aggregate_id: get(&body, &self.aggregate_id),
+            aggregate_version: get(&body, &self.aggregate_version),
+            payload: None,
+            deleted: get(&body, &self.deleted),
+        };
+        // Taken last and moved, not copied: other members may live inside the payload.
+        members.payload = take_path(&mut body, &self.payload);
+        members
+    }
+
+    /// Validates members into an envelope; errors name the configured keys.
+    pub fn assemble(&self, members: Members) -> Result<Envelope, EnvelopeError> {
+        let present = |v: Option<Value>| v.filter(|v| !v.is_null());
         let invalid = |member: &'static str, key: &str, problem: &'static str, got: &Value| {
             EnvelopeError::Invalid {
                 member,
@@ -186,62 +244,62 @@ impl EnvelopeKeys {
                 got: shorten(got),
             }
         };
-
-        let aggregate_id = match get(&self.aggregate_id) {
-            Some(Value::String(s)) if !s.is_empty() => s.clone(),
+        let aggregate_id = match present(members.aggregate_id) {
+            Some(Value::String(s)) if !s.is_empty() => s,
             Some(Value::Number(n)) if n.is_i64() || n.is_u64() => n.to_string(),
             Some(other) => {
                 return Err(invalid(
                     "aggregateId",
                     &self.aggregate_id,
                     "must be a non-empty string or an integer",
-                    other,
+                    &other,
                 ));
             }
             None => return Err(missing("aggregateId", &self.aggregate_id)),
         };
-        let aggregate_version = match get(&self.aggregate_version) {
+        let aggregate_version = match present(members.aggregate_version) {
             Some(Value::Number(n)) if n.is_u64() => n.as_u64().unwrap_or_default(),
             Some(other) => {
                 return Err(invalid(
                     "aggregateVersion",
                     &self.aggregate_version,
                     "must be a non-negative integer",
-                    other,
+                    &other,
                 ));
             }
             None => return Err(missing("aggregateVersion", &self.aggregate_version)),
         };
-        let occurred_at = match get(&self.occurred_at) {
+        let occurred_at = match present(members.occurred_at) {
             None => None,
-            Some(v) => Some(parse_timestamp(v).ok_or_else(|| {
+            Some(v) => Some(parse_timestamp(&v).ok_or_else(|| {
                 invalid(
                     "occurredAt",
                     &self.occurred_at,
                     "must be an RFC 3339 timestamp or Unix milliseconds",
-                    v,
+                    &v,
                 )
             })?),
         };
-        let deleted = match get(&self.deleted) {
+        let deleted = match present(members.deleted) {
             None => false,
-            Some(Value::Bool(b)) => *b,
+            Some(Value::Bool(b)) => b,
             Some(other) => {
                 return Err(invalid(
                     "deleted",
                     &self.deleted,
                     "must be a boolean",
-                    other,
+                    &other,
                 ));
             }
         };
-        let optional_string = |member: &'static str, key: &str| match get(key) {
-            None => Ok(None),
-            Some(Value::String(s)) => Ok(Some(s.clone())),
-            Some(Value::Number(n)) => Ok(Some(n.to_string())),
-            Some(other) => Err(invalid(member, key, "must be a string", other)),
-        };
-        let schema_version = match get(&self.schema_version) {
+        let optional_string =
+            |member: &'static str, key: &str, value: Option<Value>| match present(value) {
+                None => Ok(None),
+                Some(Value::String(s)) => Ok(Some(s)),
+                Some(Value::Number(n)) => Ok(Some(n.to_string())),
+                Some(other) => Err(invalid(member, key, "must be a string", &other)),
+            };
+        let schema_version = match present(members.schema_version) {
             None => None,
             Some(Value::Number(n)) if n.is_i64() => n.as_i64(),
             Some(other) => {
@@ -249,22 +307,39 @@ impl EnvelopeKeys {
                     "schemaVersion",
                     &self.schema_version,
                     "must be an integer",
-                    other,
+                    &other,
                 ));
             }
         };
         Ok(Envelope {
             schema_version,
-            event_id: optional_string("eventId", &self.event_id)?,
-            event_type: optional_string("eventType", &self.event_type)?,
+            event_id: optional_string("eventId", &self.event_id, members.event_id)?,
+            event_type: optional_string("eventType", &self.event_type, members.event_type)?,
             occurred_at,
-            aggregate_type: optional_string("aggregateType", &self.aggregate_type)?,
+            aggregate_type: optional_string(
+                "aggregateType",
+                &self.aggregate_type,
+                members.aggregate_type,
+            )?,
             aggregate_id,
             aggregate_version,
-            payload: get(&self.payload).cloned(),
+            payload: present(members.payload),
             deleted,
         })
     }
+}
+
+/// Moves the value at a dotted path out of `root`, leaving null behind.
+fn take_path(root: &mut Value, path: &str) -> Option<Value> {
+    let mut current = root;
+    for part in path.split('.') {
+        current = match current {
+            Value::Object(map) => map.get_mut(part)?,
+            Value::Array(items) => items.get_mut(part.parse::<usize>().ok()?)?,
+            _ => return None,
+        };
+    }
+    Some(current.take())
 }
 
 fn missing(member: &'static str, key: &str) -> EnvelopeError {

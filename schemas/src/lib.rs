@@ -13,5 +13,5 @@
 pub mod envelope;
 pub mod wire;
 
-pub use envelope::{Envelope, EnvelopeError, EnvelopeKeys};
+pub use envelope::{Envelope, EnvelopeError, EnvelopeKeys, Members};
 pub use wire::{BodyLimits, ContentType, WireError};

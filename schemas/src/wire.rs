@@ -2,6 +2,8 @@
 
 use serde_json::Value;
 
+use crate::envelope::Members;
+
 /// Stream entry field holding the event body.
 pub const FIELD_BODY: &str = "v";
 /// Stream entry field holding the optional content type.
@@ -82,6 +84,9 @@ pub enum WireError {
     /// The body is not valid MessagePack.
     #[error("invalid MessagePack body: {0}")]
     MsgPack(String),
+    /// The body is not a map (JSON object / MessagePack map).
+    #[error("body is not an object")]
+    NotAMap,
     /// The body nests deeper than the configured limit.
     #[error("body nests deeper than {0} levels")]
     TooDeep(usize),
@@ -89,29 +94,61 @@ pub enum WireError {
 
 /// Decodes a raw body into a JSON value, enforcing `limits` before and during decoding.
 pub fn decode_body(bytes: &[u8], ct: ContentType, limits: BodyLimits) -> Result<Value, WireError> {
+    let value: Value = decode_as(bytes, ct, limits)?;
+    if depth(&value) > limits.max_depth {
+        return Err(WireError::TooDeep(limits.max_depth));
+    }
+    Ok(value)
+}
+
+/// Decodes a canonical body straight into its members, without a mapping; the payload's
+/// nesting counts one level below the body.
+pub fn decode_members(
+    bytes: &[u8],
+    ct: ContentType,
+    limits: BodyLimits,
+) -> Result<Members, WireError> {
+    // A struct would also accept an array positionally; a body must be a map.
+    let is_map = match ct {
+        ContentType::Json => bytes.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{'),
+        ContentType::MsgPack => matches!(bytes.first(), Some(0x80..=0x8f | 0xde | 0xdf)),
+    };
+    if !is_map && bytes.len() <= limits.max_bytes {
+        return Err(WireError::NotAMap);
+    }
+    let members: Members = decode_as(bytes, ct, limits)?;
+    if let Some(payload) = &members.payload
+        && depth(payload) + 1 > limits.max_depth
+    {
+        return Err(WireError::TooDeep(limits.max_depth));
+    }
+    Ok(members)
+}
+
+fn decode_as<T: serde::de::DeserializeOwned>(
+    bytes: &[u8],
+    ct: ContentType,
+    limits: BodyLimits,
+) -> Result<T, WireError> {
     if bytes.len() > limits.max_bytes {
         return Err(WireError::TooLarge {
             size: bytes.len(),
             limit: limits.max_bytes,
         });
     }
-    let value = match ct {
+    match ct {
+        // serde_json refuses nesting past 128 levels itself, so the callers' depth checks walk
+        // an already bounded tree.
         ContentType::Json => {
-            // serde_json refuses nesting past 128 levels itself, so the depth check below is
-            // the only unbounded walk and it runs on an already bounded tree.
-            serde_json::from_slice::<Value>(bytes).map_err(|e| WireError::Json(e.to_string()))?
+            serde_json::from_slice(bytes).map_err(|e| WireError::Json(e.to_string()))
         }
         ContentType::MsgPack => {
             if msgpack_depth_exceeds(bytes, limits.max_depth) {
                 return Err(WireError::TooDeep(limits.max_depth));
             }
-            rmp_serde::from_slice::<Value>(bytes).map_err(|e| WireError::MsgPack(e.to_string()))?
+            rmp_serde::from_slice(bytes).map_err(|e| WireError::MsgPack(e.to_string()))
         }
-    };
-    if depth(&value) > limits.max_depth {
-        return Err(WireError::TooDeep(limits.max_depth));
     }
-    Ok(value)
 }
 
 /// Encodes a value as a body of the given content type.

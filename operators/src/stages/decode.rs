@@ -1,7 +1,9 @@
 //! `decode`: a stream entry's body field into the canonical envelope.
 
 use ecst_schemas::EnvelopeKeys;
-use ecst_schemas::wire::{BodyLimits, ContentType, FIELD_BODY, FIELD_CONTENT_TYPE, decode_body};
+use ecst_schemas::wire::{
+    BodyLimits, ContentType, FIELD_BODY, FIELD_CONTENT_TYPE, decode_body, decode_members,
+};
 use serde::Deserialize;
 
 use crate::record::{Outcomes, RawEntry, Record};
@@ -120,8 +122,17 @@ impl Decode {
                 }
             },
         };
-        let value = decode_body(body, ct, self.limits).map_err(|e| e.to_string())?;
-        self.config.envelope.read(&value).map_err(|e| e.to_string())
+        let keys = &self.config.envelope;
+        let members = if keys.is_canonical() {
+            decode_members(body, ct, self.limits).map_err(|e| e.to_string())?
+        } else {
+            let value = decode_body(body, ct, self.limits).map_err(|e| e.to_string())?;
+            if !value.is_object() {
+                return Err(ecst_schemas::EnvelopeError::NotAnObject.to_string());
+            }
+            keys.members(value)
+        };
+        keys.assemble(members).map_err(|e| e.to_string())
     }
 }
 

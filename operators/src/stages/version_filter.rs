@@ -1,7 +1,6 @@
 //! `version_filter`: drops events not newer than seen and coalesces a batch to the newest per
 //! aggregate. An optimisation only: the sinks' store-side guard is what makes writes correct.
 
-use std::collections::hash_map::Entry;
 use std::collections::{HashMap, VecDeque};
 
 use serde::Deserialize;
@@ -45,6 +44,7 @@ impl VersionFilterConfig {
         VersionFilter {
             max_aggregates: self.max_aggregates,
             seen: HashMap::new(),
+            remembered: 0,
             order: VecDeque::new(),
         }
     }
@@ -54,41 +54,59 @@ impl VersionFilterConfig {
 #[derive(Debug)]
 pub struct VersionFilter {
     max_aggregates: usize,
-    seen: HashMap<String, u64>,
-    order: VecDeque<String>,
+    /// Last version seen, per aggregate type (usually one) and id.
+    seen: HashMap<Option<String>, HashMap<String, u64>>,
+    remembered: usize,
+    order: VecDeque<(Option<String>, String)>,
 }
 
-fn aggregate_key(record: &Record) -> String {
-    match &record.event.aggregate_type {
-        Some(t) => format!("{t}\u{1f}{}", record.event.aggregate_id),
-        None => record.event.aggregate_id.clone(),
-    }
+type AggregateRef<'a> = (Option<&'a str>, &'a str);
+
+fn aggregate_ref(record: &Record) -> AggregateRef<'_> {
+    (
+        record.event.aggregate_type.as_deref(),
+        record.event.aggregate_id.as_str(),
+    )
 }
 
 impl VersionFilter {
-    fn remember(&mut self, key: String, version: u64) {
-        match self.seen.entry(key) {
-            Entry::Occupied(mut e) => {
-                e.insert(version);
-            }
-            Entry::Vacant(e) => {
-                self.order.push_back(e.key().clone());
-                e.insert(version);
-                while self.seen.len() > self.max_aggregates {
-                    match self.order.pop_front() {
-                        Some(old) => {
-                            self.seen.remove(&old);
-                        }
-                        None => break,
-                    }
-                }
+    fn last_seen(&self, (kind, id): AggregateRef<'_>) -> Option<u64> {
+        let ids = match kind {
+            Some(k) => self
+                .seen
+                .iter()
+                .find(|(t, _)| t.as_deref() == Some(k))
+                .map(|(_, v)| v),
+            None => self.seen.get(&None),
+        }?;
+        ids.get(id).copied()
+    }
+
+    fn remember(&mut self, (kind, id): AggregateRef<'_>, version: u64) {
+        let kind = kind.map(str::to_string);
+        let ids = self.seen.entry(kind.clone()).or_default();
+        if let Some(seen) = ids.get_mut(id) {
+            *seen = version;
+            return;
+        }
+        ids.insert(id.to_string(), version);
+        self.remembered += 1;
+        self.order.push_back((kind, id.to_string()));
+        while self.remembered > self.max_aggregates {
+            let Some((old_kind, old_id)) = self.order.pop_front() else {
+                break;
+            };
+            if let Some(ids) = self.seen.get_mut(&old_kind)
+                && ids.remove(&old_id).is_some()
+            {
+                self.remembered -= 1;
             }
         }
     }
 
     /// Number of aggregates currently remembered.
     pub fn remembered(&self) -> usize {
-        self.seen.len()
+        self.remembered
     }
 }
 
@@ -100,31 +118,33 @@ impl Stage for VersionFilter {
         out: &mut Outcomes,
     ) -> Vec<Record> {
         // Newest record per aggregate in this batch; ties keep the first.
-        let mut newest: HashMap<String, usize> = HashMap::with_capacity(input.len());
-        let keys: Vec<String> = input.iter().map(aggregate_key).collect();
-        for (i, key) in keys.iter().enumerate() {
-            match newest.entry(key.clone()) {
-                Entry::Vacant(e) => {
-                    e.insert(i);
-                }
-                Entry::Occupied(mut e) => {
-                    if input[i].event.aggregate_version > input[*e.get()].event.aggregate_version {
-                        e.insert(i);
-                    }
-                }
+        let mut newest: HashMap<AggregateRef<'_>, usize> = HashMap::with_capacity(input.len());
+        for (i, record) in input.iter().enumerate() {
+            let slot = newest.entry(aggregate_ref(record)).or_insert(i);
+            if record.event.aggregate_version > input[*slot].event.aggregate_version {
+                *slot = i;
             }
         }
-        let mut kept = Vec::with_capacity(newest.len());
-        for (i, (record, key)) in input.into_iter().zip(keys).enumerate() {
-            let version = record.event.aggregate_version;
-            let is_newest = newest.get(&key) == Some(&i);
-            let already = self.seen.get(&key).is_some_and(|seen| *seen >= version);
-            if !is_newest || already {
-                out.drop_entry(record.entry, DropReason::Stale);
-                continue;
+        let mut keep = vec![false; input.len()];
+        for (&aggregate, &i) in &newest {
+            let version = input[i].event.aggregate_version;
+            if self.last_seen(aggregate).is_none_or(|seen| seen < version) {
+                keep[i] = true;
             }
-            self.remember(key, version);
-            kept.push(record);
+        }
+        for (i, record) in input.iter().enumerate() {
+            if keep[i] {
+                self.remember(aggregate_ref(record), record.event.aggregate_version);
+            }
+        }
+        drop(newest);
+        let mut kept = Vec::with_capacity(input.len());
+        for (record, keep) in input.into_iter().zip(keep) {
+            if keep {
+                kept.push(record);
+            } else {
+                out.drop_entry(record.entry, DropReason::Stale);
+            }
         }
         kept
     }

@@ -121,40 +121,46 @@ pub struct RedisHashSink {
     script: Script,
 }
 
-/// How a JSON value is stored in a hash field: strings as they are, the rest as JSON text.
-pub fn hash_value(value: &Value) -> Option<String> {
+fn write_value(cmd: &mut redis::Cmd, value: &Value) {
     match value {
-        Value::Null => None,
-        Value::String(s) => Some(s.clone()),
-        other => Some(other.to_string()),
+        Value::String(s) => cmd.arg(s.as_str()),
+        Value::Bool(b) => cmd.arg(if *b { "true" } else { "false" }),
+        other => cmd.arg(other.to_string()),
+    };
+}
+
+/// The fields an upsert writes: the projected ones, or the payload's when nothing projected.
+fn upsert_fields(record: &Record) -> Option<&serde_json::Map<String, Value>> {
+    match (&record.fields, &record.event.payload) {
+        (Some(fields), _) => Some(fields),
+        (None, Some(Value::Object(payload))) => Some(payload),
+        _ => None,
     }
 }
 
 impl RedisHashSink {
-    /// Builds the script invocation for a batch; records whose key cannot be rendered are
-    /// returned as rejected.
-    fn invocation(
-        &self,
-        batch: &[Record],
-    ) -> (redis::ScriptInvocation<'_>, usize, Vec<(usize, String)>) {
-        let mut invocation = self.script.prepare_invoke();
-        invocation
-            .arg(&self.config.version_field)
-            .arg(&self.config.occurred_at_field)
-            .arg(&self.config.deleted_field);
+    /// Builds one EVALSHA for the batch; records whose key cannot be rendered are rejected.
+    fn command(&self, batch: &[Record]) -> (redis::Cmd, usize, Vec<(usize, String)>) {
         let mut rejected = Vec::new();
-        let mut count = 0;
+        let mut accepted = Vec::with_capacity(batch.len());
+        let mut keys = Vec::with_capacity(batch.len());
         for record in batch {
-            let key = match self.key.render(&record.event) {
-                Ok(key) => key,
-                Err(reason) => {
-                    rejected.push((record.entry, reason));
-                    continue;
+            match self.key.render(&record.event) {
+                Ok(key) => {
+                    keys.push(key);
+                    accepted.push(record);
                 }
-            };
-            count += 1;
-            invocation.key(&key);
-            invocation.key(format!("{}{key}", self.config.tombstone_prefix));
+                Err(reason) => rejected.push((record.entry, reason)),
+            }
+        }
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(self.script.get_hash()).arg(keys.len() * 2);
+        for key in &keys {
+            cmd.arg(key.as_str());
+            cmd.arg(format!("{}{key}", self.config.tombstone_prefix));
+        }
+        cmd.arg(self.config.deleted_field.as_str());
+        for record in &accepted {
             let (action, keep_ms) = match record.action {
                 Action::Upsert => ("u", 0),
                 Action::Delete { keep_for } => (
@@ -168,76 +174,95 @@ impl RedisHashSink {
             let occurred = record
                 .event
                 .occurred_at
-                .map(ecst_schemas::envelope::format_timestamp)
-                .unwrap_or_default();
-            invocation
-                .arg(action)
-                .arg(record.event.aggregate_version)
-                .arg(keep_ms)
-                .arg(occurred);
-            let pairs: Vec<(&String, String)> = if action == "u" {
-                match &record.fields {
-                    Some(fields) => fields
-                        .iter()
-                        .filter_map(|(k, v)| hash_value(v).map(|v| (k, v)))
-                        .collect(),
-                    None => match &record.event.payload {
-                        Some(Value::Object(payload)) => payload
-                            .iter()
-                            .filter_map(|(k, v)| hash_value(v).map(|v| (k, v)))
-                            .collect(),
-                        _ => Vec::new(),
-                    },
-                }
+                .map(ecst_schemas::envelope::format_timestamp);
+            let fields = if action == "u" {
+                upsert_fields(record)
             } else {
-                Vec::new()
+                None
             };
-            invocation.arg(pairs.len());
-            for (k, v) in pairs {
-                invocation.arg(k).arg(v);
+            let field_count = fields.map_or(0, |f| f.values().filter(|v| !v.is_null()).count());
+            let pairs = 1 + usize::from(occurred.is_some()) + field_count;
+            cmd.arg(action).arg(keep_ms).arg(pairs);
+            cmd.arg(self.config.version_field.as_str())
+                .arg(record.event.aggregate_version);
+            if let Some(occurred) = occurred {
+                cmd.arg(self.config.occurred_at_field.as_str())
+                    .arg(occurred);
+            }
+            for (name, value) in fields.into_iter().flatten() {
+                if !value.is_null() {
+                    cmd.arg(name.as_str());
+                    write_value(&mut cmd, value);
+                }
             }
         }
-        (invocation, count, rejected)
+        (cmd, accepted.len(), rejected)
+    }
+
+    async fn eval(&self, cmd: &redis::Cmd) -> Result<(usize, usize), redis::RedisError> {
+        let mut conn = self.pool.get().await.map_err(|e| {
+            redis::RedisError::from((
+                redis::ErrorKind::Io,
+                "no pooled connection",
+                describe_run_error(e),
+            ))
+        })?;
+        match cmd.query_async(&mut *conn).await {
+            // Restarts, failovers and SCRIPT FLUSH empty the script cache.
+            Err(e) if e.code() == Some("NOSCRIPT") => {
+                tracing::info!(
+                    sink = "redis_hash",
+                    "Script cache was empty (NOSCRIPT); loading the script again."
+                );
+                self.script.load_async(&mut *conn).await?;
+                cmd.query_async(&mut *conn).await
+            }
+            other => other,
+        }
     }
 }
+
+/// A short store name for errors.
+const STORE: &str = "redis";
 
 impl Sink for RedisHashSink {
     fn apply_batch<'a>(&'a self, batch: &'a [Record]) -> ApplyFuture<'a> {
         Box::pin(async move {
-            let (invocation, count, rejected) = self.invocation(batch);
+            let (cmd, count, rejected) = self.command(batch);
             if count == 0 {
                 return Ok(SinkReport {
                     rejected,
                     ..SinkReport::default()
                 });
             }
-            let mut conn = self.pool.get().await.map_err(|e| SinkError::Unavailable {
-                store: "redis",
-                message: describe_run_error(e),
-            })?;
-            let result: Result<(usize, usize), redis::RedisError> =
-                tokio::time::timeout(self.config.timeout.0, invocation.invoke_async(&mut *conn))
-                    .await
-                    .unwrap_or_else(|_| {
-                        Err(redis::RedisError::from((
-                            redis::ErrorKind::Io,
-                            "batch write timed out",
-                        )))
+            let result = match tokio::time::timeout(self.config.timeout.0, self.eval(&cmd)).await {
+                Ok(result) => result,
+                Err(_) => {
+                    return Err(SinkError::Unavailable {
+                        store: STORE,
+                        message: format!("batch write timed out after {}", self.config.timeout),
                     });
+                }
+            };
             match result {
                 Ok((applied, stale)) => Ok(SinkReport {
                     applied,
                     stale,
                     rejected,
                 }),
-                Err(e) if e.is_io_error() || e.is_timeout() || e.is_connection_dropped() => {
+                Err(e)
+                    if e.is_io_error()
+                        || e.is_timeout()
+                        || e.is_connection_dropped()
+                        || e.is_connection_refusal() =>
+                {
                     Err(SinkError::Unavailable {
-                        store: "redis",
+                        store: STORE,
                         message: e.to_string(),
                     })
                 }
                 Err(e) => Err(SinkError::Refused {
-                    store: "redis",
+                    store: STORE,
                     message: e.to_string(),
                 }),
             }

@@ -1,0 +1,545 @@
+//! `ecst bench`: a synthetic ECST workload through a real pipeline, next to the ceiling of a
+//! minimal guarded write straight to Redis, measured in the same run.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::Args;
+use ecst_pipeline::config::{self, PipelineConfig};
+use ecst_pipeline::runner::{self, RunOptions, Shutdown, Stats};
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use redis::aio::MultiplexedConnection;
+use serde_json::json;
+
+const BUILTIN_PIPELINE: &str = include_str!("../../../examples/bench.yaml");
+
+#[derive(Args)]
+pub(crate) struct BenchArgs {
+    /// Redis URL.
+    #[arg(
+        long,
+        env = "REDIS_URL",
+        default_value = "redis://127.0.0.1:6379",
+        hide_env_values = true
+    )]
+    redis: String,
+    /// Distinct aggregates.
+    #[arg(long, default_value_t = 100_000)]
+    aggregates: u32,
+    /// Versions per aggregate.
+    #[arg(long, default_value_t = 10)]
+    versions: u32,
+    /// Share of events written twice (0.05 = 5%).
+    #[arg(long, default_value_t = 0.05)]
+    duplicates: f64,
+    /// Share of aggregates deleted at their last version.
+    #[arg(long, default_value_t = 0.10)]
+    deletes: f64,
+    /// Events are shuffled inside windows of this many.
+    #[arg(long, default_value_t = 1000)]
+    window: usize,
+    /// Pipeline file to run instead of the built-in one (it must read ${ECST_BENCH_STREAM},
+    /// ${ECST_BENCH_GROUP} and write keys `${ECST_BENCH_PREFIX}athlete:{aggregateId}`, as
+    /// examples/bench.yaml does).
+    #[arg(long)]
+    pipeline: Option<PathBuf>,
+    /// Producer rate of the latency phase, events/s.
+    #[arg(long, default_value_t = 20_000)]
+    latency_rate: u32,
+    /// Duration of the latency phase, seconds.
+    #[arg(long, default_value_t = 3)]
+    latency_seconds: u32,
+    /// Random seed of the workload.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+/// One event of the workload, regenerated from these numbers when it is written.
+#[derive(Clone, Copy)]
+struct Event {
+    aggregate: u32,
+    version: u32,
+}
+
+struct Workload {
+    events: Vec<Event>,
+    deleted: Vec<bool>,
+    versions: u32,
+}
+
+fn workload(args: &BenchArgs) -> Workload {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(args.seed);
+    let deleted: Vec<bool> = (0..args.aggregates)
+        .map(|_| rng.random_bool(args.deletes.clamp(0.0, 1.0)))
+        .collect();
+    let mut order: Vec<u32> = (0..args.aggregates).collect();
+    let mut events = Vec::with_capacity((args.aggregates as usize) * (args.versions as usize));
+    for version in 1..=args.versions {
+        order.shuffle(&mut rng);
+        events.extend(order.iter().map(|&aggregate| Event { aggregate, version }));
+    }
+    let window = args.window.max(1);
+    for chunk in events.chunks_mut(window) {
+        chunk.shuffle(&mut rng);
+    }
+    let duplicates = (events.len() as f64 * args.duplicates.clamp(0.0, 1.0)) as usize;
+    for _ in 0..duplicates {
+        let at = rng.random_range(0..events.len());
+        let copy = events[at];
+        let to = (at + rng.random_range(0..window)).min(events.len());
+        events.insert(to, copy);
+    }
+    Workload {
+        events,
+        deleted,
+        versions: args.versions,
+    }
+}
+
+const STATUSES: [&str; 3] = ["active", "retired", "suspended"];
+
+fn body(event: Event, deleted: bool, occurred_at: &str) -> Vec<u8> {
+    let id = format!("ath-{}", event.aggregate);
+    let value = if deleted {
+        json!({"schemaVersion": 1, "eventId": format!("{id}-{}", event.version), "eventType": "athlete.deleted",
+               "occurredAt": occurred_at, "aggregateType": "athlete", "aggregateId": id,
+               "aggregateVersion": event.version, "payload": null, "deleted": true})
+    } else {
+        json!({"schemaVersion": 1, "eventId": format!("{id}-{}", event.version), "eventType": "athlete.updated",
+               "occurredAt": occurred_at, "aggregateType": "athlete", "aggregateId": id,
+               "aggregateVersion": event.version,
+               "payload": {"athleteId": id, "displayName": display_name(event), "countryCode": "GB",
+                           "weightClass": "lightweight", "status": STATUSES[(event.version % 3) as usize],
+                           "updatedAt": occurred_at}})
+    };
+    serde_json::to_vec(&value).unwrap_or_default()
+}
+
+fn display_name(event: Event) -> String {
+    format!("Athlete {} v{}", event.aggregate, event.version)
+}
+
+fn is_delete(w: &Workload, e: Event) -> bool {
+    w.deleted[e.aggregate as usize] && e.version == w.versions
+}
+
+async fn connect(url: &str) -> anyhow::Result<MultiplexedConnection> {
+    let config = redis::AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(Duration::from_secs(5)))
+        .set_response_timeout(Some(Duration::from_secs(60)));
+    redis::Client::open(url)
+        .context("invalid Redis URL")?
+        .get_multiplexed_async_connection_with_config(&config)
+        .await
+        .context("cannot connect to Redis")
+}
+
+fn now_rfc3339() -> String {
+    ecst_schemas::envelope::format_timestamp(time::OffsetDateTime::now_utc())
+}
+
+async fn write_stream(
+    conn: &mut MultiplexedConnection,
+    stream: &str,
+    w: &Workload,
+    events: &[Event],
+) -> anyhow::Result<()> {
+    let occurred = now_rfc3339();
+    for chunk in events.chunks(1000) {
+        let mut pipe = redis::pipe();
+        for &e in chunk {
+            pipe.cmd("XADD")
+                .arg(stream)
+                .arg("*")
+                .arg("v")
+                .arg(body(e, is_delete(w, e), &occurred))
+                .ignore();
+        }
+        pipe.query_async::<()>(conn).await.context("XADD failed")?;
+    }
+    Ok(())
+}
+
+fn load_pipeline(
+    args: &BenchArgs,
+    stream: &str,
+    group: &str,
+    prefix: &str,
+) -> anyhow::Result<PipelineConfig> {
+    let (label, text) = match &args.pipeline {
+        Some(path) => (
+            path.clone(),
+            std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read {}", path.display()))?,
+        ),
+        None => (
+            PathBuf::from("examples/bench.yaml (built in)"),
+            BUILTIN_PIPELINE.to_string(),
+        ),
+    };
+    let redis_url = args.redis.clone();
+    let overrides: HashMap<&str, String> = HashMap::from([
+        ("ECST_BENCH_STREAM", stream.to_string()),
+        ("ECST_BENCH_GROUP", group.to_string()),
+        ("ECST_BENCH_PREFIX", prefix.to_string()),
+        ("REDIS_URL", redis_url),
+    ]);
+    config::load_str(&label, &text, &|name| {
+        overrides
+            .get(name)
+            .cloned()
+            .or_else(|| std::env::var(name).ok())
+    })
+    .map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+fn peak_rss_mb() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(0.0)
+}
+
+/// The reference: one EVALSHA per event doing HGET + HSET, pipelined, nothing else in the way.
+const CEILING_SCRIPT: &str = r#"
+local cur = redis.call('HGET', KEYS[1], '_version')
+if cur and tonumber(cur) >= tonumber(ARGV[1]) then return 0 end
+redis.call('HSET', KEYS[1], '_version', ARGV[1], '_occurred_at', ARGV[2], 'display_name', ARGV[3],
+  'status', ARGV[4], 'country_code', ARGV[5], 'weight_class', ARGV[6])
+return 1
+"#;
+
+async fn ceiling(
+    conn: &mut MultiplexedConnection,
+    prefix: &str,
+    w: &Workload,
+) -> anyhow::Result<f64> {
+    let script = redis::Script::new(CEILING_SCRIPT);
+    script
+        .prepare_invoke()
+        .key(format!("{prefix}warmup"))
+        .arg(0)
+        .arg("")
+        .arg("")
+        .arg("")
+        .arg("")
+        .arg("")
+        .invoke_async::<i64>(conn)
+        .await
+        .context("loading the ceiling script")?;
+    let occurred = now_rfc3339();
+    // Arguments are built before the clock starts: the ceiling measures Redis, not formatting.
+    let chunks: Vec<redis::Pipeline> = w
+        .events
+        .chunks(1000)
+        .map(|chunk| {
+            let mut pipe = redis::pipe();
+            for &e in chunk {
+                pipe.cmd("EVALSHA")
+                    .arg(script.get_hash())
+                    .arg(1)
+                    .arg(format!("{prefix}athlete:ath-{}", e.aggregate))
+                    .arg(e.version)
+                    .arg(&occurred)
+                    .arg(display_name(e))
+                    .arg(STATUSES[(e.version % 3) as usize])
+                    .arg("GB")
+                    .arg("lightweight")
+                    .ignore();
+            }
+            pipe
+        })
+        .collect();
+    let started = Instant::now();
+    for pipe in &chunks {
+        pipe.query_async::<()>(conn)
+            .await
+            .context("ceiling EVALSHA failed")?;
+    }
+    Ok(w.events.len() as f64 / started.elapsed().as_secs_f64())
+}
+
+async fn verify(
+    conn: &mut MultiplexedConnection,
+    prefix: &str,
+    w: &Workload,
+    args: &BenchArgs,
+) -> anyhow::Result<u64> {
+    let mut mismatches = 0u64;
+    let ids: Vec<u32> = (0..args.aggregates).collect();
+    for chunk in ids.chunks(1000) {
+        let mut pipe = redis::pipe();
+        for a in chunk {
+            pipe.cmd("HGETALL").arg(format!("{prefix}athlete:ath-{a}"));
+        }
+        let hashes: Vec<HashMap<String, String>> =
+            pipe.query_async(conn).await.context("HGETALL failed")?;
+        for (a, h) in chunk.iter().zip(hashes) {
+            let last = Event {
+                aggregate: *a,
+                version: w.versions,
+            };
+            let ok = if w.deleted[*a as usize] {
+                h.is_empty()
+            } else {
+                h.get("_version").map(String::as_str) == Some(&w.versions.to_string())
+                    && h.get("display_name") == Some(&display_name(last))
+                    && h.get("status").map(String::as_str)
+                        == Some(STATUSES[(w.versions % 3) as usize])
+            };
+            if !ok {
+                mismatches += 1;
+            }
+        }
+    }
+    Ok(mismatches)
+}
+
+async fn cleanup(
+    conn: &mut MultiplexedConnection,
+    prefix: &str,
+    streams: &[&str],
+) -> anyhow::Result<()> {
+    for stream in streams {
+        redis::cmd("DEL")
+            .arg(*stream)
+            .arg(format!("{stream}.dlq"))
+            .query_async::<()>(conn)
+            .await?;
+    }
+    let mut cursor = 0u64;
+    loop {
+        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(format!("{prefix}*"))
+            .arg("COUNT")
+            .arg(10_000)
+            .query_async(conn)
+            .await?;
+        if !keys.is_empty() {
+            redis::cmd("UNLINK")
+                .arg(&keys)
+                .query_async::<()>(conn)
+                .await?;
+        }
+        cursor = next;
+        if cursor == 0 {
+            break;
+        }
+    }
+    let mut cursor = 0u64;
+    loop {
+        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(format!("ecst:tombstone:{prefix}*"))
+            .arg("COUNT")
+            .arg(10_000)
+            .query_async(conn)
+            .await?;
+        if !keys.is_empty() {
+            redis::cmd("UNLINK")
+                .arg(&keys)
+                .query_async::<()>(conn)
+                .await?;
+        }
+        cursor = next;
+        if cursor == 0 {
+            break;
+        }
+    }
+    Ok(())
+}
+
+fn percentile(sorted: &[u32], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let rank = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
+    f64::from(sorted[rank.min(sorted.len() - 1)])
+}
+
+pub(crate) async fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
+    let run_id = format!(
+        "{}-{}",
+        std::process::id(),
+        time::OffsetDateTime::now_utc().unix_timestamp()
+    );
+    let stream = format!("ecst:bench:{run_id}");
+    let latency_stream = format!("ecst:bench:{run_id}:latency");
+    let prefix = format!("ecst:bench:{run_id}:");
+    let ceiling_prefix = format!("ecst:bench:{run_id}:ceiling:");
+    let mut conn = connect(&args.redis).await?;
+
+    let w = workload(&args);
+    let events = w.events.len();
+    if !args.json {
+        eprintln!(
+            "writing {events} events ({} aggregates x {} versions, {:.0}% duplicated, {:.0}% deleted) to {stream}",
+            args.aggregates,
+            args.versions,
+            args.duplicates * 100.0,
+            args.deletes * 100.0
+        );
+    }
+
+    // Ceiling first, on its own keys, before the stream takes memory.
+    let ceiling_eps = ceiling(&mut conn, &ceiling_prefix, &w).await?;
+
+    write_stream(&mut conn, &stream, &w, &w.events).await?;
+
+    // Throughput: drain the pre-filled stream.
+    let pipeline = load_pipeline(&args, &stream, "bench", &prefix)?;
+    let stats = Arc::new(Stats::default());
+    let (_tx, shutdown) = Shutdown::new();
+    let started = Instant::now();
+    let worker = {
+        let stats = stats.clone();
+        let pipeline = pipeline.clone();
+        tokio::spawn(async move {
+            runner::run(&pipeline, RunOptions { drain: true }, shutdown, stats).await
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while stats.acked.load(Ordering::Relaxed) < events as u64 {
+        if worker.is_finished() || Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let elapsed = started.elapsed();
+    worker
+        .await
+        .context("bench worker panicked")?
+        .context("bench worker failed")?;
+    let acked = stats.acked.load(Ordering::Relaxed);
+    if acked < events as u64 {
+        bail!("the worker acked {acked} of {events} events");
+    }
+    let events_per_sec = events as f64 / elapsed.as_secs_f64();
+    let rss = peak_rss_mb();
+    let mismatches = verify(&mut conn, &prefix, &w, &args).await?;
+
+    // Latency: a live producer at a fixed rate, XADD to ack per event.
+    let latency_pipeline = load_pipeline(
+        &args,
+        &latency_stream,
+        "bench",
+        &format!("{prefix}latency:"),
+    )?;
+    let latency_stats = Arc::new(Stats::default());
+    latency_stats.record_latencies();
+    let (tx, shutdown) = Shutdown::new();
+    let worker = {
+        let stats = latency_stats.clone();
+        tokio::spawn(async move {
+            runner::run(
+                &latency_pipeline,
+                RunOptions { drain: false },
+                shutdown,
+                stats,
+            )
+            .await
+        })
+    };
+    let total = u64::from(args.latency_rate) * u64::from(args.latency_seconds);
+    let tick = Duration::from_millis(10);
+    let per_tick = (u64::from(args.latency_rate) / 100).max(1);
+    let mut sent = 0u64;
+    let mut interval = tokio::time::interval(tick);
+    let lw = Workload {
+        events: Vec::new(),
+        deleted: vec![false; total as usize + 1],
+        versions: 1,
+    };
+    while sent < total {
+        interval.tick().await;
+        let n = per_tick.min(total - sent);
+        let batch: Vec<Event> = (sent..sent + n)
+            .map(|i| Event {
+                aggregate: i as u32,
+                version: 1,
+            })
+            .collect();
+        write_stream(&mut conn, &latency_stream, &lw, &batch).await?;
+        sent += n;
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while latency_stats.acked.load(Ordering::Relaxed) < total && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let _ = tx.send(true);
+    worker
+        .await
+        .context("latency worker panicked")?
+        .context("latency worker failed")?;
+    let mut latencies = latency_stats.take_latencies();
+    latencies.sort_unstable();
+    let (p50, p99) = (percentile(&latencies, 50.0), percentile(&latencies, 99.0));
+
+    cleanup(&mut conn, &prefix, &[&stream, &latency_stream]).await?;
+    cleanup(&mut conn, &ceiling_prefix, &[]).await?;
+
+    let ratio = events_per_sec / ceiling_eps;
+    let report = json!({
+        "sink": "redis",
+        "events": events,
+        "aggregates": args.aggregates,
+        "versions": args.versions,
+        "seconds": elapsed.as_secs_f64(),
+        "events_per_sec": events_per_sec.round(),
+        "ceiling_events_per_sec": ceiling_eps.round(),
+        "ratio": (ratio * 1000.0).round() / 1000.0,
+        "p50_ms": p50,
+        "p99_ms": p99,
+        "latency_rate": args.latency_rate,
+        "latency_samples": latencies.len(),
+        "peak_rss_mb": (rss * 10.0).round() / 10.0,
+        "mismatches": mismatches,
+        "applied": stats.applied.load(Ordering::Relaxed),
+        "stale": stats.stale.load(Ordering::Relaxed),
+        "dead_lettered": stats.dead_lettered.load(Ordering::Relaxed),
+    });
+    if args.json {
+        println!("{report}");
+    } else {
+        println!("events            {events}");
+        println!(
+            "throughput        {:.0} events/s ({:.2}s)",
+            events_per_sec,
+            elapsed.as_secs_f64()
+        );
+        println!(
+            "ceiling           {:.0} events/s (HGET+HSET Lua per event, pipelined, same Redis)",
+            ceiling_eps
+        );
+        println!("ratio             {:.1}% of ceiling", ratio * 100.0);
+        println!(
+            "apply latency     p50 {p50:.0} ms, p99 {p99:.0} ms (XADD to ack, producer at {} events/s)",
+            args.latency_rate
+        );
+        println!("peak RSS          {rss:.1} MB");
+        println!("mismatches        {mismatches}");
+    }
+    Ok(if mismatches == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(2)
+    })
+}

@@ -1,0 +1,138 @@
+//! `ecst publish`: NDJSON events into a stream in the wire format.
+
+use std::io::BufRead;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, ValueEnum};
+use ecst_schemas::EnvelopeKeys;
+use ecst_schemas::wire::{ContentType, FIELD_BODY, FIELD_CONTENT_TYPE, encode_body};
+
+/// Body encoding on the stream.
+#[derive(Clone, Copy, ValueEnum)]
+pub(crate) enum Encoding {
+    Json,
+    Msgpack,
+}
+
+#[derive(Args)]
+pub(crate) struct PublishArgs {
+    /// Stream to XADD to.
+    #[arg(long)]
+    stream: String,
+    /// Redis URL.
+    #[arg(
+        long,
+        env = "REDIS_URL",
+        default_value = "redis://127.0.0.1:6379",
+        hide_env_values = true
+    )]
+    redis: String,
+    /// NDJSON file, one event per line; `-` for standard input.
+    #[arg(long, default_value = "-")]
+    file: PathBuf,
+    /// Body encoding (`ct` is set to match).
+    #[arg(long, value_enum, default_value_t = Encoding::Json)]
+    encoding: Encoding,
+    /// Publish each line as it is (a foreign shape), checking only that it is a JSON object.
+    #[arg(long)]
+    raw: bool,
+    /// Trim the stream to about this many entries (XADD MAXLEN ~).
+    #[arg(long)]
+    maxlen: Option<u64>,
+}
+
+pub(crate) async fn publish(args: PublishArgs) -> anyhow::Result<ExitCode> {
+    let reader: Box<dyn BufRead> = if args.file.as_os_str() == "-" {
+        Box::new(std::io::BufReader::new(std::io::stdin()))
+    } else {
+        Box::new(std::io::BufReader::new(
+            std::fs::File::open(&args.file)
+                .with_context(|| format!("cannot open {}", args.file.display()))?,
+        ))
+    };
+    let ct = match args.encoding {
+        Encoding::Json => ContentType::Json,
+        Encoding::Msgpack => ContentType::MsgPack,
+    };
+    let client = redis::Client::open(args.redis.as_str()).context("invalid Redis URL")?;
+    let config = redis::AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(Duration::from_secs(5)))
+        .set_response_timeout(Some(Duration::from_secs(10)));
+    let mut conn = client
+        .get_multiplexed_async_connection_with_config(&config)
+        .await
+        .context("cannot connect to Redis")?;
+    let keys = EnvelopeKeys::default();
+    let label = args.file.display().to_string();
+    let (mut published, mut bad) = (0u64, 0u64);
+    let mut pipe = redis::pipe();
+    let mut queued = 0;
+    for (number, line) in reader.lines().enumerate() {
+        let number = number + 1;
+        let line = line.with_context(|| format!("{label}: cannot read line {number}"))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let value: serde_json::Value = match serde_json::from_str(&line) {
+            Ok(v) => v,
+            Err(e) => {
+                eprintln!("{label}:{number}: not JSON: {e}");
+                bad += 1;
+                continue;
+            }
+        };
+        let body = if args.raw {
+            if !value.is_object() {
+                eprintln!("{label}:{number}: not a JSON object");
+                bad += 1;
+                continue;
+            }
+            encode_body(&value, ct)?
+        } else {
+            match keys.read(&value) {
+                Ok(envelope) => encode_body(&envelope, ct)?,
+                Err(e) => {
+                    eprintln!("{label}:{number}: {e}");
+                    bad += 1;
+                    continue;
+                }
+            }
+        };
+        let cmd = pipe.cmd("XADD").arg(&args.stream);
+        if let Some(maxlen) = args.maxlen {
+            cmd.arg("MAXLEN").arg("~").arg(maxlen);
+        }
+        cmd.arg("*").arg(FIELD_BODY).arg(body);
+        if !matches!(ct, ContentType::Json) {
+            cmd.arg(FIELD_CONTENT_TYPE).arg(ct.as_str());
+        }
+        cmd.ignore();
+        queued += 1;
+        if queued == 1000 {
+            pipe.query_async::<()>(&mut conn)
+                .await
+                .context("XADD failed")?;
+            published += queued;
+            pipe = redis::pipe();
+            queued = 0;
+        }
+    }
+    if queued > 0 {
+        pipe.query_async::<()>(&mut conn)
+            .await
+            .context("XADD failed")?;
+        published += queued;
+    }
+    eprintln!(
+        "published {published} events to {}; {bad} bad lines skipped",
+        args.stream
+    );
+    Ok(if bad == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}

@@ -1,0 +1,655 @@
+//! Pipeline files: loading, `${VAR}` interpolation, typed configs and every error with its
+//! file, line, column and key.
+
+pub mod yaml;
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ecst_operators::stage::STAGE_TYPES;
+use ecst_operators::{ConfigDuration, SecretUrl, StageConfig};
+use serde::{Deserialize, Deserializer};
+use serde_json::Value;
+
+use crate::graph::{self, GraphNode};
+use yaml::{Node, Pos};
+
+/// Where a new consumer group starts reading.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StartPosition {
+    /// From the first entry still in the stream (`0`).
+    Beginning,
+    /// Only entries added after the group is created (`$`).
+    End,
+}
+
+impl StartPosition {
+    /// The id XGROUP CREATE takes.
+    pub fn as_id(&self) -> &'static str {
+        match self {
+            StartPosition::Beginning => "0",
+            StartPosition::End => "$",
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for StartPosition {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        match Value::deserialize(deserializer)? {
+            Value::Number(n) if n.as_u64() == Some(0) => Ok(StartPosition::Beginning),
+            Value::String(s) if s == "0" || s == "0-0" => Ok(StartPosition::Beginning),
+            Value::String(s) if s == "$" => Ok(StartPosition::End),
+            other => Err(serde::de::Error::custom(format!(
+                "start must be \"0\" (the whole stream) or \"$\" (new entries only), got {other}"
+            ))),
+        }
+    }
+}
+
+/// The `source:` section: a stream read by a consumer group.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceConfig {
+    /// Redis URL (default `redis://127.0.0.1:6379`).
+    #[serde(default = "default_redis")]
+    pub redis: SecretUrl,
+    /// Stream key.
+    pub stream: String,
+    /// Consumer group.
+    pub group: String,
+    /// Consumer name (default `<hostname>-<pid>`).
+    #[serde(default)]
+    pub consumer: Option<String>,
+    /// Entries per XREADGROUP (default 500).
+    #[serde(default = "default_batch_size")]
+    pub batch_size: usize,
+    /// XREADGROUP BLOCK time (default 2s).
+    #[serde(default = "default_block")]
+    pub block: ConfigDuration,
+    /// Response timeout of the reader's connection; must exceed `block` by at least 1s
+    /// (default `block` + 5s).
+    #[serde(default)]
+    pub read_timeout: Option<ConfigDuration>,
+    /// Where a new group starts: `"0"` (default) or `"$"`.
+    #[serde(default = "default_start")]
+    pub start: StartPosition,
+    /// Pending entries idle this long are claimed from their consumer (default 60s).
+    #[serde(default = "default_claim_idle")]
+    pub claim_idle: ConfigDuration,
+    /// How often to look for such entries (default 10s).
+    #[serde(default = "default_claim_every")]
+    pub claim_every: ConfigDuration,
+    /// Entries delivered more often are dead-lettered (default 5).
+    #[serde(default = "default_max_deliveries")]
+    pub max_deliveries: u64,
+    /// Dead-letter stream (default `<stream>.dlq`).
+    #[serde(default)]
+    pub dead_letter: Option<String>,
+    /// Approximate MAXLEN of the dead-letter stream (default 1000000).
+    #[serde(default = "default_dead_letter_maxlen")]
+    pub dead_letter_maxlen: u64,
+    /// Batches read ahead while earlier ones are being written (default 2).
+    #[serde(default = "default_in_flight")]
+    pub in_flight: usize,
+    /// Timeout of each non-blocking Redis command (default 5s).
+    #[serde(default = "default_timeout")]
+    pub timeout: ConfigDuration,
+    /// How long shutdown waits for in-flight batches (default 30s).
+    #[serde(default = "default_shutdown_timeout")]
+    pub shutdown_timeout: ConfigDuration,
+}
+
+fn default_redis() -> SecretUrl {
+    SecretUrl::new("redis://127.0.0.1:6379")
+}
+fn default_batch_size() -> usize {
+    500
+}
+fn default_block() -> ConfigDuration {
+    ConfigDuration(Duration::from_secs(2))
+}
+fn default_start() -> StartPosition {
+    StartPosition::Beginning
+}
+fn default_claim_idle() -> ConfigDuration {
+    ConfigDuration(Duration::from_secs(60))
+}
+fn default_claim_every() -> ConfigDuration {
+    ConfigDuration(Duration::from_secs(10))
+}
+fn default_max_deliveries() -> u64 {
+    5
+}
+fn default_dead_letter_maxlen() -> u64 {
+    1_000_000
+}
+fn default_in_flight() -> usize {
+    2
+}
+fn default_timeout() -> ConfigDuration {
+    ConfigDuration(Duration::from_secs(5))
+}
+fn default_shutdown_timeout() -> ConfigDuration {
+    ConfigDuration(Duration::from_secs(30))
+}
+
+/// Least margin between `block` and `read_timeout`.
+pub const READ_TIMEOUT_MARGIN: Duration = Duration::from_secs(1);
+
+impl SourceConfig {
+    /// The reader connection's response timeout.
+    pub fn read_timeout(&self) -> Duration {
+        self.read_timeout
+            .map(|d| d.0)
+            .unwrap_or(self.block.0 + Duration::from_secs(5))
+    }
+
+    /// The dead-letter stream key.
+    pub fn dead_letter_stream(&self) -> String {
+        self.dead_letter
+            .clone()
+            .unwrap_or_else(|| format!("{}.dlq", self.stream))
+    }
+
+    /// The consumer name: configured, or `<hostname>-<pid>`.
+    pub fn consumer_name(&self) -> String {
+        self.consumer.clone().unwrap_or_else(|| {
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .ok()
+                .map(|h| h.trim().to_string())
+                .filter(|h| !h.is_empty())
+                .or_else(|| std::env::var("HOSTNAME").ok())
+                .unwrap_or_else(|| "ecst".into());
+            format!("{host}-{}", std::process::id())
+        })
+    }
+
+    fn check(&self) -> Vec<(&'static str, String)> {
+        let mut problems = Vec::new();
+        if self.stream.is_empty() {
+            problems.push(("stream", "must not be empty".to_string()));
+        }
+        if self.group.is_empty() {
+            problems.push(("group", "must not be empty".to_string()));
+        }
+        if self.batch_size == 0 || self.batch_size > 100_000 {
+            problems.push((
+                "batch_size",
+                format!("must be between 1 and 100000, got {}", self.batch_size),
+            ));
+        }
+        if self.in_flight == 0 {
+            problems.push(("in_flight", "must be at least 1".to_string()));
+        }
+        if self.max_deliveries == 0 {
+            problems.push(("max_deliveries", "must be at least 1".to_string()));
+        }
+        if self.block.0 < Duration::from_millis(1) {
+            problems.push((
+                "block",
+                "must be at least 1ms (0 would block forever)".to_string(),
+            ));
+        }
+        if let Some(read_timeout) = self.read_timeout
+            && read_timeout.0 < self.block.0 + READ_TIMEOUT_MARGIN
+        {
+            problems.push((
+                "read_timeout",
+                format!(
+                    "{read_timeout} must exceed block ({}) by at least {}: a blocking XREADGROUP would time out on a healthy connection",
+                    self.block,
+                    ConfigDuration(READ_TIMEOUT_MARGIN)
+                ),
+            ));
+        }
+        if self.timeout.0.is_zero() {
+            problems.push(("timeout", "must be more than 0ms".to_string()));
+        }
+        if self.dead_letter_stream() == self.stream {
+            problems.push((
+                "dead_letter",
+                "must differ from the source stream".to_string(),
+            ));
+        }
+        if let Err(e) = redis::Client::open(self.redis.expose()) {
+            problems.push(("redis", format!("invalid Redis URL {}: {e}", self.redis)));
+        }
+        problems
+    }
+}
+
+/// One named stage of a pipeline file.
+#[derive(Debug, Clone)]
+pub struct StageEntry {
+    /// Name (the key under `stages:`).
+    pub name: String,
+    /// Names of the stages it reads.
+    pub inputs: Vec<String>,
+    /// Typed configuration.
+    pub config: StageConfig,
+}
+
+/// A whole, valid pipeline file.
+#[derive(Debug, Clone)]
+pub struct PipelineConfig {
+    /// File it came from.
+    pub file: PathBuf,
+    /// Pipeline name.
+    pub name: String,
+    /// The stream and group.
+    pub source: SourceConfig,
+    /// Stages in file order.
+    pub stages: Vec<StageEntry>,
+}
+
+impl PipelineConfig {
+    /// The DAG view of the stages, in file order.
+    pub fn graph_nodes(&self) -> Vec<GraphNode<'_>> {
+        self.stages
+            .iter()
+            .map(|s| GraphNode {
+                name: &s.name,
+                type_name: s.config.type_name(),
+                inputs: &s.inputs,
+                is_sink: s.config.is_sink(),
+                is_root: s.config.is_root(),
+            })
+            .collect()
+    }
+}
+
+/// One problem in a pipeline file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// File.
+    pub file: PathBuf,
+    /// Line and column.
+    pub pos: Pos,
+    /// Dotted key (`stages.cache.key`), empty for the whole file.
+    pub key: String,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}:{}:{}: ",
+            self.file.display(),
+            self.pos.line,
+            self.pos.col
+        )?;
+        if !self.key.is_empty() {
+            write!(f, "{}: ", self.key)?;
+        }
+        f.write_str(&self.message)
+    }
+}
+
+/// Every problem found in a pipeline file.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for error in &self.0 {
+            writeln!(f, "{error}")?;
+        }
+        let n = self.0.len();
+        write!(f, "{n} error{}", if n == 1 { "" } else { "s" })
+    }
+}
+
+/// Reads and validates a pipeline file, with `${VAR}` taken from the process environment.
+pub fn load(path: &Path) -> Result<PipelineConfig, ConfigErrors> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        ConfigErrors(vec![ConfigError {
+            file: path.to_path_buf(),
+            pos: Pos::default(),
+            key: String::new(),
+            message: format!("cannot read the file: {e}"),
+        }])
+    })?;
+    load_str(path, &text, &|name| std::env::var(name).ok())
+}
+
+struct Collector<'a> {
+    file: &'a Path,
+    root: &'a Node,
+    errors: Vec<ConfigError>,
+}
+
+impl Collector<'_> {
+    fn at(&mut self, path: &[String], message: impl Into<String>) {
+        self.errors.push(ConfigError {
+            file: self.file.to_path_buf(),
+            pos: self.root.locate(path),
+            key: path.join("."),
+            message: message.into(),
+        });
+    }
+}
+
+fn path(parts: &[&str]) -> Vec<String> {
+    parts.iter().map(|p| p.to_string()).collect()
+}
+
+/// Validates pipeline text; `env` resolves `${VAR}`.
+pub fn load_str(
+    file: &Path,
+    text: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<PipelineConfig, ConfigErrors> {
+    let mut root = yaml::parse(text).map_err(|e| {
+        ConfigErrors(vec![ConfigError {
+            file: file.to_path_buf(),
+            pos: e.pos,
+            key: String::new(),
+            message: e.message,
+        }])
+    })?;
+    let interpolation = yaml::interpolate(&mut root, env);
+    let root = root;
+    let mut c = Collector {
+        file,
+        root: &root,
+        errors: Vec::new(),
+    };
+    for e in interpolation {
+        c.errors.push(ConfigError {
+            file: file.to_path_buf(),
+            pos: e.pos,
+            key: key_at(&root, e.pos),
+            message: e.message,
+        });
+    }
+
+    let Some(top) = root.entries() else {
+        c.at(
+            &[],
+            "a pipeline file is a mapping with `name`, `source` and `stages`",
+        );
+        return Err(ConfigErrors(c.errors));
+    };
+    for (key, _) in top {
+        if !["name", "source", "stages"].contains(&key.name.as_str()) {
+            c.at(
+                &[key.name.clone()],
+                format!("unknown key `{}` (expected name, source, stages)", key.name),
+            );
+        }
+    }
+
+    let name = match root.get("name") {
+        Some((_, node)) => match node.to_json() {
+            Value::String(s) if valid_name(&s) => Some(s),
+            _ => {
+                c.at(
+                    &path(&["name"]),
+                    "must be a name of letters, digits, `.`, `_` or `-`",
+                );
+                None
+            }
+        },
+        None => {
+            c.at(&[], "missing key `name`");
+            None
+        }
+    };
+
+    let source = match root.get("source") {
+        Some((_, node)) => {
+            match serde_path_to_error::deserialize::<_, SourceConfig>(node.to_json()) {
+                Ok(source) => {
+                    for (key, message) in source.check() {
+                        c.at(&path(&["source", key]), message);
+                    }
+                    Some(source)
+                }
+                Err(e) => {
+                    let mut p = vec!["source".to_string()];
+                    p.extend(error_path(&e));
+                    c.at(&p, e.into_inner().to_string());
+                    None
+                }
+            }
+        }
+        None => {
+            c.at(&[], "missing key `source`");
+            None
+        }
+    };
+
+    let mut stages = Vec::new();
+    match root.get("stages") {
+        Some((_, node)) => match node.entries() {
+            Some(entries) if !entries.is_empty() => {
+                for (key, stage_node) in entries {
+                    if let Some(stage) = read_stage(&mut c, &key.name, stage_node) {
+                        stages.push(stage);
+                    }
+                }
+            }
+            _ => c.at(
+                &path(&["stages"]),
+                "must be a mapping of stage name to stage",
+            ),
+        },
+        None => c.at(&[], "missing key `stages`"),
+    }
+
+    // The graph is checked over the stages that parsed, so one bad stage does not hide the
+    // graph problems of the others.
+    let all_parsed = stages.len()
+        == root
+            .get("stages")
+            .and_then(|(_, n)| n.entries())
+            .map_or(0, <[_]>::len);
+    let nodes: Vec<GraphNode<'_>> = stages
+        .iter()
+        .map(|s: &StageEntry| GraphNode {
+            name: &s.name,
+            type_name: s.config.type_name(),
+            inputs: &s.inputs,
+            is_sink: s.config.is_sink(),
+            is_root: s.config.is_root(),
+        })
+        .collect();
+    for problem in graph::check(&nodes) {
+        // A reference to a stage that failed to parse is already reported at that stage.
+        if !all_parsed && problem.message.contains("is not a stage of this pipeline") {
+            continue;
+        }
+        let mut p = vec!["stages".to_string(), problem.stage.clone()];
+        if let Some(key) = &problem.key {
+            let stage_node = root
+                .get("stages")
+                .and_then(|(_, n)| n.get(&problem.stage))
+                .map(|(_, n)| n);
+            let key = if stage_node.is_some_and(|n| n.get(key).is_none()) && key == "input" {
+                "inputs".to_string()
+            } else {
+                key.clone()
+            };
+            p.push(key);
+        }
+        c.at(&p, problem.message);
+    }
+
+    if !c.errors.is_empty() {
+        c.errors.sort_by_key(|e| (e.pos.line, e.pos.col));
+        return Err(ConfigErrors(c.errors));
+    }
+    match (name, source) {
+        (Some(name), Some(source)) => Ok(PipelineConfig {
+            file: file.to_path_buf(),
+            name,
+            source,
+            stages,
+        }),
+        _ => Err(ConfigErrors(c.errors)),
+    }
+}
+
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 128
+        && name
+            .chars()
+            .all(|ch| ch.is_ascii_alphanumeric() || matches!(ch, '.' | '_' | '-'))
+}
+
+fn error_path<E>(e: &serde_path_to_error::Error<E>) -> Vec<String>
+where
+    E: fmt::Display,
+{
+    let mut parts: Vec<String> = e
+        .path()
+        .iter()
+        .filter_map(|segment| match segment {
+            serde_path_to_error::Segment::Map { key } => Some(key.clone()),
+            serde_path_to_error::Segment::Seq { index } => Some(index.to_string()),
+            _ => None,
+        })
+        .collect();
+    let message = e.inner().to_string();
+    if let Some(rest) = message.strip_prefix("unknown field `")
+        && let Some(end) = rest.find('`')
+    {
+        parts.push(rest[..end].to_string());
+    }
+    parts
+}
+
+fn read_stage(c: &mut Collector<'_>, name: &str, node: &Node) -> Option<StageEntry> {
+    let base = path(&["stages", name]);
+    let at = |c: &mut Collector<'_>, key: &[&str], message: String| {
+        let mut p = base.clone();
+        p.extend(key.iter().map(|k| k.to_string()));
+        c.at(&p, message);
+    };
+    if !valid_name(name) {
+        at(
+            c,
+            &[],
+            format!("stage name `{name}` must be letters, digits, `.`, `_` or `-`"),
+        );
+    }
+    let Value::Object(mut body) = node.to_json() else {
+        at(c, &[], "a stage is a mapping with at least `type`".into());
+        return None;
+    };
+    let type_name = match body.remove("type") {
+        Some(Value::String(t)) => t,
+        Some(_) => {
+            at(
+                c,
+                &["type"],
+                format!("must be one of {}", STAGE_TYPES.join(", ")),
+            );
+            return None;
+        }
+        None => {
+            at(
+                c,
+                &[],
+                format!("missing key `type` (one of {})", STAGE_TYPES.join(", ")),
+            );
+            return None;
+        }
+    };
+    let mut inputs = Vec::new();
+    let input = body.remove("input");
+    let input_list = body.remove("inputs");
+    match (input, input_list) {
+        (Some(_), Some(_)) => at(
+            c,
+            &["inputs"],
+            "give either `input` or `inputs`, not both".into(),
+        ),
+        (Some(Value::String(s)), None) => inputs.push(s),
+        (Some(_), None) => at(
+            c,
+            &["input"],
+            "must be the name of one stage (use `inputs` for several)".into(),
+        ),
+        (None, Some(Value::Array(items))) => {
+            for (i, item) in items.into_iter().enumerate() {
+                match item {
+                    Value::String(s) => inputs.push(s),
+                    _ => at(
+                        c,
+                        &["inputs", &i.to_string()],
+                        "must be a stage name".into(),
+                    ),
+                }
+            }
+        }
+        (None, Some(_)) => at(c, &["inputs"], "must be a list of stage names".into()),
+        (None, None) => {}
+    }
+    let config = match StageConfig::from_type(&type_name, Value::Object(body)) {
+        Ok(Some(config)) => config,
+        Ok(None) => {
+            at(
+                c,
+                &["type"],
+                format!(
+                    "unknown stage type `{type_name}` (expected one of {})",
+                    STAGE_TYPES.join(", ")
+                ),
+            );
+            return None;
+        }
+        Err(e) => {
+            let keys: Vec<&str> = e.path.iter().map(String::as_str).collect();
+            at(c, &keys, e.message);
+            return None;
+        }
+    };
+    for problem in config.check() {
+        let keys: Vec<&str> = problem.key.split('.').collect();
+        at(c, &keys, problem.message);
+    }
+    Some(StageEntry {
+        name: name.to_string(),
+        inputs,
+        config,
+    })
+}
+
+/// The dotted key of the node at `pos`, for errors found by position.
+fn key_at(root: &Node, pos: Pos) -> String {
+    fn walk(node: &Node, pos: Pos, trail: &mut Vec<String>) -> bool {
+        if node.pos == pos {
+            return true;
+        }
+        match &node.kind {
+            yaml::NodeKind::Map(entries) => {
+                for (k, v) in entries {
+                    trail.push(k.name.clone());
+                    if walk(v, pos, trail) {
+                        return true;
+                    }
+                    trail.pop();
+                }
+            }
+            yaml::NodeKind::Seq(items) => {
+                for (i, item) in items.iter().enumerate() {
+                    trail.push(i.to_string());
+                    if walk(item, pos, trail) {
+                        return true;
+                    }
+                    trail.pop();
+                }
+            }
+            yaml::NodeKind::Scalar { .. } => {}
+        }
+        false
+    }
+    let mut trail = Vec::new();
+    walk(root, pos, &mut trail);
+    trail.join(".")
+}

@@ -1,0 +1,350 @@
+//! The stage DAG: structural checks, topological order and Mermaid / DOT rendering.
+
+use std::collections::{HashMap, HashSet};
+
+/// What the graph checks need to know of a stage.
+#[derive(Debug, Clone)]
+pub struct GraphNode<'a> {
+    /// Stage name.
+    pub name: &'a str,
+    /// Stage type (`decode`, `redis_hash`, ...).
+    pub type_name: &'a str,
+    /// Names of the stages it reads.
+    pub inputs: &'a [String],
+    /// Whether it is a sink.
+    pub is_sink: bool,
+    /// Whether it reads the source directly.
+    pub is_root: bool,
+}
+
+/// A structural problem in the DAG.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GraphProblem {
+    /// Stage the problem is reported on.
+    pub stage: String,
+    /// Key inside the stage (`input`), if the problem is in one.
+    pub key: Option<String>,
+    /// What is wrong.
+    pub message: String,
+}
+
+/// Checks inputs exist, roots and sinks sit where they must, nothing is unread and there are
+/// no cycles. Returns every problem found.
+pub fn check(nodes: &[GraphNode<'_>]) -> Vec<GraphProblem> {
+    let mut problems = Vec::new();
+    let by_name: HashMap<&str, &GraphNode<'_>> = nodes.iter().map(|n| (n.name, n)).collect();
+    let mut readers: HashMap<&str, usize> = HashMap::new();
+    let problem = |stage: &str, key: Option<&str>, message: String| GraphProblem {
+        stage: stage.to_string(),
+        key: key.map(str::to_string),
+        message,
+    };
+    for node in nodes {
+        if node.is_root && !node.inputs.is_empty() {
+            problems.push(problem(
+                node.name,
+                Some("input"),
+                format!(
+                    "a {} stage reads the source and takes no input",
+                    node.type_name
+                ),
+            ));
+        }
+        if !node.is_root && node.inputs.is_empty() {
+            problems.push(problem(
+                node.name,
+                None,
+                format!(
+                    "stage `{}` ({}) needs `input` (or `inputs`) naming the stage it reads",
+                    node.name, node.type_name
+                ),
+            ));
+        }
+        let mut seen = HashSet::new();
+        for input in node.inputs {
+            if !seen.insert(input.as_str()) {
+                problems.push(problem(
+                    node.name,
+                    Some("inputs"),
+                    format!("input `{input}` is listed twice"),
+                ));
+                continue;
+            }
+            match by_name.get(input.as_str()) {
+                None => {
+                    let mut known: Vec<&str> = nodes
+                        .iter()
+                        .map(|n| n.name)
+                        .filter(|n| *n != node.name)
+                        .collect();
+                    known.sort_unstable();
+                    problems.push(problem(
+                        node.name,
+                        Some("input"),
+                        format!(
+                            "input `{input}` is not a stage of this pipeline (stages: {})",
+                            known.join(", ")
+                        ),
+                    ));
+                }
+                Some(source) if source.is_sink => problems.push(problem(
+                    node.name,
+                    Some("input"),
+                    format!(
+                        "input `{input}` is a sink ({}); sinks are leaves and feed nothing",
+                        source.type_name
+                    ),
+                )),
+                Some(_) => *readers.entry(input.as_str()).or_default() += 1,
+            }
+        }
+    }
+    for node in nodes {
+        if !node.is_sink && !readers.contains_key(node.name) {
+            problems.push(problem(
+                node.name,
+                None,
+                format!("stage `{}` is read by no stage, so its branch reaches no sink (add a sink reading it, or remove it)", node.name),
+            ));
+        }
+    }
+    if !nodes.iter().any(|n| n.is_sink) {
+        if let Some(first) = nodes.first() {
+            problems.push(problem(
+                first.name,
+                None,
+                "the pipeline has no sink, so it would replicate nothing".into(),
+            ));
+        }
+    }
+    if !nodes.iter().any(|n| n.is_root) {
+        if let Some(first) = nodes.first() {
+            problems.push(problem(
+                first.name,
+                None,
+                "the pipeline has no decode stage reading the source".into(),
+            ));
+        }
+    }
+    for cycle in cycles(nodes) {
+        problems.push(problem(
+            &cycle[0],
+            Some("input"),
+            format!("cycle: {}", cycle.join(" -> ")),
+        ));
+    }
+    problems
+}
+
+/// Cycles, each as the list of stage names around it (first repeated at the end).
+fn cycles(nodes: &[GraphNode<'_>]) -> Vec<Vec<String>> {
+    let index: HashMap<&str, usize> = nodes.iter().enumerate().map(|(i, n)| (n.name, i)).collect();
+    // 0 = unvisited, 1 = on the stack, 2 = done
+    let mut state = vec![0u8; nodes.len()];
+    let mut found = Vec::new();
+    for start in 0..nodes.len() {
+        if state[start] != 0 {
+            continue;
+        }
+        let mut stack: Vec<(usize, usize)> = vec![(start, 0)];
+        state[start] = 1;
+        while let Some((node, next_input)) = stack.last().copied() {
+            let inputs = nodes[node].inputs;
+            if next_input < inputs.len() {
+                if let Some(top) = stack.last_mut() {
+                    top.1 += 1;
+                }
+                let Some(&child) = index.get(inputs[next_input].as_str()) else {
+                    continue;
+                };
+                match state[child] {
+                    0 => {
+                        state[child] = 1;
+                        stack.push((child, 0));
+                    }
+                    1 => {
+                        let from = stack.iter().position(|(n, _)| *n == child).unwrap_or(0);
+                        let mut cycle: Vec<String> = stack[from..]
+                            .iter()
+                            .map(|(n, _)| nodes[*n].name.to_string())
+                            .collect();
+                        // Edges point from a stage to its input; show data flow instead.
+                        cycle.reverse();
+                        cycle.push(cycle[0].clone());
+                        found.push(cycle);
+                    }
+                    _ => {}
+                }
+            } else {
+                state[node] = 2;
+                stack.pop();
+            }
+        }
+    }
+    found
+}
+
+/// Stage indexes ordered so that every stage comes after its inputs; `None` on a cycle.
+pub fn topo_order(nodes: &[GraphNode<'_>]) -> Option<Vec<usize>> {
+    let index: HashMap<&str, usize> = nodes.iter().enumerate().map(|(i, n)| (n.name, i)).collect();
+    let mut remaining: Vec<usize> = nodes.iter().map(|n| n.inputs.len()).collect();
+    let mut order: Vec<usize> = (0..nodes.len()).filter(|i| remaining[*i] == 0).collect();
+    let mut head = 0;
+    while head < order.len() {
+        let done = order[head];
+        head += 1;
+        for (i, node) in nodes.iter().enumerate() {
+            let feeds = node
+                .inputs
+                .iter()
+                .filter(|input| index.get(input.as_str()) == Some(&done))
+                .count();
+            if feeds > 0 {
+                remaining[i] -= feeds;
+                if remaining[i] == 0 {
+                    order.push(i);
+                }
+            }
+        }
+    }
+    (order.len() == nodes.len()).then_some(order)
+}
+
+/// Renders the DAG as a Mermaid flowchart, the source first.
+pub fn mermaid(stream: &str, nodes: &[GraphNode<'_>]) -> String {
+    let mut out = String::from("flowchart LR\n");
+    out.push_str(&format!("    source[(\"{}\")]\n", escape(stream)));
+    for node in nodes {
+        let label = format!("{}<br/><i>{}</i>", escape(node.name), node.type_name);
+        let id = mermaid_id(node.name);
+        if node.is_sink {
+            out.push_str(&format!("    {id}[[\"{label}\"]]\n"));
+        } else {
+            out.push_str(&format!("    {id}[\"{label}\"]\n"));
+        }
+    }
+    for node in nodes {
+        if node.is_root {
+            out.push_str(&format!("    source --> {}\n", mermaid_id(node.name)));
+        }
+        for input in node.inputs {
+            out.push_str(&format!(
+                "    {} --> {}\n",
+                mermaid_id(input),
+                mermaid_id(node.name)
+            ));
+        }
+    }
+    out
+}
+
+/// Renders the DAG in Graphviz DOT.
+pub fn dot(stream: &str, nodes: &[GraphNode<'_>]) -> String {
+    let mut out = String::from("digraph pipeline {\n    rankdir=LR;\n");
+    out.push_str(&format!(
+        "    \"source\" [shape=cylinder, label=\"{}\"];\n",
+        escape(stream)
+    ));
+    for node in nodes {
+        let shape = if node.is_sink { "box3d" } else { "box" };
+        out.push_str(&format!(
+            "    \"{}\" [shape={shape}, label=\"{}\\n({})\"];\n",
+            escape(node.name),
+            escape(node.name),
+            node.type_name
+        ));
+    }
+    for node in nodes {
+        if node.is_root {
+            out.push_str(&format!("    \"source\" -> \"{}\";\n", escape(node.name)));
+        }
+        for input in node.inputs {
+            out.push_str(&format!(
+                "    \"{}\" -> \"{}\";\n",
+                escape(input),
+                escape(node.name)
+            ));
+        }
+    }
+    out.push_str("}\n");
+    out
+}
+
+fn escape(text: &str) -> String {
+    text.replace('\\', "\\\\").replace('"', "\\\"")
+}
+
+fn mermaid_id(name: &str) -> String {
+    let cleaned: String = name
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect();
+    format!("s_{cleaned}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node<'a>(name: &'a str, type_name: &'a str, inputs: &'a [String]) -> GraphNode<'a> {
+        GraphNode {
+            name,
+            type_name,
+            inputs,
+            is_sink: type_name == "redis_hash",
+            is_root: type_name == "decode",
+        }
+    }
+
+    #[test]
+    fn a_linear_pipeline_is_clean_and_ordered() {
+        let none: Vec<String> = vec![];
+        let d = vec!["decode".to_string()];
+        let f = vec!["latest".to_string()];
+        let nodes = vec![
+            node("cache", "redis_hash", &f),
+            node("latest", "version_filter", &d),
+            node("decode", "decode", &none),
+        ];
+        assert!(check(&nodes).is_empty());
+        assert_eq!(topo_order(&nodes), Some(vec![2, 1, 0]));
+        let m = mermaid("s", &nodes);
+        assert!(
+            m.contains("s_decode --> s_latest") && m.contains("source --> s_decode"),
+            "{m}"
+        );
+        assert!(dot("s", &nodes).contains("\"latest\" -> \"cache\";"));
+    }
+
+    #[test]
+    fn reports_missing_unread_cyclic_and_sinkless() {
+        let none: Vec<String> = vec![];
+        let a_in = vec!["b".to_string()];
+        let b_in = vec!["a".to_string()];
+        let x_in = vec!["nope".to_string()];
+        let nodes = vec![
+            node("decode", "decode", &none),
+            node("a", "project", &a_in),
+            node("b", "project", &b_in),
+            node("x", "project", &x_in),
+        ];
+        let problems = check(&nodes);
+        let text: Vec<String> = problems
+            .iter()
+            .map(|p| format!("{}: {}", p.stage, p.message))
+            .collect();
+        assert!(
+            text.iter()
+                .any(|t| t.starts_with("x: input `nope` is not a stage")),
+            "{text:?}"
+        );
+        assert!(
+            text.iter()
+                .any(|t| t.starts_with("decode: stage `decode` is read by no stage")),
+            "{text:?}"
+        );
+        assert!(text.iter().any(|t| t.contains("has no sink")), "{text:?}");
+        assert!(text.iter().any(|t| t.contains("cycle: ")), "{text:?}");
+        assert_eq!(topo_order(&nodes), None);
+    }
+}

@@ -1,0 +1,565 @@
+//! The run loop: read a batch, push it through the DAG, apply every sink's share, dead-letter
+//! what cannot be applied, and XACK the batch only once all of that committed.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use ecst_operators::redis_pool::{RedisPool, describe_run_error, redis_pool};
+use ecst_operators::{
+    BuildContext, BuiltStage, Outcomes, RawEntry, Record, Sink, SinkReport, Stage,
+};
+use tokio::sync::{Semaphore, watch};
+use tokio::task::JoinSet;
+
+use crate::config::PipelineConfig;
+use crate::source::{Origin, SourceBatch, StreamSource, parse_id};
+
+/// Counters of one worker, shared with the benchmark and (later) the metrics endpoint.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Entries read from the stream.
+    pub read: AtomicU64,
+    /// Records written by sinks.
+    pub applied: AtomicU64,
+    /// Records dropped as not newer (by `version_filter` or a store guard).
+    pub stale: AtomicU64,
+    /// Records dropped by `where:` or `tombstone mode: ignore`.
+    pub filtered: AtomicU64,
+    /// Entries sent to the dead-letter stream.
+    pub dead_lettered: AtomicU64,
+    /// Entries acknowledged.
+    pub acked: AtomicU64,
+    /// Sink, dead-letter or ack attempts that failed and were retried.
+    pub retries: AtomicU64,
+    /// Sinks currently failing (in backoff).
+    pub failing_sinks: AtomicUsize,
+    latencies_ms: Mutex<Option<Vec<u32>>>,
+}
+
+impl Stats {
+    /// Starts recording, per acked entry, the time from its XADD (its id) to its ack.
+    pub fn record_latencies(&self) {
+        if let Ok(mut guard) = self.latencies_ms.lock() {
+            *guard = Some(Vec::new());
+        }
+    }
+
+    /// Takes the recorded latencies, in milliseconds.
+    pub fn take_latencies(&self) -> Vec<u32> {
+        self.latencies_ms
+            .lock()
+            .ok()
+            .and_then(|mut guard| guard.as_mut().map(std::mem::take))
+            .unwrap_or_default()
+    }
+
+    fn note_latencies(&self, ids: &[String]) {
+        let Ok(mut guard) = self.latencies_ms.lock() else {
+            return;
+        };
+        let Some(samples) = guard.as_mut() else {
+            return;
+        };
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+            .unwrap_or(0);
+        samples.extend(
+            ids.iter()
+                .map(|id| u32::try_from(now.saturating_sub(parse_id(id).0)).unwrap_or(u32::MAX)),
+        );
+    }
+}
+
+/// How `run` behaves.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// Exit once nothing is left to read and nothing is pending in the group.
+    pub drain: bool,
+}
+
+/// A run ended badly.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// A stage failed to build.
+    #[error(transparent)]
+    Build(#[from] ecst_operators::BuildError),
+    /// The configuration cannot run (e.g. an invalid Redis URL).
+    #[error("{0}")]
+    Config(String),
+    /// Batches were still uncommitted when the shutdown timeout ran out.
+    #[error(
+        "{0} batch(es) were not committed within the shutdown timeout; their entries stay pending and will be redelivered"
+    )]
+    Abandoned(usize),
+}
+
+enum Node {
+    Transform(Box<dyn Stage>),
+    Sink(usize),
+}
+
+struct Dag {
+    order: Vec<usize>,
+    nodes: Vec<Node>,
+    inputs: Vec<Vec<usize>>,
+    readers: Vec<usize>,
+    sinks: Vec<(String, Arc<dyn Sink>)>,
+}
+
+impl Dag {
+    async fn build(config: &PipelineConfig) -> Result<Self, RunError> {
+        let nodes_view = config.graph_nodes();
+        let order = crate::graph::topo_order(&nodes_view)
+            .ok_or_else(|| RunError::Config("the stage graph has a cycle".into()))?;
+        let index: HashMap<&str, usize> = config
+            .stages
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (s.name.as_str(), i))
+            .collect();
+        let mut nodes = Vec::new();
+        let mut sinks = Vec::new();
+        let mut inputs = Vec::new();
+        let mut readers = vec![0usize; config.stages.len()];
+        for stage in &config.stages {
+            let ctx = BuildContext {
+                pipeline: config.name.clone(),
+                stage: stage.name.clone(),
+                source_redis: config.source.redis.clone(),
+            };
+            nodes.push(match stage.config.build(&ctx).await? {
+                BuiltStage::Stage(s) => Node::Transform(s),
+                BuiltStage::Sink(s) => {
+                    sinks.push((stage.name.clone(), s));
+                    Node::Sink(sinks.len() - 1)
+                }
+            });
+            let ins: Vec<usize> = stage
+                .inputs
+                .iter()
+                .filter_map(|n| index.get(n.as_str()).copied())
+                .collect();
+            for i in &ins {
+                readers[*i] += 1;
+            }
+            inputs.push(ins);
+        }
+        Ok(Dag {
+            order,
+            nodes,
+            inputs,
+            readers,
+            sinks,
+        })
+    }
+
+    /// Runs the transforms over a batch; returns each sink's records.
+    fn run(&mut self, entries: &[RawEntry], out: &mut Outcomes) -> Vec<Vec<Record>> {
+        let mut outputs: Vec<Option<Vec<Record>>> = (0..self.nodes.len()).map(|_| None).collect();
+        let mut remaining = self.readers.clone();
+        let mut per_sink: Vec<Vec<Record>> = (0..self.sinks.len()).map(|_| Vec::new()).collect();
+        for &i in &self.order {
+            let mut input = Vec::new();
+            for &from in &self.inputs[i] {
+                remaining[from] -= 1;
+                let records = if remaining[from] == 0 {
+                    outputs[from].take().unwrap_or_default()
+                } else {
+                    outputs[from].clone().unwrap_or_default()
+                };
+                input.extend(records);
+            }
+            match &mut self.nodes[i] {
+                Node::Transform(stage) => outputs[i] = Some(stage.process(input, entries, out)),
+                Node::Sink(s) => per_sink[*s] = input,
+            }
+        }
+        per_sink
+    }
+}
+
+/// Everything a batch task needs after the transforms ran.
+struct Shared {
+    pipeline: String,
+    stream: String,
+    group: String,
+    consumer: String,
+    dead_letter: String,
+    dead_letter_maxlen: u64,
+    timeout: Duration,
+    pool: RedisPool,
+    sinks: Vec<(String, Arc<dyn Sink>)>,
+    stats: Arc<Stats>,
+}
+
+struct Batch {
+    entries: Vec<RawEntry>,
+    per_sink: Vec<Vec<Record>>,
+    outcomes: Outcomes,
+    extra_dead: Vec<(RawEntry, String)>,
+}
+
+/// Capped exponential backoff with jitter: 100ms, 200ms, ... up to 5s.
+pub fn backoff(attempt: u32) -> Duration {
+    let base = 100u64.saturating_mul(1u64 << attempt.min(6)).min(5_000);
+    let jitter = rand::random_range(0..=base / 4);
+    Duration::from_millis(base - base / 8 + jitter)
+}
+
+async fn apply_with_retry(shared: &Shared, sink_index: usize, records: &[Record]) -> SinkReport {
+    let (name, sink) = &shared.sinks[sink_index];
+    let mut attempt = 0u32;
+    let mut failing = false;
+    loop {
+        match sink.apply_batch(records).await {
+            Ok(report) => {
+                if failing {
+                    shared.stats.failing_sinks.fetch_sub(1, Ordering::Relaxed);
+                    tracing::info!(pipeline = %shared.pipeline, sink = %name, attempts = attempt + 1, "Sink recovered; batch committed.");
+                }
+                return report;
+            }
+            Err(e) => {
+                if !failing {
+                    failing = true;
+                    shared.stats.failing_sinks.fetch_add(1, Ordering::Relaxed);
+                }
+                shared.stats.retries.fetch_add(1, Ordering::Relaxed);
+                let wait = backoff(attempt);
+                tracing::warn!(pipeline = %shared.pipeline, sink = %name, attempt = attempt + 1, retry_in_ms = wait.as_millis() as u64, error = %e, "Sink failed to apply a batch; nothing acked, retrying.");
+                tokio::time::sleep(wait).await;
+                attempt = attempt.saturating_add(1);
+            }
+        }
+    }
+}
+
+/// Runs a pipeline on the shared pool until it succeeds.
+async fn with_redis_retry(shared: &Shared, what: &str, pipe: &redis::Pipeline) {
+    let mut attempt = 0u32;
+    loop {
+        let result = match shared.pool.get().await {
+            Ok(mut conn) => {
+                match tokio::time::timeout(shared.timeout, pipe.query_async::<()>(&mut *conn)).await
+                {
+                    Ok(r) => r.map_err(|e| e.to_string()),
+                    Err(_) => Err("timed out".to_string()),
+                }
+            }
+            Err(e) => Err(describe_run_error(e)),
+        };
+        match result {
+            Ok(()) => return,
+            Err(e) => {
+                shared.stats.retries.fetch_add(1, Ordering::Relaxed);
+                let wait = backoff(attempt);
+                tracing::warn!(pipeline = %shared.pipeline, attempt = attempt + 1, retry_in_ms = wait.as_millis() as u64, error = %e, "{what} failed; retrying.");
+                tokio::time::sleep(wait).await;
+                attempt = attempt.saturating_add(1);
+            }
+        }
+    }
+}
+
+async fn complete(shared: Arc<Shared>, batch: Batch) {
+    let Batch {
+        entries,
+        per_sink,
+        mut outcomes,
+        extra_dead,
+    } = batch;
+    let applies = per_sink
+        .iter()
+        .enumerate()
+        .filter(|(_, records)| !records.is_empty())
+        .map(|(i, records)| {
+            let shared = &shared;
+            async move { (i, apply_with_retry(shared, i, records).await) }
+        });
+    let reports = futures::future::join_all(applies).await;
+
+    let stats = &shared.stats;
+    let mut dead: Vec<(&RawEntry, String)> = Vec::new();
+    for (i, report) in reports {
+        stats
+            .applied
+            .fetch_add(report.applied as u64, Ordering::Relaxed);
+        stats
+            .stale
+            .fetch_add(report.stale as u64, Ordering::Relaxed);
+        for (entry, reason) in report.rejected {
+            outcomes.dead_letter(entry, format!("sink `{}`: {reason}", shared.sinks[i].0));
+        }
+    }
+    for (entry, reason) in &outcomes.dead_letters {
+        if let Some(raw) = entries.get(*entry) {
+            dead.push((raw, reason.clone()));
+        }
+    }
+    for (raw, reason) in &extra_dead {
+        dead.push((raw, reason.clone()));
+    }
+    for (_, reason) in &outcomes.dropped {
+        match reason {
+            ecst_operators::DropReason::Stale => stats.stale.fetch_add(1, Ordering::Relaxed),
+            _ => stats.filtered.fetch_add(1, Ordering::Relaxed),
+        };
+    }
+
+    if !dead.is_empty() {
+        for (raw, reason) in &dead {
+            tracing::warn!(pipeline = %shared.pipeline, stream = %shared.stream, entry_id = %raw.id, reason = %reason, dead_letter = %shared.dead_letter, "Entry dead-lettered.");
+        }
+        let mut pipe = redis::pipe();
+        for (raw, reason) in &dead {
+            pipe.add_command(dead_letter_cmd(&shared, raw, reason))
+                .ignore();
+        }
+        with_redis_retry(&shared, "Writing to the dead-letter stream", &pipe).await;
+        stats
+            .dead_lettered
+            .fetch_add(dead.len() as u64, Ordering::Relaxed);
+    }
+
+    let mut ids: Vec<String> = entries.iter().map(|e| e.id.clone()).collect();
+    ids.extend(extra_dead.iter().map(|(e, _)| e.id.clone()));
+    if !ids.is_empty() {
+        let mut pipe = redis::pipe();
+        pipe.cmd("XACK")
+            .arg(&shared.stream)
+            .arg(&shared.group)
+            .arg(&ids)
+            .ignore();
+        with_redis_retry(&shared, "XACK", &pipe).await;
+        stats.acked.fetch_add(ids.len() as u64, Ordering::Relaxed);
+        stats.note_latencies(&ids);
+    }
+}
+
+fn dead_letter_cmd(shared: &Shared, raw: &RawEntry, reason: &str) -> redis::Cmd {
+    let mut cmd = redis::cmd("XADD");
+    cmd.arg(&shared.dead_letter)
+        .arg("MAXLEN")
+        .arg("~")
+        .arg(shared.dead_letter_maxlen)
+        .arg("*");
+    for (k, v) in &raw.fields {
+        cmd.arg(k).arg(v.as_slice());
+    }
+    cmd.arg("error")
+        .arg(reason)
+        .arg("source_stream")
+        .arg(&shared.stream)
+        .arg("source_id")
+        .arg(&raw.id)
+        .arg("group")
+        .arg(&shared.group)
+        .arg("consumer")
+        .arg(&shared.consumer);
+    cmd
+}
+
+/// A handle that tells `run` to stop reading and finish what is in flight.
+#[derive(Debug, Clone)]
+pub struct Shutdown(watch::Receiver<bool>);
+
+impl Shutdown {
+    /// A trigger and its handle.
+    pub fn new() -> (watch::Sender<bool>, Shutdown) {
+        let (tx, rx) = watch::channel(false);
+        (tx, Shutdown(rx))
+    }
+
+    fn is_set(&self) -> bool {
+        *self.0.borrow()
+    }
+
+    async fn wait(&mut self) {
+        let _ = self.0.wait_for(|stop| *stop).await;
+    }
+}
+
+/// Runs a worker until `shutdown` fires (or, with `drain`, until the group is empty).
+pub async fn run(
+    config: &PipelineConfig,
+    options: RunOptions,
+    mut shutdown: Shutdown,
+    stats: Arc<Stats>,
+) -> Result<(), RunError> {
+    let source_cfg = &config.source;
+    let consumer = source_cfg.consumer_name();
+    let mut dag = Dag::build(config).await?;
+    let pool = redis_pool(&source_cfg.redis, 4, source_cfg.timeout.0)
+        .map_err(|e| RunError::Config(format!("invalid Redis URL {}: {e}", source_cfg.redis)))?;
+    let mut source = StreamSource::new(source_cfg, consumer.clone())
+        .map_err(|e| RunError::Config(format!("invalid Redis URL {}: {e}", source_cfg.redis)))?;
+    let shared = Arc::new(Shared {
+        pipeline: config.name.clone(),
+        stream: source_cfg.stream.clone(),
+        group: source_cfg.group.clone(),
+        consumer: consumer.clone(),
+        dead_letter: source_cfg.dead_letter_stream(),
+        dead_letter_maxlen: source_cfg.dead_letter_maxlen,
+        timeout: source_cfg.timeout.0,
+        pool,
+        sinks: dag.sinks.clone(),
+        stats: stats.clone(),
+    });
+    tracing::info!(pipeline = %config.name, stream = %source_cfg.stream, group = %source_cfg.group, consumer = %consumer, "Worker starting.");
+
+    let mut attempt = 0u32;
+    loop {
+        match source.ensure_group().await {
+            Ok(created) => {
+                if created {
+                    tracing::info!(stream = %source_cfg.stream, group = %source_cfg.group, start = source_cfg.start.as_id(), "Created consumer group.");
+                }
+                break;
+            }
+            Err(e) => {
+                let wait = backoff(attempt);
+                tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "Cannot reach the source; retrying.");
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = shutdown.wait() => return Ok(()),
+                }
+                attempt = attempt.saturating_add(1);
+            }
+        }
+    }
+
+    let permits = Arc::new(Semaphore::new(source_cfg.in_flight));
+    let mut tasks: JoinSet<()> = JoinSet::new();
+    let mut last_claim = Instant::now();
+    let mut read_failures = 0u32;
+
+    loop {
+        if shutdown.is_set() {
+            break;
+        }
+        while tasks.try_join_next().is_some() {}
+        let permit = tokio::select! {
+            p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+            _ = shutdown.wait() => break,
+        };
+
+        let claim_due = source.pending_done() && last_claim.elapsed() >= source_cfg.claim_every.0;
+        let read = if claim_due {
+            last_claim = Instant::now();
+            tokio::select! {
+                r = source.claim() => r.map(|b| (Origin::Claimed, b)),
+                _ = shutdown.wait() => break,
+            }
+        } else {
+            tokio::select! {
+                r = source.next_batch() => r,
+                _ = shutdown.wait() => break,
+            }
+        };
+        let (origin, batch) = match read {
+            Ok(ok) => {
+                read_failures = 0;
+                ok
+            }
+            Err(e) => {
+                let wait = backoff(read_failures);
+                tracing::warn!(pipeline = %config.name, error = %e, retry_in_ms = wait.as_millis() as u64, "Reading the stream failed; retrying.");
+                read_failures = read_failures.saturating_add(1);
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = shutdown.wait() => break,
+                }
+                continue;
+            }
+        };
+
+        if batch.is_empty() {
+            drop(permit);
+            if origin == Origin::New && options.drain {
+                while tasks.join_next().await.is_some() {}
+                match source.group_pending().await {
+                    Ok(0) => {
+                        tracing::info!(pipeline = %config.name, "Drained: nothing left to read and nothing pending.");
+                        break;
+                    }
+                    Ok(n) => {
+                        tracing::debug!(
+                            pending = n,
+                            "Drain waits for entries pending elsewhere in the group."
+                        );
+                        // Entries pending at other consumers are claimed once idle.
+                        last_claim = last_claim
+                            .checked_sub(source_cfg.claim_every.0)
+                            .unwrap_or(last_claim);
+                    }
+                    Err(e) => tracing::warn!(error = %e, "Cannot read the group's pending count."),
+                }
+            }
+            continue;
+        }
+
+        let SourceBatch {
+            entries,
+            over_delivered,
+            trimmed,
+        } = batch;
+        let mut extra_dead: Vec<(RawEntry, String)> = Vec::new();
+        for (entry, count) in over_delivered {
+            extra_dead.push((
+                entry,
+                format!(
+                    "delivered {count} times, over max_deliveries {}",
+                    source_cfg.max_deliveries
+                ),
+            ));
+        }
+        if !trimmed.is_empty() {
+            tracing::error!(pipeline = %config.name, stream = %source_cfg.stream, count = trimmed.len(), ids = ?trimmed, "Pending entries were trimmed from the stream before they were applied; recording them in the dead-letter stream.");
+            for id in trimmed {
+                extra_dead.push((
+                    RawEntry {
+                        id,
+                        fields: Vec::new(),
+                    },
+                    "trimmed before applied".into(),
+                ));
+            }
+        }
+        stats
+            .read
+            .fetch_add(entries.len() as u64, Ordering::Relaxed);
+        let mut outcomes = Outcomes::default();
+        let per_sink = dag.run(&entries, &mut outcomes);
+        let shared = shared.clone();
+        tasks.spawn(async move {
+            complete(
+                shared,
+                Batch {
+                    entries,
+                    per_sink,
+                    outcomes,
+                    extra_dead,
+                },
+            )
+            .await;
+            drop(permit);
+        });
+    }
+
+    tracing::info!(pipeline = %config.name, in_flight = tasks.len(), "Stopping: finishing in-flight batches.");
+    let deadline = source_cfg.shutdown_timeout.0;
+    let finished = tokio::time::timeout(deadline, async {
+        while tasks.join_next().await.is_some() {}
+    })
+    .await;
+    if finished.is_err() {
+        let left = tasks.len();
+        tasks.abort_all();
+        return Err(RunError::Abandoned(left));
+    }
+    tracing::info!(pipeline = %config.name, acked = stats.acked.load(Ordering::Relaxed), "Worker stopped.");
+    Ok(())
+}

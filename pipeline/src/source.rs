@@ -1,0 +1,478 @@
+//! The consumer-group reader: own pending entries first, then new ones, plus periodic claims of
+//! entries left pending by dead consumers.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use ecst_operators::RawEntry;
+use ecst_operators::redis_pool::RedisManager;
+use redis::aio::MultiplexedConnection;
+use redis::{RedisError, Value};
+
+use crate::config::SourceConfig;
+
+/// Where a batch came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// This consumer's own pending entries, re-read after a restart.
+    Pending,
+    /// New entries (`>`).
+    New,
+    /// Entries claimed from another consumer that went idle.
+    Claimed,
+}
+
+/// One read from the stream.
+#[derive(Debug, Default)]
+pub struct SourceBatch {
+    /// Entries to process.
+    pub entries: Vec<RawEntry>,
+    /// Entries delivered more than `max_deliveries` times, with their count: dead-letter them.
+    pub over_delivered: Vec<(RawEntry, u64)>,
+    /// Ids that were trimmed from the stream while pending: never applied.
+    pub trimmed: Vec<String>,
+}
+
+impl SourceBatch {
+    /// Whether nothing at all was read.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty() && self.over_delivered.is_empty() && self.trimmed.is_empty()
+    }
+}
+
+/// A reader failure; the connection is dropped and the caller backs off.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    /// A Redis command failed.
+    #[error("{op} on stream `{stream}` failed: {source}")]
+    Redis {
+        /// The command.
+        op: &'static str,
+        /// The stream.
+        stream: String,
+        /// What Redis or the client said.
+        source: RedisError,
+    },
+    /// Redis answered in a shape ecst does not understand.
+    #[error("{op} on stream `{stream}` returned an unexpected reply: {detail}")]
+    Protocol {
+        /// The command.
+        op: &'static str,
+        /// The stream.
+        stream: String,
+        /// What was wrong.
+        detail: String,
+    },
+}
+
+/// The reader of one stream for one consumer of one group.
+pub struct StreamSource {
+    config: SourceConfig,
+    consumer: String,
+    manager: RedisManager,
+    conn: Option<MultiplexedConnection>,
+    /// Next id to read our own pending entries from; `None` once they are all re-read.
+    pending_cursor: Option<String>,
+    claim_cursor: String,
+}
+
+impl StreamSource {
+    /// A reader; it connects on first use.
+    pub fn new(config: &SourceConfig, consumer: String) -> Result<Self, RedisError> {
+        Ok(StreamSource {
+            manager: RedisManager::new(&config.redis, config.timeout.0)?,
+            config: config.clone(),
+            consumer,
+            conn: None,
+            pending_cursor: Some("0".into()),
+            claim_cursor: "0-0".into(),
+        })
+    }
+
+    /// The consumer name.
+    pub fn consumer(&self) -> &str {
+        &self.consumer
+    }
+
+    /// Whether this consumer's own pending entries have all been re-read.
+    pub fn pending_done(&self) -> bool {
+        self.pending_cursor.is_none()
+    }
+
+    async fn conn(&mut self) -> Result<&mut MultiplexedConnection, SourceError> {
+        if self.conn.is_none() {
+            let conn = self
+                .manager
+                .connect_with_timeout(self.config.read_timeout())
+                .await
+                .map_err(|source| self.error("CONNECT", source))?;
+            self.conn = Some(conn);
+        }
+        self.conn.as_mut().ok_or_else(|| SourceError::Protocol {
+            op: "CONNECT",
+            stream: String::new(),
+            detail: "no connection".into(),
+        })
+    }
+
+    fn error(&self, op: &'static str, source: RedisError) -> SourceError {
+        SourceError::Redis {
+            op,
+            stream: self.config.stream.clone(),
+            source,
+        }
+    }
+
+    /// Runs a command on the reader connection, dropping the connection on any failure so a
+    /// timed-out reply can never be read as the answer to a later command.
+    async fn query(&mut self, op: &'static str, cmd: &redis::Cmd) -> Result<Value, SourceError> {
+        let result = cmd.query_async::<Value>(self.conn().await?).await;
+        match result {
+            Ok(value) => Ok(value),
+            Err(source) => {
+                if !is_server_error(&source) {
+                    self.conn = None;
+                }
+                Err(self.error(op, source))
+            }
+        }
+    }
+
+    /// Creates the group at the configured start if it does not exist; `true` if created.
+    pub async fn ensure_group(&mut self) -> Result<bool, SourceError> {
+        let mut cmd = redis::cmd("XGROUP");
+        cmd.arg("CREATE")
+            .arg(&self.config.stream)
+            .arg(&self.config.group)
+            .arg(self.config.start.as_id())
+            .arg("MKSTREAM");
+        match self.query("XGROUP CREATE", &cmd).await {
+            Ok(_) => Ok(true),
+            Err(SourceError::Redis { source, .. }) if source.code() == Some("BUSYGROUP") => {
+                Ok(false)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Reads the next batch: own pending entries until none are left, then new entries,
+    /// blocking up to `block`.
+    pub async fn next_batch(&mut self) -> Result<(Origin, SourceBatch), SourceError> {
+        let result = self.read().await;
+        match result {
+            Err(SourceError::Redis { ref source, .. }) if source.code() == Some("NOGROUP") => {
+                tracing::error!(
+                    stream = %self.config.stream,
+                    group = %self.config.group,
+                    start = self.config.start.as_id(),
+                    "Consumer group or stream vanished (NOGROUP); recreating the group at the configured start. Entries written before the stream was recreated are not replayed."
+                );
+                self.ensure_group().await?;
+                self.pending_cursor = Some("0".into());
+                Ok((Origin::New, SourceBatch::default()))
+            }
+            other => other,
+        }
+    }
+
+    async fn read(&mut self) -> Result<(Origin, SourceBatch), SourceError> {
+        if let Some(cursor) = self.pending_cursor.clone() {
+            let mut cmd = self.xreadgroup_cmd(&cursor, None);
+            let reply = self.query("XREADGROUP", &cmd).await?;
+            let entries = self.parse_read(reply)?;
+            match entries.last() {
+                None => {
+                    self.pending_cursor = None;
+                    cmd = self.xreadgroup_cmd(">", Some(self.config.block.0));
+                    let reply = self.query("XREADGROUP", &cmd).await?;
+                    let entries = self.parse_read(reply)?;
+                    return Ok((
+                        Origin::New,
+                        SourceBatch {
+                            entries,
+                            ..SourceBatch::default()
+                        },
+                    ));
+                }
+                Some(last) => {
+                    self.pending_cursor = Some(last.id.clone());
+                    let batch = self.split_over_delivered(entries).await?;
+                    return Ok((Origin::Pending, batch));
+                }
+            }
+        }
+        let cmd = self.xreadgroup_cmd(">", Some(self.config.block.0));
+        let reply = self.query("XREADGROUP", &cmd).await?;
+        let entries = self.parse_read(reply)?;
+        Ok((
+            Origin::New,
+            SourceBatch {
+                entries,
+                ..SourceBatch::default()
+            },
+        ))
+    }
+
+    fn xreadgroup_cmd(&self, id: &str, block: Option<Duration>) -> redis::Cmd {
+        let mut cmd = redis::cmd("XREADGROUP");
+        cmd.arg("GROUP")
+            .arg(&self.config.group)
+            .arg(&self.consumer)
+            .arg("COUNT")
+            .arg(self.config.batch_size);
+        if let Some(block) = block {
+            cmd.arg("BLOCK")
+                .arg(u64::try_from(block.as_millis()).unwrap_or(u64::MAX));
+        }
+        cmd.arg("STREAMS").arg(&self.config.stream).arg(id);
+        cmd
+    }
+
+    fn protocol(&self, op: &'static str, detail: impl Into<String>) -> SourceError {
+        SourceError::Protocol {
+            op,
+            stream: self.config.stream.clone(),
+            detail: detail.into(),
+        }
+    }
+
+    fn parse_read(&self, reply: Value) -> Result<Vec<RawEntry>, SourceError> {
+        let streams = match reply {
+            Value::Nil => return Ok(Vec::new()),
+            Value::Array(items) => items,
+            Value::Map(pairs) => pairs
+                .into_iter()
+                .map(|(k, v)| Value::Array(vec![k, v]))
+                .collect(),
+            other => return Err(self.protocol("XREADGROUP", format!("{other:?}"))),
+        };
+        let mut entries = Vec::new();
+        for stream in streams {
+            let Value::Array(mut parts) = stream else {
+                return Err(self.protocol("XREADGROUP", "stream item is not an array"));
+            };
+            if parts.len() != 2 {
+                return Err(self.protocol("XREADGROUP", "stream item is not [name, entries]"));
+            }
+            let list = parts.pop().unwrap_or(Value::Nil);
+            entries.extend(parse_entries(list).map_err(|d| self.protocol("XREADGROUP", d))?);
+        }
+        Ok(entries)
+    }
+
+    /// Delivery counts of pending entries of this consumer between `first` and `last`.
+    async fn delivery_counts(
+        &mut self,
+        first: &str,
+        last: &str,
+        count: usize,
+    ) -> Result<HashMap<String, u64>, SourceError> {
+        let mut cmd = redis::cmd("XPENDING");
+        cmd.arg(&self.config.stream)
+            .arg(&self.config.group)
+            .arg(first)
+            .arg(last)
+            .arg(count)
+            .arg(&self.consumer);
+        let reply = self.query("XPENDING", &cmd).await?;
+        let mut counts = HashMap::new();
+        if let Value::Array(items) = reply {
+            for item in items {
+                if let Value::Array(fields) = item
+                    && let [id, _consumer, _idle, Value::Int(n)] = fields.as_slice()
+                    && let Some(id) = as_string(id)
+                {
+                    counts.insert(id, u64::try_from(*n).unwrap_or(0));
+                }
+            }
+        }
+        Ok(counts)
+    }
+
+    async fn split_over_delivered(
+        &mut self,
+        entries: Vec<RawEntry>,
+    ) -> Result<SourceBatch, SourceError> {
+        let mut batch = SourceBatch::default();
+        let (Some(first), Some(last)) = (entries.first(), entries.last()) else {
+            return Ok(batch);
+        };
+        let (first, last) = (first.id.clone(), last.id.clone());
+        let counts = self.delivery_counts(&first, &last, entries.len()).await?;
+        for entry in entries {
+            match counts.get(&entry.id) {
+                Some(n) if *n > self.config.max_deliveries => {
+                    batch.over_delivered.push((entry, *n))
+                }
+                _ => batch.entries.push(entry),
+            }
+        }
+        Ok(batch)
+    }
+
+    /// Claims entries idle longer than `claim_idle` from any consumer (XAUTOCLAIM, looping on
+    /// its cursor up to one batch), and reports ids trimmed while pending.
+    pub async fn claim(&mut self) -> Result<SourceBatch, SourceError> {
+        let mut claimed: Vec<RawEntry> = Vec::new();
+        let mut trimmed = Vec::new();
+        let idle_ms = self.config.claim_idle.as_millis();
+        loop {
+            let mut cmd = redis::cmd("XAUTOCLAIM");
+            cmd.arg(&self.config.stream)
+                .arg(&self.config.group)
+                .arg(&self.consumer)
+                .arg(idle_ms)
+                .arg(&self.claim_cursor)
+                .arg("COUNT")
+                .arg(self.config.batch_size);
+            let reply = self.query("XAUTOCLAIM", &cmd).await?;
+            let Value::Array(mut parts) = reply else {
+                return Err(self.protocol("XAUTOCLAIM", "reply is not an array"));
+            };
+            if parts.len() < 2 {
+                return Err(self.protocol("XAUTOCLAIM", "reply has fewer than 2 parts"));
+            }
+            let deleted = if parts.len() >= 3 { parts.pop() } else { None };
+            let list = parts.pop().unwrap_or(Value::Nil);
+            let next = parts
+                .pop()
+                .and_then(|v| as_string(&v))
+                .unwrap_or_else(|| "0-0".into());
+            claimed.extend(parse_entries(list).map_err(|d| self.protocol("XAUTOCLAIM", d))?);
+            if let Some(Value::Array(ids)) = deleted {
+                trimmed.extend(ids.iter().filter_map(as_string));
+            }
+            self.claim_cursor = next;
+            if self.claim_cursor == "0-0" || claimed.len() >= self.config.batch_size {
+                break;
+            }
+        }
+        let mut batch = if claimed.is_empty() {
+            SourceBatch::default()
+        } else {
+            claimed.sort_by(|a, b| compare_ids(&a.id, &b.id));
+            self.split_over_delivered(claimed).await?
+        };
+        batch.trimmed = trimmed;
+        Ok(batch)
+    }
+
+    /// Entries pending in the whole group (XPENDING summary).
+    pub async fn group_pending(&mut self) -> Result<u64, SourceError> {
+        let mut cmd = redis::cmd("XPENDING");
+        cmd.arg(&self.config.stream).arg(&self.config.group);
+        match self.query("XPENDING", &cmd).await? {
+            Value::Array(items) => match items.first() {
+                Some(Value::Int(n)) => Ok(u64::try_from(*n).unwrap_or(0)),
+                _ => Err(self.protocol("XPENDING", "summary without a count")),
+            },
+            other => Err(self.protocol("XPENDING", format!("{other:?}"))),
+        }
+    }
+}
+
+fn is_server_error(e: &RedisError) -> bool {
+    e.code().is_some() && !e.is_io_error() && !e.is_timeout() && !e.is_connection_dropped()
+}
+
+fn as_string(value: &Value) -> Option<String> {
+    match value {
+        Value::BulkString(bytes) => String::from_utf8(bytes.clone()).ok(),
+        Value::SimpleString(s) => Some(s.clone()),
+        _ => None,
+    }
+}
+
+/// Orders stream ids numerically (`ms-seq`).
+pub fn compare_ids(a: &str, b: &str) -> std::cmp::Ordering {
+    parse_id(a).cmp(&parse_id(b))
+}
+
+/// Splits `ms-seq` into numbers; malformed ids sort first.
+pub fn parse_id(id: &str) -> (u64, u64) {
+    let (ms, seq) = id.split_once('-').unwrap_or((id, "0"));
+    (ms.parse().unwrap_or(0), seq.parse().unwrap_or(0))
+}
+
+/// Parses `[[id, [field, value, ...] | nil], ...]`; an entry with nil fields (deleted while
+/// pending) comes back with no fields rather than failing the whole read.
+fn parse_entries(list: Value) -> Result<Vec<RawEntry>, String> {
+    let items = match list {
+        Value::Array(items) => items,
+        Value::Nil => return Ok(Vec::new()),
+        other => return Err(format!("entry list is {other:?}")),
+    };
+    let mut entries = Vec::with_capacity(items.len());
+    for item in items {
+        let Value::Array(mut parts) = item else {
+            // Redis 6 XAUTOCLAIM may return nil for a deleted entry.
+            continue;
+        };
+        if parts.is_empty() {
+            continue;
+        }
+        let fields_value = if parts.len() >= 2 { parts.pop() } else { None };
+        let id = parts
+            .pop()
+            .as_ref()
+            .and_then(as_string)
+            .ok_or("entry without an id")?;
+        let mut fields = Vec::new();
+        match fields_value {
+            Some(Value::Array(flat)) => {
+                let mut iter = flat.into_iter();
+                while let (Some(k), Some(v)) = (iter.next(), iter.next()) {
+                    let key = as_string(&k).unwrap_or_default();
+                    let value = match v {
+                        Value::BulkString(bytes) => bytes,
+                        Value::SimpleString(s) => s.into_bytes(),
+                        _ => Vec::new(),
+                    };
+                    fields.push((key, value));
+                }
+            }
+            Some(Value::Map(pairs)) => {
+                for (k, v) in pairs {
+                    let value = match v {
+                        Value::BulkString(bytes) => bytes,
+                        _ => Vec::new(),
+                    };
+                    fields.push((as_string(&k).unwrap_or_default(), value));
+                }
+            }
+            _ => {}
+        }
+        entries.push(RawEntry { id, fields });
+    }
+    Ok(entries)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_entries_with_and_without_fields() {
+        let reply = Value::Array(vec![
+            Value::Array(vec![
+                Value::BulkString(b"1-0".to_vec()),
+                Value::Array(vec![
+                    Value::BulkString(b"v".to_vec()),
+                    Value::BulkString(b"{}".to_vec()),
+                ]),
+            ]),
+            Value::Array(vec![Value::BulkString(b"2-0".to_vec()), Value::Nil]),
+            Value::Nil,
+        ]);
+        let entries = parse_entries(reply).unwrap();
+        assert_eq!(entries.len(), 2);
+        assert_eq!(entries[0].field("v"), Some(&b"{}"[..]));
+        assert!(entries[1].fields.is_empty());
+    }
+
+    #[test]
+    fn ids_compare_numerically() {
+        assert_eq!(compare_ids("10-0", "9-5"), std::cmp::Ordering::Greater);
+        assert_eq!(compare_ids("9-10", "9-9"), std::cmp::Ordering::Greater);
+    }
+}
