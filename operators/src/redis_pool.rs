@@ -40,20 +40,57 @@ impl RedisManager {
     }
 }
 
+/// A pooled connection that its user marks broken after a transport error, so the pool
+/// drops it instead of handing it out again.
+pub struct PooledRedis {
+    conn: MultiplexedConnection,
+    broken: bool,
+}
+
+impl PooledRedis {
+    /// The connection, for running commands.
+    pub fn conn(&mut self) -> &mut MultiplexedConnection {
+        &mut self.conn
+    }
+
+    /// Marks the connection as owing a reply: if the command is cancelled (timed out) before
+    /// [`PooledRedis::settle`], the pool drops it rather than reuse a desynchronised stream.
+    pub fn begin(&mut self) {
+        self.broken = true;
+    }
+
+    /// Records how a command ended: a reply (even an error reply) leaves the connection
+    /// usable, a transport failure does not.
+    pub fn settle<T>(&mut self, result: &Result<T, RedisError>) {
+        self.broken = match result {
+            Ok(_) => false,
+            Err(e) => is_transport_error(e),
+        };
+    }
+}
+
+/// Whether an error means the connection itself failed (as opposed to an error reply).
+pub fn is_transport_error(e: &RedisError) -> bool {
+    e.is_io_error() || e.is_timeout() || e.is_connection_dropped() || e.is_connection_refusal()
+}
+
 impl bb8::ManageConnection for RedisManager {
-    type Connection = MultiplexedConnection;
+    type Connection = PooledRedis;
     type Error = RedisError;
 
     async fn connect(&self) -> Result<Self::Connection, Self::Error> {
-        self.connect_with_timeout(self.config_timeout).await
+        Ok(PooledRedis {
+            conn: self.connect_with_timeout(self.config_timeout).await?,
+            broken: false,
+        })
     }
 
     async fn is_valid(&self, conn: &mut Self::Connection) -> Result<(), Self::Error> {
-        redis::cmd("PING").query_async::<()>(conn).await
+        redis::cmd("PING").query_async::<()>(&mut conn.conn).await
     }
 
-    fn has_broken(&self, _conn: &mut Self::Connection) -> bool {
-        false
+    fn has_broken(&self, conn: &mut Self::Connection) -> bool {
+        conn.broken
     }
 }
 

@@ -134,6 +134,16 @@ pub enum StageConfig {
     RedisHash(RedisHashConfig),
 }
 
+/// Whether `type:` names a sink.
+pub fn is_sink_type(type_name: &str) -> bool {
+    matches!(type_name, "redis_hash")
+}
+
+/// Whether `type:` names a stage that reads the source.
+pub fn is_root_type(type_name: &str) -> bool {
+    type_name == "decode"
+}
+
 /// Names accepted in `type:`, for error messages.
 pub const STAGE_TYPES: &[&str] = &[
     "decode",
@@ -165,9 +175,10 @@ fn typed<T: DeserializeOwned>(body: Value) -> Result<T, StageConfigError> {
             })
             .collect();
         let message = e.into_inner().to_string();
-        // serde names an unknown key only in its message; point at the key itself.
+        // Point at an unknown key itself, whether or not the path already names it.
         if let Some(rest) = message.strip_prefix("unknown field `")
             && let Some(end) = rest.find('`')
+            && path.last().map(String::as_str) != Some(&rest[..end])
         {
             path.push(rest[..end].to_string());
         }
@@ -202,12 +213,12 @@ impl StageConfig {
 
     /// Whether this stage is a sink (a DAG leaf that writes a replica).
     pub fn is_sink(&self) -> bool {
-        matches!(self, StageConfig::RedisHash(_))
+        is_sink_type(self.type_name())
     }
 
     /// Whether this stage reads the source directly (and so takes no `input`).
     pub fn is_root(&self) -> bool {
-        matches!(self, StageConfig::Decode(_))
+        is_root_type(self.type_name())
     }
 
     /// Problems found without I/O (expressions that do not compile, bad templates).

@@ -15,6 +15,8 @@ pub struct GraphNode<'a> {
     pub is_sink: bool,
     /// Whether it reads the source directly.
     pub is_root: bool,
+    /// Whether its type is known; problems that depend on an unknown type are not reported.
+    pub known: bool,
 }
 
 /// A structural problem in the DAG.
@@ -40,7 +42,7 @@ pub fn check(nodes: &[GraphNode<'_>]) -> Vec<GraphProblem> {
         message,
     };
     for node in nodes {
-        if node.is_root && !node.inputs.is_empty() {
+        if node.known && node.is_root && !node.inputs.is_empty() {
             problems.push(problem(
                 node.name,
                 Some("input"),
@@ -50,7 +52,7 @@ pub fn check(nodes: &[GraphNode<'_>]) -> Vec<GraphProblem> {
                 ),
             ));
         }
-        if !node.is_root && node.inputs.is_empty() {
+        if node.known && !node.is_root && node.inputs.is_empty() {
             problems.push(problem(
                 node.name,
                 None,
@@ -87,7 +89,7 @@ pub fn check(nodes: &[GraphNode<'_>]) -> Vec<GraphProblem> {
                         ),
                     ));
                 }
-                Some(source) if source.is_sink => problems.push(problem(
+                Some(source) if source.known && source.is_sink => problems.push(problem(
                     node.name,
                     Some("input"),
                     format!(
@@ -100,7 +102,7 @@ pub fn check(nodes: &[GraphNode<'_>]) -> Vec<GraphProblem> {
         }
     }
     for node in nodes {
-        if !node.is_sink && !readers.contains_key(node.name) {
+        if node.known && !node.is_sink && !readers.contains_key(node.name) {
             problems.push(problem(
                 node.name,
                 None,
@@ -108,7 +110,7 @@ pub fn check(nodes: &[GraphNode<'_>]) -> Vec<GraphProblem> {
             ));
         }
     }
-    if !nodes.iter().any(|n| n.is_sink) {
+    if nodes.iter().all(|n| n.known) && !nodes.iter().any(|n| n.is_sink) {
         if let Some(first) = nodes.first() {
             problems.push(problem(
                 first.name,
@@ -117,7 +119,7 @@ pub fn check(nodes: &[GraphNode<'_>]) -> Vec<GraphProblem> {
             ));
         }
     }
-    if !nodes.iter().any(|n| n.is_root) {
+    if nodes.iter().all(|n| n.known) && !nodes.iter().any(|n| n.is_root) {
         if let Some(first) = nodes.first() {
             problems.push(problem(
                 first.name,
@@ -293,6 +295,7 @@ mod tests {
             inputs,
             is_sink: type_name == "redis_hash",
             is_root: type_name == "decode",
+            known: true,
         }
     }
 

@@ -65,6 +65,9 @@ enum Command {
         /// Exit once nothing is left to read and nothing is pending.
         #[arg(long)]
         drain: bool,
+        /// Consumer name, overriding the file's (e.g. the pod name).
+        #[arg(long, env = "ECST_CONSUMER")]
+        consumer: Option<String>,
     },
     /// Publish NDJSON events to a stream in the wire format.
     Publish(publish::PublishArgs),
@@ -144,11 +147,18 @@ async fn execute(command: Command) -> anyhow::Result<ExitCode> {
             }
             Err(code) => Ok(code),
         },
-        Command::Run { pipeline, drain } => {
-            let config = match load(&pipeline) {
+        Command::Run {
+            pipeline,
+            drain,
+            consumer,
+        } => {
+            let mut config = match load(&pipeline) {
                 Ok(c) => c,
                 Err(code) => return Ok(code),
             };
+            if let Some(consumer) = consumer.filter(|c| !c.is_empty()) {
+                config.source.consumer = Some(consumer);
+            }
             let (tx, shutdown) = Shutdown::new();
             tokio::spawn(shutdown_on_signals(tx));
             runner::run(

@@ -243,9 +243,14 @@ async fn with_redis_retry(shared: &Shared, what: &str, pipe: &redis::Pipeline) {
     loop {
         let result = match shared.pool.get().await {
             Ok(mut conn) => {
-                match tokio::time::timeout(shared.timeout, pipe.query_async::<()>(&mut *conn)).await
+                conn.begin();
+                match tokio::time::timeout(shared.timeout, pipe.query_async::<()>(conn.conn()))
+                    .await
                 {
-                    Ok(r) => r.map_err(|e| e.to_string()),
+                    Ok(r) => {
+                        conn.settle(&r);
+                        r.map_err(|e| e.to_string())
+                    }
                     Err(_) => Err("timed out".to_string()),
                 }
             }

@@ -1,1 +1,6 @@
+//! End-to-end tests: the real `ecst` binary against a real Redis.
 
+mod common;
+mod faults;
+mod replicate;
+mod validate;

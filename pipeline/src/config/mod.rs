@@ -7,7 +7,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use ecst_operators::stage::STAGE_TYPES;
+use ecst_operators::stage::{STAGE_TYPES, is_root_type, is_sink_type};
 use ecst_operators::{ConfigDuration, SecretUrl, StageConfig};
 use serde::{Deserialize, Deserializer};
 use serde_json::Value;
@@ -254,6 +254,7 @@ impl PipelineConfig {
                 inputs: &s.inputs,
                 is_sink: s.config.is_sink(),
                 is_root: s.config.is_root(),
+                known: true,
             })
             .collect()
     }
@@ -422,14 +423,12 @@ pub fn load_str(
         }
     };
 
-    let mut stages = Vec::new();
+    let mut reads: Vec<StageRead> = Vec::new();
     match root.get("stages") {
         Some((_, node)) => match node.entries() {
             Some(entries) if !entries.is_empty() => {
                 for (key, stage_node) in entries {
-                    if let Some(stage) = read_stage(&mut c, &key.name, stage_node) {
-                        stages.push(stage);
-                    }
+                    reads.push(read_stage(&mut c, &key.name, stage_node));
                 }
             }
             _ => c.at(
@@ -440,28 +439,24 @@ pub fn load_str(
         None => c.at(&[], "missing key `stages`"),
     }
 
-    // The graph is checked over the stages that parsed, so one bad stage does not hide the
-    // graph problems of the others.
-    let all_parsed = stages.len()
-        == root
-            .get("stages")
-            .and_then(|(_, n)| n.entries())
-            .map_or(0, <[_]>::len);
-    let nodes: Vec<GraphNode<'_>> = stages
+    // The graph is checked over every stage, including those whose keys are wrong, so that
+    // one bad stage neither hides nor invents graph problems. A stage of unknown type counts
+    // is left out of the checks that depend on what it would have done.
+    let nodes: Vec<GraphNode<'_>> = reads
         .iter()
-        .map(|s: &StageEntry| GraphNode {
-            name: &s.name,
-            type_name: s.config.type_name(),
-            inputs: &s.inputs,
-            is_sink: s.config.is_sink(),
-            is_root: s.config.is_root(),
+        .map(|r| {
+            let known = STAGE_TYPES.contains(&r.type_name.as_str());
+            GraphNode {
+                name: &r.name,
+                type_name: &r.type_name,
+                inputs: &r.inputs,
+                is_sink: is_sink_type(&r.type_name),
+                is_root: is_root_type(&r.type_name),
+                known,
+            }
         })
         .collect();
     for problem in graph::check(&nodes) {
-        // A reference to a stage that failed to parse is already reported at that stage.
-        if !all_parsed && problem.message.contains("is not a stage of this pipeline") {
-            continue;
-        }
         let mut p = vec!["stages".to_string(), problem.stage.clone()];
         if let Some(key) = &problem.key {
             let stage_node = root
@@ -482,6 +477,16 @@ pub fn load_str(
         c.errors.sort_by_key(|e| (e.pos.line, e.pos.col));
         return Err(ConfigErrors(c.errors));
     }
+    let stages: Vec<StageEntry> = reads
+        .into_iter()
+        .filter_map(|r| {
+            Some(StageEntry {
+                name: r.name,
+                inputs: r.inputs,
+                config: r.config?,
+            })
+        })
+        .collect();
     match (name, source) {
         (Some(name), Some(source)) => Ok(PipelineConfig {
             file: file.to_path_buf(),
@@ -517,13 +522,22 @@ where
     let message = e.inner().to_string();
     if let Some(rest) = message.strip_prefix("unknown field `")
         && let Some(end) = rest.find('`')
+        && parts.last().map(String::as_str) != Some(&rest[..end])
     {
         parts.push(rest[..end].to_string());
     }
     parts
 }
 
-fn read_stage(c: &mut Collector<'_>, name: &str, node: &Node) -> Option<StageEntry> {
+/// What could be read of one stage, even when its keys are wrong.
+struct StageRead {
+    name: String,
+    type_name: String,
+    inputs: Vec<String>,
+    config: Option<StageConfig>,
+}
+
+fn read_stage(c: &mut Collector<'_>, name: &str, node: &Node) -> StageRead {
     let base = path(&["stages", name]);
     let at = |c: &mut Collector<'_>, key: &[&str], message: String| {
         let mut p = base.clone();
@@ -537,19 +551,25 @@ fn read_stage(c: &mut Collector<'_>, name: &str, node: &Node) -> Option<StageEnt
             format!("stage name `{name}` must be letters, digits, `.`, `_` or `-`"),
         );
     }
+    let mut read = StageRead {
+        name: name.to_string(),
+        type_name: "?".into(),
+        inputs: Vec::new(),
+        config: None,
+    };
     let Value::Object(mut body) = node.to_json() else {
         at(c, &[], "a stage is a mapping with at least `type`".into());
-        return None;
+        return read;
     };
     let type_name = match body.remove("type") {
-        Some(Value::String(t)) => t,
+        Some(Value::String(t)) => Some(t),
         Some(_) => {
             at(
                 c,
                 &["type"],
                 format!("must be one of {}", STAGE_TYPES.join(", ")),
             );
-            return None;
+            None
         }
         None => {
             at(
@@ -557,19 +577,16 @@ fn read_stage(c: &mut Collector<'_>, name: &str, node: &Node) -> Option<StageEnt
                 &[],
                 format!("missing key `type` (one of {})", STAGE_TYPES.join(", ")),
             );
-            return None;
+            None
         }
     };
-    let mut inputs = Vec::new();
-    let input = body.remove("input");
-    let input_list = body.remove("inputs");
-    match (input, input_list) {
+    match (body.remove("input"), body.remove("inputs")) {
         (Some(_), Some(_)) => at(
             c,
             &["inputs"],
             "give either `input` or `inputs`, not both".into(),
         ),
-        (Some(Value::String(s)), None) => inputs.push(s),
+        (Some(Value::String(s)), None) => read.inputs.push(s),
         (Some(_), None) => at(
             c,
             &["input"],
@@ -578,7 +595,7 @@ fn read_stage(c: &mut Collector<'_>, name: &str, node: &Node) -> Option<StageEnt
         (None, Some(Value::Array(items))) => {
             for (i, item) in items.into_iter().enumerate() {
                 match item {
-                    Value::String(s) => inputs.push(s),
+                    Value::String(s) => read.inputs.push(s),
                     _ => at(
                         c,
                         &["inputs", &i.to_string()],
@@ -590,34 +607,32 @@ fn read_stage(c: &mut Collector<'_>, name: &str, node: &Node) -> Option<StageEnt
         (None, Some(_)) => at(c, &["inputs"], "must be a list of stage names".into()),
         (None, None) => {}
     }
-    let config = match StageConfig::from_type(&type_name, Value::Object(body)) {
-        Ok(Some(config)) => config,
-        Ok(None) => {
-            at(
-                c,
-                &["type"],
-                format!(
-                    "unknown stage type `{type_name}` (expected one of {})",
-                    STAGE_TYPES.join(", ")
-                ),
-            );
-            return None;
+    let Some(type_name) = type_name else {
+        return read;
+    };
+    read.type_name = type_name.clone();
+    match StageConfig::from_type(&type_name, Value::Object(body)) {
+        Ok(Some(config)) => {
+            for problem in config.check() {
+                let keys: Vec<&str> = problem.key.split('.').collect();
+                at(c, &keys, problem.message);
+            }
+            read.config = Some(config);
         }
+        Ok(None) => at(
+            c,
+            &["type"],
+            format!(
+                "unknown stage type `{type_name}` (expected one of {})",
+                STAGE_TYPES.join(", ")
+            ),
+        ),
         Err(e) => {
             let keys: Vec<&str> = e.path.iter().map(String::as_str).collect();
             at(c, &keys, e.message);
-            return None;
         }
-    };
-    for problem in config.check() {
-        let keys: Vec<&str> = problem.key.split('.').collect();
-        at(c, &keys, problem.message);
     }
-    Some(StageEntry {
-        name: name.to_string(),
-        inputs,
-        config,
-    })
+    read
 }
 
 /// The dotted key of the node at `pos`, for errors found by position.

@@ -11,7 +11,7 @@ use serde_json::Value;
 
 use crate::duration::ConfigDuration;
 use crate::record::{Action, Record};
-use crate::redis_pool::{RedisPool, describe_run_error, redis_pool};
+use crate::redis_pool::{RedisPool, describe_run_error, is_transport_error, redis_pool};
 use crate::secret::SecretUrl;
 use crate::stage::{ApplyFuture, BuildContext, ConfigProblem, Sink, SinkError, SinkReport};
 pub use template::KeyTemplate;
@@ -207,18 +207,23 @@ impl RedisHashSink {
                 describe_run_error(e),
             ))
         })?;
-        match cmd.query_async(&mut *conn).await {
+        conn.begin();
+        let result = match cmd.query_async(conn.conn()).await {
             // Restarts, failovers and SCRIPT FLUSH empty the script cache.
             Err(e) if e.code() == Some("NOSCRIPT") => {
                 tracing::info!(
                     sink = "redis_hash",
                     "Script cache was empty (NOSCRIPT); loading the script again."
                 );
-                self.script.load_async(&mut *conn).await?;
-                cmd.query_async(&mut *conn).await
+                match self.script.load_async(conn.conn()).await {
+                    Ok(_) => cmd.query_async(conn.conn()).await,
+                    Err(e) => Err(e),
+                }
             }
             other => other,
-        }
+        };
+        conn.settle(&result);
+        result
     }
 }
 
@@ -250,17 +255,10 @@ impl Sink for RedisHashSink {
                     stale,
                     rejected,
                 }),
-                Err(e)
-                    if e.is_io_error()
-                        || e.is_timeout()
-                        || e.is_connection_dropped()
-                        || e.is_connection_refusal() =>
-                {
-                    Err(SinkError::Unavailable {
-                        store: STORE,
-                        message: e.to_string(),
-                    })
-                }
+                Err(e) if is_transport_error(&e) => Err(SinkError::Unavailable {
+                    store: STORE,
+                    message: e.to_string(),
+                }),
                 Err(e) => Err(SinkError::Refused {
                     store: STORE,
                     message: e.to_string(),

@@ -1,0 +1,407 @@
+//! Faults: processes killed, signals, dead consumers, trimmed entries, vanished groups, a
+//! Redis that goes away.
+
+use std::collections::HashSet;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use rand::SeedableRng;
+use rand::seq::SliceRandom;
+use redis::Commands;
+use serde_json::Value;
+
+use crate::common::*;
+
+fn entries_read(conn: &mut redis::Connection, stream: &str, group: &str) -> u64 {
+    let groups: Vec<std::collections::HashMap<String, redis::Value>> = redis::cmd("XINFO")
+        .arg("GROUPS")
+        .arg(stream)
+        .query(conn)
+        .unwrap_or_default();
+    groups
+        .iter()
+        .find(
+            |g| matches!(g.get("name"), Some(redis::Value::BulkString(n)) if n == group.as_bytes()),
+        )
+        .and_then(|g| match g.get("entries-read") {
+            Some(redis::Value::Int(n)) => Some(*n as u64),
+            _ => None,
+        })
+        .unwrap_or(0)
+}
+
+#[test]
+fn kill_9_mid_stream_then_restart_converges_with_nothing_pending() {
+    let mut conn = redis();
+    let stream = unique("kill9");
+    let prefix = format!("{stream}:");
+    let (aggregates, versions) = (2_000u64, 50u64);
+    let mut events: Vec<Value> = Vec::with_capacity((aggregates * versions) as usize);
+    for v in 1..=versions {
+        for a in 0..aggregates {
+            if a % 10 == 0 && v == versions {
+                events.push(delete(&format!("k{a}"), v));
+            } else {
+                events.push(event(&format!("k{a}"), v, &format!("k{a} v{v}")));
+            }
+        }
+    }
+    // Shuffle inside windows of 2000 so versions of an aggregate arrive out of order.
+    let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+    for chunk in events.chunks_mut(2000) {
+        chunk.shuffle(&mut rng);
+    }
+    publish(&mut conn, &stream, &events);
+    let file = pipeline_file(
+        "kill9",
+        &athletes_pipeline(&stream, &prefix, "  batch_size: 500\n  consumer: crashy"),
+    );
+
+    let mut worker = Worker::start(&file, &[]);
+    wait_until(
+        Duration::from_secs(120),
+        "the worker to get a fifth of the way",
+        || entries_read(&mut conn, &stream, "replica") >= 20_000,
+    );
+    worker.kill_9();
+    let read_at_kill = entries_read(&mut conn, &stream, "replica");
+    assert!(
+        read_at_kill < 100_000,
+        "the kill landed after the end; nothing was tested"
+    );
+
+    drain(&file);
+    let mut wrong = Vec::new();
+    for a in 0..aggregates {
+        let h = hash(&mut conn, &format!("{prefix}athlete:k{a}"));
+        let ok = if a % 10 == 0 {
+            h.is_empty()
+        } else {
+            h.get("_version").map(String::as_str) == Some("50")
+                && h.get("display_name") == Some(&format!("k{a} v50"))
+        };
+        if !ok {
+            wrong.push(a);
+        }
+    }
+    assert!(
+        wrong.is_empty(),
+        "{} aggregates wrong after the crash, e.g. {:?}",
+        wrong.len(),
+        &wrong[..wrong.len().min(5)]
+    );
+    assert_eq!(group_pending(&mut conn, &stream, "replica"), 0);
+}
+
+#[test]
+fn sigterm_finishes_in_flight_work_acks_it_and_exits_zero() {
+    let mut conn = redis();
+    let stream = unique("sigterm");
+    let prefix = format!("{stream}:");
+    let file = pipeline_file("sigterm", &athletes_pipeline(&stream, &prefix, ""));
+    let worker = Worker::start(&file, &[]);
+    let events: Vec<Value> = (0..2000).map(|i| event(&format!("t{i}"), 1, "x")).collect();
+    publish(&mut conn, &stream, &events);
+    wait_until(
+        Duration::from_secs(60),
+        "the first entries to be read",
+        || entries_read(&mut conn, &stream, "replica") > 0,
+    );
+    let (status, log) = worker.terminate();
+    assert!(status.success(), "exit {status:?}\n{log}");
+    assert!(log.contains("SIGTERM received"), "{log}");
+    // Whatever was read was committed and acked: nothing is left pending.
+    assert_eq!(group_pending(&mut conn, &stream, "replica"), 0, "{log}");
+    let read = entries_read(&mut conn, &stream, "replica");
+    let applied = (0..2000)
+        .filter(|i| !hash(&mut conn, &format!("{prefix}athlete:t{i}")).is_empty())
+        .count() as u64;
+    assert_eq!(applied, read, "every read entry was applied before exit");
+}
+
+#[test]
+fn entries_of_a_dead_consumer_are_claimed_and_trimmed_ones_dead_lettered() {
+    let mut conn = redis();
+    let stream = unique("claim");
+    let prefix = format!("{stream}:");
+    let ids = publish(
+        &mut conn,
+        &stream,
+        &(0..30)
+            .map(|i| event(&format!("c{i}"), 1, "claimed"))
+            .collect::<Vec<_>>(),
+    );
+    let _: () = redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg(&stream)
+        .arg("replica")
+        .arg("0")
+        .query(&mut conn)
+        .expect("group");
+    // A consumer reads everything and dies without acking.
+    let _: redis::Value = redis::cmd("XREADGROUP")
+        .arg("GROUP")
+        .arg("replica")
+        .arg("dead-consumer")
+        .arg("COUNT")
+        .arg(100)
+        .arg("STREAMS")
+        .arg(&stream)
+        .arg(">")
+        .query(&mut conn)
+        .expect("read");
+    // Two of its entries are trimmed away while pending.
+    let _: i64 = conn.xdel(&stream, &[&ids[3], &ids[17]]).expect("XDEL");
+    let file = pipeline_file(
+        "claim",
+        &athletes_pipeline(&stream, &prefix, "  claim_idle: 50ms"),
+    );
+    let out = drain(&file);
+    let applied: HashSet<usize> = (0..30)
+        .filter(|i| !hash(&mut conn, &format!("{prefix}athlete:c{i}")).is_empty())
+        .collect();
+    assert_eq!(applied.len(), 28, "{}", stderr_of(&out));
+    assert!(!applied.contains(&3) && !applied.contains(&17));
+    let dead = dead_letters(&mut conn, &format!("{stream}.dlq"));
+    let trimmed: HashSet<&str> = dead
+        .iter()
+        .filter(|d| d["error"] == "trimmed before applied")
+        .map(|d| d["source_id"].as_str())
+        .collect();
+    assert_eq!(
+        trimmed,
+        HashSet::from([ids[3].as_str(), ids[17].as_str()]),
+        "{dead:?}"
+    );
+    assert!(stderr_of(&out).contains("trimmed from the stream before they were applied"));
+    assert_eq!(group_pending(&mut conn, &stream, "replica"), 0);
+}
+
+#[test]
+fn an_entry_delivered_too_often_is_dead_lettered() {
+    let mut conn = redis();
+    let stream = unique("maxdeliver");
+    let prefix = format!("{stream}:");
+    let ids = publish(
+        &mut conn,
+        &stream,
+        &[event("d1", 1, "poison?"), event("d2", 1, "fine")],
+    );
+    let _: () = redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg(&stream)
+        .arg("replica")
+        .arg("0")
+        .query(&mut conn)
+        .expect("group");
+    let _: redis::Value = redis::cmd("XREADGROUP")
+        .arg("GROUP")
+        .arg("replica")
+        .arg("crashy")
+        .arg("STREAMS")
+        .arg(&stream)
+        .arg(">")
+        .query(&mut conn)
+        .expect("read");
+    // As if the worker had crashed on it nine times.
+    let _: redis::Value = redis::cmd("XCLAIM")
+        .arg(&stream)
+        .arg("replica")
+        .arg("crashy")
+        .arg(0)
+        .arg(&ids[0])
+        .arg("RETRYCOUNT")
+        .arg(9)
+        .query(&mut conn)
+        .expect("XCLAIM");
+    let file = pipeline_file(
+        "maxdeliver",
+        &athletes_pipeline(&stream, &prefix, "  consumer: crashy\n  max_deliveries: 5"),
+    );
+    drain(&file);
+    assert!(hash(&mut conn, &format!("{prefix}athlete:d1")).is_empty());
+    assert_eq!(
+        hash(&mut conn, &format!("{prefix}athlete:d2"))
+            .get("display_name")
+            .map(String::as_str),
+        Some("fine")
+    );
+    let dead = dead_letters(&mut conn, &format!("{stream}.dlq"));
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert_eq!(dead[0]["source_id"], ids[0]);
+    assert!(
+        dead[0]["error"].starts_with("delivered 10 times, over max_deliveries 5"),
+        "{}",
+        dead[0]["error"]
+    );
+    assert_eq!(group_pending(&mut conn, &stream, "replica"), 0);
+}
+
+#[test]
+fn a_vanished_group_is_recreated_at_the_configured_start_and_said_loudly() {
+    let mut conn = redis();
+    let stream = unique("nogroup");
+    let prefix = format!("{stream}:");
+    let file = pipeline_file("nogroup", &athletes_pipeline(&stream, &prefix, ""));
+    let worker = Worker::start(&file, &[]);
+    publish(&mut conn, &stream, &[event("g1", 1, "before")]);
+    wait_until(Duration::from_secs(30), "the first event", || {
+        !hash(&mut conn, &format!("{prefix}athlete:g1")).is_empty()
+    });
+    let _: i64 = redis::cmd("XGROUP")
+        .arg("DESTROY")
+        .arg(&stream)
+        .arg("replica")
+        .query(&mut conn)
+        .expect("destroy");
+    publish(&mut conn, &stream, &[event("g2", 1, "after")]);
+    wait_until(
+        Duration::from_secs(30),
+        "the event after the group vanished",
+        || !hash(&mut conn, &format!("{prefix}athlete:g2")).is_empty(),
+    );
+    let (status, log) = worker.terminate();
+    assert!(status.success(), "{log}");
+    assert!(log.contains("vanished (NOGROUP)"), "{log}");
+}
+
+/// A private redis-server on a free port, persisted so that a restart keeps the stream.
+struct PrivateRedis {
+    port: u16,
+    dir: std::path::PathBuf,
+    child: std::process::Child,
+}
+
+impl PrivateRedis {
+    fn start(port: Option<u16>, dir: Option<std::path::PathBuf>) -> PrivateRedis {
+        let port = port.unwrap_or_else(|| {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("free port");
+            listener.local_addr().expect("addr").port()
+        });
+        let dir = dir.unwrap_or_else(|| {
+            let d = std::env::temp_dir().join(unique("redis").replace(':', "_"));
+            std::fs::create_dir_all(&d).expect("dir");
+            d
+        });
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+                "--save",
+                "",
+            ])
+            .arg("--dir")
+            .arg(&dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server is installed (scripts/services.sh installs it)");
+        let url = format!("redis://127.0.0.1:{port}");
+        wait_until(Duration::from_secs(20), "the private redis-server", || {
+            redis::Client::open(url.as_str())
+                .ok()
+                .and_then(|c| {
+                    c.get_connection_with_timeout(Duration::from_millis(200))
+                        .ok()
+                })
+                .and_then(|mut c| redis::cmd("PING").query::<String>(&mut c).ok())
+                .is_some()
+        });
+        PrivateRedis { port, dir, child }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    fn conn(&self) -> redis::Connection {
+        redis::Client::open(self.url())
+            .expect("url")
+            .get_connection_with_timeout(Duration::from_secs(2))
+            .expect("connect")
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+#[test]
+fn a_redis_outage_acks_nothing_and_the_worker_resumes_when_redis_returns() {
+    let mut server = PrivateRedis::start(None, None);
+    let stream = "athletes";
+    let prefix = "replica:";
+    let yaml = athletes_pipeline(
+        stream,
+        prefix,
+        &format!("  redis: {}\n  timeout: 500ms", server.url()),
+    );
+    let file = pipeline_file("outage", &yaml);
+    let mut conn = server.conn();
+    publish(
+        &mut conn,
+        stream,
+        &(0..100)
+            .map(|i| event(&format!("o{i}"), 1, "before"))
+            .collect::<Vec<_>>(),
+    );
+    let mut worker = Worker::start(&file, &[]);
+    wait_until(Duration::from_secs(30), "the first batch", || {
+        !hash(&mut conn, &format!("{prefix}athlete:o99")).is_empty()
+    });
+    server.kill();
+    wait_until(
+        Duration::from_secs(30),
+        "the worker to notice the outage",
+        || {
+            worker
+                .log()
+                .contains("Reading the stream failed; retrying.")
+        },
+    );
+    assert!(
+        worker.is_running(),
+        "the worker must survive a Redis outage:\n{}",
+        worker.log()
+    );
+    let mut server = PrivateRedis::start(Some(server.port), Some(server.dir.clone()));
+    let mut conn = server.conn();
+    publish(
+        &mut conn,
+        stream,
+        &(0..100)
+            .map(|i| event(&format!("o{i}"), 2, "after"))
+            .collect::<Vec<_>>(),
+    );
+    wait_until(Duration::from_secs(60), "events after the outage", || {
+        hash(&mut conn, &format!("{prefix}athlete:o99"))
+            .get("display_name")
+            .map(String::as_str)
+            == Some("after")
+    });
+    let (status, log) = worker.terminate();
+    assert!(status.success(), "{log}");
+    for i in 0..100 {
+        assert_eq!(
+            hash(&mut conn, &format!("{prefix}athlete:o{i}"))
+                .get("_version")
+                .map(String::as_str),
+            Some("2")
+        );
+    }
+    assert_eq!(group_pending(&mut conn, stream, "replica"), 0);
+    server.kill();
+}
