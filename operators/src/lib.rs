@@ -7,7 +7,7 @@
 //! - [`stage`]: the two small traits every component implements ([`Stage`] for synchronous
 //!   batch transforms, [`Sink`] for the async leaves) and the closed registry [`StageConfig`].
 //! - [`stages`]: `decode`, `version_filter`, `tombstone`, `project`, one file each.
-//! - [`sinks`]: `redis_hash`.
+//! - [`sinks`]: the `redis_hash` sink.
 //! - [`duration`]: the `500ms` / `2s` / `7d` durations config files use.
 #![forbid(unsafe_code)]
 #![warn(missing_docs, unreachable_pub)]

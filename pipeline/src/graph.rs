@@ -110,23 +110,25 @@ pub fn check(nodes: &[GraphNode<'_>]) -> Vec<GraphProblem> {
             ));
         }
     }
-    if nodes.iter().all(|n| n.known) && !nodes.iter().any(|n| n.is_sink) {
-        if let Some(first) = nodes.first() {
-            problems.push(problem(
-                first.name,
-                None,
-                "the pipeline has no sink, so it would replicate nothing".into(),
-            ));
-        }
+    if nodes.iter().all(|n| n.known)
+        && !nodes.iter().any(|n| n.is_sink)
+        && let Some(first) = nodes.first()
+    {
+        problems.push(problem(
+            first.name,
+            None,
+            "the pipeline has no sink, so it would replicate nothing".into(),
+        ));
     }
-    if nodes.iter().all(|n| n.known) && !nodes.iter().any(|n| n.is_root) {
-        if let Some(first) = nodes.first() {
-            problems.push(problem(
-                first.name,
-                None,
-                "the pipeline has no decode stage reading the source".into(),
-            ));
-        }
+    if nodes.iter().all(|n| n.known)
+        && !nodes.iter().any(|n| n.is_root)
+        && let Some(first) = nodes.first()
+    {
+        problems.push(problem(
+            first.name,
+            None,
+            "the pipeline has no decode stage reading the source".into(),
+        ));
     }
     for cycle in cycles(nodes) {
         problems.push(problem(

@@ -377,7 +377,7 @@ pub fn load_str(
     for (key, _) in top {
         if !["name", "source", "stages"].contains(&key.name.as_str()) {
             c.at(
-                &[key.name.clone()],
+                std::slice::from_ref(&key.name),
                 format!("unknown key `{}` (expected name, source, stages)", key.name),
             );
         }
