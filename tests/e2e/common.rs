@@ -285,3 +285,17 @@ pub fn wait_until(limit: Duration, what: &str, mut check: impl FnMut() -> bool) 
 pub fn stderr_of(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
+
+/// Removes everything a passing test wrote under `stream` (failing tests leave it for a look).
+pub fn cleanup(conn: &mut redis::Connection, stream: &str) {
+    for pattern in [format!("{stream}*"), format!("ecst:tombstone:{stream}*")] {
+        let keys: Vec<String> = conn
+            .scan_match(&pattern)
+            .expect("SCAN")
+            .collect::<Result<_, _>>()
+            .expect("SCAN");
+        for chunk in keys.chunks(1000) {
+            let _: i64 = redis::cmd("UNLINK").arg(chunk).query(conn).expect("UNLINK");
+        }
+    }
+}

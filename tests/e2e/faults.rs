@@ -91,6 +91,7 @@ fn kill_9_mid_stream_then_restart_converges_with_nothing_pending() {
         &wrong[..wrong.len().min(5)]
     );
     assert_eq!(group_pending(&mut conn, &stream, "replica"), 0);
+    cleanup(&mut conn, &stream);
 }
 
 #[test]
@@ -117,6 +118,7 @@ fn sigterm_finishes_in_flight_work_acks_it_and_exits_zero() {
         .filter(|i| !hash(&mut conn, &format!("{prefix}athlete:t{i}")).is_empty())
         .count() as u64;
     assert_eq!(applied, read, "every read entry was applied before exit");
+    cleanup(&mut conn, &stream);
 }
 
 #[test]
@@ -175,6 +177,7 @@ fn entries_of_a_dead_consumer_are_claimed_and_trimmed_ones_dead_lettered() {
     );
     assert!(stderr_of(&out).contains("trimmed from the stream before they were applied"));
     assert_eq!(group_pending(&mut conn, &stream, "replica"), 0);
+    cleanup(&mut conn, &stream);
 }
 
 #[test]
@@ -235,6 +238,7 @@ fn an_entry_delivered_too_often_is_dead_lettered() {
         dead[0]["error"]
     );
     assert_eq!(group_pending(&mut conn, &stream, "replica"), 0);
+    cleanup(&mut conn, &stream);
 }
 
 #[test]
@@ -263,6 +267,7 @@ fn a_vanished_group_is_recreated_at_the_configured_start_and_said_loudly() {
     let (status, log) = worker.terminate();
     assert!(status.success(), "{log}");
     assert!(log.contains("vanished (NOGROUP)"), "{log}");
+    cleanup(&mut conn, &stream);
 }
 
 /// A private redis-server on a free port, persisted so that a restart keeps the stream.

@@ -41,6 +41,7 @@ fn duplicates_and_reordering_converge_to_the_newest_version() {
         assert_eq!(h.get("display_name"), Some(&format!("name {a} v12")));
     }
     assert_eq!(group_pending(&mut conn, &stream, "replica"), 0);
+    cleanup(&mut conn, &stream);
 }
 
 #[test]
@@ -73,6 +74,7 @@ fn a_delete_is_never_resurrected_by_a_late_older_update() {
             .map(String::as_str),
         Some("reborn")
     );
+    cleanup(&mut conn, &stream);
 }
 
 #[test]
@@ -175,6 +177,7 @@ fn poison_entries_go_to_the_dead_letter_stream_and_the_rest_replicates() {
         0,
         "poison is acked, never left pending"
     );
+    cleanup(&mut conn, &stream);
 }
 
 #[test]
@@ -246,6 +249,7 @@ stages:
     assert_eq!(h.get("email"), None);
     assert_eq!(h.get("loyalty_points").map(String::as_str), Some("0"));
     assert_eq!(dead_letters(&mut conn, &format!("{stream}.dlq")).len(), 0);
+    cleanup(&mut conn, &stream);
 }
 
 #[test]
@@ -273,6 +277,7 @@ fn msgpack_bodies_are_decoded_by_content_type() {
             .map(String::as_str),
         Some("packed")
     );
+    cleanup(&mut conn, &stream);
 }
 
 #[test]
@@ -330,6 +335,7 @@ fn two_workers_in_one_group_share_the_stream_and_agree() {
         .expect("XINFO CONSUMERS");
     assert_eq!(consumers.len(), 2, "{consumers:?}");
     assert_eq!(group_pending(&mut conn, &stream, "replica"), 0);
+    cleanup(&mut conn, &stream);
 }
 
 #[test]

@@ -43,7 +43,7 @@ impl VersionFilterConfig {
     pub fn build(&self) -> VersionFilter {
         VersionFilter {
             max_aggregates: self.max_aggregates,
-            seen: HashMap::new(),
+            seen: Vec::new(),
             remembered: 0,
             order: VecDeque::new(),
         }
@@ -54,10 +54,12 @@ impl VersionFilterConfig {
 #[derive(Debug)]
 pub struct VersionFilter {
     max_aggregates: usize,
-    /// Last version seen, per aggregate type (usually one) and id.
-    seen: HashMap<Option<String>, HashMap<String, u64>>,
+    /// Last version seen per aggregate id, one map per aggregate type (streams carry one or
+    /// a few types, so they are found by a scan without allocating).
+    seen: Vec<(Option<String>, HashMap<String, u64>)>,
     remembered: usize,
-    order: VecDeque<(Option<String>, String)>,
+    /// Insertion order, for forgetting the oldest first: (index into `seen`, id).
+    order: VecDeque<(usize, String)>,
 }
 
 type AggregateRef<'a> = (Option<&'a str>, &'a str);
@@ -70,35 +72,36 @@ fn aggregate_ref(record: &Record) -> AggregateRef<'_> {
 }
 
 impl VersionFilter {
+    fn kind_index(&self, kind: Option<&str>) -> Option<usize> {
+        self.seen.iter().position(|(t, _)| t.as_deref() == kind)
+    }
+
     fn last_seen(&self, (kind, id): AggregateRef<'_>) -> Option<u64> {
-        let ids = match kind {
-            Some(k) => self
-                .seen
-                .iter()
-                .find(|(t, _)| t.as_deref() == Some(k))
-                .map(|(_, v)| v),
-            None => self.seen.get(&None),
-        }?;
-        ids.get(id).copied()
+        let index = self.kind_index(kind)?;
+        self.seen[index].1.get(id).copied()
     }
 
     fn remember(&mut self, (kind, id): AggregateRef<'_>, version: u64) {
-        let kind = kind.map(str::to_string);
-        let ids = self.seen.entry(kind.clone()).or_default();
+        let index = match self.kind_index(kind) {
+            Some(index) => index,
+            None => {
+                self.seen.push((kind.map(str::to_string), HashMap::new()));
+                self.seen.len() - 1
+            }
+        };
+        let ids = &mut self.seen[index].1;
         if let Some(seen) = ids.get_mut(id) {
             *seen = version;
             return;
         }
         ids.insert(id.to_string(), version);
         self.remembered += 1;
-        self.order.push_back((kind, id.to_string()));
+        self.order.push_back((index, id.to_string()));
         while self.remembered > self.max_aggregates {
-            let Some((old_kind, old_id)) = self.order.pop_front() else {
+            let Some((old_index, old_id)) = self.order.pop_front() else {
                 break;
             };
-            if let Some(ids) = self.seen.get_mut(&old_kind)
-                && ids.remove(&old_id).is_some()
-            {
+            if self.seen[old_index].1.remove(&old_id).is_some() {
                 self.remembered -= 1;
             }
         }
