@@ -9,6 +9,7 @@ use serde_json::Value;
 
 use crate::record::{Outcomes, RawEntry, Record};
 use crate::secret::SecretUrl;
+use crate::sinks::postgres::PostgresConfig;
 use crate::sinks::redis_hash::RedisHashConfig;
 use crate::stages::decode::DecodeConfig;
 use crate::stages::project::ProjectConfig;
@@ -132,11 +133,13 @@ pub enum StageConfig {
     Project(ProjectConfig),
     /// Writes Redis hashes behind a version guard.
     RedisHash(RedisHashConfig),
+    /// Writes Postgres rows behind a version guard.
+    Postgres(PostgresConfig),
 }
 
 /// Whether `type:` names a sink.
 pub fn is_sink_type(type_name: &str) -> bool {
-    matches!(type_name, "redis_hash")
+    matches!(type_name, "redis_hash" | "postgres")
 }
 
 /// Whether `type:` names a stage that reads the source.
@@ -196,6 +199,7 @@ impl StageConfig {
             "tombstone" => StageConfig::Tombstone(typed(body)?),
             "project" => StageConfig::Project(typed(body)?),
             "redis_hash" => StageConfig::RedisHash(typed(body)?),
+            "postgres" => StageConfig::Postgres(typed(body)?),
             _ => return Ok(None),
         }))
     }
@@ -208,6 +212,7 @@ impl StageConfig {
             StageConfig::Tombstone(_) => "tombstone",
             StageConfig::Project(_) => "project",
             StageConfig::RedisHash(_) => "redis_hash",
+            StageConfig::Postgres(_) => "postgres",
         }
     }
 
@@ -229,6 +234,7 @@ impl StageConfig {
             StageConfig::Tombstone(_) => Vec::new(),
             StageConfig::Project(c) => c.check(),
             StageConfig::RedisHash(c) => c.check(),
+            StageConfig::Postgres(c) => c.check(),
         }
     }
 
@@ -244,6 +250,9 @@ impl StageConfig {
             StageConfig::Tombstone(c) => BuiltStage::Stage(Box::new(c.build())),
             StageConfig::Project(c) => BuiltStage::Stage(Box::new(c.build().map_err(err)?)),
             StageConfig::RedisHash(c) => BuiltStage::Sink(Arc::new(c.build(ctx).map_err(err)?)),
+            StageConfig::Postgres(c) => {
+                BuiltStage::Sink(Arc::new(c.build(ctx).await.map_err(err)?))
+            }
         })
     }
 }

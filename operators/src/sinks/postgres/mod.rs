@@ -1,0 +1,571 @@
+//! `postgres`: one row per aggregate, written behind a version guard in one transaction per
+//! batch, with deleted versions kept in a tombstone table.
+
+pub mod config;
+mod sql;
+mod values;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use bb8_postgres::PostgresConnectionManager;
+use tokio::sync::OnceCell;
+use tokio_postgres::error::SqlState;
+use tokio_postgres::{Client, NoTls, Statement};
+
+use crate::record::{Action, Record};
+use crate::stage::{ApplyFuture, BuildContext, Sink, SinkError, SinkReport};
+use config::KeyColumn;
+pub use config::{PgType, PostgresConfig};
+use sql::Statements;
+use values::{Cell, Column, convert};
+
+const STORE: &str = "postgres";
+
+/// Why the table cannot be used; the worker refuses to start.
+#[derive(Debug, thiserror::Error)]
+pub enum SchemaError {
+    /// The table or a column is missing or of an incompatible type.
+    #[error("{0}")]
+    Mismatch(String),
+    /// Postgres could not be asked.
+    #[error("postgres unavailable: {0}")]
+    Unavailable(String),
+}
+
+async fn ensure_schema(
+    client: &Client,
+    config: &PostgresConfig,
+    statements: &Statements,
+) -> Result<(), SchemaError> {
+    let unavailable = |e: tokio_postgres::Error| SchemaError::Unavailable(e.to_string());
+    if config.create {
+        client
+            .batch_execute(&statements.create_table)
+            .await
+            .map_err(unavailable)?;
+    }
+    // ecst's own bookkeeping, created even when the table is the user's.
+    client
+        .batch_execute(&statements.create_tombstones)
+        .await
+        .map_err(unavailable)?;
+    let rows = client
+        .query(&statements.columns, &[&config.schema, &config.table])
+        .await
+        .map_err(unavailable)?;
+    let table = format!("{}.{}", config.schema, config.table);
+    if rows.is_empty() {
+        return Err(SchemaError::Mismatch(format!(
+            "table {table} does not exist (create it, or set `create: true`)"
+        )));
+    }
+    let present: HashMap<String, String> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    let mut needed: Vec<(String, PgType)> = config
+        .key
+        .columns()
+        .into_iter()
+        .map(|k| (k.column, k.pg_type))
+        .collect();
+    needed.push((config.version_column.clone(), PgType::Bigint));
+    needed.push((config.updated_at_column.clone(), PgType::Timestamptz));
+    needed.push((config.replicated_at_column.clone(), PgType::Timestamptz));
+    needed.push((config.deleted_at_column.clone(), PgType::Timestamptz));
+    needed.extend(
+        config
+            .value_columns()
+            .into_iter()
+            .map(|(name, t, _)| (name, t)),
+    );
+    let mut problems = Vec::new();
+    for (column, t) in needed {
+        match present.get(&column) {
+            None => problems.push(format!(
+                "table {table} has no column `{column}` ({} expected)",
+                t.sql()
+            )),
+            Some(actual) if !t.compatible_data_types().contains(&actual.as_str()) => {
+                problems.push(format!(
+                    "column `{column}` of {table} is {actual}, but the sink writes {}",
+                    t.sql()
+                ))
+            }
+            Some(_) => {}
+        }
+    }
+    let key_names: Vec<String> = config.key.columns().into_iter().map(|k| k.column).collect();
+    let unique: bool = client
+        .query_one(
+            &statements.unique_key,
+            &[&config.schema, &config.table, &key_names],
+        )
+        .await
+        .map_err(unavailable)?
+        .get(0);
+    if !unique {
+        problems.push(format!(
+            "table {table} needs a primary key or unique index on exactly ({})",
+            key_names.join(", ")
+        ));
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(SchemaError::Mismatch(problems.join("; ")))
+    }
+}
+
+/// A pooled client with the sink's statements prepared on it once.
+pub struct PgConnection {
+    client: Client,
+    upsert: Statement,
+    delete: Statement,
+    mark: Statement,
+    broken: bool,
+}
+
+/// bb8 manager: bb8-postgres connections, with the schema ensured once and the statements
+/// prepared on each new connection.
+pub struct PgManager {
+    inner: PostgresConnectionManager<NoTls>,
+    config: PostgresConfig,
+    statements: Arc<Statements>,
+    schema_ready: OnceCell<()>,
+}
+
+/// A connection or preparation failure.
+#[derive(Debug, thiserror::Error)]
+pub enum PgConnectError {
+    /// From the driver.
+    #[error(transparent)]
+    Postgres(#[from] tokio_postgres::Error),
+    /// From the schema check.
+    #[error(transparent)]
+    Schema(#[from] SchemaError),
+}
+
+impl bb8::ManageConnection for PgManager {
+    type Connection = PgConnection;
+    type Error = PgConnectError;
+
+    async fn connect(&self) -> Result<Self::Connection, Self::Error> {
+        let client = bb8::ManageConnection::connect(&self.inner).await?;
+        self.schema_ready
+            .get_or_try_init(|| ensure_schema(&client, &self.config, &self.statements))
+            .await?;
+        Ok(PgConnection {
+            upsert: client.prepare(&self.statements.upsert).await?,
+            delete: client.prepare(&self.statements.delete).await?,
+            mark: client.prepare(&self.statements.mark).await?,
+            client,
+            broken: false,
+        })
+    }
+
+    async fn is_valid(&self, conn: &mut Self::Connection) -> Result<(), Self::Error> {
+        conn.client.simple_query("").await?;
+        Ok(())
+    }
+
+    fn has_broken(&self, conn: &mut Self::Connection) -> bool {
+        conn.broken || conn.client.is_closed()
+    }
+}
+
+/// The running `postgres` sink.
+pub struct PostgresSink {
+    config: PostgresConfig,
+    keys: Vec<KeyColumn>,
+    values: Vec<(String, PgType, String)>,
+    pool: bb8::Pool<PgManager>,
+    purge: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for PostgresSink {
+    fn drop(&mut self) {
+        self.purge.abort();
+    }
+}
+
+impl PostgresConfig {
+    /// Builds the sink: checks (or creates) the table now when Postgres answers, so that a
+    /// wrong table refuses to start; connects lazily otherwise.
+    pub async fn build(&self, ctx: &BuildContext) -> Result<PostgresSink, String> {
+        let mut pg: tokio_postgres::Config = self
+            .url
+            .expose()
+            .parse()
+            .map_err(|e| format!("invalid Postgres URL {}: {e}", self.url))?;
+        if pg.get_application_name().is_none() {
+            pg.application_name(format!("ecst/{}/{}", ctx.pipeline, ctx.stage));
+        }
+        pg.connect_timeout(self.timeout.0);
+        let statements = Arc::new(Statements::new(self));
+        let manager = PgManager {
+            inner: PostgresConnectionManager::new(pg.clone(), NoTls),
+            config: self.clone(),
+            statements: statements.clone(),
+            schema_ready: OnceCell::new(),
+        };
+        match tokio::time::timeout(self.timeout.0, pg.connect(NoTls)).await {
+            Ok(Ok((client, connection))) => {
+                let driver = tokio::spawn(connection);
+                let checked = ensure_schema(&client, self, &statements).await;
+                drop(client);
+                let _ = driver.await;
+                match checked {
+                    Ok(()) => {
+                        let _ = manager.schema_ready.set(());
+                    }
+                    Err(SchemaError::Mismatch(message)) => return Err(message),
+                    Err(SchemaError::Unavailable(message)) => {
+                        tracing::warn!(stage = %ctx.stage, error = %message, "Cannot check the Postgres table yet; will check on first connection.");
+                    }
+                }
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(stage = %ctx.stage, url = %self.url, error = %e, "Postgres does not answer yet; the sink will retry.")
+            }
+            Err(_) => {
+                tracing::warn!(stage = %ctx.stage, url = %self.url, "Postgres did not answer within the timeout; the sink will retry.")
+            }
+        }
+        let pool = bb8::Pool::builder()
+            .max_size(self.pool_size)
+            .connection_timeout(self.timeout.0)
+            .build_unchecked(manager);
+        let purge = tokio::spawn(purge_tombstones(
+            pool.clone(),
+            statements.purge.clone(),
+            self.purge_every.0,
+        ));
+        Ok(PostgresSink {
+            keys: self.key.columns(),
+            values: self.value_columns(),
+            config: self.clone(),
+            pool,
+            purge,
+        })
+    }
+}
+
+async fn purge_tombstones(pool: bb8::Pool<PgManager>, sql: String, every: std::time::Duration) {
+    let mut ticker = tokio::time::interval(every);
+    ticker.tick().await;
+    loop {
+        ticker.tick().await;
+        match pool.get().await {
+            Ok(conn) => match conn.client.execute(&sql, &[]).await {
+                Ok(n) if n > 0 => tracing::debug!(purged = n, "Purged expired tombstones."),
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "Purging expired tombstones failed."),
+            },
+            Err(e) => tracing::debug!(error = %e, "No connection to purge tombstones."),
+        }
+    }
+}
+
+/// Rows of one kind of write, as typed column arrays.
+struct Rows {
+    entries: Vec<usize>,
+    columns: Vec<Column>,
+}
+
+impl Rows {
+    fn new(types: impl Iterator<Item = PgType>) -> Self {
+        Rows {
+            entries: Vec::new(),
+            columns: types.map(Column::new).collect(),
+        }
+    }
+
+    fn push(&mut self, entry: usize, cells: Vec<Cell>) {
+        self.entries.push(entry);
+        for (column, cell) in self.columns.iter_mut().zip(cells) {
+            column.push(cell);
+        }
+    }
+
+    fn params(&self) -> Vec<&(dyn tokio_postgres::types::ToSql + Sync)> {
+        self.columns.iter().map(Column::as_param).collect()
+    }
+}
+
+/// The batch split into the three statements' rows.
+struct Plan {
+    upserts: Rows,
+    deletes: Rows,
+    marks: Rows,
+}
+
+fn is_data_error(e: &tokio_postgres::Error) -> bool {
+    e.code().is_some_and(|code| {
+        let c = code.code();
+        c.starts_with("22") || c.starts_with("23")
+    })
+}
+
+fn classify(e: tokio_postgres::Error) -> SinkError {
+    let retryable = e.is_closed()
+        || e.code().is_none()
+        || matches!(
+            e.code(),
+            Some(c) if *c == SqlState::T_R_SERIALIZATION_FAILURE
+                || *c == SqlState::T_R_DEADLOCK_DETECTED
+                || *c == SqlState::ADMIN_SHUTDOWN
+                || *c == SqlState::CRASH_SHUTDOWN
+                || *c == SqlState::CANNOT_CONNECT_NOW
+                || c.code().starts_with("08")
+        );
+    let message = match e.as_db_error() {
+        Some(db) => format!("{} ({})", db.message(), db.code().code()),
+        None => e.to_string(),
+    };
+    if retryable {
+        SinkError::Unavailable {
+            store: STORE,
+            message,
+        }
+    } else {
+        SinkError::Refused {
+            store: STORE,
+            message,
+        }
+    }
+}
+
+impl PostgresSink {
+    fn key_cells(&self, record: &Record) -> Result<(Vec<Cell>, String), String> {
+        let mut cells = Vec::with_capacity(self.keys.len());
+        let mut identity = String::new();
+        for key in &self.keys {
+            let value = record.event.lookup(&key.from);
+            if value.as_ref().is_none_or(serde_json::Value::is_null) {
+                return Err(format!(
+                    "key column `{}`: `{}` is missing in the event",
+                    key.column, key.from
+                ));
+            }
+            let cell = convert(value.as_ref(), key.pg_type)
+                .map_err(|e| format!("key column `{}`: {e}", key.column))?;
+            identity.push_str(&format!("{cell:?}\u{1f}"));
+            cells.push(cell);
+        }
+        Ok((cells, identity))
+    }
+
+    fn value_cells(&self, record: &Record) -> Result<Vec<Cell>, String> {
+        let source = match (&record.fields, &record.event.payload) {
+            (Some(fields), _) => Some(fields),
+            (None, Some(serde_json::Value::Object(payload))) => Some(payload),
+            _ => None,
+        };
+        self.values
+            .iter()
+            .map(|(column, t, from)| {
+                convert(source.and_then(|s| s.get(from)), *t)
+                    .map_err(|e| format!("column `{column}`: {e}"))
+            })
+            .collect()
+    }
+
+    /// Splits a batch into rows, coalescing each key to its newest version.
+    fn plan(&self, batch: &[Record], report: &mut SinkReport) -> Plan {
+        let mut newest: HashMap<String, usize> = HashMap::new();
+        let mut keyed: Vec<Option<Vec<Cell>>> = Vec::with_capacity(batch.len());
+        for (i, record) in batch.iter().enumerate() {
+            match self.key_cells(record) {
+                Ok((cells, identity)) => {
+                    keyed.push(Some(cells));
+                    match newest.get(&identity) {
+                        Some(&j)
+                            if batch[j].event.aggregate_version
+                                >= record.event.aggregate_version =>
+                        {
+                            report.stale += 1;
+                        }
+                        Some(&j) => {
+                            report.stale += 1;
+                            keyed[j] = None;
+                            newest.insert(identity, i);
+                        }
+                        None => {
+                            newest.insert(identity, i);
+                        }
+                    }
+                }
+                Err(reason) => {
+                    keyed.push(None);
+                    report.rejected.push((record.entry, reason));
+                }
+            }
+        }
+        let key_types = || self.keys.iter().map(|k| k.pg_type);
+        let mut plan = Plan {
+            upserts: Rows::new(
+                key_types()
+                    .chain([PgType::Bigint, PgType::Timestamptz])
+                    .chain(self.values.iter().map(|v| v.1)),
+            ),
+            deletes: Rows::new(key_types().chain([PgType::Bigint, PgType::Bigint])),
+            marks: Rows::new(key_types().chain([PgType::Bigint, PgType::Timestamptz])),
+        };
+        for &i in newest.values() {
+            let (Some(Some(mut cells)), record) = (keyed.get_mut(i).map(Option::take), &batch[i])
+            else {
+                continue;
+            };
+            let version = i64::try_from(record.event.aggregate_version).unwrap_or(i64::MAX);
+            match record.action {
+                Action::Upsert => match self.value_cells(record) {
+                    Ok(values) => {
+                        cells.push(Cell::Bigint(Some(version)));
+                        cells.push(Cell::Timestamptz(record.event.occurred_at));
+                        cells.extend(values);
+                        plan.upserts.push(record.entry, cells);
+                    }
+                    Err(reason) => report.rejected.push((record.entry, reason)),
+                },
+                Action::Delete { keep_for } => {
+                    cells.push(Cell::Bigint(Some(version)));
+                    cells.push(Cell::Bigint(Some(
+                        i64::try_from(keep_for.as_millis()).unwrap_or(i64::MAX),
+                    )));
+                    plan.deletes.push(record.entry, cells);
+                }
+                Action::Mark => {
+                    cells.push(Cell::Bigint(Some(version)));
+                    cells.push(Cell::Timestamptz(record.event.occurred_at));
+                    plan.marks.push(record.entry, cells);
+                }
+            }
+        }
+        plan
+    }
+
+    /// Runs a plan in one transaction; returns the rows applied.
+    async fn execute(
+        &self,
+        conn: &mut PgConnection,
+        plan: &Plan,
+    ) -> Result<u64, tokio_postgres::Error> {
+        let PgConnection {
+            client,
+            upsert,
+            delete,
+            mark,
+            ..
+        } = conn;
+        let tx = client.transaction().await?;
+        let mut applied = 0u64;
+        if !plan.upserts.entries.is_empty() {
+            applied += tx.execute(&*upsert, &plan.upserts.params()).await?;
+        }
+        if !plan.deletes.entries.is_empty() {
+            let row = tx.query_one(&*delete, &plan.deletes.params()).await?;
+            applied += u64::try_from(row.get::<_, i64>(0)).unwrap_or(0);
+        }
+        if !plan.marks.entries.is_empty() {
+            applied += tx.execute(&*mark, &plan.marks.params()).await?;
+        }
+        tx.commit().await?;
+        Ok(applied)
+    }
+
+    async fn apply(&self, batch: &[Record]) -> Result<SinkReport, SinkError> {
+        let mut report = SinkReport::default();
+        let plan = self.plan(batch, &mut report);
+        let rows =
+            plan.upserts.entries.len() + plan.deletes.entries.len() + plan.marks.entries.len();
+        if rows == 0 {
+            return Ok(report);
+        }
+        let mut conn = self.pool.get().await.map_err(|e| SinkError::Unavailable {
+            store: STORE,
+            message: match e {
+                bb8::RunError::User(e) => e.to_string(),
+                bb8::RunError::TimedOut => "timed out waiting for a pooled connection".into(),
+            },
+        })?;
+        // Marked broken until the transaction answers: a timed-out one leaves the pool.
+        conn.broken = true;
+        let result =
+            tokio::time::timeout(self.config.timeout.0, self.execute(&mut conn, &plan)).await;
+        let result = match result {
+            Ok(r) => r,
+            Err(_) => {
+                return Err(SinkError::Unavailable {
+                    store: STORE,
+                    message: format!("batch transaction timed out after {}", self.config.timeout),
+                });
+            }
+        };
+        match result {
+            Ok(applied) => {
+                conn.broken = false;
+                report.applied += usize::try_from(applied).unwrap_or(usize::MAX);
+                report.stale += rows - usize::try_from(applied).unwrap_or(rows).min(rows);
+                Ok(report)
+            }
+            Err(e) if is_data_error(&e) => {
+                conn.broken = false;
+                drop(conn);
+                // Something in the batch breaks a constraint the sink cannot check itself:
+                // find it by applying each record alone.
+                self.apply_one_by_one(batch, report).await
+            }
+            Err(e) => {
+                conn.broken = e.is_closed() || e.code().is_none();
+                Err(classify(e))
+            }
+        }
+    }
+
+    async fn apply_one_by_one(
+        &self,
+        batch: &[Record],
+        mut report: SinkReport,
+    ) -> Result<SinkReport, SinkError> {
+        let rejected: std::collections::HashSet<usize> =
+            report.rejected.iter().map(|(e, _)| *e).collect();
+        let mut conn = self.pool.get().await.map_err(|e| SinkError::Unavailable {
+            store: STORE,
+            message: match e {
+                bb8::RunError::User(e) => e.to_string(),
+                bb8::RunError::TimedOut => "timed out waiting for a pooled connection".into(),
+            },
+        })?;
+        report.stale = 0;
+        for record in batch.iter().filter(|r| !rejected.contains(&r.entry)) {
+            let mut single = SinkReport::default();
+            let plan = self.plan(std::slice::from_ref(record), &mut single);
+            report.rejected.extend(single.rejected);
+            match self.execute(&mut conn, &plan).await {
+                Ok(1) => report.applied += 1,
+                Ok(_) => report.stale += 1,
+                Err(e) if is_data_error(&e) => {
+                    let reason = e
+                        .as_db_error()
+                        .map_or_else(|| e.to_string(), |db| db.message().to_string());
+                    report
+                        .rejected
+                        .push((record.entry, format!("postgres refused the row: {reason}")));
+                }
+                Err(e) => {
+                    conn.broken = e.is_closed() || e.code().is_none();
+                    return Err(classify(e));
+                }
+            }
+        }
+        Ok(report)
+    }
+}
+
+impl Sink for PostgresSink {
+    fn apply_batch<'a>(&'a self, batch: &'a [Record]) -> ApplyFuture<'a> {
+        Box::pin(self.apply(batch))
+    }
+}
+
+#[cfg(test)]
+mod tests;
