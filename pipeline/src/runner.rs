@@ -451,18 +451,15 @@ pub async fn run(
             _ = shutdown.wait() => break,
         };
 
+        // A read in progress is not cancelled by shutdown: Redis may already have delivered
+        // its entries to this consumer, and they are finished like any other batch. The wait
+        // is bounded by `block` (and the reader's timeout).
         let claim_due = source.pending_done() && last_claim.elapsed() >= source_cfg.claim_every.0;
         let read = if claim_due {
             last_claim = Instant::now();
-            tokio::select! {
-                r = source.claim() => r.map(|b| (Origin::Claimed, b)),
-                _ = shutdown.wait() => break,
-            }
+            source.claim().await.map(|b| (Origin::Claimed, b))
         } else {
-            tokio::select! {
-                r = source.next_batch() => r,
-                _ = shutdown.wait() => break,
-            }
+            source.next_batch().await
         };
         let (origin, batch) = match read {
             Ok(ok) => {

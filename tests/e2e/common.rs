@@ -299,3 +299,154 @@ pub fn cleanup(conn: &mut redis::Connection, stream: &str) {
         }
     }
 }
+
+pub fn database_url() -> String {
+    std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+pub fn postgres() -> postgres_client::Client {
+    postgres_client::Client::connect(&database_url())
+}
+
+/// A blocking Postgres client for assertions (a small runtime around tokio-postgres).
+pub mod postgres_client {
+    pub struct Client {
+        runtime: tokio::runtime::Runtime,
+        client: tokio_postgres::Client,
+    }
+
+    impl Client {
+        pub fn connect(url: &str) -> Client {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            let client = runtime.block_on(async {
+                let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+                    .await
+                    .expect("a PostgreSQL server answers on DATABASE_URL (scripts/services.sh starts one)");
+                tokio::spawn(connection);
+                client
+            });
+            Client { runtime, client }
+        }
+
+        pub fn query(
+            &self,
+            sql: &str,
+            params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+        ) -> Vec<tokio_postgres::Row> {
+            self.runtime
+                .block_on(self.client.query(sql, params))
+                .unwrap_or_else(|e| panic!("{sql}: {e}"))
+        }
+
+        pub fn try_query(
+            &self,
+            sql: &str,
+        ) -> Result<Vec<tokio_postgres::Row>, tokio_postgres::Error> {
+            self.runtime.block_on(self.client.query(sql, &[]))
+        }
+
+        pub fn execute(&self, sql: &str) {
+            self.runtime
+                .block_on(self.client.batch_execute(sql))
+                .unwrap_or_else(|e| panic!("{sql}: {e}"));
+        }
+    }
+}
+
+/// A TCP proxy in front of a server, whose link the test can cut and restore: a real
+/// connection failure, as a network partition or a server restart looks to a client.
+pub struct Proxy {
+    pub port: u16,
+    cut: Arc<std::sync::atomic::AtomicBool>,
+    live: Arc<Mutex<Vec<std::net::TcpStream>>>,
+}
+
+impl Proxy {
+    pub fn start(upstream: &str) -> Proxy {
+        use std::sync::atomic::AtomicBool;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind proxy");
+        let port = listener.local_addr().expect("addr").port();
+        let cut = Arc::new(AtomicBool::new(false));
+        let live: Arc<Mutex<Vec<std::net::TcpStream>>> = Arc::new(Mutex::new(Vec::new()));
+        let (cut2, live2, upstream) = (cut.clone(), live.clone(), upstream.to_string());
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { continue };
+                if cut2.load(Ordering::SeqCst) {
+                    drop(client);
+                    continue;
+                }
+                let Ok(server) = std::net::TcpStream::connect(&upstream) else {
+                    continue;
+                };
+                if let (Ok(c2), Ok(s2)) = (client.try_clone(), server.try_clone()) {
+                    if let Ok(mut live) = live2.lock() {
+                        live.push(c2.try_clone().expect("clone"));
+                        live.push(s2.try_clone().expect("clone"));
+                    }
+                    let pump = |mut from: std::net::TcpStream, mut to: std::net::TcpStream| {
+                        std::thread::spawn(move || {
+                            let _ = std::io::copy(&mut from, &mut to);
+                            let _ = to.shutdown(std::net::Shutdown::Both);
+                        });
+                    };
+                    pump(client, s2);
+                    pump(server, c2);
+                }
+            }
+        });
+        Proxy { port, cut, live }
+    }
+
+    /// Closes every connection through the proxy and refuses new ones.
+    pub fn cut(&self) {
+        self.cut.store(true, Ordering::SeqCst);
+        if let Ok(mut live) = self.live.lock() {
+            for s in live.drain(..) {
+                let _ = s.shutdown(std::net::Shutdown::Both);
+            }
+        }
+    }
+
+    /// Lets connections through again.
+    pub fn restore(&self) {
+        self.cut.store(false, Ordering::SeqCst);
+    }
+}
+
+/// `entries-read` of a group (how far its consumers have read).
+pub fn entries_read(conn: &mut redis::Connection, stream: &str, group: &str) -> u64 {
+    let groups: Vec<HashMap<String, redis::Value>> = redis::cmd("XINFO")
+        .arg("GROUPS")
+        .arg(stream)
+        .query(conn)
+        .unwrap_or_default();
+    groups
+        .iter()
+        .find(
+            |g| matches!(g.get("name"), Some(redis::Value::BulkString(n)) if n == group.as_bytes()),
+        )
+        .and_then(|g| match g.get("entries-read") {
+            Some(redis::Value::Int(n)) => Some(*n as u64),
+            _ => None,
+        })
+        .unwrap_or(0)
+}
+
+/// Resident memory of a process, in MiB.
+pub fn rss_mib(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(0.0)
+}

@@ -12,24 +12,6 @@ use serde_json::Value;
 
 use crate::common::*;
 
-fn entries_read(conn: &mut redis::Connection, stream: &str, group: &str) -> u64 {
-    let groups: Vec<std::collections::HashMap<String, redis::Value>> = redis::cmd("XINFO")
-        .arg("GROUPS")
-        .arg(stream)
-        .query(conn)
-        .unwrap_or_default();
-    groups
-        .iter()
-        .find(
-            |g| matches!(g.get("name"), Some(redis::Value::BulkString(n)) if n == group.as_bytes()),
-        )
-        .and_then(|g| match g.get("entries-read") {
-            Some(redis::Value::Int(n)) => Some(*n as u64),
-            _ => None,
-        })
-        .unwrap_or(0)
-}
-
 #[test]
 fn kill_9_mid_stream_then_restart_converges_with_nothing_pending() {
     let mut conn = redis();

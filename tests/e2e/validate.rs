@@ -243,3 +243,15 @@ fn secrets_in_urls_never_reach_the_output() {
     assert!(text.contains("batch_size"), "{text}");
     assert!(!text.contains("hunter2"), "{text}");
 }
+
+#[test]
+fn identifier_injection_in_a_postgres_sink_is_rejected() {
+    assert_errors(
+        &(GOOD.to_string()
+            + "  table: { type: postgres, input: latest, url: \"postgres://127.0.0.1/db\", table: \"x; drop table y\", columns: { \"a b\": text } }\n"),
+        &[
+            "FILE:9:75: stages.table.table: \"x; drop table y\" is not a valid identifier",
+            "FILE:9:112: stages.table.columns.a b: \"a b\" is not a valid identifier",
+        ],
+    );
+}

@@ -8,7 +8,7 @@ use ecst_schemas::Envelope;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
-use crate::record::{DropReason, Outcomes, RawEntry, Record};
+use crate::record::{Action, DEFAULT_TOMBSTONE_KEEP_FOR, DropReason, Outcomes, RawEntry, Record};
 use crate::stage::{ConfigProblem, Stage};
 
 /// Where one output field comes from.
@@ -48,6 +48,22 @@ pub struct ProjectConfig {
     /// is false are acked and never written. Deletes always pass.
     #[serde(default, rename = "where")]
     pub where_: Option<String>,
+    /// What an event that fails `where` does: `drop` (default: acked, never written) or
+    /// `delete` (removes the aggregate from this branch's replica, for views such as "active
+    /// athletes only" that entries must leave when they stop matching).
+    #[serde(default)]
+    pub unmatched: Unmatched,
+}
+
+/// What happens to an event for which `where` is false.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Unmatched {
+    /// Acked, never written.
+    #[default]
+    Drop,
+    /// Written as a delete of the aggregate at the event's version.
+    Delete,
 }
 
 const ENVELOPE_ROOTS: &[&str] = &[
@@ -195,6 +211,13 @@ impl Stage for Project {
                     record.fields = Some(self.project(&record.event));
                     kept.push(record);
                 }
+                Ok(false) if self.config.unmatched == Unmatched::Delete => {
+                    record.fields = Some(Map::new());
+                    record.action = Action::Delete {
+                        keep_for: DEFAULT_TOMBSTONE_KEEP_FOR,
+                    };
+                    kept.push(record);
+                }
                 Ok(false) => out.drop_entry(record.entry, DropReason::Filtered),
                 Err(reason) => out.dead_letter(record.entry, reason),
             }
@@ -252,6 +275,21 @@ mod tests {
         assert_eq!(out.dropped, vec![(1, DropReason::Filtered)]);
         assert_eq!(out.dead_letters.len(), 1);
         assert_eq!(out.dead_letters[0].0, 3);
+    }
+
+    #[test]
+    fn unmatched_delete_turns_a_non_matching_update_into_a_delete() {
+        let stage = config(
+            json!({"include": ["*"], "where": "payload.status == \"active\"", "unmatched": "delete"}),
+        );
+        let mut out = Outcomes::default();
+        let kept = stage.build().unwrap().process(
+            vec![record(0, json!({"aggregateId": "a", "aggregateVersion": 4, "payload": {"status": "retired"}}))],
+            &[],
+            &mut out,
+        );
+        assert!(matches!(kept[0].action, Action::Delete { .. }));
+        assert!(out.dropped.is_empty());
     }
 
     #[test]

@@ -252,7 +252,13 @@ impl PostgresConfig {
         };
         ident("schema".into(), &self.schema);
         ident("table".into(), &self.table);
-        ident("tombstone_table".into(), &self.tombstone_table());
+        match &self.tombstone_table {
+            Some(name) => ident("tombstone_table".into(), name),
+            None if valid_identifier(&self.table) && !valid_identifier(&self.tombstone_table()) => {
+                ident("table".into(), &self.tombstone_table())
+            }
+            None => {}
+        }
         ident("version_column".into(), &self.version_column);
         ident("updated_at_column".into(), &self.updated_at_column);
         ident("replicated_at_column".into(), &self.replicated_at_column);
