@@ -17,7 +17,35 @@ use rand::{Rng, SeedableRng};
 use redis::aio::MultiplexedConnection;
 use serde_json::json;
 
-const BUILTIN_PIPELINE: &str = include_str!("../../../examples/bench.yaml");
+const BENCH_REDIS: &str = include_str!("../../../examples/bench.yaml");
+const BENCH_POSTGRES: &str = include_str!("../../../examples/bench-postgres.yaml");
+const BENCH_BOTH: &str = include_str!("../../../examples/bench-both.yaml");
+
+/// Which replica the benchmark writes.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum BenchSink {
+    Redis,
+    Postgres,
+    Both,
+}
+
+impl BenchSink {
+    fn redis(self) -> bool {
+        matches!(self, BenchSink::Redis | BenchSink::Both)
+    }
+
+    fn postgres(self) -> bool {
+        matches!(self, BenchSink::Postgres | BenchSink::Both)
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            BenchSink::Redis => "redis",
+            BenchSink::Postgres => "postgres",
+            BenchSink::Both => "both",
+        }
+    }
+}
 
 #[derive(Args)]
 pub(crate) struct BenchArgs {
@@ -29,6 +57,18 @@ pub(crate) struct BenchArgs {
         hide_env_values = true
     )]
     redis: String,
+    /// Postgres URL, for `--sink postgres|both`.
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/postgres",
+        hide_env_values = true
+    )]
+    database: String,
+    /// Replica to write: the built-in pipelines are examples/bench.yaml, bench-postgres.yaml
+    /// and bench-both.yaml.
+    #[arg(long, value_enum, default_value_t = BenchSink::Redis)]
+    sink: BenchSink,
     /// Distinct aggregates.
     #[arg(long, default_value_t = 100_000)]
     aggregates: u32,
@@ -191,6 +231,7 @@ fn load_pipeline(
     stream: &str,
     group: &str,
     prefix: &str,
+    table: &str,
 ) -> anyhow::Result<PipelineConfig> {
     let (label, text) = match &args.pipeline {
         Some(path) => (
@@ -198,16 +239,28 @@ fn load_pipeline(
             std::fs::read_to_string(path)
                 .with_context(|| format!("cannot read {}", path.display()))?,
         ),
-        None => (
-            PathBuf::from("examples/bench.yaml (built in)"),
-            BUILTIN_PIPELINE.to_string(),
-        ),
+        None => match args.sink {
+            BenchSink::Redis => (
+                PathBuf::from("examples/bench.yaml (built in)"),
+                BENCH_REDIS.to_string(),
+            ),
+            BenchSink::Postgres => (
+                PathBuf::from("examples/bench-postgres.yaml (built in)"),
+                BENCH_POSTGRES.to_string(),
+            ),
+            BenchSink::Both => (
+                PathBuf::from("examples/bench-both.yaml (built in)"),
+                BENCH_BOTH.to_string(),
+            ),
+        },
     };
     let redis_url = args.redis.clone();
     let overrides: HashMap<&str, String> = HashMap::from([
         ("ECST_BENCH_STREAM", stream.to_string()),
         ("ECST_BENCH_GROUP", group.to_string()),
         ("ECST_BENCH_PREFIX", prefix.to_string()),
+        ("ECST_BENCH_TABLE", table.to_string()),
+        ("DATABASE_URL", args.database.clone()),
         ("REDIS_URL", redis_url),
     ]);
     config::load_str(&label, &text, &|name| {
@@ -388,6 +441,116 @@ async fn cleanup(
     Ok(())
 }
 
+async fn pg_connect(url: &str) -> anyhow::Result<tokio_postgres::Client> {
+    let (client, connection) = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio_postgres::connect(url, tokio_postgres::NoTls),
+    )
+    .await
+    .context("Postgres did not answer within 10s")?
+    .context("cannot connect to Postgres")?;
+    tokio::spawn(connection);
+    Ok(client)
+}
+
+/// The Postgres reference: the same rows upserted straight into a plain table with a guarded
+/// multi-row INSERT ... ON CONFLICT ... WHERE, 1000 rows per statement, nothing else.
+async fn pg_ceiling(
+    client: &tokio_postgres::Client,
+    table: &str,
+    w: &Workload,
+) -> anyhow::Result<f64> {
+    client
+        .batch_execute(&format!(
+            "DROP TABLE IF EXISTS {table}; CREATE TABLE {table} (athlete_id text PRIMARY KEY, source_version bigint NOT NULL, \
+             display_name text, status text, country_code text, weight_class text)"
+        ))
+        .await?;
+    let sql = format!(
+        "INSERT INTO {table} AS t SELECT * FROM UNNEST($1::text[], $2::int8[], $3::text[], $4::text[], $5::text[], $6::text[]) \
+         ON CONFLICT (athlete_id) DO UPDATE SET source_version = excluded.source_version, display_name = excluded.display_name, \
+         status = excluded.status, country_code = excluded.country_code, weight_class = excluded.weight_class \
+         WHERE t.source_version < excluded.source_version"
+    );
+    let statement = client.prepare(&sql).await?;
+    let mut busy = Duration::ZERO;
+    for chunk in w.events.chunks(1000) {
+        // One statement cannot update a row twice: the newest version per key, made before
+        // the clock starts, as the Redis ceiling's arguments are.
+        let mut newest: HashMap<u32, u32> = HashMap::new();
+        for e in chunk {
+            let v = newest.entry(e.aggregate).or_insert(e.version);
+            *v = (*v).max(e.version);
+        }
+        let mut ids = Vec::with_capacity(newest.len());
+        let (mut versions, mut names, mut statuses, mut countries, mut classes) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for (a, v) in newest {
+            let e = Event {
+                aggregate: a,
+                version: v,
+            };
+            ids.push(format!("ath-{a}"));
+            versions.push(i64::from(v));
+            names.push(display_name(e));
+            statuses.push(STATUSES[(v % 3) as usize].to_string());
+            countries.push("GB".to_string());
+            classes.push("lightweight".to_string());
+        }
+        let started = Instant::now();
+        client
+            .execute(
+                &statement,
+                &[&ids, &versions, &names, &statuses, &countries, &classes],
+            )
+            .await?;
+        busy += started.elapsed();
+    }
+    client
+        .batch_execute(&format!("DROP TABLE IF EXISTS {table}"))
+        .await?;
+    Ok(w.events.len() as f64 / busy.as_secs_f64())
+}
+
+async fn pg_verify(
+    client: &tokio_postgres::Client,
+    table: &str,
+    w: &Workload,
+    args: &BenchArgs,
+) -> anyhow::Result<u64> {
+    let rows = client
+        .query(
+            &format!("SELECT athlete_id, source_version, display_name, status FROM {table}"),
+            &[],
+        )
+        .await?;
+    let mut found: HashMap<String, (i64, Option<String>, Option<String>)> = rows
+        .iter()
+        .map(|r| (r.get(0), (r.get(1), r.get(2), r.get(3))))
+        .collect();
+    let mut mismatches = 0u64;
+    for a in 0..args.aggregates {
+        let row = found.remove(&format!("ath-{a}"));
+        let last = Event {
+            aggregate: a,
+            version: w.versions,
+        };
+        let ok = if w.deleted[a as usize] {
+            row.is_none()
+        } else {
+            row == Some((
+                i64::from(w.versions),
+                Some(display_name(last)),
+                Some(STATUSES[(w.versions % 3) as usize].to_string()),
+            ))
+        };
+        if !ok {
+            mismatches += 1;
+        }
+    }
+    Ok(mismatches + found.len() as u64)
+}
+
 fn percentile(sorted: &[u32], p: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
@@ -406,7 +569,14 @@ pub(crate) async fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
     let latency_stream = format!("ecst:bench:{run_id}:latency");
     let prefix = format!("ecst:bench:{run_id}:");
     let ceiling_prefix = format!("ecst:bench:{run_id}:ceiling:");
+    let table = format!("ecst_bench_{}", run_id.replace('-', "_"));
+    let ceiling_table = format!("{table}_ceiling");
     let mut conn = connect(&args.redis).await?;
+    let pg = if args.sink.postgres() {
+        Some(pg_connect(&args.database).await?)
+    } else {
+        None
+    };
 
     let w = workload(&args);
     let events = w.events.len();
@@ -422,13 +592,20 @@ pub(crate) async fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
 
     // The ceiling is measured before and after the drain, on its own keys, and averaged, so
     // that drift in the machine's speed during the run weighs on both sides alike.
-    let ceiling_before = ceiling(&mut conn, &ceiling_prefix, &w).await?;
-    cleanup(&mut conn, &ceiling_prefix, &[]).await?;
+    let mut redis_ceiling = Vec::new();
+    let mut pg_ceiling_eps = Vec::new();
+    if args.sink.redis() {
+        redis_ceiling.push(ceiling(&mut conn, &ceiling_prefix, &w).await?);
+        cleanup(&mut conn, &ceiling_prefix, &[]).await?;
+    }
+    if let Some(pg) = &pg {
+        pg_ceiling_eps.push(pg_ceiling(pg, &ceiling_table, &w).await?);
+    }
 
     write_stream(&mut conn, &stream, &w, &w.events).await?;
 
     // Throughput: drain the pre-filled stream.
-    let pipeline = load_pipeline(&args, &stream, "bench", &prefix)?;
+    let pipeline = load_pipeline(&args, &stream, "bench", &prefix, &table)?;
     let stats = Arc::new(Stats::default());
     let (_tx, shutdown) = Shutdown::new();
     let started = Instant::now();
@@ -457,9 +634,24 @@ pub(crate) async fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
     }
     let events_per_sec = events as f64 / elapsed.as_secs_f64();
     let rss = peak_rss_mb();
-    let mismatches = verify(&mut conn, &prefix, &w, &args).await?;
-    let ceiling_after = ceiling(&mut conn, &ceiling_prefix, &w).await?;
-    let ceiling_eps = (ceiling_before + ceiling_after) / 2.0;
+    let mut mismatches = 0;
+    if args.sink.redis() {
+        mismatches += verify(&mut conn, &prefix, &w, &args).await?;
+        redis_ceiling.push(ceiling(&mut conn, &ceiling_prefix, &w).await?);
+    }
+    if let Some(pg) = &pg {
+        mismatches += pg_verify(pg, &table, &w, &args).await?;
+        pg_ceiling_eps.push(pg_ceiling(pg, &ceiling_table, &w).await?);
+    }
+    let mean = |v: &[f64]| (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64);
+    let (redis_ceiling, pg_ceiling_eps) = (mean(&redis_ceiling), mean(&pg_ceiling_eps));
+    // With both sinks the slower store bounds the pipeline, so it is the ceiling.
+    let ceiling_eps = match (redis_ceiling, pg_ceiling_eps) {
+        (Some(r), Some(p)) => r.min(p),
+        (Some(r), None) => r,
+        (None, Some(p)) => p,
+        (None, None) => f64::NAN,
+    };
 
     // Latency: a live producer at a fixed rate, XADD to ack per event.
     let latency_pipeline = load_pipeline(
@@ -467,6 +659,7 @@ pub(crate) async fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
         &latency_stream,
         "bench",
         &format!("{prefix}latency:"),
+        &format!("{table}_latency"),
     )?;
     let latency_stats = Arc::new(Stats::default());
     latency_stats.record_latencies();
@@ -520,10 +713,19 @@ pub(crate) async fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
 
     cleanup(&mut conn, &prefix, &[&stream, &latency_stream]).await?;
     cleanup(&mut conn, &ceiling_prefix, &[]).await?;
+    if let Some(pg) = &pg {
+        pg.batch_execute(&format!(
+            "DROP TABLE IF EXISTS {table}; DROP TABLE IF EXISTS {table}_tombstones; \
+             DROP TABLE IF EXISTS {table}_latency; DROP TABLE IF EXISTS {table}_latency_tombstones"
+        ))
+        .await?;
+    }
 
     let ratio = events_per_sec / ceiling_eps;
     let report = json!({
-        "sink": "redis",
+        "sink": args.sink.name(),
+        "redis_ceiling_events_per_sec": redis_ceiling.map(f64::round),
+        "postgres_ceiling_events_per_sec": pg_ceiling_eps.map(f64::round),
         "events": events,
         "aggregates": args.aggregates,
         "versions": args.versions,
@@ -550,10 +752,16 @@ pub(crate) async fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
             events_per_sec,
             elapsed.as_secs_f64()
         );
-        println!(
-            "ceiling           {:.0} events/s (HGET+HSET Lua per event, pipelined, same Redis)",
-            ceiling_eps
-        );
+        if let Some(r) = redis_ceiling {
+            println!(
+                "Redis ceiling     {r:.0} events/s (HGET+HSET Lua per event, pipelined, same Redis)"
+            );
+        }
+        if let Some(p) = pg_ceiling_eps {
+            println!(
+                "Postgres ceiling  {p:.0} events/s (guarded UNNEST upsert, 1000 rows per statement)"
+            );
+        }
         println!("ratio             {:.1}% of ceiling", ratio * 100.0);
         println!(
             "apply latency     p50 {p50:.0} ms, p99 {p99:.0} ms (XADD to ack, producer at {} events/s)",

@@ -118,6 +118,7 @@ async fn ensure_schema(
 /// A pooled client with the sink's statements prepared on it once.
 pub struct PgConnection {
     client: Client,
+    lock: Statement,
     upsert: Statement,
     delete: Statement,
     mark: Statement,
@@ -154,6 +155,7 @@ impl bb8::ManageConnection for PgManager {
             .get_or_try_init(|| ensure_schema(&client, &self.config, &self.statements))
             .await?;
         Ok(PgConnection {
+            lock: client.prepare(&self.statements.lock).await?,
             upsert: client.prepare(&self.statements.upsert).await?,
             delete: client.prepare(&self.statements.delete).await?,
             mark: client.prepare(&self.statements.mark).await?,
@@ -175,6 +177,7 @@ impl bb8::ManageConnection for PgManager {
 /// The running `postgres` sink.
 pub struct PostgresSink {
     config: PostgresConfig,
+    lock_key: i32,
     keys: Vec<KeyColumn>,
     values: Vec<(String, PgType, String)>,
     pool: bb8::Pool<PgManager>,
@@ -230,9 +233,12 @@ impl PostgresConfig {
                 tracing::warn!(stage = %ctx.stage, url = %self.url, "Postgres did not answer within the timeout; the sink will retry.")
             }
         }
+        // No ping on checkout (a round trip per batch): a connection that broke is dropped by
+        // `has_broken`, and a batch that fails on one is retried.
         let pool = bb8::Pool::builder()
             .max_size(self.pool_size)
             .connection_timeout(self.timeout.0)
+            .test_on_check_out(false)
             .build_unchecked(manager);
         let purge = tokio::spawn(purge_tombstones(
             pool.clone(),
@@ -240,6 +246,7 @@ impl PostgresConfig {
             self.purge_every.0,
         ));
         Ok(PostgresSink {
+            lock_key: table_lock_key(&self.schema, &self.table),
             keys: self.key.columns(),
             values: self.value_columns(),
             config: self.clone(),
@@ -247,6 +254,16 @@ impl PostgresConfig {
             purge,
         })
     }
+}
+
+/// A stable 32-bit key for the table's advisory lock (FNV-1a of `schema.table`).
+fn table_lock_key(schema: &str, table: &str) -> i32 {
+    let mut hash: u32 = 0x811c_9dc5;
+    for byte in schema.bytes().chain([b'.']).chain(table.bytes()) {
+        hash ^= u32::from(byte);
+        hash = hash.wrapping_mul(0x0100_0193);
+    }
+    i32::from_ne_bytes(hash.to_ne_bytes())
 }
 
 async fn purge_tombstones(pool: bb8::Pool<PgManager>, sql: String, every: std::time::Duration) {
@@ -451,25 +468,49 @@ impl PostgresSink {
     ) -> Result<u64, tokio_postgres::Error> {
         let PgConnection {
             client,
+            lock,
             upsert,
             delete,
             mark,
             ..
         } = conn;
         let tx = client.transaction().await?;
-        let mut applied = 0u64;
-        if !plan.upserts.entries.is_empty() {
-            applied += tx.execute(&*upsert, &plan.upserts.params()).await?;
-        }
-        if !plan.deletes.entries.is_empty() {
-            let row = tx.query_one(&*delete, &plan.deletes.params()).await?;
-            applied += u64::try_from(row.get::<_, i64>(0)).unwrap_or(0);
-        }
-        if !plan.marks.entries.is_empty() {
-            applied += tx.execute(&*mark, &plan.marks.params()).await?;
-        }
+        // Batches for one table are applied one at a time (across all workers). Without it a
+        // late update racing a delete in another transaction reads "no tombstone" from its
+        // snapshot, waits on the row the delete removes, then inserts it again: resurrection.
+        // Each statement below snapshots after this lock is granted, so it sees every batch
+        // committed before it.
+        let table_lock = async { tx.execute(&*lock, &[&self.lock_key]).await.map(|_| 0) };
+        let (upsert_params, delete_params, mark_params) = (
+            plan.upserts.params(),
+            plan.deletes.params(),
+            plan.marks.params(),
+        );
+        // Issued together so the client pipelines them: one round trip, not three.
+        let upserts = async {
+            match plan.upserts.entries.is_empty() {
+                true => Ok(0),
+                false => tx.execute(&*upsert, &upsert_params).await,
+            }
+        };
+        let deletes = async {
+            match plan.deletes.entries.is_empty() {
+                true => Ok(0),
+                false => tx
+                    .query_one(&*delete, &delete_params)
+                    .await
+                    .map(|row| u64::try_from(row.get::<_, i64>(0)).unwrap_or(0)),
+            }
+        };
+        let marks = async {
+            match plan.marks.entries.is_empty() {
+                true => Ok(0),
+                false => tx.execute(&*mark, &mark_params).await,
+            }
+        };
+        let (_, u, d, m) = tokio::try_join!(table_lock, upserts, deletes, marks)?;
         tx.commit().await?;
-        Ok(applied)
+        Ok(u + d + m)
     }
 
     async fn apply(&self, batch: &[Record]) -> Result<SinkReport, SinkError> {

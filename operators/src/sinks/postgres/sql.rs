@@ -39,6 +39,8 @@ pub(super) struct Statements {
     pub(super) mark: String,
     /// Removes expired tombstones.
     pub(super) purge: String,
+    /// Takes the table's transaction-scoped advisory lock: $1 the table's key.
+    pub(super) lock: String,
     /// Reads the columns of a table: $1 schema, $2 table.
     pub(super) columns: String,
     /// Whether a unique index covers exactly the key columns: $1 schema, $2 table, $3 names.
@@ -228,6 +230,9 @@ impl Statements {
             delete,
             mark,
             purge: format!("DELETE FROM {tombstones} WHERE expires_at < now()"),
+            // The first key is ecst's class ("ecst" in ASCII), so as not to collide with the
+            // application's own advisory locks.
+            lock: "SELECT pg_advisory_xact_lock(1701016436, $1::int4)".into(),
             columns: "SELECT column_name::text, data_type::text FROM information_schema.columns WHERE table_schema = $1 AND table_name = $2".into(),
             unique_key: "SELECT EXISTS (SELECT 1 FROM pg_index ix JOIN pg_class c ON c.oid = ix.indrelid \
                 JOIN pg_namespace n ON n.oid = c.relnamespace \

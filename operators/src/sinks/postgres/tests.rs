@@ -344,3 +344,54 @@ async fn expired_tombstones_are_purged() {
     drop(sink);
     drop_tables(&c, &table).await;
 }
+
+#[tokio::test]
+async fn a_delete_and_an_older_update_in_concurrent_batches_never_resurrect() {
+    let table = unique_table();
+    let sink = Arc::new(config(&table, true).build(&ctx("table")).await.unwrap());
+    let keys: Vec<String> = (0..300).map(|i| format!("k{i}")).collect();
+    let seed: Vec<Record> = keys
+        .iter()
+        .enumerate()
+        .map(|(i, k)| record(i, k, 8, json!({"display_name": "eight"})))
+        .collect();
+    sink.apply_batch(&seed).await.unwrap();
+    for round in 0..10u64 {
+        let base = 10 + round * 3;
+        let deletes: Vec<Record> = keys
+            .iter()
+            .enumerate()
+            .map(|(i, k)| record(i, k, base, Value::Null))
+            .collect();
+        let late: Vec<Record> = keys
+            .iter()
+            .enumerate()
+            .map(|(i, k)| record(i, k, base - 1, json!({"display_name": "late"})))
+            .collect();
+        let (a, b) = (sink.clone(), sink.clone());
+        let (ra, rb) = tokio::join!(
+            tokio::spawn(async move { a.apply_batch(&deletes).await.map(|r| r.applied) }),
+            tokio::spawn(async move { b.apply_batch(&late).await.map(|r| r.applied) }),
+        );
+        ra.unwrap().unwrap();
+        rb.unwrap().unwrap();
+        let c = client().await;
+        let alive: i64 = c
+            .query_one(&format!("SELECT count(*) FROM {table}"), &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(
+            alive, 0,
+            "round {round}: late updates resurrected {alive} deleted rows"
+        );
+        // Bring them back at a newer version for the next round.
+        let reborn: Vec<Record> = keys
+            .iter()
+            .enumerate()
+            .map(|(i, k)| record(i, k, base + 1, json!({"display_name": "again"})))
+            .collect();
+        sink.apply_batch(&reborn).await.unwrap();
+    }
+    drop_tables(&client().await, &table).await;
+}
