@@ -427,7 +427,10 @@ impl PostgresSink {
             deletes: Rows::new(key_types().chain([PgType::Bigint, PgType::Bigint])),
             marks: Rows::new(key_types().chain([PgType::Bigint, PgType::Timestamptz])),
         };
-        for &i in newest.values() {
+        // In batch order, so that rows and rejections do not depend on hash order.
+        let mut order: Vec<usize> = newest.into_values().collect();
+        order.sort_unstable();
+        for i in order {
             let (Some(Some(mut cells)), record) = (keyed.get_mut(i).map(Option::take), &batch[i])
             else {
                 continue;
