@@ -154,6 +154,7 @@ pub const STAGE_TYPES: &[&str] = &[
     "tombstone",
     "project",
     "redis_hash",
+    "postgres",
 ];
 
 /// A stage's keys do not fit its type.

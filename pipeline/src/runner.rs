@@ -1,14 +1,14 @@
 //! The run loop: read a batch, push it through the DAG, apply every sink's share, dead-letter
 //! what cannot be applied, and XACK the batch only once all of that committed.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use ecst_operators::redis_pool::{RedisPool, describe_run_error, redis_pool};
 use ecst_operators::{
-    BuildContext, BuiltStage, Outcomes, RawEntry, Record, Sink, SinkReport, Stage,
+    BuildContext, BuiltStage, Outcomes, RawEntry, Record, Sink, SinkError, SinkReport, Stage,
 };
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
@@ -223,6 +223,15 @@ async fn apply_with_retry(shared: &Shared, sink_index: usize, records: &[Record]
                 return report;
             }
             Err(e) => {
+                if matches!(e, SinkError::Refused { .. })
+                    && records.len() > 1
+                    && let Some(report) = isolate_refused(shared, sink_index, records).await
+                {
+                    if failing {
+                        shared.stats.failing_sinks.fetch_sub(1, Ordering::Relaxed);
+                    }
+                    return report;
+                }
                 if !failing {
                     failing = true;
                     shared.stats.failing_sinks.fetch_add(1, Ordering::Relaxed);
@@ -235,6 +244,42 @@ async fn apply_with_retry(shared: &Shared, sink_index: usize, records: &[Record]
             }
         }
     }
+}
+
+/// The store refused a whole batch: applies its records one at a time so that the ones it
+/// refuses are dead-lettered and the rest commit. When every record is refused the cause is
+/// not in the data (a dropped table, a permission) and `None` sends the batch back to retry,
+/// loudly, rather than dead-letter the whole stream.
+async fn isolate_refused(
+    shared: &Shared,
+    sink_index: usize,
+    records: &[Record],
+) -> Option<SinkReport> {
+    let (name, sink) = &shared.sinks[sink_index];
+    let mut merged = SinkReport::default();
+    let mut refused = Vec::new();
+    for record in records {
+        match sink.apply_batch(std::slice::from_ref(record)).await {
+            Ok(report) => {
+                merged.applied += report.applied;
+                merged.stale += report.stale;
+                merged.rejected.extend(report.rejected);
+            }
+            Err(SinkError::Refused { message, .. }) => refused.push((record.entry, message)),
+            // The store went away meanwhile: retry the whole batch (repeats are harmless).
+            Err(_) => return None,
+        }
+    }
+    if refused.len() == records.len() {
+        return None;
+    }
+    tracing::warn!(pipeline = %shared.pipeline, sink = %name, refused = refused.len(), "The store refused some records of a batch; dead-lettering them and committing the rest.");
+    merged.rejected.extend(
+        refused
+            .into_iter()
+            .map(|(entry, message)| (entry, format!("refused by the store: {message}"))),
+    );
+    Some(merged)
 }
 
 /// Runs a pipeline on the shared pool until it succeeds.
@@ -383,7 +428,10 @@ impl Shutdown {
     }
 
     async fn wait(&mut self) {
-        let _ = self.0.wait_for(|stop| *stop).await;
+        if self.0.wait_for(|stop| *stop).await.is_err() {
+            // The trigger is gone without firing: nothing can stop us any more.
+            std::future::pending::<()>().await;
+        }
     }
 }
 
@@ -437,6 +485,7 @@ pub async fn run(
     }
 
     let permits = Arc::new(Semaphore::new(source_cfg.in_flight));
+    let in_flight_ids: Arc<Mutex<HashSet<String>>> = Arc::new(Mutex::new(HashSet::new()));
     let mut tasks: JoinSet<()> = JoinSet::new();
     let mut last_claim = Instant::now();
     let mut read_failures = 0u32;
@@ -481,7 +530,10 @@ pub async fn run(
         if batch.is_empty() {
             drop(permit);
             if origin == Origin::New && options.drain {
-                while tasks.join_next().await.is_some() {}
+                tokio::select! {
+                    _ = async { while tasks.join_next().await.is_some() {} } => {}
+                    _ = shutdown.wait() => break,
+                }
                 match source.group_pending().await {
                     Ok(0) => {
                         tracing::info!(pipeline = %config.name, "Drained: nothing left to read and nothing pending.");
@@ -504,10 +556,23 @@ pub async fn run(
         }
 
         let SourceBatch {
-            entries,
-            over_delivered,
+            mut entries,
+            mut over_delivered,
             trimmed,
         } = batch;
+        // A re-read (after a read error) or a claim can hand back entries this worker is still
+        // applying; they are left to the batch that holds them, never acked twice or early.
+        if let Ok(mut ids) = in_flight_ids.lock() {
+            entries.retain(|e| !ids.contains(&e.id));
+            over_delivered.retain(|(e, _)| !ids.contains(&e.id));
+            ids.extend(entries.iter().map(|e| e.id.clone()));
+            ids.extend(over_delivered.iter().map(|(e, _)| e.id.clone()));
+        }
+        let batch_ids: Vec<String> = entries
+            .iter()
+            .map(|e| e.id.clone())
+            .chain(over_delivered.iter().map(|(e, _)| e.id.clone()))
+            .collect();
         let mut extra_dead: Vec<(RawEntry, String)> = Vec::new();
         for (entry, count) in over_delivered {
             extra_dead.push((
@@ -536,6 +601,7 @@ pub async fn run(
         let mut outcomes = Outcomes::default();
         let per_sink = dag.run(&entries, &mut outcomes);
         let shared = shared.clone();
+        let in_flight_ids = in_flight_ids.clone();
         tasks.spawn(async move {
             complete(
                 shared,
@@ -547,6 +613,11 @@ pub async fn run(
                 },
             )
             .await;
+            if let Ok(mut ids) = in_flight_ids.lock() {
+                for id in &batch_ids {
+                    ids.remove(id);
+                }
+            }
             drop(permit);
         });
     }

@@ -171,7 +171,14 @@ impl StreamSource {
                 self.pending_cursor = Some("0".into());
                 Ok((Origin::New, SourceBatch::default()))
             }
-            other => other,
+            Err(e) => {
+                // A read that failed may still have delivered entries to this consumer: read
+                // its own pending entries again before new ones (the caller skips those it
+                // is already applying).
+                self.pending_cursor = Some("0".into());
+                Err(e)
+            }
+            ok => ok,
         }
     }
 
@@ -195,8 +202,10 @@ impl StreamSource {
                     ));
                 }
                 Some(last) => {
-                    self.pending_cursor = Some(last.id.clone());
+                    let next = last.id.clone();
                     let batch = self.split_over_delivered(entries).await?;
+                    // Moved only once the batch is in hand, so a failure re-reads it.
+                    self.pending_cursor = Some(next);
                     return Ok((Origin::Pending, batch));
                 }
             }
@@ -272,7 +281,8 @@ impl StreamSource {
             .arg(&self.config.group)
             .arg(first)
             .arg(last)
-            .arg(count)
+            // The range may also hold this consumer's other pending entries (in flight).
+            .arg(count.saturating_add(100_000))
             .arg(&self.consumer);
         let reply = self.query("XPENDING", &cmd).await?;
         let mut counts = HashMap::new();
@@ -375,6 +385,15 @@ fn is_server_error(e: &RedisError) -> bool {
     e.code().is_some() && !e.is_io_error() && !e.is_timeout() && !e.is_connection_dropped()
 }
 
+/// Takes a string out of a reply value without copying it.
+fn into_string(value: Value) -> Option<String> {
+    match value {
+        Value::BulkString(bytes) => String::from_utf8(bytes).ok(),
+        Value::SimpleString(s) => Some(s),
+        _ => None,
+    }
+}
+
 fn as_string(value: &Value) -> Option<String> {
     match value {
         Value::BulkString(bytes) => String::from_utf8(bytes.clone()).ok(),
@@ -414,15 +433,14 @@ fn parse_entries(list: Value) -> Result<Vec<RawEntry>, String> {
         let fields_value = if parts.len() >= 2 { parts.pop() } else { None };
         let id = parts
             .pop()
-            .as_ref()
-            .and_then(as_string)
+            .and_then(into_string)
             .ok_or("entry without an id")?;
         let mut fields = Vec::new();
         match fields_value {
             Some(Value::Array(flat)) => {
                 let mut iter = flat.into_iter();
                 while let (Some(k), Some(v)) = (iter.next(), iter.next()) {
-                    let key = as_string(&k).unwrap_or_default();
+                    let key = into_string(k).unwrap_or_default();
                     let value = match v {
                         Value::BulkString(bytes) => bytes,
                         Value::SimpleString(s) => s.into_bytes(),
@@ -437,7 +455,7 @@ fn parse_entries(list: Value) -> Result<Vec<RawEntry>, String> {
                         Value::BulkString(bytes) => bytes,
                         _ => Vec::new(),
                     };
-                    fields.push((as_string(&k).unwrap_or_default(), value));
+                    fields.push((into_string(k).unwrap_or_default(), value));
                 }
             }
             _ => {}

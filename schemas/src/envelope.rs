@@ -84,8 +84,8 @@ impl Envelope {
 
 /// Formats a timestamp as RFC 3339 UTC, the wire form of `occurredAt`.
 pub fn format_timestamp(ts: OffsetDateTime) -> String {
-    ts.to_offset(time::UtcOffset::UTC)
-        .format(&Rfc3339)
+    ts.checked_to_offset(time::UtcOffset::UTC)
+        .and_then(|utc| utc.format(&Rfc3339).ok())
         .unwrap_or_default()
 }
 
@@ -362,6 +362,11 @@ fn shorten(value: &Value) -> String {
 /// Parses RFC 3339, ISO 8601 without an offset (taken as UTC, as Python's `isoformat()` writes
 /// it), or an integer of Unix milliseconds.
 pub fn parse_timestamp(value: &Value) -> Option<OffsetDateTime> {
+    // Only instants that exist in UTC (a year-9999 time with a negative offset does not).
+    parse_any_offset(value)?.checked_to_offset(time::UtcOffset::UTC)
+}
+
+fn parse_any_offset(value: &Value) -> Option<OffsetDateTime> {
     match value {
         Value::String(s) => OffsetDateTime::parse(s, &Rfc3339).ok().or_else(|| {
             let naive = time::PrimitiveDateTime::parse(
@@ -447,6 +452,18 @@ mod tests {
         assert_eq!(
             keys.read(&json!([1])).unwrap_err(),
             EnvelopeError::NotAnObject
+        );
+    }
+
+    #[test]
+    fn timestamps_outside_utc_range_are_invalid_not_a_panic() {
+        let err = EnvelopeKeys::default()
+            .read(&json!({"aggregateId": "a", "aggregateVersion": 1, "occurredAt": "9999-12-31T23:30:00-01:00"}))
+            .unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("occurredAt (key `occurredAt`) must be"),
+            "{err}"
         );
     }
 

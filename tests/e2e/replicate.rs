@@ -372,3 +372,46 @@ fn bench_reports_a_correct_replica() {
     assert!(report["events"].as_u64().unwrap_or(0) >= 1200);
     assert!(report["latency_samples"].as_u64().unwrap_or(0) >= 500);
 }
+
+#[test]
+fn a_record_the_store_refuses_is_dead_lettered_and_the_batch_commits() {
+    let mut conn = redis();
+    let stream = unique("wrongtype");
+    let prefix = format!("{stream}:");
+    // Someone else's plain string sits where one athlete's hash belongs: Redis refuses the
+    // whole script (WRONGTYPE), so the worker must find that record and set it aside.
+    let _: () = redis::cmd("SET")
+        .arg(format!("{prefix}athlete:w3"))
+        .arg("not a hash")
+        .query(&mut conn)
+        .expect("SET");
+    let events: Vec<Value> = (0..6).map(|i| event(&format!("w{i}"), 1, "n")).collect();
+    let ids = publish(&mut conn, &stream, &events);
+    let out = drain(&pipeline_file(
+        "wrongtype",
+        &athletes_pipeline(&stream, &prefix, ""),
+    ));
+    for i in [0, 1, 2, 4, 5] {
+        assert_eq!(
+            hash(&mut conn, &format!("{prefix}athlete:w{i}"))
+                .get("_version")
+                .map(String::as_str),
+            Some("1")
+        );
+    }
+    let dead = dead_letters(&mut conn, &format!("{stream}.dlq"));
+    assert_eq!(dead.len(), 1, "{dead:?}\n{}", stderr_of(&out));
+    assert_eq!(dead[0]["source_id"], ids[3]);
+    assert!(
+        dead[0]["error"].starts_with("sink `cache`: refused by the store:"),
+        "{}",
+        dead[0]["error"]
+    );
+    assert!(
+        dead[0]["error"].contains("WRONGTYPE"),
+        "{}",
+        dead[0]["error"]
+    );
+    assert_eq!(group_pending(&mut conn, &stream, "replica"), 0);
+    cleanup(&mut conn, &stream);
+}

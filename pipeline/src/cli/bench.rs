@@ -396,48 +396,8 @@ async fn cleanup(
             .query_async::<()>(conn)
             .await?;
     }
-    let mut cursor = 0u64;
-    loop {
-        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(format!("{prefix}*"))
-            .arg("COUNT")
-            .arg(10_000)
-            .query_async(conn)
-            .await?;
-        if !keys.is_empty() {
-            redis::cmd("UNLINK")
-                .arg(&keys)
-                .query_async::<()>(conn)
-                .await?;
-        }
-        cursor = next;
-        if cursor == 0 {
-            break;
-        }
-    }
-    let mut cursor = 0u64;
-    loop {
-        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(format!("ecst:tombstone:{prefix}*"))
-            .arg("COUNT")
-            .arg(10_000)
-            .query_async(conn)
-            .await?;
-        if !keys.is_empty() {
-            redis::cmd("UNLINK")
-                .arg(&keys)
-                .query_async::<()>(conn)
-                .await?;
-        }
-        cursor = next;
-        if cursor == 0 {
-            break;
-        }
-    }
+    unlink_matching(conn, &format!("{prefix}*")).await?;
+    unlink_matching(conn, &format!("ecst:tombstone:{prefix}*")).await?;
     Ok(())
 }
 
@@ -549,6 +509,30 @@ async fn pg_verify(
         }
     }
     Ok(mismatches + found.len() as u64)
+}
+
+async fn unlink_matching(conn: &mut MultiplexedConnection, pattern: &str) -> anyhow::Result<()> {
+    let mut cursor = 0u64;
+    loop {
+        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(pattern)
+            .arg("COUNT")
+            .arg(10_000)
+            .query_async(conn)
+            .await?;
+        if !keys.is_empty() {
+            redis::cmd("UNLINK")
+                .arg(&keys)
+                .query_async::<()>(conn)
+                .await?;
+        }
+        cursor = next;
+        if cursor == 0 {
+            return Ok(());
+        }
+    }
 }
 
 fn percentile(sorted: &[u32], p: f64) -> f64 {

@@ -307,8 +307,26 @@ impl PostgresConfig {
                 }
             }
         }
+        for k in &keys {
+            if !matches!(
+                k.pg_type,
+                PgType::Text | PgType::Bigint | PgType::Integer | PgType::Uuid
+            ) {
+                problems.push(ConfigProblem::new(
+                    "key",
+                    format!(
+                        "key column `{}` is {}; keys may be text, bigint, integer or uuid",
+                        k.column,
+                        k.pg_type.sql()
+                    ),
+                ));
+            }
+        }
         if self.pool_size == 0 {
             problems.push(ConfigProblem::new("pool_size", "must be at least 1"));
+        }
+        if self.purge_every.0.is_zero() {
+            problems.push(ConfigProblem::new("purge_every", "must be more than 0ms"));
         }
         if self.timeout.0.is_zero() {
             problems.push(ConfigProblem::new("timeout", "must be more than 0ms"));

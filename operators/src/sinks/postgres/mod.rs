@@ -150,6 +150,25 @@ impl bb8::ManageConnection for PgManager {
     type Error = PgConnectError;
 
     async fn connect(&self) -> Result<Self::Connection, Self::Error> {
+        tokio::time::timeout(self.config.timeout.0, self.connect_and_prepare())
+            .await
+            .unwrap_or_else(|_| {
+                Err(SchemaError::Unavailable("connecting and preparing timed out".into()).into())
+            })
+    }
+
+    async fn is_valid(&self, conn: &mut Self::Connection) -> Result<(), Self::Error> {
+        conn.client.simple_query("").await?;
+        Ok(())
+    }
+
+    fn has_broken(&self, conn: &mut Self::Connection) -> bool {
+        conn.broken || conn.client.is_closed()
+    }
+}
+
+impl PgManager {
+    async fn connect_and_prepare(&self) -> Result<PgConnection, PgConnectError> {
         let client = bb8::ManageConnection::connect(&self.inner).await?;
         self.schema_ready
             .get_or_try_init(|| ensure_schema(&client, &self.config, &self.statements))
@@ -162,15 +181,6 @@ impl bb8::ManageConnection for PgManager {
             client,
             broken: false,
         })
-    }
-
-    async fn is_valid(&self, conn: &mut Self::Connection) -> Result<(), Self::Error> {
-        conn.client.simple_query("").await?;
-        Ok(())
-    }
-
-    fn has_broken(&self, conn: &mut Self::Connection) -> bool {
-        conn.broken || conn.client.is_closed()
     }
 }
 
@@ -213,7 +223,14 @@ impl PostgresConfig {
         match tokio::time::timeout(self.timeout.0, pg.connect(NoTls)).await {
             Ok(Ok((client, connection))) => {
                 let driver = tokio::spawn(connection);
-                let checked = ensure_schema(&client, self, &statements).await;
+                let checked =
+                    tokio::time::timeout(self.timeout.0, ensure_schema(&client, self, &statements))
+                        .await
+                        .unwrap_or_else(|_| {
+                            Err(SchemaError::Unavailable(
+                                "checking the table timed out".into(),
+                            ))
+                        });
                 drop(client);
                 let _ = driver.await;
                 match checked {
@@ -272,10 +289,16 @@ async fn purge_tombstones(pool: bb8::Pool<PgManager>, sql: String, every: std::t
     loop {
         ticker.tick().await;
         match pool.get().await {
-            Ok(conn) => match conn.client.execute(&sql, &[]).await {
-                Ok(n) if n > 0 => tracing::debug!(purged = n, "Purged expired tombstones."),
-                Ok(_) => {}
-                Err(e) => tracing::warn!(error = %e, "Purging expired tombstones failed."),
+            Ok(conn) => match tokio::time::timeout(
+                every.max(std::time::Duration::from_secs(10)),
+                conn.client.execute(&sql, &[]),
+            )
+            .await
+            {
+                Ok(Ok(n)) if n > 0 => tracing::debug!(purged = n, "Purged expired tombstones."),
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => tracing::warn!(error = %e, "Purging expired tombstones failed."),
+                Err(_) => tracing::warn!("Purging expired tombstones timed out."),
             },
             Err(e) => tracing::debug!(error = %e, "No connection to purge tombstones."),
         }
@@ -352,6 +375,16 @@ fn classify(e: tokio_postgres::Error) -> SinkError {
 }
 
 impl PostgresSink {
+    async fn connection(&self) -> Result<bb8::PooledConnection<'_, PgManager>, SinkError> {
+        self.pool.get().await.map_err(|e| SinkError::Unavailable {
+            store: STORE,
+            message: match e {
+                bb8::RunError::User(e) => e.to_string(),
+                bb8::RunError::TimedOut => "timed out waiting for a pooled connection".into(),
+            },
+        })
+    }
+
     fn key_cells(&self, record: &Record) -> Result<(Vec<Cell>, String), String> {
         let mut cells = Vec::with_capacity(self.keys.len());
         let mut identity = String::new();
@@ -435,7 +468,16 @@ impl PostgresSink {
             else {
                 continue;
             };
-            let version = i64::try_from(record.event.aggregate_version).unwrap_or(i64::MAX);
+            let Ok(version) = i64::try_from(record.event.aggregate_version) else {
+                report.rejected.push((
+                    record.entry,
+                    format!(
+                        "aggregateVersion {} does not fit the bigint version column",
+                        record.event.aggregate_version
+                    ),
+                ));
+                continue;
+            };
             match record.action {
                 Action::Upsert => match self.value_cells(record) {
                     Ok(values) => {
@@ -524,13 +566,7 @@ impl PostgresSink {
         if rows == 0 {
             return Ok(report);
         }
-        let mut conn = self.pool.get().await.map_err(|e| SinkError::Unavailable {
-            store: STORE,
-            message: match e {
-                bb8::RunError::User(e) => e.to_string(),
-                bb8::RunError::TimedOut => "timed out waiting for a pooled connection".into(),
-            },
-        })?;
+        let mut conn = self.connection().await?;
         // Marked broken until the transaction answers: a timed-out one leaves the pool.
         conn.broken = true;
         let result =
@@ -572,19 +608,25 @@ impl PostgresSink {
     ) -> Result<SinkReport, SinkError> {
         let rejected: std::collections::HashSet<usize> =
             report.rejected.iter().map(|(e, _)| *e).collect();
-        let mut conn = self.pool.get().await.map_err(|e| SinkError::Unavailable {
-            store: STORE,
-            message: match e {
-                bb8::RunError::User(e) => e.to_string(),
-                bb8::RunError::TimedOut => "timed out waiting for a pooled connection".into(),
-            },
-        })?;
+        let mut conn = self.connection().await?;
         report.stale = 0;
         for record in batch.iter().filter(|r| !rejected.contains(&r.entry)) {
             let mut single = SinkReport::default();
             let plan = self.plan(std::slice::from_ref(record), &mut single);
-            report.rejected.extend(single.rejected);
-            match self.execute(&mut conn, &plan).await {
+            if !single.rejected.is_empty() {
+                report.rejected.extend(single.rejected);
+                continue;
+            }
+            conn.broken = true;
+            let result =
+                tokio::time::timeout(self.config.timeout.0, self.execute(&mut conn, &plan))
+                    .await
+                    .map_err(|_| SinkError::Unavailable {
+                        store: STORE,
+                        message: format!("row transaction timed out after {}", self.config.timeout),
+                    })?;
+            conn.broken = false;
+            match result {
                 Ok(1) => report.applied += 1,
                 Ok(_) => report.stale += 1,
                 Err(e) if is_data_error(&e) => {
