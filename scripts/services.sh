@@ -51,6 +51,10 @@ fi
 # --- PostgreSQL --------------------------------------------------------------------------
 if [ "${ECST_SKIP_POSTGRES:-}" = "1" ]; then exit 0; fi
 pg_host=127.0.0.1; pg_port=5432
+if ! command -v psql >/dev/null; then
+  log "installing postgresql-client (psql)"
+  apt_install postgresql-client
+fi
 if port_open "$pg_host" "$pg_port"; then
   log "PostgreSQL answers on $pg_host:$pg_port"
   exit 0
