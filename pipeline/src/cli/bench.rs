@@ -70,10 +70,10 @@ pub(crate) struct BenchArgs {
     #[arg(long, value_enum, default_value_t = BenchSink::Redis)]
     sink: BenchSink,
     /// Distinct aggregates.
-    #[arg(long, default_value_t = 100_000)]
+    #[arg(long, default_value_t = 100_000, value_parser = clap::value_parser!(u32).range(1..))]
     aggregates: u32,
     /// Versions per aggregate.
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..))]
     versions: u32,
     /// Share of events written twice (0.05 = 5%).
     #[arg(long, default_value_t = 0.05)]
@@ -90,7 +90,7 @@ pub(crate) struct BenchArgs {
     #[arg(long)]
     pipeline: Option<PathBuf>,
     /// Producer rate of the latency phase, events/s.
-    #[arg(long, default_value_t = 20_000)]
+    #[arg(long, default_value_t = 20_000, value_parser = clap::value_parser!(u32).range(1..))]
     latency_rate: u32,
     /// Duration of the latency phase, seconds.
     #[arg(long, default_value_t = 3)]
