@@ -7,12 +7,14 @@
 //! - [`stage`]: the two small traits every component implements ([`Stage`] for synchronous
 //!   batch transforms, [`Sink`] for the async leaves) and the closed registry [`StageConfig`].
 //! - [`stages`]: `decode`, `version_filter`, `tombstone`, `project`, one file each.
-//! - [`sinks`]: the `redis_hash` sink.
+//! - [`sinks`]: the `redis_hash` and `postgres` sinks.
+//! - [`postgres_tls`]: Postgres URLs with libpq's `sslmode` options, over rustls.
 //! - [`duration`]: the `500ms` / `2s` / `7d` durations config files use.
 #![forbid(unsafe_code)]
 #![warn(missing_docs, unreachable_pub)]
 
 pub mod duration;
+pub mod postgres_tls;
 pub mod record;
 pub mod redis_pool;
 pub mod secret;

@@ -401,14 +401,14 @@ async fn cleanup(
     Ok(())
 }
 
+/// Connects the way the sink does (same TLS options), so the ceiling pays what the sink pays.
 async fn pg_connect(url: &str) -> anyhow::Result<tokio_postgres::Client> {
-    let (client, connection) = tokio::time::timeout(
-        Duration::from_secs(10),
-        tokio_postgres::connect(url, tokio_postgres::NoTls),
-    )
-    .await
-    .context("Postgres did not answer within 10s")?
-    .context("cannot connect to Postgres")?;
+    let target = ecst_operators::postgres_tls::parse_postgres_url(url)?;
+    let (client, connection) =
+        tokio::time::timeout(Duration::from_secs(10), target.config.connect(target.tls))
+            .await
+            .context("Postgres did not answer within 10s")?
+            .context("cannot connect to Postgres")?;
     tokio::spawn(connection);
     Ok(client)
 }

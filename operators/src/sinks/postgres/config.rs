@@ -290,22 +290,11 @@ impl PostgresConfig {
                 ));
             }
         }
-        match self.url.expose().parse::<tokio_postgres::Config>() {
-            Err(e) => problems.push(ConfigProblem::new(
+        if let Err(e) = crate::postgres_tls::parse_postgres_url(self.url.expose()) {
+            problems.push(ConfigProblem::new(
                 "url",
-                format!("invalid Postgres URL {}: {e}", self.url),
-            )),
-            Ok(config) => {
-                if matches!(
-                    config.get_ssl_mode(),
-                    tokio_postgres::config::SslMode::Require
-                ) {
-                    problems.push(ConfigProblem::new(
-                        "url",
-                        "sslmode=require is not supported yet: ecst connects without TLS (use sslmode=disable or prefer)",
-                    ));
-                }
-            }
+                format!("Postgres URL {}: {e}", self.url),
+            ));
         }
         for k in &keys {
             if !matches!(

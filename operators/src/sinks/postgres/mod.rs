@@ -11,7 +11,9 @@ use std::sync::Arc;
 use bb8_postgres::PostgresConnectionManager;
 use tokio::sync::OnceCell;
 use tokio_postgres::error::SqlState;
-use tokio_postgres::{Client, NoTls, Statement};
+use tokio_postgres::{Client, Statement};
+
+use crate::postgres_tls::{PgTls, parse_postgres_url};
 
 use crate::record::{Action, Record};
 use crate::stage::{ApplyFuture, BuildContext, Sink, SinkError, SinkReport};
@@ -128,7 +130,7 @@ pub struct PgConnection {
 /// bb8 manager: bb8-postgres connections, with the schema ensured once and the statements
 /// prepared on each new connection.
 pub struct PgManager {
-    inner: PostgresConnectionManager<NoTls>,
+    inner: PostgresConnectionManager<PgTls>,
     config: PostgresConfig,
     statements: Arc<Statements>,
     schema_ready: OnceCell<()>,
@@ -204,23 +206,21 @@ impl PostgresConfig {
     /// Builds the sink: checks (or creates) the table now when Postgres answers, so that a
     /// wrong table refuses to start; connects lazily otherwise.
     pub async fn build(&self, ctx: &BuildContext) -> Result<PostgresSink, String> {
-        let mut pg: tokio_postgres::Config = self
-            .url
-            .expose()
-            .parse()
-            .map_err(|e| format!("invalid Postgres URL {}: {e}", self.url))?;
+        let target = parse_postgres_url(self.url.expose())
+            .map_err(|e| format!("Postgres URL {}: {e}", self.url))?;
+        let mut pg = target.config;
         if pg.get_application_name().is_none() {
             pg.application_name(format!("ecst/{}/{}", ctx.pipeline, ctx.stage));
         }
         pg.connect_timeout(self.timeout.0);
         let statements = Arc::new(Statements::new(self));
         let manager = PgManager {
-            inner: PostgresConnectionManager::new(pg.clone(), NoTls),
+            inner: PostgresConnectionManager::new(pg.clone(), target.tls.clone()),
             config: self.clone(),
             statements: statements.clone(),
             schema_ready: OnceCell::new(),
         };
-        match tokio::time::timeout(self.timeout.0, pg.connect(NoTls)).await {
+        match tokio::time::timeout(self.timeout.0, pg.connect(target.tls)).await {
             Ok(Ok((client, connection))) => {
                 let driver = tokio::spawn(connection);
                 let checked =

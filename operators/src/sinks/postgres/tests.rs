@@ -395,3 +395,43 @@ async fn a_delete_and_an_older_update_in_concurrent_batches_never_resurrect() {
     }
     drop_tables(&client().await, &table).await;
 }
+
+fn with_option(url: &str, option: &str) -> String {
+    let separator = if url.contains('?') { '&' } else { '?' };
+    format!("{url}{separator}{option}")
+}
+
+#[tokio::test]
+async fn sslmode_require_replicates_over_tls() {
+    let table = unique_table();
+    let mut config = config(&table, true);
+    config.url = SecretUrl::new(with_option(&database_url(), "sslmode=require"));
+    let sink = config.build(&ctx(&table)).await.unwrap();
+    let report = sink
+        .apply_batch(&[record(0, "a", 1, json!({"display_name": "tls"}))])
+        .await
+        .unwrap();
+    assert_eq!(report.applied, 1);
+    let c = client().await;
+    let encrypted: Vec<bool> = c
+        .query(
+            "SELECT s.ssl FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid)
+             WHERE a.application_name = $1",
+            &[&format!("ecst/test/{table}")],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(
+        !encrypted.is_empty(),
+        "the sink's connection is not in pg_stat_activity"
+    );
+    assert!(
+        encrypted.iter().all(|ssl| *ssl),
+        "a sink connection is not encrypted"
+    );
+    assert_eq!(row(&c, &table, "a").await.map(|r| r.0), Some(1));
+    drop_tables(&c, &table).await;
+}
