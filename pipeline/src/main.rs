@@ -8,7 +8,9 @@ use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use ecst_pipeline::config::{self, ConfigErrors};
 use ecst_pipeline::graph;
+use ecst_pipeline::relay::{RelayConfig, RelayStats};
 use ecst_pipeline::runner::{self, RunOptions, Shutdown, Stats};
+use ecst_pipeline::snapshot::SnapshotConfig;
 
 mod cli;
 
@@ -71,8 +73,64 @@ enum Command {
     },
     /// Publish NDJSON events to a stream in the wire format.
     Publish(publish::PublishArgs),
+    /// Publish outbox rows to Redis Streams until SIGINT/SIGTERM.
+    Relay {
+        /// Relay file.
+        relay: PathBuf,
+    },
+    /// The outbox table: print or install its DDL.
+    #[command(subcommand)]
+    Outbox(OutboxCommand),
+    /// Serve entity snapshots over HTTP for bootstrap.
+    #[command(subcommand)]
+    Snapshot(SnapshotCommand),
     /// Measure throughput and latency against the Redis ceiling on this machine.
     Bench(bench::BenchArgs),
+}
+
+#[derive(Subcommand)]
+enum OutboxCommand {
+    /// Print the outbox DDL (versioned; safe to run twice).
+    Ddl {
+        #[command(flatten)]
+        table: OutboxTableArgs,
+    },
+    /// Run the outbox DDL against a database.
+    Install {
+        /// Postgres URL.
+        #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+        postgres: String,
+        #[command(flatten)]
+        table: OutboxTableArgs,
+    },
+}
+
+#[derive(clap::Args)]
+struct OutboxTableArgs {
+    /// Schema of the outbox table.
+    #[arg(long, default_value = "public")]
+    schema: String,
+    /// Outbox table.
+    #[arg(long, default_value = "ecst_outbox")]
+    table: String,
+}
+
+impl OutboxTableArgs {
+    fn table(&self) -> anyhow::Result<ecst_pipeline::outbox::OutboxTable> {
+        Ok(ecst_pipeline::outbox::OutboxTable::new(
+            &self.schema,
+            &self.table,
+        )?)
+    }
+}
+
+#[derive(Subcommand)]
+enum SnapshotCommand {
+    /// Serve `GET /snapshot/{entity}?after=&limit=` until SIGINT/SIGTERM.
+    Serve {
+        /// Snapshot server file.
+        config: PathBuf,
+    },
 }
 
 fn init_logging(format: LogFormat) {
@@ -86,6 +144,38 @@ fn init_logging(format: LogFormat) {
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn load_relay(path: &std::path::Path) -> Result<RelayConfig, ExitCode> {
+    config::load_document(path, RelayConfig::check).map_err(|errors| {
+        eprintln!("{errors}");
+        ExitCode::from(1)
+    })
+}
+
+fn load_snapshot(path: &std::path::Path) -> Result<SnapshotConfig, ExitCode> {
+    config::load_document(path, SnapshotConfig::check).map_err(|errors| {
+        eprintln!("{errors}");
+        ExitCode::from(1)
+    })
+}
+
+/// What a file is, by its top-level keys: `validate` takes any of the three.
+fn file_kind(path: &std::path::Path) -> &'static str {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let top_level = |key: &str| {
+        text.lines().any(|line| {
+            line.strip_prefix(key)
+                .is_some_and(|rest| rest.trim_start().starts_with(':'))
+        })
+    };
+    if top_level("entities") {
+        "snapshot"
+    } else if !top_level("stages") && !top_level("source") && top_level("postgres") {
+        "relay"
+    } else {
+        "pipeline"
     }
 }
 
@@ -126,6 +216,28 @@ async fn main() -> ExitCode {
 
 async fn execute(command: Command) -> anyhow::Result<ExitCode> {
     match command {
+        Command::Validate { pipeline } if file_kind(&pipeline) == "relay" => {
+            Ok(match load_relay(&pipeline) {
+                Ok(_) => {
+                    println!("{}: ok (relay)", pipeline.display());
+                    ExitCode::SUCCESS
+                }
+                Err(code) => code,
+            })
+        }
+        Command::Validate { pipeline } if file_kind(&pipeline) == "snapshot" => {
+            Ok(match load_snapshot(&pipeline) {
+                Ok(c) => {
+                    println!(
+                        "{}: ok (snapshot server, {} entities)",
+                        pipeline.display(),
+                        c.entities.len()
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(code) => code,
+            })
+        }
         Command::Validate { pipeline } => match load(&pipeline) {
             Ok(config) => {
                 println!(
@@ -174,6 +286,54 @@ async fn execute(command: Command) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Publish(args) => publish::publish(args).await,
+        Command::Relay { relay } => {
+            let config = match load_relay(&relay) {
+                Ok(c) => c,
+                Err(code) => return Ok(code),
+            };
+            let (tx, shutdown) = Shutdown::new();
+            tokio::spawn(shutdown_on_signals(tx));
+            ecst_pipeline::relay::run(&config, shutdown, Arc::new(RelayStats::default()))
+                .await
+                .with_context(|| format!("relay {}", config.name))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Outbox(OutboxCommand::Ddl { table }) => {
+            print!("{}", table.table()?.ddl());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Outbox(OutboxCommand::Install { postgres, table }) => {
+            let outbox = table.table()?;
+            let target = ecst_operators::postgres_tls::parse_postgres_url(&postgres)?;
+            let (client, connection) = tokio::time::timeout(
+                std::time::Duration::from_secs(10),
+                target.config.connect(target.tls),
+            )
+            .await
+            .context("Postgres did not answer within 10s")?
+            .context("cannot connect to Postgres")?;
+            tokio::spawn(connection);
+            // The DDL's "does not exist, skipping" notices are not news.
+            client
+                .batch_execute(&format!(
+                    "SET client_min_messages = warning;\n{}",
+                    outbox.ddl()
+                ))
+                .await
+                .context("installing the outbox")?;
+            eprintln!("outbox {} installed", outbox.sql_name());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Snapshot(SnapshotCommand::Serve { config }) => {
+            let config = match load_snapshot(&config) {
+                Ok(c) => c,
+                Err(code) => return Ok(code),
+            };
+            let (tx, shutdown) = Shutdown::new();
+            tokio::spawn(shutdown_on_signals(tx));
+            ecst_pipeline::snapshot::serve(&config, shutdown).await?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Bench(args) => bench::bench(args).await,
     }
 }

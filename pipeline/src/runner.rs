@@ -423,11 +423,13 @@ impl Shutdown {
         (tx, Shutdown(rx))
     }
 
-    fn is_set(&self) -> bool {
+    /// Whether shutdown was asked for.
+    pub fn is_set(&self) -> bool {
         *self.0.borrow()
     }
 
-    async fn wait(&mut self) {
+    /// Resolves once shutdown is asked for.
+    pub async fn wait(&mut self) {
         if self.0.wait_for(|stop| *stop).await.is_err() {
             // The trigger is gone without firing: nothing can stop us any more.
             std::future::pending::<()>().await;

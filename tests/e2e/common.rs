@@ -196,12 +196,14 @@ pub struct Worker {
 impl Worker {
     pub fn start(pipeline: &PathBuf, extra: &[&str]) -> Worker {
         let mut cmd = ecst();
-        cmd.arg("run")
-            .arg(pipeline)
-            .args(extra)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        let mut child = cmd.spawn().expect("spawn ecst run");
+        cmd.arg("run").arg(pipeline).args(extra);
+        Worker::spawn(cmd)
+    }
+
+    /// Runs any `ecst` command line (relay, snapshot server) the same way.
+    pub fn spawn(mut cmd: Command) -> Worker {
+        cmd.stdout(Stdio::null()).stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("spawn ecst");
         let log = Arc::new(Mutex::new(String::new()));
         let mut stderr = child.stderr.take().expect("stderr");
         let sink = log.clone();

@@ -3,5 +3,6 @@
 mod common;
 mod fanout;
 mod faults;
+mod relay;
 mod replicate;
 mod validate;

@@ -57,11 +57,12 @@ pub(crate) struct BenchArgs {
         hide_env_values = true
     )]
     redis: String,
-    /// Postgres URL, for `--sink postgres|both`.
+    /// Postgres URL, for `--sink postgres|both`; the ceiling uses it too. Loopback by default,
+    /// without TLS: add `sslmode=require` to measure with it.
     #[arg(
         long,
         env = "DATABASE_URL",
-        default_value = "postgres://postgres@127.0.0.1:5432/postgres",
+        default_value = "postgres://postgres@127.0.0.1:5432/postgres?sslmode=disable",
         hide_env_values = true
     )]
     database: String,

@@ -498,6 +498,74 @@ pub fn load_str(
     }
 }
 
+/// Reads a one-document YAML file (`relay.yaml`, `snapshot.yaml`): `${VAR}` from the
+/// environment, then `T`, then `check`'s (key path, message) problems, all positioned.
+pub fn load_document<T: serde::de::DeserializeOwned>(
+    path: &Path,
+    check: impl Fn(&T) -> Vec<(Vec<String>, String)>,
+) -> Result<T, ConfigErrors> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        ConfigErrors(vec![ConfigError {
+            file: path.to_path_buf(),
+            pos: Pos::default(),
+            key: String::new(),
+            message: format!("cannot read the file: {e}"),
+        }])
+    })?;
+    load_document_str(path, &text, &|name| std::env::var(name).ok(), check)
+}
+
+/// [`load_document`] over text; `env` resolves `${VAR}`.
+pub fn load_document_str<T: serde::de::DeserializeOwned>(
+    file: &Path,
+    text: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+    check: impl Fn(&T) -> Vec<(Vec<String>, String)>,
+) -> Result<T, ConfigErrors> {
+    let mut root = yaml::parse(text).map_err(|e| {
+        ConfigErrors(vec![ConfigError {
+            file: file.to_path_buf(),
+            pos: e.pos,
+            key: String::new(),
+            message: e.message,
+        }])
+    })?;
+    let interpolation = yaml::interpolate(&mut root, env);
+    let mut c = Collector {
+        file,
+        root: &root,
+        errors: Vec::new(),
+    };
+    for e in interpolation {
+        c.errors.push(ConfigError {
+            file: file.to_path_buf(),
+            pos: e.pos,
+            key: key_at(&root, e.pos),
+            message: e.message,
+        });
+    }
+    let parsed = match serde_path_to_error::deserialize::<_, T>(root.to_json()) {
+        Ok(parsed) => Some(parsed),
+        Err(e) => {
+            let p = error_path(&e);
+            c.at(&p, e.into_inner().to_string());
+            None
+        }
+    };
+    if let Some(parsed) = &parsed {
+        for (key, message) in check(parsed) {
+            c.at(&key, message);
+        }
+    }
+    match parsed {
+        Some(parsed) if c.errors.is_empty() => Ok(parsed),
+        _ => {
+            c.errors.sort_by_key(|e| (e.pos.line, e.pos.col));
+            Err(ConfigErrors(c.errors))
+        }
+    }
+}
+
 fn valid_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 128

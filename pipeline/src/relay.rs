@@ -1,0 +1,942 @@
+//! `ecst relay`: publishes outbox rows to Redis Streams, at least once, in id order.
+//!
+//! One batch is one Postgres transaction: claim the oldest unpublished rows with
+//! `FOR UPDATE SKIP LOCKED`, XADD them in one pipeline, then delete (or mark) them and commit.
+//! A crash between XADD and COMMIT publishes the rows again on restart; consumers absorb the
+//! duplicate. There is no cursor: a row whose transaction commits late, behind higher ids, is
+//! simply the oldest unpublished row on a later pass.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use ecst_operators::postgres_tls::parse_postgres_url;
+use ecst_operators::redis_pool::{RedisManager, is_transport_error};
+use ecst_operators::sinks::postgres::config::quote;
+use ecst_operators::{ConfigDuration, SecretUrl};
+use ecst_schemas::Envelope;
+use ecst_schemas::wire::{
+    BodyLimits, ContentType, FIELD_BODY, FIELD_CONTENT_TYPE, FIELD_TRACEPARENT, encode_body,
+};
+use futures::StreamExt;
+use redis::aio::MultiplexedConnection;
+use serde::Deserialize;
+use serde_json::Value;
+use time::OffsetDateTime;
+use tokio::sync::Notify;
+use tokio_postgres::{AsyncMessage, Client, Row, Statement};
+
+use crate::outbox::{OUTBOX_COLUMNS, OutboxTable, check_stream_name};
+use crate::runner::{Shutdown, backoff};
+
+/// Body encoding on the stream.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BodyEncoding {
+    /// `application/json` (no `ct` field).
+    #[default]
+    Json,
+    /// `application/msgpack`.
+    Msgpack,
+}
+
+impl BodyEncoding {
+    fn content_type(self) -> ContentType {
+        match self {
+            BodyEncoding::Json => ContentType::Json,
+            BodyEncoding::Msgpack => ContentType::MsgPack,
+        }
+    }
+}
+
+/// What happens to a row once its entry is on the stream.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnPublish {
+    /// Delete it (the default).
+    #[default]
+    Delete,
+    /// Keep it with `published_at` set.
+    Mark,
+}
+
+/// How far back a stream keeps entries: XADD's `MAXLEN ~` or `MINID ~`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Retention {
+    /// Keep about this many entries.
+    #[serde(default)]
+    pub maxlen: Option<u64>,
+    /// Keep entries younger than this (by entry id time).
+    #[serde(default)]
+    pub max_age: Option<ConfigDuration>,
+}
+
+/// Where the outbox is.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutboxLocation {
+    /// Schema (default `public`).
+    #[serde(default = "default_schema")]
+    pub schema: String,
+    /// Table (default `ecst_outbox`).
+    #[serde(default = "default_table")]
+    pub table: String,
+}
+
+impl Default for OutboxLocation {
+    fn default() -> Self {
+        OutboxLocation {
+            schema: default_schema(),
+            table: default_table(),
+        }
+    }
+}
+
+/// A relay file (`relay.yaml`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RelayConfig {
+    /// Name in logs and in `application_name` (default `ecst-relay`).
+    #[serde(default = "default_name")]
+    pub name: String,
+    /// Postgres URL of the database holding the outbox.
+    pub postgres: SecretUrl,
+    /// Redis URL (default `redis://127.0.0.1:6379`).
+    #[serde(default = "default_redis")]
+    pub redis: SecretUrl,
+    /// The outbox table.
+    #[serde(default)]
+    pub outbox: OutboxLocation,
+    /// Body encoding (default `json`).
+    #[serde(default)]
+    pub content_type: BodyEncoding,
+    /// Rows per transaction (default 1000).
+    #[serde(default = "default_batch_size")]
+    pub batch_size: u32,
+    /// Poll this often even without a notification (default 1s).
+    #[serde(default = "default_poll_interval")]
+    pub poll_interval: ConfigDuration,
+    /// `delete` (default) or `mark`.
+    #[serde(default)]
+    pub on_publish: OnPublish,
+    /// Under `mark`, delete published rows older than this (default: keep).
+    #[serde(default)]
+    pub keep_published_for: Option<ConfigDuration>,
+    /// Retention of every stream without its own.
+    #[serde(default)]
+    pub retention: Option<Retention>,
+    /// The streams the relay may publish to, each with optional retention; rows for other
+    /// streams are dead-lettered. Absent: any stream.
+    #[serde(default)]
+    pub streams: Option<BTreeMap<String, Retention>>,
+    /// Bound on every Postgres and Redis call (default 10s).
+    #[serde(default = "default_timeout")]
+    pub timeout: ConfigDuration,
+}
+
+fn default_schema() -> String {
+    "public".into()
+}
+fn default_table() -> String {
+    "ecst_outbox".into()
+}
+fn default_name() -> String {
+    "ecst-relay".into()
+}
+fn default_redis() -> SecretUrl {
+    SecretUrl::new("redis://127.0.0.1:6379")
+}
+fn default_batch_size() -> u32 {
+    1000
+}
+fn default_poll_interval() -> ConfigDuration {
+    ConfigDuration(Duration::from_secs(1))
+}
+fn default_timeout() -> ConfigDuration {
+    ConfigDuration(Duration::from_secs(10))
+}
+
+impl RelayConfig {
+    /// Every problem `validate` reports, as (key path, message).
+    pub fn check(&self) -> Vec<(Vec<String>, String)> {
+        let at = |parts: &[&str]| parts.iter().map(|p| p.to_string()).collect::<Vec<_>>();
+        let mut problems = Vec::new();
+        if let Err(e) = OutboxTable::new(&self.outbox.schema, &self.outbox.table) {
+            problems.push((at(&["outbox"]), e.to_string()));
+        }
+        if let Err(e) = parse_postgres_url(self.postgres.expose()) {
+            problems.push((at(&["postgres"]), format!("{}: {e}", self.postgres)));
+        }
+        if let Err(e) = redis::Client::open(self.redis.expose()) {
+            problems.push((
+                at(&["redis"]),
+                format!("invalid Redis URL {}: {e}", self.redis),
+            ));
+        }
+        if !(1..=10_000).contains(&self.batch_size) {
+            problems.push((at(&["batch_size"]), "must be between 1 and 10000".into()));
+        }
+        if self.poll_interval.0.is_zero() {
+            problems.push((at(&["poll_interval"]), "must be more than 0".into()));
+        }
+        if self.timeout.0 < Duration::from_millis(100) {
+            problems.push((at(&["timeout"]), "must be at least 100ms".into()));
+        }
+        if self.keep_published_for.is_some() && self.on_publish != OnPublish::Mark {
+            problems.push((
+                at(&["keep_published_for"]),
+                "only applies with `on_publish: mark` (deleted rows are not kept)".into(),
+            ));
+        }
+        if let Some(retention) = &self.retention {
+            for message in retention.check() {
+                problems.push((at(&["retention"]), message));
+            }
+        }
+        for (stream, retention) in self.streams.iter().flatten() {
+            if let Err(message) = check_stream_name(stream) {
+                problems.push((vec!["streams".into(), stream.clone()], message));
+            }
+            for message in retention.check() {
+                problems.push((vec!["streams".into(), stream.clone()], message));
+            }
+        }
+        problems
+    }
+
+    fn retention_for(&self, stream: &str) -> Option<&Retention> {
+        match self.streams.as_ref().and_then(|s| s.get(stream)) {
+            Some(own) if own.maxlen.is_some() || own.max_age.is_some() => Some(own),
+            _ => self.retention.as_ref(),
+        }
+    }
+}
+
+impl Retention {
+    fn check(&self) -> Vec<String> {
+        match (self.maxlen, &self.max_age) {
+            (Some(_), Some(_)) => {
+                vec!["give `maxlen` or `max_age`, not both (XADD trims by one of them)".into()]
+            }
+            (Some(0), None) => vec!["maxlen must be more than 0".into()],
+            (None, Some(age)) if age.0.as_millis() == 0 => {
+                vec!["max_age must be more than 0".into()]
+            }
+            _ => Vec::new(),
+        }
+    }
+
+    /// XADD's trimming arguments, relative to `now_ms` for `max_age`.
+    fn xadd_args(&self, now_ms: u64) -> Option<(&'static str, String)> {
+        if let Some(n) = self.maxlen {
+            return Some(("MAXLEN", n.to_string()));
+        }
+        let age = self.max_age.as_ref()?.0.as_millis() as u64;
+        Some(("MINID", format!("{}-0", now_ms.saturating_sub(age))))
+    }
+}
+
+/// Counters a relay keeps while it runs.
+#[derive(Debug, Default)]
+pub struct RelayStats {
+    /// Rows published and removed from the outbox (or marked).
+    pub published: AtomicU64,
+    /// Rows moved to the dead-letter table.
+    pub dead_lettered: AtomicU64,
+    /// Transactions committed.
+    pub batches: AtomicU64,
+    /// Batches that failed and were retried.
+    pub retries: AtomicU64,
+}
+
+/// A relay that cannot run.
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    /// A URL or name that cannot be used.
+    #[error("{0}")]
+    Config(String),
+    /// The outbox table is missing or lacks columns; retrying would not help.
+    #[error("{0}")]
+    Schema(String),
+}
+
+/// Why one batch did not commit.
+#[derive(Debug)]
+enum BatchError {
+    Postgres(String),
+    Redis {
+        message: String,
+        transport: bool,
+    },
+    /// The connection failed during COMMIT: it may or may not have committed.
+    CommitUnknown {
+        txid: i64,
+        message: String,
+    },
+}
+
+/// A claimed row turned into a stream entry, or the reason it cannot be.
+struct Claimed {
+    id: i64,
+    entry: Result<Entry, String>,
+}
+
+struct Entry {
+    stream: String,
+    body: Vec<u8>,
+    traceparent: Option<String>,
+}
+
+struct Session {
+    client: Client,
+    notified: Arc<Notify>,
+    driver: tokio::task::JoinHandle<()>,
+    txid: Statement,
+    claim: Statement,
+    finish: Statement,
+    dead_letter: Statement,
+    remove: Statement,
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        self.driver.abort();
+    }
+}
+
+struct Relay<'a> {
+    config: &'a RelayConfig,
+    outbox: OutboxTable,
+    pg: tokio_postgres::Config,
+    tls: ecst_operators::postgres_tls::PgTls,
+    redis: RedisManager,
+    ct: ContentType,
+    limits: BodyLimits,
+    stats: Arc<RelayStats>,
+}
+
+/// Runs the relay until `shutdown` fires; the batch in flight finishes first.
+pub async fn run(
+    config: &RelayConfig,
+    mut shutdown: Shutdown,
+    stats: Arc<RelayStats>,
+) -> Result<(), RelayError> {
+    let outbox = OutboxTable::new(&config.outbox.schema, &config.outbox.table)
+        .map_err(|e| RelayError::Config(e.to_string()))?;
+    let target = parse_postgres_url(config.postgres.expose())
+        .map_err(|e| RelayError::Config(format!("postgres {}: {e}", config.postgres)))?;
+    let mut pg = target.config;
+    if pg.get_application_name().is_none() {
+        pg.application_name(format!("ecst-relay/{}", config.name));
+    }
+    pg.connect_timeout(config.timeout.0);
+    let redis = RedisManager::new(&config.redis, config.timeout.0)
+        .map_err(|e| RelayError::Config(format!("redis {}: {e}", config.redis)))?;
+    let relay = Relay {
+        config,
+        outbox,
+        pg,
+        tls: target.tls,
+        redis,
+        ct: config.content_type.content_type(),
+        limits: BodyLimits::default(),
+        stats,
+    };
+    relay.run(&mut shutdown).await
+}
+
+impl Relay<'_> {
+    async fn run(&self, shutdown: &mut Shutdown) -> Result<(), RelayError> {
+        let mut session: Option<Session> = None;
+        let mut conn: Option<MultiplexedConnection> = None;
+        let mut unresolved: Option<i64> = None;
+        let mut failures = 0u32;
+        let mut last_prune = Instant::now();
+        tracing::info!(relay = %self.config.name, outbox = %self.outbox.sql_name(), "Relay started.");
+        while !shutdown.is_set() {
+            let step = self.step(&mut session, &mut conn, &mut unresolved).await;
+            let full = match step {
+                Ok(claimed) => {
+                    failures = 0;
+                    claimed >= self.config.batch_size as usize
+                }
+                Err(Step::Fatal(e)) => return Err(e),
+                Err(Step::Retry(message)) => {
+                    self.stats.retries.fetch_add(1, Ordering::Relaxed);
+                    let wait = backoff(failures);
+                    failures = failures.saturating_add(1);
+                    tracing::warn!(relay = %self.config.name, attempt = failures, retry_in_ms = wait.as_millis() as u64, error = %message, "Relay batch failed; the rows stay in the outbox, retrying.");
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => {}
+                        _ = shutdown.wait() => {}
+                    }
+                    continue;
+                }
+            };
+            if let (Some(keep), Some(s)) = (&self.config.keep_published_for, &session)
+                && last_prune.elapsed() >= Duration::from_secs(60)
+            {
+                last_prune = Instant::now();
+                self.prune(s, keep.0).await;
+            }
+            if full {
+                continue;
+            }
+            let Some(s) = &session else { continue };
+            // A notification is only a hint: the poll covers those lost while disconnected.
+            tokio::select! {
+                _ = s.notified.notified() => {}
+                _ = tokio::time::sleep(self.config.poll_interval.0) => {}
+                _ = shutdown.wait() => {}
+            }
+        }
+        tracing::info!(relay = %self.config.name, published = self.stats.published.load(Ordering::Relaxed), "Relay stopped.");
+        Ok(())
+    }
+
+    /// One pass: reconnect what is missing, resolve an ambiguous commit, relay one batch.
+    async fn step(
+        &self,
+        session: &mut Option<Session>,
+        conn: &mut Option<MultiplexedConnection>,
+        unresolved: &mut Option<i64>,
+    ) -> Result<usize, Step> {
+        if session.as_ref().is_none_or(|s| s.client.is_closed()) {
+            *session = None;
+            *session = Some(self.open_session().await?);
+        }
+        let Some(s) = session.as_ref() else {
+            return Err(Step::Retry("no Postgres session".into()));
+        };
+        if let Some(txid) = unresolved.take() {
+            self.resolve(s, txid).await;
+        }
+        if conn.is_none() {
+            *conn = Some(
+                self.redis
+                    .connect_with_timeout(self.config.timeout.0)
+                    .await
+                    .map_err(|e| Step::Retry(format!("cannot connect to Redis: {e}")))?,
+            );
+        }
+        let Some(c) = conn.as_mut() else {
+            return Err(Step::Retry("no Redis connection".into()));
+        };
+        match self.relay_batch(s, c).await {
+            Ok(claimed) => Ok(claimed),
+            Err(BatchError::Postgres(message)) => {
+                *session = None;
+                Err(Step::Retry(format!("Postgres: {message}")))
+            }
+            Err(BatchError::Redis { message, transport }) => {
+                if transport {
+                    *conn = None;
+                }
+                Err(Step::Retry(format!("Redis: {message}")))
+            }
+            Err(BatchError::CommitUnknown { txid, message }) => {
+                *session = None;
+                *unresolved = Some(txid);
+                Err(Step::Retry(format!(
+                    "the connection failed during COMMIT ({message}); its outcome is checked on reconnect"
+                )))
+            }
+        }
+    }
+
+    async fn open_session(&self) -> Result<Session, Step> {
+        let timeout = self.config.timeout.0;
+        let (client, mut connection) = within(timeout, self.pg.connect(self.tls.clone()))
+            .await
+            .map_err(|e| Step::Retry(format!("cannot connect to Postgres: {e}")))?;
+        let notified = Arc::new(Notify::new());
+        let wake = notified.clone();
+        let driver = tokio::spawn(async move {
+            let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
+            while let Some(message) = messages.next().await {
+                match message {
+                    Ok(AsyncMessage::Notification(_)) => wake.notify_one(),
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::warn!(error = %e, "Postgres connection closed.");
+                        break;
+                    }
+                }
+            }
+            // Wake the loop so that it notices the closed connection now.
+            wake.notify_one();
+        });
+        // LISTEN before the first claim, so no commit falls between the two unseen.
+        within(
+            timeout,
+            client.batch_execute(&format!("LISTEN {}", quote(self.outbox.channel()))),
+        )
+        .await
+        .map_err(|e| Step::Retry(format!("LISTEN failed: {e}")))?;
+        self.check_schema(&client).await?;
+        let t = self.outbox.sql_name();
+        let columns = OUTBOX_COLUMNS.join(", ");
+        let prepare = |sql: String| {
+            let client = &client;
+            async move {
+                within(timeout, client.prepare(&sql))
+                    .await
+                    .map_err(|e| Step::Retry(format!("preparing the relay's statements: {e}")))
+            }
+        };
+        let txid = prepare("SELECT txid_current()".into()).await?;
+        let claim = prepare(format!(
+            "SELECT id, stream, aggregate_type, aggregate_id, aggregate_version, event_type,
+                    event_id::text, schema_version, occurred_at, payload, headers
+             FROM {t} WHERE published_at IS NULL ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED"
+        ))
+        .await?;
+        let finish = prepare(match self.config.on_publish {
+            OnPublish::Delete => format!("DELETE FROM {t} WHERE id = ANY($1::bigint[])"),
+            OnPublish::Mark => {
+                format!("UPDATE {t} SET published_at = now() WHERE id = ANY($1::bigint[])")
+            }
+        })
+        .await?;
+        let dead_letter = prepare(format!(
+            "INSERT INTO {dl} ({columns}, error)
+             SELECT {selected}, e.error
+             FROM {t} o JOIN unnest($1::bigint[], $2::text[]) AS e(id, error) ON o.id = e.id",
+            dl = self.outbox.dead_letters_sql_name(),
+            selected = OUTBOX_COLUMNS
+                .iter()
+                .map(|c| format!("o.{c}"))
+                .collect::<Vec<_>>()
+                .join(", "),
+        ))
+        .await?;
+        let remove = prepare(format!("DELETE FROM {t} WHERE id = ANY($1::bigint[])")).await?;
+        tracing::info!(relay = %self.config.name, channel = %self.outbox.channel(), "Connected to Postgres; listening for outbox notifications.");
+        Ok(Session {
+            client,
+            notified,
+            driver,
+            txid,
+            claim,
+            finish,
+            dead_letter,
+            remove,
+        })
+    }
+
+    /// Refuses to run against a table that is not an outbox, naming what is missing.
+    async fn check_schema(&self, client: &Client) -> Result<(), Step> {
+        let rows = within(
+            self.config.timeout.0,
+            client.query(
+                "SELECT table_name::text, column_name::text FROM information_schema.columns
+                 WHERE table_schema = $1 AND table_name IN ($2, $3)",
+                &[
+                    &self.outbox.schema_name(),
+                    &self.outbox.table_name(),
+                    &format!("{}_dead_letters", self.outbox.table_name()),
+                ],
+            ),
+        )
+        .await
+        .map_err(|e| Step::Retry(format!("checking the outbox table: {e}")))?;
+        let has = |table: &str, column: &str| {
+            rows.iter()
+                .any(|r| r.get::<_, String>(0) == table && r.get::<_, String>(1) == column)
+        };
+        let dead_letters = format!("{}_dead_letters", self.outbox.table_name());
+        let mut missing = Vec::new();
+        for table in [self.outbox.table_name(), dead_letters.as_str()] {
+            let absent: Vec<&str> = OUTBOX_COLUMNS
+                .iter()
+                .copied()
+                .filter(|c| !has(table, c))
+                .collect();
+            if absent.len() == OUTBOX_COLUMNS.len() {
+                missing.push(format!(
+                    "table {}.{table} does not exist",
+                    self.outbox.schema_name()
+                ));
+            } else if !absent.is_empty() {
+                missing.push(format!(
+                    "table {}.{table} lacks column(s) {}",
+                    self.outbox.schema_name(),
+                    absent.join(", ")
+                ));
+            }
+        }
+        if !missing.is_empty() && !has(&dead_letters, "error") {
+            missing.push(format!("table {dead_letters} lacks column error"));
+        }
+        if missing.is_empty() {
+            Ok(())
+        } else {
+            Err(Step::Fatal(RelayError::Schema(format!(
+                "{}; create the outbox with `ecst outbox install` or `ecst outbox ddl | psql`",
+                missing.join("; ")
+            ))))
+        }
+    }
+
+    async fn relay_batch(
+        &self,
+        s: &Session,
+        conn: &mut MultiplexedConnection,
+    ) -> Result<usize, BatchError> {
+        let timeout = self.config.timeout.0;
+        let pg = |e: String| BatchError::Postgres(e);
+        within(timeout, s.client.batch_execute("BEGIN"))
+            .await
+            .map_err(pg)?;
+        let txid: i64 = within(timeout, s.client.query_one(&s.txid, &[]))
+            .await
+            .map_err(pg)?
+            .get(0);
+        let limit = i64::from(self.config.batch_size);
+        let rows = within(timeout, s.client.query(&s.claim, &[&limit]))
+            .await
+            .map_err(pg)?;
+        if rows.is_empty() {
+            within(timeout, s.client.batch_execute("COMMIT"))
+                .await
+                .map_err(pg)?;
+            return Ok(0);
+        }
+        let claimed: Vec<Claimed> = rows.iter().map(|row| self.encode(row)).collect();
+        let outcome = match self.publish(conn, &claimed).await {
+            Ok(outcome) => outcome,
+            Err(e) => {
+                let _ = within(timeout, s.client.batch_execute("ROLLBACK")).await;
+                return Err(e);
+            }
+        };
+        if !outcome.dead.is_empty() {
+            let (ids, errors): (Vec<i64>, Vec<String>) = outcome.dead.iter().cloned().unzip();
+            within(timeout, s.client.execute(&s.dead_letter, &[&ids, &errors]))
+                .await
+                .map_err(pg)?;
+            within(timeout, s.client.execute(&s.remove, &[&ids]))
+                .await
+                .map_err(pg)?;
+        }
+        within(timeout, s.client.execute(&s.finish, &[&outcome.published]))
+            .await
+            .map_err(pg)?;
+        match tokio::time::timeout(timeout, s.client.batch_execute("COMMIT")).await {
+            Ok(Ok(())) => {}
+            // The server answered: it did not commit.
+            Ok(Err(e)) if e.code().is_some() => return Err(BatchError::Postgres(e.to_string())),
+            Ok(Err(e)) => {
+                return Err(BatchError::CommitUnknown {
+                    txid,
+                    message: e.to_string(),
+                });
+            }
+            Err(_) => {
+                return Err(BatchError::CommitUnknown {
+                    txid,
+                    message: format!("no answer within {timeout:?}"),
+                });
+            }
+        }
+        for (id, reason) in &outcome.dead {
+            tracing::error!(relay = %self.config.name, outbox_id = id, reason = %reason, "Outbox row cannot be published; moved to the dead-letter table.");
+        }
+        self.stats
+            .published
+            .fetch_add(outcome.published.len() as u64, Ordering::Relaxed);
+        self.stats
+            .dead_lettered
+            .fetch_add(outcome.dead.len() as u64, Ordering::Relaxed);
+        self.stats.batches.fetch_add(1, Ordering::Relaxed);
+        Ok(rows.len())
+    }
+
+    /// XADDs every encodable row in one pipeline; per-row refusals become dead letters.
+    async fn publish(
+        &self,
+        conn: &mut MultiplexedConnection,
+        claimed: &[Claimed],
+    ) -> Result<Published, BatchError> {
+        let now_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        let mut pipe = redis::pipe();
+        pipe.ignore_errors();
+        let mut sent = Vec::new();
+        let mut out = Published::default();
+        for c in claimed {
+            match &c.entry {
+                Err(reason) => out.dead.push((c.id, reason.clone())),
+                Ok(entry) => {
+                    let cmd = pipe.cmd("XADD").arg(&entry.stream);
+                    if let Some((strategy, threshold)) = self
+                        .config
+                        .retention_for(&entry.stream)
+                        .and_then(|r| r.xadd_args(now_ms))
+                    {
+                        cmd.arg(strategy).arg("~").arg(threshold);
+                    }
+                    cmd.arg("*").arg(FIELD_BODY).arg(&entry.body);
+                    if self.ct != ContentType::Json {
+                        cmd.arg(FIELD_CONTENT_TYPE).arg(self.ct.as_str());
+                    }
+                    if let Some(tp) = &entry.traceparent {
+                        cmd.arg(FIELD_TRACEPARENT).arg(tp);
+                    }
+                    sent.push(c.id);
+                }
+            }
+        }
+        if sent.is_empty() {
+            return Ok(out);
+        }
+        let replies: Vec<redis::Value> =
+            pipe.query_async(conn)
+                .await
+                .map_err(|e| BatchError::Redis {
+                    transport: is_transport_error(&e),
+                    message: e.to_string(),
+                })?;
+        for (id, reply) in sent.into_iter().zip(replies) {
+            match reply {
+                redis::Value::ServerError(e) if e.code() == "WRONGTYPE" => out.dead.push((
+                    id,
+                    format!("Redis refused XADD: the key is not a stream ({e})"),
+                )),
+                // Anything else (OOM, READONLY, LOADING) is the server's state, not the row's.
+                redis::Value::ServerError(e) => {
+                    return Err(BatchError::Redis {
+                        message: format!("XADD refused: {e}"),
+                        transport: false,
+                    });
+                }
+                _ => out.published.push(id),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Builds a row's stream entry, or says why the row cannot be published.
+    fn encode(&self, row: &Row) -> Claimed {
+        let id: i64 = row.get(0);
+        Claimed {
+            id,
+            entry: self.entry(row),
+        }
+    }
+
+    fn entry(&self, row: &Row) -> Result<Entry, String> {
+        let stream: String = row.get(1);
+        check_stream_name(&stream)?;
+        if let Some(allowed) = &self.config.streams
+            && !allowed.contains_key(&stream)
+        {
+            return Err(format!(
+                "stream {stream:?} is not among the relay's `streams`"
+            ));
+        }
+        let aggregate_id: String = row.get(3);
+        if aggregate_id.is_empty() {
+            return Err("aggregate_id is empty".into());
+        }
+        let version: i64 = row.get(4);
+        let aggregate_version = u64::try_from(version)
+            .map_err(|_| format!("aggregate_version {version} is negative"))?;
+        let payload: Option<Value> = row.get(9);
+        let payload = match payload {
+            None | Some(Value::Null) => None,
+            Some(Value::Object(state)) => Some(Value::Object(state)),
+            Some(other) => {
+                return Err(format!(
+                    "payload must be a JSON object or NULL, got {}",
+                    json_kind(&other)
+                ));
+            }
+        };
+        let deleted = payload.is_none();
+        let occurred_at: OffsetDateTime = row.get(8);
+        let envelope = Envelope {
+            schema_version: Some(i64::from(row.get::<_, i32>(7))),
+            event_id: Some(row.get(6)),
+            event_type: Some(row.get(5)),
+            occurred_at: Some(occurred_at),
+            aggregate_type: Some(row.get(2)),
+            aggregate_id,
+            aggregate_version,
+            payload,
+            deleted,
+        };
+        let body =
+            encode_body(&envelope, self.ct).map_err(|e| format!("cannot encode the event: {e}"))?;
+        if body.len() > self.limits.max_bytes {
+            return Err(format!(
+                "encoded event is {} bytes; consumers accept at most {}",
+                body.len(),
+                self.limits.max_bytes
+            ));
+        }
+        let headers: Value = row.get(10);
+        let traceparent = match headers.get("traceparent") {
+            Some(Value::String(tp)) if valid_traceparent(tp) => Some(tp.clone()),
+            Some(other) => {
+                tracing::warn!(relay = %self.config.name, outbox_id = row.get::<_, i64>(0), traceparent = %other, "Ignoring a malformed traceparent header.");
+                None
+            }
+            None => None,
+        };
+        Ok(Entry {
+            stream,
+            body,
+            traceparent,
+        })
+    }
+
+    /// Finds out whether a transaction whose COMMIT lost its connection committed.
+    async fn resolve(&self, s: &Session, txid: i64) {
+        let deadline = Instant::now() + self.config.timeout.0.max(Duration::from_secs(5));
+        loop {
+            let status = within(
+                self.config.timeout.0,
+                s.client.query_one("SELECT txid_status($1)::text", &[&txid]),
+            )
+            .await
+            .map(|row| row.get::<_, Option<String>>(0));
+            match status.as_ref().map(|s| s.as_deref()) {
+                Ok(Some("committed")) => {
+                    tracing::warn!(relay = %self.config.name, txid, "The interrupted COMMIT did commit: its rows are published and gone from the outbox.");
+                    return;
+                }
+                Ok(Some("aborted")) | Ok(None) => {
+                    tracing::warn!(relay = %self.config.name, txid, "The interrupted COMMIT did not commit: its rows stay in the outbox and are published again (consumers ignore the duplicates).");
+                    return;
+                }
+                // Still "in progress": the server has not noticed the lost connection yet.
+                Ok(Some(_)) if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Ok(Some(state)) => {
+                    tracing::error!(relay = %self.config.name, txid, state, "The interrupted COMMIT's outcome is still unknown; if it did not commit its rows are published again.");
+                    return;
+                }
+                Err(e) => {
+                    tracing::error!(relay = %self.config.name, txid, error = %e, "Cannot check the interrupted COMMIT's outcome; if it did not commit its rows are published again.");
+                    return;
+                }
+            }
+        }
+    }
+
+    async fn prune(&self, s: &Session, keep: Duration) {
+        let sql = format!(
+            "DELETE FROM {} WHERE published_at < now() - make_interval(secs => $1::float8)",
+            self.outbox.sql_name()
+        );
+        match within(
+            self.config.timeout.0,
+            s.client.execute(&sql, &[&keep.as_secs_f64()]),
+        )
+        .await
+        {
+            Ok(n) if n > 0 => {
+                tracing::info!(relay = %self.config.name, rows = n, "Deleted published outbox rows past keep_published_for.")
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(relay = %self.config.name, error = %e, "Pruning published outbox rows failed; will try again.")
+            }
+        }
+    }
+}
+
+enum Step {
+    Retry(String),
+    Fatal(RelayError),
+}
+
+#[derive(Default)]
+struct Published {
+    published: Vec<i64>,
+    dead: Vec<(i64, String)>,
+}
+
+async fn within<T, E: std::fmt::Display>(
+    timeout: Duration,
+    call: impl Future<Output = Result<T, E>>,
+) -> Result<T, String> {
+    match tokio::time::timeout(timeout, call).await {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err(format!("no answer within {timeout:?}")),
+    }
+}
+
+fn json_kind(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// `00-<32 hex>-<16 hex>-<2 hex>`, W3C Trace Context version 00.
+fn valid_traceparent(tp: &str) -> bool {
+    let parts: Vec<&str> = tp.split('-').collect();
+    let hex = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_hexdigit());
+    parts.len() == 4
+        && hex(parts[0], 2)
+        && hex(parts[1], 32)
+        && hex(parts[2], 16)
+        && hex(parts[3], 2)
+        && parts[1] != "0".repeat(32)
+        && parts[2] != "0".repeat(16)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn traceparents_are_checked_not_trusted() {
+        assert!(valid_traceparent(
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+        ));
+        assert!(!valid_traceparent(
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01"
+        ));
+        assert!(!valid_traceparent("00-xyz-00f067aa0ba902b7-01"));
+        assert!(!valid_traceparent(""));
+    }
+
+    #[test]
+    fn retention_becomes_xadd_trimming() {
+        let by_len = Retention {
+            maxlen: Some(1000),
+            max_age: None,
+        };
+        assert_eq!(
+            by_len.xadd_args(5_000),
+            Some(("MAXLEN", "1000".to_string()))
+        );
+        let by_age = Retention {
+            maxlen: None,
+            max_age: Some(ConfigDuration(Duration::from_secs(2))),
+        };
+        assert_eq!(
+            by_age.xadd_args(5_000),
+            Some(("MINID", "3000-0".to_string()))
+        );
+        assert_eq!(Retention::default().xadd_args(5_000), None);
+        let both = Retention {
+            maxlen: Some(1),
+            max_age: Some(ConfigDuration(Duration::from_secs(1))),
+        };
+        assert_eq!(both.check().len(), 1);
+    }
+}
