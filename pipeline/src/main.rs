@@ -17,7 +17,7 @@ mod cli;
 // glibc malloc was a quarter of the worker's CPU under load (perf); every event allocates.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-use cli::{bench, publish};
+use cli::{bench, bench_relay, publish};
 
 #[derive(Parser)]
 #[command(
@@ -84,8 +84,21 @@ enum Command {
     /// Serve entity snapshots over HTTP for bootstrap.
     #[command(subcommand)]
     Snapshot(SnapshotCommand),
-    /// Measure throughput and latency against the Redis ceiling on this machine.
-    Bench(bench::BenchArgs),
+    /// Measure throughput and latency against the ceiling measured on this machine.
+    #[command(args_conflicts_with_subcommands = true)]
+    Bench {
+        /// `relay` measures the outbox relay instead of a pipeline.
+        #[command(subcommand)]
+        target: Option<BenchTarget>,
+        #[command(flatten)]
+        args: bench::BenchArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchTarget {
+    /// Outbox rows to stream entries per second, and the idle wake-up latency.
+    Relay(bench_relay::RelayBenchArgs),
 }
 
 #[derive(Subcommand)]
@@ -334,6 +347,10 @@ async fn execute(command: Command) -> anyhow::Result<ExitCode> {
             ecst_pipeline::snapshot::serve(&config, shutdown).await?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Bench(args) => bench::bench(args).await,
+        Command::Bench {
+            target: Some(BenchTarget::Relay(args)),
+            ..
+        } => bench_relay::bench_relay(args).await,
+        Command::Bench { args, .. } => bench::bench(args).await,
     }
 }

@@ -80,7 +80,8 @@ pub struct EntityConfig {
     pub payload: Option<BTreeMap<String, String>>,
     /// Instead of `table`: a query returning (aggregate id as text, version as bigint,
     /// payload as jsonb) ordered by id, taking `$1` = `after` (text, NULL on the first page)
-    /// and `$2` = `limit` (bigint).
+    /// and `$2` = `limit` (bigint). Alias the text id (`id::text AS aggregate_id`): a bare
+    /// `ORDER BY id` would sort by the text.
     #[serde(default)]
     pub query: Option<String>,
 }
@@ -490,12 +491,18 @@ async fn page(
             );
         }
     };
-    let lines = futures::stream::iter(first).chain(rows);
-    let body = ndjson(lines, conn);
+    let body = match first {
+        // An exhausted RowStream must not be polled again.
+        None => Body::empty(),
+        Some(first) => Body::from_stream(ndjson(
+            futures::stream::iter([first]).chain(rows.fuse()),
+            conn,
+        )),
+    };
     Response::builder()
         .status(StatusCode::OK)
         .header(header::CONTENT_TYPE, "application/x-ndjson")
-        .body(Body::from_stream(body))
+        .body(body)
         .unwrap_or_else(|_| {
             problem(
                 StatusCode::INTERNAL_SERVER_ERROR,

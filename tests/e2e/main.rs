@@ -5,4 +5,5 @@ mod fanout;
 mod faults;
 mod relay;
 mod replicate;
+mod snapshot;
 mod validate;

@@ -1,4 +1,5 @@
 //! Subcommands that live at the binary's edge.
 
 pub(crate) mod bench;
+pub(crate) mod bench_relay;
 pub(crate) mod publish;
