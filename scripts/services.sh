@@ -28,6 +28,12 @@ wait_port() {
   log "nothing answers on $1:$2"; return 1
 }
 
+# The demo asks the snapshot endpoint with curl.
+if ! command -v curl >/dev/null; then
+  log "installing curl"
+  apt_install curl ca-certificates
+fi
+
 # --- Redis -----------------------------------------------------------------------------
 redis_url="${REDIS_URL:-redis://127.0.0.1:6379}"
 redis_hostport="${redis_url#*://}"; redis_hostport="${redis_hostport##*@}"; redis_hostport="${redis_hostport%%/*}"
