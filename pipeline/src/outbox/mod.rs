@@ -312,7 +312,16 @@ mod tests {
         assert!(ddl.contains("CREATE TABLE IF NOT EXISTS \"app\".\"outbox\" ("));
         assert!(ddl.contains("\"app\".\"outbox_dead_letters\""));
         assert!(ddl.contains("pg_notify('outbox', '')"));
-        assert!(!ddl.contains('{'), "placeholder left in:\n{ddl}");
+        for placeholder in [
+            "{table}",
+            "{dead_letters}",
+            "{unpublished_index}",
+            "{notify_function}",
+            "{notify_trigger}",
+            "{channel_literal}",
+        ] {
+            assert!(!ddl.contains(placeholder), "{placeholder} left in:\n{ddl}");
+        }
     }
 
     #[test]
@@ -338,5 +347,79 @@ mod tests {
             ..event
         };
         assert!(bad.check().unwrap_err().to_string().contains("whitespace"));
+    }
+
+    /// Against the real Postgres at `DATABASE_URL`.
+    #[tokio::test]
+    async fn enqueue_commits_and_rolls_back_with_the_transaction() {
+        let url = std::env::var("DATABASE_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
+        let target = ecst_operators::postgres_tls::parse_postgres_url(&url).unwrap();
+        let (mut client, connection) = target.config.connect(target.tls).await.unwrap();
+        tokio::spawn(connection);
+        let table = format!("unit_outbox_{}", std::process::id());
+        let outbox = OutboxTable::new("public", &table).unwrap();
+        client
+            .batch_execute(&format!(
+                "SET client_min_messages = warning; {}",
+                outbox.ddl()
+            ))
+            .await
+            .unwrap();
+
+        let tx = client.transaction().await.unwrap();
+        let rolled_back = OutboxEvent::new("athletes", "athlete", "ath-9", 1, "athlete.updated")
+            .payload(serde_json::json!({"status": "active"}));
+        outbox.enqueue(&tx, &rolled_back).await.unwrap();
+        tx.rollback().await.unwrap();
+
+        let tx = client.transaction().await.unwrap();
+        let at = time::macros::datetime!(2026-11-24 10:00:00 UTC);
+        let event = OutboxEvent::new("athletes", "athlete", "ath-9", 2, "athlete.updated")
+            .payload(serde_json::json!({"status": "retired"}))
+            .occurred_at(at)
+            .traceparent("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01");
+        let id = outbox.enqueue(&tx, &event).await.unwrap();
+        let bad = OutboxEvent::new("", "athlete", "ath-9", 3, "athlete.updated");
+        assert!(outbox.enqueue(&tx, &bad).await.is_err());
+        tx.commit().await.unwrap();
+
+        let rows = client
+            .query(
+                &format!(
+                    "SELECT id, aggregate_version, event_id, occurred_at, payload, headers FROM {}",
+                    outbox.sql_name()
+                ),
+                &[],
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            rows.len(),
+            1,
+            "the rolled-back event must not be in the outbox"
+        );
+        let row = &rows[0];
+        assert_eq!(row.get::<_, i64>(0), id);
+        assert_eq!(row.get::<_, i64>(1), 2);
+        assert_eq!(row.get::<_, Uuid>(2), event.event_id);
+        assert_eq!(row.get::<_, OffsetDateTime>(3), at);
+        assert_eq!(
+            row.get::<_, Value>(4),
+            serde_json::json!({"status": "retired"})
+        );
+        assert_eq!(
+            row.get::<_, Value>(5)["traceparent"],
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+        );
+        client
+            .batch_execute(&format!(
+                "DROP TABLE {}, {}; DROP FUNCTION {}_notify()",
+                outbox.sql_name(),
+                outbox.dead_letters_sql_name(),
+                table
+            ))
+            .await
+            .unwrap();
     }
 }
