@@ -7,12 +7,14 @@
 //! - [`graph`]: DAG checks, order and rendering.
 //! - [`source`]: the consumer-group reader (pending first, then new, then claims).
 //! - [`runner`]: batches through the DAG to the sinks, acked only after commit.
+//! - [`bootstrap`]: snapshots for new, reset or gapped groups; the retention-gap check.
 //! - [`outbox`]: the outbox table's DDL and the Rust producer API.
 //! - [`relay`]: `ecst relay`, outbox rows to streams.
 //! - [`snapshot`]: `ecst snapshot serve`, entity state as NDJSON pages for bootstrap.
 #![forbid(unsafe_code)]
 #![warn(missing_docs, unreachable_pub)]
 
+pub mod bootstrap;
 pub mod config;
 pub mod graph;
 pub mod outbox;

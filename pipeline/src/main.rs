@@ -71,6 +71,14 @@ enum Command {
         #[arg(long, env = "ECST_CONSUMER")]
         consumer: Option<String>,
     },
+    /// Bootstrap the group from the pipeline's snapshot now, then exit.
+    Bootstrap {
+        /// Pipeline file (with a `bootstrap:` section).
+        pipeline: PathBuf,
+        /// Consumer name, overriding the file's.
+        #[arg(long, env = "ECST_CONSUMER")]
+        consumer: Option<String>,
+    },
     /// Publish NDJSON events to a stream in the wire format.
     Publish(publish::PublishArgs),
     /// Publish outbox rows to Redis Streams until SIGINT/SIGTERM.
@@ -290,12 +298,45 @@ async fn execute(command: Command) -> anyhow::Result<ExitCode> {
             tokio::spawn(shutdown_on_signals(tx));
             runner::run(
                 &config,
-                RunOptions { drain },
+                RunOptions {
+                    drain,
+                    bootstrap_only: false,
+                },
                 shutdown,
                 Arc::new(Stats::default()),
             )
             .await
             .with_context(|| format!("pipeline {}", config.name))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bootstrap { pipeline, consumer } => {
+            let mut config = match load(&pipeline) {
+                Ok(c) => c,
+                Err(code) => return Ok(code),
+            };
+            if config.bootstrap.is_none() {
+                eprintln!(
+                    "{}: no `bootstrap:` section: nothing to bootstrap from",
+                    pipeline.display()
+                );
+                return Ok(ExitCode::from(1));
+            }
+            if let Some(consumer) = consumer.filter(|c| !c.is_empty()) {
+                config.source.consumer = Some(consumer);
+            }
+            let (tx, shutdown) = Shutdown::new();
+            tokio::spawn(shutdown_on_signals(tx));
+            runner::run(
+                &config,
+                RunOptions {
+                    drain: false,
+                    bootstrap_only: true,
+                },
+                shutdown,
+                Arc::new(Stats::default()),
+            )
+            .await
+            .with_context(|| format!("bootstrapping pipeline {}", config.name))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Publish(args) => publish::publish(args).await,

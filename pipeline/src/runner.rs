@@ -2,7 +2,7 @@
 //! what cannot be applied, and XACK the batch only once all of that committed.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -35,6 +35,14 @@ pub struct Stats {
     pub retries: AtomicU64,
     /// Sinks currently failing (in backoff).
     pub failing_sinks: AtomicUsize,
+    /// A bootstrap is running (here, or in another worker this one waits for).
+    pub bootstrapping: AtomicBool,
+    /// Snapshot rows applied by bootstraps.
+    pub bootstrap_rows: AtomicU64,
+    /// The group missed entries that are gone from the stream, and no bootstrap fixed it yet.
+    pub retention_gap: AtomicBool,
+    /// Retention gaps detected.
+    pub gaps_detected: AtomicU64,
     latencies_ms: Mutex<Option<Vec<u32>>>,
 }
 
@@ -78,6 +86,8 @@ impl Stats {
 pub struct RunOptions {
     /// Exit once nothing is left to read and nothing is pending in the group.
     pub drain: bool,
+    /// Bootstrap from the snapshot now, whatever the group's state, then exit.
+    pub bootstrap_only: bool,
 }
 
 /// A run ended badly.
@@ -89,6 +99,14 @@ pub enum RunError {
     /// The configuration cannot run (e.g. an invalid Redis URL).
     #[error("{0}")]
     Config(String),
+    /// Shutdown came before the bootstrap finished.
+    #[error("the bootstrap was interrupted; its progress is kept and the next start resumes it")]
+    BootstrapInterrupted,
+    /// The group missed entries that are gone from the stream.
+    #[error(
+        "retention gap: {0}. The replica has missed events. Configure `bootstrap:` (with on_gap: bootstrap) or run `ecst bootstrap`; to accept the loss instead, move the group past it with XGROUP SETID."
+    )]
+    RetentionGap(String),
     /// Batches were still uncommitted when the shutdown timeout ran out.
     #[error(
         "{0} batch(es) were not committed within the shutdown timeout; their entries stay pending and will be redelivered"
@@ -101,7 +119,7 @@ enum Node {
     Sink(usize),
 }
 
-struct Dag {
+pub(crate) struct Dag {
     order: Vec<usize>,
     nodes: Vec<Node>,
     inputs: Vec<Vec<usize>>,
@@ -158,6 +176,26 @@ impl Dag {
 
     /// Runs the transforms over a batch; returns each sink's records.
     fn run(&mut self, entries: &[RawEntry], out: &mut Outcomes) -> Vec<Vec<Record>> {
+        self.run_from(entries, None, out)
+    }
+
+    /// Runs a batch whose records are already decoded (snapshot rows): they stand in for the
+    /// output of the root stages.
+    pub(crate) fn run_decoded(
+        &mut self,
+        entries: &[RawEntry],
+        records: Vec<Record>,
+        out: &mut Outcomes,
+    ) -> Vec<Vec<Record>> {
+        self.run_from(entries, Some(records), out)
+    }
+
+    fn run_from(
+        &mut self,
+        entries: &[RawEntry],
+        decoded: Option<Vec<Record>>,
+        out: &mut Outcomes,
+    ) -> Vec<Vec<Record>> {
         let mut outputs: Vec<Option<Vec<Record>>> = (0..self.nodes.len()).map(|_| None).collect();
         let mut remaining = self.readers.clone();
         let mut per_sink: Vec<Vec<Record>> = (0..self.sinks.len()).map(|_| Vec::new()).collect();
@@ -173,6 +211,9 @@ impl Dag {
                 input.extend(records);
             }
             match &mut self.nodes[i] {
+                Node::Transform(_) if self.inputs[i].is_empty() && decoded.is_some() => {
+                    outputs[i] = decoded.clone();
+                }
                 Node::Transform(stage) => outputs[i] = Some(stage.process(input, entries, out)),
                 Node::Sink(s) => per_sink[*s] = input,
             }
@@ -182,24 +223,26 @@ impl Dag {
 }
 
 /// Everything a batch task needs after the transforms ran.
-struct Shared {
-    pipeline: String,
-    stream: String,
-    group: String,
-    consumer: String,
+pub(crate) struct Shared {
+    pub(crate) pipeline: String,
+    pub(crate) stream: String,
+    pub(crate) group: String,
+    pub(crate) consumer: String,
     dead_letter: String,
     dead_letter_maxlen: u64,
     timeout: Duration,
-    pool: RedisPool,
+    pub(crate) pool: RedisPool,
     sinks: Vec<(String, Arc<dyn Sink>)>,
-    stats: Arc<Stats>,
+    pub(crate) stats: Arc<Stats>,
 }
 
-struct Batch {
-    entries: Vec<RawEntry>,
-    per_sink: Vec<Vec<Record>>,
-    outcomes: Outcomes,
-    extra_dead: Vec<(RawEntry, String)>,
+pub(crate) struct Batch {
+    pub(crate) entries: Vec<RawEntry>,
+    pub(crate) per_sink: Vec<Vec<Record>>,
+    pub(crate) outcomes: Outcomes,
+    pub(crate) extra_dead: Vec<(RawEntry, String)>,
+    /// False for snapshot rows, which are not stream entries.
+    pub(crate) ack: bool,
 }
 
 /// Capped exponential backoff with jitter: 100ms, 200ms, ... up to 5s.
@@ -314,12 +357,13 @@ async fn with_redis_retry(shared: &Shared, what: &str, pipe: &redis::Pipeline) {
     }
 }
 
-async fn complete(shared: Arc<Shared>, batch: Batch) {
+pub(crate) async fn complete(shared: Arc<Shared>, batch: Batch) {
     let Batch {
         entries,
         per_sink,
         mut outcomes,
         extra_dead,
+        ack,
     } = batch;
     let applies = per_sink
         .iter()
@@ -376,7 +420,7 @@ async fn complete(shared: Arc<Shared>, batch: Batch) {
 
     let mut ids: Vec<String> = entries.iter().map(|e| e.id.clone()).collect();
     ids.extend(extra_dead.iter().map(|(e, _)| e.id.clone()));
-    if !ids.is_empty() {
+    if ack && !ids.is_empty() {
         let mut pipe = redis::pipe();
         pipe.cmd("XACK")
             .arg(&shared.stream)
@@ -465,6 +509,49 @@ pub async fn run(
     });
     tracing::info!(pipeline = %config.name, stream = %source_cfg.stream, group = %source_cfg.group, consumer = %consumer, "Worker starting.");
 
+    let mut hint = options
+        .bootstrap_only
+        .then_some(crate::bootstrap::Reason::Forced);
+    loop {
+        if !crate::bootstrap::settle_group(config, &mut dag, &shared, hint.take(), &mut shutdown)
+            .await?
+        {
+            return if options.bootstrap_only {
+                Err(RunError::BootstrapInterrupted)
+            } else {
+                Ok(())
+            };
+        }
+        if options.bootstrap_only {
+            return Ok(());
+        }
+        match stream_until(
+            config,
+            &options,
+            &mut dag,
+            &shared,
+            &mut source,
+            &mut shutdown,
+        )
+        .await?
+        {
+            Some(gap) => hint = Some(crate::bootstrap::Reason::Gap(gap)),
+            None => return Ok(()),
+        }
+    }
+}
+
+/// Streams from the group until shutdown, drain, or a retention gap (returned).
+async fn stream_until(
+    config: &PipelineConfig,
+    options: &RunOptions,
+    dag: &mut Dag,
+    shared: &Arc<Shared>,
+    source: &mut StreamSource,
+    shutdown: &mut Shutdown,
+) -> Result<Option<String>, RunError> {
+    let source_cfg = &config.source;
+    let stats = &shared.stats;
     let mut attempt = 0u32;
     loop {
         match source.ensure_group().await {
@@ -479,7 +566,7 @@ pub async fn run(
                 tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "Cannot reach the source; retrying.");
                 tokio::select! {
                     _ = tokio::time::sleep(wait) => {}
-                    _ = shutdown.wait() => return Ok(()),
+                    _ = shutdown.wait() => return Ok(None),
                 }
                 attempt = attempt.saturating_add(1);
             }
@@ -492,9 +579,33 @@ pub async fn run(
     let mut last_claim = Instant::now();
     let mut read_failures = 0u32;
 
+    let mut gap: Option<String> = None;
+    let mut last_gap_check = Instant::now();
+    let bootstrap_on_gap = config
+        .bootstrap
+        .as_ref()
+        .is_some_and(|b| b.on_gap == crate::bootstrap::OnGap::Bootstrap);
+
     loop {
         if shutdown.is_set() {
             break;
+        }
+        if source.take_group_vanished() {
+            stats.gaps_detected.fetch_add(1, Ordering::Relaxed);
+            if config.bootstrap.is_some() {
+                gap = Some(format!(
+                    "the group or stream {} vanished (NOGROUP) and was recreated",
+                    source_cfg.stream
+                ));
+                break;
+            }
+        }
+        if last_gap_check.elapsed() >= source_cfg.gap_check_every.0 {
+            last_gap_check = Instant::now();
+            if let Some(found) = crate::bootstrap::check_gap(shared).await {
+                gap = Some(found);
+                break;
+            }
         }
         while tasks.try_join_next().is_some() {}
         let permit = tokio::select! {
@@ -612,6 +723,7 @@ pub async fn run(
                     per_sink,
                     outcomes,
                     extra_dead,
+                    ack: true,
                 },
             )
             .await;
@@ -636,5 +748,9 @@ pub async fn run(
         return Err(RunError::Abandoned(left));
     }
     tracing::info!(pipeline = %config.name, acked = stats.acked.load(Ordering::Relaxed), "Worker stopped.");
-    Ok(())
+    match gap {
+        Some(gap) if bootstrap_on_gap => Ok(Some(gap)),
+        Some(gap) => Err(RunError::RetentionGap(gap)),
+        None => Ok(None),
+    }
 }

@@ -75,6 +75,9 @@ pub struct EntityConfig {
     /// Version column, `aggregateVersion` (default `version`).
     #[serde(default = "default_version")]
     pub version: String,
+    /// `timestamptz` column sent as `occurredAt` (default: none).
+    #[serde(default)]
+    pub occurred_at: Option<String>,
     /// Payload keys and the columns they come from (default: every column, by name).
     #[serde(default)]
     pub payload: Option<BTreeMap<String, String>>,
@@ -173,6 +176,9 @@ impl SnapshotConfig {
                         ("id", entity.id.as_str()),
                         ("version", entity.version.as_str()),
                     ];
+                    if let Some(column) = &entity.occurred_at {
+                        names.push(("occurred_at", column.as_str()));
+                    }
                     for column in entity.payload.iter().flat_map(|p| p.values()) {
                         names.push(("payload", column.as_str()));
                     }
@@ -326,6 +332,9 @@ async fn prepare_entity(
     }
     let columns: BTreeMap<String, String> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
     let mut wanted = vec![("id", &entity.id), ("version", &entity.version)];
+    if let Some(column) = &entity.occurred_at {
+        wanted.push(("occurred_at", column));
+    }
     for column in entity.payload.iter().flat_map(|p| p.values()) {
         wanted.push(("payload", column));
     }
@@ -354,8 +363,12 @@ async fn prepare_entity(
             format!("jsonb_build_object({})", pairs.join(", "))
         }
     };
+    let occurred_at = entity
+        .occurred_at
+        .as_ref()
+        .map_or(String::new(), |c| format!(", t.{}::timestamptz", quote(c)));
     let select = format!(
-        "SELECT t.{id}::text, t.{version}::bigint, {payload} FROM {qualified} t",
+        "SELECT t.{id}::text, t.{version}::bigint, {payload}{occurred_at} FROM {qualified} t",
         version = quote(&entity.version)
     );
     // Two statements rather than `$1 IS NULL OR id > $1`, which defeats the id index.
@@ -568,7 +581,13 @@ fn write_line(out: &mut Vec<u8>, row: &tokio_postgres::Row) -> Result<(), std::i
     let id: Option<String> = row.try_get(0).map_err(std::io::Error::other)?;
     let version: Option<i64> = row.try_get(1).map_err(std::io::Error::other)?;
     let payload: Option<Value> = row.try_get(2).map_err(std::io::Error::other)?;
-    let line = json!({"aggregateId": id, "aggregateVersion": version, "payload": payload});
+    let mut line = json!({"aggregateId": id, "aggregateVersion": version, "payload": payload});
+    if row.len() > 3 {
+        let at: Option<time::OffsetDateTime> = row.try_get(3).map_err(std::io::Error::other)?;
+        if let Some(at) = at {
+            line["occurredAt"] = Value::String(ecst_schemas::envelope::format_timestamp(at));
+        }
+    }
     serde_json::to_writer(&mut *out, &line).map_err(std::io::Error::other)?;
     out.push(b'\n');
     Ok(())

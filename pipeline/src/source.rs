@@ -74,6 +74,7 @@ pub struct StreamSource {
     /// Next id to read our own pending entries from; `None` once they are all re-read.
     pending_cursor: Option<String>,
     claim_cursor: String,
+    group_vanished: bool,
 }
 
 impl StreamSource {
@@ -86,6 +87,7 @@ impl StreamSource {
             conn: None,
             pending_cursor: Some("0".into()),
             claim_cursor: "0-0".into(),
+            group_vanished: false,
         })
     }
 
@@ -138,6 +140,12 @@ impl StreamSource {
         }
     }
 
+    /// Whether the group vanished (NOGROUP) since the last call: the stream or the group was
+    /// deleted, and events may have been missed.
+    pub fn take_group_vanished(&mut self) -> bool {
+        std::mem::take(&mut self.group_vanished)
+    }
+
     /// Creates the group at the configured start if it does not exist; `true` if created.
     pub async fn ensure_group(&mut self) -> Result<bool, SourceError> {
         let mut cmd = redis::cmd("XGROUP");
@@ -169,6 +177,7 @@ impl StreamSource {
                 );
                 self.ensure_group().await?;
                 self.pending_cursor = Some("0".into());
+                self.group_vanished = true;
                 Ok((Origin::New, SourceBatch::default()))
             }
             Err(e) => {

@@ -272,6 +272,24 @@ impl Drop for Worker {
     }
 }
 
+/// Like [`wait_until`], with the worker's log in the failure message.
+pub fn wait_for_worker(
+    worker: &Worker,
+    limit: Duration,
+    what: &str,
+    mut check: impl FnMut() -> bool,
+) {
+    let deadline = Instant::now() + limit;
+    while !check() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {limit:?} waiting for {what}; worker log:\n{}",
+            worker.log()
+        );
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
 /// Polls `check` until it holds or `limit` passes.
 pub fn wait_until(limit: Duration, what: &str, mut check: impl FnMut() -> bool) {
     let deadline = Instant::now() + limit;

@@ -1,5 +1,6 @@
 //! End-to-end tests: the real `ecst` binary against a real Redis.
 
+mod bootstrap;
 mod common;
 mod fanout;
 mod faults;

@@ -598,7 +598,16 @@ pub(crate) async fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
         let stats = stats.clone();
         let pipeline = pipeline.clone();
         tokio::spawn(async move {
-            runner::run(&pipeline, RunOptions { drain: true }, shutdown, stats).await
+            runner::run(
+                &pipeline,
+                RunOptions {
+                    drain: true,
+                    bootstrap_only: false,
+                },
+                shutdown,
+                stats,
+            )
+            .await
         })
     };
     let deadline = Instant::now() + Duration::from_secs(600);
@@ -654,7 +663,10 @@ pub(crate) async fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
         tokio::spawn(async move {
             runner::run(
                 &latency_pipeline,
-                RunOptions { drain: false },
+                RunOptions {
+                    drain: false,
+                    bootstrap_only: false,
+                },
                 shutdown,
                 stats,
             )

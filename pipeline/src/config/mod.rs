@@ -12,6 +12,7 @@ use ecst_operators::{ConfigDuration, SecretUrl, StageConfig};
 use serde::{Deserialize, Deserializer};
 use serde_json::Value;
 
+use crate::bootstrap::BootstrapConfig;
 use crate::graph::{self, GraphNode};
 use yaml::{Node, Pos};
 
@@ -80,6 +81,9 @@ pub struct SourceConfig {
     /// How often to look for such entries (default 10s).
     #[serde(default = "default_claim_every")]
     pub claim_every: ConfigDuration,
+    /// How often a running worker checks for a retention gap (default 30s).
+    #[serde(default = "default_gap_check_every")]
+    pub gap_check_every: ConfigDuration,
     /// Entries delivered more often are dead-lettered (default 5).
     #[serde(default = "default_max_deliveries")]
     pub max_deliveries: u64,
@@ -114,6 +118,9 @@ fn default_start() -> StartPosition {
 }
 fn default_claim_idle() -> ConfigDuration {
     ConfigDuration(Duration::from_secs(60))
+}
+fn default_gap_check_every() -> ConfigDuration {
+    ConfigDuration(Duration::from_secs(30))
 }
 fn default_claim_every() -> ConfigDuration {
     ConfigDuration(Duration::from_secs(10))
@@ -241,6 +248,8 @@ pub struct PipelineConfig {
     pub source: SourceConfig,
     /// Stages in file order.
     pub stages: Vec<StageEntry>,
+    /// Where a new, reset or gapped group gets the current state from.
+    pub bootstrap: Option<BootstrapConfig>,
 }
 
 impl PipelineConfig {
@@ -375,10 +384,13 @@ pub fn load_str(
         return Err(ConfigErrors(c.errors));
     };
     for (key, _) in top {
-        if !["name", "source", "stages"].contains(&key.name.as_str()) {
+        if !["name", "source", "stages", "bootstrap"].contains(&key.name.as_str()) {
             c.at(
                 std::slice::from_ref(&key.name),
-                format!("unknown key `{}` (expected name, source, stages)", key.name),
+                format!(
+                    "unknown key `{}` (expected name, source, stages, bootstrap)",
+                    key.name
+                ),
             );
         }
     }
@@ -420,6 +432,26 @@ pub fn load_str(
         None => {
             c.at(&[], "missing key `source`");
             None
+        }
+    };
+
+    let bootstrap = match root.get("bootstrap") {
+        None => None,
+        Some((_, node)) => {
+            match serde_path_to_error::deserialize::<_, BootstrapConfig>(node.to_json()) {
+                Ok(bootstrap) => {
+                    for (key, message) in bootstrap.check() {
+                        c.at(&path(&["bootstrap", key]), message);
+                    }
+                    Some(bootstrap)
+                }
+                Err(e) => {
+                    let mut p = vec!["bootstrap".to_string()];
+                    p.extend(error_path(&e));
+                    c.at(&p, e.into_inner().to_string());
+                    None
+                }
+            }
         }
     };
 
@@ -493,6 +525,7 @@ pub fn load_str(
             name,
             source,
             stages,
+            bootstrap,
         }),
         _ => Err(ConfigErrors(c.errors)),
     }
