@@ -9,6 +9,7 @@
 //! - [`stages`]: `decode`, `version_filter`, `tombstone`, `project`, one file each.
 //! - [`sinks`]: the `redis_hash` and `postgres` sinks.
 //! - [`postgres_tls`]: Postgres URLs with libpq's `sslmode` options, over rustls.
+//! - [`replica`]: reading a replica back for reconciliation ([`replica::Replica`]).
 //! - [`duration`]: the `500ms` / `2s` / `7d` durations config files use.
 #![forbid(unsafe_code)]
 #![warn(missing_docs, unreachable_pub)]
@@ -17,6 +18,7 @@ pub mod duration;
 pub mod postgres_tls;
 pub mod record;
 pub mod redis_pool;
+pub mod replica;
 pub mod secret;
 pub mod sinks;
 pub mod stage;

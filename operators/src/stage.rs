@@ -47,6 +47,11 @@ pub type ApplyFuture<'a> = Pin<Box<dyn Future<Output = Result<SinkReport, SinkEr
 pub trait Sink: Send + Sync {
     /// Applies a batch in one round trip; `Ok` means durably committed.
     fn apply_batch<'a>(&'a self, batch: &'a [Record]) -> ApplyFuture<'a>;
+
+    /// The replica read back, for reconciliation; `None` if this sink cannot be read.
+    fn replica(&self) -> Option<&dyn crate::replica::Replica> {
+        None
+    }
 }
 
 /// A batch-level sink failure; the batch is retried and nothing is acked.

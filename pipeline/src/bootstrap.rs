@@ -8,7 +8,7 @@
 //! bootstrap resumes; a lease with expiry makes a second worker wait instead of bootstrapping
 //! too.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io::Write;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -283,6 +283,7 @@ pub(crate) struct Progress {
     pub(crate) position: String,
     pub(crate) after: Option<String>,
     pub(crate) rows: u64,
+    pub(crate) sweep: bool,
 }
 
 /// The Redis keys of one group's bootstrap: the lease and the progress hash.
@@ -314,6 +315,7 @@ pub(crate) async fn read_progress(
         position: map.get("position").cloned().unwrap_or_default(),
         after: map.get("after").cloned().filter(|a| !a.is_empty()),
         rows: map.get("rows").and_then(|r| r.parse().ok()).unwrap_or(0),
+        sweep: map.get("sweep").map(String::as_str) == Some("1"),
     })
 }
 
@@ -828,6 +830,11 @@ pub(crate) async fn settle_group(
     }
 }
 
+/// Whether a bootstrap for `reason` ends by removing rows the snapshot did not produce.
+fn sweeps(reason: &Reason) -> bool {
+    matches!(reason, Reason::NewGroup | Reason::Gap(_))
+}
+
 /// A bootstrap error that retrying cannot fix.
 pub(crate) struct Fatal(RunError);
 
@@ -894,6 +901,8 @@ async fn run_bootstrap(
                     .arg(&now)
                     .arg("holder")
                     .arg(&me)
+                    .arg("sweep")
+                    .arg(if sweeps(&reason) { "1" } else { "0" })
                     .ignore();
                 on_redis!(&mut conn, |c| pipe.query_async::<()>(c))?;
                 (position, None, 0)
@@ -917,6 +926,15 @@ async fn run_bootstrap(
         }
     };
     tracing::info!(pipeline = %shared.pipeline, stream = %shared.stream, group = %shared.group, reason = %reason.describe(), source = %reader.describe(), position = %position, resume_after = ?after, "Bootstrap starting: the group streams from the noted position once the snapshot is applied.");
+    // A gap (or a new group over an old replica) can hide deletions: rows no snapshot row
+    // produces are removed at the end. Not after a forced bootstrap, while other workers
+    // stream: what they add meanwhile is not in the snapshot (`ecst reconcile` covers that).
+    let sweep = if reason == Reason::Resume {
+        progress.sweep
+    } else {
+        sweeps(&reason)
+    };
+    let mut expected: Vec<HashSet<String>> = vec![HashSet::new(); dag.sinks().len()];
     let total = reader.count().await;
     let mut report = ProgressReport::new(&shared.pipeline, total);
     let mut done_here = 0u64;
@@ -986,6 +1004,18 @@ async fn run_bootstrap(
             }
         };
         let per_sink = dag.run_decoded(&entries, records, &mut outcomes);
+        if sweep {
+            for (i, records) in per_sink.iter().enumerate() {
+                if let Some(replica) = dag.sinks()[i].1.replica() {
+                    expected[i].extend(
+                        records
+                            .iter()
+                            .filter(|r| r.action == ecst_operators::Action::Upsert)
+                            .filter_map(|r| replica.key_of(r).ok()),
+                    );
+                }
+            }
+        }
         complete(
             shared.clone(),
             Batch {
@@ -1018,6 +1048,36 @@ async fn run_bootstrap(
         after = Some(cursor);
         failures = 0;
         report.update(done_here, rows, false);
+    }
+    if sweep && (reason != Reason::Resume || progress.after.is_none()) {
+        let sinks = dag.sinks().to_vec();
+        let mut found = std::collections::BTreeMap::new();
+        loop {
+            match crate::reconcile::sweep_orphans(&sinks, &expected, true, &mut found).await {
+                Ok(()) => break,
+                Err(e) => {
+                    pause(
+                        shared,
+                        &mut failures,
+                        "Removing rows the source no longer has",
+                        &e.to_string(),
+                        shutdown,
+                    )
+                    .await
+                }
+            }
+            if shutdown.is_set() {
+                return Ok(false);
+            }
+            found.clear();
+        }
+        for (sink, drift) in &found {
+            if drift.orphans > 0 {
+                tracing::warn!(pipeline = %shared.pipeline, sink = %sink, removed = drift.orphans, examples = ?drift.examples.get("orphans"), "Removed replica rows the source no longer has (their deletions were missed).");
+            }
+        }
+    } else if sweep {
+        tracing::warn!(pipeline = %shared.pipeline, "This bootstrap resumed midway, so it cannot tell which replica rows the source no longer has; run `ecst reconcile --repair` to remove them.");
     }
     loop {
         let finished = async {

@@ -8,6 +8,7 @@
 //! - [`source`]: the consumer-group reader (pending first, then new, then claims).
 //! - [`runner`]: batches through the DAG to the sinks, acked only after commit.
 //! - [`bootstrap`]: snapshots for new, reset or gapped groups; the retention-gap check.
+//! - [`reconcile`]: `ecst reconcile`, replicas against the source, drift counted and repaired.
 //! - [`outbox`]: the outbox table's DDL and the Rust producer API.
 //! - [`relay`]: `ecst relay`, outbox rows to streams.
 //! - [`snapshot`]: `ecst snapshot serve`, entity state as NDJSON pages for bootstrap.
@@ -18,6 +19,7 @@ pub mod bootstrap;
 pub mod config;
 pub mod graph;
 pub mod outbox;
+pub mod reconcile;
 pub mod relay;
 pub mod runner;
 pub mod snapshot;

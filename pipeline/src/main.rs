@@ -79,6 +79,17 @@ enum Command {
         #[arg(long, env = "ECST_CONSUMER")]
         consumer: Option<String>,
     },
+    /// Compare every replica with the source's snapshot; exit 0 in sync, 1 drift, 2 error.
+    Reconcile {
+        /// Pipeline file (with a `bootstrap:` section: the source to compare with).
+        pipeline: PathBuf,
+        /// Correct what differs through the sinks (orphans get a tombstone at their version).
+        #[arg(long)]
+        repair: bool,
+        /// Print the report as one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
     /// Publish NDJSON events to a stream in the wire format.
     Publish(publish::PublishArgs),
     /// Publish outbox rows to Redis Streams until SIGINT/SIGTERM.
@@ -222,6 +233,34 @@ async fn shutdown_on_signals(tx: tokio::sync::watch::Sender<bool>) {
     let _ = tx.send(true);
 }
 
+fn print_reconcile(report: &ecst_pipeline::reconcile::ReconcileReport, repair: bool) {
+    println!("source rows: {}", report.source_rows);
+    println!(
+        "{:<20} {:>9} {:>9} {:>9} {:>10} {:>9} {:>9}",
+        "sink", "checked", "missing", "stale", "mismatched", "orphans", "repaired"
+    );
+    for (name, s) in &report.sinks {
+        println!(
+            "{:<20} {:>9} {:>9} {:>9} {:>10} {:>9} {:>9}",
+            name, s.checked, s.missing, s.stale, s.mismatched, s.orphans, s.repaired
+        );
+        if let Some(error) = &s.error {
+            println!("  error: {error}");
+        }
+        for (kind, keys) in &s.examples {
+            println!("  {kind}: {}", keys.join(", "));
+        }
+    }
+    println!(
+        "{}",
+        match (report.drifted(), repair) {
+            (false, _) => "in sync",
+            (true, false) => "DRIFT found (run with --repair to correct it)",
+            (true, true) => "DRIFT found and repaired",
+        }
+    );
+}
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -338,6 +377,29 @@ async fn execute(command: Command) -> anyhow::Result<ExitCode> {
             .await
             .with_context(|| format!("bootstrapping pipeline {}", config.name))?;
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Reconcile {
+            pipeline,
+            repair,
+            json,
+        } => {
+            let config = match load(&pipeline) {
+                Ok(c) => c,
+                Err(_) => return Ok(ExitCode::from(2)),
+            };
+            let report = match ecst_pipeline::reconcile::reconcile(&config, repair).await {
+                Ok(report) => report,
+                Err(e) => {
+                    eprintln!("error: reconciling pipeline {}: {e}", config.name);
+                    return Ok(ExitCode::from(2));
+                }
+            };
+            if json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                print_reconcile(&report, repair);
+            }
+            Ok(ExitCode::from(u8::from(report.drifted())))
         }
         Command::Publish(args) => publish::publish(args).await,
         Command::Relay { relay } => {

@@ -128,7 +128,8 @@ pub(crate) struct Dag {
 }
 
 impl Dag {
-    async fn build(config: &PipelineConfig) -> Result<Self, RunError> {
+    /// Builds every stage and sink of the pipeline.
+    pub(crate) async fn build(config: &PipelineConfig) -> Result<Self, RunError> {
         let nodes_view = config.graph_nodes();
         let order = crate::graph::topo_order(&nodes_view)
             .ok_or_else(|| RunError::Config("the stage graph has a cycle".into()))?;
@@ -172,6 +173,11 @@ impl Dag {
             readers,
             sinks,
         })
+    }
+
+    /// The sinks, by stage name.
+    pub(crate) fn sinks(&self) -> &[(String, Arc<dyn Sink>)] {
+        &self.sinks
     }
 
     /// Runs the transforms over a batch; returns each sink's records.

@@ -364,9 +364,10 @@ fn a_retention_gap_is_detected_and_healed_from_the_source_query() {
     let (status, _) = worker.terminate();
     assert!(status.success());
 
-    // While the worker is down: changes at the source, published, then trimmed away.
-    // (Deletions lost in a gap leave orphans that only reconciliation removes; see README.)
+    // While the worker is down: changes and deletions at the source, published, then trimmed
+    // away before the worker saw them.
     source.update_and_publish(&mut conn, &stream, &ids(1..301));
+    source.delete_and_publish(&mut conn, &stream, &ids(1_500..1_550));
     let _: i64 = redis::cmd("XTRIM")
         .arg(&stream)
         .arg("MAXLEN")

@@ -4,6 +4,7 @@ mod bootstrap;
 mod common;
 mod fanout;
 mod faults;
+mod reconcile;
 mod relay;
 mod replicate;
 mod snapshot;

@@ -2,6 +2,7 @@
 //! batch, with deleted versions kept in a tombstone table.
 
 pub mod config;
+mod replica;
 mod sql;
 mod values;
 
@@ -648,6 +649,10 @@ impl PostgresSink {
 }
 
 impl Sink for PostgresSink {
+    fn replica(&self) -> Option<&dyn crate::replica::Replica> {
+        Some(self)
+    }
+
     fn apply_batch<'a>(&'a self, batch: &'a [Record]) -> ApplyFuture<'a> {
         Box::pin(self.apply(batch))
     }

@@ -5,7 +5,7 @@ use super::config::{PgType, PostgresConfig, quote};
 
 /// Array parameter type of a column type (numeric travels as text and is cast in SQL, so a
 /// value is validated before the statement and never fails it).
-fn array_type(t: PgType) -> &'static str {
+pub(super) fn array_type(t: PgType) -> &'static str {
     match t {
         PgType::Text | PgType::Numeric => "text[]",
         PgType::Bigint => "int8[]",
@@ -17,7 +17,7 @@ fn array_type(t: PgType) -> &'static str {
     }
 }
 
-fn select_cast(t: PgType) -> &'static str {
+pub(super) fn select_cast(t: PgType) -> &'static str {
     match t {
         PgType::Numeric => "::numeric",
         _ => "",

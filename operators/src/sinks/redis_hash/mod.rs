@@ -12,6 +12,7 @@ use serde_json::Value;
 use crate::duration::ConfigDuration;
 use crate::record::{Action, Record};
 use crate::redis_pool::{RedisPool, describe_run_error, is_transport_error, redis_pool};
+use crate::replica::{Drift, KeyPage, Replica, ReplicaFuture};
 use crate::secret::SecretUrl;
 use crate::stage::{ApplyFuture, BuildContext, ConfigProblem, Sink, SinkError, SinkReport};
 pub use template::KeyTemplate;
@@ -231,6 +232,10 @@ impl RedisHashSink {
 const STORE: &str = "redis";
 
 impl Sink for RedisHashSink {
+    fn replica(&self) -> Option<&dyn Replica> {
+        Some(self)
+    }
+
     fn apply_batch<'a>(&'a self, batch: &'a [Record]) -> ApplyFuture<'a> {
         Box::pin(async move {
             let (cmd, count, rejected) = self.command(batch);
@@ -264,6 +269,151 @@ impl Sink for RedisHashSink {
                     message: e.to_string(),
                 }),
             }
+        })
+    }
+}
+
+/// How long a tombstone written by reconciliation lasts.
+const EVICT_TOMBSTONE_MS: u64 = 7 * 24 * 3600 * 1000;
+
+impl RedisHashSink {
+    async fn query<T: redis::FromRedisValue>(
+        &self,
+        pipe: &redis::Pipeline,
+    ) -> Result<T, SinkError> {
+        let unavailable = |message: String| SinkError::Unavailable {
+            store: STORE,
+            message,
+        };
+        let mut conn = self
+            .pool
+            .get()
+            .await
+            .map_err(|e| unavailable(describe_run_error(e)))?;
+        conn.begin();
+        let result = tokio::time::timeout(self.config.timeout.0, pipe.query_async(conn.conn()))
+            .await
+            .map_err(|_| unavailable(format!("timed out after {}", self.config.timeout)))?;
+        conn.settle(&result);
+        result.map_err(|e| unavailable(e.to_string()))
+    }
+
+    /// What an upsert of `record` writes, as the strings Redis holds (metadata aside).
+    fn expected_fields(record: &Record) -> Vec<(String, String)> {
+        upsert_fields(record)
+            .into_iter()
+            .flatten()
+            .filter(|(_, v)| !v.is_null())
+            .map(|(name, value)| {
+                let text = match value {
+                    Value::String(s) => s.clone(),
+                    Value::Bool(b) => b.to_string(),
+                    other => other.to_string(),
+                };
+                (name.clone(), text)
+            })
+            .collect()
+    }
+}
+
+impl Replica for RedisHashSink {
+    fn key_of(&self, record: &Record) -> Result<String, String> {
+        self.key.render(&record.event)
+    }
+
+    fn compare<'a>(&'a self, records: &'a [Record]) -> ReplicaFuture<'a, Vec<Option<Drift>>> {
+        Box::pin(async move {
+            let mut pipe = redis::pipe();
+            let mut asked = Vec::with_capacity(records.len());
+            for (i, record) in records.iter().enumerate() {
+                if let Ok(key) = self.key.render(&record.event) {
+                    pipe.cmd("HGETALL").arg(key);
+                    asked.push(i);
+                }
+            }
+            let mut drifts = vec![None; records.len()];
+            if asked.is_empty() {
+                return Ok(drifts);
+            }
+            let stored: Vec<std::collections::HashMap<String, String>> = self.query(&pipe).await?;
+            for (i, hash) in asked.into_iter().zip(stored) {
+                let record = &records[i];
+                let version = hash
+                    .get(&self.config.version_field)
+                    .and_then(|v| v.parse::<u64>().ok());
+                drifts[i] = match version {
+                    None => Some(Drift::Missing),
+                    Some(v) if v < record.event.aggregate_version => {
+                        Some(Drift::Stale { stored: v })
+                    }
+                    Some(v) if v > record.event.aggregate_version => None,
+                    Some(_) => {
+                        let mut fields: Vec<String> = Self::expected_fields(record)
+                            .into_iter()
+                            .filter(|(name, text)| hash.get(name) != Some(text))
+                            .map(|(name, _)| name)
+                            .collect();
+                        if hash.get(&self.config.deleted_field).map(String::as_str) == Some("1") {
+                            fields.push(self.config.deleted_field.clone());
+                        }
+                        (!fields.is_empty()).then_some(Drift::Mismatch { fields })
+                    }
+                };
+            }
+            Ok(drifts)
+        })
+    }
+
+    fn scan_keys<'a>(&'a self, cursor: Option<String>) -> ReplicaFuture<'a, KeyPage> {
+        Box::pin(async move {
+            let mut pipe = redis::pipe();
+            pipe.cmd("SCAN")
+                .arg(cursor.as_deref().unwrap_or("0"))
+                .arg("MATCH")
+                .arg(self.key.pattern())
+                .arg("COUNT")
+                .arg(1000);
+            let ((next, keys),): ((String, Vec<String>),) = self.query(&pipe).await?;
+            let mut pipe = redis::pipe();
+            for key in &keys {
+                pipe.cmd("HGET").arg(key).arg(&self.config.version_field);
+            }
+            let versions: Vec<Option<String>> = if keys.is_empty() {
+                Vec::new()
+            } else {
+                self.query(&pipe).await?
+            };
+            Ok(KeyPage {
+                // Keys of the pattern that are not replica hashes (no version) are not ours.
+                keys: keys
+                    .into_iter()
+                    .zip(versions)
+                    .filter_map(|(k, v)| Some((k, v?.parse().ok()?)))
+                    .collect(),
+                next: (next != "0").then_some(next),
+            })
+        })
+    }
+
+    fn evict<'a>(&'a self, keys: &'a [(String, Option<u64>)]) -> ReplicaFuture<'a, usize> {
+        Box::pin(async move {
+            if keys.is_empty() {
+                return Ok(0);
+            }
+            let mut pipe = redis::pipe();
+            for (key, version) in keys {
+                pipe.cmd("DEL").arg(key);
+                if let Some(version) = version {
+                    pipe.cmd("SET")
+                        .arg(format!("{}{key}", self.config.tombstone_prefix))
+                        .arg(*version)
+                        .arg("PX")
+                        .arg(EVICT_TOMBSTONE_MS)
+                        .ignore();
+                }
+            }
+            let removed: Vec<usize> = self.query(&pipe).await?;
+            Ok(removed.into_iter().sum())
         })
     }
 }

@@ -63,6 +63,26 @@ impl KeyTemplate {
         Ok(KeyTemplate { parts })
     }
 
+    /// The SCAN `MATCH` pattern of every key the template can render (placeholders as `*`,
+    /// glob characters in literals escaped).
+    pub fn pattern(&self) -> String {
+        let mut pattern = String::new();
+        for part in &self.parts {
+            match part {
+                Part::Literal(s) => {
+                    for c in s.chars() {
+                        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+                            pattern.push('\\');
+                        }
+                        pattern.push(c);
+                    }
+                }
+                Part::Path(_) => pattern.push('*'),
+            }
+        }
+        pattern
+    }
+
     /// Renders the key for an event.
     pub fn render(&self, event: &Envelope) -> Result<String, String> {
         let mut key = String::new();
@@ -89,6 +109,12 @@ mod tests {
     use super::*;
     use ecst_schemas::EnvelopeKeys;
     use serde_json::json;
+
+    #[test]
+    fn patterns_match_what_renders() {
+        let t = KeyTemplate::parse("ath*:{aggregateId}:x").unwrap();
+        assert_eq!(t.pattern(), "ath\\*:*:x");
+    }
 
     #[test]
     fn renders_envelope_and_payload_paths() {

@@ -1,0 +1,52 @@
+//! Reading a replica back, for reconciliation against its source.
+
+use std::future::Future;
+use std::pin::Pin;
+
+use crate::record::Record;
+use crate::stage::SinkError;
+
+/// A boxed future of the replica calls.
+pub type ReplicaFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, SinkError>> + Send + 'a>>;
+
+/// How a replica row differs from the source's current state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Drift {
+    /// The source has it, the replica does not.
+    Missing,
+    /// The replica holds an older version.
+    Stale {
+        /// The replica's version.
+        stored: u64,
+    },
+    /// Same version, different content.
+    Mismatch {
+        /// The fields (columns) that differ.
+        fields: Vec<String>,
+    },
+}
+
+/// One page of the keys a replica holds, with their versions.
+#[derive(Debug, Default)]
+pub struct KeyPage {
+    /// (key, stored version).
+    pub keys: Vec<(String, u64)>,
+    /// Where the next page starts; `None` after the last.
+    pub next: Option<String>,
+}
+
+/// A sink whose replica can be read back and corrected.
+pub trait Replica: Send + Sync {
+    /// The key a record is stored under, as [`Replica::scan_keys`] lists it.
+    fn key_of(&self, record: &Record) -> Result<String, String>;
+
+    /// For each upsert record: how the replica differs from it (`None`: in sync, or newer).
+    fn compare<'a>(&'a self, records: &'a [Record]) -> ReplicaFuture<'a, Vec<Option<Drift>>>;
+
+    /// A page of the keys the replica holds; start with `None`.
+    fn scan_keys<'a>(&'a self, cursor: Option<String>) -> ReplicaFuture<'a, KeyPage>;
+
+    /// Removes rows outright; with a version, leaves a tombstone at it so that an older event
+    /// still in flight cannot bring the row back.
+    fn evict<'a>(&'a self, keys: &'a [(String, Option<u64>)]) -> ReplicaFuture<'a, usize>;
+}

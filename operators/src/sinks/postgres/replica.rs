@@ -1,0 +1,242 @@
+//! The `postgres` replica read back: compared with the source in SQL, over the same typed
+//! arrays the upsert binds, so that values are compared as the column types see them.
+
+use super::config::quote;
+use super::sql::{array_type, select_cast};
+use super::values::Cell;
+use super::{PgType, PostgresSink, Rows, STORE, classify};
+use crate::record::{Action, Record};
+use crate::replica::{Drift, KeyPage, Replica, ReplicaFuture};
+use crate::stage::SinkError;
+
+/// How long a tombstone written by reconciliation lasts.
+const EVICT_TOMBSTONE: &str = "7 days";
+
+impl PostgresSink {
+    fn table_sql(&self) -> String {
+        format!(
+            "{}.{}",
+            quote(&self.config.schema),
+            quote(&self.config.table)
+        )
+    }
+
+    /// Reconciliation reads keys back as text, so it needs exactly one key column.
+    fn single_key(&self) -> Result<&super::KeyColumn, SinkError> {
+        match self.keys.as_slice() {
+            [key] => Ok(key),
+            _ => Err(SinkError::Refused {
+                store: STORE,
+                message: "reconciliation supports tables with a single key column".into(),
+            }),
+        }
+    }
+}
+
+impl Replica for PostgresSink {
+    fn key_of(&self, record: &Record) -> Result<String, String> {
+        let [key] = self.keys.as_slice() else {
+            return Err("reconciliation supports tables with a single key column".into());
+        };
+        match record.event.lookup(&key.from) {
+            Some(serde_json::Value::String(s)) if key.pg_type == PgType::Uuid => {
+                uuid::Uuid::parse_str(&s)
+                    .map(|u| u.to_string())
+                    .map_err(|e| e.to_string())
+            }
+            Some(serde_json::Value::String(s)) => Ok(s),
+            Some(serde_json::Value::Null) | None => Err(format!("`{}` is missing", key.from)),
+            Some(other) => Ok(other.to_string()),
+        }
+    }
+
+    fn compare<'a>(&'a self, records: &'a [Record]) -> ReplicaFuture<'a, Vec<Option<Drift>>> {
+        Box::pin(async move {
+            let key = self.single_key()?;
+            let mut rows = Rows::new(
+                [key.pg_type, PgType::Bigint]
+                    .into_iter()
+                    .chain(self.values.iter().map(|v| v.1)),
+            );
+            for (i, record) in records.iter().enumerate() {
+                if record.action != Action::Upsert {
+                    continue;
+                }
+                let (Ok((mut cells, _)), Ok(values), Ok(version)) = (
+                    self.key_cells(record),
+                    self.value_cells(record),
+                    i64::try_from(record.event.aggregate_version),
+                ) else {
+                    continue;
+                };
+                cells.push(Cell::Bigint(Some(version)));
+                cells.extend(values);
+                rows.push(i, cells);
+            }
+            let mut drifts = vec![None; records.len()];
+            if rows.entries.is_empty() {
+                return Ok(drifts);
+            }
+            let mut n = 0;
+            let mut param = |t: PgType| {
+                n += 1;
+                format!("${n}::{}", array_type(t))
+            };
+            let mut params = vec![param(key.pg_type), param(PgType::Bigint)];
+            params.extend(self.values.iter().map(|(_, t, _)| param(*t)));
+            let mut aliases = vec!["k".to_string(), "v".to_string()];
+            aliases.extend((0..self.values.len()).map(|i| format!("c{i}")));
+            let mut same: Vec<String> = self
+                .values
+                .iter()
+                .enumerate()
+                .map(|(i, (name, t, _))| {
+                    format!(
+                        "(t.{} IS NOT DISTINCT FROM e.c{i}{})",
+                        quote(name),
+                        select_cast(*t)
+                    )
+                })
+                .collect();
+            same.push(format!(
+                "(t.{} IS NULL)",
+                quote(&self.config.deleted_at_column)
+            ));
+            let sql = format!(
+                "SELECT e.ord::int8, t.{version}, ARRAY[{same}]::bool[]
+                 FROM UNNEST({params}) WITH ORDINALITY AS e({aliases}, ord)
+                 LEFT JOIN {table} t ON t.{key} = e.k",
+                version = quote(&self.config.version_column),
+                same = same.join(", "),
+                params = params.join(", "),
+                aliases = aliases.join(", "),
+                table = self.table_sql(),
+                key = quote(&key.column),
+            );
+            let conn = self.connection().await?;
+            let result = tokio::time::timeout(
+                self.config.timeout.0,
+                conn.client.query(&sql, &rows.params()),
+            )
+            .await
+            .map_err(|_| SinkError::Unavailable {
+                store: STORE,
+                message: "comparing with the replica timed out".into(),
+            })?
+            .map_err(classify)?;
+            let mut names: Vec<String> = self.values.iter().map(|v| v.0.clone()).collect();
+            names.push(self.config.deleted_at_column.clone());
+            for row in result {
+                let ord: i64 = row.get(0);
+                let Some(&i) = usize::try_from(ord - 1)
+                    .ok()
+                    .and_then(|o| rows.entries.get(o))
+                else {
+                    continue;
+                };
+                let stored: Option<i64> = row.get(1);
+                let wanted = records[i].event.aggregate_version;
+                drifts[i] = match stored.map(|v| u64::try_from(v).unwrap_or(0)) {
+                    None => Some(Drift::Missing),
+                    Some(v) if v < wanted => Some(Drift::Stale { stored: v }),
+                    Some(v) if v > wanted => None,
+                    Some(_) => {
+                        let same: Vec<bool> = row.get(2);
+                        let fields: Vec<String> = names
+                            .iter()
+                            .zip(same)
+                            .filter(|(_, same)| !same)
+                            .map(|(name, _)| name.clone())
+                            .collect();
+                        (!fields.is_empty()).then_some(Drift::Mismatch { fields })
+                    }
+                };
+            }
+            Ok(drifts)
+        })
+    }
+
+    fn scan_keys<'a>(&'a self, cursor: Option<String>) -> ReplicaFuture<'a, KeyPage> {
+        Box::pin(async move {
+            let key = self.single_key()?;
+            let select = format!(
+                "SELECT t.{k}::text, t.{v} FROM {table} t",
+                k = quote(&key.column),
+                v = quote(&self.config.version_column),
+                table = self.table_sql()
+            );
+            let sql = match &cursor {
+                None => format!(
+                    "{select} WHERE $1::text IS NULL ORDER BY t.{k} LIMIT 1000",
+                    k = quote(&key.column)
+                ),
+                Some(_) => format!(
+                    "{select} WHERE t.{k} > $1::text::{ty} ORDER BY t.{k} LIMIT 1000",
+                    k = quote(&key.column),
+                    ty = key.pg_type.sql()
+                ),
+            };
+            let conn = self.connection().await?;
+            let rows =
+                tokio::time::timeout(self.config.timeout.0, conn.client.query(&sql, &[&cursor]))
+                    .await
+                    .map_err(|_| SinkError::Unavailable {
+                        store: STORE,
+                        message: "listing the replica's keys timed out".into(),
+                    })?
+                    .map_err(classify)?;
+            let keys: Vec<(String, u64)> = rows
+                .iter()
+                .map(|r| (r.get(0), u64::try_from(r.get::<_, i64>(1)).unwrap_or(0)))
+                .collect();
+            let next = (keys.len() == 1000).then(|| keys[keys.len() - 1].0.clone());
+            Ok(KeyPage { keys, next })
+        })
+    }
+
+    fn evict<'a>(&'a self, keys: &'a [(String, Option<u64>)]) -> ReplicaFuture<'a, usize> {
+        Box::pin(async move {
+            let key = self.single_key()?;
+            if keys.is_empty() {
+                return Ok(0);
+            }
+            let k = quote(&key.column);
+            let ty = key.pg_type.sql();
+            let names: Vec<&str> = keys.iter().map(|(name, _)| name.as_str()).collect();
+            let (buried, versions): (Vec<&str>, Vec<i64>) = keys
+                .iter()
+                .filter_map(|(name, v)| Some((name.as_str(), i64::try_from((*v)?).ok()?)))
+                .unzip();
+            let tombstones = format!(
+                "{}.{}",
+                quote(&self.config.schema),
+                quote(&self.config.tombstone_table())
+            );
+            let sql = format!(
+                "WITH gone AS (DELETE FROM {table} t WHERE t.{k}::text = ANY($1::text[]) RETURNING 1),
+                      buried AS (
+                        INSERT INTO {tombstones} AS b ({k}, source_version, deleted_at, expires_at)
+                        SELECT e.k::{ty}, e.v, now(), now() + interval '{EVICT_TOMBSTONE}'
+                        FROM UNNEST($2::text[], $3::int8[]) AS e(k, v)
+                        ON CONFLICT ({k}) DO UPDATE
+                          SET source_version = GREATEST(b.source_version, EXCLUDED.source_version),
+                              expires_at = EXCLUDED.expires_at
+                        RETURNING 1)
+                 SELECT (SELECT count(*) FROM gone), (SELECT count(*) FROM buried)",
+                table = self.table_sql(),
+            );
+            let conn = self.connection().await?;
+            let row = tokio::time::timeout(
+                self.config.timeout.0,
+                conn.client.query_one(&sql, &[&names, &buried, &versions]),
+            )
+            .await
+            .map_err(|_| SinkError::Unavailable {
+                store: STORE,
+                message: "evicting rows timed out".into(),
+            })?
+            .map_err(classify)?;
+            Ok(usize::try_from(row.get::<_, i64>(0)).unwrap_or(0))
+        })
+    }
+}
