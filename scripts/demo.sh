@@ -4,7 +4,8 @@
 # update after it, and one poison entry), runs the example pipeline until it has drained and
 # prints the replica; then runs the fan-out example into Redis and Postgres and prints both;
 # then the producer side: an athletes table written together with its outbox, the relay
-# publishing the outbox, the worker replicating it, and the snapshot endpoint serving it.
+# publishing the outbox, the worker replicating it, and the snapshot endpoint serving it; and a
+# new consumer bootstrapping from that endpoint, reconciled against the source.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export REDIS_URL="${REDIS_URL:-redis://127.0.0.1:6379}"
@@ -91,4 +92,19 @@ for _ in $(seq 1 100); do
 done
 echo "GET /snapshot/athletes?limit=10"
 curl -fsS "http://$ECST_SNAPSHOT_LISTEN/snapshot/athletes?limit=10"
+
+echo
+echo "== a new consumer (search) bootstraps from that endpoint, then streams"
+rcli DEL search:athlete:ath-4 "ecst:bootstrap:$stream:search.athletes-replica.v1:progress" >/dev/null
+rcli XGROUP DESTROY "$stream" search.athletes-replica.v1 >/dev/null
+$ecst validate examples/athletes-bootstrap.yaml
+$ecst run examples/athletes-bootstrap.yaml --drain
+rcli HGETALL search:athlete:ath-4
+echo "== reconcile: the replica against the source (exit 0 = in sync)"
+$ecst reconcile examples/athletes-bootstrap.yaml
+echo "== someone corrupts the replica by hand; reconcile finds it, --repair fixes it"
+rcli HSET search:athlete:ath-4 status active >/dev/null
+$ecst reconcile examples/athletes-bootstrap.yaml || echo "(exit $?: drift found)"
+$ecst reconcile examples/athletes-bootstrap.yaml --repair || echo "(exit $?: drift found and repaired)"
+$ecst reconcile examples/athletes-bootstrap.yaml
 kill -TERM "$snapshot_pid"; wait "$snapshot_pid"
