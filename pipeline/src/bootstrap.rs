@@ -157,7 +157,7 @@ pub(crate) struct GroupState {
     pub(crate) gap: Option<String>,
 }
 
-fn bulk(value: Option<&RedisValue>) -> Option<String> {
+pub(crate) fn bulk(value: Option<&RedisValue>) -> Option<String> {
     match value? {
         RedisValue::BulkString(b) => Some(String::from_utf8_lossy(b).into_owned()),
         RedisValue::SimpleString(s) => Some(s.clone()),
@@ -166,7 +166,7 @@ fn bulk(value: Option<&RedisValue>) -> Option<String> {
     }
 }
 
-fn as_map(value: RedisValue) -> HashMap<String, RedisValue> {
+pub(crate) fn as_map(value: RedisValue) -> HashMap<String, RedisValue> {
     let pairs: Vec<(RedisValue, RedisValue)> = match value {
         RedisValue::Map(pairs) => pairs,
         RedisValue::Array(items) => {

@@ -9,6 +9,7 @@
 //! - [`runner`]: batches through the DAG to the sinks, acked only after commit.
 //! - [`bootstrap`]: snapshots for new, reset or gapped groups; the retention-gap check.
 //! - [`reconcile`]: `ecst reconcile`, replicas against the source, drift counted and repaired.
+//! - [`metrics`]: Prometheus metrics, `/healthz`, `/readyz`.
 //! - [`outbox`]: the outbox table's DDL and the Rust producer API.
 //! - [`relay`]: `ecst relay`, outbox rows to streams.
 //! - [`snapshot`]: `ecst snapshot serve`, entity state as NDJSON pages for bootstrap.
@@ -18,6 +19,7 @@
 pub mod bootstrap;
 pub mod config;
 pub mod graph;
+pub mod metrics;
 pub mod outbox;
 pub mod reconcile;
 pub mod relay;

@@ -70,6 +70,9 @@ enum Command {
         /// Consumer name, overriding the file's (e.g. the pod name).
         #[arg(long, env = "ECST_CONSUMER")]
         consumer: Option<String>,
+        /// Serve /metrics, /healthz and /readyz here; `off` to not serve them.
+        #[arg(long, env = "ECST_METRICS_ADDR", default_value = "127.0.0.1:9464")]
+        metrics_addr: String,
     },
     /// Bootstrap the group from the pipeline's snapshot now, then exit.
     Bootstrap {
@@ -325,6 +328,7 @@ async fn execute(command: Command) -> anyhow::Result<ExitCode> {
             pipeline,
             drain,
             consumer,
+            metrics_addr,
         } => {
             let mut config = match load(&pipeline) {
                 Ok(c) => c,
@@ -335,6 +339,25 @@ async fn execute(command: Command) -> anyhow::Result<ExitCode> {
             }
             let (tx, shutdown) = Shutdown::new();
             tokio::spawn(shutdown_on_signals(tx));
+            let stats = Arc::new(Stats::default());
+            if metrics_addr != "off" {
+                let addr: std::net::SocketAddr = metrics_addr.parse().with_context(|| {
+                    format!("--metrics-addr {metrics_addr:?} is not host:port (or `off`)")
+                })?;
+                // Bind now, so that a taken port fails the start instead of a probe later.
+                let metrics = tokio::spawn(ecst_pipeline::metrics::serve(
+                    addr,
+                    config.name.clone(),
+                    stats.clone(),
+                    shutdown.clone(),
+                ));
+                tokio::task::yield_now().await;
+                if metrics.is_finished() {
+                    metrics
+                        .await?
+                        .with_context(|| format!("cannot serve metrics on {addr}"))?;
+                }
+            }
             runner::run(
                 &config,
                 RunOptions {
@@ -342,7 +365,7 @@ async fn execute(command: Command) -> anyhow::Result<ExitCode> {
                     bootstrap_only: false,
                 },
                 shutdown,
-                Arc::new(Stats::default()),
+                stats,
             )
             .await
             .with_context(|| format!("pipeline {}", config.name))?;

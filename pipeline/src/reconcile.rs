@@ -86,7 +86,7 @@ pub async fn reconcile(config: &PipelineConfig, repair: bool) -> Result<Reconcil
         ));
     };
     let mut reader = SnapshotReader::new(bootstrap).map_err(RunError::Config)?;
-    let mut dag = Dag::build(config).await?;
+    let mut dag = Dag::build(config, Arc::new(crate::runner::Stats::default())).await?;
     let sinks: Vec<(String, Arc<dyn Sink>)> = dag.sinks().to_vec();
     let mut report = ReconcileReport::default();
     let mut expected: Vec<HashSet<String>> = vec![HashSet::new(); sinks.len()];

@@ -1,9 +1,9 @@
 //! The run loop: read a batch, push it through the DAG, apply every sink's share, dead-letter
 //! what cannot be applied, and XACK the batch only once all of that committed.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use ecst_operators::redis_pool::{RedisPool, describe_run_error, redis_pool};
@@ -14,10 +14,11 @@ use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
 
 use crate::config::PipelineConfig;
+use crate::metrics::{GroupStats, Histogram, SinkStats, StageStats, now_ms, reason_class};
 use crate::source::{Origin, SourceBatch, StreamSource, parse_id};
 
-/// Counters of one worker, shared with the benchmark and (later) the metrics endpoint.
-#[derive(Debug, Default)]
+/// Counters of one worker, shared with the benchmark and the metrics endpoint.
+#[derive(Debug)]
 pub struct Stats {
     /// Entries read from the stream.
     pub read: AtomicU64,
@@ -25,6 +26,8 @@ pub struct Stats {
     pub applied: AtomicU64,
     /// Records dropped as not newer (by `version_filter` or a store guard).
     pub stale: AtomicU64,
+    /// Records dropped as not newer by `version_filter`.
+    pub stale_filtered: AtomicU64,
     /// Records dropped by `where:` or `tombstone mode: ignore`.
     pub filtered: AtomicU64,
     /// Entries sent to the dead-letter stream.
@@ -43,10 +46,70 @@ pub struct Stats {
     pub retention_gap: AtomicBool,
     /// Retention gaps detected.
     pub gaps_detected: AtomicU64,
+    /// The last read from the stream succeeded.
+    pub source_connected: AtomicBool,
+    /// Entries per batch read.
+    pub batch_size: Histogram,
+    /// The consumer group, as last read.
+    pub group: GroupStats,
+    sinks: OnceLock<Vec<SinkStats>>,
+    stages: OnceLock<Vec<StageStats>>,
+    dead_letter_reasons: Mutex<BTreeMap<&'static str, u64>>,
     latencies_ms: Mutex<Option<Vec<u32>>>,
 }
 
+impl Default for Stats {
+    fn default() -> Self {
+        Stats {
+            read: AtomicU64::new(0),
+            applied: AtomicU64::new(0),
+            stale: AtomicU64::new(0),
+            stale_filtered: AtomicU64::new(0),
+            filtered: AtomicU64::new(0),
+            dead_lettered: AtomicU64::new(0),
+            acked: AtomicU64::new(0),
+            retries: AtomicU64::new(0),
+            failing_sinks: AtomicUsize::new(0),
+            bootstrapping: AtomicBool::new(false),
+            bootstrap_rows: AtomicU64::new(0),
+            retention_gap: AtomicBool::new(false),
+            gaps_detected: AtomicU64::new(0),
+            source_connected: AtomicBool::new(false),
+            batch_size: Histogram::batch_size(),
+            group: GroupStats::default(),
+            sinks: OnceLock::new(),
+            stages: OnceLock::new(),
+            dead_letter_reasons: Mutex::new(BTreeMap::new()),
+            latencies_ms: Mutex::new(None),
+        }
+    }
+}
+
 impl Stats {
+    /// Per-sink counters, in the DAG's sink order (empty before the worker built its DAG).
+    pub fn sinks(&self) -> &[SinkStats] {
+        self.sinks.get().map_or(&[], Vec::as_slice)
+    }
+
+    /// Per-stage timings (empty before the worker built its DAG).
+    pub fn stages(&self) -> &[StageStats] {
+        self.stages.get().map_or(&[], Vec::as_slice)
+    }
+
+    /// Dead letters by reason class.
+    pub fn dead_letter_reasons(&self) -> Vec<(&'static str, u64)> {
+        self.dead_letter_reasons
+            .lock()
+            .map(|m| m.iter().map(|(k, v)| (*k, *v)).collect())
+            .unwrap_or_default()
+    }
+
+    fn count_dead_letter(&self, reason: &str) {
+        if let Ok(mut m) = self.dead_letter_reasons.lock() {
+            *m.entry(reason_class(reason)).or_default() += 1;
+        }
+    }
+
     /// Starts recording, per acked entry, the time from its XADD (its id) to its ack.
     pub fn record_latencies(&self) {
         if let Ok(mut guard) = self.latencies_ms.lock() {
@@ -120,6 +183,9 @@ enum Node {
 }
 
 pub(crate) struct Dag {
+    stats: Arc<Stats>,
+    /// Index into `stats.stages()` of each transform node.
+    stage_slots: Vec<Option<usize>>,
     order: Vec<usize>,
     nodes: Vec<Node>,
     inputs: Vec<Vec<usize>>,
@@ -129,7 +195,10 @@ pub(crate) struct Dag {
 
 impl Dag {
     /// Builds every stage and sink of the pipeline.
-    pub(crate) async fn build(config: &PipelineConfig) -> Result<Self, RunError> {
+    pub(crate) async fn build(
+        config: &PipelineConfig,
+        stats: Arc<Stats>,
+    ) -> Result<Self, RunError> {
         let nodes_view = config.graph_nodes();
         let order = crate::graph::topo_order(&nodes_view)
             .ok_or_else(|| RunError::Config("the stage graph has a cycle".into()))?;
@@ -166,7 +235,27 @@ impl Dag {
             }
             inputs.push(ins);
         }
+        let mut stage_slots = Vec::with_capacity(nodes.len());
+        let mut stage_stats = Vec::new();
+        for (node, stage) in nodes.iter().zip(&config.stages) {
+            stage_slots.push(match node {
+                Node::Transform(_) => {
+                    stage_stats.push(StageStats {
+                        name: stage.name.clone(),
+                        duration: Histogram::latency(),
+                    });
+                    Some(stage_stats.len() - 1)
+                }
+                Node::Sink(_) => None,
+            });
+        }
+        let _ = stats.stages.set(stage_stats);
+        let _ = stats
+            .sinks
+            .set(sinks.iter().map(|(name, _)| SinkStats::new(name)).collect());
         Ok(Dag {
+            stats,
+            stage_slots,
             order,
             nodes,
             inputs,
@@ -220,7 +309,15 @@ impl Dag {
                 Node::Transform(_) if self.inputs[i].is_empty() && decoded.is_some() => {
                     outputs[i] = decoded.clone();
                 }
-                Node::Transform(stage) => outputs[i] = Some(stage.process(input, entries, out)),
+                Node::Transform(stage) => {
+                    let started = Instant::now();
+                    outputs[i] = Some(stage.process(input, entries, out));
+                    if let Some(slot) = self.stage_slots[i]
+                        && let Some(s) = self.stats.stages().get(slot)
+                    {
+                        s.duration.observe(started.elapsed().as_secs_f64());
+                    }
+                }
                 Node::Sink(s) => per_sink[*s] = input,
             }
         }
@@ -259,6 +356,47 @@ pub fn backoff(attempt: u32) -> Duration {
 }
 
 async fn apply_with_retry(shared: &Shared, sink_index: usize, records: &[Record]) -> SinkReport {
+    let started = Instant::now();
+    let report = apply_until_committed(shared, sink_index, records).await;
+    if let Some(s) = shared.stats.sinks().get(sink_index) {
+        let now = now_ms();
+        s.apply_duration.observe(started.elapsed().as_secs_f64());
+        s.applied
+            .fetch_add(report.applied as u64, Ordering::Relaxed);
+        s.stale.fetch_add(report.stale as u64, Ordering::Relaxed);
+        s.last_apply_ms.store(now, Ordering::Relaxed);
+        let mut newest = None;
+        for record in records {
+            if let Some(at) = record.event.occurred_at {
+                let at_ms = i64::try_from(at.unix_timestamp_nanos() / 1_000_000).unwrap_or(0);
+                s.apply_lag.observe((now - at_ms) as f64 / 1000.0);
+                newest = newest.max(Some(at_ms));
+            }
+        }
+        if let Some(newest) = newest {
+            s.newest_source_ms.fetch_max(newest, Ordering::Relaxed);
+            s.last_lag_ms.store(now - newest, Ordering::Relaxed);
+        }
+    }
+    report
+}
+
+fn set_failing(shared: &Shared, sink_index: usize, failing: bool) {
+    if failing {
+        shared.stats.failing_sinks.fetch_add(1, Ordering::Relaxed);
+    } else {
+        shared.stats.failing_sinks.fetch_sub(1, Ordering::Relaxed);
+    }
+    if let Some(s) = shared.stats.sinks().get(sink_index) {
+        s.failing.store(failing, Ordering::Relaxed);
+    }
+}
+
+async fn apply_until_committed(
+    shared: &Shared,
+    sink_index: usize,
+    records: &[Record],
+) -> SinkReport {
     let (name, sink) = &shared.sinks[sink_index];
     let mut attempt = 0u32;
     let mut failing = false;
@@ -266,7 +404,7 @@ async fn apply_with_retry(shared: &Shared, sink_index: usize, records: &[Record]
         match sink.apply_batch(records).await {
             Ok(report) => {
                 if failing {
-                    shared.stats.failing_sinks.fetch_sub(1, Ordering::Relaxed);
+                    set_failing(shared, sink_index, false);
                     tracing::info!(pipeline = %shared.pipeline, sink = %name, attempts = attempt + 1, "Sink recovered; batch committed.");
                 }
                 return report;
@@ -277,13 +415,13 @@ async fn apply_with_retry(shared: &Shared, sink_index: usize, records: &[Record]
                     && let Some(report) = isolate_refused(shared, sink_index, records).await
                 {
                     if failing {
-                        shared.stats.failing_sinks.fetch_sub(1, Ordering::Relaxed);
+                        set_failing(shared, sink_index, false);
                     }
                     return report;
                 }
                 if !failing {
                     failing = true;
-                    shared.stats.failing_sinks.fetch_add(1, Ordering::Relaxed);
+                    set_failing(shared, sink_index, true);
                 }
                 shared.stats.retries.fetch_add(1, Ordering::Relaxed);
                 let wait = backoff(attempt);
@@ -404,13 +542,17 @@ pub(crate) async fn complete(shared: Arc<Shared>, batch: Batch) {
     }
     for (_, reason) in &outcomes.dropped {
         match reason {
-            ecst_operators::DropReason::Stale => stats.stale.fetch_add(1, Ordering::Relaxed),
+            ecst_operators::DropReason::Stale => {
+                stats.stale_filtered.fetch_add(1, Ordering::Relaxed);
+                stats.stale.fetch_add(1, Ordering::Relaxed)
+            }
             _ => stats.filtered.fetch_add(1, Ordering::Relaxed),
         };
     }
 
     if !dead.is_empty() {
         for (raw, reason) in &dead {
+            stats.count_dead_letter(reason);
             tracing::warn!(pipeline = %shared.pipeline, stream = %shared.stream, entry_id = %raw.id, reason = %reason, dead_letter = %shared.dead_letter, "Entry dead-lettered.");
         }
         let mut pipe = redis::pipe();
@@ -487,6 +629,69 @@ impl Shutdown {
     }
 }
 
+/// Reads the group's lag, pending count and oldest pending idle time into `stats.group`,
+/// every [`crate::metrics::GROUP_REFRESH`].
+async fn watch_group(shared: Arc<Shared>) {
+    use crate::bootstrap::{as_map, bulk};
+    let mut ticker = tokio::time::interval(crate::metrics::GROUP_REFRESH);
+    loop {
+        ticker.tick().await;
+        let Ok(mut conn) = shared.pool.get().await else {
+            continue;
+        };
+        let mut pipe = redis::pipe();
+        pipe.cmd("XINFO").arg("GROUPS").arg(&shared.stream);
+        pipe.cmd("XPENDING")
+            .arg(&shared.stream)
+            .arg(&shared.group)
+            .arg("-")
+            .arg("+")
+            .arg(1);
+        conn.begin();
+        let result = tokio::time::timeout(
+            shared.timeout,
+            pipe.query_async::<(redis::Value, redis::Value)>(conn.conn()),
+        )
+        .await
+        .unwrap_or_else(|_| Err(redis::RedisError::from((redis::ErrorKind::Io, "timed out"))));
+        conn.settle(&result);
+        let Ok((groups, oldest)) = result else {
+            continue;
+        };
+        let groups = match groups {
+            redis::Value::Array(items) => items.into_iter().map(as_map).collect::<Vec<_>>(),
+            _ => Vec::new(),
+        };
+        let Some(g) = groups
+            .iter()
+            .find(|g| bulk(g.get("name")).as_deref() == Some(shared.group.as_str()))
+        else {
+            continue;
+        };
+        let number = |key: &str| bulk(g.get(key)).and_then(|n| n.parse::<i64>().ok());
+        let stats = &shared.stats.group;
+        stats
+            .lag
+            .store(number("lag").unwrap_or(-1), Ordering::Relaxed);
+        stats
+            .pending
+            .store(number("pending").unwrap_or(0), Ordering::Relaxed);
+        let idle = match oldest {
+            redis::Value::Array(entries) => match entries.first() {
+                Some(redis::Value::Array(fields)) => {
+                    bulk(fields.get(2)).and_then(|n| n.parse::<i64>().ok())
+                }
+                _ => None,
+            },
+            _ => None,
+        };
+        stats
+            .oldest_pending_idle_ms
+            .store(idle.unwrap_or(0), Ordering::Relaxed);
+        stats.refreshed_ms.store(now_ms(), Ordering::Relaxed);
+    }
+}
+
 /// Runs a worker until `shutdown` fires (or, with `drain`, until the group is empty).
 pub async fn run(
     config: &PipelineConfig,
@@ -496,7 +701,7 @@ pub async fn run(
 ) -> Result<(), RunError> {
     let source_cfg = &config.source;
     let consumer = source_cfg.consumer_name();
-    let mut dag = Dag::build(config).await?;
+    let mut dag = Dag::build(config, stats.clone()).await?;
     let pool = redis_pool(&source_cfg.redis, 4, source_cfg.timeout.0)
         .map_err(|e| RunError::Config(format!("invalid Redis URL {}: {e}", source_cfg.redis)))?;
     let mut source = StreamSource::new(source_cfg, consumer.clone())
@@ -515,6 +720,7 @@ pub async fn run(
     });
     tracing::info!(pipeline = %config.name, stream = %source_cfg.stream, group = %source_cfg.group, consumer = %consumer, "Worker starting.");
 
+    let _watching = AbortOnDrop(tokio::spawn(watch_group(shared.clone())));
     let mut hint = options
         .bootstrap_only
         .then_some(crate::bootstrap::Reason::Forced);
@@ -544,6 +750,14 @@ pub async fn run(
             Some(gap) => hint = Some(crate::bootstrap::Reason::Gap(gap)),
             None => return Ok(()),
         }
+    }
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
@@ -632,9 +846,11 @@ async fn stream_until(
         let (origin, batch) = match read {
             Ok(ok) => {
                 read_failures = 0;
+                stats.source_connected.store(true, Ordering::Relaxed);
                 ok
             }
             Err(e) => {
+                stats.source_connected.store(false, Ordering::Relaxed);
                 let wait = backoff(read_failures);
                 tracing::warn!(pipeline = %config.name, error = %e, retry_in_ms = wait.as_millis() as u64, "Reading the stream failed; retrying.");
                 read_failures = read_failures.saturating_add(1);
@@ -717,6 +933,7 @@ async fn stream_until(
         stats
             .read
             .fetch_add(entries.len() as u64, Ordering::Relaxed);
+        stats.batch_size.observe(entries.len() as f64);
         let mut outcomes = Outcomes::default();
         let per_sink = dag.run(&entries, &mut outcomes);
         let shared = shared.clone();

@@ -40,7 +40,10 @@ pub fn unique(label: &str) -> String {
 
 pub fn ecst() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_ecst"));
-    cmd.env("REDIS_URL", redis_url()).env("ECST_LOG", "info");
+    // Workers serve metrics; tests run many at once, each on a port of its own.
+    cmd.env("REDIS_URL", redis_url())
+        .env("ECST_LOG", "info")
+        .env("ECST_METRICS_ADDR", "127.0.0.1:0");
     cmd
 }
 

@@ -4,6 +4,7 @@ mod bootstrap;
 mod common;
 mod fanout;
 mod faults;
+mod observe;
 mod reconcile;
 mod relay;
 mod replicate;

@@ -1,0 +1,155 @@
+//! Metrics and probes of a running worker, over real HTTP.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use serde_json::json;
+
+use crate::bootstrap::free_port;
+use crate::common::*;
+
+fn scrape(port: u16) -> HashMap<String, f64> {
+    let body = reqwest::blocking::get(format!("http://127.0.0.1:{port}/metrics"))
+        .and_then(|r| r.text())
+        .unwrap_or_default();
+    body.lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .filter_map(|l| {
+            let (name, value) = l.rsplit_once(' ')?;
+            Some((name.to_string(), value.parse().ok()?))
+        })
+        .collect()
+}
+
+fn status(port: u16, path: &str) -> (u16, String) {
+    match reqwest::blocking::get(format!("http://127.0.0.1:{port}{path}")) {
+        Ok(r) => (r.status().as_u16(), r.text().unwrap_or_default()),
+        Err(_) => (0, String::new()),
+    }
+}
+
+#[test]
+fn metrics_report_freshness_counts_and_group_state() {
+    let mut conn = redis();
+    let stream = unique("observe");
+    let prefix = format!("{stream}:");
+    let now = time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .expect("now");
+    let mut events: Vec<serde_json::Value> = (0..50)
+        .map(|i| {
+            let mut e = event(&format!("m{}", i % 10), (i / 10 + 1) as u64, "x");
+            e["occurredAt"] = json!(now);
+            e
+        })
+        .collect();
+    events.push(json!("not an envelope"));
+    publish(&mut conn, &stream, &events);
+    let port = free_port();
+    let pipeline = pipeline_file("observe", &athletes_pipeline(&stream, &prefix, ""));
+    let worker = Worker::start(&pipeline, &["--metrics-addr", &format!("127.0.0.1:{port}")]);
+    let p = "pipeline=\"athletes\"";
+    wait_for_worker(
+        &worker,
+        Duration::from_secs(30),
+        "all entries acked",
+        || scrape(port).get(&format!("ecst_events_acked_total{{{p}}}")) == Some(&51.0),
+    );
+    let m = scrape(port);
+    let get = |name: &str| {
+        *m.get(name)
+            .unwrap_or_else(|| panic!("no {name} in {:?}", m.keys().collect::<Vec<_>>()))
+    };
+    assert_eq!(get(&format!("ecst_events_read_total{{{p}}}")), 51.0);
+    assert_eq!(
+        get(&format!(
+            "ecst_events_dead_lettered_total{{{p},reason=\"invalid_event\"}}"
+        )),
+        1.0
+    );
+    let applied = get(&format!("ecst_events_applied_total{{{p},sink=\"cache\"}}"));
+    let stale = get(&format!("ecst_events_stale_total{{{p},sink=\"cache\"}}"))
+        + get(&format!("ecst_events_skipped_stale_total{{{p}}}"));
+    assert_eq!(
+        applied + stale,
+        50.0,
+        "every valid event is applied or stale"
+    );
+    // Versions of one aggregate in one batch coalesce to the newest: at least one write each.
+    assert!((10.0..=50.0).contains(&applied), "applied {applied}");
+    let source_age = get(&format!("ecst_source_age_seconds{{{p},sink=\"cache\"}}"));
+    assert!((0.0..60.0).contains(&source_age), "source age {source_age}");
+    let replicated_age = get(&format!(
+        "ecst_replicated_age_seconds{{{p},sink=\"cache\"}}"
+    ));
+    assert!(
+        (0.0..60.0).contains(&replicated_age),
+        "replicated age {replicated_age}"
+    );
+    let lag_count = get(&format!(
+        "ecst_apply_lag_seconds_count{{{p},sink=\"cache\"}}"
+    ));
+    assert!(
+        lag_count >= applied,
+        "apply lag observed {lag_count} times for {applied} writes"
+    );
+    assert!(
+        get(&format!(
+            "ecst_stage_duration_seconds_count{{{p},stage=\"decode\"}}"
+        )) >= 1.0
+    );
+    wait_for_worker(
+        &worker,
+        Duration::from_secs(20),
+        "the group refreshed",
+        || scrape(port).get(&format!("ecst_group_pending{{{p}}}")) == Some(&0.0),
+    );
+    assert!(
+        m.keys()
+            .all(|k| !k.contains("m1\"") && !k.contains("aggregate")),
+        "aggregate ids must never be labels"
+    );
+    assert_eq!(status(port, "/healthz").0, 200);
+    assert_eq!(status(port, "/readyz"), (200, "ready\n".to_string()));
+    worker.terminate();
+    cleanup(&mut conn, &stream);
+}
+
+#[test]
+fn readyz_fails_while_a_sink_is_down_and_recovers() {
+    let mut conn = redis();
+    let stream = unique("observe-ready");
+    let prefix = format!("{stream}:");
+    let upstream = redis_url()
+        .trim_start_matches("redis://")
+        .trim_end_matches('/')
+        .to_string();
+    let proxy = Proxy::start(&upstream);
+    let yaml = athletes_pipeline(&stream, &prefix, "").replace(
+        "    type: redis_hash\n",
+        &format!(
+            "    type: redis_hash\n    redis: redis://127.0.0.1:{}\n    timeout: 1s\n",
+            proxy.port
+        ),
+    );
+    let pipeline = pipeline_file("observe", &yaml);
+    let port = free_port();
+    let worker = Worker::start(&pipeline, &["--metrics-addr", &format!("127.0.0.1:{port}")]);
+    wait_for_worker(&worker, Duration::from_secs(20), "ready", || {
+        status(port, "/readyz").0 == 200
+    });
+    proxy.cut();
+    publish(&mut conn, &stream, &[event("r1", 1, "x")]);
+    wait_for_worker(&worker, Duration::from_secs(30), "not ready", || {
+        status(port, "/readyz") == (503, "not ready: sink cache is failing\n".to_string())
+    });
+    assert_eq!(status(port, "/healthz").0, 200, "the process is up");
+    let failing = scrape(port)["ecst_sink_failing{pipeline=\"athletes\",sink=\"cache\"}"];
+    assert_eq!(failing, 1.0);
+    proxy.restore();
+    wait_for_worker(&worker, Duration::from_secs(30), "ready again", || {
+        status(port, "/readyz").0 == 200
+    });
+    worker.terminate();
+    cleanup(&mut conn, &stream);
+}
