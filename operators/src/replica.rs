@@ -26,11 +26,23 @@ pub enum Drift {
     },
 }
 
+/// A key a replica holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredKey {
+    /// The key.
+    pub key: String,
+    /// Its stored version.
+    pub version: u64,
+    /// When it was last written (Postgres `replicated_at`) or, where the store keeps no such
+    /// time, the `occurredAt` it was written with; Unix ms.
+    pub touched_ms: Option<i64>,
+}
+
 /// One page of the keys a replica holds, with their versions.
 #[derive(Debug, Default)]
 pub struct KeyPage {
-    /// (key, stored version).
-    pub keys: Vec<(String, u64)>,
+    /// The keys of this page.
+    pub keys: Vec<StoredKey>,
     /// Where the next page starts; `None` after the last.
     pub next: Option<String>,
 }
@@ -46,7 +58,8 @@ pub trait Replica: Send + Sync {
     /// A page of the keys the replica holds; start with `None`.
     fn scan_keys<'a>(&'a self, cursor: Option<String>) -> ReplicaFuture<'a, KeyPage>;
 
-    /// Removes rows outright; with a version, leaves a tombstone at it so that an older event
-    /// still in flight cannot bring the row back.
+    /// Removes rows. With a version, only if the row is still at that version (a row written
+    /// meanwhile stays), leaving a tombstone at it so that an older event still in flight
+    /// cannot bring it back; without, unconditionally. Returns the rows removed.
     fn evict<'a>(&'a self, keys: &'a [(String, Option<u64>)]) -> ReplicaFuture<'a, usize>;
 }

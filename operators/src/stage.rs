@@ -27,6 +27,10 @@ pub trait Stage: Send {
         entries: &[RawEntry],
         out: &mut Outcomes,
     ) -> Vec<Record>;
+
+    /// Forgets what earlier batches taught the stage (before a bootstrap re-applies state
+    /// the stage may have seen newer versions of).
+    fn reset(&mut self) {}
 }
 
 /// What a sink did with one batch.

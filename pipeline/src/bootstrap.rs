@@ -151,13 +151,15 @@ impl Reason {
 
 /// Where the group stands against the stream's retention.
 #[derive(Debug, Default)]
-pub(crate) struct GroupState {
-    pub(crate) exists: bool,
+pub struct GroupState {
+    /// Whether the group exists.
+    pub exists: bool,
     /// Why entries were missed, when they were.
-    pub(crate) gap: Option<String>,
+    pub gap: Option<String>,
 }
 
-pub(crate) fn bulk(value: Option<&RedisValue>) -> Option<String> {
+/// A Redis reply value as text (bulk or simple string, or an integer).
+pub fn bulk(value: Option<&RedisValue>) -> Option<String> {
     match value? {
         RedisValue::BulkString(b) => Some(String::from_utf8_lossy(b).into_owned()),
         RedisValue::SimpleString(s) => Some(s.clone()),
@@ -166,7 +168,8 @@ pub(crate) fn bulk(value: Option<&RedisValue>) -> Option<String> {
     }
 }
 
-pub(crate) fn as_map(value: RedisValue) -> HashMap<String, RedisValue> {
+/// A Redis map reply (RESP3 map or RESP2 flat pairs) by key.
+pub fn as_map(value: RedisValue) -> HashMap<String, RedisValue> {
     let pairs: Vec<(RedisValue, RedisValue)> = match value {
         RedisValue::Map(pairs) => pairs,
         RedisValue::Array(items) => {
@@ -192,7 +195,7 @@ fn id_pair(id: &str) -> (u64, u64) {
 }
 
 /// Reads the group's position against the stream's trimming (XINFO STREAM / GROUPS).
-pub(crate) async fn group_state(
+pub async fn group_state(
     conn: &mut redis::aio::MultiplexedConnection,
     stream: &str,
     group: &str,
@@ -284,6 +287,7 @@ pub(crate) struct Progress {
     pub(crate) after: Option<String>,
     pub(crate) rows: u64,
     pub(crate) sweep: bool,
+    pub(crate) entries_added: Option<u64>,
 }
 
 /// The Redis keys of one group's bootstrap: the lease and the progress hash.
@@ -316,6 +320,7 @@ pub(crate) async fn read_progress(
         after: map.get("after").cloned().filter(|a| !a.is_empty()),
         rows: map.get("rows").and_then(|r| r.parse().ok()).unwrap_or(0),
         sweep: map.get("sweep").map(String::as_str) == Some("1"),
+        entries_added: map.get("entries_added").and_then(|n| n.parse().ok()),
     })
 }
 
@@ -830,6 +835,53 @@ pub(crate) async fn settle_group(
     }
 }
 
+/// Renews a bootstrap lease in the background for as long as it lives.
+struct LeaseKeeper {
+    lost: Arc<std::sync::atomic::AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl LeaseKeeper {
+    fn start(shared: Arc<Shared>, keys: &Keys, me: &str, ttl: Duration) -> Self {
+        let lost = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = lost.clone();
+        let (lease, me) = (keys.lease.clone(), me.to_string());
+        let task = tokio::spawn(async move {
+            let keys = Keys {
+                lease,
+                progress: String::new(),
+            };
+            loop {
+                tokio::time::sleep(ttl / 3).await;
+                let Ok(mut conn) = pooled(&shared).await else {
+                    continue;
+                };
+                match on_redis!(&mut conn, |c| take_lease(c, &keys, &me, ttl)) {
+                    Ok(Err(_holder)) => {
+                        flag.store(true, Ordering::Relaxed);
+                        return;
+                    }
+                    Ok(Ok(())) => {}
+                    Err(e) => {
+                        tracing::warn!(pipeline = %shared.pipeline, error = %e, "Cannot renew the bootstrap lease.")
+                    }
+                }
+            }
+        });
+        LeaseKeeper { lost, task }
+    }
+
+    fn lost(&self) -> bool {
+        self.lost.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for LeaseKeeper {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
 /// Whether a bootstrap for `reason` ends by removing rows the snapshot did not produce.
 fn sweeps(reason: &Reason) -> bool {
     matches!(reason, Reason::NewGroup | Reason::Gap(_))
@@ -866,6 +918,10 @@ async fn run_bootstrap(
     shutdown: &mut Shutdown,
 ) -> Result<bool, Fatal> {
     let mut reader = SnapshotReader::new(config).map_err(|e| Fatal(RunError::Config(e)))?;
+    // Stages must not judge snapshot rows by versions they saw streaming (a version_filter
+    // would drop a row the replica already has, and the sweep would take it for an orphan).
+    dag.reset();
+    let started_ms = crate::metrics::now_ms();
     let me = shared.consumer.clone();
     let (stream, group) = (shared.stream.clone(), shared.group.clone());
     let mut failures = 0u32;
@@ -876,14 +932,16 @@ async fn run_bootstrap(
         }
         let noted = async {
             let mut conn = pooled(shared).await?;
-            let (position, after, rows) = if reason == Reason::Resume {
+            let (position, entries_added, after, rows) = if reason == Reason::Resume {
                 (
                     progress.position.clone(),
+                    progress.entries_added,
                     progress.after.clone(),
                     progress.rows,
                 )
             } else {
-                let position = on_redis!(&mut conn, |c| last_generated_id(c, &stream))?;
+                let (position, entries_added) =
+                    on_redis!(&mut conn, |c| last_generated_id(c, &stream))?;
                 let now = ecst_schemas::envelope::format_timestamp(time::OffsetDateTime::now_utc());
                 let mut pipe = redis::pipe();
                 pipe.cmd("DEL").arg(&keys.progress).ignore();
@@ -893,6 +951,8 @@ async fn run_bootstrap(
                     .arg("running")
                     .arg("position")
                     .arg(&position)
+                    .arg("entries_added")
+                    .arg(entries_added.map_or(String::new(), |n| n.to_string()))
                     .arg("after")
                     .arg("")
                     .arg("rows")
@@ -905,9 +965,15 @@ async fn run_bootstrap(
                     .arg(if sweeps(&reason) { "1" } else { "0" })
                     .ignore();
                 on_redis!(&mut conn, |c| pipe.query_async::<()>(c))?;
-                (position, None, 0)
+                (position, entries_added, None, 0)
             };
-            on_redis!(&mut conn, |c| place_group(c, &stream, &group, &position))?;
+            on_redis!(&mut conn, |c| place_group(
+                c,
+                &stream,
+                &group,
+                &position,
+                entries_added
+            ))?;
             Ok::<_, String>((position, after, rows))
         }
         .await;
@@ -935,6 +1001,7 @@ async fn run_bootstrap(
         sweeps(&reason)
     };
     let mut expected: Vec<HashSet<String>> = vec![HashSet::new(); dag.sinks().len()];
+    let lease = LeaseKeeper::start(shared.clone(), keys, &me, config.lease.0);
     let total = reader.count().await;
     let mut report = ProgressReport::new(&shared.pipeline, total);
     let mut done_here = 0u64;
@@ -944,28 +1011,9 @@ async fn run_bootstrap(
             tracing::info!(pipeline = %shared.pipeline, rows, after = ?after, "Bootstrap interrupted; the next start resumes it.");
             return Ok(false);
         }
-        // Keep the lease; losing it means another worker took over.
-        let renewed = match pooled(shared).await {
-            Ok(mut conn) => on_redis!(&mut conn, |c| take_lease(c, keys, &me, config.lease.0)),
-            Err(e) => Err(e),
-        };
-        match renewed {
-            Ok(Ok(())) => {}
-            Ok(Err(holder)) => {
-                tracing::warn!(pipeline = %shared.pipeline, holder = %holder, "Bootstrap lease lost; another worker continues it.");
-                return Ok(true);
-            }
-            Err(e) => {
-                pause(
-                    shared,
-                    &mut failures,
-                    "Cannot renew the bootstrap lease",
-                    &e,
-                    shutdown,
-                )
-                .await;
-                continue;
-            }
+        if lease.lost() {
+            tracing::warn!(pipeline = %shared.pipeline, "Bootstrap lease lost; another worker continues it.");
+            return Ok(true);
         }
         let lines = match reader
             .page(after.as_deref(), config.page_size, config.timeout.0)
@@ -1016,7 +1064,7 @@ async fn run_bootstrap(
                 }
             }
         }
-        complete(
+        let applied = complete(
             shared.clone(),
             Batch {
                 entries,
@@ -1025,8 +1073,16 @@ async fn run_bootstrap(
                 extra_dead: Vec::new(),
                 ack: false,
             },
-        )
-        .await;
+        );
+        // A sink that is down retries forever; SIGTERM must still end the bootstrap (the page
+        // is applied again on resume).
+        tokio::select! {
+            _ = applied => {}
+            _ = shutdown.wait() => {
+                tracing::info!(pipeline = %shared.pipeline, rows, after = ?after, "Bootstrap interrupted; the next start resumes it.");
+                return Ok(false);
+            }
+        }
         rows += n;
         done_here += n;
         shared.stats.bootstrap_rows.fetch_add(n, Ordering::Relaxed);
@@ -1053,7 +1109,9 @@ async fn run_bootstrap(
         let sinks = dag.sinks().to_vec();
         let mut found = std::collections::BTreeMap::new();
         loop {
-            match crate::reconcile::sweep_orphans(&sinks, &expected, true, &mut found).await {
+            match crate::reconcile::sweep_orphans(&sinks, &expected, true, started_ms, &mut found)
+                .await
+            {
                 Ok(()) => break,
                 Err(e) => {
                     pause(
@@ -1115,48 +1173,54 @@ async fn run_bootstrap(
     Ok(true)
 }
 
-/// The stream's last id (`0` if it does not exist): where the group resumes after the snapshot.
+/// The stream's last id (`0` if it does not exist), where the group resumes after the
+/// snapshot, and how many entries were ever added up to it (Redis 7).
 async fn last_generated_id(
     conn: &mut redis::aio::MultiplexedConnection,
     stream: &str,
-) -> Result<String, redis::RedisError> {
+) -> Result<(String, Option<u64>), redis::RedisError> {
     match redis::cmd("XINFO")
         .arg("STREAM")
         .arg(stream)
         .query_async::<RedisValue>(conn)
         .await
     {
-        Ok(info) => Ok(bulk(as_map(info).get("last-generated-id")).unwrap_or_else(|| "0".into())),
-        Err(e) if e.to_string().contains("no such key") => Ok("0".into()),
+        Ok(info) => {
+            let info = as_map(info);
+            Ok((
+                bulk(info.get("last-generated-id")).unwrap_or_else(|| "0".into()),
+                bulk(info.get("entries-added")).and_then(|n| n.parse().ok()),
+            ))
+        }
+        Err(e) if e.to_string().contains("no such key") => Ok(("0".into(), Some(0))),
         Err(e) => Err(e),
     }
 }
 
-/// Creates the group at `position`, or moves it there.
+/// Creates the group at `position`, or moves it there, telling Redis how many entries that
+/// position has read (`ENTRIESREAD`), so that a later trim past it is seen as a gap.
 async fn place_group(
     conn: &mut redis::aio::MultiplexedConnection,
     stream: &str,
     group: &str,
     position: &str,
+    entries_read: Option<u64>,
 ) -> Result<(), redis::RedisError> {
-    let created: Result<(), redis::RedisError> = redis::cmd("XGROUP")
+    let mut create = redis::cmd("XGROUP");
+    create
         .arg("CREATE")
         .arg(stream)
         .arg(group)
         .arg(position)
-        .arg("MKSTREAM")
-        .query_async(conn)
-        .await;
-    match created {
-        Err(e) if e.code() == Some("BUSYGROUP") => {
-            redis::cmd("XGROUP")
-                .arg("SETID")
-                .arg(stream)
-                .arg(group)
-                .arg(position)
-                .query_async(conn)
-                .await
-        }
+        .arg("MKSTREAM");
+    let mut set = redis::cmd("XGROUP");
+    set.arg("SETID").arg(stream).arg(group).arg(position);
+    if let Some(n) = entries_read {
+        create.arg("ENTRIESREAD").arg(n);
+        set.arg("ENTRIESREAD").arg(n);
+    }
+    match create.query_async::<()>(conn).await {
+        Err(e) if e.code() == Some("BUSYGROUP") => set.query_async(conn).await,
         other => other,
     }
 }

@@ -17,7 +17,7 @@ mod cli;
 // glibc malloc was a quarter of the worker's CPU under load (perf); every event allocates.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-use cli::{bench, bench_relay, publish};
+use cli::{bench, bench_relay, publish, status};
 
 #[derive(Parser)]
 #[command(
@@ -93,6 +93,8 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Show a pipeline's group, consumers, dead letters and replica freshness at a glance.
+    Status(status::StatusArgs),
     /// Publish NDJSON events to a stream in the wire format.
     Publish(publish::PublishArgs),
     /// Publish outbox rows to Redis Streams until SIGINT/SIGTERM.
@@ -424,6 +426,7 @@ async fn execute(command: Command) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::from(u8::from(report.drifted())))
         }
+        Command::Status(args) => status::status(args).await,
         Command::Publish(args) => publish::publish(args).await,
         Command::Relay { relay } => {
             let config = match load_relay(&relay) {

@@ -85,6 +85,7 @@ pub async fn reconcile(config: &PipelineConfig, repair: bool) -> Result<Reconcil
                 .into(),
         ));
     };
+    let started_ms = crate::metrics::now_ms();
     let mut reader = SnapshotReader::new(bootstrap).map_err(RunError::Config)?;
     let mut dag = Dag::build(config, Arc::new(crate::runner::Stats::default())).await?;
     let sinks: Vec<(String, Arc<dyn Sink>)> = dag.sinks().to_vec();
@@ -164,7 +165,7 @@ pub async fn reconcile(config: &PipelineConfig, repair: bool) -> Result<Reconcil
         }
         after = Some(cursor);
     }
-    sweep_orphans(&sinks, &expected, repair, &mut report.sinks)
+    sweep_orphans(&sinks, &expected, repair, started_ms, &mut report.sinks)
         .await
         .map_err(sink_error)?;
     Ok(report)
@@ -172,10 +173,13 @@ pub async fn reconcile(config: &PipelineConfig, repair: bool) -> Result<Reconcil
 
 /// Lists every key each replica holds and counts (with `repair`, evicts with a tombstone at
 /// their version) those no source row produced: `expected[i]` holds sink `i`'s keys.
+/// Rows written at or after `since_ms` are left alone: a live worker may have added them
+/// after the snapshot passed their place.
 pub(crate) async fn sweep_orphans(
     sinks: &[(String, Arc<dyn Sink>)],
     expected: &[HashSet<String>],
     repair: bool,
+    since_ms: i64,
     report: &mut BTreeMap<String, SinkDrift>,
 ) -> Result<(), ecst_operators::SinkError> {
     for (i, (name, sink)) in sinks.iter().enumerate() {
@@ -199,10 +203,13 @@ pub(crate) async fn sweep_orphans(
             let orphans: Vec<(String, Option<u64>)> = page
                 .keys
                 .into_iter()
-                .filter(|(key, _)| {
-                    !expected[i].contains(key) && !others.contains(key) && seen.insert(key.clone())
+                .filter(|k| {
+                    !expected[i].contains(&k.key)
+                        && !others.contains(&k.key)
+                        && k.touched_ms.is_none_or(|t| t < since_ms)
+                        && seen.insert(k.key.clone())
                 })
-                .map(|(key, version)| (key, Some(version)))
+                .map(|k| (k.key, Some(k.version)))
                 .collect();
             for (key, version) in &orphans {
                 drift.orphans += 1;

@@ -526,12 +526,14 @@ impl Relay<'_> {
         })
     }
 
-    /// Refuses to run against a table that is not an outbox, naming what is missing.
+    /// Refuses to run against a table that is not an outbox, naming what is missing or of
+    /// the wrong type (reading it would fail on every row).
     async fn check_schema(&self, client: &Client) -> Result<(), Step> {
         let rows = within(
             self.config.timeout.0,
             client.query(
-                "SELECT table_name::text, column_name::text FROM information_schema.columns
+                "SELECT table_name::text, column_name::text, data_type::text
+                 FROM information_schema.columns
                  WHERE table_schema = $1 AND table_name IN ($2, $3)",
                 &[
                     &self.outbox.schema_name(),
@@ -542,40 +544,40 @@ impl Relay<'_> {
         )
         .await
         .map_err(|e| Step::Retry(format!("checking the outbox table: {e}")))?;
-        let has = |table: &str, column: &str| {
+        let type_of = |table: &str, column: &str| {
             rows.iter()
-                .any(|r| r.get::<_, String>(0) == table && r.get::<_, String>(1) == column)
+                .find(|r| r.get::<_, String>(0) == table && r.get::<_, String>(1) == column)
+                .map(|r| r.get::<_, String>(2))
         };
         let dead_letters = format!("{}_dead_letters", self.outbox.table_name());
-        let mut missing = Vec::new();
+        let schema = self.outbox.schema_name();
+        let mut problems = Vec::new();
         for table in [self.outbox.table_name(), dead_letters.as_str()] {
-            let absent: Vec<&str> = OUTBOX_COLUMNS
-                .iter()
-                .copied()
-                .filter(|c| !has(table, c))
-                .collect();
-            if absent.len() == OUTBOX_COLUMNS.len() {
-                missing.push(format!(
-                    "table {}.{table} does not exist",
-                    self.outbox.schema_name()
-                ));
-            } else if !absent.is_empty() {
-                missing.push(format!(
-                    "table {}.{table} lacks column(s) {}",
-                    self.outbox.schema_name(),
-                    absent.join(", ")
-                ));
+            if OUTBOX_COLUMNS.iter().all(|c| type_of(table, c).is_none()) {
+                problems.push(format!("table {schema}.{table} does not exist"));
+                continue;
+            }
+            for column in OUTBOX_COLUMNS {
+                let wanted = outbox_column_type(column);
+                match type_of(table, column) {
+                    None => problems.push(format!("table {schema}.{table} lacks column {column}")),
+                    Some(t) if !wanted.contains(&t.as_str()) => problems.push(format!(
+                        "column {schema}.{table}.{column} is {t}, expected {}",
+                        wanted[0]
+                    )),
+                    Some(_) => {}
+                }
             }
         }
-        if !missing.is_empty() && !has(&dead_letters, "error") {
-            missing.push(format!("table {dead_letters} lacks column error"));
+        if type_of(&dead_letters, "stream").is_some() && type_of(&dead_letters, "error").is_none() {
+            problems.push(format!("table {schema}.{dead_letters} lacks column error"));
         }
-        if missing.is_empty() {
+        if problems.is_empty() {
             Ok(())
         } else {
             Err(Step::Fatal(RelayError::Schema(format!(
                 "{}; create the outbox with `ecst outbox install` or `ecst outbox ddl | psql`",
-                missing.join("; ")
+                problems.join("; ")
             ))))
         }
     }
@@ -810,7 +812,11 @@ impl Relay<'_> {
                     tracing::warn!(relay = %self.config.name, txid, "The interrupted COMMIT did commit: its rows are published and gone from the outbox.");
                     return;
                 }
-                Ok(Some("aborted")) | Ok(None) => {
+                Ok(None) => {
+                    tracing::warn!(relay = %self.config.name, txid, "The interrupted COMMIT's outcome is too old for Postgres to tell; if it did not commit, its rows are published again (consumers ignore the duplicates).");
+                    return;
+                }
+                Ok(Some("aborted")) => {
                     tracing::warn!(relay = %self.config.name, txid, "The interrupted COMMIT did not commit: its rows stay in the outbox and are published again (consumers ignore the duplicates).");
                     return;
                 }
@@ -849,6 +855,18 @@ impl Relay<'_> {
                 tracing::warn!(relay = %self.config.name, error = %e, "Pruning published outbox rows failed; will try again.")
             }
         }
+    }
+}
+
+/// The types (as `information_schema` names them) the relay reads each column as.
+fn outbox_column_type(column: &str) -> &'static [&'static str] {
+    match column {
+        "id" | "aggregate_version" => &["bigint"],
+        "schema_version" => &["integer"],
+        "event_id" => &["uuid"],
+        "occurred_at" | "created_at" | "published_at" => &["timestamp with time zone"],
+        "payload" | "headers" => &["jsonb"],
+        _ => &["text", "character varying"],
     }
 }
 

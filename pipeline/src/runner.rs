@@ -264,6 +264,15 @@ impl Dag {
         })
     }
 
+    /// Forgets every stage's memory of earlier batches.
+    pub(crate) fn reset(&mut self) {
+        for node in &mut self.nodes {
+            if let Node::Transform(stage) = node {
+                stage.reset();
+            }
+        }
+    }
+
     /// The sinks, by stage name.
     pub(crate) fn sinks(&self) -> &[(String, Arc<dyn Sink>)] {
         &self.sinks
@@ -812,7 +821,9 @@ async fn stream_until(
         }
         if source.take_group_vanished() {
             stats.gaps_detected.fetch_add(1, Ordering::Relaxed);
-            if config.bootstrap.is_some() {
+            // Recreated at `$`, the entries after the old position are skipped: a gap. At
+            // `0` everything still in the stream is read again.
+            if config.bootstrap.is_some() || source_cfg.start == crate::config::StartPosition::End {
                 gap = Some(format!(
                     "the group or stream {} vanished (NOGROUP) and was recreated",
                     source_cfg.stream

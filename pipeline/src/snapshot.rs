@@ -219,6 +219,7 @@ struct Entity {
 
 struct App {
     pool: PgPool,
+    tls: PgTls,
     entities: BTreeMap<String, Entity>,
     token: Option<String>,
     default_limit: u32,
@@ -270,7 +271,7 @@ async fn build(config: &SnapshotConfig) -> Result<App, SnapshotError> {
     let pool = bb8::Pool::builder()
         .max_size(config.pool_size)
         .connection_timeout(config.timeout.0)
-        .build_unchecked(PostgresConnectionManager::new(pg, target.tls));
+        .build_unchecked(PostgresConnectionManager::new(pg, target.tls.clone()));
     let conn = pool.get().await.map_err(|e| {
         SnapshotError::Config(format!(
             "cannot connect to Postgres {}: {e}",
@@ -284,6 +285,7 @@ async fn build(config: &SnapshotConfig) -> Result<App, SnapshotError> {
     drop(conn);
     Ok(App {
         pool,
+        tls: target.tls,
         entities,
         token,
         default_limit: config.default_limit,
@@ -482,35 +484,51 @@ async fn page(
     };
     let limit = i64::from(limit);
     let params: [&(dyn ToSql + Sync); 2] = [&query.after, &limit];
-    let rows = match tokio::time::timeout(app.timeout, conn.query_raw(sql.as_str(), params)).await {
+    // The whole page, however slow the client, holds the connection at most this long.
+    let deadline = tokio::time::Instant::now() + app.timeout;
+    let rows = match tokio::time::timeout_at(deadline, conn.query_raw(sql.as_str(), params)).await {
         Ok(Ok(rows)) => rows,
         Ok(Err(e)) => return query_failed(&entity_name, &e),
-        Err(_) => {
-            return problem(
-                StatusCode::GATEWAY_TIMEOUT,
-                "the source database did not answer in time",
-            );
-        }
+        Err(_) => return timed_out(&app, &conn),
     };
     let mut rows = Box::pin(rows);
     // The first row decides the status: an error before any line is still a clean answer.
-    let first = match tokio::time::timeout(app.timeout, rows.next()).await {
+    let first = match tokio::time::timeout_at(deadline, rows.next()).await {
         Ok(Some(Err(e))) => return query_failed(&entity_name, &e),
         Ok(first) => first,
-        Err(_) => {
-            return problem(
-                StatusCode::GATEWAY_TIMEOUT,
-                "the source database did not answer in time",
-            );
-        }
+        Err(_) => return timed_out(&app, &conn),
     };
     let body = match first {
         // An exhausted RowStream must not be polled again.
         None => Body::empty(),
-        Some(first) => Body::from_stream(ndjson(
-            futures::stream::iter([first]).chain(rows.fuse()),
-            conn,
-        )),
+        Some(first) => {
+            // Rows are read by a task that hands chunks over a small channel: a client that
+            // stops reading cannot keep the connection past the deadline.
+            let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(4);
+            let mut chunks = Box::pin(ndjson(
+                futures::stream::iter([first]).chain(rows.fuse()),
+                conn,
+            ));
+            let entity = entity_name.clone();
+            tokio::spawn(async move {
+                loop {
+                    let chunk = match tokio::time::timeout_at(deadline, chunks.next()).await {
+                        Ok(Some(chunk)) => chunk,
+                        Ok(None) => return,
+                        Err(_) => Err(std::io::Error::other("page deadline passed")),
+                    };
+                    let failed = chunk.is_err();
+                    let sent = tokio::time::timeout_at(deadline, tx.send(chunk)).await;
+                    if failed || !matches!(sent, Ok(Ok(()))) {
+                        tracing::warn!(entity = %entity, "Snapshot page cut short: the deadline passed or the client went away.");
+                        return;
+                    }
+                }
+            });
+            Body::from_stream(futures::stream::unfold(rx, |mut rx| async move {
+                rx.recv().await.map(|chunk| (chunk, rx))
+            }))
+        }
     };
     Response::builder()
         .status(StatusCode::OK)
@@ -522,6 +540,20 @@ async fn page(
                 "cannot build the response",
             )
         })
+}
+
+/// A query past its deadline: cancelled on the server, so that the pooled connection is not
+/// handed to the next request still busy.
+fn timed_out(app: &App, conn: &tokio_postgres::Client) -> Response {
+    let token = conn.cancel_token();
+    let tls = app.tls.clone();
+    tokio::spawn(async move {
+        let _ = token.cancel_query(tls).await;
+    });
+    problem(
+        StatusCode::GATEWAY_TIMEOUT,
+        "the source database did not answer in time",
+    )
 }
 
 fn query_failed(entity: &str, e: &tokio_postgres::Error) -> Response {
@@ -621,16 +653,13 @@ async fn count(
         }
     };
     match tokio::time::timeout(app.timeout, conn.query_one(sql.as_str(), &[])).await {
+        Err(_) => timed_out(&app, &conn),
         Ok(Ok(row)) => (
             [(header::CONTENT_TYPE, "application/json")],
             format!("{}\n", json!({"count": row.get::<_, i64>(0)})),
         )
             .into_response(),
         Ok(Err(e)) => query_failed(&entity_name, &e),
-        Err(_) => problem(
-            StatusCode::GATEWAY_TIMEOUT,
-            "the source database did not answer in time",
-        ),
     }
 }
 

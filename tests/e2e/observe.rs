@@ -153,3 +153,64 @@ fn readyz_fails_while_a_sink_is_down_and_recovers() {
     worker.terminate();
     cleanup(&mut conn, &stream);
 }
+
+#[test]
+fn status_shows_the_group_dead_letters_and_freshness_of_each_replica() {
+    let mut conn = redis();
+    let stream = unique("status");
+    let prefix = format!("{stream}:");
+    let table = format!("e2e_status_{}", std::process::id());
+    let yaml = athletes_pipeline(&stream, &prefix, "")
+        + &format!(
+            "  table:\n    type: postgres\n    input: athlete\n    url: \"{}\"\n    table: {table}\n    key: athlete_id\n    create: true\n    columns: {{ display_name: text }}\n",
+            database_url()
+        );
+    let pipeline = pipeline_file("status", &yaml);
+    let now = time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .expect("now");
+    let mut events: Vec<serde_json::Value> = (1..=5)
+        .map(|v| {
+            let mut e = event("s1", v, "s");
+            e["occurredAt"] = json!(now);
+            e
+        })
+        .collect();
+    events.push(json!({"not": "an envelope"}));
+    publish(&mut conn, &stream, &events);
+    drain(&pipeline);
+
+    let mut cmd = ecst();
+    cmd.arg("status").arg(&pipeline).arg("--json");
+    let out = run_with_deadline(cmd, Duration::from_secs(30));
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(report["length"], 6);
+    assert_eq!(report["dead_letters"], 1);
+    let group = &report["groups"][0];
+    assert_eq!(group["group"], "replica");
+    assert_eq!(group["pending"], 0);
+    assert_eq!(group["lag"], 0);
+    assert!(group["retention_gap"].is_null());
+    let sinks = report["sinks"].as_array().expect("sinks");
+    assert_eq!(sinks.len(), 2, "{report}");
+    for sink in sinks {
+        let age = sink["source_age_seconds"]
+            .as_f64()
+            .unwrap_or_else(|| panic!("{sink}"));
+        assert!((0.0..60.0).contains(&age), "{sink}");
+        assert!(sink["replicated_age_seconds"].as_f64().is_some(), "{sink}");
+    }
+
+    let mut cmd = ecst();
+    cmd.arg("status").arg(&pipeline);
+    let out = run_with_deadline(cmd, Duration::from_secs(30));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("group / consumer") && text.contains("replica") && text.contains("postgres"),
+        "{text}"
+    );
+    assert!(!text.contains("\x1b["), "no colours when not on a terminal");
+    postgres().execute(&format!("DROP TABLE {table}, {table}_tombstones"));
+    cleanup(&mut conn, &stream);
+}

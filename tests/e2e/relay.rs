@@ -540,3 +540,25 @@ fn relay_files_are_validated_with_positions() {
     }
     assert!(err.contains("invalid sslmode `sometimes`"), "{err}");
 }
+
+#[test]
+fn an_outbox_with_a_wrong_column_type_refuses_to_start() {
+    let pg = postgres();
+    let table = outbox("types");
+    pg.execute(&format!(
+        "ALTER TABLE {table} ALTER COLUMN aggregate_version TYPE integer"
+    ));
+    let file = relay_file(&table, &database_url(), &redis_url(), "");
+    let mut cmd = ecst();
+    cmd.arg("relay").arg(&file);
+    let out = run_with_deadline(cmd, Duration::from_secs(30));
+    assert!(!out.status.success());
+    let err = stderr_of(&out);
+    assert!(
+        err.contains(&format!(
+            "column public.{table}.aggregate_version is integer, expected bigint"
+        )),
+        "{err}"
+    );
+    drop_outbox(&pg, &table);
+}

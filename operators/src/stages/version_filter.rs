@@ -114,6 +114,12 @@ impl VersionFilter {
 }
 
 impl Stage for VersionFilter {
+    fn reset(&mut self) {
+        self.seen.clear();
+        self.order.clear();
+        self.remembered = 0;
+    }
+
     fn process(
         &mut self,
         input: Vec<Record>,
@@ -241,5 +247,23 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn reset_forgets_every_version() {
+        let mut filter = VersionFilterConfig::default().build();
+        let mut out = Outcomes::default();
+        let first = filter.process(vec![record(0, "a", 5)], &[], &mut out);
+        assert_eq!(first.len(), 1);
+        assert!(
+            filter
+                .process(vec![record(0, "a", 5)], &[], &mut out)
+                .is_empty()
+        );
+        filter.reset();
+        assert_eq!(
+            filter.process(vec![record(0, "a", 5)], &[], &mut out).len(),
+            1
+        );
     }
 }

@@ -3,3 +3,4 @@
 pub(crate) mod bench;
 pub(crate) mod bench_relay;
 pub(crate) mod publish;
+pub(crate) mod status;

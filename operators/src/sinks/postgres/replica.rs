@@ -6,7 +6,7 @@ use super::sql::{array_type, select_cast};
 use super::values::Cell;
 use super::{PgType, PostgresSink, Rows, STORE, classify};
 use crate::record::{Action, Record};
-use crate::replica::{Drift, KeyPage, Replica, ReplicaFuture};
+use crate::replica::{Drift, KeyPage, Replica, ReplicaFuture, StoredKey};
 use crate::stage::SinkError;
 
 /// How long a tombstone written by reconciliation lasts.
@@ -160,9 +160,10 @@ impl Replica for PostgresSink {
         Box::pin(async move {
             let key = self.single_key()?;
             let select = format!(
-                "SELECT t.{k}::text, t.{v} FROM {table} t",
+                "SELECT t.{k}::text, t.{v}, (EXTRACT(EPOCH FROM t.{r}) * 1000)::int8 FROM {table} t",
                 k = quote(&key.column),
                 v = quote(&self.config.version_column),
+                r = quote(&self.config.replicated_at_column),
                 table = self.table_sql()
             );
             let sql = match &cursor {
@@ -185,11 +186,15 @@ impl Replica for PostgresSink {
                         message: "listing the replica's keys timed out".into(),
                     })?
                     .map_err(classify)?;
-            let keys: Vec<(String, u64)> = rows
+            let keys: Vec<StoredKey> = rows
                 .iter()
-                .map(|r| (r.get(0), u64::try_from(r.get::<_, i64>(1)).unwrap_or(0)))
+                .map(|r| StoredKey {
+                    key: r.get(0),
+                    version: u64::try_from(r.get::<_, i64>(1)).unwrap_or(0),
+                    touched_ms: r.get(2),
+                })
                 .collect();
-            let next = (keys.len() == 1000).then(|| keys[keys.len() - 1].0.clone());
+            let next = (keys.len() == 1000).then(|| keys[keys.len() - 1].key.clone());
             Ok(KeyPage { keys, next })
         })
     }
@@ -202,7 +207,14 @@ impl Replica for PostgresSink {
             }
             let k = quote(&key.column);
             let ty = key.pg_type.sql();
-            let names: Vec<&str> = keys.iter().map(|(name, _)| name.as_str()).collect();
+
+            // Unconditional removals (a corrupted row before its repair).
+            let names: Vec<&str> = keys
+                .iter()
+                .filter(|(_, v)| v.is_none())
+                .map(|(name, _)| name.as_str())
+                .collect();
+            // Removals only while the row is still at the version seen, then buried there.
             let (buried, versions): (Vec<&str>, Vec<i64>) = keys
                 .iter()
                 .filter_map(|(name, v)| Some((name.as_str(), i64::try_from((*v)?).ok()?)))
@@ -213,17 +225,23 @@ impl Replica for PostgresSink {
                 quote(&self.config.tombstone_table())
             );
             let sql = format!(
-                "WITH gone AS (DELETE FROM {table} t WHERE t.{k}::text = ANY($1::text[]) RETURNING 1),
+                "WITH gone AS (
+                        DELETE FROM {table} t WHERE t.{k} = ANY($1::text[]::{ty}[]) RETURNING 1),
+                      unchanged AS (
+                        DELETE FROM {table} t USING UNNEST($2::text[], $3::int8[]) AS e(k, v)
+                        WHERE t.{k} = e.k::{ty} AND t.{v} = e.v
+                        RETURNING t.{k} AS k, t.{v} AS v),
                       buried AS (
                         INSERT INTO {tombstones} AS b ({k}, source_version, deleted_at, expires_at)
-                        SELECT e.k::{ty}, e.v, now(), now() + interval '{EVICT_TOMBSTONE}'
-                        FROM UNNEST($2::text[], $3::int8[]) AS e(k, v)
+                        SELECT k, v, now(), now() + interval '{EVICT_TOMBSTONE}' FROM unchanged
                         ON CONFLICT ({k}) DO UPDATE
                           SET source_version = GREATEST(b.source_version, EXCLUDED.source_version),
                               expires_at = EXCLUDED.expires_at
                         RETURNING 1)
-                 SELECT (SELECT count(*) FROM gone), (SELECT count(*) FROM buried)",
+                 SELECT (SELECT count(*) FROM gone) + (SELECT count(*) FROM unchanged),
+                        (SELECT count(*) FROM buried)",
                 table = self.table_sql(),
+                v = quote(&self.config.version_column),
             );
             let conn = self.connection().await?;
             let row = tokio::time::timeout(

@@ -12,7 +12,7 @@ use serde_json::Value;
 use crate::duration::ConfigDuration;
 use crate::record::{Action, Record};
 use crate::redis_pool::{RedisPool, describe_run_error, is_transport_error, redis_pool};
-use crate::replica::{Drift, KeyPage, Replica, ReplicaFuture};
+use crate::replica::{Drift, KeyPage, Replica, ReplicaFuture, StoredKey};
 use crate::secret::SecretUrl;
 use crate::stage::{ApplyFuture, BuildContext, ConfigProblem, Sink, SinkError, SinkReport};
 pub use template::KeyTemplate;
@@ -139,7 +139,43 @@ fn upsert_fields(record: &Record) -> Option<&serde_json::Map<String, Value>> {
     }
 }
 
+impl RedisHashConfig {
+    /// The hash where the sink records its freshness: `ecst:freshness:<key template>`.
+    pub fn freshness_key(&self) -> String {
+        format!("ecst:freshness:{}", self.key)
+    }
+}
+
 impl RedisHashSink {
+    /// Records when this batch was applied and its newest `occurredAt`, for `ecst status`.
+    /// Best effort: the batch is committed already, and a missed note only ages the figure.
+    async fn note_freshness(&self, batch: &[Record]) {
+        let newest = batch.iter().filter_map(|r| r.event.occurred_at).max();
+        let now = time::OffsetDateTime::now_utc();
+        let mut cmd = redis::cmd("HSET");
+        cmd.arg(self.config.freshness_key())
+            .arg("replicated_at")
+            .arg(ecst_schemas::envelope::format_timestamp(now));
+        if let Some(newest) = newest {
+            cmd.arg("newest_occurred_at")
+                .arg(ecst_schemas::envelope::format_timestamp(newest));
+        }
+        let Ok(mut conn) = self.pool.get().await else {
+            return;
+        };
+        conn.begin();
+        let result =
+            tokio::time::timeout(self.config.timeout.0, cmd.query_async::<()>(conn.conn()))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(redis::RedisError::from((redis::ErrorKind::Io, "timed out")))
+                });
+        conn.settle(&result);
+        if let Err(e) = result {
+            tracing::debug!(error = %e, "Cannot record the sink's freshness.");
+        }
+    }
+
     /// Builds one EVALSHA for the batch; records whose key cannot be rendered are rejected.
     fn command(&self, batch: &[Record]) -> (redis::Cmd, usize, Vec<(usize, String)>) {
         let mut rejected = Vec::new();
@@ -255,11 +291,14 @@ impl Sink for RedisHashSink {
                 }
             };
             match result {
-                Ok((applied, stale)) => Ok(SinkReport {
-                    applied,
-                    stale,
-                    rejected,
-                }),
+                Ok((applied, stale)) => {
+                    self.note_freshness(batch).await;
+                    Ok(SinkReport {
+                        applied,
+                        stale,
+                        rejected,
+                    })
+                }
                 Err(e) if is_transport_error(&e) => Err(SinkError::Unavailable {
                     store: STORE,
                     message: e.to_string(),
@@ -272,6 +311,13 @@ impl Sink for RedisHashSink {
         })
     }
 }
+
+/// Deletes a hash only if it is still at the version reconciliation saw, and buries it.
+const EVICT_IF_UNCHANGED: &str =
+    "if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then return 0 end
+redis.call('DEL', KEYS[1])
+redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
+return 1";
 
 /// How long a tombstone written by reconciliation lasts.
 const EVICT_TOMBSTONE_MS: u64 = 7 * 24 * 3600 * 1000;
@@ -372,23 +418,51 @@ impl Replica for RedisHashSink {
                 .arg("MATCH")
                 .arg(self.key.pattern())
                 .arg("COUNT")
-                .arg(1000);
+                .arg(1000)
+                .arg("TYPE")
+                .arg("hash");
             let ((next, keys),): ((String, Vec<String>),) = self.query(&pipe).await?;
             let mut pipe = redis::pipe();
+            pipe.ignore_errors();
             for key in &keys {
-                pipe.cmd("HGET").arg(key).arg(&self.config.version_field);
+                pipe.cmd("HMGET")
+                    .arg(key)
+                    .arg(&self.config.version_field)
+                    .arg(&self.config.occurred_at_field);
             }
-            let versions: Vec<Option<String>> = if keys.is_empty() {
+            let fields: Vec<redis::Value> = if keys.is_empty() {
                 Vec::new()
             } else {
                 self.query(&pipe).await?
             };
+            let text = |v: Option<&redis::Value>| match v {
+                Some(redis::Value::BulkString(b)) => Some(String::from_utf8_lossy(b).into_owned()),
+                _ => None,
+            };
             Ok(KeyPage {
-                // Keys of the pattern that are not replica hashes (no version) are not ours.
+                // Hashes of the pattern without a version field are not replica rows.
                 keys: keys
                     .into_iter()
-                    .zip(versions)
-                    .filter_map(|(k, v)| Some((k, v?.parse().ok()?)))
+                    .zip(fields)
+                    .filter_map(|(key, reply)| {
+                        let redis::Value::Array(values) = reply else {
+                            return None;
+                        };
+                        let version = text(values.first())?.parse().ok()?;
+                        let touched_ms = text(values.get(1)).and_then(|at| {
+                            time::OffsetDateTime::parse(
+                                &at,
+                                &time::format_description::well_known::Rfc3339,
+                            )
+                            .ok()
+                            .map(|t| (t.unix_timestamp_nanos() / 1_000_000) as i64)
+                        });
+                        Some(StoredKey {
+                            key,
+                            version,
+                            touched_ms,
+                        })
+                    })
                     .collect(),
                 next: (next != "0").then_some(next),
             })
@@ -402,14 +476,20 @@ impl Replica for RedisHashSink {
             }
             let mut pipe = redis::pipe();
             for (key, version) in keys {
-                pipe.cmd("DEL").arg(key);
-                if let Some(version) = version {
-                    pipe.cmd("SET")
-                        .arg(format!("{}{key}", self.config.tombstone_prefix))
-                        .arg(*version)
-                        .arg("PX")
-                        .arg(EVICT_TOMBSTONE_MS)
-                        .ignore();
+                match version {
+                    None => {
+                        pipe.cmd("DEL").arg(key);
+                    }
+                    Some(version) => {
+                        pipe.cmd("EVAL")
+                            .arg(EVICT_IF_UNCHANGED)
+                            .arg(2)
+                            .arg(key)
+                            .arg(format!("{}{key}", self.config.tombstone_prefix))
+                            .arg(&self.config.version_field)
+                            .arg(*version)
+                            .arg(EVICT_TOMBSTONE_MS);
+                    }
                 }
             }
             let removed: Vec<usize> = self.query(&pipe).await?;

@@ -1,0 +1,380 @@
+//! `ecst status`: a pipeline's consumer group and its replicas' freshness at a glance.
+
+use std::collections::HashMap;
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Args;
+use ecst_operators::StageConfig;
+use ecst_operators::postgres_tls::parse_postgres_url;
+use ecst_operators::sinks::postgres::config::quote;
+use ecst_pipeline::bootstrap::{as_map, bulk, group_state};
+use ecst_pipeline::config::{self, PipelineConfig};
+use redis::Value as RedisValue;
+use serde_json::{Value, json};
+use time::OffsetDateTime;
+
+#[derive(Args)]
+pub(crate) struct StatusArgs {
+    /// Pipeline file.
+    pipeline: PathBuf,
+    /// Every group on the stream, not only the pipeline's.
+    #[arg(long)]
+    all: bool,
+    /// Refresh every `--interval` like `top`, until Ctrl-C.
+    #[arg(long)]
+    watch: bool,
+    /// Seconds between refreshes with `--watch`.
+    #[arg(long, default_value_t = 2)]
+    interval: u64,
+    /// Print one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+async fn redis_conn(url: &str) -> anyhow::Result<redis::aio::MultiplexedConnection> {
+    let config = redis::AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(Duration::from_secs(5)))
+        .set_response_timeout(Some(Duration::from_secs(5)));
+    redis::Client::open(url)
+        .context("invalid Redis URL")?
+        .get_multiplexed_async_connection_with_config(&config)
+        .await
+        .context("cannot connect to Redis")
+}
+
+fn number(map: &HashMap<String, RedisValue>, key: &str) -> Value {
+    bulk(map.get(key))
+        .and_then(|n| n.parse::<i64>().ok())
+        .map_or(Value::Null, Value::from)
+}
+
+fn seconds_since(at: Option<OffsetDateTime>, now: OffsetDateTime) -> Value {
+    at.map_or(Value::Null, |at| {
+        json!(((now - at).as_seconds_f64() * 1000.0).round() / 1000.0)
+    })
+}
+
+async fn groups(
+    conn: &mut redis::aio::MultiplexedConnection,
+    config: &PipelineConfig,
+    all: bool,
+) -> anyhow::Result<Vec<Value>> {
+    let stream = &config.source.stream;
+    let reply: RedisValue = match redis::cmd("XINFO")
+        .arg("GROUPS")
+        .arg(stream)
+        .query_async(conn)
+        .await
+    {
+        Ok(v) => v,
+        Err(e) if e.to_string().contains("no such key") => return Ok(Vec::new()),
+        Err(e) => return Err(e).context("XINFO GROUPS"),
+    };
+    let groups: Vec<HashMap<String, RedisValue>> = match reply {
+        RedisValue::Array(items) => items.into_iter().map(as_map).collect(),
+        _ => Vec::new(),
+    };
+    let mut out = Vec::new();
+    for g in groups {
+        let name = bulk(g.get("name")).unwrap_or_default();
+        if !all && name != config.source.group {
+            continue;
+        }
+        let consumers: RedisValue = redis::cmd("XINFO")
+            .arg("CONSUMERS")
+            .arg(stream)
+            .arg(&name)
+            .query_async(conn)
+            .await
+            .context("XINFO CONSUMERS")?;
+        let consumers: Vec<Value> = match consumers {
+            RedisValue::Array(items) => items
+                .into_iter()
+                .map(as_map)
+                .map(|c| {
+                    json!({
+                        "name": bulk(c.get("name")),
+                        "pending": number(&c, "pending"),
+                        "idle_seconds": number(&c, "idle").as_i64().map(|ms| ms as f64 / 1000.0),
+                    })
+                })
+                .collect(),
+            _ => Vec::new(),
+        };
+        let oldest: RedisValue = redis::cmd("XPENDING")
+            .arg(stream)
+            .arg(&name)
+            .arg("-")
+            .arg("+")
+            .arg(1)
+            .query_async(conn)
+            .await
+            .context("XPENDING")?;
+        let oldest_idle = match oldest {
+            RedisValue::Array(entries) => match entries.first() {
+                Some(RedisValue::Array(fields)) => bulk(fields.get(2))
+                    .and_then(|n| n.parse::<f64>().ok())
+                    .map(|ms| ms / 1000.0),
+                _ => None,
+            },
+            _ => None,
+        };
+        let state = group_state(conn, stream, &name)
+            .await
+            .context("XINFO STREAM")?;
+        out.push(json!({
+            "group": name,
+            "lag": number(&g, "lag"),
+            "pending": number(&g, "pending"),
+            "oldest_pending_idle_seconds": oldest_idle,
+            "last_delivered_id": bulk(g.get("last-delivered-id")),
+            "entries_read": number(&g, "entries-read"),
+            "retention_gap": state.gap,
+            "consumers": consumers,
+        }));
+    }
+    Ok(out)
+}
+
+async fn sink_freshness(
+    config: &PipelineConfig,
+    source_conn: &mut redis::aio::MultiplexedConnection,
+) -> Vec<Value> {
+    let now = OffsetDateTime::now_utc();
+    let mut out = Vec::new();
+    for stage in &config.stages {
+        match &stage.config {
+            StageConfig::RedisHash(c) => {
+                let key = c.freshness_key();
+                let read = async {
+                    let mut own;
+                    let conn = match &c.redis {
+                        Some(url) => {
+                            own = redis_conn(url.expose()).await?;
+                            &mut own
+                        }
+                        None => &mut *source_conn,
+                    };
+                    let map: HashMap<String, String> = redis::cmd("HGETALL")
+                        .arg(&key)
+                        .query_async(conn)
+                        .await
+                        .context("HGETALL")?;
+                    anyhow::Ok(map)
+                }
+                .await;
+                let parse = |v: Option<&String>| {
+                    v.and_then(|s| {
+                        OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
+                            .ok()
+                    })
+                };
+                match read {
+                    Ok(map) => {
+                        let newest = parse(map.get("newest_occurred_at"));
+                        let replicated = parse(map.get("replicated_at"));
+                        out.push(json!({
+                            "sink": stage.name, "type": "redis_hash", "from": key,
+                            "source_age_seconds": seconds_since(newest, now),
+                            "replicated_age_seconds": seconds_since(replicated, now),
+                            "apply_lag_seconds": match (newest, replicated) {
+                                (Some(n), Some(r)) => json!(((r - n).as_seconds_f64() * 1000.0).round() / 1000.0),
+                                _ => Value::Null,
+                            },
+                        }));
+                    }
+                    Err(e) => out.push(json!({"sink": stage.name, "type": "redis_hash", "error": format!("{e:#}")})),
+                }
+            }
+            StageConfig::Postgres(c) => {
+                let table = format!("{}.{}", quote(&c.schema), quote(&c.table));
+                let sql = format!(
+                    "SELECT EXTRACT(EPOCH FROM (now() - max({u})))::float8,
+                            EXTRACT(EPOCH FROM (now() - max({r})))::float8,
+                            EXTRACT(EPOCH FROM (max({r}) - max({u})))::float8,
+                            count(*)
+                     FROM {table}",
+                    u = quote(&c.updated_at_column),
+                    r = quote(&c.replicated_at_column),
+                );
+                let read = async {
+                    let target = parse_postgres_url(c.url.expose())?;
+                    let (client, connection) = tokio::time::timeout(
+                        Duration::from_secs(5),
+                        target.config.connect(target.tls),
+                    )
+                    .await
+                    .context("Postgres did not answer within 5s")??;
+                    tokio::spawn(connection);
+                    let row =
+                        tokio::time::timeout(Duration::from_secs(10), client.query_one(&sql, &[]))
+                            .await
+                            .context("the freshness query timed out")??;
+                    anyhow::Ok(row)
+                }
+                .await;
+                let round = |v: Option<f64>| {
+                    v.map_or(Value::Null, |v| json!((v * 1000.0).round() / 1000.0))
+                };
+                match read {
+                    Ok(row) => out.push(json!({
+                        "sink": stage.name, "type": "postgres", "from": format!("{}.{}", c.schema, c.table),
+                        "source_age_seconds": round(row.get(0)),
+                        "replicated_age_seconds": round(row.get(1)),
+                        "apply_lag_seconds": round(row.get(2)),
+                        "rows": row.get::<_, i64>(3),
+                    })),
+                    Err(e) => out.push(json!({"sink": stage.name, "type": "postgres", "error": format!("{e:#}")})),
+                }
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
+async fn snapshot(config: &PipelineConfig, all: bool) -> anyhow::Result<Value> {
+    let mut conn = redis_conn(config.source.redis.expose()).await?;
+    let stream = &config.source.stream;
+    let dlq = config.source.dead_letter_stream();
+    let length: i64 = redis::cmd("XLEN")
+        .arg(stream)
+        .query_async(&mut conn)
+        .await?;
+    let dlq_length: i64 = redis::cmd("XLEN").arg(&dlq).query_async(&mut conn).await?;
+    Ok(json!({
+        "pipeline": config.name,
+        "stream": stream,
+        "length": length,
+        "dead_letter_stream": dlq,
+        "dead_letters": dlq_length,
+        "groups": groups(&mut conn, config, all).await?,
+        "sinks": sink_freshness(config, &mut conn).await,
+    }))
+}
+
+fn show(v: &Value) -> String {
+    match v {
+        Value::Null => "-".into(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+fn render(report: &Value, colour: bool) -> String {
+    let paint = |text: String, bad: bool| {
+        if colour && bad {
+            format!("\x1b[31m{text}\x1b[0m")
+        } else {
+            text
+        }
+    };
+    let mut out = format!(
+        "pipeline {}  stream {} ({} entries)  dead letters {}\n",
+        show(&report["pipeline"]),
+        show(&report["stream"]),
+        show(&report["length"]),
+        paint(
+            format!(
+                "{} in {}",
+                show(&report["dead_letters"]),
+                show(&report["dead_letter_stream"])
+            ),
+            report["dead_letters"].as_i64().unwrap_or(0) > 0
+        ),
+    );
+    out.push_str(&format!(
+        "\n{:<32} {:>8} {:>8} {:>12} {:>22}  {}\n",
+        "group / consumer", "lag", "pending", "oldest idle", "last delivered", "retention"
+    ));
+    for g in report["groups"].as_array().into_iter().flatten() {
+        let gap = &g["retention_gap"];
+        out.push_str(&format!(
+            "{:<32} {:>8} {:>8} {:>12} {:>22}  {}\n",
+            show(&g["group"]),
+            show(&g["lag"]),
+            show(&g["pending"]),
+            g["oldest_pending_idle_seconds"]
+                .as_f64()
+                .map_or("-".into(), |s| format!("{s:.1}s")),
+            show(&g["last_delivered_id"]),
+            paint(
+                if gap.is_null() {
+                    "ok".into()
+                } else {
+                    format!("GAP: {}", show(gap))
+                },
+                !gap.is_null()
+            ),
+        ));
+        for c in g["consumers"].as_array().into_iter().flatten() {
+            out.push_str(&format!(
+                "  {:<30} {:>8} {:>8} {:>12}\n",
+                show(&c["name"]),
+                "",
+                show(&c["pending"]),
+                c["idle_seconds"]
+                    .as_f64()
+                    .map_or("-".into(), |s| format!("idle {s:.1}s")),
+            ));
+        }
+    }
+    out.push_str(&format!(
+        "\n{:<20} {:<10} {:>14} {:>16} {:>12}\n",
+        "sink", "type", "source age", "replicated age", "apply lag"
+    ));
+    for s in report["sinks"].as_array().into_iter().flatten() {
+        if let Some(error) = s.get("error") {
+            out.push_str(&format!(
+                "{:<20} {:<10} {}\n",
+                show(&s["sink"]),
+                show(&s["type"]),
+                paint(format!("error: {}", show(error)), true)
+            ));
+            continue;
+        }
+        let secs = |v: &Value| v.as_f64().map_or("-".into(), |s| format!("{s:.1}s"));
+        out.push_str(&format!(
+            "{:<20} {:<10} {:>14} {:>16} {:>12}\n",
+            show(&s["sink"]),
+            show(&s["type"]),
+            secs(&s["source_age_seconds"]),
+            secs(&s["replicated_age_seconds"]),
+            secs(&s["apply_lag_seconds"]),
+        ));
+    }
+    out
+}
+
+pub(crate) async fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
+    let config = match config::load(&args.pipeline) {
+        Ok(c) => c,
+        Err(errors) => {
+            eprintln!("{errors}");
+            return Ok(ExitCode::from(1));
+        }
+    };
+    let terminal = std::io::stdout().is_terminal();
+    loop {
+        let report = snapshot(&config, args.all).await?;
+        if args.json {
+            println!("{report}");
+        } else {
+            if args.watch && terminal {
+                print!("\x1b[2J\x1b[H");
+            }
+            print!("{}", render(&report, terminal));
+        }
+        if !args.watch {
+            return Ok(ExitCode::SUCCESS);
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(args.interval.max(1))) => {}
+            _ = tokio::signal::ctrl_c() => return Ok(ExitCode::SUCCESS),
+        }
+    }
+}
