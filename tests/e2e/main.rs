@@ -2,6 +2,7 @@
 
 mod bootstrap;
 mod common;
+mod deploy;
 mod fanout;
 mod faults;
 mod observe;
