@@ -10,6 +10,7 @@
 //! - [`bootstrap`]: snapshots for new, reset or gapped groups; the retention-gap check.
 //! - [`reconcile`]: `ecst reconcile`, replicas against the source, drift counted and repaired.
 //! - [`metrics`]: Prometheus metrics, `/healthz`, `/readyz`.
+//! - [`telemetry`]: logs, and spans over OTLP with W3C trace context across the stream.
 //! - [`outbox`]: the outbox table's DDL and the Rust producer API.
 //! - [`relay`]: `ecst relay`, outbox rows to streams.
 //! - [`snapshot`]: `ecst snapshot serve`, entity state as NDJSON pages for bootstrap.
@@ -26,3 +27,4 @@ pub mod relay;
 pub mod runner;
 pub mod snapshot;
 pub mod source;
+pub mod telemetry;

@@ -170,18 +170,24 @@ enum SnapshotCommand {
     },
 }
 
-fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("ECST_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    // Colours only when a person is reading.
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
+/// The service name spans carry: the pipeline's or the relay's name, else `ecst`.
+fn service_name(command: &Command) -> String {
+    let named = |path: &std::path::Path| {
+        std::fs::read_to_string(path).ok().and_then(|text| {
+            text.lines().find_map(|l| {
+                l.strip_prefix("name:")
+                    .map(|n| n.trim().trim_matches('"').to_string())
+            })
+        })
+    };
+    let name = match command {
+        Command::Run { pipeline, .. } | Command::Bootstrap { pipeline, .. } => named(pipeline),
+        Command::Relay { relay } => named(relay),
+        Command::Snapshot(_) => Some("ecst-snapshot".into()),
+        _ => None,
+    };
+    name.filter(|n| !n.is_empty())
+        .unwrap_or_else(|| "ecst".into())
 }
 
 fn load_relay(path: &std::path::Path) -> Result<RelayConfig, ExitCode> {
@@ -269,14 +275,21 @@ fn print_reconcile(report: &ecst_pipeline::reconcile::ReconcileReport, repair: b
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_format);
-    match execute(cli.command).await {
+    let format = match cli.log_format {
+        LogFormat::Text => ecst_pipeline::telemetry::LogFormat::Text,
+        LogFormat::Json => ecst_pipeline::telemetry::LogFormat::Json,
+    };
+    let telemetry = ecst_pipeline::telemetry::Telemetry::init(format, &service_name(&cli.command));
+    let code = match execute(cli.command).await {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::from(1)
         }
-    }
+    };
+    // The span exporter flushes on the runtime it runs on.
+    let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
+    code
 }
 
 async fn execute(command: Command) -> anyhow::Result<ExitCode> {

@@ -606,7 +606,11 @@ impl Relay<'_> {
                 .map_err(pg)?;
             return Ok(0);
         }
-        let claimed: Vec<Claimed> = rows.iter().map(|row| self.encode(row)).collect();
+        let mut claimed: Vec<Claimed> = rows.iter().map(|row| self.encode(row)).collect();
+        // Each traced row gets a producer span, child of the span that wrote the row; the
+        // entry carries this span's context on, so the consumer's span is its child. The spans
+        // end with the transaction.
+        let _publish_spans = self.trace_publishes(&mut claimed);
         let outcome = match self.publish(conn, &claimed).await {
             Ok(outcome) => outcome,
             Err(e) => {
@@ -654,6 +658,36 @@ impl Relay<'_> {
             .fetch_add(outcome.dead.len() as u64, Ordering::Relaxed);
         self.stats.batches.fetch_add(1, Ordering::Relaxed);
         Ok(rows.len())
+    }
+
+    fn trace_publishes(&self, claimed: &mut [Claimed]) -> Vec<tracing::Span> {
+        if !crate::telemetry::exporting() {
+            return Vec::new();
+        }
+        let mut spans = Vec::new();
+        for c in claimed.iter_mut() {
+            let Ok(entry) = &mut c.entry else { continue };
+            let Some(traceparent) = entry.traceparent.clone() else {
+                continue;
+            };
+            let span = tracing::info_span!(
+                parent: None,
+                "ecst.relay.publish",
+                otel.kind = "producer",
+                messaging.system = "redis",
+                messaging.operation.type = "publish",
+                messaging.destination.name = %entry.stream,
+                ecst.outbox.id = c.id,
+                ecst.relay = %self.config.name,
+            );
+            if crate::telemetry::adopt(&span, &traceparent) {
+                if let Some(own) = crate::telemetry::traceparent_of(&span) {
+                    entry.traceparent = Some(own);
+                }
+                spans.push(span);
+            }
+        }
+        spans
     }
 
     /// XADDs every encodable row in one pipeline; per-row refusals become dead letters.

@@ -12,6 +12,7 @@ use ecst_operators::{
 };
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
+use tracing::Instrument;
 
 use crate::config::PipelineConfig;
 use crate::metrics::{GroupStats, Histogram, SinkStats, StageStats, now_ms, reason_class};
@@ -319,11 +320,16 @@ impl Dag {
                     outputs[i] = decoded.clone();
                 }
                 Node::Transform(stage) => {
+                    let timing = self.stage_slots[i].and_then(|slot| self.stats.stages().get(slot));
+                    let _span = tracing::info_span!(
+                        "ecst.stage",
+                        ecst.stage = timing.map_or("", |s| s.name.as_str()),
+                        ecst.records = input.len()
+                    )
+                    .entered();
                     let started = Instant::now();
                     outputs[i] = Some(stage.process(input, entries, out));
-                    if let Some(slot) = self.stage_slots[i]
-                        && let Some(s) = self.stats.stages().get(slot)
-                    {
+                    if let Some(s) = timing {
                         s.duration.observe(started.elapsed().as_secs_f64());
                     }
                 }
@@ -524,7 +530,12 @@ pub(crate) async fn complete(shared: Arc<Shared>, batch: Batch) {
         .filter(|(_, records)| !records.is_empty())
         .map(|(i, records)| {
             let shared = &shared;
-            async move { (i, apply_with_retry(shared, i, records).await) }
+            let span = tracing::info_span!(
+                "ecst.sink.apply",
+                ecst.sink = %shared.sinks[i].0,
+                ecst.records = records.len()
+            );
+            async move { (i, apply_with_retry(shared, i, records).await) }.instrument(span)
         });
     let reports = futures::future::join_all(applies).await;
 
@@ -569,7 +580,12 @@ pub(crate) async fn complete(shared: Arc<Shared>, batch: Batch) {
             pipe.add_command(dead_letter_cmd(&shared, raw, reason))
                 .ignore();
         }
-        with_redis_retry(&shared, "Writing to the dead-letter stream", &pipe).await;
+        with_redis_retry(&shared, "Writing to the dead-letter stream", &pipe)
+            .instrument(tracing::info_span!(
+                "ecst.dead_letter",
+                ecst.entries = dead.len()
+            ))
+            .await;
         stats
             .dead_lettered
             .fetch_add(dead.len() as u64, Ordering::Relaxed);
@@ -584,7 +600,12 @@ pub(crate) async fn complete(shared: Arc<Shared>, batch: Batch) {
             .arg(&shared.group)
             .arg(&ids)
             .ignore();
-        with_redis_retry(&shared, "XACK", &pipe).await;
+        with_redis_retry(&shared, "XACK", &pipe)
+            .instrument(tracing::info_span!(
+                "ecst.ack",
+                messaging.batch.message_count = ids.len()
+            ))
+            .await;
         stats.acked.fetch_add(ids.len() as u64, Ordering::Relaxed);
         stats.note_latencies(&ids);
     }
@@ -758,6 +779,71 @@ pub async fn run(
         {
             Some(gap) => hint = Some(crate::bootstrap::Reason::Gap(gap)),
             None => return Ok(()),
+        }
+    }
+}
+
+/// Most producer links one batch span carries.
+const MAX_LINKS: usize = 128;
+
+/// One span per entry that carries a sampled `traceparent`, a child of the producer's span
+/// (so that Jaeger shows producer, relay and worker as one trace), linked to the batch span
+/// that processed it. A batch holds many producers' events, so it can only link to them.
+fn trace_events(
+    config: &PipelineConfig,
+    batch: &tracing::Span,
+    entries: &[RawEntry],
+) -> Vec<(usize, tracing::Span)> {
+    use crate::telemetry;
+    if !telemetry::exporting() {
+        return Vec::new();
+    }
+    if let Some(id) = telemetry::trace_id_of(batch) {
+        batch.record("trace_id", id.as_str());
+    }
+    let batch_context = telemetry::traceparent_of(batch);
+    let mut spans = Vec::new();
+    for (i, entry) in entries.iter().enumerate() {
+        let Some(traceparent) = entry
+            .field(ecst_schemas::wire::FIELD_TRACEPARENT)
+            .and_then(|b| std::str::from_utf8(b).ok())
+        else {
+            continue;
+        };
+        if i < MAX_LINKS {
+            telemetry::link(batch, traceparent);
+        }
+        let span = tracing::info_span!(
+            parent: None,
+            "ecst.event",
+            otel.kind = "consumer",
+            messaging.system = "redis",
+            messaging.destination.name = %config.source.stream,
+            messaging.consumer.group.name = %config.source.group,
+            messaging.message.id = %entry.id,
+            ecst.pipeline = %config.name,
+            ecst.aggregate_type = tracing::field::Empty,
+        );
+        if telemetry::adopt(&span, traceparent) {
+            if let Some(batch_context) = &batch_context {
+                telemetry::link(&span, batch_context);
+            }
+            spans.push((i, span));
+        }
+    }
+    spans
+}
+
+/// Records each traced event's aggregate type, as the pipeline decoded it.
+fn name_event_spans(spans: &[(usize, tracing::Span)], per_sink: &[Vec<Record>]) {
+    for (entry, span) in spans {
+        if let Some(kind) = per_sink
+            .iter()
+            .flatten()
+            .find(|r| r.entry == *entry)
+            .and_then(|r| r.event.aggregate_type.as_deref())
+        {
+            span.record("ecst.aggregate_type", kind);
         }
     }
 }
@@ -946,7 +1032,20 @@ async fn stream_until(
             .fetch_add(entries.len() as u64, Ordering::Relaxed);
         stats.batch_size.observe(entries.len() as f64);
         let mut outcomes = Outcomes::default();
-        let per_sink = dag.run(&entries, &mut outcomes);
+        let batch_span = tracing::info_span!(
+            "ecst.batch",
+            otel.kind = "consumer",
+            messaging.system = "redis",
+            messaging.operation.type = "process",
+            messaging.destination.name = %source_cfg.stream,
+            messaging.consumer.group.name = %source_cfg.group,
+            messaging.batch.message_count = entries.len(),
+            ecst.pipeline = %config.name,
+            trace_id = tracing::field::Empty,
+        );
+        let event_spans = trace_events(config, &batch_span, &entries);
+        let per_sink = batch_span.in_scope(|| dag.run(&entries, &mut outcomes));
+        name_event_spans(&event_spans, &per_sink);
         let shared = shared.clone();
         let in_flight_ids = in_flight_ids.clone();
         tasks.spawn(async move {
@@ -960,7 +1059,10 @@ async fn stream_until(
                     ack: true,
                 },
             )
+            .instrument(batch_span)
             .await;
+            // The events' spans end when their batch is acked.
+            drop(event_spans);
             if let Ok(mut ids) = in_flight_ids.lock() {
                 for id in &batch_ids {
                     ids.remove(id);

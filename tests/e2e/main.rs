@@ -10,4 +10,5 @@ mod reconcile;
 mod relay;
 mod replicate;
 mod snapshot;
+mod traces;
 mod validate;
