@@ -34,6 +34,18 @@ if ! command -v curl >/dev/null; then
   apt_install curl ca-certificates
 fi
 
+# promtool checks deploy/prometheus/alerts.yaml in the test suite (ECST_PROMTOOL=1 asks for it).
+if [ "${ECST_PROMTOOL:-}" = "1" ] && ! command -v promtool >/dev/null; then
+  log "installing promtool (Debian package prometheus; its service is not started)"
+  policy=""
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    as_root sh -c 'printf "#!/bin/sh\nexit 101\n" > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d'
+    policy=1
+  fi
+  apt_install --no-install-recommends prometheus || log "promtool could not be installed; the deploy tests still check the rules"
+  if [ -n "$policy" ]; then as_root rm -f /usr/sbin/policy-rc.d; fi
+fi
+
 # --- Redis -----------------------------------------------------------------------------
 redis_url="${REDIS_URL:-redis://127.0.0.1:6379}"
 redis_hostport="${redis_url#*://}"; redis_hostport="${redis_hostport##*@}"; redis_hostport="${redis_hostport%%/*}"

@@ -7,7 +7,11 @@ export REDIS_URL="${REDIS_URL:-redis://127.0.0.1:6379}"
 export DATABASE_URL="${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/postgres}"
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 
-scripts/services.sh
+ECST_PROMTOOL=1 scripts/services.sh
+if command -v promtool >/dev/null; then
+  echo "== promtool check rules deploy/prometheus/alerts.yaml"
+  promtool check rules deploy/prometheus/alerts.yaml
+fi
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check

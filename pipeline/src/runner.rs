@@ -934,11 +934,24 @@ async fn stream_until(
         // its entries to this consumer, and they are finished like any other batch. The wait
         // is bounded by `block` (and the reader's timeout).
         let claim_due = source.pending_done() && last_claim.elapsed() >= source_cfg.claim_every.0;
+        // At debug level: an idle worker reads (and would export a span) every `block`.
+        let read_span = tracing::debug_span!(
+            "ecst.read",
+            messaging.system = "redis",
+            messaging.operation.type = "receive",
+            messaging.destination.name = %source_cfg.stream,
+            messaging.consumer.group.name = %source_cfg.group,
+            ecst.claim = claim_due,
+        );
         let read = if claim_due {
             last_claim = Instant::now();
-            source.claim().await.map(|b| (Origin::Claimed, b))
+            source
+                .claim()
+                .instrument(read_span)
+                .await
+                .map(|b| (Origin::Claimed, b))
         } else {
-            source.next_batch().await
+            source.next_batch().instrument(read_span).await
         };
         let (origin, batch) = match read {
             Ok(ok) => {
