@@ -359,19 +359,20 @@ async fn execute(command: Command) -> anyhow::Result<ExitCode> {
                 let addr: std::net::SocketAddr = metrics_addr.parse().with_context(|| {
                     format!("--metrics-addr {metrics_addr:?} is not host:port (or `off`)")
                 })?;
-                // Bind now, so that a taken port fails the start instead of a probe later.
-                let metrics = tokio::spawn(ecst_pipeline::metrics::serve(
-                    addr,
+                let listener = ecst_pipeline::metrics::bind(addr)
+                    .await
+                    .with_context(|| format!("cannot serve metrics on {addr}"))?;
+                let served = ecst_pipeline::metrics::serve(
+                    listener,
                     config.name.clone(),
                     stats.clone(),
                     shutdown.clone(),
-                ));
-                tokio::task::yield_now().await;
-                if metrics.is_finished() {
-                    metrics
-                        .await?
-                        .with_context(|| format!("cannot serve metrics on {addr}"))?;
-                }
+                );
+                tokio::spawn(async move {
+                    if let Err(e) = served.await {
+                        tracing::error!(error = %e, "The metrics endpoint stopped.");
+                    }
+                });
             }
             runner::run(
                 &config,

@@ -469,14 +469,18 @@ struct Served {
     stats: Arc<Stats>,
 }
 
-/// Serves `/metrics`, `/healthz` and `/readyz` on `addr` until `shutdown`.
+/// Binds the metrics address (so that a taken port fails the start, not a later probe).
+pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr).await
+}
+
+/// Serves `/metrics`, `/healthz` and `/readyz` on `listener` until `shutdown`.
 pub async fn serve(
-    addr: SocketAddr,
+    listener: tokio::net::TcpListener,
     pipeline: String,
     stats: Arc<Stats>,
     mut shutdown: Shutdown,
 ) -> std::io::Result<()> {
-    let listener = tokio::net::TcpListener::bind(addr).await?;
     tracing::info!(addr = %listener.local_addr()?, "Metrics on /metrics, probes on /healthz and /readyz.");
     let app = Router::new()
         .route(

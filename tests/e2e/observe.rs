@@ -214,3 +214,26 @@ fn status_shows_the_group_dead_letters_and_freshness_of_each_replica() {
     postgres().execute(&format!("DROP TABLE {table}, {table}_tombstones"));
     cleanup(&mut conn, &stream);
 }
+
+#[test]
+fn a_taken_metrics_port_fails_the_start_and_says_so() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = taken.local_addr().expect("addr").port();
+    let stream = unique("observe-port");
+    let pipeline = pipeline_file(
+        "observe",
+        &athletes_pipeline(&stream, &format!("{stream}:"), ""),
+    );
+    let mut cmd = ecst();
+    cmd.arg("run")
+        .arg(&pipeline)
+        .args(["--metrics-addr", &format!("127.0.0.1:{port}")]);
+    let out = run_with_deadline(cmd, Duration::from_secs(30));
+    assert!(!out.status.success());
+    let err = stderr_of(&out);
+    assert!(
+        err.contains(&format!("cannot serve metrics on 127.0.0.1:{port}")),
+        "{err}"
+    );
+    drop(taken);
+}
