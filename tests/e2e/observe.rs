@@ -202,6 +202,33 @@ fn status_shows_the_group_dead_letters_and_freshness_of_each_replica() {
         assert!(sink["replicated_age_seconds"].as_f64().is_some(), "{sink}");
     }
 
+    let _: () = redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg(&stream)
+        .arg("other-service")
+        .arg("0")
+        .query(&mut conn)
+        .expect("XGROUP CREATE");
+    let mut cmd = ecst();
+    cmd.arg("status").arg(&pipeline).args(["--all", "--json"]);
+    let out = run_with_deadline(cmd, Duration::from_secs(30));
+    let all: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    let groups: Vec<&str> = all["groups"]
+        .as_array()
+        .expect("groups")
+        .iter()
+        .filter_map(|g| g["group"].as_str())
+        .collect();
+    assert_eq!(groups.len(), 2, "--all lists every group: {groups:?}");
+    let other = all["groups"]
+        .as_array()
+        .and_then(|g| g.iter().find(|g| g["group"] == "other-service"))
+        .expect("other group");
+    assert_eq!(
+        other["lag"], 6,
+        "a group that read nothing lags by the whole stream"
+    );
+
     let mut cmd = ecst();
     cmd.arg("status").arg(&pipeline);
     let out = run_with_deadline(cmd, Duration::from_secs(30));

@@ -323,3 +323,54 @@ fn spans_export_over_http_protobuf_too() {
     assert_eq!(event.parent_span_id, PRODUCER_SPAN);
     cleanup(&mut conn, &stream);
 }
+
+#[test]
+fn json_logs_carry_the_batch_trace_id() {
+    let (port, store) = receiver(false);
+    let mut conn = redis();
+    let stream = unique("traces-logs");
+    let prefix = format!("{stream}:");
+    // Not an envelope: its dead-letter warning is logged inside the batch span.
+    let mut pipe = redis::pipe();
+    pipe.cmd("XADD")
+        .arg(&stream)
+        .arg("*")
+        .arg("v")
+        .arg("not json")
+        .arg("traceparent")
+        .arg(format!("00-{PRODUCER_TRACE}-{PRODUCER_SPAN}-01"));
+    let _: () = pipe.query(&mut conn).expect("XADD");
+    let pipeline = pipeline_file("traces", &athletes_pipeline(&stream, &prefix, ""));
+    let mut cmd = ecst();
+    cmd.args(["--log-format", "json", "run"])
+        .arg(&pipeline)
+        .arg("--drain")
+        .env(
+            "OTEL_EXPORTER_OTLP_ENDPOINT",
+            format!("http://127.0.0.1:{port}"),
+        )
+        .env("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf");
+    let out = run_with_deadline(cmd, Duration::from_secs(60));
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    let line: serde_json::Value = stderr_of(&out)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|l| l["fields"]["message"] == "Entry dead-lettered.")
+        .expect("a JSON dead-letter log line");
+    let trace_id = line["span"]["trace_id"]
+        .as_str()
+        .expect("trace_id in the log line")
+        .to_string();
+    wait_until(Duration::from_secs(20), "the batch span", || {
+        spans(&store).iter().any(|s| s.name == "ecst.batch")
+    });
+    let batch = spans(&store)
+        .into_iter()
+        .find(|s| s.name == "ecst.batch")
+        .expect("batch span");
+    assert_eq!(
+        trace_id, batch.trace_id,
+        "the log line names the batch's trace"
+    );
+    cleanup(&mut conn, &stream);
+}
