@@ -1,12 +1,15 @@
 //! Committing a batch: apply every sink's share (retrying until the store takes it), dead-letter
 //! what cannot be applied, and XACK the batch only once all of that committed.
 
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use ecst_operators::redis_pool::{RedisPool, describe_run_error};
-use ecst_operators::{DropReason, Outcomes, RawEntry, Record, Sink, SinkError, SinkReport};
+use ecst_operators::{
+    DeadLetterReason, DropReason, Outcomes, RawEntry, Record, Sink, SinkError, SinkReport,
+};
 use tracing::Instrument;
 
 use crate::retry::Backoff;
@@ -20,6 +23,7 @@ pub(crate) struct Shared {
     pub(crate) consumer: String,
     pub(crate) dead_letter: String,
     pub(crate) dead_letter_maxlen: u64,
+    pub(crate) max_deliveries: u64,
     pub(crate) timeout: Duration,
     pub(crate) pool: RedisPool,
     pub(crate) sinks: Vec<(String, Arc<dyn Sink>)>,
@@ -31,7 +35,7 @@ pub(crate) struct Batch {
     pub(crate) entries: Vec<RawEntry>,
     pub(crate) per_sink: Vec<Vec<Record>>,
     pub(crate) outcomes: Outcomes,
-    pub(crate) extra_dead: Vec<(RawEntry, String)>,
+    pub(crate) extra_dead: Vec<(RawEntry, DeadLetterReason)>,
     /// False for snapshot rows, which are not stream entries.
     pub(crate) ack: bool,
 }
@@ -81,8 +85,9 @@ async fn apply_until_committed(
     let (name, sink) = &shared.sinks[sink_index];
     let mut backoff = Backoff::new();
     let mut failing = false;
+    let mut refusals = 0u64;
     loop {
-        match sink.apply_batch(records).await {
+        let error = match sink.apply_batch(records).await {
             Ok(report) => {
                 if failing {
                     set_failing(shared, sink_index, false);
@@ -90,26 +95,36 @@ async fn apply_until_committed(
                 }
                 return report;
             }
-            Err(e) => {
-                if matches!(e, SinkError::Refused { .. })
-                    && records.len() > 1
-                    && let Some(report) = isolate_refused(shared, sink_index, records).await
-                {
-                    if failing {
-                        set_failing(shared, sink_index, false);
-                    }
-                    return report;
+            Err(e) => e,
+        };
+        if let SinkError::Refused { message, .. } = &error {
+            let isolated = match records {
+                // A record the store refuses on its own is refused like a redelivered entry:
+                // after max_deliveries attempts it goes to the dead letters.
+                [record] => {
+                    refusals += 1;
+                    (refusals >= shared.max_deliveries).then(|| SinkReport {
+                        refused: vec![(record.entry, message.clone())],
+                        ..SinkReport::default()
+                    })
                 }
-                if !failing {
-                    failing = true;
-                    set_failing(shared, sink_index, true);
+                _ => isolate_refused(shared, sink_index, records).await,
+            };
+            if let Some(report) = isolated {
+                if failing {
+                    set_failing(shared, sink_index, false);
                 }
-                shared.stats.retries.fetch_add(1, Ordering::Relaxed);
-                let wait = backoff.next_delay();
-                tracing::warn!(pipeline = %shared.pipeline, sink = %name, attempt = backoff.failures(), retry_in_ms = wait.as_millis() as u64, error = %e, "Sink failed to apply a batch; nothing acked, retrying.");
-                tokio::time::sleep(wait).await;
+                return report;
             }
         }
+        if !failing {
+            failing = true;
+            set_failing(shared, sink_index, true);
+        }
+        shared.stats.retries.fetch_add(1, Ordering::Relaxed);
+        let wait = backoff.next_delay();
+        tracing::warn!(pipeline = %shared.pipeline, sink = %name, attempt = backoff.failures(), retry_in_ms = wait.as_millis() as u64, error = %error, "Sink failed to apply a batch; nothing acked, retrying.");
+        tokio::time::sleep(wait).await;
     }
 }
 
@@ -131,6 +146,7 @@ async fn isolate_refused(
                 merged.applied += report.applied;
                 merged.stale += report.stale;
                 merged.rejected.extend(report.rejected);
+                merged.refused.extend(report.refused);
             }
             Err(SinkError::Refused { message, .. }) => refused.push((record.entry, message)),
             // The store went away meanwhile: retry the whole batch (repeats are harmless).
@@ -141,12 +157,70 @@ async fn isolate_refused(
         return None;
     }
     tracing::warn!(pipeline = %shared.pipeline, sink = %name, refused = refused.len(), "The store refused some records of a batch; dead-lettering them and committing the rest.");
-    merged.rejected.extend(
-        refused
-            .into_iter()
-            .map(|(entry, message)| (entry, format!("refused by the store: {message}"))),
-    );
+    merged.refused.extend(refused);
     Some(merged)
+}
+
+/// Asks every sink that holds records of the batch whether it can write them, before any
+/// applies: an entry one sink cannot write is taken out of every sink's share and
+/// dead-lettered once, so that the replicas of a fan-out agree on it.
+fn refuse_unwritable(shared: &Shared, per_sink: &mut [Vec<Record>], outcomes: &mut Outcomes) {
+    let fan_out = per_sink.iter().filter(|r| !r.is_empty()).count();
+    if fan_out < 2 {
+        // A lone sink reports its own data errors when it applies; asking first would only
+        // repeat the work.
+        return;
+    }
+    let mut refused: HashMap<usize, DeadLetterReason> = HashMap::new();
+    for (i, records) in per_sink.iter().enumerate() {
+        let sink = &shared.sinks[i];
+        for record in records {
+            if refused.contains_key(&record.entry) {
+                continue;
+            }
+            if let Err(message) = sink.1.check_record(record) {
+                refused.insert(
+                    record.entry,
+                    DeadLetterReason::SinkRejected {
+                        sink: sink.0.clone(),
+                        message,
+                    },
+                );
+            }
+        }
+    }
+    if refused.is_empty() {
+        return;
+    }
+    for records in per_sink.iter_mut() {
+        records.retain(|r| !refused.contains_key(&r.entry));
+    }
+    let mut refused: Vec<(usize, DeadLetterReason)> = refused.into_iter().collect();
+    refused.sort_unstable_by_key(|(entry, _)| *entry);
+    for (entry, reason) in refused {
+        outcomes.dead_letter(entry, reason);
+    }
+}
+
+/// The sinks (other than `refusing`) whose share held `entry` and that did not reject it:
+/// their replicas hold the record now.
+fn applied_elsewhere(
+    shared: &Shared,
+    per_sink: &[Vec<Record>],
+    not_applied: &[HashSet<usize>],
+    refusing: usize,
+    entry: usize,
+) -> Vec<String> {
+    per_sink
+        .iter()
+        .enumerate()
+        .filter(|(j, records)| {
+            *j != refusing
+                && !not_applied[*j].contains(&entry)
+                && records.iter().any(|r| r.entry == entry)
+        })
+        .map(|(j, _)| shared.sinks[j].0.clone())
+        .collect()
 }
 
 /// Runs a pipeline on the shared pool until it succeeds.
@@ -180,14 +254,17 @@ async fn with_redis_retry(shared: &Shared, what: &str, pipe: &redis::Pipeline) {
     }
 }
 
+/// Applies a batch to every sink, dead-letters what cannot be applied, and XACKs the batch
+/// once all of that committed.
 pub(crate) async fn complete(shared: Arc<Shared>, batch: Batch) {
     let Batch {
         entries,
-        per_sink,
+        mut per_sink,
         mut outcomes,
         extra_dead,
         ack,
     } = batch;
+    refuse_unwritable(&shared, &mut per_sink, &mut outcomes);
     let applies = per_sink
         .iter()
         .enumerate()
@@ -204,7 +281,16 @@ pub(crate) async fn complete(shared: Arc<Shared>, batch: Batch) {
     let reports = futures::future::join_all(applies).await;
 
     let stats = &shared.stats;
-    let mut dead: Vec<(&RawEntry, String)> = Vec::new();
+    let mut not_applied: Vec<HashSet<usize>> = vec![HashSet::new(); per_sink.len()];
+    for (i, report) in &reports {
+        not_applied[*i].extend(
+            report
+                .rejected
+                .iter()
+                .chain(&report.refused)
+                .map(|(e, _)| *e),
+        );
+    }
     for (i, report) in reports {
         stats
             .applied
@@ -212,17 +298,36 @@ pub(crate) async fn complete(shared: Arc<Shared>, batch: Batch) {
         stats
             .stale
             .fetch_add(report.stale as u64, Ordering::Relaxed);
-        for (entry, reason) in report.rejected {
-            outcomes.dead_letter(entry, format!("sink `{}`: {reason}", shared.sinks[i].0));
+        let sink = &shared.sinks[i].0;
+        for (entry, message) in report.rejected {
+            outcomes.dead_letter(
+                entry,
+                DeadLetterReason::SinkRejected {
+                    sink: sink.clone(),
+                    message,
+                },
+            );
+        }
+        for (entry, message) in report.refused {
+            let applied_by = applied_elsewhere(&shared, &per_sink, &not_applied, i, entry);
+            outcomes.dead_letter(
+                entry,
+                DeadLetterReason::StoreRefused {
+                    sink: sink.clone(),
+                    message,
+                    applied_by,
+                },
+            );
         }
     }
+    let mut dead: Vec<(&RawEntry, &DeadLetterReason)> = Vec::new();
     for (entry, reason) in &outcomes.dead_letters {
         if let Some(raw) = entries.get(*entry) {
-            dead.push((raw, reason.clone()));
+            dead.push((raw, reason));
         }
     }
     for (raw, reason) in &extra_dead {
-        dead.push((raw, reason.clone()));
+        dead.push((raw, reason));
     }
     for (_, reason) in &outcomes.dropped {
         match reason {
@@ -235,12 +340,21 @@ pub(crate) async fn complete(shared: Arc<Shared>, batch: Batch) {
     }
 
     if !dead.is_empty() {
-        for (raw, reason) in &dead {
-            stats.count_dead_letter(reason);
-            tracing::warn!(pipeline = %shared.pipeline, stream = %shared.stream, entry_id = %raw.id, reason = %reason, dead_letter = %shared.dead_letter, "Entry dead-lettered.");
-        }
         let mut pipe = redis::pipe();
         for (raw, reason) in &dead {
+            stats.count_dead_letter(reason);
+            if reason.is_divergent() {
+                tracing::error!(pipeline = %shared.pipeline, stream = %shared.stream, entry_id = %raw.id, reason = %reason, dead_letter = %shared.dead_letter, "FAN-OUT DIVERGENCE: a store refused a record that other sinks applied; the replicas disagree on it until it is fixed and replayed.");
+                if let DeadLetterReason::StoreRefused { sink, .. } = reason {
+                    pipe.cmd("HINCRBY")
+                        .arg(divergence_key(&shared.stream, &shared.group))
+                        .arg(sink)
+                        .arg(1)
+                        .ignore();
+                }
+            } else {
+                tracing::warn!(pipeline = %shared.pipeline, stream = %shared.stream, entry_id = %raw.id, reason = %reason, dead_letter = %shared.dead_letter, "Entry dead-lettered.");
+            }
             pipe.add_command(dead_letter_cmd(&shared, raw, reason))
                 .ignore();
         }
@@ -275,7 +389,13 @@ pub(crate) async fn complete(shared: Arc<Shared>, batch: Batch) {
     }
 }
 
-fn dead_letter_cmd(shared: &Shared, raw: &RawEntry, reason: &str) -> redis::Cmd {
+/// The Redis hash that counts, per sink, the records its store refused after other sinks of
+/// the fan-out applied them (`ecst status` shows it).
+pub fn divergence_key(stream: &str, group: &str) -> String {
+    format!("ecst:fanout-divergent:{stream}:{group}")
+}
+
+fn dead_letter_cmd(shared: &Shared, raw: &RawEntry, reason: &DeadLetterReason) -> redis::Cmd {
     let mut cmd = redis::cmd("XADD");
     cmd.arg(&shared.dead_letter)
         .arg("MAXLEN")
@@ -286,7 +406,9 @@ fn dead_letter_cmd(shared: &Shared, raw: &RawEntry, reason: &str) -> redis::Cmd 
         cmd.arg(k).arg(v.as_slice());
     }
     cmd.arg("error")
-        .arg(reason)
+        .arg(reason.to_string())
+        .arg("error_class")
+        .arg(reason.class())
         .arg("source_stream")
         .arg(&shared.stream)
         .arg("source_id")

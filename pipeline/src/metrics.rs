@@ -90,6 +90,12 @@ pub fn render(pipeline: &str, stats: &Stats) -> String {
         "Retention gaps detected.",
         stats.gaps_detected.load(Ordering::Relaxed),
     );
+    counter(
+        &mut out,
+        "ecst_fanout_divergent_total",
+        "Records a store refused after other sinks of the fan-out applied them: the replicas disagree on them.",
+        stats.fanout_divergent.load(Ordering::Relaxed),
+    );
 
     metric(
         &mut out,

@@ -6,6 +6,8 @@ use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering}
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use ecst_operators::DeadLetterReason;
+
 /// How often the group's lag and pending count are read into [`GroupStats`].
 pub const GROUP_REFRESH: Duration = Duration::from_secs(5);
 
@@ -158,21 +160,6 @@ pub fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
-/// Dead-letter reasons, folded into a few classes so that the label stays bounded.
-pub fn reason_class(reason: &str) -> &'static str {
-    if reason.starts_with("delivered ") {
-        "max_deliveries"
-    } else if reason.starts_with("trimmed") {
-        "trimmed"
-    } else if reason.starts_with("sink `") {
-        "sink_rejected"
-    } else if reason.starts_with("snapshot") {
-        "snapshot"
-    } else {
-        "invalid_event"
-    }
-}
-
 /// Counters of one worker, shared with the benchmark and the metrics endpoint.
 #[derive(Debug)]
 pub struct Stats {
@@ -190,6 +177,8 @@ pub struct Stats {
     pub dead_lettered: AtomicU64,
     /// Entries acknowledged.
     pub acked: AtomicU64,
+    /// Records a store refused after other sinks of the fan-out had applied them.
+    pub fanout_divergent: AtomicU64,
     /// Sink, dead-letter or ack attempts that failed and were retried.
     pub retries: AtomicU64,
     /// Sinks currently failing (in backoff).
@@ -224,6 +213,7 @@ impl Default for Stats {
             filtered: AtomicU64::new(0),
             dead_lettered: AtomicU64::new(0),
             acked: AtomicU64::new(0),
+            fanout_divergent: AtomicU64::new(0),
             retries: AtomicU64::new(0),
             failing_sinks: AtomicUsize::new(0),
             bootstrapping: AtomicBool::new(false),
@@ -266,9 +256,12 @@ impl Stats {
             .unwrap_or_default()
     }
 
-    pub(crate) fn count_dead_letter(&self, reason: &str) {
+    pub(crate) fn count_dead_letter(&self, reason: &DeadLetterReason) {
         if let Ok(mut m) = self.dead_letter_reasons.lock() {
-            *m.entry(reason_class(reason)).or_default() += 1;
+            *m.entry(reason.class()).or_default() += 1;
+        }
+        if reason.is_divergent() {
+            self.fanout_divergent.fetch_add(1, Ordering::Relaxed);
         }
     }
 
@@ -323,22 +316,6 @@ mod tests {
                 sum: 11.0,
                 count: 3
             }
-        );
-    }
-
-    #[test]
-    fn reasons_fold_into_bounded_classes() {
-        assert_eq!(
-            reason_class("delivered 6 times, over max_deliveries 5"),
-            "max_deliveries"
-        );
-        assert_eq!(
-            reason_class("sink `table`: column `points`: ..."),
-            "sink_rejected"
-        );
-        assert_eq!(
-            reason_class("body is not JSON: expected value"),
-            "invalid_event"
         );
     }
 }

@@ -12,3 +12,4 @@ mod replicate;
 mod snapshot;
 mod traces;
 mod validate;
+mod verdict;

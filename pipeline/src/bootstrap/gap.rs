@@ -19,24 +19,34 @@ pub struct GroupState {
     pub gap: Option<String>,
 }
 
+/// `XINFO STREAM` as a map, or `None` when the stream does not exist. Asks `TYPE` first
+/// rather than reading the text of XINFO's error (which has no code of its own).
+pub async fn stream_info(
+    conn: &mut redis::aio::MultiplexedConnection,
+    stream: &str,
+) -> Result<Option<HashMap<String, RedisValue>>, redis::RedisError> {
+    let kind: String = redis::cmd("TYPE").arg(stream).query_async(conn).await?;
+    if kind == "none" {
+        return Ok(None);
+    }
+    let info: RedisValue = redis::cmd("XINFO")
+        .arg("STREAM")
+        .arg(stream)
+        .query_async(conn)
+        .await?;
+    Ok(Some(as_map(info)))
+}
+
 /// Reads the group's position against the stream's trimming (XINFO STREAM / GROUPS).
 pub async fn group_state(
     conn: &mut redis::aio::MultiplexedConnection,
     stream: &str,
     group: &str,
 ) -> Result<GroupState, redis::RedisError> {
-    let info: RedisValue = match redis::cmd("XINFO")
-        .arg("STREAM")
-        .arg(stream)
-        .query_async(conn)
-        .await
-    {
-        Ok(v) => v,
+    let Some(info) = stream_info(conn, stream).await? else {
         // No stream: no group either, and nothing missed.
-        Err(e) if e.to_string().contains("no such key") => return Ok(GroupState::default()),
-        Err(e) => return Err(e),
+        return Ok(GroupState::default());
     };
-    let info = as_map(info);
     let groups: RedisValue = redis::cmd("XINFO")
         .arg("GROUPS")
         .arg(stream)
@@ -136,22 +146,13 @@ pub(super) async fn last_generated_id(
     conn: &mut redis::aio::MultiplexedConnection,
     stream: &str,
 ) -> Result<(String, Option<u64>), redis::RedisError> {
-    match redis::cmd("XINFO")
-        .arg("STREAM")
-        .arg(stream)
-        .query_async::<RedisValue>(conn)
-        .await
-    {
-        Ok(info) => {
-            let info = as_map(info);
-            Ok((
-                bulk(info.get("last-generated-id")).unwrap_or_else(|| "0".into()),
-                bulk(info.get("entries-added")).and_then(|n| n.parse().ok()),
-            ))
-        }
-        Err(e) if e.to_string().contains("no such key") => Ok(("0".into(), Some(0))),
-        Err(e) => Err(e),
-    }
+    Ok(match stream_info(conn, stream).await? {
+        Some(info) => (
+            bulk(info.get("last-generated-id")).unwrap_or_else(|| "0".into()),
+            bulk(info.get("entries-added")).and_then(|n| n.parse().ok()),
+        ),
+        None => ("0".into(), Some(0)),
+    })
 }
 
 /// Creates the group at `position`, or moves it there, telling Redis how many entries that

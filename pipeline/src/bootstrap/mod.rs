@@ -24,7 +24,7 @@ use crate::retry::{Backoff, sleep_or_shutdown};
 use crate::shutdown::Shutdown;
 
 pub(crate) use gap::check_gap;
-pub use gap::{GroupState, group_state};
+pub use gap::{GroupState, group_state, stream_info};
 pub(crate) use reader::{SnapshotReader, page_records};
 
 use gap::{last_generated_id, place_group};

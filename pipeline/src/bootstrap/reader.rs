@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use ecst_operators::postgres_tls::parse_postgres_url;
-use ecst_operators::{Outcomes, RawEntry, Record};
+use ecst_operators::{DeadLetterReason, Outcomes, RawEntry, Record};
 use ecst_schemas::EnvelopeKeys;
 use ecst_schemas::wire::FIELD_BODY;
 use serde_json::{Value, json};
@@ -207,7 +207,9 @@ pub(crate) fn page_records(
                 .map_err(|e| format!("snapshot line: {e}"))
         }) {
             Ok(envelope) => records.push(Record::new(index, envelope)),
-            Err(reason) => outcomes.dead_letter(index, reason),
+            Err(reason) => {
+                outcomes.dead_letter(index, DeadLetterReason::InvalidSnapshotRow(reason))
+            }
         }
     }
     let cursor = cursor.ok_or_else(|| {

@@ -52,6 +52,7 @@ pub async fn run(
         consumer: consumer.clone(),
         dead_letter: source_cfg.dead_letter_stream(),
         dead_letter_maxlen: source_cfg.dead_letter_maxlen,
+        max_deliveries: source_cfg.max_deliveries,
         timeout: source_cfg.timeout.0,
         pool,
         sinks: dag.sinks().to_vec(),

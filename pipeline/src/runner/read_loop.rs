@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use ecst_operators::{Outcomes, RawEntry};
+use ecst_operators::{DeadLetterReason, Outcomes, RawEntry};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tracing::Instrument;
@@ -179,14 +179,14 @@ pub(super) async fn stream_until(
             .map(|e| e.id.clone())
             .chain(over_delivered.iter().map(|(e, _)| e.id.clone()))
             .collect();
-        let mut extra_dead: Vec<(RawEntry, String)> = Vec::new();
+        let mut extra_dead: Vec<(RawEntry, DeadLetterReason)> = Vec::new();
         for (entry, count) in over_delivered {
             extra_dead.push((
                 entry,
-                format!(
-                    "delivered {count} times, over max_deliveries {}",
-                    source_cfg.max_deliveries
-                ),
+                DeadLetterReason::MaxDeliveries {
+                    count,
+                    max: source_cfg.max_deliveries,
+                },
             ));
         }
         if !trimmed.is_empty() {
@@ -197,7 +197,7 @@ pub(super) async fn stream_until(
                         id,
                         fields: Vec::new(),
                     },
-                    "trimmed before applied".into(),
+                    DeadLetterReason::Trimmed,
                 ));
             }
         }

@@ -268,6 +268,10 @@ impl RedisHashSink {
 const STORE: &str = "redis";
 
 impl Sink for RedisHashSink {
+    fn check_record(&self, record: &Record) -> Result<(), String> {
+        self.key.render(&record.event).map(drop)
+    }
+
     fn replica(&self) -> Option<&dyn Replica> {
         Some(self)
     }
@@ -297,19 +301,31 @@ impl Sink for RedisHashSink {
                         applied,
                         stale,
                         rejected,
+                        ..SinkReport::default()
                     })
                 }
-                Err(e) if is_transport_error(&e) => Err(SinkError::Unavailable {
+                Err(e) if is_refusal(&e) => Err(SinkError::Refused {
                     store: STORE,
                     message: e.to_string(),
                 }),
-                Err(e) => Err(SinkError::Refused {
+                Err(e) => Err(SinkError::Unavailable {
                     store: STORE,
                     message: e.to_string(),
                 }),
             }
         })
     }
+}
+
+/// Whether Redis refused the batch for what it holds (a script error, a key of another type)
+/// rather than for its own state: a permission, a failover, loading, a broken connection.
+fn is_refusal(e: &redis::RedisError) -> bool {
+    use redis::{ErrorKind, ServerErrorKind};
+    !is_transport_error(e)
+        && matches!(
+            e.kind(),
+            ErrorKind::Server(ServerErrorKind::ResponseError) | ErrorKind::Extension
+        )
 }
 
 /// Deletes a hash only if it is still at the version reconciliation saw, and buries it.
