@@ -9,6 +9,7 @@
 //! - [`runner`]: batches through the DAG to the sinks, acked only after commit.
 //! - [`bootstrap`]: snapshots for new, reset or gapped groups; the retention-gap check.
 //! - [`reconcile`]: `ecst reconcile`, replicas against the source, drift counted and repaired.
+//! - [`orphans`]: replica rows no snapshot row produced, found in bounded memory.
 //! - [`metrics`]: Prometheus metrics, `/healthz`, `/readyz`.
 //! - [`telemetry`]: logs, and spans over OTLP with W3C trace context across the stream.
 //! - [`outbox`]: the outbox table's DDL and the Rust producer API.
@@ -21,6 +22,7 @@ pub mod bootstrap;
 pub mod config;
 pub mod graph;
 pub mod metrics;
+pub mod orphans;
 pub mod outbox;
 pub mod reconcile;
 pub mod relay;

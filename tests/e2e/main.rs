@@ -6,6 +6,7 @@ mod deploy;
 mod fanout;
 mod faults;
 mod observe;
+mod orphans;
 mod reconcile;
 mod relay;
 mod replicate;
