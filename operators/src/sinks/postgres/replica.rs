@@ -219,6 +219,11 @@ impl Replica for PostgresSink {
                 ty = key.pg_type.sql(),
                 v = quote(&self.config.version_column),
             );
+            let tombstones = format!(
+                "{}.{}",
+                quote(&self.config.schema),
+                quote(&self.config.tombstone_table())
+            );
             let sql = match why {
                 Eviction::Rewrite => {
                     format!("WITH unchanged AS ({unchanged}) SELECT count(*) FROM unchanged")
@@ -232,12 +237,7 @@ impl Replica for PostgresSink {
                               SET source_version = GREATEST(b.source_version, EXCLUDED.source_version),
                                   expires_at = EXCLUDED.expires_at
                             )
-                     SELECT count(*) FROM unchanged",
-                    tombstones = format!(
-                        "{}.{}",
-                        quote(&self.config.schema),
-                        quote(&self.config.tombstone_table())
-                    ),
+                     SELECT count(*) FROM unchanged"
                 ),
             };
             let mut conn = self.connection().await?;
@@ -251,7 +251,7 @@ impl Replica for PostgresSink {
                 tx.execute(&*lock, &[&self.lock_key]).await?;
                 let row = tx.query_one(&sql, &[&names, &versions]).await?;
                 tx.commit().await?;
-                Ok::<i64, tokio_postgres::Error>(row.try_get(0)?)
+                row.try_get::<_, i64>(0)
             })
             .await
             .map_err(|_| SinkError::Unavailable {
