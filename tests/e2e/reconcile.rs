@@ -1,6 +1,9 @@
 //! `ecst reconcile`: drift planted by hand in a Redis and a Postgres replica is found, counted
 //! and repaired.
 
+use std::io::{Read, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use redis::Commands;
@@ -333,4 +336,164 @@ fn redis_eviction_spares_a_hash_written_since_the_compare() {
     let buried: Option<String> = conn.get(&tombstone).expect("GET");
     assert_eq!(buried.as_deref(), Some("5"));
     cleanup(&mut conn, &prefix);
+}
+
+/// A TCP proxy to Redis that, once armed, holds back the first command that removes a key
+/// (`EVAL` or `DEL`, as a RESP bulk string) until released: the moment between a
+/// reconcile's compare and its repair, made to last.
+struct EvictHold {
+    port: u16,
+    armed: Arc<AtomicBool>,
+    held: Arc<AtomicBool>,
+    release: std::sync::mpsc::Sender<()>,
+}
+
+impl EvictHold {
+    fn start(upstream: String) -> EvictHold {
+        // Bound once and kept: the port is never released and reused.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let (armed, held) = (
+            Arc::new(AtomicBool::new(false)),
+            Arc::new(AtomicBool::new(false)),
+        );
+        let (release, released) = std::sync::mpsc::channel::<()>();
+        let released = Arc::new(Mutex::new(Some(released)));
+        let (armed2, held2) = (armed.clone(), held.clone());
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(mut client) = client else { continue };
+                let Ok(mut server) = std::net::TcpStream::connect(&upstream) else {
+                    continue;
+                };
+                let (Ok(mut client_out), Ok(mut server_in)) =
+                    (client.try_clone(), server.try_clone())
+                else {
+                    continue;
+                };
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut server_in, &mut client_out);
+                });
+                let (armed, held, released) = (armed2.clone(), held2.clone(), released.clone());
+                std::thread::spawn(move || {
+                    let mut buf = vec![0u8; 64 * 1024];
+                    while let Ok(n) = client.read(&mut buf) {
+                        if n == 0 {
+                            break;
+                        }
+                        let chunk = &buf[..n];
+                        let removes = [&b"\r\nEVAL\r\n"[..], &b"\r\nDEL\r\n"[..]]
+                            .iter()
+                            .any(|cmd| chunk.windows(cmd.len()).any(|w| w == *cmd));
+                        if removes && armed.swap(false, Ordering::SeqCst) {
+                            let wait = released.lock().expect("lock").take();
+                            held.store(true, Ordering::SeqCst);
+                            if let Some(wait) = wait {
+                                let _ = wait.recv();
+                            }
+                        }
+                        if server.write_all(chunk).is_err() {
+                            break;
+                        }
+                    }
+                    let _ = server.shutdown(std::net::Shutdown::Both);
+                });
+            }
+        });
+        EvictHold {
+            port,
+            armed,
+            held,
+            release,
+        }
+    }
+}
+
+/// The Redis side of the race: a live worker's newer version lands between the compare and
+/// the repair's eviction, and must survive the repair.
+#[test]
+fn repair_never_overwrites_a_redis_hash_written_after_the_compare() {
+    let mut conn = redis();
+    let source = Source::create("recraceredis", 20);
+    let stream = unique("reconcile-race-redis");
+    let prefix = format!("{stream}:");
+    let upstream = redis_url()
+        .trim_start_matches("redis://")
+        .trim_end_matches('/')
+        .to_string();
+    let hold = EvictHold::start(upstream);
+    let query = format!(
+        "SELECT id, version, jsonb_build_object('displayName', display_name, 'status', status) FROM {} WHERE ($1::text IS NULL OR id > $1) ORDER BY id LIMIT $2",
+        source.table
+    );
+    let yaml = format!(
+        r#"name: reconcile-race-redis
+source:
+  stream: "{stream}"
+  group: replica
+  block: 100ms
+stages:
+  decode: {{ type: decode }}
+  athlete:
+    type: project
+    input: decode
+    fields: {{ display_name: payload.displayName, status: payload.status }}
+  cache:
+    type: redis_hash
+    input: athlete
+    redis: "redis://127.0.0.1:{port}"
+    key: "{prefix}athlete:{{aggregateId}}"
+    tombstone_prefix: "{prefix}tombstone:"
+bootstrap:
+  postgres: "{db}"
+  query: "{query}"
+"#,
+        port = hold.port,
+        db = database_url()
+    );
+    let pipeline = pipeline_file("reconcile-race-redis", &yaml);
+    drain(&pipeline);
+    let key = format!("{prefix}athlete:a000005");
+    // Corrupted at the source's version (3).
+    let _: () = conn.hset(&key, "status", "retired").expect("HSET");
+
+    hold.armed.store(true, Ordering::SeqCst);
+    let repair = {
+        let pipeline = pipeline.clone();
+        std::thread::spawn(move || reconcile(&pipeline, &["--repair"]))
+    };
+    wait_until(
+        Duration::from_secs(60),
+        "the repair's eviction to be held",
+        || hold.held.load(Ordering::SeqCst),
+    );
+    // The live worker's newer version, written after the compare.
+    let _: () = conn
+        .hset_multiple(
+            &key,
+            &[
+                ("_version", "4"),
+                ("display_name", "live v4"),
+                ("status", "active"),
+            ],
+        )
+        .expect("HSET");
+    hold.release.send(()).expect("release");
+    let (code, report) = repair.join().expect("reconcile thread");
+    assert_eq!(code, 1, "{report}");
+    assert_eq!(counts(&report, "cache")[2], 1, "{report}");
+    let stored = hash(&mut conn, &key);
+    assert_eq!(
+        (
+            stored.get("_version").map(String::as_str),
+            stored.get("display_name").map(String::as_str),
+            stored.get("status").map(String::as_str),
+        ),
+        (Some("4"), Some("live v4"), Some("active")),
+        "the live worker's newer version must survive the repair: {stored:?}"
+    );
+
+    source.drop();
+    cleanup(&mut conn, &prefix);
+    cleanup(&mut conn, &stream);
 }
