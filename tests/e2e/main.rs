@@ -11,5 +11,6 @@ mod reconcile;
 mod relay;
 mod replicate;
 mod snapshot;
+mod snapshot_nulls;
 mod traces;
 mod validate;
