@@ -332,7 +332,10 @@ async fn prepare_entity(
             entity.schema
         )));
     }
-    let columns: BTreeMap<String, String> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    let columns: BTreeMap<String, String> = rows
+        .iter()
+        .filter_map(|r| Some((r.try_get(0).ok()?, r.try_get(1).ok()?)))
+        .collect();
     let mut wanted = vec![("id", &entity.id), ("version", &entity.version)];
     if let Some(column) = &entity.occurred_at {
         wanted.push(("occurred_at", column));
@@ -675,7 +678,7 @@ async fn count(
         Err(_) => timed_out(&app, &conn),
         Ok(Ok(row)) => (
             [(header::CONTENT_TYPE, "application/json")],
-            format!("{}\n", json!({"count": row.get::<_, i64>(0)})),
+            format!("{}\n", json!({"count": row.try_get::<_, i64>(0).ok()})),
         )
             .into_response(),
         Ok(Err(e)) => query_failed(&entity_name, &e),
