@@ -58,8 +58,19 @@ pub trait Replica: Send + Sync {
     /// A page of the keys the replica holds; start with `None`.
     fn scan_keys<'a>(&'a self, cursor: Option<String>) -> ReplicaFuture<'a, KeyPage>;
 
-    /// Removes rows. With a version, only if the row is still at that version (a row written
-    /// meanwhile stays), leaving a tombstone at it so that an older event still in flight
-    /// cannot bring it back; without, unconditionally. Returns the rows removed.
-    fn evict<'a>(&'a self, keys: &'a [(String, Option<u64>)]) -> ReplicaFuture<'a, usize>;
+    /// Removes each row only while it is still at the version given (checked and removed in
+    /// one step in the store), so that a newer version a live worker wrote meanwhile always
+    /// stays. Returns the rows removed.
+    fn evict<'a>(&'a self, rows: &'a [(String, u64)], why: Eviction) -> ReplicaFuture<'a, usize>;
+}
+
+/// Why rows are evicted, which decides whether a tombstone is left at their version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Eviction {
+    /// No source row produced it: buried at its version, so that an older event still in
+    /// flight cannot bring it back.
+    Orphan,
+    /// Corrupted at the source's version, and about to be written again from the source
+    /// through the guarded write: no tombstone, which would refuse that write.
+    Rewrite,
 }

@@ -11,6 +11,7 @@
 //! - [`commit`]: a batch applied by every sink, dead-lettered, then acked.
 //! - [`bootstrap`]: snapshots for new, reset or gapped groups; the retention-gap check.
 //! - [`reconcile`]: `ecst reconcile`, replicas against the source, drift counted and repaired.
+//! - [`orphans`]: replica rows no snapshot row produced, found in bounded memory.
 //! - [`stats`]: a worker's counters and histograms; [`metrics`] exposes them to Prometheus,
 //!   with `/healthz` and `/readyz`.
 //! - [`telemetry`]: logs, and spans over OTLP with W3C trace context across the stream.
@@ -32,6 +33,7 @@ pub mod dag;
 pub mod error;
 pub mod graph;
 pub mod metrics;
+pub mod orphans;
 pub mod outbox;
 pub mod reconcile;
 pub mod redis_reply;

@@ -3,12 +3,16 @@
 //!
 //! The snapshot (the pipeline's `bootstrap:` source) is paged through the pipeline's stages, so
 //! each sink is compared with exactly what it would have written. Rows the replica holds that
-//! no snapshot row produced are orphans.
+//! no snapshot row produced are orphans, found by [`crate::orphans`] in bounded memory.
+//!
+//! A repair never overwrites a newer write: a corrupted row is removed only while it is still
+//! at the version compared, and rewritten through the sink's guarded write.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use ecst_operators::replica::Drift;
+use ecst_operators::redis_pool::redis_pool;
+use ecst_operators::replica::{Drift, Eviction};
 use ecst_operators::{Action, Outcomes, Record, Sink};
 use serde::Serialize;
 
@@ -16,6 +20,7 @@ use crate::bootstrap::{SnapshotReader, page_records};
 use crate::config::PipelineConfig;
 use crate::dag::Dag;
 use crate::error::RunError;
+use crate::orphans::SeenKeys;
 use crate::stats::{Stats, now_ms};
 
 /// Examples kept per kind of drift.
@@ -92,7 +97,9 @@ pub async fn reconcile(config: &PipelineConfig, repair: bool) -> Result<Reconcil
     let mut dag = Dag::build(config, Arc::new(Stats::default())).await?;
     let sinks: Vec<(String, Arc<dyn Sink>)> = dag.sinks().to_vec();
     let mut report = ReconcileReport::default();
-    let mut expected: Vec<HashSet<String>> = vec![HashSet::new(); sinks.len()];
+    let pool = redis_pool(&config.source.redis, 2, bootstrap.timeout.0)
+        .map_err(|e| RunError::Config(format!("redis {}: {e}", config.source.redis)))?;
+    let mut seen = SeenKeys::new(pool, &config.name, sinks.len(), bootstrap.timeout.0);
     for (name, sink) in &sinks {
         let entry = report.sinks.entry(name.clone()).or_default();
         if sink.replica().is_none() {
@@ -123,11 +130,11 @@ pub async fn reconcile(config: &PipelineConfig, repair: bool) -> Result<Reconcil
                 .into_iter()
                 .filter(|r| r.action == Action::Upsert)
                 .collect();
-            for record in &upserts {
-                if let Ok(key) = replica.key_of(record) {
-                    expected[i].insert(key);
-                }
-            }
+            let keys: Vec<String> = upserts
+                .iter()
+                .filter_map(|r| replica.key_of(r).ok())
+                .collect();
+            seen.record(i, &keys).await.map_err(sink_error)?;
             let drifts = replica.compare(&upserts).await.map_err(sink_error)?;
             let mut to_apply = Vec::new();
             let mut to_evict = Vec::new();
@@ -153,81 +160,33 @@ pub async fn reconcile(config: &PipelineConfig, repair: bool) -> Result<Reconcil
                     Some(Drift::Mismatch { fields }) => {
                         drift.mismatched += 1;
                         drift.note("mismatched", &format!("{key} ({})", fields.join(", ")));
-                        // The guard keeps an equal version: the corrupted row goes first.
-                        to_evict.push((key.clone(), None));
+                        // The guard keeps an equal version: the corrupted row goes first, but
+                        // only if still at this version (a live worker's newer one stays).
+                        to_evict.push((key.clone(), record.event.aggregate_version));
                     }
                 }
                 to_apply.push(record.clone());
             }
             if repair && !to_apply.is_empty() {
-                replica.evict(&to_evict).await.map_err(sink_error)?;
+                replica
+                    .evict(&to_evict, Eviction::Rewrite)
+                    .await
+                    .map_err(sink_error)?;
                 let applied = sink.apply_batch(&to_apply).await.map_err(sink_error)?;
                 drift.repaired += applied.applied as u64;
             }
         }
         after = Some(cursor);
     }
-    sweep_orphans(&sinks, &expected, repair, started_ms, &mut report.sinks)
-        .await
-        .map_err(sink_error)?;
-    Ok(report)
-}
-
-/// Lists every key each replica holds and counts (with `repair`, evicts with a tombstone at
-/// their version) those no source row produced: `expected[i]` holds sink `i`'s keys.
-/// Rows written at or after `since_ms` are left alone: a live worker may have added them
-/// after the snapshot passed their place.
-pub(crate) async fn sweep_orphans(
-    sinks: &[(String, Arc<dyn Sink>)],
-    expected: &[HashSet<String>],
-    repair: bool,
-    since_ms: i64,
-    report: &mut BTreeMap<String, SinkDrift>,
-) -> Result<(), ecst_operators::SinkError> {
-    for (i, (name, sink)) in sinks.iter().enumerate() {
-        let Some(replica) = sink.replica() else {
-            continue;
-        };
-        // Keys another sink of this pipeline expects are that sink's, not orphans here (two
-        // key templates of one Redis can overlap).
-        let others: HashSet<&String> = expected
-            .iter()
-            .enumerate()
-            .filter(|(j, _)| *j != i)
-            .flat_map(|(_, keys)| keys.iter())
-            .collect();
-        let drift = report.entry(name.clone()).or_default();
-        // SCAN may list a key twice.
-        let mut seen = HashSet::new();
-        let mut cursor = None;
-        loop {
-            let page = replica.scan_keys(cursor).await?;
-            let orphans: Vec<(String, Option<u64>)> = page
-                .keys
-                .into_iter()
-                .filter(|k| {
-                    !expected[i].contains(&k.key)
-                        && !others.contains(&k.key)
-                        && k.touched_ms.is_none_or(|t| t < since_ms)
-                        && seen.insert(k.key.clone())
-                })
-                .map(|k| (k.key, Some(k.version)))
-                .collect();
-            for (key, version) in &orphans {
-                drift.orphans += 1;
-                drift.note(
-                    "orphans",
-                    &format!("{key} (version {})", version.unwrap_or(0)),
-                );
-            }
-            if repair && !orphans.is_empty() {
-                drift.repaired += replica.evict(&orphans).await? as u64;
-            }
-            match page.next {
-                Some(next) => cursor = Some(next),
-                None => break,
-            }
+    let swept = seen.sweep(&sinks, repair, started_ms).await;
+    seen.discard().await;
+    for ((name, _), found) in sinks.iter().zip(swept.map_err(sink_error)?) {
+        let drift = report.sinks.entry(name.clone()).or_default();
+        drift.orphans += found.orphans;
+        drift.repaired += found.evicted;
+        for example in &found.examples {
+            drift.note("orphans", example);
         }
     }
-    Ok(())
+    Ok(report)
 }

@@ -529,7 +529,8 @@ impl Relay<'_> {
         let rows = within(
             self.config.timeout.0,
             client.query(
-                "SELECT table_name::text, column_name::text, data_type::text
+                "SELECT table_name::text, column_name::text, data_type::text,
+                        is_nullable::text = 'YES'
                  FROM information_schema.columns
                  WHERE table_schema = $1 AND table_name IN ($2, $3)",
                 &[
@@ -541,11 +542,24 @@ impl Relay<'_> {
         )
         .await
         .map_err(|e| Step::Retry(format!("checking the outbox table: {e}")))?;
-        let type_of = |table: &str, column: &str| {
-            rows.iter()
-                .find(|r| r.get::<_, String>(0) == table && r.get::<_, String>(1) == column)
-                .map(|r| r.get::<_, String>(2))
+        // (table, column, type, nullable); information_schema never has NULLs there.
+        let columns: Vec<(String, String, String, bool)> = rows
+            .iter()
+            .filter_map(|r| {
+                Some((
+                    r.try_get(0).ok()?,
+                    r.try_get(1).ok()?,
+                    r.try_get(2).ok()?,
+                    r.try_get(3).ok()?,
+                ))
+            })
+            .collect();
+        let find = |table: &str, column: &str| {
+            columns
+                .iter()
+                .find(|(t, c, _, _)| t == table && c == column)
         };
+        let type_of = |table: &str, column: &str| find(table, column).map(|c| c.2.clone());
         let dead_letters = format!("{}_dead_letters", self.outbox.table_name());
         let schema = self.outbox.schema_name();
         let mut problems = Vec::new();
@@ -565,6 +579,13 @@ impl Relay<'_> {
                     Some(_) => {}
                 }
             }
+        }
+        // Rows are claimed, published and removed by id.
+        if find(self.outbox.table_name(), "id").is_some_and(|c| c.3) {
+            problems.push(format!(
+                "column {schema}.{}.id allows NULL; it must be NOT NULL",
+                self.outbox.table_name()
+            ));
         }
         if type_of(&dead_letters, "stream").is_some() && type_of(&dead_letters, "error").is_none() {
             problems.push(format!("table {schema}.{dead_letters} lacks column error"));
@@ -592,7 +613,8 @@ impl Relay<'_> {
         let txid: i64 = within(timeout, s.client.query_one(&s.txid, &[]))
             .await
             .map_err(pg)?
-            .get(0);
+            .try_get(0)
+            .map_err(|e| pg(e.to_string()))?;
         let limit = i64::from(self.config.batch_size);
         let rows = within(timeout, s.client.query(&s.claim, &[&limit]))
             .await
@@ -603,7 +625,16 @@ impl Relay<'_> {
                 .map_err(pg)?;
             return Ok(0);
         }
-        let mut claimed: Vec<Claimed> = rows.iter().map(|row| self.encode(row)).collect();
+        let Some(mut claimed) = rows
+            .iter()
+            .map(|row| self.encode(row))
+            .collect::<Option<Vec<Claimed>>>()
+        else {
+            let _ = within(timeout, s.client.batch_execute("ROLLBACK")).await;
+            return Err(BatchError::Postgres(
+                "an outbox row has a NULL id (the column must be NOT NULL)".into(),
+            ));
+        };
         // Each traced row gets a producer span, child of the span that wrote the row; the
         // entry carries this span's context on, so the consumer's span is its child. The spans
         // end with the transaction.
@@ -753,17 +784,18 @@ impl Relay<'_> {
         Ok(out)
     }
 
-    /// Builds a row's stream entry, or says why the row cannot be published.
-    fn encode(&self, row: &Row) -> Claimed {
-        let id: i64 = row.get(0);
-        Claimed {
+    /// Builds a row's stream entry, or says why the row cannot be published; `None` for a
+    /// row without an id (the schema check makes `id` NOT NULL, so only a changed table).
+    fn encode(&self, row: &Row) -> Option<Claimed> {
+        let id: i64 = column(row, "id").ok()?;
+        Some(Claimed {
             id,
-            entry: self.entry(row),
-        }
+            entry: self.entry(id, row),
+        })
     }
 
-    fn entry(&self, row: &Row) -> Result<Entry, String> {
-        let stream: String = row.get(1);
+    fn entry(&self, id: i64, row: &Row) -> Result<Entry, String> {
+        let stream: String = column(row, "stream")?;
         check_stream_name(&stream)?;
         if let Some(allowed) = &self.config.streams
             && !allowed.contains_key(&stream)
@@ -772,14 +804,16 @@ impl Relay<'_> {
                 "stream {stream:?} is not among the relay's `streams`"
             ));
         }
-        let aggregate_id: String = row.get(3);
+        let aggregate_id: String = column(row, "aggregate_id")?;
         if aggregate_id.is_empty() {
             return Err("aggregate_id is empty".into());
         }
-        let version: i64 = row.get(4);
+        let version: i64 = column(row, "aggregate_version")?;
         let aggregate_version = u64::try_from(version)
             .map_err(|_| format!("aggregate_version {version} is negative"))?;
-        let payload: Option<Value> = row.get(9);
+        let payload: Option<Value> = row
+            .try_get("payload")
+            .map_err(|e| format!("column payload cannot be read: {e}"))?;
         let payload = match payload {
             None | Some(Value::Null) => None,
             Some(Value::Object(state)) => Some(Value::Object(state)),
@@ -791,13 +825,13 @@ impl Relay<'_> {
             }
         };
         let deleted = payload.is_none();
-        let occurred_at: OffsetDateTime = row.get(8);
+        let occurred_at: OffsetDateTime = column(row, "occurred_at")?;
         let envelope = Envelope {
-            schema_version: Some(i64::from(row.get::<_, i32>(7))),
-            event_id: Some(row.get(6)),
-            event_type: Some(row.get(5)),
+            schema_version: Some(i64::from(column::<i32>(row, "schema_version")?)),
+            event_id: Some(column(row, "event_id")?),
+            event_type: Some(column(row, "event_type")?),
             occurred_at: Some(occurred_at),
-            aggregate_type: Some(row.get(2)),
+            aggregate_type: Some(column(row, "aggregate_type")?),
             aggregate_id,
             aggregate_version,
             payload,
@@ -812,11 +846,14 @@ impl Relay<'_> {
                 self.limits.max_bytes
             ));
         }
-        let headers: Value = row.get(10);
-        let traceparent = match headers.get("traceparent") {
+        // Headers only carry trace context: NULL (or not an object) means none.
+        let headers: Option<Value> = row
+            .try_get("headers")
+            .map_err(|e| format!("column headers cannot be read: {e}"))?;
+        let traceparent = match headers.as_ref().and_then(|h| h.get("traceparent")) {
             Some(Value::String(tp)) if valid_traceparent(tp) => Some(tp.clone()),
             Some(other) => {
-                tracing::warn!(relay = %self.config.name, outbox_id = row.get::<_, i64>(0), traceparent = %other, "Ignoring a malformed traceparent header.");
+                tracing::warn!(relay = %self.config.name, outbox_id = id, traceparent = %other, "Ignoring a malformed traceparent header.");
                 None
             }
             None => None,
@@ -837,7 +874,10 @@ impl Relay<'_> {
                 s.client.query_one("SELECT txid_status($1)::text", &[&txid]),
             )
             .await
-            .map(|row| row.get::<_, Option<String>>(0));
+            .and_then(|row| {
+                row.try_get::<_, Option<String>>(0)
+                    .map_err(|e| e.to_string())
+            });
             match status.as_ref().map(|s| s.as_deref()) {
                 Ok(Some("committed")) => {
                     tracing::warn!(relay = %self.config.name, txid, "The interrupted COMMIT did commit: its rows are published and gone from the outbox.");
@@ -920,6 +960,19 @@ async fn within<T, E: std::fmt::Display>(
         Ok(Ok(value)) => Ok(value),
         Ok(Err(e)) => Err(e.to_string()),
         Err(_) => Err(format!("no answer within {timeout:?}")),
+    }
+}
+
+/// Reads a column that must hold a value; the error names it (it becomes the dead letter's
+/// reason).
+fn column<'a, T: tokio_postgres::types::FromSql<'a>>(
+    row: &'a Row,
+    name: &str,
+) -> Result<T, String> {
+    match row.try_get::<_, Option<T>>(name) {
+        Ok(Some(value)) => Ok(value),
+        Ok(None) => Err(format!("column {name} is NULL")),
+        Err(e) => Err(format!("column {name} cannot be read: {e}")),
     }
 }
 

@@ -332,7 +332,10 @@ async fn prepare_entity(
             entity.schema
         )));
     }
-    let columns: BTreeMap<String, String> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    let columns: BTreeMap<String, String> = rows
+        .iter()
+        .filter_map(|r| Some((r.try_get(0).ok()?, r.try_get(1).ok()?)))
+        .collect();
     let mut wanted = vec![("id", &entity.id), ("version", &entity.version)];
     if let Some(column) = &entity.occurred_at {
         wanted.push(("occurred_at", column));
@@ -508,6 +511,7 @@ async fn page(
             let mut chunks = Box::pin(ndjson(
                 futures::stream::iter([first]).chain(rows.fuse()),
                 conn,
+                entity_name.clone(),
             ));
             let entity = entity_name.clone();
             tokio::spawn(async move {
@@ -578,40 +582,58 @@ fn db_message(e: &tokio_postgres::Error) -> String {
 fn ndjson<S>(
     rows: S,
     conn: bb8::PooledConnection<'static, PostgresConnectionManager<PgTls>>,
+    entity: String,
 ) -> impl Stream<Item = Result<Bytes, std::io::Error>> + Send
 where
     S: Stream<Item = Result<tokio_postgres::Row, tokio_postgres::Error>> + Send + Unpin + 'static,
 {
-    futures::stream::unfold((rows, Some(conn)), |(mut rows, conn)| async move {
-        conn.as_ref()?;
-        let mut chunk = Vec::with_capacity(64 * 1024);
-        while chunk.len() < 60 * 1024 {
-            match rows.next().await {
-                Some(Ok(row)) => {
-                    if let Err(e) = write_line(&mut chunk, &row) {
-                        return Some((Err(e), (rows, None)));
+    futures::stream::unfold((rows, Some(conn)), move |(mut rows, conn)| {
+        let entity = entity.clone();
+        async move {
+            conn.as_ref()?;
+            let mut chunk = Vec::with_capacity(64 * 1024);
+            while chunk.len() < 60 * 1024 {
+                match rows.next().await {
+                    Some(Ok(row)) => {
+                        if let Err(e) = write_line(&mut chunk, &row, &entity) {
+                            return Some((Err(e), (rows, None)));
+                        }
+                    }
+                    Some(Err(e)) => {
+                        tracing::warn!(error = %db_message(&e), "Snapshot stream failed mid-page; the response is cut short.");
+                        return Some((Err(std::io::Error::other(e)), (rows, None)));
+                    }
+                    None => {
+                        return if chunk.is_empty() {
+                            None
+                        } else {
+                            Some((Ok(Bytes::from(chunk)), (rows, None)))
+                        };
                     }
                 }
-                Some(Err(e)) => {
-                    tracing::warn!(error = %db_message(&e), "Snapshot stream failed mid-page; the response is cut short.");
-                    return Some((Err(std::io::Error::other(e)), (rows, None)));
-                }
-                None => {
-                    return if chunk.is_empty() {
-                        None
-                    } else {
-                        Some((Ok(Bytes::from(chunk)), (rows, None)))
-                    };
-                }
             }
+            Some((Ok(Bytes::from(chunk)), (rows, conn)))
         }
-        Some((Ok(Bytes::from(chunk)), (rows, conn)))
     })
 }
 
-fn write_line(out: &mut Vec<u8>, row: &tokio_postgres::Row) -> Result<(), std::io::Error> {
+/// One row as an NDJSON line. A row with a NULL id is skipped with a warning: it cannot be
+/// named nor paged past. A NULL version is passed on as `null`, so that the consumer
+/// dead-letters the row under its id (its version guard cannot apply it).
+fn write_line(
+    out: &mut Vec<u8>,
+    row: &tokio_postgres::Row,
+    entity: &str,
+) -> Result<(), std::io::Error> {
     let id: Option<String> = row.try_get(0).map_err(std::io::Error::other)?;
     let version: Option<i64> = row.try_get(1).map_err(std::io::Error::other)?;
+    let Some(id) = id else {
+        tracing::warn!(entity, "Snapshot row with a NULL id left out of the page.");
+        return Ok(());
+    };
+    if version.is_none() {
+        tracing::warn!(entity, id = %id, "Snapshot row with a NULL version; consumers dead-letter it.");
+    }
     let payload: Option<Value> = row.try_get(2).map_err(std::io::Error::other)?;
     let mut line = json!({"aggregateId": id, "aggregateVersion": version, "payload": payload});
     if row.len() > 3 {
@@ -656,7 +678,7 @@ async fn count(
         Err(_) => timed_out(&app, &conn),
         Ok(Ok(row)) => (
             [(header::CONTENT_TYPE, "application/json")],
-            format!("{}\n", json!({"count": row.get::<_, i64>(0)})),
+            format!("{}\n", json!({"count": row.try_get::<_, i64>(0).ok()})),
         )
             .into_response(),
         Ok(Err(e)) => query_failed(&entity_name, &e),

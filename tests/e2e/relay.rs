@@ -474,6 +474,69 @@ fn poisoned_rows_are_moved_aside_without_blocking_the_rest() {
     let _: () = conn.del(&wrongtype).expect("DEL");
 }
 
+/// A hand-made outbox may allow NULLs the documented DDL forbids: such a row is moved to the
+/// dead letters with the column named, and the rows around it are published in order.
+#[test]
+fn a_row_with_a_null_column_is_dead_lettered_and_the_rest_published_in_order() {
+    let pg = postgres();
+    let mut conn = redis();
+    let table = outbox("nulls");
+    let stream = unique("relay-nulls");
+    pg.execute(&format!(
+        "ALTER TABLE {table} ALTER COLUMN aggregate_id DROP NOT NULL,
+                             ALTER COLUMN event_type DROP NOT NULL,
+                             ALTER COLUMN headers DROP NOT NULL"
+    ));
+    pg.query(
+        &format!(
+            "INSERT INTO {table} (stream, aggregate_type, aggregate_id, aggregate_version, event_type, payload, headers) VALUES
+             ($1, 'athlete', 'good-1', 1, 'athlete.updated', '{{}}', '{{}}'),
+             ($1, 'athlete', NULL, 1, 'athlete.updated', '{{}}', '{{}}'),
+             ($1, 'athlete', 'no-type', 1, NULL, '{{}}', '{{}}'),
+             ($1, 'athlete', 'no-headers', 1, 'athlete.updated', '{{}}', NULL),
+             ($1, 'athlete', 'good-2', 1, 'athlete.updated', '{{}}', '[1]')"
+        ),
+        &[&stream],
+    );
+    let file = relay_file(&table, &database_url(), &redis_url(), "");
+    let mut relay = start_relay(&file);
+    wait_for_worker(
+        &relay,
+        Duration::from_secs(20),
+        "the outbox to empty",
+        || outbox_count(&pg, &table) == 0,
+    );
+    assert!(relay.is_running(), "the relay died:\n{}", relay.log());
+    let published: Vec<String> = entries(&mut conn, &stream)
+        .into_iter()
+        .map(|(_, v)| v["aggregateId"].as_str().unwrap_or_default().to_string())
+        .collect();
+    assert_eq!(published, ["good-1", "no-headers", "good-2"]);
+    let dead: Vec<(Option<String>, String)> = pg
+        .query(
+            &format!("SELECT aggregate_id, error FROM {table}_dead_letters ORDER BY id"),
+            &[],
+        )
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(
+        dead,
+        [
+            (None, "column aggregate_id is NULL".to_string()),
+            (
+                Some("no-type".to_string()),
+                "column event_type is NULL".to_string()
+            ),
+        ]
+    );
+    let (status, log) = relay.terminate();
+    assert!(status.success(), "{status:?}\n{log}");
+    assert!(!log.contains("panicked"), "{log}");
+    drop_outbox(&pg, &table);
+    cleanup(&mut conn, &stream);
+}
+
 #[test]
 fn a_notification_wakes_the_relay_long_before_its_poll() {
     let pg = postgres();

@@ -8,7 +8,6 @@
 //! bootstrap resumes; a lease with expiry makes a second worker wait instead of bootstrapping
 //! too.
 
-use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -20,6 +19,7 @@ use crate::commit::{Batch, Shared, complete};
 use crate::config::{BootstrapConfig, OnGap, PipelineConfig};
 use crate::dag::Dag;
 use crate::error::RunError;
+use crate::orphans::SeenKeys;
 use crate::retry::{Backoff, sleep_or_shutdown};
 use crate::shutdown::Shutdown;
 
@@ -349,7 +349,12 @@ async fn run_bootstrap(
     } else {
         sweeps(&reason)
     };
-    let mut expected: Vec<HashSet<String>> = vec![HashSet::new(); dag.sinks().len()];
+    let mut seen = SeenKeys::new(
+        shared.pool.clone(),
+        &shared.pipeline,
+        dag.sinks().len(),
+        config.timeout.0,
+    );
     let lease = LeaseKeeper::start(shared.clone(), keys, &me, config.lease.0);
     let total = reader.count().await;
     let mut report = ProgressReport::new(&shared.pipeline, total);
@@ -401,15 +406,17 @@ async fn run_bootstrap(
             }
         };
         let per_sink = dag.run_decoded(&entries, records, &mut outcomes);
-        if sweep {
+        if sweep && seen.is_complete() {
             for (i, records) in per_sink.iter().enumerate() {
                 if let Some(replica) = dag.sinks()[i].1.replica() {
-                    expected[i].extend(
-                        records
-                            .iter()
-                            .filter(|r| r.action == ecst_operators::Action::Upsert)
-                            .filter_map(|r| replica.key_of(r).ok()),
-                    );
+                    let keys: Vec<String> = records
+                        .iter()
+                        .filter(|r| r.action == ecst_operators::Action::Upsert)
+                        .filter_map(|r| replica.key_of(r).ok())
+                        .collect();
+                    if let Err(e) = seen.record(i, &keys).await {
+                        tracing::warn!(pipeline = %shared.pipeline, error = %e, "Cannot record the snapshot's keys: rows the source no longer has will not be removed.");
+                    }
                 }
             }
         }
@@ -456,12 +463,14 @@ async fn run_bootstrap(
     }
     if sweep && (reason != Reason::Resume || progress.after.is_none()) {
         let sinks = dag.sinks().to_vec();
-        let mut found = std::collections::BTreeMap::new();
-        loop {
-            match crate::reconcile::sweep_orphans(&sinks, &expected, true, started_ms, &mut found)
-                .await
-            {
-                Ok(()) => break,
+        let found = loop {
+            match seen.sweep(&sinks, true, started_ms).await {
+                Ok(found) => break found,
+                // Retrying cannot bring back keys that were not recorded.
+                Err(e) if !seen.is_complete() => {
+                    tracing::warn!(pipeline = %shared.pipeline, error = %e, "Rows the source no longer has are not removed.");
+                    break Vec::new();
+                }
                 Err(e) => {
                     pause(
                         shared,
@@ -476,11 +485,11 @@ async fn run_bootstrap(
             if shutdown.is_set() {
                 return Ok(false);
             }
-            found.clear();
-        }
-        for (sink, drift) in &found {
-            if drift.orphans > 0 {
-                tracing::warn!(pipeline = %shared.pipeline, sink = %sink, removed = drift.orphans, examples = ?drift.examples.get("orphans"), "Removed replica rows the source no longer has (their deletions were missed).");
+        };
+        seen.discard().await;
+        for ((sink, _), found) in sinks.iter().zip(&found) {
+            if found.orphans > 0 {
+                tracing::warn!(pipeline = %shared.pipeline, sink = %sink, removed = found.evicted, examples = ?found.examples, "Removed replica rows the source no longer has (their deletions were missed).");
             }
         }
     } else if sweep {

@@ -187,7 +187,7 @@ impl OutboxTable {
                 ],
             )
             .await?;
-        Ok(row.get(0))
+        Ok(row.try_get(0)?)
     }
 }
 

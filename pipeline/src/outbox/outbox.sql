@@ -25,6 +25,18 @@ CREATE TABLE IF NOT EXISTS {dead_letters} (
     error     text        NOT NULL,
     failed_at timestamptz NOT NULL DEFAULT now()
 );
+-- A dead letter keeps the row as it was, NULLs included (LIKE copied the NOT NULLs).
+ALTER TABLE {dead_letters}
+    ALTER COLUMN stream DROP NOT NULL,
+    ALTER COLUMN aggregate_type DROP NOT NULL,
+    ALTER COLUMN aggregate_id DROP NOT NULL,
+    ALTER COLUMN aggregate_version DROP NOT NULL,
+    ALTER COLUMN event_type DROP NOT NULL,
+    ALTER COLUMN event_id DROP NOT NULL,
+    ALTER COLUMN schema_version DROP NOT NULL,
+    ALTER COLUMN occurred_at DROP NOT NULL,
+    ALTER COLUMN headers DROP NOT NULL,
+    ALTER COLUMN created_at DROP NOT NULL;
 
 -- Wakes relays at commit; they poll as well, since a notification is lost while disconnected.
 CREATE OR REPLACE FUNCTION {notify_function}() RETURNS trigger LANGUAGE plpgsql AS $$

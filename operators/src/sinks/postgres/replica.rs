@@ -6,7 +6,7 @@ use super::sql::{array_type, select_cast};
 use super::values::Cell;
 use super::{PgType, PostgresSink, Rows, STORE, classify};
 use crate::record::{Action, Record};
-use crate::replica::{Drift, KeyPage, Replica, ReplicaFuture, StoredKey};
+use crate::replica::{Drift, Eviction, KeyPage, Replica, ReplicaFuture, StoredKey};
 use crate::stage::SinkError;
 
 /// How long a tombstone written by reconciliation lasts.
@@ -199,62 +199,68 @@ impl Replica for PostgresSink {
         })
     }
 
-    fn evict<'a>(&'a self, keys: &'a [(String, Option<u64>)]) -> ReplicaFuture<'a, usize> {
+    fn evict<'a>(&'a self, rows: &'a [(String, u64)], why: Eviction) -> ReplicaFuture<'a, usize> {
         Box::pin(async move {
             let key = self.single_key()?;
-            if keys.is_empty() {
+            if rows.is_empty() {
                 return Ok(0);
             }
-            let k = quote(&key.column);
-            let ty = key.pg_type.sql();
-
-            // Unconditional removals (a corrupted row before its repair).
-            let names: Vec<&str> = keys
+            let (names, versions): (Vec<&str>, Vec<i64>) = rows
                 .iter()
-                .filter(|(_, v)| v.is_none())
-                .map(|(name, _)| name.as_str())
-                .collect();
-            // Removals only while the row is still at the version seen, then buried there.
-            let (buried, versions): (Vec<&str>, Vec<i64>) = keys
-                .iter()
-                .filter_map(|(name, v)| Some((name.as_str(), i64::try_from((*v)?).ok()?)))
+                .filter_map(|(name, v)| Some((name.as_str(), i64::try_from(*v).ok()?)))
                 .unzip();
+            let k = quote(&key.column);
+            // Only while the row is still at the version seen: a newer one stays.
+            let unchanged = format!(
+                "DELETE FROM {table} t USING UNNEST($1::text[], $2::int8[]) AS e(k, v)
+                 WHERE t.{k} = e.k::{ty} AND t.{v} = e.v
+                 RETURNING t.{k} AS k, t.{v} AS v",
+                table = self.table_sql(),
+                ty = key.pg_type.sql(),
+                v = quote(&self.config.version_column),
+            );
             let tombstones = format!(
                 "{}.{}",
                 quote(&self.config.schema),
                 quote(&self.config.tombstone_table())
             );
-            let sql = format!(
-                "WITH gone AS (
-                        DELETE FROM {table} t WHERE t.{k} = ANY($1::text[]::{ty}[]) RETURNING 1),
-                      unchanged AS (
-                        DELETE FROM {table} t USING UNNEST($2::text[], $3::int8[]) AS e(k, v)
-                        WHERE t.{k} = e.k::{ty} AND t.{v} = e.v
-                        RETURNING t.{k} AS k, t.{v} AS v),
-                      buried AS (
-                        INSERT INTO {tombstones} AS b ({k}, source_version, deleted_at, expires_at)
-                        SELECT k, v, now(), now() + interval '{EVICT_TOMBSTONE}' FROM unchanged
-                        ON CONFLICT ({k}) DO UPDATE
-                          SET source_version = GREATEST(b.source_version, EXCLUDED.source_version),
-                              expires_at = EXCLUDED.expires_at
-                        RETURNING 1)
-                 SELECT (SELECT count(*) FROM gone) + (SELECT count(*) FROM unchanged),
-                        (SELECT count(*) FROM buried)",
-                table = self.table_sql(),
-                v = quote(&self.config.version_column),
-            );
-            let conn = self.connection().await?;
-            let row = tokio::time::timeout(
-                self.config.timeout.0,
-                conn.client.query_one(&sql, &[&names, &buried, &versions]),
-            )
+            let sql = match why {
+                Eviction::Rewrite => {
+                    format!("WITH unchanged AS ({unchanged}) SELECT count(*) FROM unchanged")
+                }
+                Eviction::Orphan => format!(
+                    "WITH unchanged AS ({unchanged}),
+                          buried AS (
+                            INSERT INTO {tombstones} AS b ({k}, source_version, deleted_at, expires_at)
+                            SELECT k, v, now(), now() + interval '{EVICT_TOMBSTONE}' FROM unchanged
+                            ON CONFLICT ({k}) DO UPDATE
+                              SET source_version = GREATEST(b.source_version, EXCLUDED.source_version),
+                                  expires_at = EXCLUDED.expires_at
+                            )
+                     SELECT count(*) FROM unchanged"
+                ),
+            };
+            let mut conn = self.connection().await?;
+            // Marked broken until the transaction answers: a timed-out one leaves the pool.
+            conn.broken = true;
+            let super::PgConnection { client, lock, .. } = &mut *conn;
+            let removed = tokio::time::timeout(self.config.timeout.0, async {
+                let tx = client.transaction().await?;
+                // The sink's lock: the DELETE's snapshot is taken after every batch committed
+                // before it, so it compares with the newest version a live worker wrote.
+                tx.execute(&*lock, &[&self.lock_key]).await?;
+                let row = tx.query_one(&sql, &[&names, &versions]).await?;
+                tx.commit().await?;
+                row.try_get::<_, i64>(0)
+            })
             .await
             .map_err(|_| SinkError::Unavailable {
                 store: STORE,
                 message: "evicting rows timed out".into(),
             })?
             .map_err(classify)?;
-            Ok(usize::try_from(row.get::<_, i64>(0)).unwrap_or(0))
+            conn.broken = false;
+            Ok(usize::try_from(removed).unwrap_or(0))
         })
     }
 }

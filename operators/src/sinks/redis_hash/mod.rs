@@ -12,7 +12,7 @@ use serde_json::Value;
 use crate::duration::ConfigDuration;
 use crate::record::{Action, Record};
 use crate::redis_pool::{RedisPool, describe_run_error, is_transport_error, redis_pool};
-use crate::replica::{Drift, KeyPage, Replica, ReplicaFuture, StoredKey};
+use crate::replica::{Drift, Eviction, KeyPage, Replica, ReplicaFuture, StoredKey};
 use crate::secret::SecretUrl;
 use crate::stage::{
     ApplyFuture, BuildContext, BuiltStage, ComponentConfig, ConfigProblem, Sink, SinkError,
@@ -331,11 +331,12 @@ fn is_refusal(e: &redis::RedisError) -> bool {
         )
 }
 
-/// Deletes a hash only if it is still at the version reconciliation saw, and buries it.
+/// Deletes a hash only if it is still at the version reconciliation saw, and buries it there
+/// unless ARGV[3] (the tombstone's lifetime in ms) is 0.
 const EVICT_IF_UNCHANGED: &str =
     "if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then return 0 end
 redis.call('DEL', KEYS[1])
-redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
+if ARGV[3] ~= '0' then redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3]) end
 return 1";
 
 /// How long a tombstone written by reconciliation lasts.
@@ -488,28 +489,25 @@ impl Replica for RedisHashSink {
         })
     }
 
-    fn evict<'a>(&'a self, keys: &'a [(String, Option<u64>)]) -> ReplicaFuture<'a, usize> {
+    fn evict<'a>(&'a self, rows: &'a [(String, u64)], why: Eviction) -> ReplicaFuture<'a, usize> {
         Box::pin(async move {
-            if keys.is_empty() {
+            if rows.is_empty() {
                 return Ok(0);
             }
+            let tombstone_ms = match why {
+                Eviction::Orphan => EVICT_TOMBSTONE_MS,
+                Eviction::Rewrite => 0,
+            };
             let mut pipe = redis::pipe();
-            for (key, version) in keys {
-                match version {
-                    None => {
-                        pipe.cmd("DEL").arg(key);
-                    }
-                    Some(version) => {
-                        pipe.cmd("EVAL")
-                            .arg(EVICT_IF_UNCHANGED)
-                            .arg(2)
-                            .arg(key)
-                            .arg(format!("{}{key}", self.config.tombstone_prefix))
-                            .arg(&self.config.version_field)
-                            .arg(*version)
-                            .arg(EVICT_TOMBSTONE_MS);
-                    }
-                }
+            for (key, version) in rows {
+                pipe.cmd("EVAL")
+                    .arg(EVICT_IF_UNCHANGED)
+                    .arg(2)
+                    .arg(key)
+                    .arg(format!("{}{key}", self.config.tombstone_prefix))
+                    .arg(&self.config.version_field)
+                    .arg(*version)
+                    .arg(tombstone_ms);
             }
             let removed: Vec<usize> = self.query(&pipe).await?;
             Ok(removed.into_iter().sum())
