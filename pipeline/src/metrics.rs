@@ -389,6 +389,291 @@ pub async fn serve(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::stats::{SinkStats, StageStats};
+    use std::collections::{BTreeMap, BTreeSet};
+
+    /// A sample line's name, its labels (in order) and its value.
+    type Sample = (String, Vec<(String, String)>, String);
+
+    /// Splits `name{a="x",b="y"} value` into its parts, undoing the label-value escapes.
+    fn parse_sample(line: &str) -> Sample {
+        let (series, value) = line.rsplit_once(' ').expect("a value");
+        let Some((name, rest)) = series.split_once('{') else {
+            return (series.to_string(), Vec::new(), value.to_string());
+        };
+        let mut labels = Vec::new();
+        let mut chars = rest.chars();
+        loop {
+            let label: String = chars.by_ref().take_while(|c| *c != '=').collect();
+            if label.is_empty() || label == "}" {
+                break;
+            }
+            assert_eq!(chars.next(), Some('"'), "{line}");
+            let mut value = String::new();
+            while let Some(c) = chars.next() {
+                match c {
+                    '"' => break,
+                    '\\' => match chars.next() {
+                        Some('n') => value.push('\n'),
+                        Some(other) => value.push(other),
+                        None => panic!("{line}"),
+                    },
+                    c => value.push(c),
+                }
+            }
+            labels.push((label.trim_start_matches(',').to_string(), value));
+        }
+        (name.to_string(), labels, value.to_string())
+    }
+
+    /// Parses an exposition into its `# TYPE`s (family -> type) and its samples.
+    fn parse(text: &str) -> (BTreeMap<String, String>, Vec<Sample>) {
+        let mut types = BTreeMap::new();
+        let mut samples = Vec::new();
+        for line in text.lines() {
+            if let Some(declared) = line.strip_prefix("# TYPE ") {
+                let (name, kind) = declared.split_once(' ').expect("a type");
+                assert!(
+                    types.insert(name.to_string(), kind.to_string()).is_none(),
+                    "{name} declared twice"
+                );
+            } else if !line.starts_with('#') && !line.is_empty() {
+                samples.push(parse_sample(line));
+            }
+        }
+        (types, samples)
+    }
+
+    /// A worker with two sinks and a stage, some of everything counted.
+    fn busy_stats() -> Stats {
+        let stats = Stats::default();
+        stats.register(
+            vec![StageStats {
+                name: "decode".into(),
+                duration: crate::stats::Histogram::latency(),
+            }],
+            vec![SinkStats::new("cache"), SinkStats::new("table")],
+        );
+        stats.read.store(7, Ordering::Relaxed);
+        stats.acked.store(6, Ordering::Relaxed);
+        stats.count_dead_letter("body is not JSON: expected value");
+        stats.count_dead_letter("delivered 6 times, over max_deliveries 5");
+        let cache = &stats.sinks()[0];
+        cache.applied.store(5, Ordering::Relaxed);
+        cache
+            .newest_source_ms
+            .store(now_ms() - 2_000, Ordering::Relaxed);
+        cache
+            .last_apply_ms
+            .store(now_ms() - 1_000, Ordering::Relaxed);
+        cache.apply_lag.observe(0.004);
+        cache.failing.store(true, Ordering::Relaxed);
+        stats.stages()[0].duration.observe(0.5);
+        stats.batch_size.observe(7.0);
+        stats.source_connected.store(true, Ordering::Relaxed);
+        stats
+    }
+
+    /// Every series as `type name{label="value",...}`, labels sorted, `le` left out (the
+    /// bucket bounds are checked on their own).
+    const EXPECTED_SERIES: &[&str] = &[
+        r#"counter ecst_bootstrap_rows_total{pipeline="p"}"#,
+        r#"counter ecst_events_acked_total{pipeline="p"}"#,
+        r#"counter ecst_events_applied_total{pipeline="p",sink="cache"}"#,
+        r#"counter ecst_events_applied_total{pipeline="p",sink="table"}"#,
+        r#"counter ecst_events_dead_lettered_total{pipeline="p",reason="invalid_event"}"#,
+        r#"counter ecst_events_dead_lettered_total{pipeline="p",reason="max_deliveries"}"#,
+        r#"counter ecst_events_filtered_total{pipeline="p"}"#,
+        r#"counter ecst_events_read_total{pipeline="p"}"#,
+        r#"counter ecst_events_skipped_stale_total{pipeline="p"}"#,
+        r#"counter ecst_events_stale_total{pipeline="p",sink="cache"}"#,
+        r#"counter ecst_events_stale_total{pipeline="p",sink="table"}"#,
+        r#"counter ecst_retention_gaps_total{pipeline="p"}"#,
+        r#"counter ecst_retries_total{pipeline="p"}"#,
+        r#"gauge ecst_apply_lag_last_seconds{pipeline="p",sink="cache"}"#,
+        r#"gauge ecst_apply_lag_last_seconds{pipeline="p",sink="table"}"#,
+        r#"gauge ecst_bootstrap_in_progress{pipeline="p"}"#,
+        r#"gauge ecst_group_lag{pipeline="p"}"#,
+        r#"gauge ecst_group_oldest_pending_idle_seconds{pipeline="p"}"#,
+        r#"gauge ecst_group_pending{pipeline="p"}"#,
+        r#"gauge ecst_replicated_age_seconds{pipeline="p",sink="cache"}"#,
+        r#"gauge ecst_replicated_age_seconds{pipeline="p",sink="table"}"#,
+        r#"gauge ecst_retention_gap{pipeline="p"}"#,
+        r#"gauge ecst_sink_failing{pipeline="p",sink="cache"}"#,
+        r#"gauge ecst_sink_failing{pipeline="p",sink="table"}"#,
+        r#"gauge ecst_source_age_seconds{pipeline="p",sink="cache"}"#,
+        r#"gauge ecst_source_age_seconds{pipeline="p",sink="table"}"#,
+        r#"gauge ecst_source_connected{pipeline="p"}"#,
+        r#"histogram ecst_apply_lag_seconds_bucket{pipeline="p",sink="cache"}"#,
+        r#"histogram ecst_apply_lag_seconds_bucket{pipeline="p",sink="table"}"#,
+        r#"histogram ecst_apply_lag_seconds_count{pipeline="p",sink="cache"}"#,
+        r#"histogram ecst_apply_lag_seconds_count{pipeline="p",sink="table"}"#,
+        r#"histogram ecst_apply_lag_seconds_sum{pipeline="p",sink="cache"}"#,
+        r#"histogram ecst_apply_lag_seconds_sum{pipeline="p",sink="table"}"#,
+        r#"histogram ecst_batch_size_bucket{pipeline="p"}"#,
+        r#"histogram ecst_batch_size_count{pipeline="p"}"#,
+        r#"histogram ecst_batch_size_sum{pipeline="p"}"#,
+        r#"histogram ecst_sink_apply_duration_seconds_bucket{pipeline="p",sink="cache"}"#,
+        r#"histogram ecst_sink_apply_duration_seconds_bucket{pipeline="p",sink="table"}"#,
+        r#"histogram ecst_sink_apply_duration_seconds_count{pipeline="p",sink="cache"}"#,
+        r#"histogram ecst_sink_apply_duration_seconds_count{pipeline="p",sink="table"}"#,
+        r#"histogram ecst_sink_apply_duration_seconds_sum{pipeline="p",sink="cache"}"#,
+        r#"histogram ecst_sink_apply_duration_seconds_sum{pipeline="p",sink="table"}"#,
+        r#"histogram ecst_stage_duration_seconds_bucket{pipeline="p",stage="decode"}"#,
+        r#"histogram ecst_stage_duration_seconds_count{pipeline="p",stage="decode"}"#,
+        r#"histogram ecst_stage_duration_seconds_sum{pipeline="p",stage="decode"}"#,
+    ];
+
+    #[test]
+    fn every_metric_keeps_its_name_type_and_labels() {
+        let (types, samples) = parse(&render("p", &busy_stats()));
+        let mut series = BTreeSet::new();
+        for (name, labels, _) in &samples {
+            let kind = types.get(name).cloned().unwrap_or_else(|| {
+                let family = ["_bucket", "_sum", "_count"]
+                    .iter()
+                    .find_map(|suffix| name.strip_suffix(suffix))
+                    .unwrap_or_else(|| panic!("{name} has no # TYPE"));
+                assert_eq!(types[family], "histogram", "{name}");
+                "histogram".to_string()
+            });
+            let mut labels: Vec<String> = labels
+                .iter()
+                .filter(|(label, _)| label != "le")
+                .map(|(label, value)| format!("{label}={value:?}"))
+                .collect();
+            labels.sort();
+            series.insert(format!("{kind} {name}{{{}}}", labels.join(",")));
+        }
+        let expected: BTreeSet<String> = EXPECTED_SERIES.iter().map(|s| s.to_string()).collect();
+        assert_eq!(series, expected);
+
+        // A worker that has not built its DAG yet still declares every family, with its type
+        // (the deploy tests read the alert rules' and dashboard's names from these lines).
+        let (declared, _) = parse(&render("p", &Stats::default()));
+        let families: BTreeMap<String, String> = EXPECTED_SERIES
+            .iter()
+            .map(|s| {
+                let (kind, name) = s.split_once(' ').expect("kind");
+                let name = name.split_once('{').expect("labels").0;
+                let family = ["_bucket", "_sum", "_count"]
+                    .iter()
+                    .filter(|_| kind == "histogram")
+                    .find_map(|suffix| name.strip_suffix(suffix))
+                    .unwrap_or(name);
+                (family.to_string(), kind.to_string())
+            })
+            .collect();
+        assert_eq!(declared, families);
+    }
+
+    #[test]
+    fn bucket_bounds_keep_their_spelling() {
+        let (_, samples) = parse(&render("p", &busy_stats()));
+        let bounds = |series: &str| -> Vec<String> {
+            samples
+                .iter()
+                .filter(|(name, labels, _)| {
+                    name == series && !labels.iter().any(|(_, v)| v == "table")
+                })
+                .flat_map(|(_, labels, _)| labels.iter().filter(|(l, _)| l == "le"))
+                .map(|(_, v)| v.clone())
+                .collect()
+        };
+        let latency = [
+            "0.001", "0.0025", "0.005", "0.01", "0.025", "0.05", "0.1", "0.25", "0.5", "1", "2.5",
+            "5", "10", "30", "60", "300", "+Inf",
+        ];
+        assert_eq!(bounds("ecst_apply_lag_seconds_bucket"), latency);
+        assert_eq!(bounds("ecst_sink_apply_duration_seconds_bucket"), latency);
+        assert_eq!(bounds("ecst_stage_duration_seconds_bucket"), latency);
+        assert_eq!(
+            bounds("ecst_batch_size_bucket"),
+            [
+                "1", "10", "50", "100", "250", "500", "1000", "2500", "5000", "+Inf"
+            ]
+        );
+    }
+
+    #[test]
+    fn values_are_read_from_the_stats_at_scrape_time() {
+        let stats = busy_stats();
+        let (_, samples) = parse(&render("p", &stats));
+        let value = |series: &str| -> f64 {
+            let found: Vec<f64> = samples
+                .iter()
+                .filter(|(name, labels, _)| {
+                    let labels: Vec<String> =
+                        labels.iter().map(|(l, v)| format!("{l}={v}")).collect();
+                    format!("{name}{{{}}}", labels.join(",")) == series
+                })
+                .map(|(_, _, v)| v.parse().expect("a number"))
+                .collect();
+            assert_eq!(found.len(), 1, "{series}");
+            found[0]
+        };
+        assert_eq!(value("ecst_events_read_total{pipeline=p}"), 7.0);
+        assert_eq!(value("ecst_events_acked_total{pipeline=p}"), 6.0);
+        assert_eq!(
+            value("ecst_events_dead_lettered_total{pipeline=p,reason=max_deliveries}"),
+            1.0
+        );
+        assert_eq!(
+            value("ecst_events_applied_total{pipeline=p,sink=cache}"),
+            5.0
+        );
+        assert_eq!(
+            value("ecst_events_applied_total{pipeline=p,sink=table}"),
+            0.0
+        );
+        let age = value("ecst_source_age_seconds{pipeline=p,sink=cache}");
+        assert!((2.0..60.0).contains(&age), "{age}");
+        let replicated = value("ecst_replicated_age_seconds{pipeline=p,sink=cache}");
+        assert!((1.0..60.0).contains(&replicated), "{replicated}");
+        // Before a sink's first apply its ages are unknown, and before the first XINFO so is
+        // the group: NaN, not 0, which would read as perfectly fresh.
+        assert!(value("ecst_source_age_seconds{pipeline=p,sink=table}").is_nan());
+        assert!(value("ecst_replicated_age_seconds{pipeline=p,sink=table}").is_nan());
+        assert!(value("ecst_group_lag{pipeline=p}").is_nan());
+        assert!(value("ecst_group_pending{pipeline=p}").is_nan());
+        assert_eq!(value("ecst_sink_failing{pipeline=p,sink=cache}"), 1.0);
+        assert_eq!(value("ecst_sink_failing{pipeline=p,sink=table}"), 0.0);
+        assert_eq!(value("ecst_source_connected{pipeline=p}"), 1.0);
+        assert_eq!(
+            value("ecst_apply_lag_seconds_bucket{pipeline=p,sink=cache,le=0.0025}"),
+            0.0
+        );
+        assert_eq!(
+            value("ecst_apply_lag_seconds_bucket{pipeline=p,sink=cache,le=0.005}"),
+            1.0
+        );
+        assert_eq!(
+            value("ecst_apply_lag_seconds_bucket{pipeline=p,sink=cache,le=+Inf}"),
+            1.0
+        );
+        assert_eq!(
+            value("ecst_apply_lag_seconds_sum{pipeline=p,sink=cache}"),
+            0.004
+        );
+        assert_eq!(
+            value("ecst_apply_lag_seconds_count{pipeline=p,sink=cache}"),
+            1.0
+        );
+        assert_eq!(value("ecst_batch_size_bucket{pipeline=p,le=1}"), 0.0);
+        assert_eq!(value("ecst_batch_size_bucket{pipeline=p,le=10}"), 1.0);
+        assert_eq!(
+            value("ecst_stage_duration_seconds_count{pipeline=p,stage=decode}"),
+            1.0
+        );
+
+        stats.read.store(8, Ordering::Relaxed);
+        let (_, samples) = parse(&render("p", &stats));
+        assert!(samples.contains(&(
+            "ecst_events_read_total".to_string(),
+            vec![("pipeline".to_string(), "p".to_string())],
+            "8".to_string()
+        )));
+    }
 
     #[test]
     fn histograms_render_cumulative_buckets_with_sum_and_count() {
@@ -404,5 +689,52 @@ mod tests {
         assert!(out.contains("x_bucket{a=\"b\",le=\"+Inf\"} 3\n"), "{out}");
         assert!(out.contains("x_sum{a=\"b\"} 11\n"), "{out}");
         assert!(out.contains("x_count{a=\"b\"} 3\n"), "{out}");
+    }
+
+    /// Prometheus's own parser and linter accept the exposition (when `promtool` is installed,
+    /// as scripts/test.sh does).
+    #[test]
+    fn promtool_accepts_the_exposition() {
+        use std::io::Write as _;
+        use std::process::{Command, Stdio};
+
+        let spawned = Command::new("promtool")
+            .args(["check", "metrics"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn();
+        let Ok(mut promtool) = spawned else {
+            eprintln!("promtool is not installed: skipped");
+            return;
+        };
+        let text = render("p", &busy_stats());
+        promtool
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(text.as_bytes())
+            .expect("write to promtool");
+        let out = promtool.wait_with_output().expect("promtool");
+        assert!(
+            out.status.success(),
+            "promtool check metrics: {}\n{}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    #[test]
+    fn label_values_are_escaped() {
+        let (_, samples) = parse(&render("a \"b\" \\ c\nd", &Stats::default()));
+        let read = samples
+            .iter()
+            .find(|(name, _, _)| name == "ecst_events_read_total")
+            .expect("read");
+        assert_eq!(
+            read.1,
+            [("pipeline".to_string(), "a \"b\" \\ c\nd".to_string())]
+        );
     }
 }
