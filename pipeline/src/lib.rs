@@ -6,6 +6,7 @@
 //! - [`config`]: pipeline files, with every error positioned.
 //! - [`graph`]: DAG checks, order and rendering.
 //! - [`source`]: the consumer-group reader (pending first, then new, then claims).
+//! - [`preflight`]: the start-time check of Redis credentials and ACLs.
 //! - [`runner`]: batches through the DAG to the sinks, acked only after commit.
 //! - [`bootstrap`]: snapshots for new, reset or gapped groups; the retention-gap check.
 //! - [`reconcile`]: `ecst reconcile`, replicas against the source, drift counted and repaired.
@@ -22,6 +23,7 @@ pub mod config;
 pub mod graph;
 pub mod metrics;
 pub mod outbox;
+pub mod preflight;
 pub mod reconcile;
 pub mod relay;
 pub mod runner;

@@ -9,7 +9,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use ecst_pipeline::config::{self, ConfigErrors};
 use ecst_pipeline::graph;
 use ecst_pipeline::relay::{RelayConfig, RelayStats};
-use ecst_pipeline::runner::{self, RunOptions, Shutdown, Stats};
+use ecst_pipeline::runner::{self, RunError, RunOptions, Shutdown, Stats};
 use ecst_pipeline::snapshot::SnapshotConfig;
 
 mod cli;
@@ -272,6 +272,18 @@ fn print_reconcile(report: &ecst_pipeline::reconcile::ReconcileReport, repair: b
     );
 }
 
+/// Exit status 2 (a configuration the servers refuse: credentials, certificates, ACL), with
+/// the reason, for a run that Redis refused at start.
+fn configuration_refused(pipeline: &str, result: &Result<(), RunError>) -> Option<ExitCode> {
+    match result {
+        Err(RunError::Access(e)) => {
+            eprintln!("error: pipeline {pipeline}: {e}");
+            Some(ExitCode::from(2))
+        }
+        _ => None,
+    }
+}
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -374,7 +386,7 @@ async fn execute(command: Command) -> anyhow::Result<ExitCode> {
                     }
                 });
             }
-            runner::run(
+            let result = runner::run(
                 &config,
                 RunOptions {
                     drain,
@@ -383,8 +395,11 @@ async fn execute(command: Command) -> anyhow::Result<ExitCode> {
                 shutdown,
                 stats,
             )
-            .await
-            .with_context(|| format!("pipeline {}", config.name))?;
+            .await;
+            if let Some(code) = configuration_refused(&config.name, &result) {
+                return Ok(code);
+            }
+            result.with_context(|| format!("pipeline {}", config.name))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Bootstrap { pipeline, consumer } => {
@@ -404,7 +419,7 @@ async fn execute(command: Command) -> anyhow::Result<ExitCode> {
             }
             let (tx, shutdown) = Shutdown::new();
             tokio::spawn(shutdown_on_signals(tx));
-            runner::run(
+            let result = runner::run(
                 &config,
                 RunOptions {
                     drain: false,
@@ -413,8 +428,11 @@ async fn execute(command: Command) -> anyhow::Result<ExitCode> {
                 shutdown,
                 Arc::new(Stats::default()),
             )
-            .await
-            .with_context(|| format!("bootstrapping pipeline {}", config.name))?;
+            .await;
+            if let Some(code) = configuration_refused(&config.name, &result) {
+                return Ok(code);
+            }
+            result.with_context(|| format!("bootstrapping pipeline {}", config.name))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Reconcile {

@@ -171,6 +171,9 @@ pub enum RunError {
         "retention gap: {0}. The replica has missed events. Configure `bootstrap:` (with on_gap: bootstrap) or run `ecst bootstrap`; to accept the loss instead, move the group past it with XGROUP SETID."
     )]
     RetentionGap(String),
+    /// Redis refused the worker's credentials, certificates or commands at start.
+    #[error(transparent)]
+    Access(#[from] crate::preflight::PreflightError),
     /// Batches were still uncommitted when the shutdown timeout ran out.
     #[error(
         "{0} batch(es) were not committed within the shutdown timeout; their entries stay pending and will be redelivered"
@@ -734,6 +737,7 @@ pub async fn run(
     let mut dag = Dag::build(config, stats.clone()).await?;
     let pool = redis_pool(&source_cfg.redis, 4, source_cfg.timeout.0)
         .map_err(|e| RunError::Config(format!("invalid Redis URL {}: {e}", source_cfg.redis)))?;
+    crate::preflight::check_redis_access(config).await?;
     let mut source = StreamSource::new(source_cfg, consumer.clone())
         .map_err(|e| RunError::Config(format!("invalid Redis URL {}: {e}", source_cfg.redis)))?;
     let shared = Arc::new(Shared {

@@ -1,5 +1,6 @@
 //! End-to-end tests: the real `ecst` binary against a real Redis.
 
+mod auth;
 mod bootstrap;
 mod common;
 mod deploy;

@@ -2,7 +2,6 @@
 //! certificates this test makes at run time.
 
 use std::path::PathBuf;
-use std::process::Command;
 use std::time::Duration;
 
 use ecst_operators::SecretUrl;
@@ -149,35 +148,28 @@ fn insecure_skips_verification_but_still_speaks_tls() {
 
 #[test]
 fn validate_explains_bad_tls_options() {
-    let yaml = format!(
-        r#"name: tls-options
+    let yaml = r#"name: tls-options
 source:
   redis: "rediss://127.0.0.1:6390/?tls_ca=/nonexistent/ca.pem"
   stream: s
   group: g
 stages:
-  decode: {{ type: decode }}
+  decode: { type: decode }
   plain:
     type: redis_hash
     input: decode
     redis: "redis://127.0.0.1:6379/?tls_ca=/etc/ca.pem"
-    key: "a:{{aggregateId}}"
+    key: "a:{aggregateId}"
   typo:
     type: redis_hash
     input: decode
     redis: "rediss://127.0.0.1:6390/?tls_certificate=/etc/c.pem"
-    key: "b:{{aggregateId}}"
-"#
-    );
-    let path = pipeline_file("tls-validate", &yaml);
-    let out = run_with_deadline(
-        {
-            let mut cmd: Command = ecst();
-            cmd.arg("validate").arg(&path);
-            cmd
-        },
-        Duration::from_secs(30),
-    );
+    key: "b:{aggregateId}"
+"#;
+    let path = pipeline_file("tls-validate", yaml);
+    let mut cmd = ecst();
+    cmd.arg("validate").arg(&path);
+    let out = run_with_deadline(cmd, Duration::from_secs(30));
     let stderr = stderr_of(&out);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(
