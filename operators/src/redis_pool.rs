@@ -18,6 +18,9 @@ use redis::{
     TlsCertificates,
 };
 
+use rustls::pki_types::CertificateDer;
+use rustls::pki_types::pem::PemObject;
+
 use crate::secret::SecretUrl;
 
 /// Pool of multiplexed Redis connections.
@@ -91,6 +94,9 @@ pub fn redis_client(url: &SecretUrl) -> Result<Client, RedisUrlError> {
     if parsed.fragment() == Some("insecure") && options.contains_key("tls_ca") {
         return Err(RedisUrlError::InsecureWithCa);
     }
+    if options.contains_key("tls_cert") != options.contains_key("tls_key") {
+        return Err(RedisUrlError::ClientCertPair);
+    }
     parsed.set_query(None);
     if !rest.is_empty() {
         parsed.query_pairs_mut().extend_pairs(rest);
@@ -107,17 +113,29 @@ pub fn redis_client(url: &SecretUrl) -> Result<Client, RedisUrlError> {
             })
             .transpose()
     };
-    let client_tls = match (read("tls_cert")?, read("tls_key")?) {
+    let (root_cert, client_cert, client_key) =
+        (read("tls_ca")?, read("tls_cert")?, read("tls_key")?);
+    // A file without certificates would fail every handshake later, with a vaguer message.
+    for (option, pem) in [("tls_ca", &root_cert), ("tls_cert", &client_cert)] {
+        let Some(pem) = pem else { continue };
+        if !CertificateDer::pem_slice_iter(pem).any(|c| c.is_ok()) {
+            return Err(RedisUrlError::File {
+                option,
+                path: options.get(option).cloned().unwrap_or_default(),
+                reason: "no PEM certificate in it".to_string(),
+            });
+        }
+    }
+    let client_tls = match (client_cert, client_key) {
         (Some(client_cert), Some(client_key)) => Some(ClientTlsConfig {
             client_cert,
             client_key,
         }),
-        (None, None) => None,
-        _ => return Err(RedisUrlError::ClientCertPair),
+        _ => None,
     };
     let certificates = TlsCertificates {
         client_tls,
-        root_cert: read("tls_ca")?,
+        root_cert,
     };
     install_crypto_provider();
     Client::build_with_tls(parsed.as_str(), certificates).map_err(|e| {
@@ -493,5 +511,74 @@ pub fn describe_run_error(err: bb8::RunError<RedisError>) -> String {
                 None => "timed out waiting for a pooled connection".to_string(),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn client_error(url: &str) -> String {
+        match redis_client(&SecretUrl::new(url)) {
+            Ok(_) => "ok".to_string(),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn tls_options_are_checked_before_connecting() {
+        assert_eq!(client_error("rediss://127.0.0.1:6380"), "ok");
+        assert_eq!(client_error("rediss://127.0.0.1:6380/#insecure"), "ok");
+        assert_eq!(
+            client_error("redis://127.0.0.1/?tls_ca=/etc/ca.pem"),
+            "`tls_ca` needs a rediss:// URL (TLS)"
+        );
+        assert_eq!(
+            client_error("rediss://127.0.0.1/?tls_cafile=x"),
+            "unknown option `tls_cafile`: the TLS options are tls_ca, tls_cert and tls_key"
+        );
+        assert_eq!(
+            client_error("rediss://127.0.0.1/?tls_cert=/etc/c.pem"),
+            "tls_cert and tls_key must be given together"
+        );
+        assert!(
+            client_error("rediss://127.0.0.1/?tls_ca=/nonexistent/ca.pem")
+                .starts_with("tls_ca=/nonexistent/ca.pem: ")
+        );
+        let dir = std::env::temp_dir().join(format!("ecst-tls-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let not_pem = dir.join("ca.pem");
+        std::fs::write(&not_pem, "not a certificate").unwrap();
+        let url = format!("rediss://127.0.0.1/?tls_ca={}", not_pem.display());
+        assert_eq!(
+            client_error(&format!("{url}#insecure")),
+            "tls_ca has no effect with #insecure, which skips certificate verification"
+        );
+        assert_eq!(
+            client_error(&url),
+            format!("tls_ca={}: no PEM certificate in it", not_pem.display())
+        );
+    }
+
+    #[test]
+    fn the_user_comes_from_the_url() {
+        assert_eq!(redis_user(&SecretUrl::new("redis://app:pw@h:1")), "app");
+        assert_eq!(redis_user(&SecretUrl::new("redis://:pw@h:1")), "default");
+    }
+
+    #[tokio::test]
+    async fn a_pool_timeout_says_why_the_connection_failed() {
+        // Nothing listens on port 1.
+        let url = SecretUrl::new("redis://app:s3cret@127.0.0.1:1");
+        let pool = redis_pool(&url, 1, Duration::from_millis(300)).unwrap();
+        let Err(err) = pool.get().await else {
+            panic!("connected to port 1");
+        };
+        let text = describe_run_error(err);
+        assert!(
+            text.starts_with("timed out waiting for a pooled connection: connection refused by redis://app:***@127.0.0.1:1"),
+            "{text}"
+        );
+        assert!(!text.contains("s3cret"));
     }
 }
