@@ -174,7 +174,10 @@ fn an_acl_narrowed_while_running_makes_readyz_fail_with_the_reason_until_fixed()
         "not ready, with the reason",
         || {
             let (code, body) = readyz(port);
-            code == 503 && body.contains("not permitted") && body.contains("evalsha")
+            code == 503
+                && body.contains("redis_hash sink `cache`")
+                && body.contains("not permitted")
+                && body.contains("evalsha")
         },
     );
     let _: () = redis::cmd("ACL")

@@ -110,7 +110,7 @@ impl RedisHashConfig {
             .map_err(|e| format!("invalid Redis URL {url}: {e}"))?;
         Ok(RedisHashSink {
             key: KeyTemplate::parse(&self.key)?,
-            reporter: format!("redis_hash sink ({})", self.key),
+            reporter: format!("redis_hash sink `{}`", ctx.stage),
             config: self.clone(),
             url,
             pool,
