@@ -14,6 +14,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs, unreachable_pub)]
 
+pub mod dead_letter;
 pub mod duration;
 pub mod postgres_tls;
 pub mod record;
@@ -24,6 +25,7 @@ pub mod sinks;
 pub mod stage;
 pub mod stages;
 
+pub use dead_letter::DeadLetterReason;
 pub use duration::ConfigDuration;
 pub use record::{Action, DropReason, Outcomes, RawEntry, Record};
 pub use secret::SecretUrl;

@@ -4,6 +4,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ecst_schemas::Envelope;
+
+use crate::dead_letter::DeadLetterReason;
 use serde_json::{Map, Value};
 
 /// One stream entry as read: its id and raw fields, kept for dead-lettering.
@@ -100,15 +102,15 @@ impl DropReason {
 #[derive(Debug, Default)]
 pub struct Outcomes {
     /// Entries to dead-letter, by batch index, with the reason.
-    pub dead_letters: Vec<(usize, String)>,
+    pub dead_letters: Vec<(usize, DeadLetterReason)>,
     /// Entries dropped on purpose, by batch index.
     pub dropped: Vec<(usize, DropReason)>,
 }
 
 impl Outcomes {
     /// Records that entry `entry` must go to the dead-letter stream.
-    pub fn dead_letter(&mut self, entry: usize, reason: impl Into<String>) {
-        self.dead_letters.push((entry, reason.into()));
+    pub fn dead_letter(&mut self, entry: usize, reason: DeadLetterReason) {
+        self.dead_letters.push((entry, reason));
     }
 
     /// Records that entry `entry` was dropped on purpose.

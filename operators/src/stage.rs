@@ -40,8 +40,12 @@ pub struct SinkReport {
     pub applied: usize,
     /// Records the store's version guard rejected as not newer.
     pub stale: usize,
-    /// Records that cannot be written (a data error), by entry index, with the reason.
+    /// Records that cannot be written (a data error the sink found itself), by entry index,
+    /// with the reason.
     pub rejected: Vec<(usize, String)>,
+    /// Records the store refused (a CHECK or foreign-key violation), by entry index, with
+    /// what the store said.
+    pub refused: Vec<(usize, String)>,
 }
 
 /// Future returned by [`Sink::apply_batch`].
@@ -51,6 +55,15 @@ pub type ApplyFuture<'a> = Pin<Box<dyn Future<Output = Result<SinkReport, SinkEr
 pub trait Sink: Send + Sync {
     /// Applies a batch in one round trip; `Ok` means durably committed.
     fn apply_batch<'a>(&'a self, batch: &'a [Record]) -> ApplyFuture<'a>;
+
+    /// Checks, without the store, that the record can be written: its key renders, its values
+    /// convert to the replica's types, it fits the store's limits. The pipeline asks every
+    /// sink of a fan-out before any of them applies, so that a record refused for its data is
+    /// refused by all and the replicas never disagree over it.
+    fn check_record(&self, record: &Record) -> Result<(), String> {
+        let _ = record;
+        Ok(())
+    }
 
     /// The replica read back, for reconciliation; `None` if this sink cannot be read.
     fn replica(&self) -> Option<&dyn crate::replica::Replica> {

@@ -7,10 +7,13 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use ecst_pipeline::config::{self, ConfigErrors};
+use ecst_pipeline::error::RunError;
 use ecst_pipeline::graph;
 use ecst_pipeline::relay::{RelayConfig, RelayStats};
-use ecst_pipeline::runner::{self, RunError, RunOptions, Shutdown, Stats};
+use ecst_pipeline::runner::{self, RunOptions};
+use ecst_pipeline::shutdown::Shutdown;
 use ecst_pipeline::snapshot::SnapshotConfig;
+use ecst_pipeline::stats::Stats;
 
 mod cli;
 

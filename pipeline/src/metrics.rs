@@ -8,8 +8,7 @@
 use std::fmt::Write;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::atomic::Ordering;
 
 use axum::Router;
 use axum::extract::State;
@@ -17,143 +16,8 @@ use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
 
-use crate::runner::{Shutdown, Stats};
-
-/// Seconds buckets for latencies (1 ms .. 5 min).
-const LATENCY_BUCKETS: &[f64] = &[
-    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
-];
-/// Entries-per-batch buckets.
-const BATCH_BUCKETS: &[f64] = &[1.0, 10.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0];
-
-/// A histogram with fixed buckets, updated without locks.
-#[derive(Debug)]
-pub struct Histogram {
-    bounds: &'static [f64],
-    counts: Vec<AtomicU64>,
-    count: AtomicU64,
-    /// Sum in millionths.
-    sum_micros: AtomicU64,
-}
-
-impl Histogram {
-    fn new(bounds: &'static [f64]) -> Self {
-        Histogram {
-            bounds,
-            counts: bounds.iter().map(|_| AtomicU64::new(0)).collect(),
-            count: AtomicU64::new(0),
-            sum_micros: AtomicU64::new(0),
-        }
-    }
-
-    /// A latency histogram, in seconds.
-    pub fn latency() -> Self {
-        Histogram::new(LATENCY_BUCKETS)
-    }
-
-    /// A batch-size histogram, in entries.
-    pub fn batch_size() -> Self {
-        Histogram::new(BATCH_BUCKETS)
-    }
-
-    /// Records one observation.
-    pub fn observe(&self, value: f64) {
-        let value = value.max(0.0);
-        if let Some(i) = self.bounds.iter().position(|b| value <= *b) {
-            self.counts[i].fetch_add(1, Ordering::Relaxed);
-        }
-        self.count.fetch_add(1, Ordering::Relaxed);
-        self.sum_micros
-            .fetch_add((value * 1e6) as u64, Ordering::Relaxed);
-    }
-
-    fn render(&self, out: &mut String, name: &str, labels: &str) {
-        let mut cumulative = 0;
-        let sep = if labels.is_empty() { "" } else { "," };
-        for (bound, count) in self.bounds.iter().zip(&self.counts) {
-            cumulative += count.load(Ordering::Relaxed);
-            let _ = writeln!(
-                out,
-                "{name}_bucket{{{labels}{sep}le=\"{bound}\"}} {cumulative}"
-            );
-        }
-        let total = self.count.load(Ordering::Relaxed);
-        let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {total}");
-        let sum = self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
-        let _ = writeln!(out, "{name}_sum{{{labels}}} {sum}");
-        let _ = writeln!(out, "{name}_count{{{labels}}} {total}");
-    }
-}
-
-/// What one sink applied, and when.
-#[derive(Debug)]
-pub struct SinkStats {
-    /// The sink's stage name.
-    pub name: String,
-    /// Records written.
-    pub applied: AtomicU64,
-    /// Records the store's guard found not newer.
-    pub stale: AtomicU64,
-    /// Newest `occurredAt` applied, Unix ms (0: none yet).
-    pub newest_source_ms: AtomicI64,
-    /// Last successful apply, Unix ms (0: none yet).
-    pub last_apply_ms: AtomicI64,
-    /// Apply time minus `occurredAt` of the newest record of the last batch, ms.
-    pub last_lag_ms: AtomicI64,
-    /// Apply time minus `occurredAt`, per record.
-    pub apply_lag: Histogram,
-    /// Duration of each batch apply (retries included).
-    pub apply_duration: Histogram,
-    /// Whether the sink is failing (in backoff) right now.
-    pub failing: AtomicBool,
-}
-
-impl SinkStats {
-    /// Counters of a sink named `name`.
-    pub fn new(name: &str) -> Self {
-        SinkStats {
-            name: name.to_string(),
-            applied: AtomicU64::new(0),
-            stale: AtomicU64::new(0),
-            newest_source_ms: AtomicI64::new(0),
-            last_apply_ms: AtomicI64::new(0),
-            last_lag_ms: AtomicI64::new(0),
-            apply_lag: Histogram::latency(),
-            apply_duration: Histogram::latency(),
-            failing: AtomicBool::new(false),
-        }
-    }
-}
-
-/// Time spent in one transform stage.
-#[derive(Debug)]
-pub struct StageStats {
-    /// The stage's name.
-    pub name: String,
-    /// Per batch.
-    pub duration: Histogram,
-}
-
-/// The consumer group as XINFO last showed it.
-#[derive(Debug, Default)]
-pub struct GroupStats {
-    /// Entries not yet delivered to the group (-1: unknown).
-    pub lag: AtomicI64,
-    /// Entries delivered and not acked.
-    pub pending: AtomicI64,
-    /// Idle time of the oldest pending entry, ms.
-    pub oldest_pending_idle_ms: AtomicI64,
-    /// When these were read, Unix ms (0: never).
-    pub refreshed_ms: AtomicI64,
-}
-
-/// Now, in Unix milliseconds.
-pub fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
-}
+use crate::shutdown::Shutdown;
+use crate::stats::{HistogramSnapshot, Stats, now_ms};
 
 fn escape(value: &str) -> String {
     value
@@ -162,19 +26,18 @@ fn escape(value: &str) -> String {
         .replace('\n', "\\n")
 }
 
-/// Dead-letter reasons, folded into a few classes so that the label stays bounded.
-pub fn reason_class(reason: &str) -> &'static str {
-    if reason.starts_with("delivered ") {
-        "max_deliveries"
-    } else if reason.starts_with("trimmed") {
-        "trimmed"
-    } else if reason.starts_with("sink `") {
-        "sink_rejected"
-    } else if reason.starts_with("snapshot") {
-        "snapshot"
-    } else {
-        "invalid_event"
+fn histogram(out: &mut String, h: &HistogramSnapshot, name: &str, labels: &str) {
+    let sep = if labels.is_empty() { "" } else { "," };
+    for (bound, cumulative) in &h.buckets {
+        let _ = writeln!(
+            out,
+            "{name}_bucket{{{labels}{sep}le=\"{bound}\"}} {cumulative}"
+        );
     }
+    let total = h.count;
+    let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {total}");
+    let _ = writeln!(out, "{name}_sum{{{labels}}} {}", h.sum);
+    let _ = writeln!(out, "{name}_count{{{labels}}} {total}");
 }
 
 fn metric(out: &mut String, name: &str, kind: &str, help: &str) {
@@ -226,6 +89,12 @@ pub fn render(pipeline: &str, stats: &Stats) -> String {
         "ecst_retention_gaps_total",
         "Retention gaps detected.",
         stats.gaps_detected.load(Ordering::Relaxed),
+    );
+    counter(
+        &mut out,
+        "ecst_fanout_divergent_total",
+        "Records a store refused after other sinks of the fan-out applied them: the replicas disagree on them.",
+        stats.fanout_divergent.load(Ordering::Relaxed),
     );
 
     metric(
@@ -332,8 +201,9 @@ pub fn render(pipeline: &str, stats: &Stats) -> String {
         "Apply time minus occurredAt, per record applied.",
     );
     for s in sinks {
-        s.apply_lag.render(
+        histogram(
             &mut out,
+            &s.apply_lag.snapshot(),
             "ecst_apply_lag_seconds",
             &format!("{p},sink=\"{}\"", escape(&s.name)),
         );
@@ -345,8 +215,9 @@ pub fn render(pipeline: &str, stats: &Stats) -> String {
         "Time to apply one batch to a sink, retries included.",
     );
     for s in sinks {
-        s.apply_duration.render(
+        histogram(
             &mut out,
+            &s.apply_duration.snapshot(),
             "ecst_sink_apply_duration_seconds",
             &format!("{p},sink=\"{}\"", escape(&s.name)),
         );
@@ -372,8 +243,9 @@ pub fn render(pipeline: &str, stats: &Stats) -> String {
         "Time a transform stage spent on one batch.",
     );
     for s in stats.stages() {
-        s.duration.render(
+        histogram(
             &mut out,
+            &s.duration.snapshot(),
             "ecst_stage_duration_seconds",
             &format!("{p},stage=\"{}\"", escape(&s.name)),
         );
@@ -384,7 +256,12 @@ pub fn render(pipeline: &str, stats: &Stats) -> String {
         "histogram",
         "Entries per batch read.",
     );
-    stats.batch_size.render(&mut out, "ecst_batch_size", &p);
+    histogram(
+        &mut out,
+        &stats.batch_size.snapshot(),
+        "ecst_batch_size",
+        &p,
+    );
 
     let g = &stats.group;
     let known = g.refreshed_ms.load(Ordering::Relaxed) != 0;
@@ -516,41 +393,23 @@ pub async fn serve(
         .await
 }
 
-/// How often the group's lag and pending count are read.
-pub const GROUP_REFRESH: Duration = Duration::from_secs(5);
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn histograms_are_cumulative_with_sum_and_count() {
-        let h = Histogram::new(&[1.0, 2.0]);
-        h.observe(0.5);
-        h.observe(1.5);
-        h.observe(9.0);
+    fn histograms_render_cumulative_buckets_with_sum_and_count() {
+        let h = HistogramSnapshot {
+            buckets: vec![(1.0, 1), (2.0, 2)],
+            sum: 11.0,
+            count: 3,
+        };
         let mut out = String::new();
-        h.render(&mut out, "x", "a=\"b\"");
+        histogram(&mut out, &h, "x", "a=\"b\"");
         assert!(out.contains("x_bucket{a=\"b\",le=\"1\"} 1\n"), "{out}");
         assert!(out.contains("x_bucket{a=\"b\",le=\"2\"} 2\n"), "{out}");
         assert!(out.contains("x_bucket{a=\"b\",le=\"+Inf\"} 3\n"), "{out}");
         assert!(out.contains("x_sum{a=\"b\"} 11\n"), "{out}");
         assert!(out.contains("x_count{a=\"b\"} 3\n"), "{out}");
-    }
-
-    #[test]
-    fn reasons_fold_into_bounded_classes() {
-        assert_eq!(
-            reason_class("delivered 6 times, over max_deliveries 5"),
-            "max_deliveries"
-        );
-        assert_eq!(
-            reason_class("sink `table`: column `points`: ..."),
-            "sink_rejected"
-        );
-        assert_eq!(
-            reason_class("body is not JSON: expected value"),
-            "invalid_event"
-        );
     }
 }

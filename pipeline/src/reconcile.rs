@@ -14,7 +14,9 @@ use serde::Serialize;
 
 use crate::bootstrap::{SnapshotReader, page_records};
 use crate::config::PipelineConfig;
-use crate::runner::{Dag, RunError};
+use crate::dag::Dag;
+use crate::error::RunError;
+use crate::stats::{Stats, now_ms};
 
 /// Examples kept per kind of drift.
 const EXAMPLES: usize = 5;
@@ -85,9 +87,9 @@ pub async fn reconcile(config: &PipelineConfig, repair: bool) -> Result<Reconcil
                 .into(),
         ));
     };
-    let started_ms = crate::metrics::now_ms();
+    let started_ms = now_ms();
     let mut reader = SnapshotReader::new(bootstrap).map_err(RunError::Config)?;
-    let mut dag = Dag::build(config, Arc::new(crate::runner::Stats::default())).await?;
+    let mut dag = Dag::build(config, Arc::new(Stats::default())).await?;
     let sinks: Vec<(String, Arc<dyn Sink>)> = dag.sinks().to_vec();
     let mut report = ReconcileReport::default();
     let mut expected: Vec<HashSet<String>> = vec![HashSet::new(); sinks.len()];

@@ -28,7 +28,8 @@ use tokio::sync::Notify;
 use tokio_postgres::{AsyncMessage, Client, Row, Statement};
 
 use crate::outbox::{OUTBOX_COLUMNS, OutboxTable, check_stream_name};
-use crate::runner::{Shutdown, backoff};
+use crate::retry::{Backoff, sleep_or_shutdown};
+use crate::shutdown::Shutdown;
 
 /// Body encoding on the stream.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -352,26 +353,22 @@ impl Relay<'_> {
         let mut session: Option<Session> = None;
         let mut conn: Option<MultiplexedConnection> = None;
         let mut unresolved: Option<i64> = None;
-        let mut failures = 0u32;
+        let mut backoff = Backoff::new();
         let mut last_prune = Instant::now();
         tracing::info!(relay = %self.config.name, outbox = %self.outbox.sql_name(), "Relay started.");
         while !shutdown.is_set() {
             let step = self.step(&mut session, &mut conn, &mut unresolved).await;
             let full = match step {
                 Ok(claimed) => {
-                    failures = 0;
+                    backoff.reset();
                     claimed >= self.config.batch_size as usize
                 }
                 Err(Step::Fatal(e)) => return Err(e),
                 Err(Step::Retry(message)) => {
                     self.stats.retries.fetch_add(1, Ordering::Relaxed);
-                    let wait = backoff(failures);
-                    failures = failures.saturating_add(1);
-                    tracing::warn!(relay = %self.config.name, attempt = failures, retry_in_ms = wait.as_millis() as u64, error = %message, "Relay batch failed; the rows stay in the outbox, retrying.");
-                    tokio::select! {
-                        _ = tokio::time::sleep(wait) => {}
-                        _ = shutdown.wait() => {}
-                    }
+                    let wait = backoff.next_delay();
+                    tracing::warn!(relay = %self.config.name, attempt = backoff.failures(), retry_in_ms = wait.as_millis() as u64, error = %message, "Relay batch failed; the rows stay in the outbox, retrying.");
+                    sleep_or_shutdown(wait, shutdown).await;
                     continue;
                 }
             };

@@ -27,7 +27,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio_postgres::types::ToSql;
 
-use crate::runner::Shutdown;
+use crate::shutdown::Shutdown;
 
 type PgPool = bb8::Pool<PostgresConnectionManager<PgTls>>;
 

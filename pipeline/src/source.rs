@@ -10,6 +10,7 @@ use redis::aio::MultiplexedConnection;
 use redis::{RedisError, Value};
 
 use crate::config::SourceConfig;
+use crate::redis_reply::{bulk, compare_ids, parse_entries};
 
 /// Where a batch came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -303,7 +304,7 @@ impl StreamSource {
             for item in items {
                 if let Value::Array(fields) = item
                     && let [id, _consumer, _idle, Value::Int(n)] = fields.as_slice()
-                    && let Some(id) = as_string(id)
+                    && let Some(id) = bulk(Some(id))
                 {
                     counts.insert(id, u64::try_from(*n).unwrap_or(0));
                 }
@@ -359,11 +360,11 @@ impl StreamSource {
             let list = parts.pop().unwrap_or(Value::Nil);
             let next = parts
                 .pop()
-                .and_then(|v| as_string(&v))
+                .and_then(|v| bulk(Some(&v)))
                 .unwrap_or_else(|| "0-0".into());
             claimed.extend(parse_entries(list).map_err(|d| self.protocol("XAUTOCLAIM", d))?);
             if let Some(Value::Array(ids)) = deleted {
-                trimmed.extend(ids.iter().filter_map(as_string));
+                trimmed.extend(ids.iter().filter_map(|id| bulk(Some(id))));
             }
             self.claim_cursor = next;
             if self.claim_cursor == "0-0" || claimed.len() >= self.config.batch_size {
@@ -396,114 +397,4 @@ impl StreamSource {
 
 fn is_server_error(e: &RedisError) -> bool {
     e.code().is_some() && !e.is_io_error() && !e.is_timeout() && !e.is_connection_dropped()
-}
-
-/// Takes a string out of a reply value without copying it.
-fn into_string(value: Value) -> Option<String> {
-    match value {
-        Value::BulkString(bytes) => String::from_utf8(bytes).ok(),
-        Value::SimpleString(s) => Some(s),
-        _ => None,
-    }
-}
-
-fn as_string(value: &Value) -> Option<String> {
-    match value {
-        Value::BulkString(bytes) => String::from_utf8(bytes.clone()).ok(),
-        Value::SimpleString(s) => Some(s.clone()),
-        _ => None,
-    }
-}
-
-/// Orders stream ids numerically (`ms-seq`).
-pub fn compare_ids(a: &str, b: &str) -> std::cmp::Ordering {
-    parse_id(a).cmp(&parse_id(b))
-}
-
-/// Splits `ms-seq` into numbers; malformed ids sort first.
-pub fn parse_id(id: &str) -> (u64, u64) {
-    let (ms, seq) = id.split_once('-').unwrap_or((id, "0"));
-    (ms.parse().unwrap_or(0), seq.parse().unwrap_or(0))
-}
-
-/// Parses `[[id, [field, value, ...] | nil], ...]`; an entry with nil fields (deleted while
-/// pending) comes back with no fields rather than failing the whole read.
-fn parse_entries(list: Value) -> Result<Vec<RawEntry>, String> {
-    let items = match list {
-        Value::Array(items) => items,
-        Value::Nil => return Ok(Vec::new()),
-        other => return Err(format!("entry list is {other:?}")),
-    };
-    let mut entries = Vec::with_capacity(items.len());
-    for item in items {
-        let Value::Array(mut parts) = item else {
-            // Redis 6 XAUTOCLAIM may return nil for a deleted entry.
-            continue;
-        };
-        if parts.is_empty() {
-            continue;
-        }
-        let fields_value = if parts.len() >= 2 { parts.pop() } else { None };
-        let id = parts
-            .pop()
-            .and_then(into_string)
-            .ok_or("entry without an id")?;
-        let mut fields = Vec::new();
-        match fields_value {
-            Some(Value::Array(flat)) => {
-                let mut iter = flat.into_iter();
-                while let (Some(k), Some(v)) = (iter.next(), iter.next()) {
-                    let key = into_string(k).unwrap_or_default();
-                    let value = match v {
-                        Value::BulkString(bytes) => bytes,
-                        Value::SimpleString(s) => s.into_bytes(),
-                        _ => Vec::new(),
-                    };
-                    fields.push((key, value));
-                }
-            }
-            Some(Value::Map(pairs)) => {
-                for (k, v) in pairs {
-                    let value = match v {
-                        Value::BulkString(bytes) => bytes,
-                        _ => Vec::new(),
-                    };
-                    fields.push((into_string(k).unwrap_or_default(), value));
-                }
-            }
-            _ => {}
-        }
-        entries.push(RawEntry { id, fields });
-    }
-    Ok(entries)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn parses_entries_with_and_without_fields() {
-        let reply = Value::Array(vec![
-            Value::Array(vec![
-                Value::BulkString(b"1-0".to_vec()),
-                Value::Array(vec![
-                    Value::BulkString(b"v".to_vec()),
-                    Value::BulkString(b"{}".to_vec()),
-                ]),
-            ]),
-            Value::Array(vec![Value::BulkString(b"2-0".to_vec()), Value::Nil]),
-            Value::Nil,
-        ]);
-        let entries = parse_entries(reply).unwrap();
-        assert_eq!(entries.len(), 2);
-        assert_eq!(entries[0].field("v"), Some(&b"{}"[..]));
-        assert!(entries[1].fields.is_empty());
-    }
-
-    #[test]
-    fn ids_compare_numerically() {
-        assert_eq!(compare_ids("10-0", "9-5"), std::cmp::Ordering::Greater);
-        assert_eq!(compare_ids("9-10", "9-9"), std::cmp::Ordering::Greater);
-    }
 }

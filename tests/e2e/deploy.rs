@@ -41,7 +41,7 @@ fn merged(value: &Value) -> Value {
 
 /// Every metric family the worker exports.
 fn exported() -> BTreeSet<String> {
-    ecst_pipeline::metrics::render("p", &Arc::new(ecst_pipeline::runner::Stats::default()))
+    ecst_pipeline::metrics::render("p", &Arc::new(ecst_pipeline::stats::Stats::default()))
         .lines()
         .filter_map(|l| l.strip_prefix("# TYPE "))
         .filter_map(|l| l.split_whitespace().next())

@@ -15,3 +15,4 @@ mod snapshot;
 mod tls;
 mod traces;
 mod validate;
+mod verdict;

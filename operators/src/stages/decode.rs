@@ -6,6 +6,7 @@ use ecst_schemas::wire::{
 };
 use serde::Deserialize;
 
+use crate::dead_letter::DeadLetterReason;
 use crate::record::{Outcomes, RawEntry, Record};
 use crate::stage::{ConfigProblem, Stage};
 
@@ -147,7 +148,7 @@ impl Stage for Decode {
         for (index, entry) in entries.iter().enumerate() {
             match self.decode_entry(entry) {
                 Ok(event) => records.push(Record::new(index, event)),
-                Err(reason) => out.dead_letter(index, reason),
+                Err(reason) => out.dead_letter(index, DeadLetterReason::InvalidEvent(reason)),
             }
         }
         records

@@ -8,6 +8,7 @@ use ecst_schemas::Envelope;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
+use crate::dead_letter::DeadLetterReason;
 use crate::record::{Action, DEFAULT_TOMBSTONE_KEEP_FOR, DropReason, Outcomes, RawEntry, Record};
 use crate::stage::{ConfigProblem, Stage};
 
@@ -219,7 +220,9 @@ impl Stage for Project {
                     kept.push(record);
                 }
                 Ok(false) => out.drop_entry(record.entry, DropReason::Filtered),
-                Err(reason) => out.dead_letter(record.entry, reason),
+                Err(message) => {
+                    out.dead_letter(record.entry, DeadLetterReason::StageRejected { message })
+                }
             }
         }
         kept

@@ -12,7 +12,7 @@ use clap::Args;
 use ecst_operators::{ConfigDuration, SecretUrl};
 use ecst_pipeline::outbox::OutboxTable;
 use ecst_pipeline::relay::{self, OutboxLocation, RelayConfig, RelayStats};
-use ecst_pipeline::runner::Shutdown;
+use ecst_pipeline::shutdown::Shutdown;
 use redis::aio::MultiplexedConnection;
 use serde_json::json;
 

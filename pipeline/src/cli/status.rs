@@ -11,8 +11,10 @@ use clap::Args;
 use ecst_operators::StageConfig;
 use ecst_operators::postgres_tls::parse_postgres_url;
 use ecst_operators::sinks::postgres::config::quote;
-use ecst_pipeline::bootstrap::{as_map, bulk, group_state};
+use ecst_pipeline::bootstrap::{group_state, stream_info};
+use ecst_pipeline::commit::divergence_key;
 use ecst_pipeline::config::{self, PipelineConfig};
+use ecst_pipeline::redis_reply::{as_map, bulk};
 use redis::Value as RedisValue;
 use serde_json::{Value, json};
 use time::OffsetDateTime;
@@ -64,16 +66,19 @@ async fn groups(
     all: bool,
 ) -> anyhow::Result<Vec<Value>> {
     let stream = &config.source.stream;
-    let reply: RedisValue = match redis::cmd("XINFO")
+    if stream_info(conn, stream)
+        .await
+        .context("XINFO STREAM")?
+        .is_none()
+    {
+        return Ok(Vec::new());
+    }
+    let reply: RedisValue = redis::cmd("XINFO")
         .arg("GROUPS")
         .arg(stream)
         .query_async(conn)
         .await
-    {
-        Ok(v) => v,
-        Err(e) if e.to_string().contains("no such key") => return Ok(Vec::new()),
-        Err(e) => return Err(e).context("XINFO GROUPS"),
-    };
+        .context("XINFO GROUPS")?;
     let groups: Vec<HashMap<String, RedisValue>> = match reply {
         RedisValue::Array(items) => items.into_iter().map(as_map).collect(),
         _ => Vec::new(),
@@ -126,6 +131,11 @@ async fn groups(
         let state = group_state(conn, stream, &name)
             .await
             .context("XINFO STREAM")?;
+        let divergent: HashMap<String, u64> = redis::cmd("HGETALL")
+            .arg(divergence_key(stream, &name))
+            .query_async(conn)
+            .await
+            .context("HGETALL")?;
         out.push(json!({
             "group": name,
             "lag": number(&g, "lag"),
@@ -134,6 +144,7 @@ async fn groups(
             "last_delivered_id": bulk(g.get("last-delivered-id")),
             "entries_read": number(&g, "entries-read"),
             "retention_gap": state.gap,
+            "fanout_divergent": divergent,
             "consumers": consumers,
         }));
     }
@@ -311,6 +322,15 @@ fn render(report: &Value, colour: bool) -> String {
                 !gap.is_null()
             ),
         ));
+        for (sink, count) in g["fanout_divergent"].as_object().into_iter().flatten() {
+            out.push_str(&paint(
+                format!(
+                    "  FAN-OUT DIVERGENCE: the store of sink {sink} refused {} record(s) that other sinks applied; see the dead letters\n",
+                    show(count)
+                ),
+                true,
+            ));
+        }
         for c in g["consumers"].as_array().into_iter().flatten() {
             out.push_str(&format!(
                 "  {:<30} {:>8} {:>8} {:>12}\n",

@@ -1,6 +1,7 @@
 //! Pipeline files: loading, `${VAR}` interpolation, typed configs and every error with its
 //! file, line, column and key.
 
+mod bootstrap;
 pub mod yaml;
 
 use std::fmt;
@@ -12,9 +13,10 @@ use ecst_operators::{ConfigDuration, SecretUrl, StageConfig};
 use serde::{Deserialize, Deserializer};
 use serde_json::Value;
 
-use crate::bootstrap::BootstrapConfig;
 use crate::graph::{self, GraphNode};
 use yaml::{Node, Pos};
+
+pub use bootstrap::{BootstrapConfig, OnGap};
 
 /// Where a new consumer group starts reading.
 #[derive(Debug, Clone, PartialEq, Eq)]

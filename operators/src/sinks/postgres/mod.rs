@@ -634,9 +634,7 @@ impl PostgresSink {
                     let reason = e
                         .as_db_error()
                         .map_or_else(|| e.to_string(), |db| db.message().to_string());
-                    report
-                        .rejected
-                        .push((record.entry, format!("postgres refused the row: {reason}")));
+                    report.refused.push((record.entry, reason));
                 }
                 Err(e) => {
                     conn.broken = e.is_closed() || e.code().is_none();
@@ -649,6 +647,20 @@ impl PostgresSink {
 }
 
 impl Sink for PostgresSink {
+    fn check_record(&self, record: &Record) -> Result<(), String> {
+        self.key_cells(record)?;
+        if i64::try_from(record.event.aggregate_version).is_err() {
+            return Err(format!(
+                "aggregateVersion {} does not fit the bigint version column",
+                record.event.aggregate_version
+            ));
+        }
+        if record.action == Action::Upsert {
+            self.value_cells(record)?;
+        }
+        Ok(())
+    }
+
     fn replica(&self) -> Option<&dyn crate::replica::Replica> {
         Some(self)
     }

@@ -276,6 +276,10 @@ impl RedisHashSink {
 const STORE: &str = "redis";
 
 impl Sink for RedisHashSink {
+    fn check_record(&self, record: &Record) -> Result<(), String> {
+        self.key.render(&record.event).map(drop)
+    }
+
     fn replica(&self) -> Option<&dyn Replica> {
         Some(self)
     }
@@ -306,27 +310,39 @@ impl Sink for RedisHashSink {
                         applied,
                         stale,
                         rejected,
+                        ..SinkReport::default()
                     })
                 }
                 Err(e) => {
                     let failure = report_failure(&self.reporter, &self.url, &e);
-                    // Credentials and ACLs are not in the data: retry the batch (and say why)
-                    // rather than dead-letter records the store would accept from anyone else.
-                    if is_transport_error(&e) || failure.kind.is_configuration() {
-                        Err(SinkError::Unavailable {
-                            store: STORE,
-                            message: failure.to_string(),
-                        })
-                    } else {
+                    // Credentials and ACLs are not in the data (NOAUTH and WRONGPASS come
+                    // back as `Extension` errors): retry the batch and say why.
+                    if is_refusal(&e) && !failure.kind.is_configuration() {
                         Err(SinkError::Refused {
                             store: STORE,
                             message: e.to_string(),
+                        })
+                    } else {
+                        Err(SinkError::Unavailable {
+                            store: STORE,
+                            message: failure.to_string(),
                         })
                     }
                 }
             }
         })
     }
+}
+
+/// Whether Redis refused the batch for what it holds (a script error, a key of another type)
+/// rather than for its own state: a permission, a failover, loading, a broken connection.
+fn is_refusal(e: &redis::RedisError) -> bool {
+    use redis::{ErrorKind, ServerErrorKind};
+    !is_transport_error(e)
+        && matches!(
+            e.kind(),
+            ErrorKind::Server(ServerErrorKind::ResponseError) | ErrorKind::Extension
+        )
 }
 
 /// Deletes a hash only if it is still at the version reconciliation saw, and buries it.

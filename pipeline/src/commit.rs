@@ -1,0 +1,421 @@
+//! Committing a batch: apply every sink's share (retrying until the store takes it), dead-letter
+//! what cannot be applied, and XACK the batch only once all of that committed.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use ecst_operators::redis_pool::{RedisPool, describe_run_error};
+use ecst_operators::{
+    DeadLetterReason, DropReason, Outcomes, RawEntry, Record, Sink, SinkError, SinkReport,
+};
+use tracing::Instrument;
+
+use crate::retry::Backoff;
+use crate::stats::{Stats, now_ms};
+
+/// Everything a batch task needs after the transforms ran.
+pub(crate) struct Shared {
+    pub(crate) pipeline: String,
+    pub(crate) stream: String,
+    pub(crate) group: String,
+    pub(crate) consumer: String,
+    pub(crate) dead_letter: String,
+    pub(crate) dead_letter_maxlen: u64,
+    pub(crate) max_deliveries: u64,
+    pub(crate) timeout: Duration,
+    pub(crate) pool: RedisPool,
+    pub(crate) sinks: Vec<(String, Arc<dyn Sink>)>,
+    pub(crate) stats: Arc<Stats>,
+}
+
+/// One batch after the transforms: its entries, each sink's records, and what was decided.
+pub(crate) struct Batch {
+    pub(crate) entries: Vec<RawEntry>,
+    pub(crate) per_sink: Vec<Vec<Record>>,
+    pub(crate) outcomes: Outcomes,
+    pub(crate) extra_dead: Vec<(RawEntry, DeadLetterReason)>,
+    /// False for snapshot rows, which are not stream entries.
+    pub(crate) ack: bool,
+}
+
+async fn apply_with_retry(shared: &Shared, sink_index: usize, records: &[Record]) -> SinkReport {
+    let started = Instant::now();
+    let report = apply_until_committed(shared, sink_index, records).await;
+    if let Some(s) = shared.stats.sinks().get(sink_index) {
+        let now = now_ms();
+        s.apply_duration.observe(started.elapsed().as_secs_f64());
+        s.applied
+            .fetch_add(report.applied as u64, Ordering::Relaxed);
+        s.stale.fetch_add(report.stale as u64, Ordering::Relaxed);
+        s.last_apply_ms.store(now, Ordering::Relaxed);
+        let mut newest = None;
+        for record in records {
+            if let Some(at) = record.event.occurred_at {
+                let at_ms = i64::try_from(at.unix_timestamp_nanos() / 1_000_000).unwrap_or(0);
+                s.apply_lag.observe((now - at_ms) as f64 / 1000.0);
+                newest = newest.max(Some(at_ms));
+            }
+        }
+        if let Some(newest) = newest {
+            s.newest_source_ms.fetch_max(newest, Ordering::Relaxed);
+            s.last_lag_ms.store(now - newest, Ordering::Relaxed);
+        }
+    }
+    report
+}
+
+fn set_failing(shared: &Shared, sink_index: usize, failing: bool) {
+    if failing {
+        shared.stats.failing_sinks.fetch_add(1, Ordering::Relaxed);
+    } else {
+        shared.stats.failing_sinks.fetch_sub(1, Ordering::Relaxed);
+    }
+    if let Some(s) = shared.stats.sinks().get(sink_index) {
+        s.failing.store(failing, Ordering::Relaxed);
+    }
+}
+
+async fn apply_until_committed(
+    shared: &Shared,
+    sink_index: usize,
+    records: &[Record],
+) -> SinkReport {
+    let (name, sink) = &shared.sinks[sink_index];
+    let mut backoff = Backoff::new();
+    let mut failing = false;
+    let mut refusals = 0u64;
+    loop {
+        let error = match sink.apply_batch(records).await {
+            Ok(report) => {
+                if failing {
+                    set_failing(shared, sink_index, false);
+                    tracing::info!(pipeline = %shared.pipeline, sink = %name, attempts = backoff.failures() + 1, "Sink recovered; batch committed.");
+                }
+                return report;
+            }
+            Err(e) => e,
+        };
+        if let SinkError::Refused { message, .. } = &error {
+            let isolated = match records {
+                // A record the store refuses on its own is refused like a redelivered entry:
+                // after max_deliveries attempts it goes to the dead letters.
+                [record] => {
+                    refusals += 1;
+                    (refusals >= shared.max_deliveries).then(|| SinkReport {
+                        refused: vec![(record.entry, message.clone())],
+                        ..SinkReport::default()
+                    })
+                }
+                _ => isolate_refused(shared, sink_index, records).await,
+            };
+            if let Some(report) = isolated {
+                if failing {
+                    set_failing(shared, sink_index, false);
+                }
+                return report;
+            }
+        }
+        if !failing {
+            failing = true;
+            set_failing(shared, sink_index, true);
+        }
+        shared.stats.retries.fetch_add(1, Ordering::Relaxed);
+        let wait = backoff.next_delay();
+        tracing::warn!(pipeline = %shared.pipeline, sink = %name, attempt = backoff.failures(), retry_in_ms = wait.as_millis() as u64, error = %error, "Sink failed to apply a batch; nothing acked, retrying.");
+        tokio::time::sleep(wait).await;
+    }
+}
+
+/// The store refused a whole batch: applies its records one at a time so that the ones it
+/// refuses are dead-lettered and the rest commit. When every record is refused the cause is
+/// not in the data (a dropped table, a permission) and `None` sends the batch back to retry,
+/// loudly, rather than dead-letter the whole stream.
+async fn isolate_refused(
+    shared: &Shared,
+    sink_index: usize,
+    records: &[Record],
+) -> Option<SinkReport> {
+    let (name, sink) = &shared.sinks[sink_index];
+    let mut merged = SinkReport::default();
+    let mut refused = Vec::new();
+    for record in records {
+        match sink.apply_batch(std::slice::from_ref(record)).await {
+            Ok(report) => {
+                merged.applied += report.applied;
+                merged.stale += report.stale;
+                merged.rejected.extend(report.rejected);
+                merged.refused.extend(report.refused);
+            }
+            Err(SinkError::Refused { message, .. }) => refused.push((record.entry, message)),
+            // The store went away meanwhile: retry the whole batch (repeats are harmless).
+            Err(_) => return None,
+        }
+    }
+    if refused.len() == records.len() {
+        return None;
+    }
+    tracing::warn!(pipeline = %shared.pipeline, sink = %name, refused = refused.len(), "The store refused some records of a batch; dead-lettering them and committing the rest.");
+    merged.refused.extend(refused);
+    Some(merged)
+}
+
+/// Asks every sink that holds records of the batch whether it can write them, before any
+/// applies: an entry one sink cannot write is taken out of every sink's share and
+/// dead-lettered once, so that the replicas of a fan-out agree on it.
+fn refuse_unwritable(shared: &Shared, per_sink: &mut [Vec<Record>], outcomes: &mut Outcomes) {
+    let fan_out = per_sink.iter().filter(|r| !r.is_empty()).count();
+    if fan_out < 2 {
+        // A lone sink reports its own data errors when it applies; asking first would only
+        // repeat the work.
+        return;
+    }
+    let mut refused: HashMap<usize, DeadLetterReason> = HashMap::new();
+    for (i, records) in per_sink.iter().enumerate() {
+        let sink = &shared.sinks[i];
+        for record in records {
+            if refused.contains_key(&record.entry) {
+                continue;
+            }
+            if let Err(message) = sink.1.check_record(record) {
+                refused.insert(
+                    record.entry,
+                    DeadLetterReason::SinkRejected {
+                        sink: sink.0.clone(),
+                        message,
+                    },
+                );
+            }
+        }
+    }
+    if refused.is_empty() {
+        return;
+    }
+    for records in per_sink.iter_mut() {
+        records.retain(|r| !refused.contains_key(&r.entry));
+    }
+    let mut refused: Vec<(usize, DeadLetterReason)> = refused.into_iter().collect();
+    refused.sort_unstable_by_key(|(entry, _)| *entry);
+    for (entry, reason) in refused {
+        outcomes.dead_letter(entry, reason);
+    }
+}
+
+/// The sinks (other than `refusing`) whose share held `entry` and that did not reject it:
+/// their replicas hold the record now.
+fn applied_elsewhere(
+    shared: &Shared,
+    per_sink: &[Vec<Record>],
+    not_applied: &[HashSet<usize>],
+    refusing: usize,
+    entry: usize,
+) -> Vec<String> {
+    per_sink
+        .iter()
+        .enumerate()
+        .filter(|(j, records)| {
+            *j != refusing
+                && !not_applied[*j].contains(&entry)
+                && records.iter().any(|r| r.entry == entry)
+        })
+        .map(|(j, _)| shared.sinks[j].0.clone())
+        .collect()
+}
+
+/// Runs a pipeline on the shared pool until it succeeds.
+async fn with_redis_retry(shared: &Shared, what: &str, pipe: &redis::Pipeline) {
+    let mut backoff = Backoff::new();
+    loop {
+        let result = match shared.pool.get().await {
+            Ok(mut conn) => {
+                conn.begin();
+                match tokio::time::timeout(shared.timeout, pipe.query_async::<()>(conn.conn()))
+                    .await
+                {
+                    Ok(r) => {
+                        conn.settle(&r);
+                        r.map_err(|e| e.to_string())
+                    }
+                    Err(_) => Err("timed out".to_string()),
+                }
+            }
+            Err(e) => Err(describe_run_error(e)),
+        };
+        match result {
+            Ok(()) => return,
+            Err(e) => {
+                shared.stats.retries.fetch_add(1, Ordering::Relaxed);
+                let wait = backoff.next_delay();
+                tracing::warn!(pipeline = %shared.pipeline, attempt = backoff.failures(), retry_in_ms = wait.as_millis() as u64, error = %e, "{what} failed; retrying.");
+                tokio::time::sleep(wait).await;
+            }
+        }
+    }
+}
+
+/// Applies a batch to every sink, dead-letters what cannot be applied, and XACKs the batch
+/// once all of that committed.
+pub(crate) async fn complete(shared: Arc<Shared>, batch: Batch) {
+    let Batch {
+        entries,
+        mut per_sink,
+        mut outcomes,
+        extra_dead,
+        ack,
+    } = batch;
+    refuse_unwritable(&shared, &mut per_sink, &mut outcomes);
+    let applies = per_sink
+        .iter()
+        .enumerate()
+        .filter(|(_, records)| !records.is_empty())
+        .map(|(i, records)| {
+            let shared = &shared;
+            let span = tracing::info_span!(
+                "ecst.sink.apply",
+                ecst.sink = %shared.sinks[i].0,
+                ecst.records = records.len()
+            );
+            async move { (i, apply_with_retry(shared, i, records).await) }.instrument(span)
+        });
+    let reports = futures::future::join_all(applies).await;
+
+    let stats = &shared.stats;
+    let mut not_applied: Vec<HashSet<usize>> = vec![HashSet::new(); per_sink.len()];
+    for (i, report) in &reports {
+        not_applied[*i].extend(
+            report
+                .rejected
+                .iter()
+                .chain(&report.refused)
+                .map(|(e, _)| *e),
+        );
+    }
+    for (i, report) in reports {
+        stats
+            .applied
+            .fetch_add(report.applied as u64, Ordering::Relaxed);
+        stats
+            .stale
+            .fetch_add(report.stale as u64, Ordering::Relaxed);
+        let sink = &shared.sinks[i].0;
+        for (entry, message) in report.rejected {
+            outcomes.dead_letter(
+                entry,
+                DeadLetterReason::SinkRejected {
+                    sink: sink.clone(),
+                    message,
+                },
+            );
+        }
+        for (entry, message) in report.refused {
+            let applied_by = applied_elsewhere(&shared, &per_sink, &not_applied, i, entry);
+            outcomes.dead_letter(
+                entry,
+                DeadLetterReason::StoreRefused {
+                    sink: sink.clone(),
+                    message,
+                    applied_by,
+                },
+            );
+        }
+    }
+    let mut dead: Vec<(&RawEntry, &DeadLetterReason)> = Vec::new();
+    for (entry, reason) in &outcomes.dead_letters {
+        if let Some(raw) = entries.get(*entry) {
+            dead.push((raw, reason));
+        }
+    }
+    for (raw, reason) in &extra_dead {
+        dead.push((raw, reason));
+    }
+    for (_, reason) in &outcomes.dropped {
+        match reason {
+            DropReason::Stale => {
+                stats.stale_filtered.fetch_add(1, Ordering::Relaxed);
+                stats.stale.fetch_add(1, Ordering::Relaxed)
+            }
+            _ => stats.filtered.fetch_add(1, Ordering::Relaxed),
+        };
+    }
+
+    if !dead.is_empty() {
+        let mut pipe = redis::pipe();
+        for (raw, reason) in &dead {
+            stats.count_dead_letter(reason);
+            if reason.is_divergent() {
+                tracing::error!(pipeline = %shared.pipeline, stream = %shared.stream, entry_id = %raw.id, reason = %reason, dead_letter = %shared.dead_letter, "FAN-OUT DIVERGENCE: a store refused a record that other sinks applied; the replicas disagree on it until it is fixed and replayed.");
+                if let DeadLetterReason::StoreRefused { sink, .. } = reason {
+                    pipe.cmd("HINCRBY")
+                        .arg(divergence_key(&shared.stream, &shared.group))
+                        .arg(sink)
+                        .arg(1)
+                        .ignore();
+                }
+            } else {
+                tracing::warn!(pipeline = %shared.pipeline, stream = %shared.stream, entry_id = %raw.id, reason = %reason, dead_letter = %shared.dead_letter, "Entry dead-lettered.");
+            }
+            pipe.add_command(dead_letter_cmd(&shared, raw, reason))
+                .ignore();
+        }
+        with_redis_retry(&shared, "Writing to the dead-letter stream", &pipe)
+            .instrument(tracing::info_span!(
+                "ecst.dead_letter",
+                ecst.entries = dead.len()
+            ))
+            .await;
+        stats
+            .dead_lettered
+            .fetch_add(dead.len() as u64, Ordering::Relaxed);
+    }
+
+    let mut ids: Vec<String> = entries.iter().map(|e| e.id.clone()).collect();
+    ids.extend(extra_dead.iter().map(|(e, _)| e.id.clone()));
+    if ack && !ids.is_empty() {
+        let mut pipe = redis::pipe();
+        pipe.cmd("XACK")
+            .arg(&shared.stream)
+            .arg(&shared.group)
+            .arg(&ids)
+            .ignore();
+        with_redis_retry(&shared, "XACK", &pipe)
+            .instrument(tracing::info_span!(
+                "ecst.ack",
+                messaging.batch.message_count = ids.len()
+            ))
+            .await;
+        stats.acked.fetch_add(ids.len() as u64, Ordering::Relaxed);
+        stats.note_latencies(&ids);
+    }
+}
+
+/// The Redis hash that counts, per sink, the records its store refused after other sinks of
+/// the fan-out applied them (`ecst status` shows it).
+pub fn divergence_key(stream: &str, group: &str) -> String {
+    format!("ecst:fanout-divergent:{stream}:{group}")
+}
+
+fn dead_letter_cmd(shared: &Shared, raw: &RawEntry, reason: &DeadLetterReason) -> redis::Cmd {
+    let mut cmd = redis::cmd("XADD");
+    cmd.arg(&shared.dead_letter)
+        .arg("MAXLEN")
+        .arg("~")
+        .arg(shared.dead_letter_maxlen)
+        .arg("*");
+    for (k, v) in &raw.fields {
+        cmd.arg(k).arg(v.as_slice());
+    }
+    cmd.arg("error")
+        .arg(reason.to_string())
+        .arg("error_class")
+        .arg(reason.class())
+        .arg("source_stream")
+        .arg(&shared.stream)
+        .arg("source_id")
+        .arg(&raw.id)
+        .arg("group")
+        .arg(&shared.group)
+        .arg("consumer")
+        .arg(&shared.consumer);
+    cmd
+}

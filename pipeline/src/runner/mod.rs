@@ -1,0 +1,99 @@
+//! The worker: settle the group (bootstrapping when it must), then read batches, push them
+//! through the DAG and hand each to a commit task, until shutdown, drain or a retention gap.
+//!
+//! Inside: `read_loop` (XREADGROUP / XAUTOCLAIM into batches, at most `in_flight` of them
+//! uncommitted), `group_watch` (the group's lag and pending count, for the metrics) and `trace`
+//! (per-event spans that join each producer's trace).
+
+mod group_watch;
+mod read_loop;
+mod trace;
+
+use std::sync::Arc;
+
+use ecst_operators::redis_pool::redis_pool;
+
+use crate::bootstrap::{self, Reason};
+use crate::commit::Shared;
+use crate::config::PipelineConfig;
+use crate::dag::Dag;
+pub use crate::error::RunError;
+use crate::shutdown::Shutdown;
+use crate::source::StreamSource;
+use crate::stats::Stats;
+
+/// How `run` behaves.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// Exit once nothing is left to read and nothing is pending in the group.
+    pub drain: bool,
+    /// Bootstrap from the snapshot now, whatever the group's state, then exit.
+    pub bootstrap_only: bool,
+}
+
+/// Runs a worker until `shutdown` fires (or, with `drain`, until the group is empty).
+pub async fn run(
+    config: &PipelineConfig,
+    options: RunOptions,
+    mut shutdown: Shutdown,
+    stats: Arc<Stats>,
+) -> Result<(), RunError> {
+    let source_cfg = &config.source;
+    let consumer = source_cfg.consumer_name();
+    let mut dag = Dag::build(config, stats.clone()).await?;
+    let pool = redis_pool(&source_cfg.redis, 4, source_cfg.timeout.0)
+        .map_err(|e| RunError::Config(format!("invalid Redis URL {}: {e}", source_cfg.redis)))?;
+    crate::preflight::check_redis_access(config).await?;
+    let mut source = StreamSource::new(source_cfg, consumer.clone())
+        .map_err(|e| RunError::Config(format!("invalid Redis URL {}: {e}", source_cfg.redis)))?;
+    let shared = Arc::new(Shared {
+        pipeline: config.name.clone(),
+        stream: source_cfg.stream.clone(),
+        group: source_cfg.group.clone(),
+        consumer: consumer.clone(),
+        dead_letter: source_cfg.dead_letter_stream(),
+        dead_letter_maxlen: source_cfg.dead_letter_maxlen,
+        max_deliveries: source_cfg.max_deliveries,
+        timeout: source_cfg.timeout.0,
+        pool,
+        sinks: dag.sinks().to_vec(),
+        stats: stats.clone(),
+    });
+    tracing::info!(pipeline = %config.name, stream = %source_cfg.stream, group = %source_cfg.group, consumer = %consumer, "Worker starting.");
+
+    let _watching = AbortOnDrop(tokio::spawn(group_watch::watch_group(shared.clone())));
+    let mut hint = options.bootstrap_only.then_some(Reason::Forced);
+    loop {
+        if !bootstrap::settle_group(config, &mut dag, &shared, hint.take(), &mut shutdown).await? {
+            return if options.bootstrap_only {
+                Err(RunError::BootstrapInterrupted)
+            } else {
+                Ok(())
+            };
+        }
+        if options.bootstrap_only {
+            return Ok(());
+        }
+        match read_loop::stream_until(
+            config,
+            &options,
+            &mut dag,
+            &shared,
+            &mut source,
+            &mut shutdown,
+        )
+        .await?
+        {
+            Some(gap) => hint = Some(Reason::Gap(gap)),
+            None => return Ok(()),
+        }
+    }
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}

@@ -1,0 +1,266 @@
+//! The read loop: XREADGROUP (and XAUTOCLAIM) batches through the DAG into commit tasks, with
+//! at most `in_flight` batches uncommitted, until shutdown, drain or a retention gap.
+
+use std::collections::HashSet;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use ecst_operators::{DeadLetterReason, Outcomes, RawEntry};
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+use tracing::Instrument;
+
+use super::RunOptions;
+use super::trace::{name_event_spans, trace_events};
+use crate::commit::{Batch, Shared, complete};
+use crate::config::PipelineConfig;
+use crate::dag::Dag;
+use crate::error::RunError;
+use crate::retry::{Backoff, sleep_or_shutdown};
+use crate::shutdown::Shutdown;
+use crate::source::{Origin, SourceBatch, StreamSource};
+
+/// Streams from the group until shutdown, drain, or a retention gap (returned).
+pub(super) async fn stream_until(
+    config: &PipelineConfig,
+    options: &RunOptions,
+    dag: &mut Dag,
+    shared: &Arc<Shared>,
+    source: &mut StreamSource,
+    shutdown: &mut Shutdown,
+) -> Result<Option<String>, RunError> {
+    let source_cfg = &config.source;
+    let stats = &shared.stats;
+    let mut backoff = Backoff::new();
+    loop {
+        match source.ensure_group().await {
+            Ok(created) => {
+                if created {
+                    tracing::info!(stream = %source_cfg.stream, group = %source_cfg.group, start = source_cfg.start.as_id(), "Created consumer group.");
+                }
+                break;
+            }
+            Err(e) => {
+                let wait = backoff.next_delay();
+                tracing::warn!(error = %e, attempt = backoff.failures(), retry_in_ms = wait.as_millis() as u64, "Cannot reach the source; retrying.");
+                if !sleep_or_shutdown(wait, shutdown).await {
+                    return Ok(None);
+                }
+            }
+        }
+    }
+
+    let permits = Arc::new(Semaphore::new(source_cfg.in_flight));
+    let in_flight_ids: Arc<Mutex<HashSet<String>>> = Arc::new(Mutex::new(HashSet::new()));
+    let mut tasks: JoinSet<()> = JoinSet::new();
+    let mut last_claim = Instant::now();
+    let mut read_backoff = Backoff::new();
+
+    let mut gap: Option<String> = None;
+    let mut last_gap_check = Instant::now();
+    let bootstrap_on_gap = config
+        .bootstrap
+        .as_ref()
+        .is_some_and(|b| b.on_gap == crate::config::OnGap::Bootstrap);
+
+    loop {
+        if shutdown.is_set() {
+            break;
+        }
+        if source.take_group_vanished() {
+            stats.gaps_detected.fetch_add(1, Ordering::Relaxed);
+            // Recreated at `$`, the entries after the old position are skipped: a gap. At
+            // `0` everything still in the stream is read again.
+            if config.bootstrap.is_some() || source_cfg.start == crate::config::StartPosition::End {
+                gap = Some(format!(
+                    "the group or stream {} vanished (NOGROUP) and was recreated",
+                    source_cfg.stream
+                ));
+                break;
+            }
+        }
+        if last_gap_check.elapsed() >= source_cfg.gap_check_every.0 {
+            last_gap_check = Instant::now();
+            if let Some(found) = crate::bootstrap::check_gap(shared).await {
+                gap = Some(found);
+                break;
+            }
+        }
+        while tasks.try_join_next().is_some() {}
+        let permit = tokio::select! {
+            p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+            _ = shutdown.wait() => break,
+        };
+
+        // A read in progress is not cancelled by shutdown: Redis may already have delivered
+        // its entries to this consumer, and they are finished like any other batch. The wait
+        // is bounded by `block` (and the reader's timeout).
+        let claim_due = source.pending_done() && last_claim.elapsed() >= source_cfg.claim_every.0;
+        // At debug level: an idle worker reads (and would export a span) every `block`.
+        let read_span = tracing::debug_span!(
+            "ecst.read",
+            messaging.system = "redis",
+            messaging.operation.type = "receive",
+            messaging.destination.name = %source_cfg.stream,
+            messaging.consumer.group.name = %source_cfg.group,
+            ecst.claim = claim_due,
+        );
+        let read = if claim_due {
+            last_claim = Instant::now();
+            source
+                .claim()
+                .instrument(read_span)
+                .await
+                .map(|b| (Origin::Claimed, b))
+        } else {
+            source.next_batch().instrument(read_span).await
+        };
+        let (origin, batch) = match read {
+            Ok(ok) => {
+                read_backoff.reset();
+                stats.source_connected.store(true, Ordering::Relaxed);
+                ok
+            }
+            Err(e) => {
+                stats.source_connected.store(false, Ordering::Relaxed);
+                let wait = read_backoff.next_delay();
+                tracing::warn!(pipeline = %config.name, error = %e, attempt = read_backoff.failures(), retry_in_ms = wait.as_millis() as u64, "Reading the stream failed; retrying.");
+                if !sleep_or_shutdown(wait, shutdown).await {
+                    break;
+                }
+                continue;
+            }
+        };
+
+        if batch.is_empty() {
+            drop(permit);
+            if origin == Origin::New && options.drain {
+                tokio::select! {
+                    _ = async { while tasks.join_next().await.is_some() {} } => {}
+                    _ = shutdown.wait() => break,
+                }
+                match source.group_pending().await {
+                    Ok(0) => {
+                        tracing::info!(pipeline = %config.name, "Drained: nothing left to read and nothing pending.");
+                        break;
+                    }
+                    Ok(n) => {
+                        tracing::debug!(
+                            pending = n,
+                            "Drain waits for entries pending elsewhere in the group."
+                        );
+                        // Entries pending at other consumers are claimed once idle.
+                        last_claim = last_claim
+                            .checked_sub(source_cfg.claim_every.0)
+                            .unwrap_or(last_claim);
+                    }
+                    Err(e) => tracing::warn!(error = %e, "Cannot read the group's pending count."),
+                }
+            }
+            continue;
+        }
+
+        let SourceBatch {
+            mut entries,
+            mut over_delivered,
+            trimmed,
+        } = batch;
+        // A re-read (after a read error) or a claim can hand back entries this worker is still
+        // applying; they are left to the batch that holds them, never acked twice or early.
+        if let Ok(mut ids) = in_flight_ids.lock() {
+            entries.retain(|e| !ids.contains(&e.id));
+            over_delivered.retain(|(e, _)| !ids.contains(&e.id));
+            ids.extend(entries.iter().map(|e| e.id.clone()));
+            ids.extend(over_delivered.iter().map(|(e, _)| e.id.clone()));
+        }
+        let batch_ids: Vec<String> = entries
+            .iter()
+            .map(|e| e.id.clone())
+            .chain(over_delivered.iter().map(|(e, _)| e.id.clone()))
+            .collect();
+        let mut extra_dead: Vec<(RawEntry, DeadLetterReason)> = Vec::new();
+        for (entry, count) in over_delivered {
+            extra_dead.push((
+                entry,
+                DeadLetterReason::MaxDeliveries {
+                    count,
+                    max: source_cfg.max_deliveries,
+                },
+            ));
+        }
+        if !trimmed.is_empty() {
+            tracing::error!(pipeline = %config.name, stream = %source_cfg.stream, count = trimmed.len(), ids = ?trimmed, "Pending entries were trimmed from the stream before they were applied; recording them in the dead-letter stream.");
+            for id in trimmed {
+                extra_dead.push((
+                    RawEntry {
+                        id,
+                        fields: Vec::new(),
+                    },
+                    DeadLetterReason::Trimmed,
+                ));
+            }
+        }
+        stats
+            .read
+            .fetch_add(entries.len() as u64, Ordering::Relaxed);
+        stats.batch_size.observe(entries.len() as f64);
+        let mut outcomes = Outcomes::default();
+        let batch_span = tracing::info_span!(
+            "ecst.batch",
+            otel.kind = "consumer",
+            messaging.system = "redis",
+            messaging.operation.type = "process",
+            messaging.destination.name = %source_cfg.stream,
+            messaging.consumer.group.name = %source_cfg.group,
+            messaging.batch.message_count = entries.len(),
+            ecst.pipeline = %config.name,
+            trace_id = tracing::field::Empty,
+        );
+        let event_spans = trace_events(config, &batch_span, &entries);
+        let per_sink = batch_span.in_scope(|| dag.run(&entries, &mut outcomes));
+        name_event_spans(&event_spans, &per_sink);
+        let shared = shared.clone();
+        let in_flight_ids = in_flight_ids.clone();
+        tasks.spawn(async move {
+            complete(
+                shared,
+                Batch {
+                    entries,
+                    per_sink,
+                    outcomes,
+                    extra_dead,
+                    ack: true,
+                },
+            )
+            .instrument(batch_span)
+            .await;
+            // The events' spans end when their batch is acked.
+            drop(event_spans);
+            if let Ok(mut ids) = in_flight_ids.lock() {
+                for id in &batch_ids {
+                    ids.remove(id);
+                }
+            }
+            drop(permit);
+        });
+    }
+
+    tracing::info!(pipeline = %config.name, in_flight = tasks.len(), "Stopping: finishing in-flight batches.");
+    let deadline = source_cfg.shutdown_timeout.0;
+    let finished = tokio::time::timeout(deadline, async {
+        while tasks.join_next().await.is_some() {}
+    })
+    .await;
+    if finished.is_err() {
+        let left = tasks.len();
+        tasks.abort_all();
+        return Err(RunError::Abandoned(left));
+    }
+    tracing::info!(pipeline = %config.name, acked = stats.acked.load(Ordering::Relaxed), "Worker stopped.");
+    match gap {
+        Some(gap) if bootstrap_on_gap => Ok(Some(gap)),
+        Some(gap) => Err(RunError::RetentionGap(gap)),
+        None => Ok(None),
+    }
+}
