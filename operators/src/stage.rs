@@ -141,43 +141,122 @@ impl ConfigProblem {
     }
 }
 
-/// Every stage type a pipeline file may name in `type:`.
-#[derive(Debug, Clone)]
-#[non_exhaustive]
-pub enum StageConfig {
+/// What a stage's config does: find its problems without I/O, and build the running component.
+/// Each stage type implements it in its own file; the `stage_types!` registry below names the
+/// type once.
+pub trait ComponentConfig {
+    /// Problems found without I/O (expressions that do not compile, bad templates).
+    fn problems(&self) -> Vec<ConfigProblem> {
+        Vec::new()
+    }
+
+    /// Builds the running component; the error says what is wrong, without the stage name.
+    fn build_component(
+        &self,
+        ctx: &BuildContext,
+    ) -> impl Future<Output = Result<BuiltStage, String>> + Send;
+}
+
+/// Where a stage type sits in the DAG.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StageRole {
+    /// Reads the source's entries; takes no `input`.
+    Root,
+    /// Records in, records out.
+    Transform,
+    /// A leaf that writes a replica.
+    Sink,
+}
+
+/// The registry of stage types: each named once, with its config type and role. It defines
+/// [`StageConfig`], [`STAGE_TYPES`] and every lookup by name.
+macro_rules! stage_types {
+    ($( $(#[doc = $doc:literal])* $name:literal => $variant:ident($config:ty), $role:ident; )+) => {
+        /// Every stage type a pipeline file may name in `type:`.
+        #[derive(Debug, Clone)]
+        #[non_exhaustive]
+        pub enum StageConfig {
+            $( $(#[doc = $doc])* $variant($config), )+
+        }
+
+        /// Names accepted in `type:`, with the role of each.
+        pub const STAGE_REGISTRY: &[(&str, StageRole)] = &[$(($name, StageRole::$role)),+];
+
+        /// Names accepted in `type:`, for error messages.
+        pub const STAGE_TYPES: &[&str] = &[$($name),+];
+
+        impl StageConfig {
+            /// Reads a stage's keys (without `type`, `input` and `inputs`) for the named type.
+            /// `Ok(None)` means the type is unknown.
+            pub fn from_type(
+                type_name: &str,
+                body: Value,
+            ) -> Result<Option<Self>, StageConfigError> {
+                Ok(Some(match type_name {
+                    $($name => StageConfig::$variant(typed(body)?),)+
+                    _ => return Ok(None),
+                }))
+            }
+
+            /// The `type:` name.
+            pub fn type_name(&self) -> &'static str {
+                match self {
+                    $(StageConfig::$variant(_) => $name,)+
+                }
+            }
+
+            /// Problems found without I/O (expressions that do not compile, bad templates).
+            pub fn check(&self) -> Vec<ConfigProblem> {
+                match self {
+                    $(StageConfig::$variant(c) => c.problems(),)+
+                }
+            }
+
+            /// Builds the running component.
+            pub async fn build(&self, ctx: &BuildContext) -> Result<BuiltStage, BuildError> {
+                let built = match self {
+                    $(StageConfig::$variant(c) => c.build_component(ctx).await,)+
+                };
+                built.map_err(|message| BuildError {
+                    stage: ctx.stage.clone(),
+                    message,
+                })
+            }
+        }
+    };
+}
+
+stage_types! {
     /// Stream entry body to envelope.
-    Decode(DecodeConfig),
+    "decode" => Decode(DecodeConfig), Root;
     /// Drops events not newer than seen; coalesces versions in a batch.
-    VersionFilter(VersionFilterConfig),
+    "version_filter" => VersionFilter(VersionFilterConfig), Transform;
     /// Applies a delete policy to tombstones.
-    Tombstone(TombstoneConfig),
+    "tombstone" => Tombstone(TombstoneConfig), Transform;
     /// Builds the replica record and filters with CEL.
-    Project(ProjectConfig),
+    "project" => Project(ProjectConfig), Transform;
     /// Writes Redis hashes behind a version guard.
-    RedisHash(RedisHashConfig),
+    "redis_hash" => RedisHash(RedisHashConfig), Sink;
     /// Writes Postgres rows behind a version guard.
-    Postgres(PostgresConfig),
+    "postgres" => Postgres(PostgresConfig), Sink;
+}
+
+fn role_of(type_name: &str) -> Option<StageRole> {
+    STAGE_REGISTRY
+        .iter()
+        .find(|(name, _)| *name == type_name)
+        .map(|(_, role)| *role)
 }
 
 /// Whether `type:` names a sink.
 pub fn is_sink_type(type_name: &str) -> bool {
-    matches!(type_name, "redis_hash" | "postgres")
+    role_of(type_name) == Some(StageRole::Sink)
 }
 
 /// Whether `type:` names a stage that reads the source.
 pub fn is_root_type(type_name: &str) -> bool {
-    type_name == "decode"
+    role_of(type_name) == Some(StageRole::Root)
 }
-
-/// Names accepted in `type:`, for error messages.
-pub const STAGE_TYPES: &[&str] = &[
-    "decode",
-    "version_filter",
-    "tombstone",
-    "project",
-    "redis_hash",
-    "postgres",
-];
 
 /// A stage's keys do not fit its type.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -213,32 +292,6 @@ fn typed<T: DeserializeOwned>(body: Value) -> Result<T, StageConfigError> {
 }
 
 impl StageConfig {
-    /// Reads a stage's keys (without `type`, `input` and `inputs`) for the named type.
-    /// `Ok(None)` means the type is unknown.
-    pub fn from_type(type_name: &str, body: Value) -> Result<Option<Self>, StageConfigError> {
-        Ok(Some(match type_name {
-            "decode" => StageConfig::Decode(typed(body)?),
-            "version_filter" => StageConfig::VersionFilter(typed(body)?),
-            "tombstone" => StageConfig::Tombstone(typed(body)?),
-            "project" => StageConfig::Project(typed(body)?),
-            "redis_hash" => StageConfig::RedisHash(typed(body)?),
-            "postgres" => StageConfig::Postgres(typed(body)?),
-            _ => return Ok(None),
-        }))
-    }
-
-    /// The `type:` name.
-    pub fn type_name(&self) -> &'static str {
-        match self {
-            StageConfig::Decode(_) => "decode",
-            StageConfig::VersionFilter(_) => "version_filter",
-            StageConfig::Tombstone(_) => "tombstone",
-            StageConfig::Project(_) => "project",
-            StageConfig::RedisHash(_) => "redis_hash",
-            StageConfig::Postgres(_) => "postgres",
-        }
-    }
-
     /// Whether this stage is a sink (a DAG leaf that writes a replica).
     pub fn is_sink(&self) -> bool {
         is_sink_type(self.type_name())
@@ -248,34 +301,38 @@ impl StageConfig {
     pub fn is_root(&self) -> bool {
         is_root_type(self.type_name())
     }
+}
 
-    /// Problems found without I/O (expressions that do not compile, bad templates).
-    pub fn check(&self) -> Vec<ConfigProblem> {
-        match self {
-            StageConfig::Decode(c) => c.check(),
-            StageConfig::VersionFilter(c) => c.check(),
-            StageConfig::Tombstone(_) => Vec::new(),
-            StageConfig::Project(c) => c.check(),
-            StageConfig::RedisHash(c) => c.check(),
-            StageConfig::Postgres(c) => c.check(),
-        }
-    }
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-    /// Builds the running component.
-    pub async fn build(&self, ctx: &BuildContext) -> Result<BuiltStage, BuildError> {
-        let err = |message: String| BuildError {
-            stage: ctx.stage.clone(),
-            message,
+    #[test]
+    fn every_registered_type_reads_builds_its_own_variant_and_knows_its_role() {
+        let minimal = |name: &str| match name {
+            "project" => serde_json::json!({"fields": {"a": "payload.a"}}),
+            "redis_hash" => serde_json::json!({"key": "k:{aggregateId}"}),
+            "postgres" => serde_json::json!({
+                "url": "postgres://127.0.0.1/db", "table": "t", "key": "id",
+                "columns": {"a": "text"}
+            }),
+            _ => serde_json::json!({}),
         };
-        Ok(match self {
-            StageConfig::Decode(c) => BuiltStage::Stage(Box::new(c.build())),
-            StageConfig::VersionFilter(c) => BuiltStage::Stage(Box::new(c.build())),
-            StageConfig::Tombstone(c) => BuiltStage::Stage(Box::new(c.build())),
-            StageConfig::Project(c) => BuiltStage::Stage(Box::new(c.build().map_err(err)?)),
-            StageConfig::RedisHash(c) => BuiltStage::Sink(Arc::new(c.build(ctx).map_err(err)?)),
-            StageConfig::Postgres(c) => {
-                BuiltStage::Sink(Arc::new(c.build(ctx).await.map_err(err)?))
-            }
-        })
+        for (name, role) in STAGE_REGISTRY {
+            let config = StageConfig::from_type(name, minimal(name))
+                .unwrap_or_else(|e| panic!("{name}: {e:?}"))
+                .unwrap_or_else(|| panic!("{name} is registered but not read"));
+            assert_eq!(config.type_name(), *name);
+            assert_eq!(config.is_sink(), *role == StageRole::Sink, "{name}");
+            assert_eq!(config.is_root(), *role == StageRole::Root, "{name}");
+            assert!(STAGE_TYPES.contains(name));
+        }
+        assert_eq!(STAGE_TYPES.len(), STAGE_REGISTRY.len());
+        assert!(
+            StageConfig::from_type("kafka", serde_json::json!({}))
+                .unwrap()
+                .is_none()
+        );
+        assert!(!is_sink_type("kafka") && !is_root_type("kafka"));
     }
 }

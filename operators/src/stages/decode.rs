@@ -8,7 +8,7 @@ use serde::Deserialize;
 
 use crate::dead_letter::DeadLetterReason;
 use crate::record::{Outcomes, RawEntry, Record};
-use crate::stage::{ConfigProblem, Stage};
+use crate::stage::{BuildContext, BuiltStage, ComponentConfig, ConfigProblem, Stage};
 
 /// How the body is encoded.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -155,6 +155,16 @@ impl Stage for Decode {
     }
 }
 
+impl ComponentConfig for DecodeConfig {
+    fn problems(&self) -> Vec<ConfigProblem> {
+        self.check()
+    }
+
+    async fn build_component(&self, _ctx: &BuildContext) -> Result<BuiltStage, String> {
+        Ok(BuiltStage::Stage(Box::new(self.build())))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -197,17 +207,25 @@ mod tests {
             vec![0, 1]
         );
         assert_eq!(records[1].event.payload, Some(json!({"n": 1})));
-        let reasons: Vec<(usize, &str)> = out
+        let reasons: Vec<(usize, String)> = out
             .dead_letters
             .iter()
-            .map(|(i, r)| (*i, r.as_str()))
+            .map(|(i, r)| (*i, r.to_string()))
             .collect();
         assert_eq!(reasons.len(), 5);
         assert!(reasons[0].1.starts_with("invalid JSON body"), "{reasons:?}");
-        assert_eq!(reasons[1], (3, "missing body field `v`"));
+        assert_eq!(reasons[1], (3, "missing body field `v`".to_string()));
         assert!(reasons[2].1.starts_with("entry has no fields"));
         assert!(reasons[3].1.contains("must be a non-negative integer"));
-        assert_eq!(reasons[4], (6, "unknown content type \"text/csv\""));
+        assert_eq!(
+            reasons[4],
+            (6, "unknown content type \"text/csv\"".to_string())
+        );
+        assert!(
+            out.dead_letters
+                .iter()
+                .all(|(_, r)| r.class() == "invalid_event")
+        );
     }
 
     #[test]
@@ -228,7 +246,7 @@ mod tests {
                 .is_empty()
         );
         assert_eq!(
-            out.dead_letters[0].1,
+            out.dead_letters[0].1.to_string(),
             "body is 40 bytes, over the limit of 16 bytes"
         );
     }

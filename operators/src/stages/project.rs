@@ -10,7 +10,7 @@ use serde_json::{Map, Value};
 
 use crate::dead_letter::DeadLetterReason;
 use crate::record::{Action, DEFAULT_TOMBSTONE_KEEP_FOR, DropReason, Outcomes, RawEntry, Record};
-use crate::stage::{ConfigProblem, Stage};
+use crate::stage::{BuildContext, BuiltStage, ComponentConfig, ConfigProblem, Stage};
 
 /// Where one output field comes from.
 #[derive(Debug, Clone, Deserialize)]
@@ -226,6 +226,16 @@ impl Stage for Project {
             }
         }
         kept
+    }
+}
+
+impl ComponentConfig for ProjectConfig {
+    fn problems(&self) -> Vec<ConfigProblem> {
+        self.check()
+    }
+
+    async fn build_component(&self, _ctx: &BuildContext) -> Result<BuiltStage, String> {
+        Ok(BuiltStage::Stage(Box::new(self.build()?)))
     }
 }
 

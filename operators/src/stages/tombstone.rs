@@ -4,7 +4,7 @@ use serde::Deserialize;
 
 use crate::duration::ConfigDuration;
 use crate::record::{Action, DropReason, Outcomes, RawEntry, Record};
-use crate::stage::Stage;
+use crate::stage::{BuildContext, BuiltStage, ComponentConfig, Stage};
 
 /// What happens to a replica entry when its aggregate is deleted.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -77,6 +77,12 @@ impl Stage for Tombstone {
             kept.push(record);
         }
         kept
+    }
+}
+
+impl ComponentConfig for TombstoneConfig {
+    async fn build_component(&self, _ctx: &BuildContext) -> Result<BuiltStage, String> {
+        Ok(BuiltStage::Stage(Box::new(self.build())))
     }
 }
 

@@ -6,7 +6,7 @@ use std::collections::{HashMap, VecDeque};
 use serde::Deserialize;
 
 use crate::record::{DropReason, Outcomes, RawEntry, Record};
-use crate::stage::{ConfigProblem, Stage};
+use crate::stage::{BuildContext, BuiltStage, ComponentConfig, ConfigProblem, Stage};
 
 /// Configuration of the `version_filter` stage.
 #[derive(Debug, Clone, Deserialize)]
@@ -156,6 +156,16 @@ impl Stage for VersionFilter {
             }
         }
         kept
+    }
+}
+
+impl ComponentConfig for VersionFilterConfig {
+    fn problems(&self) -> Vec<ConfigProblem> {
+        self.check()
+    }
+
+    async fn build_component(&self, _ctx: &BuildContext) -> Result<BuiltStage, String> {
+        Ok(BuiltStage::Stage(Box::new(self.build())))
     }
 }
 

@@ -17,7 +17,10 @@ use tokio_postgres::{Client, Statement};
 use crate::postgres_tls::{PgTls, parse_postgres_url};
 
 use crate::record::{Action, Record};
-use crate::stage::{ApplyFuture, BuildContext, Sink, SinkError, SinkReport};
+use crate::stage::{
+    ApplyFuture, BuildContext, BuiltStage, ComponentConfig, ConfigProblem, Sink, SinkError,
+    SinkReport,
+};
 use config::KeyColumn;
 pub use config::{PgType, PostgresConfig};
 use sql::Statements;
@@ -667,6 +670,16 @@ impl Sink for PostgresSink {
 
     fn apply_batch<'a>(&'a self, batch: &'a [Record]) -> ApplyFuture<'a> {
         Box::pin(self.apply(batch))
+    }
+}
+
+impl ComponentConfig for PostgresConfig {
+    fn problems(&self) -> Vec<ConfigProblem> {
+        self.check()
+    }
+
+    async fn build_component(&self, ctx: &BuildContext) -> Result<BuiltStage, String> {
+        Ok(BuiltStage::Sink(Arc::new(self.build(ctx).await?)))
     }
 }
 

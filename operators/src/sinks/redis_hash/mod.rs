@@ -17,7 +17,10 @@ use crate::redis_pool::{
 };
 use crate::replica::{Drift, KeyPage, Replica, ReplicaFuture, StoredKey};
 use crate::secret::SecretUrl;
-use crate::stage::{ApplyFuture, BuildContext, ConfigProblem, Sink, SinkError, SinkReport};
+use crate::stage::{
+    ApplyFuture, BuildContext, BuiltStage, ComponentConfig, ConfigProblem, Sink, SinkError,
+    SinkReport,
+};
 pub use template::KeyTemplate;
 
 /// Configuration of the `redis_hash` sink.
@@ -528,6 +531,16 @@ impl Replica for RedisHashSink {
             let removed: Vec<usize> = self.query(&pipe).await?;
             Ok(removed.into_iter().sum())
         })
+    }
+}
+
+impl ComponentConfig for RedisHashConfig {
+    fn problems(&self) -> Vec<ConfigProblem> {
+        self.check()
+    }
+
+    async fn build_component(&self, ctx: &BuildContext) -> Result<BuiltStage, String> {
+        Ok(BuiltStage::Sink(std::sync::Arc::new(self.build(ctx)?)))
     }
 }
 
