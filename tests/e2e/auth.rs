@@ -209,3 +209,72 @@ fn an_acl_narrowed_while_running_makes_readyz_fail_with_the_reason_until_fixed()
     );
     assert!(!log.contains("app-secret"), "{log}");
 }
+
+#[test]
+fn a_password_changed_while_running_makes_readyz_say_authentication_failed() {
+    let server = server("");
+    let stream = unique("auth-rotated");
+    let mut conn = admin(&server);
+    publish(&mut conn, &stream, &[event("p", 1, "Pat")]);
+    let worker = Worker::start(
+        &pipeline(
+            &stream,
+            &format!("redis://app:app-secret@127.0.0.1:{}", server.port),
+        ),
+        &["--metrics-addr", "127.0.0.1:0"],
+    );
+    wait_for_worker(
+        &worker,
+        Duration::from_secs(30),
+        "the first event applied",
+        || hash(&mut conn, "auth:athlete:p").contains_key("display_name"),
+    );
+    let port = metrics_port(&worker).expect("the worker logs its metrics address");
+    let acl = |conn: &mut redis::Connection, args: &[&str]| {
+        let _: redis::Value = redis::cmd("ACL").arg(args).query(conn).expect("ACL");
+    };
+    // The password is rotated and the worker's connections are cut: it must reconnect.
+    acl(
+        &mut conn,
+        &["SETUSER", "app", "resetpass", ">rotated-secret"],
+    );
+    let _: redis::Value = redis::cmd("CLIENT")
+        .arg(&["KILL", "USER", "app"])
+        .query(&mut conn)
+        .expect("CLIENT KILL");
+    publish(&mut conn, &stream, &[event("p", 2, "Pat 2")]);
+    wait_for_worker(
+        &worker,
+        Duration::from_secs(30),
+        "not ready: authentication",
+        || {
+            let (code, body) = readyz(port);
+            code == 503
+                && body.contains(&format!(
+                    "authentication failed at redis://app:***@127.0.0.1:{} as user `app`",
+                    server.port
+                ))
+        },
+    );
+    acl(&mut conn, &["SETUSER", "app", ">app-secret"]);
+    wait_for_worker(
+        &worker,
+        Duration::from_secs(30),
+        "the second event applied",
+        || {
+            hash(&mut conn, "auth:athlete:p")
+                .get("_version")
+                .map(String::as_str)
+                == Some("2")
+        },
+    );
+    wait_for_worker(&worker, Duration::from_secs(30), "ready again", || {
+        readyz(port).0 == 200
+    });
+    let (status, log) = worker.terminate();
+    assert!(status.success(), "{status:?}\n{log}");
+    assert!(
+        !log.contains("app-secret") && !log.contains("rotated-secret"),
+        "{log}"
+    );
+}
