@@ -46,6 +46,12 @@ if [ "${ECST_PROMTOOL:-}" = "1" ] && ! command -v promtool >/dev/null; then
   if [ -n "$policy" ]; then as_root rm -f /usr/sbin/policy-rc.d; fi
 fi
 
+# The Redis TLS tests make their CA and certificates with the openssl command.
+if ! command -v openssl >/dev/null; then
+  log "installing openssl"
+  apt_install openssl
+fi
+
 # --- Redis -----------------------------------------------------------------------------
 redis_url="${REDIS_URL:-redis://127.0.0.1:6379}"
 redis_hostport="${redis_url#*://}"; redis_hostport="${redis_hostport##*@}"; redis_hostport="${redis_hostport%%/*}"

@@ -17,6 +17,9 @@ pub enum RunError {
         "retention gap: {0}. The replica has missed events. Configure `bootstrap:` (with on_gap: bootstrap) or run `ecst bootstrap`; to accept the loss instead, move the group past it with XGROUP SETID."
     )]
     RetentionGap(String),
+    /// Redis refused the worker's credentials, certificates or commands at start.
+    #[error(transparent)]
+    Access(#[from] crate::preflight::PreflightError),
     /// Batches were still uncommitted when the shutdown timeout ran out.
     #[error(
         "{0} batch(es) were not committed within the shutdown timeout; their entries stay pending and will be redelivered"

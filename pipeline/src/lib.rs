@@ -6,6 +6,7 @@
 //! - [`config`]: pipeline files, with every error positioned.
 //! - [`graph`]: DAG checks, order and rendering.
 //! - [`source`]: the consumer-group reader (pending first, then new, then claims).
+//! - [`preflight`]: the start-time check of Redis credentials, certificates and ACLs.
 //! - [`runner`]: the worker: the read loop, batches through the [`dag`] to [`commit`].
 //! - [`dag`]: the built stages and sinks, run over one batch.
 //! - [`commit`]: a batch applied by every sink, dead-lettered, then acked.
@@ -35,6 +36,7 @@ pub mod graph;
 pub mod metrics;
 pub mod orphans;
 pub mod outbox;
+pub mod preflight;
 pub mod reconcile;
 pub mod redis_reply;
 pub mod relay;

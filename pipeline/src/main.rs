@@ -7,6 +7,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use ecst_pipeline::config::{self, ConfigErrors};
+use ecst_pipeline::error::RunError;
 use ecst_pipeline::graph;
 use ecst_pipeline::relay::{RelayConfig, RelayStats};
 use ecst_pipeline::runner::{self, RunOptions};
@@ -274,6 +275,18 @@ fn print_reconcile(report: &ecst_pipeline::reconcile::ReconcileReport, repair: b
     );
 }
 
+/// Exit status 2 (a configuration the servers refuse: credentials, certificates, ACL), with
+/// the reason, for a run that Redis refused at start.
+fn configuration_refused(pipeline: &str, result: &Result<(), RunError>) -> Option<ExitCode> {
+    match result {
+        Err(RunError::Access(e)) => {
+            eprintln!("error: pipeline {pipeline}: {e}");
+            Some(ExitCode::from(2))
+        }
+        _ => None,
+    }
+}
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -376,7 +389,7 @@ async fn execute(command: Command) -> anyhow::Result<ExitCode> {
                     }
                 });
             }
-            runner::run(
+            let result = runner::run(
                 &config,
                 RunOptions {
                     drain,
@@ -385,8 +398,11 @@ async fn execute(command: Command) -> anyhow::Result<ExitCode> {
                 shutdown,
                 stats,
             )
-            .await
-            .with_context(|| format!("pipeline {}", config.name))?;
+            .await;
+            if let Some(code) = configuration_refused(&config.name, &result) {
+                return Ok(code);
+            }
+            result.with_context(|| format!("pipeline {}", config.name))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Bootstrap { pipeline, consumer } => {
@@ -406,7 +422,7 @@ async fn execute(command: Command) -> anyhow::Result<ExitCode> {
             }
             let (tx, shutdown) = Shutdown::new();
             tokio::spawn(shutdown_on_signals(tx));
-            runner::run(
+            let result = runner::run(
                 &config,
                 RunOptions {
                     drain: false,
@@ -415,8 +431,11 @@ async fn execute(command: Command) -> anyhow::Result<ExitCode> {
                 shutdown,
                 Arc::new(Stats::default()),
             )
-            .await
-            .with_context(|| format!("bootstrapping pipeline {}", config.name))?;
+            .await;
+            if let Some(code) = configuration_refused(&config.name, &result) {
+                return Ok(code);
+            }
+            result.with_context(|| format!("bootstrapping pipeline {}", config.name))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Reconcile {

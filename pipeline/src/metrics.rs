@@ -383,6 +383,7 @@ pub fn not_ready(stats: &Stats) -> Option<String> {
     if stats.retention_gap.load(Ordering::Relaxed) {
         reasons.push("retention gap".to_string());
     }
+    reasons.extend(ecst_operators::redis_pool::access_problems());
     (!reasons.is_empty()).then(|| reasons.join("; "))
 }
 

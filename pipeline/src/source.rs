@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use ecst_operators::RawEntry;
-use ecst_operators::redis_pool::RedisManager;
+use ecst_operators::redis_pool::{RedisManager, RedisUrlError, report_failure, resolve_failure};
 use redis::aio::MultiplexedConnection;
 use redis::{RedisError, Value};
 
@@ -80,7 +80,7 @@ pub struct StreamSource {
 
 impl StreamSource {
     /// A reader; it connects on first use.
-    pub fn new(config: &SourceConfig, consumer: String) -> Result<Self, RedisError> {
+    pub fn new(config: &SourceConfig, consumer: String) -> Result<Self, RedisUrlError> {
         Ok(StreamSource {
             manager: RedisManager::new(&config.redis, config.timeout.0)?,
             config: config.clone(),
@@ -131,8 +131,12 @@ impl StreamSource {
     async fn query(&mut self, op: &'static str, cmd: &redis::Cmd) -> Result<Value, SourceError> {
         let result = cmd.query_async::<Value>(self.conn().await?).await;
         match result {
-            Ok(value) => Ok(value),
+            Ok(value) => {
+                resolve_failure("source", &self.config.redis);
+                Ok(value)
+            }
             Err(source) => {
+                report_failure("source", &self.config.redis, &source);
                 if !is_server_error(&source) {
                     self.conn = None;
                 }

@@ -57,7 +57,10 @@ pub(crate) async fn publish(args: PublishArgs) -> anyhow::Result<ExitCode> {
         Encoding::Json => ContentType::Json,
         Encoding::Msgpack => ContentType::MsgPack,
     };
-    let client = redis::Client::open(args.redis.as_str()).context("invalid Redis URL")?;
+    let client = ecst_operators::redis_pool::redis_client(&ecst_operators::SecretUrl::new(
+        args.redis.as_str(),
+    ))
+    .context("invalid Redis URL")?;
     let config = redis::AsyncConnectionConfig::new()
         .set_connection_timeout(Some(Duration::from_secs(5)))
         .set_response_timeout(Some(Duration::from_secs(10)));

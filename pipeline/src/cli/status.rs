@@ -41,7 +41,7 @@ async fn redis_conn(url: &str) -> anyhow::Result<redis::aio::MultiplexedConnecti
     let config = redis::AsyncConnectionConfig::new()
         .set_connection_timeout(Some(Duration::from_secs(5)))
         .set_response_timeout(Some(Duration::from_secs(5)));
-    redis::Client::open(url)
+    ecst_operators::redis_pool::redis_client(&ecst_operators::SecretUrl::new(url))
         .context("invalid Redis URL")?
         .get_multiplexed_async_connection_with_config(&config)
         .await

@@ -221,7 +221,7 @@ impl SourceConfig {
                 "must differ from the source stream".to_string(),
             ));
         }
-        if let Err(e) = redis::Client::open(self.redis.expose()) {
+        if let Err(e) = ecst_operators::redis_pool::redis_client(&self.redis) {
             problems.push(("redis", format!("invalid Redis URL {}: {e}", self.redis)));
         }
         problems

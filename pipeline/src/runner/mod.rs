@@ -43,6 +43,7 @@ pub async fn run(
     let mut dag = Dag::build(config, stats.clone()).await?;
     let pool = redis_pool(&source_cfg.redis, 4, source_cfg.timeout.0)
         .map_err(|e| RunError::Config(format!("invalid Redis URL {}: {e}", source_cfg.redis)))?;
+    crate::preflight::check_redis_access(config).await?;
     let mut source = StreamSource::new(source_cfg, consumer.clone())
         .map_err(|e| RunError::Config(format!("invalid Redis URL {}: {e}", source_cfg.redis)))?;
     let shared = Arc::new(Shared {

@@ -11,7 +11,10 @@ use serde_json::Value;
 
 use crate::duration::ConfigDuration;
 use crate::record::{Action, Record};
-use crate::redis_pool::{RedisPool, describe_run_error, is_transport_error, redis_pool};
+use crate::redis_pool::{
+    RedisPool, describe_run_error, is_transport_error, redis_client, redis_pool, report_failure,
+    resolve_failure,
+};
 use crate::replica::{Drift, Eviction, KeyPage, Replica, ReplicaFuture, StoredKey};
 use crate::secret::SecretUrl;
 use crate::stage::{
@@ -90,7 +93,7 @@ impl RedisHashConfig {
             problems.push(ConfigProblem::new("timeout", "must be more than 0ms"));
         }
         if let Some(url) = &self.redis
-            && let Err(e) = redis::Client::open(url.expose())
+            && let Err(e) = redis_client(url)
         {
             problems.push(ConfigProblem::new(
                 "redis",
@@ -110,7 +113,9 @@ impl RedisHashConfig {
             .map_err(|e| format!("invalid Redis URL {url}: {e}"))?;
         Ok(RedisHashSink {
             key: KeyTemplate::parse(&self.key)?,
+            reporter: format!("redis_hash sink `{}`", ctx.stage),
             config: self.clone(),
+            url,
             pool,
             script: Script::new(include_str!("script.lua")),
         })
@@ -121,6 +126,9 @@ impl RedisHashConfig {
 pub struct RedisHashSink {
     config: RedisHashConfig,
     key: KeyTemplate,
+    /// The store's URL and this sink's name in reports of failures.
+    url: SecretUrl,
+    reporter: String,
     pool: RedisPool,
     script: Script,
 }
@@ -299,6 +307,7 @@ impl Sink for RedisHashSink {
             };
             match result {
                 Ok((applied, stale)) => {
+                    resolve_failure(&self.reporter, &self.url);
                     self.note_freshness(batch).await;
                     Ok(SinkReport {
                         applied,
@@ -307,14 +316,22 @@ impl Sink for RedisHashSink {
                         ..SinkReport::default()
                     })
                 }
-                Err(e) if is_refusal(&e) => Err(SinkError::Refused {
-                    store: STORE,
-                    message: e.to_string(),
-                }),
-                Err(e) => Err(SinkError::Unavailable {
-                    store: STORE,
-                    message: e.to_string(),
-                }),
+                Err(e) => {
+                    let failure = report_failure(&self.reporter, &self.url, &e);
+                    // Credentials and ACLs are not in the data (NOAUTH and WRONGPASS come
+                    // back as `Extension` errors): retry the batch and say why.
+                    if is_refusal(&e) && !failure.kind.is_configuration() {
+                        Err(SinkError::Refused {
+                            store: STORE,
+                            message: e.to_string(),
+                        })
+                    } else {
+                        Err(SinkError::Unavailable {
+                            store: STORE,
+                            message: failure.to_string(),
+                        })
+                    }
+                }
             }
         })
     }

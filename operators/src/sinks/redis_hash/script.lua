@@ -10,6 +10,15 @@ local function newer(a, b)
   return a > b
 end
 
+-- HSET of ARGV[from..to] in slices: unpack() of more than ~8,000 values exceeds Lua's C stack,
+-- so a record with many fields is written by several HSETs (all inside this one script).
+local SLICE = 2000 -- values (1,000 field/value pairs) per HSET
+local function hset(key, from, to)
+  for s = from, to, SLICE do
+    redis.call('HSET', key, unpack(ARGV, s, math.min(s + SLICE - 1, to)))
+  end
+end
+
 local df = ARGV[1]
 local applied, stale = 0, 0
 local a = 2
@@ -29,13 +38,14 @@ for i = 1, #KEYS, 2 do
   if not current or newer(ver, current) then
     if action == 'u' then
       redis.call('DEL', key)
-      redis.call('HSET', key, unpack(ARGV, first, last))
+      hset(key, first, last)
       if buried then redis.call('DEL', tomb) end
     elseif action == 'd' then
       redis.call('DEL', key)
       redis.call('SET', tomb, ver, 'PX', keep)
     else
-      redis.call('HSET', key, df, '1', unpack(ARGV, first, last))
+      redis.call('HSET', key, df, '1')
+      hset(key, first, last)
     end
     applied = applied + 1
   else

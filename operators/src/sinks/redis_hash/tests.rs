@@ -265,3 +265,42 @@ async fn unreachable_redis_is_a_retryable_error() {
         "{err}"
     );
 }
+
+/// A record of `count` projected fields `f0..`, each valued `<tag><i>`.
+fn wide_record(id: &str, version: u64, count: usize, tag: &str) -> Record {
+    let mut record = record(0, id, version, json!({}));
+    record.fields = Some(
+        (0..count)
+            .map(|i| (format!("f{i}"), Value::String(format!("{tag}{i}"))))
+            .collect(),
+    );
+    record
+}
+
+#[tokio::test]
+async fn twenty_thousand_fields_land_and_stay_guarded() {
+    let prefix = unique_prefix();
+    let sink = sink(&prefix);
+    let key = format!("{prefix}athlete:wide");
+    let report = sink
+        .apply_batch(&[wide_record("wide", 2, 20_000, "new")])
+        .await
+        .unwrap();
+    assert_eq!((report.applied, report.stale), (1, 0));
+    let h = hash(&key).await;
+    // 20,000 projected fields plus the version and occurredAt fields.
+    assert_eq!(h.len(), 20_002);
+    assert_eq!(h.get("f0").map(String::as_str), Some("new0"));
+    assert_eq!(h.get("f19999").map(String::as_str), Some("new19999"));
+    assert_eq!(h.get("_version").map(String::as_str), Some("2"));
+
+    let report = sink
+        .apply_batch(&[wide_record("wide", 1, 20_000, "old")])
+        .await
+        .unwrap();
+    assert_eq!((report.applied, report.stale), (0, 1));
+    let h = hash(&key).await;
+    assert_eq!(h.len(), 20_002);
+    assert_eq!(h.get("f12345").map(String::as_str), Some("new12345"));
+    assert_eq!(h.get("_version").map(String::as_str), Some("2"));
+}
