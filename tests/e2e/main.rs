@@ -9,6 +9,7 @@ mod observe;
 mod reconcile;
 mod relay;
 mod replicate;
+mod secrets;
 mod snapshot;
 mod traces;
 mod validate;
