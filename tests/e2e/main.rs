@@ -6,6 +6,7 @@ mod deploy;
 mod fanout;
 mod faults;
 mod observe;
+mod poison;
 mod reconcile;
 mod relay;
 mod replicate;
