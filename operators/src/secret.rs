@@ -218,7 +218,10 @@ mod tests {
     const FORMS: &[(&str, &str)] = &[
         // URL userinfo.
         ("redis://:pw@h", "redis://:***@h"),
-        ("rediss://app:pw@cache:6380/2", "rediss://app:***@cache:6380/2"),
+        (
+            "rediss://app:pw@cache:6380/2",
+            "rediss://app:***@cache:6380/2",
+        ),
         (
             "postgres://app:pw@db:5432/x?sslmode=require",
             "postgres://app:***@db:5432/x?sslmode=require",
@@ -241,7 +244,10 @@ mod tests {
             "postgres://db/x?PassWord=pw&sslpassword=kp&sslkey=/k.pem&sslcert=/c.pem",
             "postgres://db/x?PassWord=***&sslpassword=***&sslkey=/k.pem&sslcert=/c.pem",
         ),
-        ("postgres://db/x?pass%77ord=pw", "postgres://db/x?pass%77ord=***"),
+        (
+            "postgres://db/x?pass%77ord=pw",
+            "postgres://db/x?pass%77ord=***",
+        ),
         (
             "redis+unix:///run/redis.sock?db=1&pass=pw",
             "redis+unix:///run/redis.sock?db=1&pass=***",
@@ -256,7 +262,10 @@ mod tests {
             "host=db password = 'p w\\'x\\\\' user=app",
             "host=db password = *** user=app",
         ),
-        ("host=db password=p\\ w user=app", "host=db password=*** user=app"),
+        (
+            "host=db password=p\\ w user=app",
+            "host=db password=*** user=app",
+        ),
         ("host=db password='unterminated pw", "host=db password=***"),
         (
             "host=db sslpassword=kp sslkey=/etc/k.pem sslcert='/etc/c.pem'",

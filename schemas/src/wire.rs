@@ -63,7 +63,9 @@ impl ContentType {
                 && !value.eq_ignore_ascii_case("utf-8")
                 && !value.eq_ignore_ascii_case("utf8")
             {
-                return Err(WireError::UnsupportedCharset(value.chars().take(64).collect()));
+                return Err(WireError::UnsupportedCharset(
+                    value.chars().take(64).collect(),
+                ));
             }
         }
         Ok(ct)
@@ -385,7 +387,11 @@ mod tests {
             "application/x-msgpack; v=1",
             "application/vnd.msgpack",
         ] {
-            assert_eq!(ContentType::parse(msgpack), Ok(ContentType::MsgPack), "{msgpack}");
+            assert_eq!(
+                ContentType::parse(msgpack),
+                Ok(ContentType::MsgPack),
+                "{msgpack}"
+            );
         }
         assert_eq!(
             ContentType::parse("application/json; charset=latin1")

@@ -241,17 +241,29 @@ mod tests {
             "]".repeat(5000)
         );
         let entries = vec![
-            entry("1-0", &[("v", good), ("ct", b"application/json; charset=utf-8")]),
+            entry(
+                "1-0",
+                &[("v", good), ("ct", b"application/json; charset=utf-8")],
+            ),
             entry("2-0", &[("v", good), ("ct", b"Application/JSON")]),
             entry(
                 "3-0",
-                &[("v", br#"{"aggregateId":"a","aggregateVersion":4,"payload":[1]}"#)],
+                &[(
+                    "v",
+                    br#"{"aggregateId":"a","aggregateVersion":4,"payload":[1]}"#,
+                )],
             ),
             entry(
                 "4-0",
-                &[("v", br#"{"aggregateId":"a","aggregateVersion":5,"payload":"x"}"#)],
+                &[(
+                    "v",
+                    br#"{"aggregateId":"a","aggregateVersion":5,"payload":"x"}"#,
+                )],
             ),
-            entry("5-0", &[("v", good), ("ct", b"application/json; charset=utf-16")]),
+            entry(
+                "5-0",
+                &[("v", good), ("ct", b"application/json; charset=utf-16")],
+            ),
             entry("6-0", &[("v", deep.as_bytes())]),
         ];
         let mut out = Outcomes::default();
@@ -271,8 +283,14 @@ mod tests {
         assert_eq!(
             reasons,
             vec![
-                (2, "payload (key `payload`) must be an object or null, got an array"),
-                (3, "payload (key `payload`) must be an object or null, got a string"),
+                (
+                    2,
+                    "payload (key `payload`) must be an object or null, got an array"
+                ),
+                (
+                    3,
+                    "payload (key `payload`) must be an object or null, got a string"
+                ),
                 (
                     4,
                     "unsupported charset \"utf-16\" for application/json: JSON bodies must be UTF-8"

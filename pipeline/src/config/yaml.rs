@@ -564,7 +564,9 @@ pub(crate) mod tests {
 
     /// The classic "billion laughs": nine levels of ten aliases each, 10^9 leaves.
     pub(crate) fn alias_bomb() -> String {
-        let mut text = String::from("a: &a [\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\"]\n");
+        let mut text = String::from(
+            "a: &a [\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\"]\n",
+        );
         let names = ["a", "b", "c", "d", "e", "f", "g", "h", "i"];
         for pair in names.windows(2) {
             let (prev, name) = (pair[0], pair[1]);
@@ -592,7 +594,8 @@ pub(crate) mod tests {
         let big = format!("a: \"{}\"\n", "x".repeat(MAX_DOCUMENT_BYTES));
         let err = parse(&big).unwrap_err();
         assert!(
-            err.message.ends_with(&format!("over the limit of {MAX_DOCUMENT_BYTES} bytes")),
+            err.message
+                .ends_with(&format!("over the limit of {MAX_DOCUMENT_BYTES} bytes")),
             "{err:?}"
         );
         assert_eq!(err.pos.line, 1);
@@ -610,7 +613,13 @@ pub(crate) mod tests {
             err.message,
             format!("the document nests deeper than {MAX_DEPTH} levels")
         );
-        assert_eq!(err.pos, Pos { line: 1, col: MAX_DEPTH + 1 });
+        assert_eq!(
+            err.pos,
+            Pos {
+                line: 1,
+                col: MAX_DEPTH + 1
+            }
+        );
         let ok = format!("{}{}", "[".repeat(MAX_DEPTH), "]".repeat(MAX_DEPTH));
         assert!(parse(&ok).is_ok());
     }
