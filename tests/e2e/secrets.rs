@@ -300,7 +300,7 @@ fn a_yaml_alias_bomb_is_refused_in_little_memory() {
     assert_eq!(
         stderr,
         format!(
-            "{}:6:8: aliases expand to more than 100000 nodes (an alias bomb?)\n1 error\n",
+            "{}:5:7: anchors and aliases copy more than 100000 nodes (an alias bomb?)\n1 error\n",
             file.display()
         )
     );

@@ -819,7 +819,7 @@ mod tests {
         assert_eq!(
             errors.to_string(),
             format!(
-                "bomb.yaml:6:8: aliases expand to more than {} nodes (an alias bomb?)\n1 error",
+                "bomb.yaml:5:7: anchors and aliases copy more than {} nodes (an alias bomb?)\n1 error",
                 yaml::MAX_ALIAS_NODES
             )
         );

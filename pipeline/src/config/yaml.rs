@@ -62,8 +62,9 @@ pub struct YamlError {
 pub const MAX_DOCUMENT_BYTES: usize = 4 * 1024 * 1024;
 /// Most nodes (scalars, sequences, mappings) a document may write.
 pub const MAX_NODES: usize = 250_000;
-/// Most nodes all aliases together may copy into the tree: an alias to an alias to ...
-/// multiplies (the "billion laughs"), so copies are counted before they are made.
+/// Most nodes anchors and aliases together may copy: an alias to an alias to ... multiplies
+/// (the "billion laughs"), and each anchor keeps a copy of its node (nested anchors too), so
+/// copies are counted before they are made.
 pub const MAX_ALIAS_NODES: usize = 100_000;
 /// Deepest accepted nesting of sequences and mappings (the builder recurses per level).
 pub const MAX_DEPTH: usize = 128;
@@ -84,7 +85,7 @@ pub fn parse(text: &str) -> Result<Node, YamlError> {
         parser: Parser::new_from_str(text),
         anchors: HashMap::new(),
         nodes: 0,
-        alias_nodes: 0,
+        copied_nodes: 0,
     };
     builder.document()
 }
@@ -109,8 +110,8 @@ struct Builder<'a> {
     anchors: HashMap<usize, (Node, usize)>,
     /// Nodes the document wrote so far.
     nodes: usize,
-    /// Nodes aliases copied so far.
-    alias_nodes: usize,
+    /// Nodes anchors and aliases copied so far.
+    copied_nodes: usize,
 }
 
 fn pos_of(span: &saphyr_parser::Span) -> Pos {
@@ -118,6 +119,21 @@ fn pos_of(span: &saphyr_parser::Span) -> Pos {
         line: span.start.line(),
         col: span.start.col() + 1,
     }
+}
+
+/// Adds `size` copied nodes to `copied` and refuses past [`MAX_ALIAS_NODES`]; called before
+/// the copy is made, so a bomb fails before it allocates.
+fn charge_copy(copied: &mut usize, size: usize, pos: Pos) -> Result<(), YamlError> {
+    *copied = copied.saturating_add(size);
+    if *copied > MAX_ALIAS_NODES {
+        return Err(YamlError {
+            pos,
+            message: format!(
+                "anchors and aliases copy more than {MAX_ALIAS_NODES} nodes (an alias bomb?)"
+            ),
+        });
+    }
+    Ok(())
 }
 
 /// Nodes in a tree, counting the root.
@@ -216,7 +232,7 @@ impl<'a> Builder<'a> {
                         plain: style == ScalarStyle::Plain,
                     },
                 };
-                self.remember(anchor, &node);
+                self.remember(anchor, &node, pos)?;
                 Ok(node)
             }
             Event::SequenceStart(anchor, _) => {
@@ -233,7 +249,7 @@ impl<'a> Builder<'a> {
                     pos,
                     kind: NodeKind::Seq(items),
                 };
-                self.remember(anchor, &node);
+                self.remember(anchor, &node, pos)?;
                 Ok(node)
             }
             Event::MappingStart(anchor, _) => {
@@ -274,7 +290,7 @@ impl<'a> Builder<'a> {
                     pos,
                     kind: NodeKind::Map(entries),
                 };
-                self.remember(anchor, &node);
+                self.remember(anchor, &node, pos)?;
                 Ok(node)
             }
             Event::Alias(id) => {
@@ -284,16 +300,7 @@ impl<'a> Builder<'a> {
                         message: "alias to an unknown anchor".into(),
                     });
                 };
-                // Counted before the copy is made, so a bomb fails before it allocates.
-                self.alias_nodes = self.alias_nodes.saturating_add(*size);
-                if self.alias_nodes > MAX_ALIAS_NODES {
-                    return Err(YamlError {
-                        pos,
-                        message: format!(
-                            "aliases expand to more than {MAX_ALIAS_NODES} nodes (an alias bomb?)"
-                        ),
-                    });
-                }
+                charge_copy(&mut self.copied_nodes, *size, pos)?;
                 Ok(node.clone())
             }
             _ => Err(YamlError {
@@ -303,11 +310,13 @@ impl<'a> Builder<'a> {
         }
     }
 
-    fn remember(&mut self, anchor: usize, node: &Node) {
+    fn remember(&mut self, anchor: usize, node: &Node, pos: Pos) -> Result<(), YamlError> {
         if anchor != 0 {
-            self.anchors
-                .insert(anchor, (node.clone(), count_nodes(node)));
+            let size = count_nodes(node);
+            charge_copy(&mut self.copied_nodes, size, pos)?;
+            self.anchors.insert(anchor, (node.clone(), size));
         }
+        Ok(())
     }
 }
 
@@ -583,10 +592,10 @@ pub(crate) mod tests {
         let err = parse(&bomb).unwrap_err();
         assert_eq!(
             err.message,
-            format!("aliases expand to more than {MAX_ALIAS_NODES} nodes (an alias bomb?)")
+            format!("anchors and aliases copy more than {MAX_ALIAS_NODES} nodes (an alias bomb?)")
         );
-        // Level `f` (line 6) is the first whose nine copies pass the budget.
-        assert_eq!(err.pos.line, 6, "{err:?}");
+        // Level `e` (line 5) is the first whose copies pass the budget.
+        assert_eq!(err.pos.line, 5, "{err:?}");
     }
 
     #[test]
@@ -622,6 +631,25 @@ pub(crate) mod tests {
         );
         let ok = format!("{}{}", "[".repeat(MAX_DEPTH), "]".repeat(MAX_DEPTH));
         assert!(parse(&ok).is_ok());
+    }
+
+    #[test]
+    fn nested_anchors_are_counted_too() {
+        // Each of 100 nested anchors keeps its own copy of 2,000 leaves: 200,000 copied nodes
+        // from a 10 kB document that uses no alias at all.
+        let depth = 100;
+        let mut text = String::new();
+        for i in 0..depth {
+            text.push_str(&format!("&a{i} ["));
+        }
+        text.push_str(&vec!["1"; 2000].join(","));
+        text.push_str(&"]".repeat(depth));
+        let err = parse(&text).unwrap_err();
+        assert!(
+            err.message
+                .starts_with("anchors and aliases copy more than"),
+            "{err:?}"
+        );
     }
 
     #[test]
