@@ -1,6 +1,7 @@
 //! Connection URLs and DSNs that may carry passwords: usable, but never printed in full.
 
 use std::fmt;
+use std::ops::Range;
 
 use serde::{Deserialize, Deserializer};
 
@@ -130,13 +131,41 @@ fn percent_decoded_key(key: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// The libpq `key = value` form: values are bare (backslash escapes allowed) or single-quoted
-/// (`\'` and `\\` escaped). Only the secret values are replaced; all other text is kept as is.
-fn redact_key_values(dsn: &str) -> String {
+/// One `key = value` pair of a libpq connection string, as byte ranges into it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DsnPair {
+    /// The key.
+    pub key: Range<usize>,
+    /// The value as written, quotes and escapes included.
+    pub value: Range<usize>,
+}
+
+impl DsnPair {
+    /// The value with its quotes and backslash escapes removed, as libpq reads it.
+    pub fn unquoted(&self, dsn: &str) -> String {
+        let raw = &dsn[self.value.clone()];
+        let inner = match raw.strip_prefix('\'') {
+            Some(quoted) => quoted.strip_suffix('\'').unwrap_or(quoted),
+            None => raw,
+        };
+        let mut out = String::with_capacity(inner.len());
+        let mut chars = inner.chars();
+        while let Some(c) = chars.next() {
+            match c {
+                '\\' => out.extend(chars.next()),
+                c => out.push(c),
+            }
+        }
+        out
+    }
+}
+
+/// The `key = value` pairs of a libpq connection string: values are bare (backslash escapes
+/// allowed) or single-quoted (`\'` and `\\` escaped), so a quoted value may hold spaces and
+/// `=`. Words that are not `key=value` are skipped (the driver refuses them).
+pub fn dsn_pairs(dsn: &str) -> Vec<DsnPair> {
     let bytes = dsn.as_bytes();
-    let mut out = String::with_capacity(dsn.len());
-    // Start of the text not yet copied to `out`.
-    let mut copied = 0;
+    let mut pairs = Vec::new();
     let mut i = 0;
     let skip_space = |mut i: usize| {
         while i < bytes.len() && bytes[i].is_ascii_whitespace() {
@@ -150,10 +179,9 @@ fn redact_key_values(dsn: &str) -> String {
         while i < bytes.len() && !bytes[i].is_ascii_whitespace() && bytes[i] != b'=' {
             i += 1;
         }
-        let key = &dsn[key_start..i];
+        let key = key_start..i;
         i = skip_space(i);
         if bytes.get(i) != Some(&b'=') {
-            // Not `key=value`: the driver refuses it; nothing here is known to be a value.
             continue;
         }
         i = skip_space(i + 1);
@@ -174,10 +202,25 @@ fn redact_key_values(dsn: &str) -> String {
         while !dsn.is_char_boundary(i) {
             i += 1;
         }
-        if is_secret_key(key) {
-            out.push_str(&dsn[copied..value_start]);
+        pairs.push(DsnPair {
+            key,
+            value: value_start..i,
+        });
+    }
+    pairs
+}
+
+/// The libpq `key = value` form: only the secret values are replaced; all other text is kept
+/// as is.
+fn redact_key_values(dsn: &str) -> String {
+    let mut out = String::with_capacity(dsn.len());
+    // Start of the text not yet copied to `out`.
+    let mut copied = 0;
+    for pair in dsn_pairs(dsn) {
+        if is_secret_key(&dsn[pair.key]) {
+            out.push_str(&dsn[copied..pair.value.start]);
             out.push_str(MASK);
-            copied = i;
+            copied = pair.value.end;
         }
     }
     out.push_str(&dsn[copied..]);
@@ -301,5 +344,23 @@ mod tests {
         }
         let redacted = redact("host=a password=Zz9secretQ");
         assert!(!redacted.contains("Zz9secretQ"));
+    }
+
+    #[test]
+    fn dsn_values_are_unquoted_as_libpq_reads_them() {
+        let dsn = r"host=db password = 'a b=c\'d\\' sslrootcert=/x\ y.pem user=app";
+        let pairs: Vec<(&str, String)> = dsn_pairs(dsn)
+            .iter()
+            .map(|p| (&dsn[p.key.clone()], p.unquoted(dsn)))
+            .collect();
+        assert_eq!(
+            pairs,
+            vec![
+                ("host", "db".to_string()),
+                ("password", r"a b=c'd\".to_string()),
+                ("sslrootcert", "/x y.pem".to_string()),
+                ("user", "app".to_string()),
+            ]
+        );
     }
 }
