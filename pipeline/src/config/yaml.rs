@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 
+use ecst_operators::secret::redact;
 use saphyr_parser::{Event, Parser, ScalarStyle};
 use serde_json::{Map, Number, Value};
 
@@ -382,7 +383,7 @@ fn expand(text: &str, lookup: &dyn Fn(&str) -> Option<String>) -> Result<String,
         } else if let Some(body) = rest.strip_prefix("${") {
             let end = body
                 .find('}')
-                .ok_or_else(|| format!("unclosed `${{` in {text:?}"))?;
+                .ok_or_else(|| format!("unclosed `${{` in {:?}", redact(text)))?;
             let inner = &body[..end];
             let (name, default) = match inner.split_once(":-") {
                 Some((n, d)) => (n, Some(d)),
@@ -392,7 +393,10 @@ fn expand(text: &str, lookup: &dyn Fn(&str) -> Option<String>) -> Result<String,
                 && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
                 && !name.starts_with(|c: char| c.is_ascii_digit());
             if !valid {
-                return Err(format!("invalid variable name {name:?} in {text:?}"));
+                return Err(format!(
+                    "invalid variable name {name:?} in {:?}",
+                    redact(text)
+                ));
             }
             match (lookup(name).filter(|v| !v.is_empty()), default) {
                 (Some(value), _) => out.push_str(&value),
@@ -563,6 +567,16 @@ pub(crate) mod tests {
         assert_eq!(json["port"], json!(6379));
         assert_eq!(json["literal"], json!("$HOME"));
         assert!(json.get("evil").is_none());
+    }
+
+    #[test]
+    fn interpolation_errors_mask_passwords() {
+        let mut tree = parse("url: \"host=db password=Zz9secretQ port=${PORT\"\n").unwrap();
+        let errors = interpolate(&mut tree, &|_| None);
+        assert_eq!(
+            errors[0].1.message,
+            "unclosed `${` in \"host=db password=*** port=${PORT\""
+        );
     }
 
     #[test]
