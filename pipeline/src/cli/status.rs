@@ -8,9 +8,9 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
-use ecst_operators::{SecretUrl, StageConfig};
 use ecst_operators::postgres_tls::parse_postgres_url;
 use ecst_operators::sinks::postgres::config::quote;
+use ecst_operators::{SecretUrl, StageConfig};
 use ecst_pipeline::bootstrap::{group_state, stream_info};
 use ecst_pipeline::commit::divergence_key;
 use ecst_pipeline::config::{self, PipelineConfig};
