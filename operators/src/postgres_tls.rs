@@ -27,6 +27,8 @@ use rustls::{
 use tokio_postgres::config::SslMode;
 use tokio_postgres_rustls::MakeRustlsConnect;
 
+use crate::secret::dsn_pairs;
+
 /// The TLS connector every ecst Postgres connection uses.
 pub type PgTls = MakeRustlsConnect;
 
@@ -155,14 +157,20 @@ fn split_tls_options(url: &str) -> (String, TlsOptions) {
         };
         (rest, options)
     } else {
-        let kept: Vec<&str> = url
-            .split_whitespace()
-            .filter(|pair| match pair.split_once('=') {
-                Some((key, value)) => !options.take(key.trim(), value.trim_matches('\'').into()),
-                None => true,
-            })
-            .collect();
-        (kept.join(" "), options)
+        // Pairs are cut out by their byte ranges, quoting respected: a quoted password that
+        // holds ` sslrootcert=...` stays the password (it was taken as an option, and its
+        // text printed in the file error).
+        let mut kept = String::with_capacity(url.len());
+        let mut copied = 0;
+        for pair in dsn_pairs(url) {
+            if options.take(&url[pair.key.clone()], pair.unquoted(url)) {
+                kept.push_str(&url[copied..pair.key.start]);
+                let after = &url[pair.value.end..];
+                copied = url.len() - after.trim_start().len();
+            }
+        }
+        kept.push_str(&url[copied..]);
+        (kept.trim_end().to_string(), options)
     }
 }
 
@@ -393,6 +401,13 @@ mod tests {
         assert_eq!(rest, "host=db user=u dbname=app");
         assert_eq!(options.sslmode.as_deref(), Some("require"));
 
+        // Quoted values keep their spaces and `=`; the options around them are still found.
+        let (rest, options) = split_tls_options(
+            "host=db password='a  sslrootcert=b' sslrootcert='/etc/my ca.pem' user=u",
+        );
+        assert_eq!(rest, "host=db password='a  sslrootcert=b' user=u");
+        assert_eq!(options.sslrootcert.as_deref(), Some("/etc/my ca.pem"));
+
         let (rest, _) = split_tls_options("postgres://db/app?sslmode=disable");
         assert_eq!(rest, "postgres://db/app");
     }
@@ -437,6 +452,22 @@ mod tests {
             .unwrap()
             .to_string();
         assert_eq!(err, "sslcert and sslkey must be given together");
+    }
+
+    #[test]
+    fn a_quoted_password_is_never_read_as_an_option() {
+        // Before: split on spaces, `sslrootcert=Zz9secretQ'` was taken as an option, and the
+        // "file" error printed that part of the password.
+        let target = parse_postgres_url(
+            "host=db user=u password='p sslrootcert=Zz9secretQ' sslmode=require",
+        )
+        .map_err(|e| e.to_string())
+        .unwrap();
+        assert_eq!(target.mode, TlsMode::Require);
+        assert_eq!(
+            target.config.get_password(),
+            Some(&b"p sslrootcert=Zz9secretQ"[..])
+        );
     }
 }
 

@@ -32,7 +32,7 @@ pub struct Envelope {
     pub aggregate_id: String,
     /// Monotonic per aggregate: the ordering and idempotency guard.
     pub aggregate_version: u64,
-    /// Full new state; `None` is a tombstone.
+    /// Full new state, always a JSON object; `None` is a tombstone.
     #[serde(default)]
     pub payload: Option<Value>,
     /// True for a tombstone.
@@ -168,6 +168,14 @@ pub enum EnvelopeError {
         problem: &'static str,
         /// The offending value, shortened.
         got: String,
+    },
+    /// The payload is neither an object nor null: it cannot be an entity's state.
+    #[error("payload (key `{key}`) must be an object or null, got {found}")]
+    PayloadNotAnObject {
+        /// Configured key path.
+        key: String,
+        /// The JSON type found, with its article (`an array`).
+        found: &'static str,
     },
 }
 
@@ -311,6 +319,18 @@ impl EnvelopeKeys {
                 ));
             }
         };
+        // An array or a scalar written as the new state would replace the entity by an empty
+        // row: refused here, so it is dead-lettered and the replica keeps its last state.
+        let payload = match present(members.payload) {
+            None => None,
+            Some(Value::Object(map)) => Some(Value::Object(map)),
+            Some(other) => {
+                return Err(EnvelopeError::PayloadNotAnObject {
+                    key: self.payload.clone(),
+                    found: json_type(&other),
+                });
+            }
+        };
         Ok(Envelope {
             schema_version,
             event_id: optional_string("eventId", &self.event_id, members.event_id)?,
@@ -323,7 +343,7 @@ impl EnvelopeKeys {
             )?,
             aggregate_id,
             aggregate_version,
-            payload: present(members.payload),
+            payload,
             deleted,
         })
     }
@@ -340,6 +360,18 @@ fn take_path(root: &mut Value, path: &str) -> Option<Value> {
         };
     }
     Some(current.take())
+}
+
+/// The JSON type of a value, with its article, for messages.
+fn json_type(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
 }
 
 fn missing(member: &'static str, key: &str) -> EnvelopeError {
@@ -474,5 +506,49 @@ mod tests {
             .unwrap();
         assert_eq!(env.aggregate_id, "42");
         assert_eq!(env.occurred_at.unwrap().unix_timestamp(), 1_700_000_000);
+    }
+
+    #[test]
+    fn a_payload_must_be_an_object_or_null() {
+        let keys = EnvelopeKeys::default();
+        for (payload, found) in [
+            (json!([1, 2]), "an array"),
+            (json!("state"), "a string"),
+            (json!(3), "a number"),
+            (json!(true), "a boolean"),
+        ] {
+            for deleted in [false, true] {
+                let err = keys
+                    .read(&json!({"aggregateId": "a", "aggregateVersion": 2, "payload": payload, "deleted": deleted}))
+                    .unwrap_err();
+                assert_eq!(
+                    err.to_string(),
+                    format!("payload (key `payload`) must be an object or null, got {found}")
+                );
+            }
+        }
+        // A mapped payload key is named as configured.
+        let mapped = EnvelopeKeys {
+            payload: "data".into(),
+            ..EnvelopeKeys::default()
+        };
+        let err = mapped
+            .read(&json!({"aggregateId": "a", "aggregateVersion": 2, "data": []}))
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "payload (key `data`) must be an object or null, got an array"
+        );
+        // Null, absent and objects are fine; null and absent are tombstones.
+        for body in [
+            json!({"aggregateId": "a", "aggregateVersion": 2, "payload": null}),
+            json!({"aggregateId": "a", "aggregateVersion": 2, "deleted": true}),
+        ] {
+            assert!(keys.read(&body).unwrap().is_tombstone());
+        }
+        let env = keys
+            .read(&json!({"aggregateId": "a", "aggregateVersion": 2, "payload": {}}))
+            .unwrap();
+        assert!(!env.is_tombstone());
     }
 }

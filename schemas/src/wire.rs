@@ -30,18 +30,45 @@ impl ContentType {
         }
     }
 
-    /// Parses a `ct` field value; unknown names are an error, never a guess.
+    /// Parses a `ct` field value as a media type (RFC 9110: `type/subtype` and `; name=value`
+    /// parameters, names case-insensitive); unknown types are an error, never a guess. JSON is
+    /// UTF-8 (RFC 8259), so a JSON `charset` other than UTF-8 is refused rather than misread.
     pub fn parse(name: &str) -> Result<Self, WireError> {
-        match name.trim().to_ascii_lowercase().as_str() {
-            "application/json" | "json" => Ok(ContentType::Json),
+        let shown = || name.chars().take(64).collect::<String>();
+        let mut parts = name.split(';');
+        let essence = parts.next().unwrap_or_default().trim().to_ascii_lowercase();
+        let ct = match essence.as_str() {
+            "application/json" | "json" => ContentType::Json,
             "application/msgpack"
             | "application/x-msgpack"
             | "application/vnd.msgpack"
-            | "msgpack" => Ok(ContentType::MsgPack),
-            _ => Err(WireError::UnknownContentType(
-                name.chars().take(64).collect(),
-            )),
+            | "msgpack" => ContentType::MsgPack,
+            _ => return Err(WireError::UnsupportedContentType(shown())),
+        };
+        for parameter in parts {
+            let parameter = parameter.trim();
+            if parameter.is_empty() {
+                continue;
+            }
+            let Some((key, value)) = parameter.split_once('=') else {
+                return Err(WireError::UnsupportedContentType(shown()));
+            };
+            let value = value.trim();
+            let value = value
+                .strip_prefix('"')
+                .and_then(|v| v.strip_suffix('"'))
+                .unwrap_or(value);
+            if ct == ContentType::Json
+                && key.trim().eq_ignore_ascii_case("charset")
+                && !value.eq_ignore_ascii_case("utf-8")
+                && !value.eq_ignore_ascii_case("utf8")
+            {
+                return Err(WireError::UnsupportedCharset(
+                    value.chars().take(64).collect(),
+                ));
+            }
         }
+        Ok(ct)
     }
 }
 
@@ -75,9 +102,14 @@ pub enum WireError {
         /// Configured limit.
         limit: usize,
     },
-    /// The `ct` field names a content type ecst does not know.
-    #[error("unknown content type {0:?}")]
-    UnknownContentType(String),
+    /// The `ct` field names a content type ecst does not read.
+    #[error(
+        "unsupported content type {0:?} (expected application/json or application/msgpack, parameters allowed)"
+    )]
+    UnsupportedContentType(String),
+    /// The `ct` field says JSON in a character set other than UTF-8.
+    #[error("unsupported charset {0:?} for application/json: JSON bodies must be UTF-8")]
+    UnsupportedCharset(String),
     /// The body is not valid JSON.
     #[error("invalid JSON body: {0}")]
     Json(String),
@@ -137,9 +169,12 @@ fn decode_as<T: serde::de::DeserializeOwned>(
         });
     }
     match ct {
-        // serde_json refuses nesting past 128 levels itself, so the callers' depth checks walk
-        // an already bounded tree.
         ContentType::Json => {
+            // Unused members are skipped by serde_json without its nesting limit, so the
+            // whole body is measured first, not only what is kept.
+            if json_depth_exceeds(bytes, limits.max_depth) {
+                return Err(WireError::TooDeep(limits.max_depth));
+            }
             serde_json::from_slice(bytes).map_err(|e| WireError::Json(e.to_string()))
         }
         ContentType::MsgPack => {
@@ -173,6 +208,38 @@ fn depth(value: &Value) -> usize {
         }
     }
     max
+}
+
+/// Whether the arrays and objects of a JSON text nest deeper than `max_depth`, counting
+/// brackets outside strings in one pass without allocating. Malformed text is left to the
+/// real decoder.
+fn json_depth_exceeds(bytes: &[u8], max_depth: usize) -> bool {
+    let mut open = 0usize;
+    let mut in_string = false;
+    let mut escaped = false;
+    for &byte in bytes {
+        if in_string {
+            match (escaped, byte) {
+                (true, _) => escaped = false,
+                (false, b'\\') => escaped = true,
+                (false, b'"') => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match byte {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                open += 1;
+                if open > max_depth {
+                    return true;
+                }
+            }
+            b']' | b'}' => open = open.saturating_sub(1),
+            _ => {}
+        }
+    }
+    false
 }
 
 /// Scans MessagePack container headers without allocating, so that a hostile body cannot make
@@ -302,6 +369,67 @@ mod tests {
             ContentType::Json
         );
         assert!(ContentType::parse("text/xml").is_err());
+    }
+
+    #[test]
+    fn content_types_are_media_types_with_parameters() {
+        for json in [
+            "application/json",
+            "application/json; charset=utf-8",
+            "Application/JSON;Charset=\"UTF-8\"",
+            " application/json ; charset=utf8 ; profile=x",
+            "application/json;",
+        ] {
+            assert_eq!(ContentType::parse(json), Ok(ContentType::Json), "{json}");
+        }
+        for msgpack in [
+            "application/msgpack",
+            "application/x-msgpack; v=1",
+            "application/vnd.msgpack",
+        ] {
+            assert_eq!(
+                ContentType::parse(msgpack),
+                Ok(ContentType::MsgPack),
+                "{msgpack}"
+            );
+        }
+        assert_eq!(
+            ContentType::parse("application/json; charset=latin1")
+                .unwrap_err()
+                .to_string(),
+            "unsupported charset \"latin1\" for application/json: JSON bodies must be UTF-8"
+        );
+        assert_eq!(
+            ContentType::parse("text/csv").unwrap_err().to_string(),
+            "unsupported content type \"text/csv\" (expected application/json or application/msgpack, parameters allowed)"
+        );
+        assert!(ContentType::parse("application/json; charset").is_err());
+        assert!(ContentType::parse("application/jsonx").is_err());
+    }
+
+    #[test]
+    fn deep_nesting_anywhere_in_a_json_body_is_refused() {
+        let limits = BodyLimits::default();
+        // An unused member nested 10,000 deep: serde_json would skip it without a limit.
+        let deep = format!(
+            "{{\"aggregateId\":\"a\",\"aggregateVersion\":1,\"payload\":{{}},\"junk\":{}1{}}}",
+            "[".repeat(10_000),
+            "]".repeat(10_000)
+        );
+        assert_eq!(
+            decode_members(deep.as_bytes(), ContentType::Json, limits),
+            Err(WireError::TooDeep(64))
+        );
+        // Brackets inside strings do not count.
+        let text = format!(
+            "{{\"aggregateId\":\"a\\\"[[\",\"aggregateVersion\":1,\"payload\":{{\"s\":\"{}\"}}}}",
+            "[".repeat(100)
+        );
+        let members = decode_members(text.as_bytes(), ContentType::Json, limits).unwrap();
+        assert_eq!(members.aggregate_id, Some(serde_json::json!("a\"[[")));
+        // Exactly at the limit is accepted.
+        let at_limit = format!("{}{}", "[".repeat(64), "]".repeat(64));
+        assert!(decode_body(at_limit.as_bytes(), ContentType::Json, limits).is_ok());
     }
 
     proptest! {

@@ -219,12 +219,84 @@ mod tests {
         assert!(reasons[3].1.contains("must be a non-negative integer"));
         assert_eq!(
             reasons[4],
-            (6, "unknown content type \"text/csv\"".to_string())
+            (
+                6,
+                "unsupported content type \"text/csv\" (expected application/json or application/msgpack, parameters allowed)"
+                    .to_string()
+            )
         );
         assert!(
             out.dead_letters
                 .iter()
                 .all(|(_, r)| r.class() == "invalid_event")
+        );
+    }
+
+    #[test]
+    fn payload_shape_content_type_parameters_and_whole_body_depth() {
+        let good = br#"{"aggregateId":"a","aggregateVersion":2,"payload":{"n":1}}"#;
+        let deep = format!(
+            r#"{{"aggregateId":"a","aggregateVersion":3,"payload":{{"n":1}},"unused":{}{}}}"#,
+            "[".repeat(5000),
+            "]".repeat(5000)
+        );
+        let entries = vec![
+            entry(
+                "1-0",
+                &[("v", good), ("ct", b"application/json; charset=utf-8")],
+            ),
+            entry("2-0", &[("v", good), ("ct", b"Application/JSON")]),
+            entry(
+                "3-0",
+                &[(
+                    "v",
+                    br#"{"aggregateId":"a","aggregateVersion":4,"payload":[1]}"#,
+                )],
+            ),
+            entry(
+                "4-0",
+                &[(
+                    "v",
+                    br#"{"aggregateId":"a","aggregateVersion":5,"payload":"x"}"#,
+                )],
+            ),
+            entry(
+                "5-0",
+                &[("v", good), ("ct", b"application/json; charset=utf-16")],
+            ),
+            entry("6-0", &[("v", deep.as_bytes())]),
+        ];
+        let mut out = Outcomes::default();
+        let records = DecodeConfig::default()
+            .build()
+            .process(Vec::new(), &entries, &mut out);
+        assert_eq!(
+            records.iter().map(|r| r.entry).collect::<Vec<_>>(),
+            vec![0, 1]
+        );
+        let reasons: Vec<(usize, String)> = out
+            .dead_letters
+            .iter()
+            .map(|(i, r)| (*i, r.to_string()))
+            .collect();
+        let reasons: Vec<(usize, &str)> = reasons.iter().map(|(i, r)| (*i, r.as_str())).collect();
+        assert_eq!(
+            reasons,
+            vec![
+                (
+                    2,
+                    "payload (key `payload`) must be an object or null, got an array"
+                ),
+                (
+                    3,
+                    "payload (key `payload`) must be an object or null, got a string"
+                ),
+                (
+                    4,
+                    "unsupported charset \"utf-16\" for application/json: JSON bodies must be UTF-8"
+                ),
+                (5, "body nests deeper than 64 levels"),
+            ]
         );
     }
 

@@ -8,9 +8,9 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
-use ecst_operators::StageConfig;
 use ecst_operators::postgres_tls::parse_postgres_url;
 use ecst_operators::sinks::postgres::config::quote;
+use ecst_operators::{SecretUrl, StageConfig};
 use ecst_pipeline::bootstrap::{group_state, stream_info};
 use ecst_pipeline::commit::divergence_key;
 use ecst_pipeline::config::{self, PipelineConfig};
@@ -37,15 +37,16 @@ pub(crate) struct StatusArgs {
     json: bool,
 }
 
-async fn redis_conn(url: &str) -> anyhow::Result<redis::aio::MultiplexedConnection> {
+/// Connects to `url`; errors name the server with its password masked.
+async fn redis_conn(url: &SecretUrl) -> anyhow::Result<redis::aio::MultiplexedConnection> {
     let config = redis::AsyncConnectionConfig::new()
         .set_connection_timeout(Some(Duration::from_secs(5)))
         .set_response_timeout(Some(Duration::from_secs(5)));
-    ecst_operators::redis_pool::redis_client(&ecst_operators::SecretUrl::new(url))
-        .context("invalid Redis URL")?
+    ecst_operators::redis_pool::redis_client(url)
+        .with_context(|| format!("invalid Redis URL {url}"))?
         .get_multiplexed_async_connection_with_config(&config)
         .await
-        .context("cannot connect to Redis")
+        .with_context(|| format!("cannot connect to Redis at {url}"))
 }
 
 fn number(map: &HashMap<String, RedisValue>, key: &str) -> Value {
@@ -165,7 +166,7 @@ async fn sink_freshness(
                     let mut own;
                     let conn = match &c.redis {
                         Some(url) => {
-                            own = redis_conn(url.expose()).await?;
+                            own = redis_conn(url).await?;
                             &mut own
                         }
                         None => &mut *source_conn,
@@ -239,7 +240,7 @@ async fn sink_freshness(
                         "apply_lag_seconds": round(row.get(2)),
                         "rows": row.get::<_, i64>(3),
                     })),
-                    Err(e) => out.push(json!({"sink": stage.name, "type": "postgres", "error": format!("{e:#}")})),
+                    Err(e) => out.push(json!({"sink": stage.name, "type": "postgres", "error": format!("{}: {e:#}", c.url)})),
                 }
             }
             _ => {}
@@ -249,7 +250,7 @@ async fn sink_freshness(
 }
 
 async fn snapshot(config: &PipelineConfig, all: bool) -> anyhow::Result<Value> {
-    let mut conn = redis_conn(config.source.redis.expose()).await?;
+    let mut conn = redis_conn(&config.source.redis).await?;
     let stream = &config.source.stream;
     let dlq = config.source.dead_letter_stream();
     let length: i64 = redis::cmd("XLEN")
