@@ -137,9 +137,17 @@ async fn groups(
             .query_async(conn)
             .await
             .context("HGETALL")?;
+        let last_delivered = bulk(g.get("last-delivered-id")).unwrap_or_else(|| "0-0".into());
+        let (lag, lag_counted) = match number(&g, "lag") {
+            // Redis forgets a group's entries-read when it reloads the stream from its AOF or
+            // RDB, and cannot tell the lag until the group reads to the end again: count it.
+            Value::Null => (counted_lag(conn, stream, &last_delivered).await?, true),
+            reported => (reported, false),
+        };
         out.push(json!({
             "group": name,
-            "lag": number(&g, "lag"),
+            "lag": lag,
+            "lag_counted": lag_counted,
             "pending": number(&g, "pending"),
             "oldest_pending_idle_seconds": oldest_idle,
             "last_delivered_id": bulk(g.get("last-delivered-id")),
@@ -150,6 +158,36 @@ async fn groups(
         }));
     }
     Ok(out)
+}
+
+/// Most entries `status` reads to count a lag Redis cannot tell.
+const LAG_COUNT_LIMIT: usize = 10_000;
+
+/// The entries after `last_delivered`, counted by reading their ids (at most
+/// [`LAG_COUNT_LIMIT`]; a longer tail is shown as `">10000"`).
+async fn counted_lag(
+    conn: &mut redis::aio::MultiplexedConnection,
+    stream: &str,
+    last_delivered: &str,
+) -> anyhow::Result<Value> {
+    let after: RedisValue = redis::cmd("XRANGE")
+        .arg(stream)
+        .arg(format!("({last_delivered}"))
+        .arg("+")
+        .arg("COUNT")
+        .arg(LAG_COUNT_LIMIT + 1)
+        .query_async(conn)
+        .await
+        .context("XRANGE")?;
+    let n = match after {
+        RedisValue::Array(entries) => entries.len(),
+        _ => 0,
+    };
+    Ok(if n > LAG_COUNT_LIMIT {
+        json!(format!(">{LAG_COUNT_LIMIT}"))
+    } else {
+        json!(n)
+    })
 }
 
 async fn sink_freshness(
@@ -308,7 +346,11 @@ fn render(report: &Value, colour: bool) -> String {
         out.push_str(&format!(
             "{:<32} {:>8} {:>8} {:>12} {:>22}  {}\n",
             show(&g["group"]),
-            show(&g["lag"]),
+            if g["lag_counted"] == Value::Bool(true) {
+                format!("{}*", show(&g["lag"]))
+            } else {
+                show(&g["lag"])
+            },
             show(&g["pending"]),
             g["oldest_pending_idle_seconds"]
                 .as_f64()
