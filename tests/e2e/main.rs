@@ -9,6 +9,7 @@ mod observe;
 mod reconcile;
 mod relay;
 mod replicate;
+mod servers;
 mod snapshot;
 mod traces;
 mod validate;
