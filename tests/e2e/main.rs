@@ -1,6 +1,7 @@
 //! End-to-end tests: the real `ecst` binary against a real Redis.
 
 mod bootstrap;
+mod chaos;
 mod common;
 mod deploy;
 mod fanout;
