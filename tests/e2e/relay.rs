@@ -222,6 +222,11 @@ fn a_relay_killed_at_random_points_never_loses_a_row() {
     wait_until(Duration::from_secs(60), "the outbox to drain", || {
         outbox_count(&pg, &table) == 0
     });
+    // The outbox may have drained before this relay started; SIGTERM before its handler is
+    // installed would end it by the signal.
+    wait_until(Duration::from_secs(20), "the last relay to start", || {
+        relay.log().contains("listening for outbox notifications")
+    });
     let (status, log) = relay.terminate();
     assert!(status.success(), "{log}");
     assert!(
