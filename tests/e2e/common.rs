@@ -529,3 +529,17 @@ pub fn rss_mib(pid: u32) -> f64 {
         .map(|kb| kb / 1024.0)
         .unwrap_or(0.0)
 }
+
+#[test]
+fn run_with_deadline_reads_output_while_the_child_runs() {
+    // More than a pipe holds (64 KiB) on both streams: a helper that read only after the
+    // exit waited for an exit that never came.
+    let mut cmd = Command::new("sh");
+    cmd.args([
+        "-c",
+        "head -c 1000000 /dev/zero; head -c 1000000 /dev/zero >&2",
+    ]);
+    let out = run_with_deadline(cmd, Duration::from_secs(20));
+    assert!(out.status.success(), "{:?}", out.status);
+    assert_eq!((out.stdout.len(), out.stderr.len()), (1_000_000, 1_000_000));
+}
