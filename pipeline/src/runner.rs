@@ -359,6 +359,8 @@ pub(crate) struct Batch {
     pub(crate) per_sink: Vec<Vec<Record>>,
     pub(crate) outcomes: Outcomes,
     pub(crate) extra_dead: Vec<(RawEntry, String)>,
+    /// Ids XAUTOCLAIM found trimmed while pending; Redis already took them out of the group.
+    pub(crate) trimmed: Vec<RawEntry>,
     /// False for snapshot rows, which are not stream entries.
     pub(crate) ack: bool,
 }
@@ -522,6 +524,7 @@ pub(crate) async fn complete(shared: Arc<Shared>, batch: Batch) {
         per_sink,
         mut outcomes,
         extra_dead,
+        trimmed,
         ack,
     } = batch;
     let applies = per_sink
@@ -540,7 +543,8 @@ pub(crate) async fn complete(shared: Arc<Shared>, batch: Batch) {
     let reports = futures::future::join_all(applies).await;
 
     let stats = &shared.stats;
-    let mut dead: Vec<(&RawEntry, String)> = Vec::new();
+    // (entry, reason, still pending in the group: acked together with its dead letter)
+    let mut dead: Vec<(&RawEntry, String, bool)> = Vec::new();
     for (i, report) in reports {
         stats
             .applied
@@ -554,11 +558,14 @@ pub(crate) async fn complete(shared: Arc<Shared>, batch: Batch) {
     }
     for (entry, reason) in &outcomes.dead_letters {
         if let Some(raw) = entries.get(*entry) {
-            dead.push((raw, reason.clone()));
+            dead.push((raw, reason.clone(), ack));
         }
     }
     for (raw, reason) in &extra_dead {
-        dead.push((raw, reason.clone()));
+        dead.push((raw, reason.clone(), ack));
+    }
+    for raw in &trimmed {
+        dead.push((raw, "trimmed before applied".into(), false));
     }
     for (_, reason) in &outcomes.dropped {
         match reason {
@@ -571,13 +578,13 @@ pub(crate) async fn complete(shared: Arc<Shared>, batch: Batch) {
     }
 
     if !dead.is_empty() {
-        for (raw, reason) in &dead {
+        for (raw, reason, _) in &dead {
             stats.count_dead_letter(reason);
             tracing::warn!(pipeline = %shared.pipeline, stream = %shared.stream, entry_id = %raw.id, reason = %reason, dead_letter = %shared.dead_letter, "Entry dead-lettered.");
         }
         let mut pipe = redis::pipe();
-        for (raw, reason) in &dead {
-            pipe.add_command(dead_letter_cmd(&shared, raw, reason))
+        for (raw, reason, pending) in &dead {
+            pipe.add_command(dead_letter_cmd(&shared, raw, reason, *pending))
                 .ignore();
         }
         with_redis_retry(&shared, "Writing to the dead-letter stream", &pipe)
@@ -593,6 +600,7 @@ pub(crate) async fn complete(shared: Arc<Shared>, batch: Batch) {
 
     let mut ids: Vec<String> = entries.iter().map(|e| e.id.clone()).collect();
     ids.extend(extra_dead.iter().map(|(e, _)| e.id.clone()));
+    ids.extend(trimmed.iter().map(|e| e.id.clone()));
     if ack && !ids.is_empty() {
         let mut pipe = redis::pipe();
         pipe.cmd("XACK")
@@ -611,13 +619,34 @@ pub(crate) async fn complete(shared: Arc<Shared>, batch: Batch) {
     }
 }
 
-fn dead_letter_cmd(shared: &Shared, raw: &RawEntry, reason: &str) -> redis::Cmd {
-    let mut cmd = redis::cmd("XADD");
-    cmd.arg(&shared.dead_letter)
-        .arg("MAXLEN")
-        .arg("~")
-        .arg(shared.dead_letter_maxlen)
-        .arg("*");
+/// Acks a stream entry and writes its dead letter in one atomic step, only if the entry was
+/// still pending: a retry after a lost reply, a crash between the two writes, or a second
+/// consumer that claimed the same entry can then never write a second dead letter.
+/// KEYS: stream, dead-letter stream; ARGV: group, entry id, MAXLEN, then the fields.
+const ACK_AND_DEAD_LETTER: &str = "if redis.call('XACK', KEYS[1], ARGV[1], ARGV[2]) == 1 then \
+    redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', unpack(ARGV, 4)) return 1 end return 0";
+
+/// The dead letter of `raw`: acked with it if it is `pending` in the group, a plain XADD
+/// otherwise (snapshot rows, entries Redis already dropped from the group).
+fn dead_letter_cmd(shared: &Shared, raw: &RawEntry, reason: &str, pending: bool) -> redis::Cmd {
+    let mut cmd;
+    if pending {
+        cmd = redis::cmd("EVAL");
+        cmd.arg(ACK_AND_DEAD_LETTER)
+            .arg(2)
+            .arg(&shared.stream)
+            .arg(&shared.dead_letter)
+            .arg(&shared.group)
+            .arg(&raw.id)
+            .arg(shared.dead_letter_maxlen);
+    } else {
+        cmd = redis::cmd("XADD");
+        cmd.arg(&shared.dead_letter)
+            .arg("MAXLEN")
+            .arg("~")
+            .arg(shared.dead_letter_maxlen)
+            .arg("*");
+    }
     for (k, v) in &raw.fields {
         cmd.arg(k).arg(v.as_slice());
     }
@@ -1030,16 +1059,14 @@ async fn stream_until(
         }
         if !trimmed.is_empty() {
             tracing::error!(pipeline = %config.name, stream = %source_cfg.stream, count = trimmed.len(), ids = ?trimmed, "Pending entries were trimmed from the stream before they were applied; recording them in the dead-letter stream.");
-            for id in trimmed {
-                extra_dead.push((
-                    RawEntry {
-                        id,
-                        fields: Vec::new(),
-                    },
-                    "trimmed before applied".into(),
-                ));
-            }
         }
+        let trimmed: Vec<RawEntry> = trimmed
+            .into_iter()
+            .map(|id| RawEntry {
+                id,
+                fields: Vec::new(),
+            })
+            .collect();
         stats
             .read
             .fetch_add(entries.len() as u64, Ordering::Relaxed);
@@ -1069,6 +1096,7 @@ async fn stream_until(
                     per_sink,
                     outcomes,
                     extra_dead,
+                    trimmed,
                     ack: true,
                 },
             )
