@@ -351,3 +351,81 @@ fn a_script_flush_is_recovered_from() {
     let (status, log) = worker.terminate();
     assert!(status.success(), "{log}");
 }
+
+#[test]
+fn a_poison_entry_claimed_from_a_stalled_worker_is_dead_lettered_once() {
+    let mut conn = redis();
+    let pg = postgres();
+    let stream = unique("dlqonce");
+    let table = format!("e2e_dlqonce_{}", std::process::id());
+    let proxy = Proxy::start("127.0.0.1:5432");
+    let stalled_url =
+        database_url().replacen("127.0.0.1:5432", &format!("127.0.0.1:{}", proxy.port), 1);
+    assert_ne!(
+        stalled_url,
+        database_url(),
+        "DATABASE_URL must point at 127.0.0.1:5432"
+    );
+    let yaml = |url: &str, consumer: &str| {
+        format!(
+            r#"name: dlqonce
+source:
+  stream: "{stream}"
+  group: replica
+  consumer: {consumer}
+  block: 100ms
+  claim_idle: 300ms
+  claim_every: 100ms
+  # Every XAUTOCLAIM of the stalled batch counts as a delivery; this test is not about that.
+  max_deliveries: 1000
+stages:
+  decode: {{ type: decode }}
+  table: {{ type: postgres, input: decode, url: "{url}", table: {table}, key: athlete_id, create: true, timeout: 1s, columns: {{ displayName: text }} }}
+"#
+        )
+    };
+    proxy.cut();
+    let ids = publish(
+        &mut conn,
+        &stream,
+        &[event("q1", 1, "good"), serde_json::json!("not an envelope")],
+    );
+    // The first worker reads both entries and stalls on its Postgres; nothing is acked.
+    let stalled = Worker::start(
+        &pipeline_file("dlqonce", &yaml(&stalled_url, "stalled")),
+        &[],
+    );
+    wait_for_worker(&stalled, Duration::from_secs(30), "the stall", || {
+        stalled.log().contains("Sink failed to apply a batch")
+    });
+    // A second one claims them once idle, applies, dead-letters the poison and acks.
+    let rescuer = Worker::start(
+        &pipeline_file("dlqonce", &yaml(&database_url(), "rescuer")),
+        &[],
+    );
+    wait_for_worker(&rescuer, Duration::from_secs(30), "the claim", || {
+        group_pending(&mut conn, &stream, "replica") == 0
+    });
+    let (status, rescuer_log) = rescuer.terminate();
+    assert!(status.success(), "{rescuer_log}");
+    // The stalled worker finishes the same batch late: its dead letter must not repeat.
+    proxy.restore();
+    wait_for_worker(&stalled, Duration::from_secs(30), "the late commit", || {
+        stalled.log().contains("Sink recovered; batch committed.")
+    });
+    let (status, log) = stalled.terminate();
+    assert!(status.success(), "{log}");
+    let dead: Vec<String> = dead_letters(&mut conn, &format!("{stream}.dlq"))
+        .into_iter()
+        .map(|d| d["source_id"].clone())
+        .collect();
+    assert_eq!(
+        dead,
+        vec![ids[1].clone()],
+        "stalled:\n{log}\nrescuer:\n{rescuer_log}"
+    );
+    pg.execute(&format!(
+        "DROP TABLE IF EXISTS {table}; DROP TABLE IF EXISTS {table}_tombstones"
+    ));
+    cleanup(&mut conn, &stream);
+}
