@@ -598,7 +598,6 @@ fn sample(items: &[String]) -> String {
 }
 
 #[test]
-#[ignore = "bug: poison entries are dead-lettered twice (the dead-letter XADD and the XACK are separate round trips in pipeline/src/runner.rs, so a claim of a stalled worker's batch, a crash or a retry repeats it); seed 8096709223658689664; fixed on branch h-chaos-dlq-fix"]
 fn chaos_run_loses_nothing_resurrects_nothing_and_dead_letters_poison_once() {
     let seed = chaos_seed();
     let secs = chaos_secs();
