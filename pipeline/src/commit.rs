@@ -36,6 +36,8 @@ pub(crate) struct Batch {
     pub(crate) per_sink: Vec<Vec<Record>>,
     pub(crate) outcomes: Outcomes,
     pub(crate) extra_dead: Vec<(RawEntry, DeadLetterReason)>,
+    /// Ids XAUTOCLAIM found trimmed while pending; Redis already took them out of the group.
+    pub(crate) trimmed: Vec<RawEntry>,
     /// False for snapshot rows, which are not stream entries.
     pub(crate) ack: bool,
 }
@@ -262,6 +264,7 @@ pub(crate) async fn complete(shared: Arc<Shared>, batch: Batch) {
         mut per_sink,
         mut outcomes,
         extra_dead,
+        trimmed,
         ack,
     } = batch;
     refuse_unwritable(&shared, &mut per_sink, &mut outcomes);
@@ -320,14 +323,18 @@ pub(crate) async fn complete(shared: Arc<Shared>, batch: Batch) {
             );
         }
     }
-    let mut dead: Vec<(&RawEntry, &DeadLetterReason)> = Vec::new();
+    // (entry, reason, still pending in the group: acked together with its dead letter)
+    let mut dead: Vec<(&RawEntry, &DeadLetterReason, bool)> = Vec::new();
     for (entry, reason) in &outcomes.dead_letters {
         if let Some(raw) = entries.get(*entry) {
-            dead.push((raw, reason));
+            dead.push((raw, reason, ack));
         }
     }
     for (raw, reason) in &extra_dead {
-        dead.push((raw, reason));
+        dead.push((raw, reason, ack));
+    }
+    for raw in &trimmed {
+        dead.push((raw, &DeadLetterReason::Trimmed, false));
     }
     for (_, reason) in &outcomes.dropped {
         match reason {
@@ -341,11 +348,11 @@ pub(crate) async fn complete(shared: Arc<Shared>, batch: Batch) {
 
     if !dead.is_empty() {
         let mut pipe = redis::pipe();
-        for (raw, reason) in &dead {
+        for (raw, reason, pending) in &dead {
             stats.count_dead_letter(reason);
             if reason.is_divergent() {
                 tracing::error!(pipeline = %shared.pipeline, stream = %shared.stream, entry_id = %raw.id, reason = %reason, dead_letter = %shared.dead_letter, "FAN-OUT DIVERGENCE: a store refused a record that other sinks applied; the replicas disagree on it until it is fixed and replayed.");
-                if let DeadLetterReason::StoreRefused { sink, .. } = reason {
+                if let (DeadLetterReason::StoreRefused { sink, .. }, false) = (reason, *pending) {
                     pipe.cmd("HINCRBY")
                         .arg(divergence_key(&shared.stream, &shared.group))
                         .arg(sink)
@@ -355,7 +362,7 @@ pub(crate) async fn complete(shared: Arc<Shared>, batch: Batch) {
             } else {
                 tracing::warn!(pipeline = %shared.pipeline, stream = %shared.stream, entry_id = %raw.id, reason = %reason, dead_letter = %shared.dead_letter, "Entry dead-lettered.");
             }
-            pipe.add_command(dead_letter_cmd(&shared, raw, reason))
+            pipe.add_command(dead_letter_cmd(&shared, raw, reason, *pending))
                 .ignore();
         }
         with_redis_retry(&shared, "Writing to the dead-letter stream", &pipe)
@@ -371,6 +378,7 @@ pub(crate) async fn complete(shared: Arc<Shared>, batch: Batch) {
 
     let mut ids: Vec<String> = entries.iter().map(|e| e.id.clone()).collect();
     ids.extend(extra_dead.iter().map(|(e, _)| e.id.clone()));
+    ids.extend(trimmed.iter().map(|e| e.id.clone()));
     if ack && !ids.is_empty() {
         let mut pipe = redis::pipe();
         pipe.cmd("XACK")
@@ -395,13 +403,48 @@ pub fn divergence_key(stream: &str, group: &str) -> String {
     format!("ecst:fanout-divergent:{stream}:{group}")
 }
 
-fn dead_letter_cmd(shared: &Shared, raw: &RawEntry, reason: &DeadLetterReason) -> redis::Cmd {
-    let mut cmd = redis::cmd("XADD");
-    cmd.arg(&shared.dead_letter)
-        .arg("MAXLEN")
-        .arg("~")
-        .arg(shared.dead_letter_maxlen)
-        .arg("*");
+/// Acks a stream entry and writes its dead letter in one atomic step, only if the entry was
+/// still pending: a retry after a lost reply, a crash between the two writes, or a second
+/// consumer that claimed the same entry can then never write a second dead letter.
+/// A divergent record also counts once against its refusing sink in the divergence hash.
+/// KEYS: stream, dead-letter stream, divergence hash; ARGV: group, entry id, MAXLEN, the
+/// refusing sink of a divergence (or empty), then the dead letter's fields.
+const ACK_AND_DEAD_LETTER: &str = "if redis.call('XACK', KEYS[1], ARGV[1], ARGV[2]) == 1 then \
+    redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', unpack(ARGV, 5)) \
+    if ARGV[4] ~= '' then redis.call('HINCRBY', KEYS[3], ARGV[4], 1) end return 1 end return 0";
+
+/// The dead letter of `raw`: acked with it if it is `pending` in the group, a plain XADD
+/// otherwise (snapshot rows, entries Redis already dropped from the group).
+fn dead_letter_cmd(
+    shared: &Shared,
+    raw: &RawEntry,
+    reason: &DeadLetterReason,
+    pending: bool,
+) -> redis::Cmd {
+    let mut cmd;
+    if pending {
+        let divergent_sink = match reason {
+            DeadLetterReason::StoreRefused { sink, .. } if reason.is_divergent() => sink.as_str(),
+            _ => "",
+        };
+        cmd = redis::cmd("EVAL");
+        cmd.arg(ACK_AND_DEAD_LETTER)
+            .arg(3)
+            .arg(&shared.stream)
+            .arg(&shared.dead_letter)
+            .arg(divergence_key(&shared.stream, &shared.group))
+            .arg(&shared.group)
+            .arg(&raw.id)
+            .arg(shared.dead_letter_maxlen)
+            .arg(divergent_sink);
+    } else {
+        cmd = redis::cmd("XADD");
+        cmd.arg(&shared.dead_letter)
+            .arg("MAXLEN")
+            .arg("~")
+            .arg(shared.dead_letter_maxlen)
+            .arg("*");
+    }
     for (k, v) in &raw.fields {
         cmd.arg(k).arg(v.as_slice());
     }

@@ -5,13 +5,13 @@
 use std::time::Duration;
 
 use crate::common::*;
-use crate::private_redis::PrivateRedis;
+use crate::servers::PrivateRedis;
 
 /// A server with an admin password and a user `app` (password `app-secret`) that may run
 /// everything but `extra_rule` takes away.
 fn server(extra_rule: &str) -> PrivateRedis {
     let rule = extra_rule.to_string();
-    PrivateRedis::start("auth", move |port| {
+    PrivateRedis::start_with(move |port| {
         let mut args: Vec<String> = [
             "--port",
             &port.to_string(),
@@ -34,7 +34,7 @@ fn server(extra_rule: &str) -> PrivateRedis {
 }
 
 fn admin(server: &PrivateRedis) -> redis::Connection {
-    redis::Client::open(format!("redis://:admin-secret@127.0.0.1:{}", server.port))
+    redis::Client::open(format!("redis://:admin-secret@127.0.0.1:{}", server.port()))
         .expect("url")
         .get_connection_with_timeout(Duration::from_secs(5))
         .expect("admin connection")
@@ -58,12 +58,12 @@ fn a_wrong_password_stops_the_start_with_exit_2_naming_the_server() {
     let server = server("");
     let (code, stderr) = run(
         &unique("auth-wrong"),
-        &format!("redis://app:not-the-password@127.0.0.1:{}", server.port),
+        &format!("redis://app:not-the-password@127.0.0.1:{}", server.port()),
     );
     assert_eq!(code, Some(2), "{stderr}");
     assert!(stderr.contains("authentication failed"), "{stderr}");
     assert!(
-        stderr.contains(&format!("redis://app:***@127.0.0.1:{}", server.port)),
+        stderr.contains(&format!("redis://app:***@127.0.0.1:{}", server.port())),
         "names the server with the password masked: {stderr}"
     );
     assert!(stderr.contains("user `app`"), "{stderr}");
@@ -75,7 +75,7 @@ fn an_acl_without_evalsha_stops_the_start_with_exit_2_naming_the_command() {
     let server = server("-evalsha");
     let (code, stderr) = run(
         &unique("auth-acl"),
-        &format!("redis://app:app-secret@127.0.0.1:{}", server.port),
+        &format!("redis://app:app-secret@127.0.0.1:{}", server.port()),
     );
     assert_eq!(code, Some(2), "{stderr}");
     assert!(stderr.contains("EVALSHA"), "{stderr}");
@@ -91,7 +91,7 @@ fn an_acl_without_the_stream_key_stops_the_start_naming_the_key() {
     let stream = unique("auth-key");
     let (code, stderr) = run(
         &stream,
-        &format!("redis://app:app-secret@127.0.0.1:{}", server.port),
+        &format!("redis://app:app-secret@127.0.0.1:{}", server.port()),
     );
     assert_eq!(code, Some(2), "{stderr}");
     assert!(
@@ -108,7 +108,7 @@ fn the_right_password_runs() {
     publish(&mut conn, &stream, &[event("r", 1, "Rae")]);
     drain(&pipeline(
         &stream,
-        &format!("redis://app:app-secret@127.0.0.1:{}", server.port),
+        &format!("redis://app:app-secret@127.0.0.1:{}", server.port()),
     ));
     assert_eq!(
         hash(&mut conn, "auth:athlete:r")
@@ -147,7 +147,7 @@ fn an_acl_narrowed_while_running_makes_readyz_fail_with_the_reason_until_fixed()
     let worker = Worker::start(
         &pipeline(
             &stream,
-            &format!("redis://app:app-secret@127.0.0.1:{}", server.port),
+            &format!("redis://app:app-secret@127.0.0.1:{}", server.port()),
         ),
         &["--metrics-addr", "127.0.0.1:0"],
     );
@@ -219,7 +219,7 @@ fn a_password_changed_while_running_makes_readyz_say_authentication_failed() {
     let worker = Worker::start(
         &pipeline(
             &stream,
-            &format!("redis://app:app-secret@127.0.0.1:{}", server.port),
+            &format!("redis://app:app-secret@127.0.0.1:{}", server.port()),
         ),
         &["--metrics-addr", "127.0.0.1:0"],
     );
@@ -252,7 +252,7 @@ fn a_password_changed_while_running_makes_readyz_say_authentication_failed() {
             code == 503
                 && body.contains(&format!(
                     "authentication failed at redis://app:***@127.0.0.1:{} as user `app`",
-                    server.port
+                    server.port()
                 ))
         },
     );

@@ -131,19 +131,12 @@ impl Source {
     }
 }
 
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
-
-/// `ecst snapshot serve` over the source table, on `port`.
-pub fn snapshot_server(source: &Source, port: u16) -> Worker {
+/// `ecst snapshot serve` over the source table, on a port it picks; returns it and the port.
+pub fn snapshot_server(source: &Source) -> (Worker, u16) {
     let file = pipeline_file(
         "snapshot",
         &format!(
-            "listen: 127.0.0.1:{port}\npostgres: \"{}\"\nentities:\n  athletes:\n    table: {}\n    occurred_at: updated_at\n    payload: {{ athleteId: id, displayName: display_name, status: status }}\n",
+            "listen: 127.0.0.1:0\npostgres: \"{}\"\nentities:\n  athletes:\n    table: {}\n    occurred_at: updated_at\n    payload: {{ athleteId: id, displayName: display_name, status: status }}\n",
             database_url(),
             source.table
         ),
@@ -151,11 +144,12 @@ pub fn snapshot_server(source: &Source, port: u16) -> Worker {
     let mut cmd = ecst();
     cmd.args(["snapshot", "serve"]).arg(&file);
     let server = Worker::spawn(cmd);
+    let port = server.listen_port("Snapshot server listening.");
     let health = format!("http://127.0.0.1:{port}/healthz");
     wait_until(Duration::from_secs(20), "the snapshot server", || {
         reqwest::blocking::get(&health).is_ok_and(|r| r.status().is_success())
     });
-    server
+    (server, port)
 }
 
 pub fn bootstrap_pipeline(stream: &str, prefix: &str, bootstrap: &str) -> PathBuf {
@@ -196,8 +190,7 @@ fn a_new_group_bootstraps_50k_rows_while_live_events_race_it() {
     // Old history still on the stream: older than the snapshot, it must not win.
     let stale: Vec<serde_json::Value> = ids(1..500).iter().map(|id| event(id, 1, "old")).collect();
     publish(&mut conn, &stream, &stale);
-    let port = free_port();
-    let server = snapshot_server(&source, port);
+    let (server, port) = snapshot_server(&source);
     let pipeline = bootstrap_pipeline(&stream, &prefix, &http_bootstrap(port, ""));
     let worker = Worker::start(&pipeline, &[]);
     wait_until(Duration::from_secs(30), "the bootstrap to start", || {
@@ -225,7 +218,8 @@ fn a_new_group_bootstraps_50k_rows_while_live_events_race_it() {
         log.contains("reason=the consumer group does not exist yet"),
         "{log}"
     );
-    server.terminate();
+    let (status, log) = server.terminate();
+    assert!(status.success(), "{log}");
     source.drop();
     cleanup_bootstrap(&mut conn, &stream, &prefix);
 }
@@ -236,8 +230,7 @@ fn an_interrupted_bootstrap_resumes_from_its_cursor() {
     let source = Source::create("resume", 20_000);
     let stream = unique("boot-resume");
     let prefix = format!("{stream}:");
-    let port = free_port();
-    let server = snapshot_server(&source, port);
+    let (server, port) = snapshot_server(&source);
     let pipeline = bootstrap_pipeline(
         &stream,
         &prefix,
@@ -295,8 +288,10 @@ fn an_interrupted_bootstrap_resumes_from_its_cursor() {
         "the replica to equal the source",
         || source.differences(&mut conn, &prefix).is_empty(),
     );
-    second.terminate();
-    server.terminate();
+    for worker in [second, server] {
+        let (status, log) = worker.terminate();
+        assert!(status.success(), "{log}");
+    }
     source.drop();
     cleanup_bootstrap(&mut conn, &stream, &prefix);
 }
@@ -307,8 +302,7 @@ fn two_workers_starting_together_bootstrap_once() {
     let source = Source::create("pair", 10_000);
     let stream = unique("boot-pair");
     let prefix = format!("{stream}:");
-    let port = free_port();
-    let server = snapshot_server(&source, port);
+    let (server, port) = snapshot_server(&source);
     let pipeline = bootstrap_pipeline(&stream, &prefix, &http_bootstrap(port, ""));
     let a = Worker::start(&pipeline, &["--consumer", "a"]);
     let b = Worker::start(&pipeline, &["--consumer", "b"]);
@@ -327,14 +321,17 @@ fn two_workers_starting_together_bootstrap_once() {
         "the live change replicated",
         || source.differences(&mut conn, &prefix).is_empty(),
     );
-    let (_, log_a) = a.terminate();
-    let (_, log_b) = b.terminate();
+    let (status_a, log_a) = a.terminate();
+    let (status_b, log_b) = b.terminate();
+    assert!(status_a.success(), "{log_a}");
+    assert!(status_b.success(), "{log_b}");
     let bootstraps = [&log_a, &log_b]
         .iter()
         .filter(|l| l.contains("Bootstrap starting"))
         .count();
     assert_eq!(bootstraps, 1, "A:\n{log_a}\nB:\n{log_b}");
-    server.terminate();
+    let (status, log) = server.terminate();
+    assert!(status.success(), "{log}");
     source.drop();
     cleanup_bootstrap(&mut conn, &stream, &prefix);
 }
@@ -361,8 +358,8 @@ fn a_retention_gap_is_detected_and_healed_from_the_source_query() {
     wait_until(Duration::from_secs(30), "the first bootstrap", || {
         source.differences(&mut conn, &prefix).is_empty()
     });
-    let (status, _) = worker.terminate();
-    assert!(status.success());
+    let (status, log) = worker.terminate();
+    assert!(status.success(), "{log}");
 
     // While the worker is down: changes and deletions at the source, published, then trimmed
     // away before the worker saw them.
@@ -433,8 +430,10 @@ fn a_snapshot_endpoint_that_is_down_is_retried_and_never_reported_done() {
     let source = Source::create("down", 3_000);
     let stream = unique("boot-down");
     let prefix = format!("{stream}:");
-    let port = free_port();
-    let pipeline = bootstrap_pipeline(&stream, &prefix, &http_bootstrap(port, ""));
+    // The endpoint is down behind a proxy that refuses connections, until the server is up.
+    let proxy = Proxy::start("127.0.0.1:9");
+    proxy.cut();
+    let pipeline = bootstrap_pipeline(&stream, &prefix, &http_bootstrap(proxy.port, ""));
     let worker = Worker::start(&pipeline, &[]);
     wait_until(
         Duration::from_secs(30),
@@ -446,7 +445,9 @@ fn a_snapshot_endpoint_that_is_down_is_retried_and_never_reported_done() {
         },
     );
     assert_eq!(progress(&mut conn, &stream)["state"], "running");
-    let server = snapshot_server(&source, port);
+    let (server, port) = snapshot_server(&source);
+    proxy.set_upstream(&format!("127.0.0.1:{port}"));
+    proxy.restore();
     wait_until(Duration::from_secs(60), "the bootstrap to finish", || {
         worker.log().contains("Bootstrap finished")
     });
@@ -455,8 +456,10 @@ fn a_snapshot_endpoint_that_is_down_is_retried_and_never_reported_done() {
         "the replica to equal the source",
         || source.differences(&mut conn, &prefix).is_empty(),
     );
-    worker.terminate();
-    server.terminate();
+    for worker in [worker, server] {
+        let (status, log) = worker.terminate();
+        assert!(status.success(), "{log}");
+    }
     source.drop();
     cleanup_bootstrap(&mut conn, &stream, &prefix);
 }

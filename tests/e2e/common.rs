@@ -151,28 +151,45 @@ pub fn dead_letters(conn: &mut redis::Connection, stream: &str) -> Vec<HashMap<S
         .collect()
 }
 
-/// Runs a command to completion within `limit`, killing it if it overruns.
+/// Runs a command to completion within `limit`, killing it if it overruns. Its output is read
+/// while it runs, so a child that writes more than a pipe holds cannot block on it.
 pub fn run_with_deadline(mut cmd: Command, limit: Duration) -> Output {
     let mut child = cmd
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn ecst");
+    let read_all = |mut pipe: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut bytes = Vec::new();
+            let _ = pipe.read_to_end(&mut bytes);
+            bytes
+        })
+    };
+    let stdout = read_all(Box::new(child.stdout.take().expect("stdout")));
+    let stderr = read_all(Box::new(child.stderr.take().expect("stderr")));
     let deadline = Instant::now() + limit;
-    loop {
+    let (status, overran) = loop {
         match child.try_wait().expect("wait") {
-            Some(_) => return child.wait_with_output().expect("output"),
+            Some(status) => break (status, false),
             None if Instant::now() > deadline => {
                 let _ = child.kill();
-                let out = child.wait_with_output().expect("output");
-                panic!(
-                    "command did not finish within {limit:?}\nstderr:\n{}",
-                    String::from_utf8_lossy(&out.stderr)
-                );
+                break (child.wait().expect("reap"), true);
             }
             None => std::thread::sleep(Duration::from_millis(20)),
         }
-    }
+    };
+    let out = Output {
+        status,
+        stdout: stdout.join().expect("stdout reader"),
+        stderr: stderr.join().expect("stderr reader"),
+    };
+    assert!(
+        !overran,
+        "command did not finish within {limit:?}\nstderr:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
 }
 
 /// `ecst run --drain` on a pipeline file; panics with its log unless it exits 0.
@@ -241,7 +258,31 @@ impl Worker {
         self.child.wait().expect("reaped");
     }
 
-    /// Sends SIGTERM and waits for the exit; returns the status and the whole log.
+    /// Waits for the log line containing `message` and returns the port of the `addr=` it
+    /// names: a child told to listen on port 0 says where it bound, so no port is guessed.
+    pub fn listen_port(&self, message: &str) -> u16 {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let log = self.log();
+            let port = log
+                .lines()
+                .find(|l| l.contains(message))
+                .and_then(|l| l.split_whitespace().find_map(|w| w.strip_prefix("addr=")))
+                .and_then(|addr| addr.parse::<std::net::SocketAddr>().ok())
+                .map(|addr| addr.port());
+            if let Some(port) = port {
+                return port;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no `{message}` line with addr= within 30s:\n{log}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Sends SIGTERM and waits for the exit; returns the status (assert it) and the whole log.
+    #[must_use = "assert the exit status"]
     pub fn terminate(mut self) -> (std::process::ExitStatus, String) {
         let status = Command::new("kill")
             .arg("-TERM")
@@ -384,6 +425,7 @@ pub mod postgres_client {
 /// connection failure, as a network partition or a server restart looks to a client.
 pub struct Proxy {
     pub port: u16,
+    upstream: Arc<Mutex<String>>,
     cut: Arc<std::sync::atomic::AtomicBool>,
     live: Arc<Mutex<Vec<std::net::TcpStream>>>,
 }
@@ -395,7 +437,8 @@ impl Proxy {
         let port = listener.local_addr().expect("addr").port();
         let cut = Arc::new(AtomicBool::new(false));
         let live: Arc<Mutex<Vec<std::net::TcpStream>>> = Arc::new(Mutex::new(Vec::new()));
-        let (cut2, live2, upstream) = (cut.clone(), live.clone(), upstream.to_string());
+        let upstream = Arc::new(Mutex::new(upstream.to_string()));
+        let (cut2, live2, upstream2) = (cut.clone(), live.clone(), upstream.clone());
         std::thread::spawn(move || {
             for client in listener.incoming() {
                 let Ok(client) = client else { continue };
@@ -403,7 +446,8 @@ impl Proxy {
                     drop(client);
                     continue;
                 }
-                let Ok(server) = std::net::TcpStream::connect(&upstream) else {
+                let target = upstream2.lock().map(|u| u.clone()).unwrap_or_default();
+                let Ok(server) = std::net::TcpStream::connect(&target) else {
                     continue;
                 };
                 if let (Ok(c2), Ok(s2)) = (client.try_clone(), server.try_clone()) {
@@ -422,7 +466,19 @@ impl Proxy {
                 }
             }
         });
-        Proxy { port, cut, live }
+        Proxy {
+            port,
+            upstream,
+            cut,
+            live,
+        }
+    }
+
+    /// Sends new connections to `upstream` from now on.
+    pub fn set_upstream(&self, upstream: &str) {
+        if let Ok(mut current) = self.upstream.lock() {
+            *current = upstream.to_string();
+        }
     }
 
     /// Closes every connection through the proxy and refuses new ones.
@@ -472,4 +528,18 @@ pub fn rss_mib(pid: u32) -> f64 {
         })
         .map(|kb| kb / 1024.0)
         .unwrap_or(0.0)
+}
+
+#[test]
+fn run_with_deadline_reads_output_while_the_child_runs() {
+    // More than a pipe holds (64 KiB) on both streams: a helper that read only after the
+    // exit waited for an exit that never came.
+    let mut cmd = Command::new("sh");
+    cmd.args([
+        "-c",
+        "head -c 1000000 /dev/zero; head -c 1000000 /dev/zero >&2",
+    ]);
+    let out = run_with_deadline(cmd, Duration::from_secs(20));
+    assert!(out.status.success(), "{:?}", out.status);
+    assert_eq!((out.stdout.len(), out.stderr.len()), (1_000_000, 1_000_000));
 }

@@ -2,7 +2,6 @@
 //! Redis that goes away.
 
 use std::collections::HashSet;
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use rand::SeedableRng;
@@ -11,6 +10,7 @@ use redis::Commands;
 use serde_json::Value;
 
 use crate::common::*;
+use crate::servers::PrivateRedis;
 
 #[test]
 fn kill_9_mid_stream_then_restart_converges_with_nothing_pending() {
@@ -252,83 +252,9 @@ fn a_vanished_group_is_recreated_at_the_configured_start_and_said_loudly() {
     cleanup(&mut conn, &stream);
 }
 
-/// A private redis-server on a free port, persisted so that a restart keeps the stream.
-struct PrivateRedis {
-    port: u16,
-    dir: std::path::PathBuf,
-    child: std::process::Child,
-}
-
-impl PrivateRedis {
-    fn start(port: Option<u16>, dir: Option<std::path::PathBuf>) -> PrivateRedis {
-        let port = port.unwrap_or_else(|| {
-            let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("free port");
-            listener.local_addr().expect("addr").port()
-        });
-        let dir = dir.unwrap_or_else(|| {
-            let d = std::env::temp_dir().join(unique("redis").replace(':', "_"));
-            std::fs::create_dir_all(&d).expect("dir");
-            d
-        });
-        let child = Command::new("redis-server")
-            .args([
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--appendonly",
-                "yes",
-                "--appendfsync",
-                "always",
-                "--save",
-                "",
-            ])
-            .arg("--dir")
-            .arg(&dir)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server is installed (scripts/services.sh installs it)");
-        let url = format!("redis://127.0.0.1:{port}");
-        wait_until(Duration::from_secs(20), "the private redis-server", || {
-            redis::Client::open(url.as_str())
-                .ok()
-                .and_then(|c| {
-                    c.get_connection_with_timeout(Duration::from_millis(200))
-                        .ok()
-                })
-                .and_then(|mut c| redis::cmd("PING").query::<String>(&mut c).ok())
-                .is_some()
-        });
-        PrivateRedis { port, dir, child }
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-
-    fn conn(&self) -> redis::Connection {
-        redis::Client::open(self.url())
-            .expect("url")
-            .get_connection_with_timeout(Duration::from_secs(2))
-            .expect("connect")
-    }
-
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for PrivateRedis {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
 #[test]
 fn a_redis_outage_acks_nothing_and_the_worker_resumes_when_redis_returns() {
-    let mut server = PrivateRedis::start(None, None);
+    let mut server = PrivateRedis::start(&["--appendonly", "yes", "--appendfsync", "always"]);
     let stream = "athletes";
     let prefix = "replica:";
     let yaml = athletes_pipeline(
@@ -349,7 +275,7 @@ fn a_redis_outage_acks_nothing_and_the_worker_resumes_when_redis_returns() {
     wait_until(Duration::from_secs(30), "the first batch", || {
         !hash(&mut conn, &format!("{prefix}athlete:o99")).is_empty()
     });
-    server.kill();
+    server.kill_9();
     wait_until(
         Duration::from_secs(30),
         "the worker to notice the outage",
@@ -364,7 +290,7 @@ fn a_redis_outage_acks_nothing_and_the_worker_resumes_when_redis_returns() {
         "the worker must survive a Redis outage:\n{}",
         worker.log()
     );
-    let mut server = PrivateRedis::start(Some(server.port), Some(server.dir.clone()));
+    server.restart();
     let mut conn = server.conn();
     publish(
         &mut conn,
@@ -390,5 +316,116 @@ fn a_redis_outage_acks_nothing_and_the_worker_resumes_when_redis_returns() {
         );
     }
     assert_eq!(group_pending(&mut conn, stream, "replica"), 0);
-    server.kill();
+}
+
+#[test]
+fn a_script_flush_is_recovered_from() {
+    // SCRIPT FLUSH empties the script cache of the whole server: a private one.
+    let server = PrivateRedis::start(&[]);
+    let stream = "athletes";
+    let prefix = "replica:";
+    let yaml = athletes_pipeline(stream, prefix, &format!("  redis: {}", server.url()));
+    let worker = Worker::start(&pipeline_file("scriptflush", &yaml), &[]);
+    let mut conn = server.conn();
+    let version = |conn: &mut redis::Connection| {
+        hash(conn, &format!("{prefix}athlete:f1"))
+            .get("_version")
+            .cloned()
+    };
+    publish(&mut conn, stream, &[event("f1", 1, "before")]);
+    wait_for_worker(&worker, Duration::from_secs(30), "the first write", || {
+        version(&mut conn).as_deref() == Some("1")
+    });
+    let _: () = redis::cmd("SCRIPT")
+        .arg("FLUSH")
+        .query(&mut conn)
+        .expect("SCRIPT FLUSH");
+    publish(&mut conn, stream, &[event("f1", 2, "after")]);
+    wait_for_worker(
+        &worker,
+        Duration::from_secs(30),
+        "the write after the flush",
+        || version(&mut conn).as_deref() == Some("2"),
+    );
+    assert_eq!(group_pending(&mut conn, stream, "replica"), 0);
+    let (status, log) = worker.terminate();
+    assert!(status.success(), "{log}");
+}
+
+#[test]
+fn a_poison_entry_claimed_from_a_stalled_worker_is_dead_lettered_once() {
+    let mut conn = redis();
+    let pg = postgres();
+    let stream = unique("dlqonce");
+    let table = format!("e2e_dlqonce_{}", std::process::id());
+    let proxy = Proxy::start("127.0.0.1:5432");
+    let stalled_url =
+        database_url().replacen("127.0.0.1:5432", &format!("127.0.0.1:{}", proxy.port), 1);
+    assert_ne!(
+        stalled_url,
+        database_url(),
+        "DATABASE_URL must point at 127.0.0.1:5432"
+    );
+    let yaml = |url: &str, consumer: &str| {
+        format!(
+            r#"name: dlqonce
+source:
+  stream: "{stream}"
+  group: replica
+  consumer: {consumer}
+  block: 100ms
+  claim_idle: 300ms
+  claim_every: 100ms
+  # Every XAUTOCLAIM of the stalled batch counts as a delivery; this test is not about that.
+  max_deliveries: 1000
+stages:
+  decode: {{ type: decode }}
+  table: {{ type: postgres, input: decode, url: "{url}", table: {table}, key: athlete_id, create: true, timeout: 1s, columns: {{ displayName: text }} }}
+"#
+        )
+    };
+    proxy.cut();
+    let ids = publish(
+        &mut conn,
+        &stream,
+        &[event("q1", 1, "good"), serde_json::json!("not an envelope")],
+    );
+    // The first worker reads both entries and stalls on its Postgres; nothing is acked.
+    let stalled = Worker::start(
+        &pipeline_file("dlqonce", &yaml(&stalled_url, "stalled")),
+        &[],
+    );
+    wait_for_worker(&stalled, Duration::from_secs(30), "the stall", || {
+        stalled.log().contains("Sink failed to apply a batch")
+    });
+    // A second one claims them once idle, applies, dead-letters the poison and acks.
+    let rescuer = Worker::start(
+        &pipeline_file("dlqonce", &yaml(&database_url(), "rescuer")),
+        &[],
+    );
+    wait_for_worker(&rescuer, Duration::from_secs(30), "the claim", || {
+        group_pending(&mut conn, &stream, "replica") == 0
+    });
+    let (status, rescuer_log) = rescuer.terminate();
+    assert!(status.success(), "{rescuer_log}");
+    // The stalled worker finishes the same batch late: its dead letter must not repeat.
+    proxy.restore();
+    wait_for_worker(&stalled, Duration::from_secs(30), "the late commit", || {
+        stalled.log().contains("Sink recovered; batch committed.")
+    });
+    let (status, log) = stalled.terminate();
+    assert!(status.success(), "{log}");
+    let dead: Vec<String> = dead_letters(&mut conn, &format!("{stream}.dlq"))
+        .into_iter()
+        .map(|d| d["source_id"].clone())
+        .collect();
+    assert_eq!(
+        dead,
+        vec![ids[1].clone()],
+        "stalled:\n{log}\nrescuer:\n{rescuer_log}"
+    );
+    pg.execute(&format!(
+        "DROP TABLE IF EXISTS {table}; DROP TABLE IF EXISTS {table}_tombstones"
+    ));
+    cleanup(&mut conn, &stream);
 }

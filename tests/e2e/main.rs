@@ -2,6 +2,7 @@
 
 mod auth;
 mod bootstrap;
+mod chaos;
 mod common;
 mod deploy;
 mod fanout;
@@ -9,11 +10,11 @@ mod faults;
 mod observe;
 mod orphans;
 mod poison;
-mod private_redis;
 mod reconcile;
 mod relay;
 mod replicate;
 mod secrets;
+mod servers;
 mod snapshot;
 mod snapshot_nulls;
 mod tls;

@@ -5,7 +5,6 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use crate::bootstrap::free_port;
 use crate::common::*;
 
 fn scrape(port: u16) -> HashMap<String, f64> {
@@ -45,9 +44,9 @@ fn metrics_report_freshness_counts_and_group_state() {
         .collect();
     events.push(json!("not an envelope"));
     publish(&mut conn, &stream, &events);
-    let port = free_port();
     let pipeline = pipeline_file("observe", &athletes_pipeline(&stream, &prefix, ""));
-    let worker = Worker::start(&pipeline, &["--metrics-addr", &format!("127.0.0.1:{port}")]);
+    let worker = Worker::start(&pipeline, &["--metrics-addr", "127.0.0.1:0"]);
+    let port = worker.listen_port("Metrics on /metrics");
     let p = "pipeline=\"athletes\"";
     wait_for_worker(
         &worker,
@@ -111,7 +110,8 @@ fn metrics_report_freshness_counts_and_group_state() {
     );
     assert_eq!(status(port, "/healthz").0, 200);
     assert_eq!(status(port, "/readyz"), (200, "ready\n".to_string()));
-    worker.terminate();
+    let (status, log) = worker.terminate();
+    assert!(status.success(), "{log}");
     cleanup(&mut conn, &stream);
 }
 
@@ -133,8 +133,8 @@ fn readyz_fails_while_a_sink_is_down_and_recovers() {
         ),
     );
     let pipeline = pipeline_file("observe", &yaml);
-    let port = free_port();
-    let worker = Worker::start(&pipeline, &["--metrics-addr", &format!("127.0.0.1:{port}")]);
+    let worker = Worker::start(&pipeline, &["--metrics-addr", "127.0.0.1:0"]);
+    let port = worker.listen_port("Metrics on /metrics");
     wait_for_worker(&worker, Duration::from_secs(20), "ready", || {
         status(port, "/readyz").0 == 200
     });
@@ -150,7 +150,8 @@ fn readyz_fails_while_a_sink_is_down_and_recovers() {
     wait_for_worker(&worker, Duration::from_secs(30), "ready again", || {
         status(port, "/readyz").0 == 200
     });
-    worker.terminate();
+    let (status, log) = worker.terminate();
+    assert!(status.success(), "{log}");
     cleanup(&mut conn, &stream);
 }
 

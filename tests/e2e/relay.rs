@@ -193,7 +193,8 @@ fn mark_mode_keeps_rows_and_msgpack_sets_ct() {
         "retention did not trim: {} entries",
         got.len()
     );
-    relay.terminate();
+    let (status, log) = relay.terminate();
+    assert!(status.success(), "{log}");
     drop_outbox(&pg, &table);
     cleanup(&mut conn, &stream);
 }
@@ -221,7 +222,13 @@ fn a_relay_killed_at_random_points_never_loses_a_row() {
     wait_until(Duration::from_secs(60), "the outbox to drain", || {
         outbox_count(&pg, &table) == 0
     });
-    relay.terminate();
+    // The outbox may have drained before this relay started; SIGTERM before its handler is
+    // installed would end it by the signal.
+    wait_until(Duration::from_secs(20), "the last relay to start", || {
+        relay.log().contains("listening for outbox notifications")
+    });
+    let (status, log) = relay.terminate();
+    assert!(status.success(), "{log}");
     assert!(
         kills >= 3,
         "only {kills} kills landed before the outbox drained"
@@ -297,7 +304,8 @@ fn a_row_committed_after_a_higher_id_is_still_published() {
         .map(|(_, v)| v["aggregateId"].as_str().unwrap_or_default().to_string())
         .collect();
     assert_eq!(ids, ["late", "early"]);
-    relay.terminate();
+    let (status, log) = relay.terminate();
+    assert!(status.success(), "{log}");
     drop_outbox(&pg, &table);
     cleanup(&mut conn, &stream);
 }
@@ -315,8 +323,10 @@ fn two_relays_publish_each_row_once() {
     wait_until(Duration::from_secs(60), "the outbox to drain", || {
         outbox_count(&pg, &table) == 0
     });
-    let (_, log_a) = a.terminate();
-    let (_, log_b) = b.terminate();
+    let (status_a, log_a) = a.terminate();
+    let (status_b, log_b) = b.terminate();
+    assert!(status_a.success(), "{log_a}");
+    assert!(status_b.success(), "{log_b}");
     let published = event_ids(&mut conn, &stream);
     assert_eq!(published.len(), 5000, "a row was published twice or lost");
     let distinct: HashSet<&String> = published.iter().collect();
@@ -378,7 +388,8 @@ fn rows_wait_in_the_outbox_while_redis_is_down() {
         outbox_count(&pg, &table) == 0
     });
     assert!(conn.xlen::<_, usize>(&stream).unwrap_or(0) >= 110);
-    relay.terminate();
+    let (status, log) = relay.terminate();
+    assert!(status.success(), "{log}");
     drop_outbox(&pg, &table);
     cleanup(&mut conn, &stream);
 }
@@ -410,7 +421,8 @@ fn the_relay_resumes_after_postgres_connections_are_cut() {
     });
     let published: HashSet<String> = event_ids(&mut conn, &stream).into_iter().collect();
     assert_eq!(published.len(), 210);
-    relay.terminate();
+    let (status, log) = relay.terminate();
+    assert!(status.success(), "{log}");
     drop_outbox(&pg, &table);
     cleanup(&mut conn, &stream);
 }
@@ -468,7 +480,8 @@ fn poisoned_rows_are_moved_aside_without_blocking_the_rest() {
         "{dead:?}"
     );
     assert!(dead["wrongtype"].contains("not a stream"), "{dead:?}");
-    relay.terminate();
+    let (status, log) = relay.terminate();
+    assert!(status.success(), "{log}");
     drop_outbox(&pg, &table);
     cleanup(&mut conn, &stream);
     let _: () = conn.del(&wrongtype).expect("DEL");
@@ -561,7 +574,8 @@ fn a_notification_wakes_the_relay_long_before_its_poll() {
     wait_until(Duration::from_secs(10), "the row on the stream", || {
         conn.xlen::<_, usize>(&stream).unwrap_or(0) == 1
     });
-    relay.terminate();
+    let (status, log) = relay.terminate();
+    assert!(status.success(), "{log}");
     drop_outbox(&pg, &table);
     cleanup(&mut conn, &stream);
 }

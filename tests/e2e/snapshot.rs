@@ -14,13 +14,6 @@ struct Server {
     empty: String,
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
-
 fn table_name(label: &str) -> String {
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -47,14 +40,13 @@ fn serve(label: &str, rows: i64, token: Option<&str>) -> Server {
         ),
         &[&rows],
     );
-    let port = free_port();
     let auth = token.map_or(String::new(), |_| {
         "bearer_token_env: E2E_SNAPSHOT_TOKEN\n".into()
     });
     let file = pipeline_file(
         "snapshot",
         &format!(
-            r#"listen: 127.0.0.1:{port}
+            r#"listen: 127.0.0.1:0
 postgres: "{url}"
 {auth}max_limit: 5000
 entities:
@@ -77,6 +69,7 @@ entities:
         cmd.env("E2E_SNAPSHOT_TOKEN", token);
     }
     let worker = Worker::spawn(cmd);
+    let port = worker.listen_port("Snapshot server listening.");
     let base = format!("http://127.0.0.1:{port}");
     let health = format!("{base}/healthz");
     wait_until(
@@ -219,8 +212,7 @@ fn a_missing_table_or_column_refuses_to_start() {
     let file: PathBuf = pipeline_file(
         "snapshot",
         &format!(
-            "listen: 127.0.0.1:{}\npostgres: \"{}\"\nentities:\n  athletes:\n    table: no_such_table_here\n",
-            free_port(),
+            "listen: 127.0.0.1:0\npostgres: \"{}\"\nentities:\n  athletes:\n    table: no_such_table_here\n",
             database_url()
         ),
     );

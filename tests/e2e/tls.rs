@@ -8,7 +8,7 @@ use ecst_operators::SecretUrl;
 use ecst_operators::redis_pool::redis_client;
 
 use crate::common::*;
-use crate::private_redis::{PrivateRedis, make_ca, make_cert};
+use crate::servers::{PrivateRedis, make_ca, make_cert};
 
 /// A TLS-only server whose certificate is signed by `ca.crt` and that requires a client
 /// certificate signed by it; `certs` also holds `client.crt`/`client.key` and a second,
@@ -27,7 +27,7 @@ fn tls_server() -> TlsServer {
     make_cert(&certs, "ca", "client", "clientAuth");
     let file = |name: &str| certs.join(name).display().to_string();
     let (crt, key, ca) = (file("server.crt"), file("server.key"), file("ca.crt"));
-    let redis = PrivateRedis::start("tls", move |port| {
+    let redis = PrivateRedis::start_with(move |port| {
         [
             "--port",
             "0",
@@ -57,7 +57,7 @@ impl TlsServer {
     fn url(&self, ca: &str) -> String {
         format!(
             "rediss://127.0.0.1:{}/?tls_ca={}&tls_cert={}&tls_key={}",
-            self.redis.port,
+            self.redis.port(),
             self.file(ca),
             self.file("client.crt"),
             self.file("client.key")
@@ -116,7 +116,7 @@ fn a_server_certificate_from_another_ca_is_refused_with_exit_status_2() {
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("certificate"), "{stderr}");
     assert!(
-        stderr.contains(&format!("rediss://127.0.0.1:{}", server.redis.port)),
+        stderr.contains(&format!("rediss://127.0.0.1:{}", server.redis.port())),
         "names the server: {stderr}"
     );
 }
@@ -126,7 +126,7 @@ fn insecure_skips_verification_but_still_speaks_tls() {
     let server = tls_server();
     let insecure = format!(
         "rediss://127.0.0.1:{}/?tls_cert={}&tls_key={}#insecure",
-        server.redis.port,
+        server.redis.port(),
         server.file("client.crt"),
         server.file("client.key")
     );

@@ -427,6 +427,7 @@ async fn run_bootstrap(
                 per_sink,
                 outcomes,
                 extra_dead: Vec::new(),
+                trimmed: Vec::new(),
                 ack: false,
             },
         );

@@ -191,16 +191,14 @@ pub(super) async fn stream_until(
         }
         if !trimmed.is_empty() {
             tracing::error!(pipeline = %config.name, stream = %source_cfg.stream, count = trimmed.len(), ids = ?trimmed, "Pending entries were trimmed from the stream before they were applied; recording them in the dead-letter stream.");
-            for id in trimmed {
-                extra_dead.push((
-                    RawEntry {
-                        id,
-                        fields: Vec::new(),
-                    },
-                    DeadLetterReason::Trimmed,
-                ));
-            }
         }
+        let trimmed: Vec<RawEntry> = trimmed
+            .into_iter()
+            .map(|id| RawEntry {
+                id,
+                fields: Vec::new(),
+            })
+            .collect();
         stats
             .read
             .fetch_add(entries.len() as u64, Ordering::Relaxed);
@@ -230,6 +228,7 @@ pub(super) async fn stream_until(
                     per_sink,
                     outcomes,
                     extra_dead,
+                    trimmed,
                     ack: true,
                 },
             )

@@ -193,25 +193,6 @@ async fn versions_above_two_to_the_53_compare_exactly() {
 }
 
 #[tokio::test]
-async fn script_flush_is_recovered_from() {
-    let prefix = unique_prefix();
-    let sink = sink(&prefix);
-    sink.apply_batch(&[record(0, "a", 1, json!({"v": "1"}))])
-        .await
-        .unwrap();
-    redis::cmd("SCRIPT")
-        .arg("FLUSH")
-        .query_async::<()>(&mut conn().await)
-        .await
-        .unwrap();
-    let report = sink
-        .apply_batch(&[record(0, "a", 2, json!({"v": "2"}))])
-        .await
-        .unwrap();
-    assert_eq!(report.applied, 1);
-}
-
-#[tokio::test]
 async fn unrenderable_keys_are_rejected_alone() {
     let prefix = unique_prefix();
     let config: RedisHashConfig = serde_json::from_value(
