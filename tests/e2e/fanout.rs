@@ -395,3 +395,56 @@ stages:
     ));
     cleanup(&mut conn, &stream);
 }
+
+#[test]
+fn entries_held_through_a_long_sink_outage_are_not_claimed_into_the_dead_letters() {
+    let mut conn = redis();
+    let pg = postgres();
+    let f = Fanout::new("outage-claims");
+    let proxy = Proxy::start("127.0.0.1:5432");
+    let url = database_url().replacen("127.0.0.1:5432", &format!("127.0.0.1:{}", proxy.port), 1);
+    // Claims are due after 300 ms idle and 3 deliveries make a dead letter: an outage of a
+    // few seconds is many times claim_idle.
+    let pipeline = pipeline_file(
+        "outage-claims",
+        &f.yaml(
+            &url,
+            "  batch_size: 20\n  in_flight: 16\n  claim_idle: 300ms\n  max_deliveries: 3",
+        ),
+    );
+    let first = Worker::start(&pipeline, &["--consumer", "first"]);
+    let second = Worker::start(&pipeline, &["--consumer", "second"]);
+    wait_until(Duration::from_secs(60), "the table to exist", || {
+        pg.try_query(&format!("SELECT 1 FROM {}", f.table)).is_ok()
+    });
+
+    proxy.cut();
+    let events: Vec<Value> = (0..100)
+        .map(|i| athlete(&format!("o{i}"), 1, "active"))
+        .collect();
+    publish(&mut conn, &f.stream, &events);
+    // A batch backs off 100, 200, 400, 800, 1600 ms: its sixth failure comes over 3 s into
+    // the outage, ten times claim_idle.
+    wait_until(
+        Duration::from_secs(60),
+        "a batch's sixth failed apply",
+        || first.log().contains("attempt=6") || second.log().contains("attempt=6"),
+    );
+    proxy.restore();
+    wait_until(Duration::from_secs(60), "every event in Postgres", || {
+        f.count(&pg) == 100
+    });
+    wait_until(Duration::from_secs(30), "everything acked", || {
+        group_pending(&mut conn, &f.stream, "replica") == 0
+    });
+    let dead = dead_letters(&mut conn, &format!("{}.dlq", f.stream));
+    assert!(
+        dead.is_empty(),
+        "good entries were claimed over max_deliveries during the outage: {dead:?}"
+    );
+    for worker in [first, second] {
+        let (status, log) = worker.terminate();
+        assert!(status.success(), "{log}");
+    }
+    f.finish(&mut conn, &pg);
+}

@@ -2,10 +2,12 @@
 //! through the DAG and hand each to a commit task, until shutdown, drain or a retention gap.
 //!
 //! Inside: `read_loop` (XREADGROUP / XAUTOCLAIM into batches, at most `in_flight` of them
-//! uncommitted), `group_watch` (the group's lag and pending count, for the metrics) and `trace`
-//! (per-event spans that join each producer's trace).
+//! uncommitted), `keep_claimed` (entries of batches still being applied stay this worker's),
+//! `group_watch` (the group's lag and pending count, for the metrics) and `trace` (per-event
+//! spans that join each producer's trace).
 
 mod group_watch;
+mod keep_claimed;
 mod read_loop;
 mod trace;
 

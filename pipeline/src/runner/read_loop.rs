@@ -4,15 +4,16 @@
 use std::collections::HashSet;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use ecst_operators::{DeadLetterReason, Outcomes, RawEntry};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tracing::Instrument;
 
-use super::RunOptions;
+use super::keep_claimed::keep_claimed;
 use super::trace::{name_event_spans, trace_events};
+use super::{AbortOnDrop, RunOptions};
 use crate::commit::{Batch, Shared, complete};
 use crate::config::PipelineConfig;
 use crate::dag::Dag;
@@ -53,6 +54,13 @@ pub(super) async fn stream_until(
 
     let permits = Arc::new(Semaphore::new(source_cfg.in_flight));
     let in_flight_ids: Arc<Mutex<HashSet<String>>> = Arc::new(Mutex::new(HashSet::new()));
+    // A batch whose sink is down can stay in flight longer than claim_idle; without this its
+    // entries would be claimed (each claim a delivery) until they pass max_deliveries.
+    let _keeping = AbortOnDrop(tokio::spawn(keep_claimed(
+        shared.clone(),
+        in_flight_ids.clone(),
+        (source_cfg.claim_idle.0 / 3).max(Duration::from_millis(50)),
+    )));
     let mut tasks: JoinSet<()> = JoinSet::new();
     let mut last_claim = Instant::now();
     let mut read_backoff = Backoff::new();

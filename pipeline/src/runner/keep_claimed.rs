@@ -1,0 +1,64 @@
+//! Keeps the entries of batches still being applied claimed by this worker: their idle time
+//! is reset without counting a delivery, so that a long sink outage neither lets another
+//! worker (or this one's own claim) take them nor pushes them over `max_deliveries`.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crate::commit::Shared;
+
+/// Ids reset per script call.
+const CHUNK: usize = 1000;
+
+/// For each id still pending at this consumer, `XCLAIM ... 0 id JUSTID`: idle time back to 0,
+/// delivery count unchanged. An id another consumer holds by now is left to it.
+/// KEYS: stream; ARGV: group, consumer, ids...
+const KEEP_CLAIMED: &str = "local kept = 0
+for i = 3, #ARGV do
+  local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)
+  if p[1] and p[1][2] == ARGV[2] then
+    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], 'JUSTID')
+    kept = kept + 1
+  end
+end
+return kept";
+
+/// Every `every`, resets the idle time of the entries in `in_flight` (the ids of batches read
+/// and not yet acked), until aborted.
+pub(super) async fn keep_claimed(
+    shared: Arc<Shared>,
+    in_flight: Arc<Mutex<HashSet<String>>>,
+    every: Duration,
+) {
+    let script = redis::Script::new(KEEP_CLAIMED);
+    loop {
+        tokio::time::sleep(every).await;
+        let ids: Vec<String> = match in_flight.lock() {
+            Ok(ids) => ids.iter().cloned().collect(),
+            Err(_) => return,
+        };
+        for chunk in ids.chunks(CHUNK) {
+            let Ok(mut conn) = shared.pool.get().await else {
+                break;
+            };
+            let mut invocation = script.key(&shared.stream);
+            invocation
+                .arg(&shared.group)
+                .arg(&shared.consumer)
+                .arg(chunk);
+            conn.begin();
+            let result =
+                tokio::time::timeout(shared.timeout, invocation.invoke_async::<i64>(conn.conn()))
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(redis::RedisError::from((redis::ErrorKind::Io, "timed out")))
+                    });
+            conn.settle(&result);
+            if let Err(e) = result {
+                tracing::warn!(pipeline = %shared.pipeline, error = %e, "Cannot keep in-flight entries claimed; another worker may claim them after claim_idle.");
+                break;
+            }
+        }
+    }
+}
