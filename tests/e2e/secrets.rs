@@ -217,6 +217,30 @@ fn unreachable_servers_are_reported_without_their_password() {
         assert_eq!(status.code(), Some(1), "bootstrap ({format}):\n{log}");
         assert_redacted(&format!("bootstrap ({format})"), &log, &[sink_shown]);
 
+        // A snapshot endpoint with credentials in its URL, down.
+        let http = pipeline(
+            "secrets-http",
+            &stream,
+            "",
+            &format!(
+                "bootstrap:\n  url: \"http://reader:{SECRET}@127.0.0.1:1/snapshot/athletes\"\n  timeout: 1s\n  on_new_group: false\n{}",
+                sink_stages(&query_url("connect_timeout=2"))
+            ),
+        );
+        let mut cmd = ecst_in(format);
+        cmd.arg("bootstrap").arg(&http);
+        let worker = Worker::spawn(cmd);
+        wait_for_worker(&worker, Duration::from_secs(30), "a failed page", || {
+            worker.log().contains("Fetching a snapshot page failed")
+        });
+        let (status, log) = worker.terminate();
+        assert_eq!(status.code(), Some(1), "bootstrap http ({format}):\n{log}");
+        assert_redacted(
+            &format!("bootstrap http ({format})"),
+            &log,
+            &["http://reader:***@127.0.0.1:1/snapshot/athletes"],
+        );
+
         let mut cmd = ecst_in(format);
         cmd.arg("run").arg(&dead_redis);
         let worker = Worker::spawn(cmd);

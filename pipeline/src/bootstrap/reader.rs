@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use ecst_operators::postgres_tls::parse_postgres_url;
-use ecst_operators::{DeadLetterReason, Outcomes, RawEntry, Record};
+use ecst_operators::{DeadLetterReason, Outcomes, RawEntry, Record, SecretUrl};
 use ecst_schemas::EnvelopeKeys;
 use ecst_schemas::wire::FIELD_BODY;
 use serde_json::{Value, json};
@@ -15,7 +15,7 @@ use crate::config::BootstrapConfig;
 pub(crate) enum SnapshotReader {
     Http {
         client: reqwest::Client,
-        url: String,
+        url: SecretUrl,
         token: Option<String>,
     },
     Postgres {
@@ -41,7 +41,7 @@ impl SnapshotReader {
                 .map_err(|e| format!("bootstrap: cannot build the HTTP client: {e}"))?;
             return Ok(SnapshotReader::Http {
                 client,
-                url: url.trim_end_matches('/').to_string(),
+                url: SecretUrl::new(url.expose().trim_end_matches('/')),
                 token,
             });
         }
@@ -63,7 +63,7 @@ impl SnapshotReader {
 
     pub(crate) fn describe(&self) -> String {
         match self {
-            SnapshotReader::Http { url, .. } => url.clone(),
+            SnapshotReader::Http { url, .. } => url.to_string(),
             SnapshotReader::Postgres { .. } => "the bootstrap query".into(),
         }
     }
@@ -73,7 +73,7 @@ impl SnapshotReader {
         let SnapshotReader::Http { client, url, token } = self else {
             return None;
         };
-        let mut request = client.get(format!("{url}/count"));
+        let mut request = client.get(format!("{}/count", url.expose()));
         if let Some(token) = token {
             request = request.bearer_auth(token);
         }
@@ -94,7 +94,7 @@ impl SnapshotReader {
         match self {
             SnapshotReader::Http { client, url, token } => {
                 let mut request = client
-                    .get(url.as_str())
+                    .get(url.expose())
                     .query(&[("limit", limit.to_string())]);
                 if let Some(after) = after {
                     request = request.query(&[("after", after)]);
@@ -105,13 +105,13 @@ impl SnapshotReader {
                 let response = request
                     .send()
                     .await
-                    .map_err(|e| format!("GET {url}: {e}"))?;
+                    .map_err(|e| format!("GET {url}: {}", e.without_url()))?;
                 let status = response.status();
                 // A body cut short (the server died mid-page) is an error here, not a page.
                 let body = response
                     .bytes()
                     .await
-                    .map_err(|e| format!("GET {url}: reading the page: {e}"))?;
+                    .map_err(|e| format!("GET {url}: reading the page: {}", e.without_url()))?;
                 if !status.is_success() {
                     return Err(format!(
                         "GET {url}: {status}: {}",

@@ -22,7 +22,7 @@ pub enum OnGap {
 pub struct BootstrapConfig {
     /// The NDJSON snapshot endpoint of the entity (`http://athletes:8081/snapshot/athletes`).
     #[serde(default)]
-    pub url: Option<String>,
+    pub url: Option<SecretUrl>,
     /// Environment variable with the endpoint's bearer token.
     #[serde(default)]
     pub bearer_token_env: Option<String>,
@@ -73,7 +73,7 @@ impl BootstrapConfig {
         let mut problems = Vec::new();
         match (&self.url, &self.postgres, &self.query) {
             (Some(url), None, None) => {
-                if !(url.starts_with("http://") || url.starts_with("https://")) {
+                if !(url.expose().starts_with("http://") || url.expose().starts_with("https://")) {
                     problems.push(("url", format!("`{url}` is not an http(s) URL")));
                 }
             }
