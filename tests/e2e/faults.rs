@@ -429,3 +429,60 @@ stages:
     ));
     cleanup(&mut conn, &stream);
 }
+
+#[test]
+fn status_counts_the_lag_redis_forgot_when_it_reloaded_the_stream() {
+    let mut server = PrivateRedis::start(&["--appendonly", "yes", "--appendfsync", "always"]);
+    let mut conn = server.conn();
+    let stream = unique("aof-lag");
+    publish(
+        &mut conn,
+        &stream,
+        &(1..=10).map(|v| event("a", v, "Ada")).collect::<Vec<_>>(),
+    );
+    let _: () = redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg(&stream)
+        .arg("replica")
+        .arg("0")
+        .query(&mut conn)
+        .expect("XGROUP CREATE");
+    let _: redis::Value = redis::cmd("XREADGROUP")
+        .arg("GROUP")
+        .arg("replica")
+        .arg("w")
+        .arg("COUNT")
+        .arg(4)
+        .arg("STREAMS")
+        .arg(&stream)
+        .arg(">")
+        .query(&mut conn)
+        .expect("XREADGROUP");
+    let pipeline = pipeline_file(
+        "aof-lag",
+        &athletes_pipeline(&stream, "aof:", &format!("  redis: \"{}\"", server.url())),
+    );
+    let status = |args: &[&str]| {
+        let mut cmd = ecst();
+        cmd.arg("status").arg(&pipeline).args(args);
+        let out = run_with_deadline(cmd, Duration::from_secs(30));
+        assert!(out.status.success(), "{}", stderr_of(&out));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let before: serde_json::Value = serde_json::from_str(&status(&["--json"])).expect("JSON");
+    assert_eq!(before["groups"][0]["lag"], 6);
+    assert_eq!(before["groups"][0]["lag_counted"], false);
+
+    // Reloaded from its AOF, Redis no longer knows how far the group read.
+    server.restart();
+    let after: serde_json::Value = serde_json::from_str(&status(&["--json"])).expect("JSON");
+    assert_eq!(after["groups"][0]["entries_read"], serde_json::Value::Null);
+    assert_eq!(after["groups"][0]["lag"], 6, "{after}");
+    assert_eq!(after["groups"][0]["lag_counted"], true);
+    let text = status(&[]);
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("replica") && l.split_whitespace().nth(1) == Some("6*")),
+        "{text}"
+    );
+}
