@@ -4,21 +4,29 @@
 //!
 //! - [`record`]: what flows between stages ([`Record`], [`Action`]) and what a batch reports
 //!   besides its records ([`Outcomes`]).
-//! - [`stage`]: the two small traits every component implements ([`Stage`] for synchronous
-//!   batch transforms, [`Sink`] for the async leaves) and the closed registry [`StageConfig`].
+//! - [`stage`]: the small traits every component implements ([`Stage`] for synchronous batch
+//!   transforms, [`Sink`] for the async leaves, [`stage::ComponentConfig`] for their configs).
+//! - [`registry`]: the closed set of stage types, each named once ([`StageConfig`]).
+//! - [`dead_letter`]: why an entry was dead-lettered ([`DeadLetterReason`]).
+//! - [`error`]: [`SinkError`] and [`BuildError`].
 //! - [`stages`]: `decode`, `version_filter`, `tombstone`, `project`, one file each.
 //! - [`sinks`]: the `redis_hash` and `postgres` sinks.
 //! - [`postgres_tls`]: Postgres URLs with libpq's `sslmode` options, over rustls.
 //! - [`replica`]: reading a replica back for reconciliation ([`replica::Replica`]).
+//! - [`redis_pool`]: the one Redis client constructor (TLS, credentials) and pool, and how a
+//!   Redis failure is classified.
+//! - [`secret`]: connection strings that never print their passwords.
 //! - [`duration`]: the `500ms` / `2s` / `7d` durations config files use.
 #![forbid(unsafe_code)]
 #![warn(missing_docs, unreachable_pub)]
 
 pub mod dead_letter;
 pub mod duration;
+pub mod error;
 pub mod postgres_tls;
 pub mod record;
 pub mod redis_pool;
+pub mod registry;
 pub mod replica;
 pub mod secret;
 pub mod sinks;
@@ -27,8 +35,8 @@ pub mod stages;
 
 pub use dead_letter::DeadLetterReason;
 pub use duration::ConfigDuration;
+pub use error::{BuildError, SinkError};
 pub use record::{Action, DropReason, Outcomes, RawEntry, Record};
+pub use registry::StageConfig;
 pub use secret::SecretUrl;
-pub use stage::{
-    BuildContext, BuildError, BuiltStage, Sink, SinkError, SinkReport, Stage, StageConfig,
-};
+pub use stage::{BuildContext, BuiltStage, Sink, SinkReport, Stage};

@@ -3,8 +3,8 @@
 use std::future::Future;
 use std::pin::Pin;
 
+use crate::error::SinkError;
 use crate::record::Record;
-use crate::stage::SinkError;
 
 /// A boxed future of the replica calls.
 pub type ReplicaFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, SinkError>> + Send + 'a>>;

@@ -8,7 +8,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use ecst_operators::stage::{STAGE_TYPES, is_root_type, is_sink_type};
+use ecst_operators::registry::{STAGE_TYPES, is_root_type, is_sink_type};
 use ecst_operators::{ConfigDuration, SecretUrl, StageConfig};
 use serde::{Deserialize, Deserializer};
 use serde_json::Value;

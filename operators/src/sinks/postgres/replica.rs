@@ -5,9 +5,9 @@ use super::config::quote;
 use super::sql::{array_type, select_cast};
 use super::values::Cell;
 use super::{PgType, PostgresSink, Rows, STORE, classify};
+use crate::error::SinkError;
 use crate::record::{Action, Record};
 use crate::replica::{Drift, Eviction, KeyPage, Replica, ReplicaFuture, StoredKey};
-use crate::stage::SinkError;
 
 /// How long a tombstone written by reconciliation lasts.
 const EVICT_TOMBSTONE: &str = "7 days";
