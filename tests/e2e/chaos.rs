@@ -54,8 +54,9 @@ source:
   claim_idle: 2s
   claim_every: 500ms
   gap_check_every: 1s
-  # Every kill and every claim of a stalled worker's batch counts as a delivery; a good event
-  # dead-lettered for that is the max_deliveries policy at work, not what this run checks.
+  # Every kill of a worker holding a batch, and every claim from a frozen one, counts as a
+  # delivery; a good event dead-lettered for that is the max_deliveries policy at work, not
+  # what this run checks.
   max_deliveries: 1000
 stages:
   decode: {{ type: decode }}

@@ -376,8 +376,6 @@ source:
   block: 100ms
   claim_idle: 300ms
   claim_every: 100ms
-  # Every XAUTOCLAIM of the stalled batch counts as a delivery; this test is not about that.
-  max_deliveries: 1000
 stages:
   decode: {{ type: decode }}
   table: {{ type: postgres, input: decode, url: "{url}", table: {table}, key: athlete_id, create: true, timeout: 1s, columns: {{ displayName: text }} }}
@@ -398,6 +396,9 @@ stages:
     wait_for_worker(&stalled, Duration::from_secs(30), "the stall", || {
         stalled.log().contains("Sink failed to apply a batch")
     });
+    // A live worker keeps its in-flight entries claimed; a frozen one (a long GC pause, a
+    // stopped VM) cannot, and then they are claimed by another.
+    signal(stalled.child.id(), "STOP");
     // A second one claims them once idle, applies, dead-letters the poison and acks.
     let rescuer = Worker::start(
         &pipeline_file("dlqonce", &yaml(&database_url(), "rescuer")),
@@ -410,6 +411,7 @@ stages:
     assert!(status.success(), "{rescuer_log}");
     // The stalled worker finishes the same batch late: its dead letter must not repeat.
     proxy.restore();
+    signal(stalled.child.id(), "CONT");
     wait_for_worker(&stalled, Duration::from_secs(30), "the late commit", || {
         stalled.log().contains("Sink recovered; batch committed.")
     });
@@ -485,4 +487,14 @@ fn status_counts_the_lag_redis_forgot_when_it_reloaded_the_stream() {
             .any(|l| l.starts_with("replica") && l.split_whitespace().nth(1) == Some("6*")),
         "{text}"
     );
+}
+
+/// Sends a signal by name (`STOP`, `CONT`) to a process.
+fn signal(pid: u32, name: &str) {
+    let status = std::process::Command::new("kill")
+        .arg(format!("-{name}"))
+        .arg(pid.to_string())
+        .status()
+        .expect("run kill");
+    assert!(status.success(), "kill -{name} {pid} failed: {status:?}");
 }
