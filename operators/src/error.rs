@@ -12,6 +12,15 @@ pub enum SinkError {
         /// What the client said.
         message: String,
     },
+    /// The store holds something that conflicts with a record of the batch (a key of another
+    /// type where the replica's key should be): applying the records one at a time finds it.
+    #[error("{store} refused a record of the batch: {message}")]
+    Conflict {
+        /// `redis` or `postgres`.
+        store: &'static str,
+        /// What the store said.
+        message: String,
+    },
     /// The store answered with an error for the whole batch.
     #[error("{store} refused the batch: {message}")]
     Refused {

@@ -55,15 +55,11 @@ pub fn redact(url: &str) -> String {
 /// The URL form; `rest_start` is just past `://`.
 fn redact_url(url: &str, rest_start: usize) -> String {
     let (scheme, rest) = url.split_at(rest_start);
-    // Where the userinfo ends, as the driver that reads this URL sees it: tokio-postgres takes
-    // everything up to the first `@` as credentials (so a password may hold `/` or `?`);
-    // the redis crate (WHATWG URLs) takes the last `@` before the first `/`, `?` or `#`.
-    let userinfo_end = if scheme.starts_with("postgres") {
-        rest.find('@')
-    } else {
-        let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-        rest[..authority_end].rfind('@')
-    };
+    // Where the userinfo ends: at the last `@`. Drivers disagree (tokio-postgres stops at the
+    // first `@`, the redis crate at the last `@` before the first `/`, `?` or `#`), and a
+    // password may hold any of those; masking up to the last `@` never shows a part of one,
+    // at worst it also hides a host or path.
+    let userinfo_end = rest.rfind('@');
     let mut out = String::with_capacity(url.len());
     out.push_str(scheme);
     let after_userinfo = match userinfo_end {
@@ -274,6 +270,13 @@ mod tests {
         ("postgres://u:p/w?d@db/x", "postgres://u:***@db/x"),
         // The url crate's userinfo ends at the last `@` of the authority.
         ("redis://u:p@w@h:1/0", "redis://u:***@h:1/0"),
+        // Passwords made by `openssl rand -base64`, and ones with `?`, `#` or `@`.
+        ("redis://:Ab/cd+ef==@cache:6379", "redis://:***@cache:6379"),
+        (
+            "rediss://u:a?b#c@cache:6380/1",
+            "rediss://u:***@cache:6380/1",
+        ),
+        ("postgres://u:p@ss@db/x", "postgres://u:***@db/x"),
         // Query parameters.
         (
             "postgres://db/x?password=pw&application_name=a",

@@ -87,7 +87,7 @@ async fn apply_until_committed(
     let (name, sink) = &shared.sinks[sink_index];
     let mut backoff = Backoff::new();
     let mut failing = false;
-    let mut refusals = 0u64;
+    let mut conflicts = 0u64;
     loop {
         let error = match sink.apply_batch(records).await {
             Ok(report) => {
@@ -99,25 +99,28 @@ async fn apply_until_committed(
             }
             Err(e) => e,
         };
-        if let SinkError::Refused { message, .. } = &error {
-            let isolated = match records {
-                // A record the store refuses on its own is refused like a redelivered entry:
-                // after max_deliveries attempts it goes to the dead letters.
-                [record] => {
-                    refusals += 1;
-                    (refusals >= shared.max_deliveries).then(|| SinkReport {
-                        refused: vec![(record.entry, message.clone())],
-                        ..SinkReport::default()
-                    })
-                }
-                _ => isolate_refused(shared, sink_index, records).await,
-            };
-            if let Some(report) = isolated {
-                if failing {
-                    set_failing(shared, sink_index, false);
-                }
-                return report;
+        let isolated = match (&error, records) {
+            // A record that conflicts with what the store holds, alone in its batch, is
+            // refused like a redelivered entry: after max_deliveries attempts it goes to the
+            // dead letters. A refusal of the store's own (a dropped table, a permission) is
+            // retried however small the batch.
+            (SinkError::Conflict { message, .. }, [record]) => {
+                conflicts += 1;
+                (conflicts >= shared.max_deliveries).then(|| SinkReport {
+                    refused: vec![(record.entry, message.clone())],
+                    ..SinkReport::default()
+                })
             }
+            (SinkError::Conflict { .. } | SinkError::Refused { .. }, [_, _, ..]) => {
+                isolate_refused(shared, sink_index, records).await
+            }
+            _ => None,
+        };
+        if let Some(report) = isolated {
+            if failing {
+                set_failing(shared, sink_index, false);
+            }
+            return report;
         }
         if !failing {
             failing = true;
@@ -150,7 +153,9 @@ async fn isolate_refused(
                 merged.rejected.extend(report.rejected);
                 merged.refused.extend(report.refused);
             }
-            Err(SinkError::Refused { message, .. }) => refused.push((record.entry, message)),
+            Err(SinkError::Refused { message, .. } | SinkError::Conflict { message, .. }) => {
+                refused.push((record.entry, message))
+            }
             // The store went away meanwhile: retry the whole batch (repeats are harmless).
             Err(_) => return None,
         }
@@ -413,6 +418,9 @@ const ACK_AND_DEAD_LETTER: &str = "if redis.call('XACK', KEYS[1], ARGV[1], ARGV[
     redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', unpack(ARGV, 5)) \
     if ARGV[4] ~= '' then redis.call('HINCRBY', KEYS[3], ARGV[4], 1) end return 1 end return 0";
 
+/// Most fields of an entry its dead letter copies.
+const MAX_COPIED_FIELDS: usize = 3_000;
+
 /// The dead letter of `raw`: acked with it if it is `pending` in the group, a plain XADD
 /// otherwise (snapshot rows, entries Redis already dropped from the group).
 fn dead_letter_cmd(
@@ -445,8 +453,15 @@ fn dead_letter_cmd(
             .arg(shared.dead_letter_maxlen)
             .arg("*");
     }
-    for (k, v) in &raw.fields {
-        cmd.arg(k).arg(v.as_slice());
+    // The script hands the fields to XADD through Lua's `unpack`, which stops near 8,000
+    // values: an entry with more fields is dead-lettered by reference (it stays in the stream
+    // until trimmed) rather than never.
+    if raw.fields.len() <= MAX_COPIED_FIELDS {
+        for (k, v) in &raw.fields {
+            cmd.arg(k).arg(v.as_slice());
+        }
+    } else {
+        cmd.arg("fields_not_copied").arg(raw.fields.len());
     }
     cmd.arg("error")
         .arg(reason.to_string())

@@ -67,7 +67,8 @@ pub async fn check_redis_access(config: &PipelineConfig) -> Result<(), Preflight
     Ok(())
 }
 
-/// The source's commands: read, ack, and dead-letter, on the stream and dead-letter keys.
+/// The source's commands: read, ack, claim, and dead-letter (a script that acks and adds),
+/// on the stream, dead-letter and divergence keys.
 fn source_probes(config: &PipelineConfig) -> Vec<Probe> {
     let source = &config.source;
     let stream = source.stream.as_str();
@@ -91,10 +92,38 @@ fn source_probes(config: &PipelineConfig) -> Vec<Probe> {
         .arg("*")
         .arg("probe")
         .arg("1");
+    // A claim of entries idle for longer than anything can be claims nothing.
+    let mut claim = redis::cmd("XAUTOCLAIM");
+    claim
+        .arg(stream)
+        .arg(&source.group)
+        .arg(source.consumer_name())
+        .arg(i64::MAX / 2)
+        .arg("0-0")
+        .arg("COUNT")
+        .arg(1);
+    let divergence = crate::commit::divergence_key(stream, &source.group);
+    let mut script = redis::cmd("EVAL");
+    script
+        .arg("return 0")
+        .arg(3)
+        .arg(stream)
+        .arg(&dead_letter)
+        .arg(&divergence);
     vec![
         Probe {
             what: format!("XREADGROUP on stream `{stream}` (the source)"),
             cmd: read,
+        },
+        Probe {
+            what: format!("XAUTOCLAIM on stream `{stream}` (the source)"),
+            cmd: claim,
+        },
+        Probe {
+            what: format!(
+                "EVAL on keys `{stream}`, `{dead_letter}` and `{divergence}` (dead letters are acked and added in one script)"
+            ),
+            cmd: script,
         },
         Probe {
             what: format!("XACK on stream `{stream}` (the source)"),

@@ -230,3 +230,36 @@ fn a_lone_record_the_store_refuses_is_dead_lettered_after_max_deliveries() {
     let _: () = conn.del(format!("{prefix}athlete:a")).unwrap_or(());
     cleanup(&mut conn, &stream);
 }
+
+#[test]
+fn an_entry_with_thousands_of_fields_is_dead_lettered_by_reference() {
+    let mut conn = redis();
+    let stream = unique("verdict-wide");
+    let mut cmd = redis::cmd("XADD");
+    cmd.arg(&stream).arg("*");
+    for i in 0..5_000 {
+        cmd.arg(format!("f{i}")).arg(i);
+    }
+    let wide: String = cmd.query(&mut conn).expect("XADD");
+    let ids = publish(&mut conn, &stream, &[event("a", 1, "Ada")]);
+    let prefix = format!("{stream}:");
+    drain(&pipeline_file(
+        "verdict-wide",
+        &athletes_pipeline(&stream, &prefix, ""),
+    ));
+    let dead = dead_letters(&mut conn, &format!("{stream}.dlq"));
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert_eq!(dead[0]["source_id"], wide);
+    assert_eq!(dead[0]["fields_not_copied"], "5000");
+    assert_eq!(dead[0]["error_class"], "invalid_event");
+    assert_eq!(
+        hash(&mut conn, &format!("{prefix}athlete:a"))
+            .get("display_name")
+            .map(String::as_str),
+        Some("Ada"),
+        "the entry after it ({}) replicates",
+        ids[0]
+    );
+    assert_eq!(group_pending(&mut conn, &stream, "replica"), 0);
+    cleanup(&mut conn, &stream);
+}

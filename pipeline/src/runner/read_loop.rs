@@ -1,7 +1,7 @@
 //! The read loop: XREADGROUP (and XAUTOCLAIM) batches through the DAG into commit tasks, with
 //! at most `in_flight` batches uncommitted, until shutdown, drain or a retention gap.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -53,7 +53,8 @@ pub(super) async fn stream_until(
     }
 
     let permits = Arc::new(Semaphore::new(source_cfg.in_flight));
-    let in_flight_ids: Arc<Mutex<HashSet<String>>> = Arc::new(Mutex::new(HashSet::new()));
+    // The ids of batches read and not yet acked, with when they were read.
+    let in_flight_ids: Arc<Mutex<HashMap<String, Instant>>> = Arc::new(Mutex::new(HashMap::new()));
     // A batch whose sink is down can stay in flight longer than claim_idle; without this its
     // entries would be claimed (each claim a delivery) until they pass max_deliveries.
     let _keeping = AbortOnDrop(tokio::spawn(keep_claimed(
@@ -177,10 +178,11 @@ pub(super) async fn stream_until(
         // A re-read (after a read error) or a claim can hand back entries this worker is still
         // applying; they are left to the batch that holds them, never acked twice or early.
         if let Ok(mut ids) = in_flight_ids.lock() {
-            entries.retain(|e| !ids.contains(&e.id));
-            over_delivered.retain(|(e, _)| !ids.contains(&e.id));
-            ids.extend(entries.iter().map(|e| e.id.clone()));
-            ids.extend(over_delivered.iter().map(|(e, _)| e.id.clone()));
+            entries.retain(|e| !ids.contains_key(&e.id));
+            over_delivered.retain(|(e, _)| !ids.contains_key(&e.id));
+            let now = Instant::now();
+            ids.extend(entries.iter().map(|e| (e.id.clone(), now)));
+            ids.extend(over_delivered.iter().map(|(e, _)| (e.id.clone(), now)));
         }
         let batch_ids: Vec<String> = entries
             .iter()

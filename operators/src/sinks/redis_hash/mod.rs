@@ -320,32 +320,44 @@ impl Sink for RedisHashSink {
                     let failure = report_failure(&self.reporter, &self.url, &e);
                     // Credentials and ACLs are not in the data (NOAUTH and WRONGPASS come
                     // back as `Extension` errors): retry the batch and say why.
-                    if is_refusal(&e) && !failure.kind.is_configuration() {
-                        Err(SinkError::Refused {
-                            store: STORE,
-                            message: e.to_string(),
-                        })
-                    } else {
-                        Err(SinkError::Unavailable {
+                    if failure.kind.is_configuration() {
+                        return Err(SinkError::Unavailable {
                             store: STORE,
                             message: failure.to_string(),
-                        })
+                        });
                     }
+                    Err(classify(e, failure.to_string()))
                 }
             }
         })
     }
 }
 
-/// Whether Redis refused the batch for what it holds (a script error, a key of another type)
-/// rather than for its own state: a permission, a failover, loading, a broken connection.
-fn is_refusal(e: &redis::RedisError) -> bool {
+/// What a failed batch script means: a key of another type is the records' own conflict
+/// (`WRONGTYPE`); a script error is a refusal of the batch; everything else (out of memory,
+/// a failed disk, a busy script, loading, a failover, a broken connection) is the store's
+/// state, retried until it passes.
+fn classify(e: redis::RedisError, described: String) -> SinkError {
     use redis::{ErrorKind, ServerErrorKind};
-    !is_transport_error(e)
-        && matches!(
-            e.kind(),
-            ErrorKind::Server(ServerErrorKind::ResponseError) | ErrorKind::Extension
-        )
+    let message = e.to_string();
+    if e.code() == Some("WRONGTYPE") {
+        SinkError::Conflict {
+            store: STORE,
+            message,
+        }
+    } else if !is_transport_error(&e)
+        && e.kind() == ErrorKind::Server(ServerErrorKind::ResponseError)
+    {
+        SinkError::Refused {
+            store: STORE,
+            message,
+        }
+    } else {
+        SinkError::Unavailable {
+            store: STORE,
+            message: described,
+        }
+    }
 }
 
 /// Deletes a hash only if it is still at the version reconciliation saw, and buries it there
