@@ -6,7 +6,8 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use ecst_operators::redis_pool::{RedisPool, describe_run_error};
+use ecst_operators::SecretUrl;
+use ecst_operators::redis_pool::{RedisPool, describe_run_error, report_failure, resolve_failure};
 use ecst_operators::{
     DeadLetterReason, DropReason, Outcomes, RawEntry, Record, Sink, SinkError, SinkReport,
 };
@@ -26,6 +27,8 @@ pub(crate) struct Shared {
     pub(crate) max_deliveries: u64,
     pub(crate) timeout: Duration,
     pub(crate) pool: RedisPool,
+    /// The source's Redis, which the pool connects to.
+    pub(crate) redis_url: SecretUrl,
     pub(crate) sinks: Vec<(String, Arc<dyn Sink>)>,
     pub(crate) stats: Arc<Stats>,
 }
@@ -230,6 +233,9 @@ fn applied_elsewhere(
         .collect()
 }
 
+/// How acks and dead letters name themselves in `/readyz` when Redis refuses them.
+const ACKS: &str = "acks and dead letters";
+
 /// Runs a pipeline on the shared pool until it succeeds.
 async fn with_redis_retry(shared: &Shared, what: &str, pipe: &redis::Pipeline) {
     let mut backoff = Backoff::new();
@@ -242,7 +248,8 @@ async fn with_redis_retry(shared: &Shared, what: &str, pipe: &redis::Pipeline) {
                 {
                     Ok(r) => {
                         conn.settle(&r);
-                        r.map_err(|e| e.to_string())
+                        // A refused password or command shows in /readyz, not only here.
+                        r.map_err(|e| report_failure(ACKS, &shared.redis_url, &e).to_string())
                     }
                     Err(_) => Err("timed out".to_string()),
                 }
@@ -250,7 +257,10 @@ async fn with_redis_retry(shared: &Shared, what: &str, pipe: &redis::Pipeline) {
             Err(e) => Err(describe_run_error(e)),
         };
         match result {
-            Ok(()) => return,
+            Ok(()) => {
+                resolve_failure(ACKS, &shared.redis_url);
+                return;
+            }
             Err(e) => {
                 shared.stats.retries.fetch_add(1, Ordering::Relaxed);
                 let wait = backoff.next_delay();

@@ -58,6 +58,7 @@ pub async fn run(
         max_deliveries: source_cfg.max_deliveries,
         timeout: source_cfg.timeout.0,
         pool,
+        redis_url: source_cfg.redis.clone(),
         sinks: dag.sinks().to_vec(),
         stats: stats.clone(),
     });
