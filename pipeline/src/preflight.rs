@@ -67,6 +67,9 @@ pub async fn check_redis_access(config: &PipelineConfig) -> Result<(), Preflight
     Ok(())
 }
 
+/// A consumer group no pipeline uses, for probes that must not touch the real one.
+const PROBE_GROUP: &str = "ecst-preflight-probe-no-such-group";
+
 /// The source's commands: read, ack, claim, and dead-letter (a script that acks and adds),
 /// on the stream, dead-letter and divergence keys.
 fn source_probes(config: &PipelineConfig) -> Vec<Probe> {
@@ -92,13 +95,15 @@ fn source_probes(config: &PipelineConfig) -> Vec<Probe> {
         .arg("*")
         .arg("probe")
         .arg("1");
-    // A claim of entries idle for longer than anything can be claims nothing.
+    // On a group that does not exist: Redis checks the ACL first and then answers NOGROUP.
+    // On the real group even a claim that takes nothing would drop deleted entries from the
+    // pending list, and with them their `trimmed before applied` dead letters.
     let mut claim = redis::cmd("XAUTOCLAIM");
     claim
         .arg(stream)
-        .arg(&source.group)
+        .arg(PROBE_GROUP)
         .arg(source.consumer_name())
-        .arg(i64::MAX / 2)
+        .arg(0)
         .arg("0-0")
         .arg("COUNT")
         .arg(1);
