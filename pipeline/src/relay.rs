@@ -820,7 +820,7 @@ impl Relay<'_> {
             Some(other) => {
                 return Err(format!(
                     "payload must be a JSON object or NULL, got {}",
-                    json_kind(&other)
+                    ecst_schemas::envelope::json_type(&other)
                 ));
             }
         };
@@ -973,17 +973,6 @@ fn column<'a, T: tokio_postgres::types::FromSql<'a>>(
         Ok(Some(value)) => Ok(value),
         Ok(None) => Err(format!("column {name} is NULL")),
         Err(e) => Err(format!("column {name} cannot be read: {e}")),
-    }
-}
-
-fn json_kind(value: &Value) -> &'static str {
-    match value {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
     }
 }
 

@@ -362,8 +362,8 @@ fn take_path(root: &mut Value, path: &str) -> Option<Value> {
     Some(current.take())
 }
 
-/// The JSON type of a value, with its article, for messages.
-fn json_type(value: &Value) -> &'static str {
+/// The JSON type of a value, with its article, for messages (`an array`, `null`).
+pub fn json_type(value: &Value) -> &'static str {
     match value {
         Value::Null => "null",
         Value::Bool(_) => "a boolean",

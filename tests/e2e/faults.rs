@@ -10,7 +10,7 @@ use redis::Commands;
 use serde_json::Value;
 
 use crate::common::*;
-use crate::servers::PrivateRedis;
+use crate::servers::{PrivateRedis, signal};
 
 #[test]
 fn kill_9_mid_stream_then_restart_converges_with_nothing_pending() {
@@ -487,14 +487,4 @@ fn status_counts_the_lag_redis_forgot_when_it_reloaded_the_stream() {
             .any(|l| l.starts_with("replica") && l.split_whitespace().nth(1) == Some("6*")),
         "{text}"
     );
-}
-
-/// Sends a signal by name (`STOP`, `CONT`) to a process.
-fn signal(pid: u32, name: &str) {
-    let status = std::process::Command::new("kill")
-        .arg(format!("-{name}"))
-        .arg(pid.to_string())
-        .status()
-        .expect("run kill");
-    assert!(status.success(), "kill -{name} {pid} failed: {status:?}");
 }

@@ -37,7 +37,7 @@ fn file_len(path: &Path) -> u64 {
 }
 
 /// Sends a signal by name (`KILL`, `STOP`, `CONT`) to a process.
-fn signal(pid: u32, name: &str) {
+pub fn signal(pid: u32, name: &str) {
     let status = Command::new("kill")
         .arg(format!("-{name}"))
         .arg(pid.to_string())
