@@ -119,34 +119,14 @@ fn the_right_password_runs() {
 }
 
 /// The metrics port a worker started with `--metrics-addr 127.0.0.1:0` logged.
-fn metrics_port(worker: &Worker) -> Option<u16> {
-    let log = worker.log();
-    let at = log.find("Metrics on /metrics")?;
-    let line = log[at..].lines().next()?;
-    line.split("addr=127.0.0.1:")
-        .nth(1)?
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()
-}
-
-fn readyz(port: u16) -> (u16, String) {
-    match reqwest::blocking::get(format!("http://127.0.0.1:{port}/readyz")) {
-        Ok(r) => (r.status().as_u16(), r.text().unwrap_or_default()),
-        Err(_) => (0, String::new()),
-    }
-}
-
-#[test]
-fn an_acl_narrowed_while_running_makes_readyz_fail_with_the_reason_until_fixed() {
-    let server = server("");
-    let stream = unique("auth-live");
-    let mut conn = admin(&server);
-    publish(&mut conn, &stream, &[event("l", 1, "Lee")]);
+/// A worker of user `app` on `server`, once it applied the stream's first event (aggregate
+/// `id`) and is ready: the worker, an admin connection, and its metrics port.
+fn ready_worker(server: &PrivateRedis, stream: &str, id: &str) -> (Worker, redis::Connection, u16) {
+    let mut conn = admin(server);
+    publish(&mut conn, stream, &[event(id, 1, "first")]);
     let worker = Worker::start(
         &pipeline(
-            &stream,
+            stream,
             &format!("redis://app:app-secret@127.0.0.1:{}", server.port()),
         ),
         &["--metrics-addr", "127.0.0.1:0"],
@@ -155,12 +135,20 @@ fn an_acl_narrowed_while_running_makes_readyz_fail_with_the_reason_until_fixed()
         &worker,
         Duration::from_secs(30),
         "the first event applied",
-        || hash(&mut conn, "auth:athlete:l").contains_key("display_name"),
+        || hash(&mut conn, &format!("auth:athlete:{id}")).contains_key("display_name"),
     );
-    let port = metrics_port(&worker).expect("the worker logs its metrics address");
+    let port = worker.listen_port("Metrics on /metrics");
     wait_for_worker(&worker, Duration::from_secs(30), "ready", || {
-        readyz(port).0 == 200
+        http_get(port, "/readyz").0 == 200
     });
+    (worker, conn, port)
+}
+
+#[test]
+fn an_acl_narrowed_while_running_makes_readyz_fail_with_the_reason_until_fixed() {
+    let server = server("");
+    let stream = unique("auth-live");
+    let (worker, mut conn, port) = ready_worker(&server, &stream, "l");
     let _: () = redis::cmd("ACL")
         .arg("SETUSER")
         .arg("app")
@@ -173,7 +161,7 @@ fn an_acl_narrowed_while_running_makes_readyz_fail_with_the_reason_until_fixed()
         Duration::from_secs(30),
         "not ready, with the reason",
         || {
-            let (code, body) = readyz(port);
+            let (code, body) = http_get(port, "/readyz");
             code == 503
                 && body.contains("redis_hash sink `cache`")
                 && body.contains("not permitted")
@@ -198,7 +186,7 @@ fn an_acl_narrowed_while_running_makes_readyz_fail_with_the_reason_until_fixed()
         },
     );
     wait_for_worker(&worker, Duration::from_secs(30), "ready again", || {
-        readyz(port).0 == 200
+        http_get(port, "/readyz").0 == 200
     });
     let (status, log) = worker.terminate();
     assert!(status.success(), "{status:?}\n{log}");
@@ -214,22 +202,7 @@ fn an_acl_narrowed_while_running_makes_readyz_fail_with_the_reason_until_fixed()
 fn a_password_changed_while_running_makes_readyz_say_authentication_failed() {
     let server = server("");
     let stream = unique("auth-rotated");
-    let mut conn = admin(&server);
-    publish(&mut conn, &stream, &[event("p", 1, "Pat")]);
-    let worker = Worker::start(
-        &pipeline(
-            &stream,
-            &format!("redis://app:app-secret@127.0.0.1:{}", server.port()),
-        ),
-        &["--metrics-addr", "127.0.0.1:0"],
-    );
-    wait_for_worker(
-        &worker,
-        Duration::from_secs(30),
-        "the first event applied",
-        || hash(&mut conn, "auth:athlete:p").contains_key("display_name"),
-    );
-    let port = metrics_port(&worker).expect("the worker logs its metrics address");
+    let (worker, mut conn, port) = ready_worker(&server, &stream, "p");
     let acl = |conn: &mut redis::Connection, args: &[&str]| {
         let _: redis::Value = redis::cmd("ACL").arg(args).query(conn).expect("ACL");
     };
@@ -248,7 +221,7 @@ fn a_password_changed_while_running_makes_readyz_say_authentication_failed() {
         Duration::from_secs(30),
         "not ready: authentication",
         || {
-            let (code, body) = readyz(port);
+            let (code, body) = http_get(port, "/readyz");
             code == 503
                 && body.contains(&format!(
                     "authentication failed at redis://app:***@127.0.0.1:{} as user `app`",
@@ -269,7 +242,7 @@ fn a_password_changed_while_running_makes_readyz_say_authentication_failed() {
         },
     );
     wait_for_worker(&worker, Duration::from_secs(30), "ready again", || {
-        readyz(port).0 == 200
+        http_get(port, "/readyz").0 == 200
     });
     let (status, log) = worker.terminate();
     assert!(status.success(), "{status:?}\n{log}");

@@ -192,6 +192,14 @@ pub fn run_with_deadline(mut cmd: Command, limit: Duration) -> Output {
     out
 }
 
+/// GET `path` on a local port: the status and body, or `(0, "")` when nothing answers.
+pub fn http_get(port: u16, path: &str) -> (u16, String) {
+    match reqwest::blocking::get(format!("http://127.0.0.1:{port}{path}")) {
+        Ok(r) => (r.status().as_u16(), r.text().unwrap_or_default()),
+        Err(_) => (0, String::new()),
+    }
+}
+
 /// `ecst run --drain` on a pipeline file; panics with its log unless it exits 0.
 pub fn drain(pipeline: &PathBuf) -> Output {
     let mut cmd = ecst();

@@ -6,14 +6,15 @@ use serde_json::{Value, json};
 
 use crate::common::*;
 
-struct Fanout {
-    stream: String,
-    prefix: String,
-    table: String,
+/// A stream, a key prefix and a table named after it, for tests that fan out.
+pub(crate) struct Fanout {
+    pub(crate) stream: String,
+    pub(crate) prefix: String,
+    pub(crate) table: String,
 }
 
 impl Fanout {
-    fn new(label: &str) -> Fanout {
+    pub(crate) fn new(label: &str) -> Fanout {
         let stream = unique(label);
         let table = format!(
             "e2e_{}",
@@ -94,7 +95,7 @@ stages:
             .unwrap_or(0)
     }
 
-    fn finish(&self, conn: &mut redis::Connection, pg: &postgres_client::Client) {
+    pub(crate) fn finish(&self, conn: &mut redis::Connection, pg: &postgres_client::Client) {
         pg.execute(&format!(
             "DROP TABLE IF EXISTS {t}; DROP TABLE IF EXISTS {t}_tombstones",
             t = self.table

@@ -20,13 +20,6 @@ fn scrape(port: u16) -> HashMap<String, f64> {
         .collect()
 }
 
-fn status(port: u16, path: &str) -> (u16, String) {
-    match reqwest::blocking::get(format!("http://127.0.0.1:{port}{path}")) {
-        Ok(r) => (r.status().as_u16(), r.text().unwrap_or_default()),
-        Err(_) => (0, String::new()),
-    }
-}
-
 #[test]
 fn metrics_report_freshness_counts_and_group_state() {
     let mut conn = redis();
@@ -108,8 +101,8 @@ fn metrics_report_freshness_counts_and_group_state() {
             .all(|k| !k.contains("m1\"") && !k.contains("aggregate")),
         "aggregate ids must never be labels"
     );
-    assert_eq!(status(port, "/healthz").0, 200);
-    assert_eq!(status(port, "/readyz"), (200, "ready\n".to_string()));
+    assert_eq!(http_get(port, "/healthz").0, 200);
+    assert_eq!(http_get(port, "/readyz"), (200, "ready\n".to_string()));
     let (status, log) = worker.terminate();
     assert!(status.success(), "{log}");
     cleanup(&mut conn, &stream);
@@ -136,19 +129,19 @@ fn readyz_fails_while_a_sink_is_down_and_recovers() {
     let worker = Worker::start(&pipeline, &["--metrics-addr", "127.0.0.1:0"]);
     let port = worker.listen_port("Metrics on /metrics");
     wait_for_worker(&worker, Duration::from_secs(20), "ready", || {
-        status(port, "/readyz").0 == 200
+        http_get(port, "/readyz").0 == 200
     });
     proxy.cut();
     publish(&mut conn, &stream, &[event("r1", 1, "x")]);
     wait_for_worker(&worker, Duration::from_secs(30), "not ready", || {
-        status(port, "/readyz") == (503, "not ready: sink cache is failing\n".to_string())
+        http_get(port, "/readyz") == (503, "not ready: sink cache is failing\n".to_string())
     });
-    assert_eq!(status(port, "/healthz").0, 200, "the process is up");
+    assert_eq!(http_get(port, "/healthz").0, 200, "the process is up");
     let failing = scrape(port)["ecst_sink_failing{pipeline=\"athletes\",sink=\"cache\"}"];
     assert_eq!(failing, 1.0);
     proxy.restore();
     wait_for_worker(&worker, Duration::from_secs(30), "ready again", || {
-        status(port, "/readyz").0 == 200
+        http_get(port, "/readyz").0 == 200
     });
     let (status, log) = worker.terminate();
     assert!(status.success(), "{log}");

@@ -8,35 +8,14 @@ use redis::Commands;
 use serde_json::{Value, json};
 
 use crate::common::*;
+use crate::fanout::Fanout;
 
-struct Fanout {
-    stream: String,
-    prefix: String,
-    table: String,
-}
-
-impl Fanout {
-    fn new(label: &str) -> Fanout {
-        let stream = unique(label);
-        let table: String = format!(
-            "e2e_{}",
-            stream.replace([':', '-'], "_").trim_start_matches("e2e_")
-        )
-        .chars()
-        .take(50)
-        .collect();
-        Fanout {
-            prefix: format!("{stream}:"),
-            table,
-            stream,
-        }
-    }
-
-    fn yaml(&self) -> String {
-        let (stream, prefix, table) = (&self.stream, &self.prefix, &self.table);
-        let database_url = database_url();
-        format!(
-            r#"name: verdict
+/// The verdict tests' pipeline: a cache and a table that also takes `totalCents`.
+fn yaml(f: &Fanout) -> String {
+    let (stream, prefix, table) = (&f.stream, &f.prefix, &f.table);
+    let database_url = database_url();
+    format!(
+        r#"name: verdict
 source:
   stream: "{stream}"
   group: replica
@@ -62,37 +41,27 @@ stages:
     timeout: 2s
     columns: {{ display_name: text, points: bigint }}
 "#
-        )
-    }
+    )
+}
 
-    fn card(&self, conn: &mut redis::Connection, id: &str) -> Option<String> {
-        hash(conn, &format!("{}athlete:{id}", self.prefix))
-            .get("display_name")
-            .cloned()
-    }
+/// The cache's `display_name` of `id`.
+fn card(f: &Fanout, conn: &mut redis::Connection, id: &str) -> Option<String> {
+    hash(conn, &format!("{}athlete:{id}", f.prefix))
+        .get("display_name")
+        .cloned()
+}
 
-    fn row(&self, pg: &postgres_client::Client, id: &str) -> Option<(i64, String)> {
-        pg.query(
-            &format!(
-                "SELECT source_version, display_name FROM {} WHERE athlete_id = $1",
-                self.table
-            ),
-            &[&id],
-        )
-        .first()
-        .map(|r| (r.get(0), r.get(1)))
-    }
-
-    fn finish(&self, conn: &mut redis::Connection, pg: &postgres_client::Client) {
-        pg.execute(&format!(
-            "DROP TABLE IF EXISTS {t}; DROP TABLE IF EXISTS {t}_tombstones",
-            t = self.table
-        ));
-        let _: () = conn
-            .del(format!("ecst:fanout-divergent:{}:replica", self.stream))
-            .unwrap_or(());
-        cleanup(conn, &self.stream);
-    }
+/// The table's (version, display_name) of `id`.
+fn row(f: &Fanout, pg: &postgres_client::Client, id: &str) -> Option<(i64, String)> {
+    pg.query(
+        &format!(
+            "SELECT source_version, display_name FROM {} WHERE athlete_id = $1",
+            f.table
+        ),
+        &[&id],
+    )
+    .first()
+    .map(|r| (r.get(0), r.get(1)))
 }
 
 fn athlete(id: &str, version: u64, name: &str, cents: Value) -> Value {
@@ -115,13 +84,13 @@ fn a_value_one_sink_cannot_write_is_refused_by_every_sink() {
             athlete("b", 1, "b v1", json!(300)),
         ],
     );
-    drain(&pipeline_file("verdict-data", &f.yaml()));
+    drain(&pipeline_file("verdict-data", &yaml(&f)));
 
     // Neither replica took version 2 of `a`: both still hold version 1.
-    assert_eq!(f.card(&mut conn, "a").as_deref(), Some("a v1"));
-    assert_eq!(f.row(&pg, "a"), Some((1, "a v1".into())));
-    assert_eq!(f.card(&mut conn, "b").as_deref(), Some("b v1"));
-    assert_eq!(f.row(&pg, "b"), Some((1, "b v1".into())));
+    assert_eq!(card(&f, &mut conn, "a").as_deref(), Some("a v1"));
+    assert_eq!(row(&f, &pg, "a"), Some((1, "a v1".into())));
+    assert_eq!(card(&f, &mut conn, "b").as_deref(), Some("b v1"));
+    assert_eq!(row(&f, &pg, "b"), Some((1, "b v1".into())));
     let dead = dead_letters(&mut conn, &format!("{}.dlq", f.stream));
     assert_eq!(dead.len(), 1, "{dead:?}");
     assert_eq!(dead[0]["source_id"], ids[1]);
@@ -157,13 +126,13 @@ fn a_record_only_the_store_refuses_is_dead_lettered_as_a_divergence() {
             athlete("b", 1, "b v1", json!(300)),
         ],
     );
-    let pipeline = pipeline_file("verdict-store", &f.yaml());
+    let pipeline = pipeline_file("verdict-store", &yaml(&f));
     drain(&pipeline);
 
     // The cache applied version 2, the table could not: the dead letter says so.
-    assert_eq!(f.card(&mut conn, "a").as_deref(), Some("forbidden"));
-    assert_eq!(f.row(&pg, "a"), Some((1, "a v1".into())));
-    assert_eq!(f.row(&pg, "b"), Some((1, "b v1".into())));
+    assert_eq!(card(&f, &mut conn, "a").as_deref(), Some("forbidden"));
+    assert_eq!(row(&f, &pg, "a"), Some((1, "a v1".into())));
+    assert_eq!(row(&f, &pg, "b"), Some((1, "b v1".into())));
     let dead = dead_letters(&mut conn, &format!("{}.dlq", f.stream));
     assert_eq!(dead.len(), 1, "{dead:?}");
     assert_eq!(dead[0]["source_id"], ids[1]);
@@ -192,6 +161,9 @@ fn a_record_only_the_store_refuses_is_dead_lettered_as_a_divergence() {
         "{text}"
     );
     assert_eq!(group_pending(&mut conn, &f.stream, "replica"), 0);
+    let _: () = conn
+        .del(format!("ecst:fanout-divergent:{}:replica", f.stream))
+        .unwrap_or(());
     f.finish(&mut conn, &pg);
 }
 
