@@ -6,7 +6,6 @@
 //! duplicate. There is no cursor: a row whose transaction commits late, behind higher ids, is
 //! simply the oldest unpublished row on a later pass.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -14,230 +13,24 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use ecst_operators::postgres_tls::parse_postgres_url;
 use ecst_operators::redis_pool::{RedisManager, is_transport_error};
 use ecst_operators::sinks::postgres::config::quote;
-use ecst_operators::{ConfigDuration, SecretUrl};
 use ecst_schemas::Envelope;
 use ecst_schemas::wire::{
     BodyLimits, ContentType, FIELD_BODY, FIELD_CONTENT_TYPE, FIELD_TRACEPARENT, encode_body,
 };
 use futures::StreamExt;
 use redis::aio::MultiplexedConnection;
-use serde::Deserialize;
 use serde_json::Value;
 use time::OffsetDateTime;
 use tokio::sync::Notify;
 use tokio_postgres::{AsyncMessage, Client, Row, Statement};
 
+mod config;
+
+pub use config::{BodyEncoding, OnPublish, OutboxLocation, RelayConfig, Retention};
+
 use crate::outbox::{OUTBOX_COLUMNS, OutboxTable, check_stream_name};
 use crate::retry::{Backoff, sleep_or_shutdown};
 use crate::shutdown::Shutdown;
-
-/// Body encoding on the stream.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum BodyEncoding {
-    /// `application/json` (no `ct` field).
-    #[default]
-    Json,
-    /// `application/msgpack`.
-    Msgpack,
-}
-
-impl BodyEncoding {
-    fn content_type(self) -> ContentType {
-        match self {
-            BodyEncoding::Json => ContentType::Json,
-            BodyEncoding::Msgpack => ContentType::MsgPack,
-        }
-    }
-}
-
-/// What happens to a row once its entry is on the stream.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum OnPublish {
-    /// Delete it (the default).
-    #[default]
-    Delete,
-    /// Keep it with `published_at` set.
-    Mark,
-}
-
-/// How far back a stream keeps entries: XADD's `MAXLEN ~` or `MINID ~`.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Retention {
-    /// Keep about this many entries.
-    #[serde(default)]
-    pub maxlen: Option<u64>,
-    /// Keep entries younger than this (by entry id time).
-    #[serde(default)]
-    pub max_age: Option<ConfigDuration>,
-}
-
-/// Where the outbox is.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct OutboxLocation {
-    /// Schema (default `public`).
-    #[serde(default = "default_schema")]
-    pub schema: String,
-    /// Table (default `ecst_outbox`).
-    #[serde(default = "default_table")]
-    pub table: String,
-}
-
-impl Default for OutboxLocation {
-    fn default() -> Self {
-        OutboxLocation {
-            schema: default_schema(),
-            table: default_table(),
-        }
-    }
-}
-
-/// A relay file (`relay.yaml`).
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RelayConfig {
-    /// Name in logs and in `application_name` (default `ecst-relay`).
-    #[serde(default = "default_name")]
-    pub name: String,
-    /// Postgres URL of the database holding the outbox.
-    pub postgres: SecretUrl,
-    /// Redis URL (default `redis://127.0.0.1:6379`).
-    #[serde(default = "default_redis")]
-    pub redis: SecretUrl,
-    /// The outbox table.
-    #[serde(default)]
-    pub outbox: OutboxLocation,
-    /// Body encoding (default `json`).
-    #[serde(default)]
-    pub content_type: BodyEncoding,
-    /// Rows per transaction (default 1000).
-    #[serde(default = "default_batch_size")]
-    pub batch_size: u32,
-    /// Poll this often even without a notification (default 1s).
-    #[serde(default = "default_poll_interval")]
-    pub poll_interval: ConfigDuration,
-    /// `delete` (default) or `mark`.
-    #[serde(default)]
-    pub on_publish: OnPublish,
-    /// Under `mark`, delete published rows older than this (default: keep).
-    #[serde(default)]
-    pub keep_published_for: Option<ConfigDuration>,
-    /// Retention of every stream without its own.
-    #[serde(default)]
-    pub retention: Option<Retention>,
-    /// The streams the relay may publish to, each with optional retention; rows for other
-    /// streams are dead-lettered. Absent: any stream.
-    #[serde(default)]
-    pub streams: Option<BTreeMap<String, Retention>>,
-    /// Bound on every Postgres and Redis call (default 10s).
-    #[serde(default = "default_timeout")]
-    pub timeout: ConfigDuration,
-}
-
-fn default_schema() -> String {
-    "public".into()
-}
-fn default_table() -> String {
-    "ecst_outbox".into()
-}
-fn default_name() -> String {
-    "ecst-relay".into()
-}
-fn default_redis() -> SecretUrl {
-    SecretUrl::new("redis://127.0.0.1:6379")
-}
-fn default_batch_size() -> u32 {
-    1000
-}
-fn default_poll_interval() -> ConfigDuration {
-    ConfigDuration(Duration::from_secs(1))
-}
-fn default_timeout() -> ConfigDuration {
-    ConfigDuration(Duration::from_secs(10))
-}
-
-impl RelayConfig {
-    /// Every problem `validate` reports, as (key path, message).
-    pub fn check(&self) -> Vec<(Vec<String>, String)> {
-        let at = |parts: &[&str]| parts.iter().map(|p| p.to_string()).collect::<Vec<_>>();
-        let mut problems = Vec::new();
-        if let Err(e) = OutboxTable::new(&self.outbox.schema, &self.outbox.table) {
-            problems.push((at(&["outbox"]), e.to_string()));
-        }
-        if let Err(e) = parse_postgres_url(self.postgres.expose()) {
-            problems.push((at(&["postgres"]), format!("{}: {e}", self.postgres)));
-        }
-        if let Err(e) = ecst_operators::redis_pool::redis_client(&self.redis) {
-            problems.push((
-                at(&["redis"]),
-                format!("invalid Redis URL {}: {e}", self.redis),
-            ));
-        }
-        if !(1..=10_000).contains(&self.batch_size) {
-            problems.push((at(&["batch_size"]), "must be between 1 and 10000".into()));
-        }
-        if self.poll_interval.0.is_zero() {
-            problems.push((at(&["poll_interval"]), "must be more than 0".into()));
-        }
-        if self.timeout.0 < Duration::from_millis(100) {
-            problems.push((at(&["timeout"]), "must be at least 100ms".into()));
-        }
-        if self.keep_published_for.is_some() && self.on_publish != OnPublish::Mark {
-            problems.push((
-                at(&["keep_published_for"]),
-                "only applies with `on_publish: mark` (deleted rows are not kept)".into(),
-            ));
-        }
-        if let Some(retention) = &self.retention {
-            for message in retention.check() {
-                problems.push((at(&["retention"]), message));
-            }
-        }
-        for (stream, retention) in self.streams.iter().flatten() {
-            if let Err(message) = check_stream_name(stream) {
-                problems.push((vec!["streams".into(), stream.clone()], message));
-            }
-            for message in retention.check() {
-                problems.push((vec!["streams".into(), stream.clone()], message));
-            }
-        }
-        problems
-    }
-
-    fn retention_for(&self, stream: &str) -> Option<&Retention> {
-        match self.streams.as_ref().and_then(|s| s.get(stream)) {
-            Some(own) if own.maxlen.is_some() || own.max_age.is_some() => Some(own),
-            _ => self.retention.as_ref(),
-        }
-    }
-}
-
-impl Retention {
-    fn check(&self) -> Vec<String> {
-        match (self.maxlen, &self.max_age) {
-            (Some(_), Some(_)) => {
-                vec!["give `maxlen` or `max_age`, not both (XADD trims by one of them)".into()]
-            }
-            (Some(0), None) => vec!["maxlen must be more than 0".into()],
-            (None, Some(age)) if age.0.as_millis() == 0 => {
-                vec!["max_age must be more than 0".into()]
-            }
-            _ => Vec::new(),
-        }
-    }
-
-    /// XADD's trimming arguments, relative to `now_ms` for `max_age`.
-    fn xadd_args(&self, now_ms: u64) -> Option<(&'static str, String)> {
-        if let Some(n) = self.maxlen {
-            return Some(("MAXLEN", n.to_string()));
-        }
-        let age = self.max_age.as_ref()?.0.as_millis() as u64;
-        Some(("MINID", format!("{}-0", now_ms.saturating_sub(age))))
-    }
-}
 
 /// Counters a relay keeps while it runs.
 #[derive(Debug, Default)]
@@ -1003,31 +796,5 @@ mod tests {
         ));
         assert!(!valid_traceparent("00-xyz-00f067aa0ba902b7-01"));
         assert!(!valid_traceparent(""));
-    }
-
-    #[test]
-    fn retention_becomes_xadd_trimming() {
-        let by_len = Retention {
-            maxlen: Some(1000),
-            max_age: None,
-        };
-        assert_eq!(
-            by_len.xadd_args(5_000),
-            Some(("MAXLEN", "1000".to_string()))
-        );
-        let by_age = Retention {
-            maxlen: None,
-            max_age: Some(ConfigDuration(Duration::from_secs(2))),
-        };
-        assert_eq!(
-            by_age.xadd_args(5_000),
-            Some(("MINID", "3000-0".to_string()))
-        );
-        assert_eq!(Retention::default().xadd_args(5_000), None);
-        let both = Retention {
-            maxlen: Some(1),
-            max_age: Some(ConfigDuration(Duration::from_secs(1))),
-        };
-        assert_eq!(both.check().len(), 1);
     }
 }
