@@ -4,6 +4,7 @@
 //!
 //! - [`envelope`]: the canonical [`Envelope`] and the [`EnvelopeKeys`] mapping that reads foreign
 //!   shapes into it.
+//! - [`partition`]: the partition of an event and the key of each partition of a stream.
 //! - [`wire`]: stream entry field names, content types and body decoding with hostile-input limits.
 //!
 //! This crate does no I/O.
@@ -11,6 +12,7 @@
 #![warn(missing_docs, unreachable_pub)]
 
 pub mod envelope;
+pub mod partition;
 pub mod wire;
 
 pub use envelope::{Envelope, EnvelopeError, EnvelopeKeys, Members};

@@ -104,6 +104,12 @@ pub struct SourceConfig {
     /// How long shutdown waits for in-flight batches (default 30s).
     #[serde(default = "default_shutdown_timeout")]
     pub shutdown_timeout: ConfigDuration,
+    /// Partitions of the stream (default 1: the single key `stream`); see `ecst_schemas::partition`.
+    #[serde(default = "default_partitions")]
+    pub partitions: u32,
+    /// How long a worker's partition lease lasts without renewal (default 5s).
+    #[serde(default = "default_lease")]
+    pub lease: ConfigDuration,
 }
 
 fn default_redis() -> SecretUrl {
@@ -141,6 +147,12 @@ fn default_timeout() -> ConfigDuration {
 }
 fn default_shutdown_timeout() -> ConfigDuration {
     ConfigDuration(Duration::from_secs(30))
+}
+fn default_partitions() -> u32 {
+    1
+}
+fn default_lease() -> ConfigDuration {
+    ConfigDuration(Duration::from_secs(5))
 }
 
 /// Least margin between `block` and `read_timeout`.
@@ -214,6 +226,23 @@ impl SourceConfig {
         }
         if self.timeout.0.is_zero() {
             problems.push(("timeout", "must be more than 0ms".to_string()));
+        }
+        if self.partitions == 0 || self.partitions > 1024 {
+            problems.push((
+                "partitions",
+                format!("must be between 1 and 1024, got {}", self.partitions),
+            ));
+        }
+        if self.partitions > 1
+            && let Err(e) = ecst_schemas::partition::check_partitioned_name(&self.stream)
+        {
+            problems.push(("stream", e));
+        }
+        if self.lease.0 < Duration::from_millis(500) {
+            problems.push((
+                "lease",
+                format!("must be at least 500ms, got {}", self.lease),
+            ));
         }
         if self.dead_letter_stream() == self.stream {
             problems.push((
