@@ -88,7 +88,7 @@ impl PartitionLeases {
     pub(crate) fn new(stream: &str, group: &str, me: &str, lease: Duration) -> Self {
         PartitionLeases {
             members: format!("ecst:members:{stream}:{group}"),
-            lease_prefix: format!("ecst:lease:{stream}:{group}:"),
+            lease_prefix: partition_lease_key(stream, group, ""),
             me: me.to_string(),
             lease,
         }
@@ -188,6 +188,12 @@ impl PartitionLeases {
             .await
             .map(drop)
     }
+}
+
+/// The hash holding the lease of partition `partition` of `group` on `stream`: fields `owner`
+/// (empty when free), `generation` and `expires_ms` (Redis server time).
+pub fn partition_lease_key(stream: &str, group: &str, partition: impl std::fmt::Display) -> String {
+    format!("ecst:lease:{stream}:{group}:{partition}")
 }
 
 /// How many of `partitions` the member at `index` of `members` live members should hold: an

@@ -181,6 +181,24 @@ fn two_workers_share_eight_partitions_and_the_replica_is_exact() {
     wait_for_worker(&first, Duration::from_secs(30), "an even split", || {
         partitions_taken(&first.log()) >= 4 && partitions_taken(&second.log()) >= 4
     });
+    // `ecst status` shows every partition with its owner: both workers, four each.
+    let mut cmd = ecst();
+    cmd.arg("status").arg(&file).arg("--json");
+    let out = run_with_deadline(cmd, Duration::from_secs(30));
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    let report: Value = serde_json::from_slice(&out.stdout).expect("status JSON");
+    let rows = report["partitions"].as_array().expect("partitions");
+    assert_eq!(rows.len(), PARTITIONS as usize);
+    let mut owners: HashMap<String, usize> = HashMap::new();
+    for row in rows {
+        assert_eq!(row["pending"], 0, "{row}");
+        assert_eq!(row["lag"], 0, "{row}");
+        *owners
+            .entry(row["owner"].as_str().expect("owned").to_string())
+            .or_default() += 1;
+    }
+    assert_eq!(owners.values().copied().collect::<Vec<_>>(), vec![4, 4]);
+    assert_eq!(report["dead_letters"], 2);
     let (status, log) = first.terminate();
     assert!(status.success(), "{log}");
     let (status, log) = second.terminate();
