@@ -304,3 +304,64 @@ fn a_third_worker_joining_mid_stream_gets_its_share_and_nothing_is_lost() {
     assert_eq!(members, 0);
     cleanup_partitioned(&mut conn, &stream);
 }
+
+#[test]
+fn a_partitioned_group_bootstraps_once_with_a_position_on_every_partition() {
+    use crate::bootstrap::{Source, http_bootstrap, ids, snapshot_server};
+    let mut conn = redis();
+    let source = Source::create("part_boot", 5_000);
+    let stream = unique("part-boot");
+    let prefix = format!("{stream}:");
+    // Old history on the partitions: older than the snapshot, it must not win.
+    let stale: Vec<Value> = ids(1..300).iter().map(|id| event(id, 1, "old")).collect();
+    publish_partitioned(&mut conn, &stream, &stale);
+    let (server, port) = snapshot_server(&source);
+    let mut yaml = partitioned_pipeline(&stream, &prefix);
+    yaml.push_str(&format!("bootstrap:\n{}", http_bootstrap(port, "")));
+    let file = pipeline_file("part-boot", &yaml);
+    let first = Worker::start(&file, &[]);
+    let second = Worker::start(&file, &[]);
+    wait_until(Duration::from_secs(30), "a bootstrap to start", || {
+        first.log().contains("Bootstrap starting") || second.log().contains("Bootstrap starting")
+    });
+    // Live changes race the snapshot, on every partition.
+    for chunk in ids(1..5_001).chunks(1_000) {
+        let picked: Vec<String> = chunk.iter().step_by(9).cloned().collect();
+        publish_partitioned(&mut conn, &stream, &source.update(&picked));
+    }
+    wait_until(
+        Duration::from_secs(90),
+        "the replica to equal the source",
+        || {
+            source.differences(&mut conn, &prefix).is_empty()
+                && pending_everywhere(&mut conn, &stream) == Some(0)
+        },
+    );
+    let progress: HashMap<String, String> = redis::cmd("HGETALL")
+        .arg(format!("ecst:bootstrap:{stream}:replica:progress"))
+        .query(&mut conn)
+        .expect("HGETALL");
+    assert_eq!(progress["state"], "done");
+    assert_eq!(
+        progress["position"].split(' ').count(),
+        PARTITIONS as usize,
+        "{progress:?}"
+    );
+    let (status, first_log) = first.terminate();
+    assert!(status.success(), "{first_log}");
+    let (status, second_log) = second.terminate();
+    assert!(status.success(), "{second_log}");
+    let bootstraps = [&first_log, &second_log]
+        .iter()
+        .filter(|log| log.contains("Bootstrap starting"))
+        .count();
+    assert_eq!(bootstraps, 1, "{first_log}\n----\n{second_log}");
+    let (status, log) = server.terminate();
+    assert!(status.success(), "{log}");
+    source.drop();
+    cleanup_partitioned(&mut conn, &stream);
+    let _: i64 = redis::cmd("DEL")
+        .arg(format!("ecst:bootstrap:{stream}:replica:progress"))
+        .query(&mut conn)
+        .expect("DEL");
+}
