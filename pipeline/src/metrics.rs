@@ -755,6 +755,53 @@ mod tests {
     }
 
     #[test]
+    fn a_partitioned_worker_reports_each_partition_and_sums_the_ones_it_holds() {
+        let stats = busy_stats();
+        for (p, lag, pending, owned) in [(0, 3, 1, true), (5, 4, 2, true), (7, 100, 50, false)] {
+            let s = stats.partition(p);
+            s.owned.store(owned, Ordering::Relaxed);
+            s.generation.store(u64::from(p) + 1, Ordering::Relaxed);
+            s.acquired.store(1, Ordering::Relaxed);
+            s.lost.store(u64::from(!owned), Ordering::Relaxed);
+            s.group.lag.store(lag, Ordering::Relaxed);
+            s.group.pending.store(pending, Ordering::Relaxed);
+            s.group.refreshed_ms.store(now_ms(), Ordering::Relaxed);
+        }
+        let (types, samples) = parse(&render("p", &stats));
+        let value = |series: &str| -> Option<f64> {
+            samples
+                .iter()
+                .find(|(name, labels, _)| {
+                    let labels: Vec<String> =
+                        labels.iter().map(|(l, v)| format!("{l}={v}")).collect();
+                    format!("{name}{{{}}}", labels.join(",")) == series
+                })
+                .map(|(_, _, v)| v.parse().expect("a number"))
+        };
+        assert_eq!(value("ecst_group_lag{pipeline=p}"), Some(7.0));
+        assert_eq!(value("ecst_group_pending{pipeline=p}"), Some(3.0));
+        assert_eq!(
+            value("ecst_partition_lag{pipeline=p,partition=5}"),
+            Some(4.0)
+        );
+        assert_eq!(value("ecst_partition_lag{pipeline=p,partition=7}"), None);
+        assert_eq!(
+            value("ecst_partition_owned{pipeline=p,partition=7}"),
+            Some(0.0)
+        );
+        assert_eq!(
+            value("ecst_partition_lease_generation{pipeline=p,partition=5}"),
+            Some(6.0)
+        );
+        assert_eq!(
+            value("ecst_partition_lease_lost_total{pipeline=p,partition=7}"),
+            Some(1.0)
+        );
+        assert_eq!(types["ecst_partition_lease_acquired_total"], "counter");
+        assert_eq!(types["ecst_partition_pending"], "gauge");
+    }
+
+    #[test]
     fn values_are_read_from_the_stats_at_scrape_time() {
         let stats = busy_stats();
         let (_, samples) = parse(&render("p", &stats));
