@@ -365,3 +365,18 @@ fn a_partitioned_group_bootstraps_once_with_a_position_on_every_partition() {
         .query(&mut conn)
         .expect("DEL");
 }
+
+#[test]
+fn drain_exits_once_every_partition_is_read_and_acked() {
+    let mut conn = redis();
+    let stream = unique("part-drain");
+    let prefix = format!("{stream}:");
+    let file = pipeline_file("part-drain", &partitioned_pipeline(&stream, &prefix));
+    let (events, expected) = workload(0, 200, 3, 14);
+    publish_partitioned(&mut conn, &stream, &events);
+    let out = drain(&file);
+    assert!(stderr_of(&out).contains("Drained"), "{}", stderr_of(&out));
+    replica_matches(&mut conn, &prefix, &expected).expect("exact replica");
+    assert_eq!(pending_everywhere(&mut conn, &stream), Some(0));
+    cleanup_partitioned(&mut conn, &stream);
+}
