@@ -93,7 +93,7 @@ pub enum PartitioningError {
 /// A stream recorded with one partitioning, used with another.
 #[derive(Debug, thiserror::Error)]
 #[error(
-    "stream `{stream}` is recorded as {recorded} (by {recorded_by} at {recorded_at}), but this {role} uses {wanted}: changing the partition count or key is a new stream version — publish to a new stream (e.g. `{next}`), point the pipelines at it and bootstrap them from the snapshot; nothing was written",
+    "stream `{stream}` is recorded as {recorded} (by {recorded_by}, {recorded_at}), but this {role} uses {wanted}: changing the partition count or key is a new stream version — publish to a new stream (e.g. `{next}`), point the pipelines at it and bootstrap them from the snapshot; nothing was written",
     next = next_version(stream)
 )]
 pub struct Mismatch {
@@ -164,7 +164,10 @@ pub async fn ensure_partitioning(
     };
     let key = partitioning_key(stream);
     let record = partitioned && single_key_entries == 0;
-    let recorded_at = OffsetDateTime::now_utc()
+    let now = OffsetDateTime::now_utc();
+    let recorded_at = now
+        .replace_nanosecond(0)
+        .unwrap_or(now)
         .format(&Rfc3339)
         .unwrap_or_else(|_| "unknown time".into());
     let reply: Vec<Option<String>> = bounded(
@@ -261,9 +264,9 @@ fn recorder(role: &str) -> String {
         .or_else(|| std::env::var("HOSTNAME").ok())
         .unwrap_or_else(|| "an unknown host".into());
     format!(
-        "{role} (ecst {}, pid {} on {host})",
-        env!("CARGO_PKG_VERSION"),
-        std::process::id()
+        "{role} pid {} on {host} (ecst {})",
+        std::process::id(),
+        env!("CARGO_PKG_VERSION")
     )
 }
 
@@ -319,7 +322,7 @@ mod tests {
         assert_eq!(record["partitions"], "8");
         assert_eq!(record["hash"], "fnv1a_32");
         assert_eq!(record["key"], "aggregateId");
-        assert!(record["recorded_by"].starts_with("producer (ecst "));
+        assert!(record["recorded_by"].starts_with("producer pid "));
         assert!(OffsetDateTime::parse(&record["recorded_at"], &Rfc3339).is_ok());
         ensure_partitioning(&mut c, &stream, &eight, "worker")
             .await
