@@ -9,6 +9,7 @@ mod fanout;
 mod faults;
 mod observe;
 mod orphans;
+mod partitioned;
 mod poison;
 mod reconcile;
 mod relay;
