@@ -17,6 +17,9 @@ pub enum RunError {
         "retention gap: {0}. The replica has missed events. Configure `bootstrap:` (with on_gap: bootstrap) or run `ecst bootstrap`; to accept the loss instead, move the group past it with XGROUP SETID."
     )]
     RetentionGap(String),
+    /// The stream's recorded partitioning differs from the pipeline's.
+    #[error(transparent)]
+    Partitioning(#[from] crate::partitioning::PartitioningError),
     /// Redis refused the worker's credentials, certificates or commands at start.
     #[error(transparent)]
     Access(#[from] crate::preflight::PreflightError),

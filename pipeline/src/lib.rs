@@ -19,6 +19,8 @@
 //! - [`telemetry`]: logs, and spans over OTLP with W3C trace context across the stream.
 //! - [`outbox`]: the outbox table's DDL and the Rust producer API.
 //! - [`relay`]: `ecst relay`, outbox rows to streams.
+//! - [`partitioning`]: a stream's partitioning, recorded in Redis and checked by producers
+//!   and workers.
 //! - [`snapshot`]: `ecst snapshot serve`, entity state as NDJSON pages for bootstrap.
 //! - Infrastructure every part uses: [`retry`] (the one backoff policy), [`shutdown`],
 //!   [`redis_reply`] (reply values and stream ids), [`error`].
@@ -38,6 +40,7 @@ pub mod lease;
 pub mod metrics;
 pub mod orphans;
 pub mod outbox;
+pub mod partitioning;
 pub mod preflight;
 pub mod reconcile;
 pub mod redis_reply;

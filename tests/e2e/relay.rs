@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 use crate::common::*;
 
 /// A fresh outbox table (installed by `ecst outbox install`) and its name.
-fn outbox(label: &str) -> String {
+pub fn outbox(label: &str) -> String {
     static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -30,7 +30,7 @@ fn outbox(label: &str) -> String {
     table
 }
 
-fn relay_file(table: &str, postgres: &str, redis: &str, extra: &str) -> PathBuf {
+pub fn relay_file(table: &str, postgres: &str, redis: &str, extra: &str) -> PathBuf {
     pipeline_file(
         "relay",
         &format!(
@@ -39,7 +39,7 @@ fn relay_file(table: &str, postgres: &str, redis: &str, extra: &str) -> PathBuf 
     )
 }
 
-fn start_relay(file: &PathBuf) -> Worker {
+pub fn start_relay(file: &PathBuf) -> Worker {
     let mut cmd = ecst();
     cmd.arg("relay").arg(file);
     Worker::spawn(cmd)
@@ -62,7 +62,7 @@ fn insert_rows(pg: &postgres_client::Client, table: &str, stream: &str, n: i64) 
     .collect()
 }
 
-fn outbox_count(pg: &postgres_client::Client, table: &str) -> i64 {
+pub fn outbox_count(pg: &postgres_client::Client, table: &str) -> i64 {
     pg.query(&format!("SELECT count(*) FROM {table}"), &[])[0].get(0)
 }
 
@@ -95,7 +95,7 @@ fn event_ids(conn: &mut redis::Connection, stream: &str) -> Vec<String> {
         .collect()
 }
 
-fn drop_outbox(pg: &postgres_client::Client, table: &str) {
+pub fn drop_outbox(pg: &postgres_client::Client, table: &str) {
     pg.execute(&format!(
         "DROP TABLE IF EXISTS {table}, {table}_dead_letters; DROP FUNCTION IF EXISTS {table}_notify()"
     ));

@@ -207,6 +207,7 @@ fn relay_config(args: &RelayBenchArgs, poll: Duration) -> RelayConfig {
         on_publish: relay::OnPublish::Delete,
         keep_published_for: None,
         retention: None,
+        partitions: 1,
         streams: None,
         timeout: ConfigDuration(Duration::from_secs(30)),
     }

@@ -7,7 +7,10 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, ValueEnum};
+use ecst_operators::SecretUrl;
+use ecst_pipeline::partitioning::{PartitioningError, ensure_partitioning};
 use ecst_schemas::EnvelopeKeys;
+use ecst_schemas::partition::{Partitioning, partition_of, partition_stream};
 use ecst_schemas::wire::{ContentType, FIELD_BODY, FIELD_CONTENT_TYPE, encode_body};
 
 /// Body encoding on the stream.
@@ -39,9 +42,14 @@ pub(crate) struct PublishArgs {
     /// Publish each line as it is (a foreign shape), checking only that it is a JSON object.
     #[arg(long)]
     raw: bool,
-    /// Trim the stream to about this many entries (XADD MAXLEN ~).
+    /// Trim the stream to about this many entries (XADD MAXLEN ~; with partitions, each
+    /// partition keeps its share).
     #[arg(long)]
     maxlen: Option<u64>,
+    /// Partitions of the stream: each event goes to the partition of its aggregateId. Must
+    /// match the partitioning recorded for the stream.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    partitions: u32,
 }
 
 pub(crate) async fn publish(args: PublishArgs) -> anyhow::Result<ExitCode> {
@@ -57,10 +65,8 @@ pub(crate) async fn publish(args: PublishArgs) -> anyhow::Result<ExitCode> {
         Encoding::Json => ContentType::Json,
         Encoding::Msgpack => ContentType::MsgPack,
     };
-    let client = ecst_operators::redis_pool::redis_client(&ecst_operators::SecretUrl::new(
-        args.redis.as_str(),
-    ))
-    .context("invalid Redis URL")?;
+    let client = ecst_operators::redis_pool::redis_client(&SecretUrl::new(args.redis.as_str()))
+        .context("invalid Redis URL")?;
     let config = redis::AsyncConnectionConfig::new()
         .set_connection_timeout(Some(Duration::from_secs(5)))
         .set_response_timeout(Some(Duration::from_secs(10)));
@@ -68,6 +74,24 @@ pub(crate) async fn publish(args: PublishArgs) -> anyhow::Result<ExitCode> {
         .get_multiplexed_async_connection_with_config(&config)
         .await
         .context("cannot connect to Redis")?;
+    let partitions = args.partitions;
+    match ensure_partitioning(
+        &mut conn,
+        &args.stream,
+        &Partitioning::new(partitions),
+        "producer",
+    )
+    .await
+    {
+        Ok(()) => {}
+        Err(e @ PartitioningError::Redis { .. }) => {
+            return Err(e)
+                .with_context(|| format!("Redis {}", SecretUrl::new(args.redis.as_str())));
+        }
+        Err(e) => return Err(e.into()),
+    }
+    // MAXLEN bounds the logical stream: each partition keeps its share.
+    let maxlen = args.maxlen.map(|n| n.div_ceil(u64::from(partitions)));
     let keys = EnvelopeKeys::default();
     let label = args.file.display().to_string();
     let (mut published, mut bad) = (0u64, 0u64);
@@ -87,16 +111,30 @@ pub(crate) async fn publish(args: PublishArgs) -> anyhow::Result<ExitCode> {
                 continue;
             }
         };
-        let body = if args.raw {
+        let (body, aggregate_id) = if args.raw {
             if !value.is_object() {
                 eprintln!("{label}:{number}: not a JSON object");
                 bad += 1;
                 continue;
             }
-            encode_body(&value, ct)?
+            let id = if partitions > 1 {
+                match raw_aggregate_id(&value) {
+                    Some(id) => id,
+                    None => {
+                        eprintln!(
+                            "{label}:{number}: no aggregateId (a non-empty string or an integer) to choose the partition by"
+                        );
+                        bad += 1;
+                        continue;
+                    }
+                }
+            } else {
+                String::new()
+            };
+            (encode_body(&value, ct)?, id)
         } else {
             match keys.read(&value) {
-                Ok(envelope) => encode_body(&envelope, ct)?,
+                Ok(envelope) => (encode_body(&envelope, ct)?, envelope.aggregate_id),
                 Err(e) => {
                     eprintln!("{label}:{number}: {e}");
                     bad += 1;
@@ -104,8 +142,13 @@ pub(crate) async fn publish(args: PublishArgs) -> anyhow::Result<ExitCode> {
                 }
             }
         };
-        let cmd = pipe.cmd("XADD").arg(&args.stream);
-        if let Some(maxlen) = args.maxlen {
+        let key = partition_stream(
+            &args.stream,
+            partition_of(&aggregate_id, partitions),
+            partitions,
+        );
+        let cmd = pipe.cmd("XADD").arg(key);
+        if let Some(maxlen) = maxlen {
             cmd.arg("MAXLEN").arg("~").arg(maxlen);
         }
         cmd.arg("*").arg(FIELD_BODY).arg(body);
@@ -130,12 +173,26 @@ pub(crate) async fn publish(args: PublishArgs) -> anyhow::Result<ExitCode> {
         published += queued;
     }
     eprintln!(
-        "published {published} events to {}; {bad} bad lines skipped",
-        args.stream
+        "published {published} events to {}{}; {bad} bad lines skipped",
+        args.stream,
+        if partitions > 1 {
+            format!(" ({})", Partitioning::new(partitions))
+        } else {
+            String::new()
+        }
     );
     Ok(if bad == 0 {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(1)
     })
+}
+
+/// The aggregateId of a line published as it is, read as the envelope reads it.
+fn raw_aggregate_id(value: &serde_json::Value) -> Option<String> {
+    match value.get("aggregateId")? {
+        serde_json::Value::String(s) if !s.is_empty() => Some(s.clone()),
+        serde_json::Value::Number(n) if n.is_i64() || n.is_u64() => Some(n.to_string()),
+        _ => None,
+    }
 }

@@ -4,6 +4,8 @@
 //! Publishing to a stream right after a database write loses events (the commit succeeds and
 //! the publish fails) or invents them (the publish succeeds and the commit rolls back). The
 //! outbox row commits or rolls back with the entity; `ecst relay` publishes it afterwards.
+//! The row names the logical stream: on a partitioned stream the relay sends it to the
+//! partition of its `aggregate_id` (never empty, so every row has one).
 //!
 //! ```no_run
 //! # async fn update_status(

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use ecst_operators::postgres_tls::parse_postgres_url;
 use ecst_operators::{ConfigDuration, SecretUrl};
+use ecst_schemas::partition::check_partitioned_name;
 use ecst_schemas::wire::ContentType;
 use serde::Deserialize;
 
@@ -51,6 +52,30 @@ pub struct Retention {
     /// Keep entries younger than this (by entry id time).
     #[serde(default)]
     pub max_age: Option<ConfigDuration>,
+}
+
+/// One stream the relay may publish to: its own retention and partitions.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StreamSettings {
+    /// Keep about this many entries (instead of the relay's `retention`).
+    #[serde(default)]
+    pub maxlen: Option<u64>,
+    /// Keep entries younger than this (instead of the relay's `retention`).
+    #[serde(default)]
+    pub max_age: Option<ConfigDuration>,
+    /// Partitions of this stream (instead of the relay's `partitions`).
+    #[serde(default)]
+    pub partitions: Option<u32>,
+}
+
+impl StreamSettings {
+    fn retention(&self) -> Retention {
+        Retention {
+            maxlen: self.maxlen,
+            max_age: self.max_age,
+        }
+    }
 }
 
 /// Where the outbox is.
@@ -107,10 +132,14 @@ pub struct RelayConfig {
     /// Retention of every stream without its own.
     #[serde(default)]
     pub retention: Option<Retention>,
-    /// The streams the relay may publish to, each with optional retention; rows for other
-    /// streams are dead-lettered. Absent: any stream.
+    /// Partitions of every stream without its own (default 1: the single key); each row goes
+    /// to the partition of its `aggregate_id`.
+    #[serde(default = "default_partitions")]
+    pub partitions: u32,
+    /// The streams the relay may publish to, each with optional retention and partitions; rows
+    /// for other streams are dead-lettered. Absent: any stream.
     #[serde(default)]
-    pub streams: Option<BTreeMap<String, Retention>>,
+    pub streams: Option<BTreeMap<String, StreamSettings>>,
     /// Bound on every Postgres and Redis call (default 10s).
     #[serde(default = "default_timeout")]
     pub timeout: ConfigDuration,
@@ -133,6 +162,9 @@ fn default_batch_size() -> u32 {
 }
 fn default_poll_interval() -> ConfigDuration {
     ConfigDuration(Duration::from_secs(1))
+}
+fn default_partitions() -> u32 {
+    1
 }
 fn default_timeout() -> ConfigDuration {
     ConfigDuration(Duration::from_secs(10))
@@ -175,23 +207,49 @@ impl RelayConfig {
                 problems.push((at(&["retention"]), message));
             }
         }
-        for (stream, retention) in self.streams.iter().flatten() {
+        if let Some(message) = check_partitions(self.partitions) {
+            problems.push((at(&["partitions"]), message));
+        }
+        for (stream, settings) in self.streams.iter().flatten() {
+            let at = || vec!["streams".to_string(), stream.clone()];
             if let Err(message) = check_stream_name(stream) {
-                problems.push((vec!["streams".into(), stream.clone()], message));
+                problems.push((at(), message));
             }
-            for message in retention.check() {
-                problems.push((vec!["streams".into(), stream.clone()], message));
+            for message in settings.retention().check() {
+                problems.push((at(), message));
+            }
+            if let Some(message) = settings.partitions.and_then(check_partitions) {
+                problems.push((at(), message));
+            }
+            if self.partitions_for(stream) > 1
+                && let Err(message) = check_partitioned_name(stream)
+            {
+                problems.push((at(), message));
             }
         }
         problems
     }
 
-    pub(super) fn retention_for(&self, stream: &str) -> Option<&Retention> {
+    pub(super) fn retention_for(&self, stream: &str) -> Option<Retention> {
         match self.streams.as_ref().and_then(|s| s.get(stream)) {
-            Some(own) if own.maxlen.is_some() || own.max_age.is_some() => Some(own),
-            _ => self.retention.as_ref(),
+            Some(own) if own.maxlen.is_some() || own.max_age.is_some() => Some(own.retention()),
+            _ => self.retention.clone(),
         }
     }
+
+    /// The partitions of `stream`: its own, else the relay's.
+    pub fn partitions_for(&self, stream: &str) -> u32 {
+        self.streams
+            .as_ref()
+            .and_then(|s| s.get(stream))
+            .and_then(|s| s.partitions)
+            .unwrap_or(self.partitions)
+    }
+}
+
+fn check_partitions(partitions: u32) -> Option<String> {
+    (!(1..=1024).contains(&partitions))
+        .then(|| format!("partitions must be between 1 and 1024, got {partitions}"))
 }
 
 impl Retention {
@@ -208,10 +266,14 @@ impl Retention {
         }
     }
 
-    /// XADD's trimming arguments, relative to `now_ms` for `max_age`.
-    pub(super) fn xadd_args(&self, now_ms: u64) -> Option<(&'static str, String)> {
+    /// XADD's trimming arguments for one of `partitions` keys, relative to `now_ms` for
+    /// `max_age`; `maxlen` bounds the logical stream, so each partition keeps its share.
+    pub(super) fn xadd_args(&self, now_ms: u64, partitions: u32) -> Option<(&'static str, String)> {
         if let Some(n) = self.maxlen {
-            return Some(("MAXLEN", n.to_string()));
+            return Some((
+                "MAXLEN",
+                n.div_ceil(u64::from(partitions.max(1))).to_string(),
+            ));
         }
         let age = self.max_age.as_ref()?.0.as_millis() as u64;
         Some(("MINID", format!("{}-0", now_ms.saturating_sub(age))))
@@ -229,22 +291,58 @@ mod tests {
             max_age: None,
         };
         assert_eq!(
-            by_len.xadd_args(5_000),
+            by_len.xadd_args(5_000, 1),
             Some(("MAXLEN", "1000".to_string()))
+        );
+        assert_eq!(
+            by_len.xadd_args(5_000, 3),
+            Some(("MAXLEN", "334".to_string()))
         );
         let by_age = Retention {
             maxlen: None,
             max_age: Some(ConfigDuration(Duration::from_secs(2))),
         };
         assert_eq!(
-            by_age.xadd_args(5_000),
+            by_age.xadd_args(5_000, 8),
             Some(("MINID", "3000-0".to_string()))
         );
-        assert_eq!(Retention::default().xadd_args(5_000), None);
+        assert_eq!(Retention::default().xadd_args(5_000, 1), None);
         let both = Retention {
             maxlen: Some(1),
             max_age: Some(ConfigDuration(Duration::from_secs(1))),
         };
         assert_eq!(both.check().len(), 1);
+    }
+
+    #[test]
+    fn each_stream_has_its_partitions_and_bad_counts_are_named() {
+        let config: RelayConfig = serde_json::from_value(serde_json::json!({
+            "postgres": "postgres://postgres@127.0.0.1/postgres",
+            "partitions": 4,
+            "streams": {
+                "orders": {},
+                "users": { "partitions": 1 },
+                "big": { "partitions": 2000 },
+                "br{ace}s": {},
+            },
+        }))
+        .unwrap();
+        assert_eq!(config.partitions_for("orders"), 4);
+        assert_eq!(config.partitions_for("users"), 1);
+        assert_eq!(config.partitions_for("unlisted"), 4);
+        let problems = config.check();
+        let at = |stream: &str| {
+            problems
+                .iter()
+                .filter(|(path, _)| path == &["streams".to_string(), stream.to_string()])
+                .map(|(_, m)| m.as_str())
+                .collect::<Vec<_>>()
+        };
+        assert!(at("big")[0].contains("between 1 and 1024"), "{problems:?}");
+        assert!(
+            at("br{ace}s")[0].contains("must not contain"),
+            "{problems:?}"
+        );
+        assert!(at("orders").is_empty() && at("users").is_empty());
     }
 }

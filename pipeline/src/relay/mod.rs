@@ -6,6 +6,7 @@
 //! duplicate. There is no cursor: a row whose transaction commits late, behind higher ids, is
 //! simply the oldest unpublished row on a later pass.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -14,6 +15,9 @@ use ecst_operators::postgres_tls::parse_postgres_url;
 use ecst_operators::redis_pool::{RedisManager, is_transport_error};
 use ecst_operators::sinks::postgres::config::quote;
 use ecst_schemas::Envelope;
+use ecst_schemas::partition::{
+    Partitioning, check_partitioned_name, partition_of, partition_stream,
+};
 use ecst_schemas::wire::{
     BodyLimits, ContentType, FIELD_BODY, FIELD_CONTENT_TYPE, FIELD_TRACEPARENT, encode_body,
 };
@@ -26,9 +30,10 @@ use tokio_postgres::{AsyncMessage, Client, Row, Statement};
 
 mod config;
 
-pub use config::{BodyEncoding, OnPublish, OutboxLocation, RelayConfig, Retention};
+pub use config::{BodyEncoding, OnPublish, OutboxLocation, RelayConfig, Retention, StreamSettings};
 
 use crate::outbox::{OUTBOX_COLUMNS, OutboxTable, check_stream_name};
+use crate::partitioning::{PartitioningError, ensure_partitioning};
 use crate::retry::{Backoff, sleep_or_shutdown};
 use crate::shutdown::Shutdown;
 
@@ -54,6 +59,9 @@ pub enum RelayError {
     /// The outbox table is missing or lacks columns; retrying would not help.
     #[error("{0}")]
     Schema(String),
+    /// A stream's recorded partitioning differs from the relay's; nothing was published.
+    #[error(transparent)]
+    Partitioning(PartitioningError),
 }
 
 /// Why one batch did not commit.
@@ -69,6 +77,14 @@ enum BatchError {
         txid: i64,
         message: String,
     },
+    /// A stream's partitioning is not the relay's; the batch rolled back.
+    Partitioning(PartitioningError),
+}
+
+/// The Redis connection, and the streams whose partitioning was checked on it.
+struct RedisLink {
+    conn: MultiplexedConnection,
+    checked: HashSet<String>,
 }
 
 /// A claimed row turned into a stream entry, or the reason it cannot be.
@@ -78,7 +94,10 @@ struct Claimed {
 }
 
 struct Entry {
+    /// The logical stream.
     stream: String,
+    /// The stream key the entry goes to: the stream's partition of the row's aggregate.
+    key: String,
     body: Vec<u8>,
     traceparent: Option<String>,
 }
@@ -144,7 +163,7 @@ pub async fn run(
 impl Relay<'_> {
     async fn run(&self, shutdown: &mut Shutdown) -> Result<(), RelayError> {
         let mut session: Option<Session> = None;
-        let mut conn: Option<MultiplexedConnection> = None;
+        let mut conn: Option<RedisLink> = None;
         let mut unresolved: Option<i64> = None;
         let mut backoff = Backoff::new();
         let mut last_prune = Instant::now();
@@ -190,7 +209,7 @@ impl Relay<'_> {
     async fn step(
         &self,
         session: &mut Option<Session>,
-        conn: &mut Option<MultiplexedConnection>,
+        conn: &mut Option<RedisLink>,
         unresolved: &mut Option<i64>,
     ) -> Result<usize, Step> {
         if session.as_ref().is_none_or(|s| s.client.is_closed()) {
@@ -204,12 +223,27 @@ impl Relay<'_> {
             self.resolve(s, txid).await;
         }
         if conn.is_none() {
-            *conn = Some(
-                self.redis
+            let mut link = RedisLink {
+                conn: self
+                    .redis
                     .connect_with_timeout(self.config.timeout.0)
                     .await
                     .map_err(|e| Step::Retry(format!("cannot connect to Redis: {e}")))?,
-            );
+                checked: HashSet::new(),
+            };
+            // The streams the relay names are checked up front, even with an empty outbox.
+            let named: Vec<&String> = self
+                .config
+                .streams
+                .iter()
+                .flatten()
+                .map(|(s, _)| s)
+                .collect();
+            match self.check_partitioning(&mut link, named).await {
+                Ok(()) => *conn = Some(link),
+                Err(e) if e.is_retryable() => return Err(Step::Retry(format!("Redis: {e}"))),
+                Err(e) => return Err(Step::Fatal(RelayError::Partitioning(e))),
+            }
         }
         let Some(c) = conn.as_mut() else {
             return Err(Step::Retry("no Redis connection".into()));
@@ -225,6 +259,13 @@ impl Relay<'_> {
                     *conn = None;
                 }
                 Err(Step::Retry(format!("Redis: {message}")))
+            }
+            Err(BatchError::Partitioning(e)) if !e.is_retryable() => {
+                Err(Step::Fatal(RelayError::Partitioning(e)))
+            }
+            Err(BatchError::Partitioning(e)) => {
+                *conn = None;
+                Err(Step::Retry(format!("Redis: {e}")))
             }
             Err(BatchError::CommitUnknown { txid, message }) => {
                 *session = None;
@@ -393,11 +434,25 @@ impl Relay<'_> {
         }
     }
 
-    async fn relay_batch(
+    /// Checks (once per connection) that each stream's recorded partitioning is the relay's,
+    /// recording it for a partitioned stream that has none.
+    async fn check_partitioning<'s>(
         &self,
-        s: &Session,
-        conn: &mut MultiplexedConnection,
-    ) -> Result<usize, BatchError> {
+        link: &mut RedisLink,
+        streams: impl IntoIterator<Item = &'s String>,
+    ) -> Result<(), PartitioningError> {
+        for stream in streams {
+            if link.checked.contains(stream) {
+                continue;
+            }
+            let wanted = Partitioning::new(self.config.partitions_for(stream));
+            ensure_partitioning(&mut link.conn, stream, &wanted, "relay").await?;
+            link.checked.insert(stream.clone());
+        }
+        Ok(())
+    }
+
+    async fn relay_batch(&self, s: &Session, link: &mut RedisLink) -> Result<usize, BatchError> {
         let timeout = self.config.timeout.0;
         let pg = |e: String| BatchError::Postgres(e);
         within(timeout, s.client.batch_execute("BEGIN"))
@@ -432,7 +487,16 @@ impl Relay<'_> {
         // entry carries this span's context on, so the consumer's span is its child. The spans
         // end with the transaction.
         let _publish_spans = self.trace_publishes(&mut claimed);
-        let outcome = match self.publish(conn, &claimed).await {
+        // Before any XADD: a refused stream publishes nothing of the batch.
+        let streams: Vec<&String> = claimed
+            .iter()
+            .filter_map(|c| c.entry.as_ref().ok().map(|e| &e.stream))
+            .collect();
+        if let Err(e) = self.check_partitioning(link, streams).await {
+            let _ = within(timeout, s.client.batch_execute("ROLLBACK")).await;
+            return Err(BatchError::Partitioning(e));
+        }
+        let outcome = match self.publish(&mut link.conn, &claimed).await {
             Ok(outcome) => outcome,
             Err(e) => {
                 let _ = within(timeout, s.client.batch_execute("ROLLBACK")).await;
@@ -529,11 +593,12 @@ impl Relay<'_> {
             match &c.entry {
                 Err(reason) => out.dead.push((c.id, reason.clone())),
                 Ok(entry) => {
-                    let cmd = pipe.cmd("XADD").arg(&entry.stream);
+                    let cmd = pipe.cmd("XADD").arg(&entry.key);
+                    let partitions = self.config.partitions_for(&entry.stream);
                     if let Some((strategy, threshold)) = self
                         .config
                         .retention_for(&entry.stream)
-                        .and_then(|r| r.xadd_args(now_ms))
+                        .and_then(|r| r.xadd_args(now_ms, partitions))
                     {
                         cmd.arg(strategy).arg("~").arg(threshold);
                     }
@@ -544,7 +609,7 @@ impl Relay<'_> {
                     if let Some(tp) = &entry.traceparent {
                         cmd.arg(FIELD_TRACEPARENT).arg(tp);
                     }
-                    sent.push(c.id);
+                    sent.push((c.id, &entry.key));
                 }
             }
         }
@@ -558,11 +623,11 @@ impl Relay<'_> {
                     transport: is_transport_error(&e),
                     message: e.to_string(),
                 })?;
-        for (id, reply) in sent.into_iter().zip(replies) {
+        for ((id, key), reply) in sent.into_iter().zip(replies) {
             match reply {
                 redis::Value::ServerError(e) if e.code() == "WRONGTYPE" => out.dead.push((
                     id,
-                    format!("Redis refused XADD: the key is not a stream ({e})"),
+                    format!("Redis refused XADD: the key `{key}` is not a stream ({e})"),
                 )),
                 // Anything else (OOM, READONLY, LOADING) is the server's state, not the row's.
                 redis::Value::ServerError(e) => {
@@ -598,9 +663,18 @@ impl Relay<'_> {
             ));
         }
         let aggregate_id: String = column(row, "aggregate_id")?;
+        let partitions = self.config.partitions_for(&stream);
         if aggregate_id.is_empty() {
-            return Err("aggregate_id is empty".into());
+            return Err(if partitions > 1 {
+                "aggregate_id is empty: the row has no partition".into()
+            } else {
+                "aggregate_id is empty".into()
+            });
         }
+        if partitions > 1 {
+            check_partitioned_name(&stream)?;
+        }
+        let key = partition_stream(&stream, partition_of(&aggregate_id, partitions), partitions);
         let version: i64 = column(row, "aggregate_version")?;
         let aggregate_version = u64::try_from(version)
             .map_err(|_| format!("aggregate_version {version} is negative"))?;
@@ -653,6 +727,7 @@ impl Relay<'_> {
         };
         Ok(Entry {
             stream,
+            key,
             body,
             traceparent,
         })

@@ -17,7 +17,8 @@ mod trace;
 
 use std::sync::Arc;
 
-use ecst_operators::redis_pool::redis_pool;
+use ecst_operators::redis_pool::{describe_run_error, redis_pool};
+use ecst_schemas::partition::Partitioning;
 use ecst_schemas::partition::partition_stream;
 
 use crate::bootstrap::{self, Reason};
@@ -25,6 +26,8 @@ use crate::commit::Shared;
 use crate::config::PipelineConfig;
 use crate::dag::Dag;
 pub use crate::error::RunError;
+use crate::partitioning::ensure_partitioning;
+use crate::retry::{Backoff, sleep_or_shutdown};
 use crate::shutdown::Shutdown;
 use crate::source::StreamSource;
 use crate::stats::Stats;
@@ -51,6 +54,62 @@ pub async fn run(
     let pool = redis_pool(&source_cfg.redis, 4, source_cfg.timeout.0)
         .map_err(|e| RunError::Config(format!("invalid Redis URL {}: {e}", source_cfg.redis)))?;
     crate::preflight::check_redis_access(config).await?;
+    // A partitioned worker must agree before it reads anything. A single-key worker starts
+    // while Redis is down, as always, and stops once the check can answer and disagrees.
+    let refused: Arc<std::sync::Mutex<Option<RunError>>> = Arc::default();
+    let _checking = if source_cfg.partitions > 1 {
+        if !agree_on_partitioning(config, &pool, &mut shutdown).await? {
+            return Ok(());
+        }
+        None
+    } else if check_partitioning(config, &pool).await?.is_none() {
+        None
+    } else {
+        let (stop, inner) = Shutdown::new();
+        let (config, pool, refused, mut outer) = (
+            config.clone(),
+            pool.clone(),
+            refused.clone(),
+            shutdown.clone(),
+        );
+        let mut checking = inner.clone();
+        let task = tokio::spawn(async move {
+            let refusal = tokio::select! {
+                _ = outer.wait() => None,
+                agreed = agree_on_partitioning(&config, &pool, &mut checking) => agreed.err(),
+            };
+            match refusal {
+                Some(e) => {
+                    if let Ok(mut slot) = refused.lock() {
+                        *slot = Some(e);
+                    }
+                }
+                // Agreed: the outer shutdown still has to reach the worker.
+                None => outer.wait().await,
+            }
+            stop.send_replace(true);
+        });
+        shutdown = inner;
+        Some(AbortOnDrop(task))
+    };
+    let result = run_settled(config, options, shutdown, stats, dag, pool, consumer).await;
+    match refused.lock().ok().and_then(|mut slot| slot.take()) {
+        Some(e) => Err(e),
+        None => result,
+    }
+}
+
+/// Runs the worker once the partitioning is (or is being) checked.
+async fn run_settled(
+    config: &PipelineConfig,
+    options: RunOptions,
+    mut shutdown: Shutdown,
+    stats: Arc<Stats>,
+    dag: Dag,
+    pool: ecst_operators::redis_pool::RedisPool,
+    consumer: String,
+) -> Result<(), RunError> {
+    let source_cfg = &config.source;
     let shared = Arc::new(Shared {
         pipeline: config.name.clone(),
         stream: source_cfg.stream.clone(),
@@ -105,6 +164,56 @@ pub async fn run(
             None => return Ok(()),
         }
     }
+}
+
+/// Checks the stream's recorded partitioning against the pipeline's (recording it for a new
+/// partitioned stream): `Ok(None)` when they agree, `Ok(Some(why))` when Redis could not
+/// answer, `Err` when they disagree.
+async fn check_partitioning(
+    config: &PipelineConfig,
+    pool: &ecst_operators::redis_pool::RedisPool,
+) -> Result<Option<String>, RunError> {
+    let wanted = Partitioning::new(config.source.partitions);
+    let mut conn = match pool.get().await {
+        Ok(conn) => conn,
+        Err(e) => return Ok(Some(describe_run_error(e))),
+    };
+    conn.begin();
+    let checked = ensure_partitioning(conn.conn(), &config.source.stream, &wanted, "worker").await;
+    let transport = matches!(
+        &checked,
+        Err(crate::partitioning::PartitioningError::Redis {
+            transport: true,
+            ..
+        })
+    );
+    conn.settle(&if transport {
+        Err(redis::RedisError::from((redis::ErrorKind::Io, "failed")))
+    } else {
+        Ok(())
+    });
+    match checked {
+        Ok(()) => Ok(None),
+        Err(e) if e.is_retryable() => Ok(Some(e.to_string())),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// [`check_partitioning`] until Redis answers; `false` on shutdown.
+async fn agree_on_partitioning(
+    config: &PipelineConfig,
+    pool: &ecst_operators::redis_pool::RedisPool,
+    shutdown: &mut Shutdown,
+) -> Result<bool, RunError> {
+    let mut backoff = Backoff::new();
+    while let Some(why) = check_partitioning(config, pool).await? {
+        let wait = backoff.next_delay();
+        tracing::warn!(pipeline = %config.name, error = %why, retry_in_ms = wait.as_millis() as u64, "Cannot check the stream's partitioning; retrying.");
+        if !sleep_or_shutdown(wait, shutdown).await {
+            return Ok(false);
+        }
+    }
+    Ok(true)
 }
 
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
