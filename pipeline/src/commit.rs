@@ -19,7 +19,11 @@ use crate::stats::{Stats, now_ms};
 /// Everything a batch task needs after the transforms ran.
 pub(crate) struct Shared {
     pub(crate) pipeline: String,
+    /// The stream key this worker (or lane) reads and acks.
     pub(crate) stream: String,
+    /// Every stream key the group reads: `[stream]`, or each partition of a partitioned stream
+    /// (a bootstrap notes a position on each).
+    pub(crate) streams: Vec<String>,
     pub(crate) group: String,
     pub(crate) consumer: String,
     pub(crate) dead_letter: String,
@@ -31,6 +35,8 @@ pub(crate) struct Shared {
     pub(crate) redis_url: SecretUrl,
     pub(crate) sinks: Vec<(String, Arc<dyn Sink>)>,
     pub(crate) stats: Arc<Stats>,
+    /// The partition `stream` is, of a partitioned stream.
+    pub(crate) partition: Option<u32>,
 }
 
 /// One batch after the transforms: its entries, each sink's records, and what was decided.

@@ -7,6 +7,7 @@
 //! - [`graph`]: DAG checks, order and rendering.
 //! - [`source`]: the consumer-group reader (pending first, then new, then claims).
 //! - [`preflight`]: the start-time check of Redis credentials, certificates and ACLs.
+//! - [`lease`]: partition leases: which worker of a group reads which partition.
 //! - [`runner`]: the worker: the read loop, batches through the [`dag`] to [`commit`].
 //! - [`dag`]: the built stages and sinks, run over one batch.
 //! - [`commit`]: a batch applied by every sink, dead-lettered, then acked.
@@ -33,6 +34,7 @@ pub mod config;
 pub mod dag;
 pub mod error;
 pub mod graph;
+pub mod lease;
 pub mod metrics;
 pub mod orphans;
 pub mod outbox;

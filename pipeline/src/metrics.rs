@@ -29,7 +29,7 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::registry::Registry;
 
 use crate::shutdown::Shutdown;
-use crate::stats::{HistogramSnapshot, SinkStats, Stats, now_ms};
+use crate::stats::{HistogramSnapshot, PartitionStats, SinkStats, Stats, now_ms};
 
 /// Reads a worker's [`Stats`] each time the registry is encoded.
 #[derive(Debug)]
@@ -288,9 +288,44 @@ impl Collector for StatsCollector {
             &stats.batch_size.snapshot(),
         )?;
 
-        let g = &stats.group;
-        let known = g.refreshed_ms.load(Ordering::Relaxed) != 0;
-        let lag = g.lag.load(Ordering::Relaxed);
+        let partitions = stats.partitions();
+        let owned: Vec<_> = partitions
+            .iter()
+            .filter(|(_, p)| p.owned.load(Ordering::Relaxed))
+            .filter(|(_, p)| p.group.refreshed_ms.load(Ordering::Relaxed) != 0)
+            .collect();
+        // A partitioned worker's group figures are the sums over the partitions it holds.
+        let (known, lag, pending, oldest_idle_ms) = if partitions.is_empty() {
+            let g = &stats.group;
+            (
+                g.refreshed_ms.load(Ordering::Relaxed) != 0,
+                g.lag.load(Ordering::Relaxed),
+                g.pending.load(Ordering::Relaxed),
+                g.oldest_pending_idle_ms.load(Ordering::Relaxed),
+            )
+        } else {
+            let lags: Vec<i64> = owned
+                .iter()
+                .map(|(_, p)| p.group.lag.load(Ordering::Relaxed))
+                .collect();
+            (
+                !owned.is_empty(),
+                if lags.iter().any(|l| *l < 0) {
+                    -1
+                } else {
+                    lags.iter().sum()
+                },
+                owned
+                    .iter()
+                    .map(|(_, p)| p.group.pending.load(Ordering::Relaxed))
+                    .sum(),
+                owned
+                    .iter()
+                    .map(|(_, p)| p.group.oldest_pending_idle_ms.load(Ordering::Relaxed))
+                    .max()
+                    .unwrap_or(0),
+            )
+        };
         gauge(
             e,
             "ecst_group_lag",
@@ -305,22 +340,72 @@ impl Collector for StatsCollector {
             e,
             "ecst_group_pending",
             "Entries delivered to the group and not acked.",
-            if known {
-                g.pending.load(Ordering::Relaxed) as f64
-            } else {
-                f64::NAN
-            },
+            if known { pending as f64 } else { f64::NAN },
         )?;
         gauge(
             e,
             "ecst_group_oldest_pending_idle_seconds",
             "Idle time of the oldest pending entry.",
             if known {
-                g.oldest_pending_idle_ms.load(Ordering::Relaxed) as f64 / 1000.0
+                oldest_idle_ms as f64 / 1000.0
             } else {
                 f64::NAN
             },
         )?;
+        if !partitions.is_empty() {
+            let names: Vec<(String, &Arc<PartitionStats>)> =
+                partitions.iter().map(|(n, p)| (n.to_string(), p)).collect();
+            gauges(
+                e,
+                "ecst_partition_owned",
+                "1 while this worker holds the partition's lease.",
+                "partition",
+                names.iter().map(|(n, p)| (n.as_str(), flag(&p.owned))),
+            )?;
+            gauges(
+                e,
+                "ecst_partition_lease_generation",
+                "Fencing generation of this worker's latest lease on the partition.",
+                "partition",
+                names
+                    .iter()
+                    .map(|(n, p)| (n.as_str(), p.generation.load(Ordering::Relaxed) as i64)),
+            )?;
+            counters(
+                e,
+                "ecst_partition_lease_acquired",
+                "Times this worker took the partition.",
+                "partition",
+                names.iter().map(|(n, p)| (n.as_str(), load(&p.acquired))),
+            )?;
+            counters(
+                e,
+                "ecst_partition_lease_lost",
+                "Times another worker took the partition from this one (fenced off) before it was given back.",
+                "partition",
+                names.iter().map(|(n, p)| (n.as_str(), load(&p.lost))),
+            )?;
+            let held: Vec<(String, &Arc<PartitionStats>)> =
+                owned.iter().map(|(n, p)| (n.to_string(), p)).collect();
+            gauges(
+                e,
+                "ecst_partition_lag",
+                "Entries of the partition not yet delivered to the group (NaN when Redis cannot tell); partitions this worker holds.",
+                "partition",
+                held.iter().map(|(n, p)| {
+                    let lag = p.group.lag.load(Ordering::Relaxed);
+                    (n.as_str(), if lag >= 0 { lag as f64 } else { f64::NAN })
+                }),
+            )?;
+            gauges(
+                e,
+                "ecst_partition_pending",
+                "Entries of the partition delivered to the group and not acked; partitions this worker holds.",
+                "partition",
+                held.iter()
+                    .map(|(n, p)| (n.as_str(), p.group.pending.load(Ordering::Relaxed))),
+            )?;
+        }
         gauge(
             e,
             "ecst_retention_gap",
@@ -667,6 +752,53 @@ mod tests {
                 "1", "10", "50", "100", "250", "500", "1000", "2500", "5000", "+Inf"
             ]
         );
+    }
+
+    #[test]
+    fn a_partitioned_worker_reports_each_partition_and_sums_the_ones_it_holds() {
+        let stats = busy_stats();
+        for (p, lag, pending, owned) in [(0, 3, 1, true), (5, 4, 2, true), (7, 100, 50, false)] {
+            let s = stats.partition(p);
+            s.owned.store(owned, Ordering::Relaxed);
+            s.generation.store(u64::from(p) + 1, Ordering::Relaxed);
+            s.acquired.store(1, Ordering::Relaxed);
+            s.lost.store(u64::from(!owned), Ordering::Relaxed);
+            s.group.lag.store(lag, Ordering::Relaxed);
+            s.group.pending.store(pending, Ordering::Relaxed);
+            s.group.refreshed_ms.store(now_ms(), Ordering::Relaxed);
+        }
+        let (types, samples) = parse(&render("p", &stats));
+        let value = |series: &str| -> Option<f64> {
+            samples
+                .iter()
+                .find(|(name, labels, _)| {
+                    let labels: Vec<String> =
+                        labels.iter().map(|(l, v)| format!("{l}={v}")).collect();
+                    format!("{name}{{{}}}", labels.join(",")) == series
+                })
+                .map(|(_, _, v)| v.parse().expect("a number"))
+        };
+        assert_eq!(value("ecst_group_lag{pipeline=p}"), Some(7.0));
+        assert_eq!(value("ecst_group_pending{pipeline=p}"), Some(3.0));
+        assert_eq!(
+            value("ecst_partition_lag{pipeline=p,partition=5}"),
+            Some(4.0)
+        );
+        assert_eq!(value("ecst_partition_lag{pipeline=p,partition=7}"), None);
+        assert_eq!(
+            value("ecst_partition_owned{pipeline=p,partition=7}"),
+            Some(0.0)
+        );
+        assert_eq!(
+            value("ecst_partition_lease_generation{pipeline=p,partition=5}"),
+            Some(6.0)
+        );
+        assert_eq!(
+            value("ecst_partition_lease_lost_total{pipeline=p,partition=7}"),
+            Some(1.0)
+        );
+        assert_eq!(types["ecst_partition_lease_acquired_total"], "counter");
+        assert_eq!(types["ecst_partition_pending"], "gauge");
     }
 
     #[test]

@@ -75,6 +75,9 @@ pub struct StreamSource {
     /// Next id to read our own pending entries from; `None` once they are all re-read.
     pending_cursor: Option<String>,
     claim_cursor: String,
+    /// Claim everything pending, however recently delivered, until the claim cursor wraps:
+    /// this worker just took the partition from another.
+    takeover: bool,
     group_vanished: bool,
 }
 
@@ -88,6 +91,7 @@ impl StreamSource {
             conn: None,
             pending_cursor: Some("0".into()),
             claim_cursor: "0-0".into(),
+            takeover: false,
             group_vanished: false,
         })
     }
@@ -95,6 +99,18 @@ impl StreamSource {
     /// The consumer name.
     pub fn consumer(&self) -> &str {
         &self.consumer
+    }
+
+    /// Makes the next claims take every pending entry of the group at once (not only those
+    /// idle for `claim_idle`): the partition's previous owner is gone or fenced off.
+    pub fn take_over(&mut self) {
+        self.takeover = true;
+        self.claim_cursor = "0-0".into();
+    }
+
+    /// Whether a takeover claim is still under way.
+    pub fn taking_over(&self) -> bool {
+        self.takeover
     }
 
     /// Whether this consumer's own pending entries have all been re-read.
@@ -339,7 +355,11 @@ impl StreamSource {
     pub async fn claim(&mut self) -> Result<SourceBatch, SourceError> {
         let mut claimed: Vec<RawEntry> = Vec::new();
         let mut trimmed = Vec::new();
-        let idle_ms = self.config.claim_idle.as_millis();
+        let idle_ms = if self.takeover {
+            0
+        } else {
+            self.config.claim_idle.as_millis()
+        };
         loop {
             let mut cmd = redis::cmd("XAUTOCLAIM");
             cmd.arg(&self.config.stream)
@@ -367,7 +387,11 @@ impl StreamSource {
                 trimmed.extend(ids.iter().filter_map(|id| bulk(Some(id))));
             }
             self.claim_cursor = next;
-            if self.claim_cursor == "0-0" || claimed.len() >= self.config.batch_size {
+            if self.claim_cursor == "0-0" {
+                self.takeover = false;
+                break;
+            }
+            if claimed.len() >= self.config.batch_size {
                 break;
             }
         }

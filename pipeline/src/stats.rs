@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use ecst_operators::DeadLetterReason;
@@ -152,6 +152,21 @@ pub struct GroupStats {
     pub refreshed_ms: AtomicI64,
 }
 
+/// One partition of a partitioned stream, as this worker sees it.
+#[derive(Debug, Default)]
+pub struct PartitionStats {
+    /// The partition's part of the group, while this worker holds it.
+    pub group: GroupStats,
+    /// This worker holds the partition's lease.
+    pub owned: AtomicBool,
+    /// The fencing generation of the current (or last) lease.
+    pub generation: AtomicU64,
+    /// Times this worker took the partition.
+    pub acquired: AtomicU64,
+    /// Times this worker found the partition taken by another worker before it gave it back.
+    pub lost: AtomicU64,
+}
+
 /// Now, in Unix milliseconds.
 pub fn now_ms() -> i64 {
     SystemTime::now()
@@ -201,6 +216,7 @@ pub struct Stats {
     stages: OnceLock<Vec<StageStats>>,
     dead_letter_reasons: Mutex<BTreeMap<&'static str, u64>>,
     latencies_ms: Mutex<Option<Vec<u32>>>,
+    partitions: Mutex<BTreeMap<u32, Arc<PartitionStats>>>,
 }
 
 impl Default for Stats {
@@ -227,6 +243,7 @@ impl Default for Stats {
             stages: OnceLock::new(),
             dead_letter_reasons: Mutex::new(BTreeMap::new()),
             latencies_ms: Mutex::new(None),
+            partitions: Mutex::new(BTreeMap::new()),
         }
     }
 }
@@ -246,6 +263,22 @@ impl Stats {
     pub(crate) fn register(&self, stages: Vec<StageStats>, sinks: Vec<SinkStats>) {
         let _ = self.stages.set(stages);
         let _ = self.sinks.set(sinks);
+    }
+
+    /// The counters of partition `p` (created on first use).
+    pub fn partition(&self, partition: u32) -> Arc<PartitionStats> {
+        match self.partitions.lock() {
+            Ok(mut map) => map.entry(partition).or_default().clone(),
+            Err(_) => Arc::default(),
+        }
+    }
+
+    /// Every partition this worker has held, by number.
+    pub fn partitions(&self) -> Vec<(u32, Arc<PartitionStats>)> {
+        self.partitions
+            .lock()
+            .map(|m| m.iter().map(|(p, s)| (*p, s.clone())).collect())
+            .unwrap_or_default()
     }
 
     /// Dead letters by reason class.

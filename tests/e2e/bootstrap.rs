@@ -40,6 +40,11 @@ impl Source {
 
     /// Changes `ids` at the source (version + 1) and publishes each change, as a producer would.
     pub fn update_and_publish(&self, conn: &mut redis::Connection, stream: &str, ids: &[String]) {
+        publish(conn, stream, &self.update(ids));
+    }
+
+    /// Changes `ids` at the source (version + 1); returns the events a producer publishes.
+    pub fn update(&self, ids: &[String]) -> Vec<serde_json::Value> {
         let changed = self.pg.query(
             &format!(
                 "UPDATE {t} SET version = version + 1, display_name = 'changed v' || (version + 1)
@@ -48,7 +53,7 @@ impl Source {
             ),
             &[&ids],
         );
-        let events: Vec<serde_json::Value> = changed
+        changed
             .iter()
             .map(|r| {
                 event(
@@ -57,8 +62,7 @@ impl Source {
                     &r.get::<_, String>(2),
                 )
             })
-            .collect();
-        publish(conn, stream, &events);
+            .collect()
     }
 
     /// Deletes `ids` at the source and publishes the tombstones.
@@ -158,13 +162,13 @@ pub fn bootstrap_pipeline(stream: &str, prefix: &str, bootstrap: &str) -> PathBu
     pipeline_file("bootstrap", &yaml)
 }
 
-fn http_bootstrap(port: u16, extra: &str) -> String {
+pub fn http_bootstrap(port: u16, extra: &str) -> String {
     format!(
         "  url: http://127.0.0.1:{port}/snapshot/athletes\n  page_size: 1000\n  lease: 2s\n  timeout: 5s\n{extra}"
     )
 }
 
-fn ids(range: std::ops::Range<i64>) -> Vec<String> {
+pub fn ids(range: std::ops::Range<i64>) -> Vec<String> {
     range.map(|n| format!("a{n:06}")).collect()
 }
 

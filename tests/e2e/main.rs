@@ -9,6 +9,7 @@ mod fanout;
 mod faults;
 mod observe;
 mod orphans;
+mod partitions;
 mod poison;
 mod reconcile;
 mod relay;

@@ -91,14 +91,14 @@ pub(crate) async fn settle_group(
     let me = shared.consumer.clone();
     let mut backoff = Backoff::new();
     let mut last_wait_log: Option<Instant> = None;
-    let (stream, group) = (shared.stream.clone(), shared.group.clone());
+    let (streams, group) = (shared.streams.clone(), shared.group.clone());
     loop {
         if shutdown.is_set() {
             return Ok(false);
         }
         let looked = async {
             let mut conn = pooled(shared).await?;
-            let state = on_redis!(&mut conn, |c| group_state(c, &stream, &group))?;
+            let state = on_redis!(&mut conn, |c| streams_state(c, &streams, &group))?;
             let progress = on_redis!(&mut conn, |c| read_progress(c, &keys))?;
             Ok::<_, String>((conn, state, progress))
         }
@@ -198,7 +198,7 @@ pub(crate) async fn settle_group(
             reason
         };
         if reason == Reason::NewGroup {
-            let exists = on_redis!(&mut conn, |c| group_state(c, &stream, &group))
+            let exists = on_redis!(&mut conn, |c| streams_state(c, &streams, &group))
                 .map(|s| s.exists)
                 .unwrap_or(false);
             if exists {
@@ -232,6 +232,27 @@ pub(crate) async fn settle_group(
             Err(Fatal(e)) => return Err(e),
         }
     }
+}
+
+/// The group on every stream key it reads: it exists only if it exists on all of them, and
+/// the first gap found is the gap.
+async fn streams_state(
+    conn: &mut redis::aio::MultiplexedConnection,
+    streams: &[String],
+    group: &str,
+) -> Result<GroupState, redis::RedisError> {
+    let mut all = GroupState {
+        exists: true,
+        gap: None,
+    };
+    for stream in streams {
+        let state = group_state(conn, stream, group).await?;
+        all.exists &= state.exists;
+        if all.gap.is_none() {
+            all.gap = state.gap;
+        }
+    }
+    Ok(all)
 }
 
 /// Whether a bootstrap for `reason` ends by removing rows the snapshot did not produce.
@@ -272,7 +293,7 @@ async fn run_bootstrap(
     dag.reset();
     let started_ms = crate::stats::now_ms();
     let me = shared.consumer.clone();
-    let (stream, group) = (shared.stream.clone(), shared.group.clone());
+    let group = shared.group.clone();
     let mut backoff = Backoff::new();
     // Note the position (or take the interrupted bootstrap's) and move the group to it.
     let (position, mut after, mut rows) = loop {
@@ -281,16 +302,22 @@ async fn run_bootstrap(
         }
         let noted = async {
             let mut conn = pooled(shared).await?;
-            let (position, entries_added, after, rows) = if reason == Reason::Resume {
+            let (positions, after, rows) = if reason == Reason::Resume {
                 (
-                    progress.position.clone(),
-                    progress.entries_added,
+                    progress.positions(shared.streams.len()),
                     progress.after.clone(),
                     progress.rows,
                 )
             } else {
-                let (position, entries_added) =
-                    on_redis!(&mut conn, |c| last_generated_id(c, &stream))?;
+                let mut positions = Vec::with_capacity(shared.streams.len());
+                for stream in &shared.streams {
+                    positions.push(on_redis!(&mut conn, |c| last_generated_id(c, stream))?);
+                }
+                let noted: Vec<&str> = positions.iter().map(|(p, _)| p.as_str()).collect();
+                let added: Vec<String> = positions
+                    .iter()
+                    .map(|(_, n)| n.map_or(String::new(), |n| n.to_string()))
+                    .collect();
                 let now = ecst_schemas::envelope::format_timestamp(time::OffsetDateTime::now_utc());
                 let mut pipe = redis::pipe();
                 pipe.cmd("DEL").arg(&keys.progress).ignore();
@@ -299,9 +326,9 @@ async fn run_bootstrap(
                     .arg("state")
                     .arg("running")
                     .arg("position")
-                    .arg(&position)
+                    .arg(noted.join(" "))
                     .arg("entries_added")
-                    .arg(entries_added.map_or(String::new(), |n| n.to_string()))
+                    .arg(added.join(" "))
                     .arg("after")
                     .arg("")
                     .arg("rows")
@@ -314,15 +341,22 @@ async fn run_bootstrap(
                     .arg(if sweeps(&reason) { "1" } else { "0" })
                     .ignore();
                 on_redis!(&mut conn, |c| pipe.query_async::<()>(c))?;
-                (position, entries_added, None, 0)
+                (positions, None, 0)
             };
-            on_redis!(&mut conn, |c| place_group(
-                c,
-                &stream,
-                &group,
-                &position,
-                entries_added
-            ))?;
+            for (stream, (position, entries_added)) in shared.streams.iter().zip(&positions) {
+                on_redis!(&mut conn, |c| place_group(
+                    c,
+                    stream,
+                    &group,
+                    position,
+                    *entries_added
+                ))?;
+            }
+            let position = positions
+                .iter()
+                .map(|(p, _)| p.as_str())
+                .collect::<Vec<_>>()
+                .join(" ");
             Ok::<_, String>((position, after, rows))
         }
         .await;

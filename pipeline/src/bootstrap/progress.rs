@@ -15,7 +15,23 @@ pub(crate) struct Progress {
     pub(crate) after: Option<String>,
     pub(crate) rows: u64,
     pub(crate) sweep: bool,
-    pub(crate) entries_added: Option<u64>,
+    /// Per stream key, space-separated like `position`; empty where Redis did not say.
+    pub(crate) entries_added: String,
+}
+
+impl Progress {
+    /// The noted position and entries-added count of each of `streams` stream keys.
+    pub(crate) fn positions(&self, streams: usize) -> Vec<(String, Option<u64>)> {
+        let mut positions = self.position.split(' ');
+        let mut added = self.entries_added.split(' ');
+        (0..streams)
+            .map(|_| {
+                let position = positions.next().filter(|p| !p.is_empty()).unwrap_or("0");
+                let added = added.next().and_then(|n| n.parse().ok());
+                (position.to_string(), added)
+            })
+            .collect()
+    }
 }
 
 pub(crate) async fn read_progress(
@@ -32,7 +48,7 @@ pub(crate) async fn read_progress(
         after: map.get("after").cloned().filter(|a| !a.is_empty()),
         rows: map.get("rows").and_then(|r| r.parse().ok()).unwrap_or(0),
         sweep: map.get("sweep").map(String::as_str) == Some("1"),
-        entries_added: map.get("entries_added").and_then(|n| n.parse().ok()),
+        entries_added: map.get("entries_added").cloned().unwrap_or_default(),
     })
 }
 

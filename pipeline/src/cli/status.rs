@@ -14,7 +14,9 @@ use ecst_operators::{SecretUrl, StageConfig};
 use ecst_pipeline::bootstrap::{group_state, stream_info};
 use ecst_pipeline::commit::divergence_key;
 use ecst_pipeline::config::{self, PipelineConfig};
+use ecst_pipeline::lease::partition_lease_key;
 use ecst_pipeline::redis_reply::{as_map, bulk};
+use ecst_schemas::partition::partition_stream;
 use redis::Value as RedisValue;
 use serde_json::{Value, json};
 use time::OffsetDateTime;
@@ -120,15 +122,7 @@ async fn groups(
             .query_async(conn)
             .await
             .context("XPENDING")?;
-        let oldest_idle = match oldest {
-            RedisValue::Array(entries) => match entries.first() {
-                Some(RedisValue::Array(fields)) => bulk(fields.get(2))
-                    .and_then(|n| n.parse::<f64>().ok())
-                    .map(|ms| ms / 1000.0),
-                _ => None,
-            },
-            _ => None,
-        };
+        let oldest_idle = oldest_idle_seconds(oldest);
         let state = group_state(conn, stream, &name)
             .await
             .context("XINFO STREAM")?;
@@ -287,10 +281,110 @@ async fn sink_freshness(
     out
 }
 
+/// One row per partition: its key, length, lease owner and the group's figures on it.
+async fn partitions(
+    conn: &mut impl redis::aio::ConnectionLike,
+    config: &PipelineConfig,
+) -> anyhow::Result<Vec<Value>> {
+    let source = &config.source;
+    let (seconds, micros): (i64, i64) = redis::cmd("TIME").query_async(conn).await?;
+    let now_ms = seconds * 1000 + micros / 1000;
+    let mut rows = Vec::new();
+    for p in 0..source.partitions {
+        let key = partition_stream(&source.stream, p, source.partitions);
+        let length: i64 = redis::cmd("XLEN").arg(&key).query_async(conn).await?;
+        let lease: HashMap<String, String> = redis::cmd("HGETALL")
+            .arg(partition_lease_key(&source.stream, &source.group, p))
+            .query_async(conn)
+            .await
+            .context("HGETALL")?;
+        let expires = lease
+            .get("expires_ms")
+            .and_then(|e| e.parse::<i64>().ok())
+            .unwrap_or(0);
+        let owner = lease
+            .get("owner")
+            .filter(|o| !o.is_empty() && expires > now_ms)
+            .cloned();
+        let mut row = json!({
+            "partition": p,
+            "stream": key,
+            "length": length,
+            "owner": owner,
+            "generation": lease.get("generation").and_then(|g| g.parse::<u64>().ok()),
+            "lag": Value::Null,
+            "pending": Value::Null,
+            "oldest_pending_idle_seconds": Value::Null,
+            "last_delivered_id": Value::Null,
+        });
+        let exists: bool = redis::cmd("EXISTS").arg(&key).query_async(conn).await?;
+        if exists {
+            let reply: RedisValue = redis::cmd("XINFO")
+                .arg("GROUPS")
+                .arg(&key)
+                .query_async(conn)
+                .await
+                .context("XINFO GROUPS")?;
+            let group = match reply {
+                RedisValue::Array(items) => items
+                    .into_iter()
+                    .map(as_map)
+                    .find(|g| bulk(g.get("name")).as_deref() == Some(source.group.as_str())),
+                _ => None,
+            };
+            if let Some(g) = group {
+                let oldest: RedisValue = redis::cmd("XPENDING")
+                    .arg(&key)
+                    .arg(&source.group)
+                    .arg("-")
+                    .arg("+")
+                    .arg(1)
+                    .query_async(conn)
+                    .await
+                    .context("XPENDING")?;
+                row["lag"] = number(&g, "lag");
+                row["pending"] = number(&g, "pending");
+                row["last_delivered_id"] = json!(bulk(g.get("last-delivered-id")));
+                row["oldest_pending_idle_seconds"] = json!(oldest_idle_seconds(oldest));
+            }
+        }
+        rows.push(row);
+    }
+    Ok(rows)
+}
+
+fn oldest_idle_seconds(oldest: RedisValue) -> Option<f64> {
+    match oldest {
+        RedisValue::Array(entries) => match entries.first() {
+            Some(RedisValue::Array(fields)) => bulk(fields.get(2))
+                .and_then(|n| n.parse::<f64>().ok())
+                .map(|ms| ms / 1000.0),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
 async fn snapshot(config: &PipelineConfig, all: bool) -> anyhow::Result<Value> {
     let mut conn = redis_conn(&config.source.redis).await?;
     let stream = &config.source.stream;
     let dlq = config.source.dead_letter_stream();
+    if config.source.partitions > 1 {
+        let partitions = partitions(&mut conn, config).await?;
+        let length: i64 = partitions.iter().filter_map(|p| p["length"].as_i64()).sum();
+        let dlq_length: i64 = redis::cmd("XLEN").arg(&dlq).query_async(&mut conn).await?;
+        return Ok(json!({
+            "pipeline": config.name,
+            "stream": stream,
+            "length": length,
+            "dead_letter_stream": dlq,
+            "dead_letters": dlq_length,
+            "group": config.source.group,
+            "partitions": partitions,
+            "groups": [],
+            "sinks": sink_freshness(config, &mut conn).await,
+        }));
+    }
     let length: i64 = redis::cmd("XLEN")
         .arg(stream)
         .query_async(&mut conn)
@@ -337,10 +431,42 @@ fn render(report: &Value, colour: bool) -> String {
             report["dead_letters"].as_i64().unwrap_or(0) > 0
         ),
     );
-    out.push_str(&format!(
-        "\n{:<32} {:>8} {:>8} {:>12} {:>22}  {}\n",
-        "group / consumer", "lag", "pending", "oldest idle", "last delivered", "retention"
-    ));
+    if let Some(partitions) = report["partitions"].as_array() {
+        out.push_str(&format!(
+            "\ngroup {}\n{:>9} {:<28} {:>6} {:>8} {:>8} {:>12} {:>22}\n",
+            show(&report["group"]),
+            "partition",
+            "owner",
+            "gen",
+            "lag",
+            "pending",
+            "oldest idle",
+            "last delivered"
+        ));
+        for p in partitions {
+            out.push_str(&format!(
+                "{:>9} {:<28} {:>6} {:>8} {:>8} {:>12} {:>22}\n",
+                show(&p["partition"]),
+                paint(
+                    p["owner"].as_str().unwrap_or("(none)").to_string(),
+                    p["owner"].is_null()
+                ),
+                show(&p["generation"]),
+                show(&p["lag"]),
+                show(&p["pending"]),
+                p["oldest_pending_idle_seconds"]
+                    .as_f64()
+                    .map_or("-".into(), |s| format!("{s:.1}s")),
+                show(&p["last_delivered_id"]),
+            ));
+        }
+    }
+    if report.get("partitions").is_none() {
+        out.push_str(&format!(
+            "\n{:<32} {:>8} {:>8} {:>12} {:>22}  {}\n",
+            "group / consumer", "lag", "pending", "oldest idle", "last delivered", "retention"
+        ));
+    }
     for g in report["groups"].as_array().into_iter().flatten() {
         let gap = &g["retention_gap"];
         out.push_str(&format!(

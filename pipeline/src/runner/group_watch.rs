@@ -1,4 +1,5 @@
-//! The consumer group's lag, pending count and oldest pending entry, refreshed for the metrics.
+//! The consumer group's lag, pending count and oldest pending entry (of the whole stream, or of
+//! one partition), refreshed for the metrics.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -46,7 +47,8 @@ pub(super) async fn watch_group(shared: Arc<Shared>) {
             continue;
         };
         let number = |key: &str| bulk(g.get(key)).and_then(|n| n.parse::<i64>().ok());
-        let stats = &shared.stats.group;
+        let partition = shared.partition.map(|p| shared.stats.partition(p));
+        let stats = partition.as_ref().map_or(&shared.stats.group, |p| &p.group);
         stats
             .lag
             .store(number("lag").unwrap_or(-1), Ordering::Relaxed);

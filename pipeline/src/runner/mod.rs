@@ -1,6 +1,9 @@
 //! The worker: settle the group (bootstrapping when it must), then read batches, push them
 //! through the DAG and hand each to a commit task, until shutdown, drain or a retention gap.
 //!
+//! A partitioned stream (`source.partitions` > 1) is read by `partitions`: the worker holds a
+//! share of the partitions by lease and runs the read loop once per partition it holds.
+//!
 //! Inside: `read_loop` (XREADGROUP / XAUTOCLAIM into batches, at most `in_flight` of them
 //! uncommitted), `keep_claimed` (entries of batches still being applied stay this worker's),
 //! `group_watch` (the group's lag and pending count, for the metrics) and `trace` (per-event
@@ -8,12 +11,14 @@
 
 mod group_watch;
 mod keep_claimed;
+mod partitions;
 mod read_loop;
 mod trace;
 
 use std::sync::Arc;
 
 use ecst_operators::redis_pool::redis_pool;
+use ecst_schemas::partition::partition_stream;
 
 use crate::bootstrap::{self, Reason};
 use crate::commit::Shared;
@@ -42,15 +47,16 @@ pub async fn run(
 ) -> Result<(), RunError> {
     let source_cfg = &config.source;
     let consumer = source_cfg.consumer_name();
-    let mut dag = Dag::build(config, stats.clone()).await?;
+    let dag = Dag::build(config, stats.clone()).await?;
     let pool = redis_pool(&source_cfg.redis, 4, source_cfg.timeout.0)
         .map_err(|e| RunError::Config(format!("invalid Redis URL {}: {e}", source_cfg.redis)))?;
     crate::preflight::check_redis_access(config).await?;
-    let mut source = StreamSource::new(source_cfg, consumer.clone())
-        .map_err(|e| RunError::Config(format!("invalid Redis URL {}: {e}", source_cfg.redis)))?;
     let shared = Arc::new(Shared {
         pipeline: config.name.clone(),
         stream: source_cfg.stream.clone(),
+        streams: (0..source_cfg.partitions)
+            .map(|p| partition_stream(&source_cfg.stream, p, source_cfg.partitions))
+            .collect(),
         group: source_cfg.group.clone(),
         consumer: consumer.clone(),
         dead_letter: source_cfg.dead_letter_stream(),
@@ -61,13 +67,28 @@ pub async fn run(
         redis_url: source_cfg.redis.clone(),
         sinks: dag.sinks().to_vec(),
         stats: stats.clone(),
+        partition: None,
     });
+    if source_cfg.partitions > 1 {
+        return partitions::run_partitioned(config, options, shutdown, dag, shared).await;
+    }
+    let mut source = StreamSource::new(source_cfg, consumer.clone())
+        .map_err(|e| RunError::Config(format!("invalid Redis URL {}: {e}", source_cfg.redis)))?;
     tracing::info!(pipeline = %config.name, stream = %source_cfg.stream, group = %source_cfg.group, consumer = %consumer, "Worker starting.");
 
     let _watching = AbortOnDrop(tokio::spawn(group_watch::watch_group(shared.clone())));
+    let dag = tokio::sync::Mutex::new(dag);
     let mut hint = options.bootstrap_only.then_some(Reason::Forced);
     loop {
-        if !bootstrap::settle_group(config, &mut dag, &shared, hint.take(), &mut shutdown).await? {
+        let settled = bootstrap::settle_group(
+            config,
+            &mut *dag.lock().await,
+            &shared,
+            hint.take(),
+            &mut shutdown,
+        )
+        .await?;
+        if !settled {
             return if options.bootstrap_only {
                 Err(RunError::BootstrapInterrupted)
             } else {
@@ -77,15 +98,8 @@ pub async fn run(
         if options.bootstrap_only {
             return Ok(());
         }
-        match read_loop::stream_until(
-            config,
-            &options,
-            &mut dag,
-            &shared,
-            &mut source,
-            &mut shutdown,
-        )
-        .await?
+        match read_loop::stream_until(config, &options, &dag, &shared, &mut source, &mut shutdown)
+            .await?
         {
             Some(gap) => hint = Some(Reason::Gap(gap)),
             None => return Ok(()),

@@ -26,7 +26,7 @@ use crate::source::{Origin, SourceBatch, StreamSource};
 pub(super) async fn stream_until(
     config: &PipelineConfig,
     options: &RunOptions,
-    dag: &mut Dag,
+    dag: &tokio::sync::Mutex<Dag>,
     shared: &Arc<Shared>,
     source: &mut StreamSource,
     shutdown: &mut Shutdown,
@@ -105,7 +105,8 @@ pub(super) async fn stream_until(
         // A read in progress is not cancelled by shutdown: Redis may already have delivered
         // its entries to this consumer, and they are finished like any other batch. The wait
         // is bounded by `block` (and the reader's timeout).
-        let claim_due = source.pending_done() && last_claim.elapsed() >= source_cfg.claim_every.0;
+        let claim_due = source.pending_done()
+            && (source.taking_over() || last_claim.elapsed() >= source_cfg.claim_every.0);
         // At debug level: an idle worker reads (and would export a span) every `block`.
         let read_span = tracing::debug_span!(
             "ecst.read",
@@ -226,7 +227,10 @@ pub(super) async fn stream_until(
             trace_id = tracing::field::Empty,
         );
         let event_spans = trace_events(config, &batch_span, &entries);
-        let per_sink = batch_span.in_scope(|| dag.run(&entries, &mut outcomes));
+        let per_sink = {
+            let mut dag = dag.lock().await;
+            batch_span.in_scope(|| dag.run(&entries, &mut outcomes))
+        };
         name_event_spans(&event_spans, &per_sink);
         let shared = shared.clone();
         let in_flight_ids = in_flight_ids.clone();
@@ -255,7 +259,7 @@ pub(super) async fn stream_until(
         });
     }
 
-    tracing::info!(pipeline = %config.name, in_flight = tasks.len(), "Stopping: finishing in-flight batches.");
+    tracing::info!(pipeline = %config.name, stream = %source_cfg.stream, in_flight = tasks.len(), "Stopping: finishing in-flight batches.");
     let deadline = source_cfg.shutdown_timeout.0;
     let finished = tokio::time::timeout(deadline, async {
         while tasks.join_next().await.is_some() {}
@@ -266,7 +270,7 @@ pub(super) async fn stream_until(
         tasks.abort_all();
         return Err(RunError::Abandoned(left));
     }
-    tracing::info!(pipeline = %config.name, acked = stats.acked.load(Ordering::Relaxed), "Worker stopped.");
+    tracing::info!(pipeline = %config.name, stream = %source_cfg.stream, acked = stats.acked.load(Ordering::Relaxed), "Stopped reading.");
     match gap {
         Some(gap) if bootstrap_on_gap => Ok(Some(gap)),
         Some(gap) => Err(RunError::RetentionGap(gap)),
