@@ -445,6 +445,57 @@ mod tests {
         assert_eq!(host_of("redis://u:p@h1:7001/"), "h1");
     }
 
+    /// Against the local cluster scripts/services.sh starts: every key lands on (and is read
+    /// from) the master serving it, or Redis would answer MOVED.
+    #[tokio::test]
+    async fn commands_reach_the_master_of_their_key() {
+        let url = std::env::var("ECST_CLUSTER_URL").unwrap_or_else(|_| {
+            "redis+cluster://127.0.0.1:7001,127.0.0.1:7002,127.0.0.1:7003".to_string()
+        });
+        let target = Target::connect(&url)
+            .await
+            .expect("the local cluster answers (scripts/services.sh starts it)");
+        assert!(
+            target.master_names().len() >= 2,
+            "{:?}",
+            target.master_names()
+        );
+        let prefix = format!("ecst:bench-target-test:{}:", std::process::id());
+        let keys: Vec<String> = (0..300).map(|i| format!("{prefix}{i}")).collect();
+        let set = |key: &String| {
+            let mut cmd = redis::cmd("SET");
+            cmd.arg(key).arg(key);
+            (key.clone(), cmd)
+        };
+        target.exec(keys.iter().map(set)).await.expect("SET");
+        let got: Vec<String> = target
+            .query(keys.iter().map(|key| {
+                let mut cmd = redis::cmd("GET");
+                cmd.arg(key);
+                (key.clone(), cmd)
+            }))
+            .await
+            .expect("GET");
+        assert_eq!(got, keys);
+        assert_eq!(
+            target.cpu_seconds().await.expect("INFO cpu").len(),
+            target.master_names().len()
+        );
+        target
+            .unlink_matching(&format!("{prefix}*"))
+            .await
+            .expect("UNLINK");
+        let left: Vec<Option<String>> = target
+            .query(keys.iter().map(|key| {
+                let mut cmd = redis::cmd("GET");
+                cmd.arg(key);
+                (key.clone(), cmd)
+            }))
+            .await
+            .expect("GET");
+        assert!(left.iter().all(Option::is_none));
+    }
+
     #[test]
     fn cluster_slots_give_each_slot_its_master() {
         let node = |host: &str, port| {
