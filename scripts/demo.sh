@@ -12,7 +12,8 @@ export REDIS_URL="${REDIS_URL:-redis://127.0.0.1:6379}"
 export DATABASE_URL="${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/postgres}"
 # The "does not exist, skipping" notices of the resets below are not news.
 export PGOPTIONS="${PGOPTIONS:--c client_min_messages=warning}"
-scripts/services.sh
+# The demo runs on one Redis; the local Redis Cluster is for the cluster tests.
+ECST_SKIP_CLUSTER=1 scripts/services.sh
 
 echo "== building ecst (release)"
 cargo build --release --locked --quiet -p ecst

@@ -3,6 +3,11 @@
 # from the distribution's packages and starting them when they do not. Idempotent.
 #   REDIS_URL     default redis://127.0.0.1:6379
 #   DATABASE_URL  default postgres://postgres@127.0.0.1:5432/postgres
+# and a local Redis Cluster (3 masters + 3 replicas on 127.0.0.1:7001-7006, no persistence) for
+# the cluster tests; it prints ECST_CLUSTER_URL=... on stdout (`eval "$(scripts/services.sh)"`).
+#   ECST_CLUSTER_PORT  its first port, default 7001 (the six nodes take it and the next five)
+#   ECST_CLUSTER_DIR   its config files and logs, default /tmp/ecst-cluster
+#   ECST_SKIP_CLUSTER  1 = do not start it
 set -euo pipefail
 
 log() { printf '[services] %s\n' "$*" >&2; }
@@ -70,6 +75,94 @@ else
   redis-server --daemonize yes --bind "$redis_host" --port "$redis_port" --save "" --appendonly no \
     --dir /tmp --logfile /tmp/ecst-redis.log
   wait_port "$redis_host" "$redis_port"
+fi
+
+# --- Redis Cluster -----------------------------------------------------------------------
+# 3 masters + 3 replicas on loopback, the machine's redis-server, nothing persisted: a restart
+# of the machine or a stale leftover just means a new cluster.
+cluster_host=127.0.0.1
+cluster_port="${ECST_CLUSTER_PORT:-7001}"
+cluster_ports=()
+for i in 0 1 2 3 4 5; do cluster_ports+=($((cluster_port + i))); done
+cluster_dir="${ECST_CLUSTER_DIR:-/tmp/ecst-cluster}"
+cluster_url="redis+cluster://$cluster_host:${cluster_ports[0]},$cluster_host:${cluster_ports[1]},$cluster_host:${cluster_ports[2]}"
+
+# `CLUSTER INFO` of one node (empty when it does not answer within 2s).
+cluster_info() { timeout 2 redis-cli -h "$cluster_host" -p "$1" cluster info 2>/dev/null | tr -d '\r' || true; }
+
+# One node's view is healthy: state ok, every slot served, all six nodes known.
+node_healthy() {
+  local info; info="$(cluster_info "$1")"
+  grep -qx 'cluster_state:ok' <<<"$info" &&
+    grep -qx 'cluster_slots_ok:16384' <<<"$info" &&
+    grep -qx "cluster_known_nodes:${#cluster_ports[@]}" <<<"$info"
+}
+
+cluster_healthy() {
+  local port
+  for port in "${cluster_ports[@]}"; do node_healthy "$port" || return 1; done
+}
+
+# Stops whatever cluster node answers on our ports (a half-started leftover) and forgets its
+# state; a non-cluster server on one of them is someone else's and is left alone.
+cluster_clean() {
+  local port info
+  for port in "${cluster_ports[@]}"; do
+    port_open "$cluster_host" "$port" || continue
+    info="$(timeout 2 redis-cli -h "$cluster_host" -p "$port" cluster info 2>&1 | tr -d '\r' || true)"
+    if ! grep -q '^cluster_state:' <<<"$info"; then
+      log "port $port is taken by something that is not a Redis Cluster node ($info); free it or set ECST_SKIP_CLUSTER=1"
+      return 1
+    fi
+    log "stopping the leftover cluster node on $cluster_host:$port"
+    timeout 5 redis-cli -h "$cluster_host" -p "$port" shutdown nosave >/dev/null 2>&1 || true
+    for _ in $(seq 1 50); do port_open "$cluster_host" "$port" || break; sleep 0.1; done
+    if port_open "$cluster_host" "$port"; then log "the node on $cluster_host:$port did not stop"; return 1; fi
+  done
+  rm -rf "$cluster_dir"
+}
+
+cluster_start() {
+  local port
+  mkdir -p "$cluster_dir"
+  for port in "${cluster_ports[@]}"; do
+    mkdir -p "$cluster_dir/$port"
+    redis-server --daemonize yes --bind "$cluster_host" --port "$port" \
+      --cluster-enabled yes --cluster-config-file nodes.conf --cluster-node-timeout 2000 \
+      --save '' --appendonly no --dir "$cluster_dir/$port" \
+      --pidfile "$cluster_dir/$port/redis.pid" --logfile "$cluster_dir/$port/redis.log"
+  done
+  for port in "${cluster_ports[@]}"; do wait_port "$cluster_host" "$port"; done
+  local nodes=()
+  for port in "${cluster_ports[@]}"; do nodes+=("$cluster_host:$port"); done
+  log "creating the cluster (3 masters, 1 replica each) on ${nodes[*]}"
+  timeout 60 redis-cli --cluster create "${nodes[@]}" --cluster-replicas 1 --cluster-yes \
+    >"$cluster_dir/create.log" 2>&1 || { log "redis-cli --cluster create failed:"; cat "$cluster_dir/create.log" >&2; return 1; }
+  # `create` returns once the slots are assigned; the replicas and the gossip that makes every
+  # node agree come a moment later.
+  local deadline=$((SECONDS + 30))
+  until cluster_healthy; do
+    if [ "$SECONDS" -ge "$deadline" ]; then
+      log "the cluster is not healthy within 30s; node views:"
+      for port in "${cluster_ports[@]}"; do log "$port: $(cluster_info "$port" | grep -E 'cluster_(state|slots_ok|known_nodes)' | tr '\n' ' ')"; done
+      return 1
+    fi
+    sleep 0.1
+  done
+}
+
+if [ "${ECST_SKIP_CLUSTER:-}" != "1" ]; then
+  if grep -qx 'cluster_state:ok' <<<"$(cluster_info "$cluster_port")"; then
+    log "Redis Cluster answers on $cluster_host:$cluster_port"
+    cluster_healthy || log "note: not every node of $cluster_host:${cluster_ports[0]}-${cluster_ports[-1]} reports a full 6-node cluster; keeping it anyway"
+  else
+    cluster_clean
+    log "starting a Redis Cluster on $cluster_host:${cluster_ports[0]}-${cluster_ports[-1]} (state in $cluster_dir)"
+    cluster_start
+    log "Redis Cluster ready: every node reports cluster_state:ok and all 16384 slots served"
+  fi
+  export ECST_CLUSTER_URL="$cluster_url"
+  echo "ECST_CLUSTER_URL=$cluster_url"
 fi
 
 # --- PostgreSQL --------------------------------------------------------------------------

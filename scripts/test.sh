@@ -5,9 +5,11 @@ cd "$(dirname "$0")/.."
 
 export REDIS_URL="${REDIS_URL:-redis://127.0.0.1:6379}"
 export DATABASE_URL="${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/postgres}"
+# The local Redis Cluster services.sh starts (3 masters + 3 replicas on 7001-7006).
+export ECST_CLUSTER_URL="${ECST_CLUSTER_URL:-redis+cluster://127.0.0.1:7001,127.0.0.1:7002,127.0.0.1:7003}"
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 
-ECST_PROMTOOL=1 scripts/services.sh
+ECST_PROMTOOL=1 scripts/services.sh >/dev/null
 if command -v promtool >/dev/null; then
   echo "== promtool check rules deploy/prometheus/alerts.yaml"
   promtool check rules deploy/prometheus/alerts.yaml

@@ -374,6 +374,44 @@ fn bench_reports_a_correct_replica() {
 }
 
 #[test]
+fn bench_with_worker_processes_reports_a_correct_replica() {
+    let mut cmd = ecst();
+    cmd.args([
+        "bench",
+        "--aggregates",
+        "300",
+        "--versions",
+        "4",
+        "--workers",
+        "2",
+        "--latency-seconds",
+        "1",
+        "--latency-rate",
+        "500",
+        "--json",
+    ]);
+    let out = run_with_deadline(cmd, Duration::from_secs(120));
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    let report: Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    assert_eq!(report["mismatches"], 0, "{report}");
+    assert_eq!(report["workers"], 2, "{report}");
+    assert_eq!(report["masters"], 1, "{report}");
+    let per_partition: u64 = report["partition_events"]
+        .as_array()
+        .expect("partition_events")
+        .iter()
+        .filter_map(Value::as_u64)
+        .sum();
+    assert_eq!(Some(per_partition), report["events"].as_u64(), "{report}");
+    assert!(
+        report["redis_cpu_us_per_event"].as_f64().unwrap_or(0.0) > 0.0,
+        "{report}"
+    );
+    // Counted inside the workers, which the bench does not see.
+    assert_eq!(report["applied"], Value::Null, "{report}");
+}
+
+#[test]
 fn a_record_the_store_refuses_is_dead_lettered_and_the_batch_commits() {
     let mut conn = redis();
     let stream = unique("wrongtype");

@@ -1,5 +1,6 @@
-//! Private servers for tests that kill, pause, flush or restart one: a `redis-server` and a
-//! Postgres cluster of the test's own, on a port of their own, never the shared ones.
+//! Private servers for tests that kill, pause, flush or restart one: a `redis-server`, a Redis
+//! Cluster ([`PrivateCluster`]) and a Postgres cluster of the test's own, on ports of their
+//! own, never the shared ones.
 //!
 //! Ports are picked at random in 20000-60000 and the server itself binds them; a server that
 //! finds its port taken says so in its log and is started again on another, so no port is
@@ -12,6 +13,9 @@ use std::time::{Duration, Instant};
 use rand::Rng;
 
 use crate::common::unique;
+
+mod cluster;
+pub use cluster::PrivateCluster;
 
 const PORT_ATTEMPTS: usize = 20;
 

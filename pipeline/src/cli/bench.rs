@@ -1,5 +1,9 @@
 //! `ecst bench`: a synthetic ECST workload through a real pipeline, next to the ceiling of a
 //! minimal guarded write straight to Redis, measured in the same run.
+//!
+//! With `--cluster`, `--partitions` and `--workers` it measures the scale-out: the workload
+//! routed to partitions on a Redis Cluster, drained by several worker processes of one group,
+//! with the Redis CPU each event cost summed over the masters.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -14,10 +18,13 @@ use ecst_pipeline::config::{self, PipelineConfig};
 use ecst_pipeline::runner::{self, RunOptions};
 use ecst_pipeline::shutdown::Shutdown;
 use ecst_pipeline::stats::Stats;
+use ecst_schemas::partition::{partition_of, partition_stream};
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
-use redis::aio::MultiplexedConnection;
 use serde_json::json;
+
+use super::bench_target::Target;
+use super::bench_workers::Workers;
 
 const BENCH_REDIS: &str = include_str!("../../../examples/bench.yaml");
 const BENCH_POSTGRES: &str = include_str!("../../../examples/bench-postgres.yaml");
@@ -59,6 +66,17 @@ pub(crate) struct BenchArgs {
         hide_env_values = true
     )]
     redis: String,
+    /// Redis Cluster to run on instead (`redis+cluster://host1:7001,host2:7002`): the stream,
+    /// the replica and the ceiling spread over its masters.
+    #[arg(long)]
+    cluster: Option<String>,
+    /// Partitions of the benchmark stream: events are routed by `partition_of(aggregateId)`.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    partitions: u32,
+    /// Drain with this many `ecst run --drain` processes of one group instead of one worker
+    /// inside the bench (the latency phase keeps the in-process worker).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=64))]
+    workers: Option<u32>,
     /// Postgres URL, for `--sink postgres|both`; the ceiling uses it too. Loopback by default,
     /// without TLS: add `sslmode=require` to measure with it.
     #[arg(
@@ -88,8 +106,8 @@ pub(crate) struct BenchArgs {
     #[arg(long, default_value_t = 1000)]
     window: usize,
     /// Pipeline file to run instead of the built-in one (it must read ${ECST_BENCH_STREAM},
-    /// ${ECST_BENCH_GROUP} and write keys `${ECST_BENCH_PREFIX}athlete:{aggregateId}`, as
-    /// examples/bench.yaml does).
+    /// ${ECST_BENCH_GROUP}, ${ECST_BENCH_PARTITIONS} and write keys
+    /// `${ECST_BENCH_PREFIX}athlete:{aggregateId}`, as examples/bench.yaml does).
     #[arg(long)]
     pipeline: Option<PathBuf>,
     /// Producer rate of the latency phase, events/s.
@@ -192,51 +210,78 @@ fn is_delete(w: &Workload, e: Event) -> bool {
     w.deleted[e.aggregate as usize] && e.version == w.versions
 }
 
-async fn connect(url: &str) -> anyhow::Result<MultiplexedConnection> {
-    let config = redis::AsyncConnectionConfig::new()
-        .set_connection_timeout(Some(Duration::from_secs(5)))
-        .set_response_timeout(Some(Duration::from_secs(60)));
-    ecst_operators::redis_pool::redis_client(&ecst_operators::SecretUrl::new(url))
-        .context("invalid Redis URL")?
-        .get_multiplexed_async_connection_with_config(&config)
-        .await
-        .context("cannot connect to Redis")
-}
-
 fn now_rfc3339() -> String {
     ecst_schemas::envelope::format_timestamp(time::OffsetDateTime::now_utc())
 }
 
+fn aggregate_id(aggregate: u32) -> String {
+    format!("ath-{aggregate}")
+}
+
+/// Appends `events` to their partitions of `stream`, as a producer routes them.
 async fn write_stream(
-    conn: &mut MultiplexedConnection,
+    target: &Target,
     stream: &str,
+    partitions: u32,
     w: &Workload,
     events: &[Event],
 ) -> anyhow::Result<()> {
     let occurred = now_rfc3339();
-    for chunk in events.chunks(1000) {
-        let mut pipe = redis::pipe();
-        for &e in chunk {
-            pipe.cmd("XADD")
-                .arg(stream)
-                .arg("*")
-                .arg("v")
-                .arg(body(e, is_delete(w, e), &occurred))
-                .ignore();
-        }
-        pipe.query_async::<()>(conn).await.context("XADD failed")?;
+    let keys: Vec<String> = (0..partitions)
+        .map(|p| partition_stream(stream, p, partitions))
+        .collect();
+    // A slice at a time bounds the memory of the bodies.
+    for slice in events.chunks(10_000) {
+        target
+            .exec(slice.iter().map(|&e| {
+                let key = &keys[partition_of(&aggregate_id(e.aggregate), partitions) as usize];
+                let mut cmd = redis::cmd("XADD");
+                cmd.arg(key)
+                    .arg("*")
+                    .arg("v")
+                    .arg(body(e, is_delete(w, e), &occurred));
+                (key.clone(), cmd)
+            }))
+            .await
+            .context("XADD failed")?;
     }
     Ok(())
 }
 
-fn load_pipeline(
+/// Events of the workload per partition.
+fn partition_counts(w: &Workload, partitions: u32) -> Vec<u64> {
+    let of: Vec<u32> = (0..w.deleted.len() as u32)
+        .map(|a| partition_of(&aggregate_id(a), partitions))
+        .collect();
+    let mut counts = vec![0u64; partitions as usize];
+    for e in &w.events {
+        counts[of[e.aggregate as usize] as usize] += 1;
+    }
+    counts
+}
+
+/// The `${VAR}`s the bench pipelines read, for one run.
+fn bench_env(
     args: &BenchArgs,
     stream: &str,
     group: &str,
     prefix: &str,
     table: &str,
-) -> anyhow::Result<PipelineConfig> {
-    let (label, text) = match &args.pipeline {
+) -> Vec<(&'static str, String)> {
+    vec![
+        ("ECST_BENCH_STREAM", stream.to_string()),
+        ("ECST_BENCH_GROUP", group.to_string()),
+        ("ECST_BENCH_PREFIX", prefix.to_string()),
+        ("ECST_BENCH_TABLE", table.to_string()),
+        ("ECST_BENCH_PARTITIONS", args.partitions.to_string()),
+        ("DATABASE_URL", args.database.clone()),
+        ("REDIS_URL", args.redis_url().to_string()),
+    ]
+}
+
+/// The pipeline file's name (for messages) and text.
+fn pipeline_text(args: &BenchArgs) -> anyhow::Result<(PathBuf, String)> {
+    Ok(match &args.pipeline {
         Some(path) => (
             path.clone(),
             std::fs::read_to_string(path)
@@ -256,16 +301,20 @@ fn load_pipeline(
                 BENCH_BOTH.to_string(),
             ),
         },
-    };
-    let redis_url = args.redis.clone();
-    let overrides: HashMap<&str, String> = HashMap::from([
-        ("ECST_BENCH_STREAM", stream.to_string()),
-        ("ECST_BENCH_GROUP", group.to_string()),
-        ("ECST_BENCH_PREFIX", prefix.to_string()),
-        ("ECST_BENCH_TABLE", table.to_string()),
-        ("DATABASE_URL", args.database.clone()),
-        ("REDIS_URL", redis_url),
-    ]);
+    })
+}
+
+fn load_pipeline(
+    args: &BenchArgs,
+    stream: &str,
+    group: &str,
+    prefix: &str,
+    table: &str,
+) -> anyhow::Result<PipelineConfig> {
+    let (label, text) = pipeline_text(args)?;
+    let overrides: HashMap<&str, String> = bench_env(args, stream, group, prefix, table)
+        .into_iter()
+        .collect();
     config::load_str(&label, &text, &|name| {
         overrides
             .get(name)
@@ -297,75 +346,60 @@ redis.call('HSET', KEYS[1], '_version', ARGV[1], '_occurred_at', ARGV[2], 'displ
 return 1
 "#;
 
-async fn ceiling(
-    conn: &mut MultiplexedConnection,
-    prefix: &str,
-    w: &Workload,
-) -> anyhow::Result<f64> {
+async fn ceiling(target: &Target, prefix: &str, w: &Workload) -> anyhow::Result<f64> {
     let script = redis::Script::new(CEILING_SCRIPT);
-    script
-        .prepare_invoke()
-        .key(format!("{prefix}warmup"))
-        .arg(0)
-        .arg("")
-        .arg("")
-        .arg("")
-        .arg("")
-        .arg("")
-        .invoke_async::<i64>(conn)
+    target
+        .on_every_master(redis::cmd("SCRIPT").arg("LOAD").arg(CEILING_SCRIPT))
         .await
         .context("loading the ceiling script")?;
     let occurred = now_rfc3339();
-    // Arguments are built before the clock starts, a slice at a time to bound memory: the
-    // ceiling measures Redis, not formatting.
+    // Arguments are built and routed before the clock starts, a slice at a time to bound
+    // memory: the ceiling measures Redis, not formatting. On a cluster the masters run their
+    // shares concurrently, as the workers' writes do.
     let mut busy = Duration::ZERO;
     for slice in w.events.chunks(50_000) {
-        let chunks: Vec<redis::Pipeline> = slice
-            .chunks(1000)
-            .map(|chunk| {
-                let mut pipe = redis::pipe();
-                for &e in chunk {
-                    pipe.cmd("EVALSHA")
-                        .arg(script.get_hash())
-                        .arg(1)
-                        .arg(format!("{prefix}athlete:ath-{}", e.aggregate))
-                        .arg(e.version)
-                        .arg(&occurred)
-                        .arg(display_name(e))
-                        .arg(STATUSES[(e.version % 3) as usize])
-                        .arg("GB")
-                        .arg("lightweight")
-                        .ignore();
-                }
-                pipe
-            })
-            .collect();
+        let routed = target.route(slice.iter().map(|&e| {
+            let key = format!("{prefix}athlete:{}", aggregate_id(e.aggregate));
+            let mut cmd = redis::cmd("EVALSHA");
+            cmd.arg(script.get_hash())
+                .arg(1)
+                .arg(&key)
+                .arg(e.version)
+                .arg(&occurred)
+                .arg(display_name(e))
+                .arg(STATUSES[(e.version % 3) as usize])
+                .arg("GB")
+                .arg("lightweight");
+            (key, cmd)
+        }));
         let started = Instant::now();
-        for pipe in &chunks {
-            pipe.query_async::<()>(conn)
-                .await
-                .context("ceiling EVALSHA failed")?;
-        }
+        target
+            .run(&routed)
+            .await
+            .context("ceiling EVALSHA failed")?;
         busy += started.elapsed();
     }
     Ok(w.events.len() as f64 / busy.as_secs_f64())
 }
 
 async fn verify(
-    conn: &mut MultiplexedConnection,
+    target: &Target,
     prefix: &str,
     w: &Workload,
     args: &BenchArgs,
 ) -> anyhow::Result<u64> {
     let mut mismatches = 0u64;
     let ids: Vec<u32> = (0..args.aggregates).collect();
-    for chunk in ids.chunks(1000) {
-        let mut pipe = redis::pipe();
-        for a in chunk {
-            pipe.cmd("HGETALL").arg(format!("{prefix}athlete:ath-{a}"));
-        }
-        let hashes: Vec<HashMap<String, String>> =
-            pipe.query_async(conn).await.context("HGETALL failed")?;
+    for chunk in ids.chunks(10_000) {
+        let hashes: Vec<HashMap<String, String>> = target
+            .query(chunk.iter().map(|&a| {
+                let key = format!("{prefix}athlete:{}", aggregate_id(a));
+                let mut cmd = redis::cmd("HGETALL");
+                cmd.arg(&key);
+                (key, cmd)
+            }))
+            .await
+            .context("HGETALL failed")?;
         for (a, h) in chunk.iter().zip(hashes) {
             let last = Event {
                 aggregate: *a,
@@ -387,21 +421,12 @@ async fn verify(
     Ok(mismatches)
 }
 
-async fn cleanup(
-    conn: &mut MultiplexedConnection,
-    prefix: &str,
-    streams: &[&str],
-) -> anyhow::Result<()> {
-    for stream in streams {
-        redis::cmd("DEL")
-            .arg(*stream)
-            .arg(format!("{stream}.dlq"))
-            .query_async::<()>(conn)
-            .await?;
-    }
-    unlink_matching(conn, &format!("{prefix}*")).await?;
-    unlink_matching(conn, &format!("ecst:tombstone:{prefix}*")).await?;
-    Ok(())
+/// Removes the keys whose names start with `prefix`, and their tombstones.
+async fn cleanup(target: &Target, prefix: &str) -> anyhow::Result<()> {
+    target.unlink_matching(&format!("{prefix}*")).await?;
+    target
+        .unlink_matching(&format!("ecst:tombstone:{prefix}*"))
+        .await
 }
 
 /// Connects the way the sink does (same TLS options), so the ceiling pays what the sink pays.
@@ -514,30 +539,6 @@ async fn pg_verify(
     Ok(mismatches + found.len() as u64)
 }
 
-async fn unlink_matching(conn: &mut MultiplexedConnection, pattern: &str) -> anyhow::Result<()> {
-    let mut cursor = 0u64;
-    loop {
-        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(pattern)
-            .arg("COUNT")
-            .arg(10_000)
-            .query_async(conn)
-            .await?;
-        if !keys.is_empty() {
-            redis::cmd("UNLINK")
-                .arg(&keys)
-                .query_async::<()>(conn)
-                .await?;
-        }
-        cursor = next;
-        if cursor == 0 {
-            return Ok(());
-        }
-    }
-}
-
 fn percentile(sorted: &[u32], p: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
@@ -546,53 +547,26 @@ fn percentile(sorted: &[u32], p: f64) -> f64 {
     f64::from(sorted[rank.min(sorted.len() - 1)])
 }
 
-pub(crate) async fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
-    let run_id = format!(
-        "{}-{}",
-        std::process::id(),
-        time::OffsetDateTime::now_utc().unix_timestamp()
-    );
-    let stream = format!("ecst:bench:{run_id}");
-    let latency_stream = format!("ecst:bench:{run_id}:latency");
-    let prefix = format!("ecst:bench:{run_id}:");
-    let ceiling_prefix = format!("ecst:bench:{run_id}:ceiling:");
-    let table = format!("ecst_bench_{}", run_id.replace('-', "_"));
-    let ceiling_table = format!("{table}_ceiling");
-    let mut conn = connect(&args.redis).await?;
-    let pg = if args.sink.postgres() {
-        Some(pg_connect(&args.database).await?)
-    } else {
-        None
-    };
-
-    let w = workload(&args);
-    let events = w.events.len();
-    if !args.json {
-        eprintln!(
-            "writing {events} events ({} aggregates x {} versions, {:.0}% duplicated, {:.0}% deleted) to {stream}",
-            args.aggregates,
-            args.versions,
-            args.duplicates * 100.0,
-            args.deletes * 100.0
-        );
+impl BenchArgs {
+    /// The Redis the bench runs on: `--cluster` if given, else `--redis`.
+    fn redis_url(&self) -> &str {
+        self.cluster.as_deref().unwrap_or(&self.redis)
     }
+}
 
-    // The ceiling is measured before and after the drain, on its own keys, and averaged, so
-    // that drift in the machine's speed during the run weighs on both sides alike.
-    let mut redis_ceiling = Vec::new();
-    let mut pg_ceiling_eps = Vec::new();
-    if args.sink.redis() {
-        redis_ceiling.push(ceiling(&mut conn, &ceiling_prefix, &w).await?);
-        cleanup(&mut conn, &ceiling_prefix, &[]).await?;
-    }
-    if let Some(pg) = &pg {
-        pg_ceiling_eps.push(pg_ceiling(pg, &ceiling_table, &w).await?);
-    }
+/// How the throughput phase went.
+struct Drained {
+    elapsed: Duration,
+    /// Known only for the in-process worker.
+    applied: Option<u64>,
+    stale: Option<u64>,
+    dead_lettered: Option<u64>,
+    /// The workers' peak RSS (the bench's own for the in-process worker).
+    peak_rss_mb: Option<f64>,
+}
 
-    write_stream(&mut conn, &stream, &w, &w.events).await?;
-
-    // Throughput: drain the pre-filled stream.
-    let pipeline = load_pipeline(&args, &stream, "bench", &prefix, &table)?;
+/// Drains the stream with one worker inside the bench.
+async fn drain_in_process(pipeline: &PipelineConfig, events: u64) -> anyhow::Result<Drained> {
     let stats = Arc::new(Stats::default());
     let (_tx, shutdown) = Shutdown::new();
     let started = Instant::now();
@@ -613,7 +587,7 @@ pub(crate) async fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
         })
     };
     let deadline = Instant::now() + Duration::from_secs(600);
-    while stats.acked.load(Ordering::Relaxed) < events as u64 {
+    while stats.acked.load(Ordering::Relaxed) < events {
         if worker.is_finished() || Instant::now() > deadline {
             break;
         }
@@ -625,18 +599,173 @@ pub(crate) async fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
         .context("bench worker panicked")?
         .context("bench worker failed")?;
     let acked = stats.acked.load(Ordering::Relaxed);
-    if acked < events as u64 {
+    if acked < events {
         bail!("the worker acked {acked} of {events} events");
     }
-    let events_per_sec = events as f64 / elapsed.as_secs_f64();
-    let rss = peak_rss_mb();
-    let mut mismatches = 0;
+    Ok(Drained {
+        elapsed,
+        applied: Some(stats.applied.load(Ordering::Relaxed)),
+        stale: Some(stats.stale.load(Ordering::Relaxed)),
+        dead_lettered: Some(stats.dead_lettered.load(Ordering::Relaxed)),
+        peak_rss_mb: None,
+    })
+}
+
+/// Drains the stream with `workers` `ecst run --drain` processes; the clock stops when Redis
+/// shows every partition read and acknowledged.
+async fn drain_with_workers(
+    args: &BenchArgs,
+    target: &Target,
+    env: &[(&str, String)],
+    workers: u32,
+    partitions: &[(String, u64)],
+    run_id: &str,
+) -> anyhow::Result<Drained> {
+    let dir = std::env::temp_dir().join(format!("ecst-bench-{run_id}"));
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let file = match &args.pipeline {
+        Some(path) => path.clone(),
+        None => {
+            let (_, text) = pipeline_text(args)?;
+            let file = dir.join("pipeline.yaml");
+            std::fs::write(&file, text)
+                .with_context(|| format!("cannot write {}", file.display()))?;
+            file
+        }
+    };
+    let started = Instant::now();
+    let mut running = Workers::spawn(&file, env, workers, &dir)?;
+    let logs = || format!("the workers' logs are in {}", dir.display());
+    running
+        .wait_drained(target, "bench", partitions, Duration::from_secs(600))
+        .await
+        .with_context(logs)?;
+    let elapsed = started.elapsed();
+    let peak_rss_mb = running.peak_rss_mb();
+    running
+        .finish(Duration::from_secs(60))
+        .await
+        .with_context(logs)?;
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(Drained {
+        elapsed,
+        applied: None,
+        stale: None,
+        dead_lettered: None,
+        peak_rss_mb,
+    })
+}
+
+pub(crate) async fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
+    let run_id = format!(
+        "{}-{}",
+        std::process::id(),
+        time::OffsetDateTime::now_utc().unix_timestamp()
+    );
+    let target = Target::connect(args.redis_url()).await?;
+    let result = measure(&args, &target, &run_id).await;
+    // Everything of this run has the stream's name in its key (partitions, dead letters,
+    // replica, tombstones, the recorded partitioning), and goes, whether the run passed or not.
+    let cleaned = target
+        .unlink_matching(&format!("*ecst:bench:{run_id}*"))
+        .await;
+    let code = result?;
+    cleaned.context("removing the benchmark's keys")?;
+    Ok(code)
+}
+
+async fn measure(args: &BenchArgs, target: &Target, run_id: &str) -> anyhow::Result<ExitCode> {
+    let stream = format!("ecst:bench:{run_id}");
+    let latency_stream = format!("ecst:bench:{run_id}:latency");
+    let prefix = format!("ecst:bench:{run_id}:");
+    let ceiling_prefix = format!("ecst:bench:{run_id}:ceiling:");
+    let table = format!("ecst_bench_{}", run_id.replace('-', "_"));
+    let ceiling_table = format!("{table}_ceiling");
+    let pg = if args.sink.postgres() {
+        Some(pg_connect(&args.database).await?)
+    } else {
+        None
+    };
+
+    // Checked before anything is written, so that a bad file leaves nothing behind.
+    let pipeline = load_pipeline(args, &stream, "bench", &prefix, &table)?;
+    let w = workload(args);
+    let events = w.events.len();
+    if !args.json {
+        eprintln!(
+            "writing {events} events ({} aggregates x {} versions, {:.0}% duplicated, {:.0}% deleted) to {stream} ({} partition{}, {} master{})",
+            args.aggregates,
+            args.versions,
+            args.duplicates * 100.0,
+            args.deletes * 100.0,
+            args.partitions,
+            if args.partitions == 1 { "" } else { "s" },
+            target.master_names().len(),
+            if target.master_names().len() == 1 {
+                ""
+            } else {
+                "s"
+            },
+        );
+    }
+
+    // The ceiling is measured before and after the drain, on its own keys, and averaged, so
+    // that drift in the machine's speed during the run weighs on both sides alike.
+    let mut redis_ceiling = Vec::new();
+    let mut pg_ceiling_eps = Vec::new();
     if args.sink.redis() {
-        mismatches += verify(&mut conn, &prefix, &w, &args).await?;
-        redis_ceiling.push(ceiling(&mut conn, &ceiling_prefix, &w).await?);
+        redis_ceiling.push(ceiling(target, &ceiling_prefix, &w).await?);
+        cleanup(target, &ceiling_prefix).await?;
     }
     if let Some(pg) = &pg {
-        mismatches += pg_verify(pg, &table, &w, &args).await?;
+        pg_ceiling_eps.push(pg_ceiling(pg, &ceiling_table, &w).await?);
+    }
+
+    write_stream(target, &stream, args.partitions, &w, &w.events).await?;
+    let partition_events = partition_counts(&w, args.partitions);
+
+    // Throughput: drain the pre-filled stream, while the masters' CPU time is counted.
+    let cpu_before = target.cpu_seconds().await?;
+    let drained = match args.workers {
+        None => drain_in_process(&pipeline, events as u64).await?,
+        Some(workers) => {
+            let partitions: Vec<(String, u64)> = partition_events
+                .iter()
+                .enumerate()
+                .map(|(p, n)| (partition_stream(&stream, p as u32, args.partitions), *n))
+                .collect();
+            let env = bench_env(args, &stream, "bench", &prefix, &table);
+            drain_with_workers(args, target, &env, workers, &partitions, run_id).await?
+        }
+    };
+    let cpu_after = target.cpu_seconds().await?;
+    let cpu_by_master: Vec<f64> = cpu_after
+        .iter()
+        .zip(&cpu_before)
+        .map(|(after, before)| after - before)
+        .collect();
+    let redis_cpu_us_per_event = cpu_by_master.iter().sum::<f64>() * 1e6 / events as f64;
+    let elapsed = drained.elapsed;
+    let dead_lettered = match drained.dead_lettered {
+        Some(n) => n,
+        None => {
+            let dlq = pipeline.source.dead_letter_stream();
+            redis::cmd("XLEN")
+                .arg(&dlq)
+                .query_async::<u64>(&mut target.conn_for(&dlq))
+                .await
+                .context("XLEN of the dead-letter stream")?
+        }
+    };
+    let events_per_sec = events as f64 / elapsed.as_secs_f64();
+    let rss = drained.peak_rss_mb.unwrap_or_else(peak_rss_mb);
+    let mut mismatches = 0;
+    if args.sink.redis() {
+        mismatches += verify(target, &prefix, &w, args).await?;
+        redis_ceiling.push(ceiling(target, &ceiling_prefix, &w).await?);
+    }
+    if let Some(pg) = &pg {
+        mismatches += pg_verify(pg, &table, &w, args).await?;
         pg_ceiling_eps.push(pg_ceiling(pg, &ceiling_table, &w).await?);
     }
     let mean = |v: &[f64]| (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64);
@@ -651,7 +780,7 @@ pub(crate) async fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
 
     // Latency: a live producer at a fixed rate, XADD to ack per event.
     let latency_pipeline = load_pipeline(
-        &args,
+        args,
         &latency_stream,
         "bench",
         &format!("{prefix}latency:"),
@@ -694,7 +823,7 @@ pub(crate) async fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
                 version: 1,
             })
             .collect();
-        write_stream(&mut conn, &latency_stream, &lw, &batch).await?;
+        write_stream(target, &latency_stream, args.partitions, &lw, &batch).await?;
         sent += n;
     }
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -710,8 +839,6 @@ pub(crate) async fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
     latencies.sort_unstable();
     let (p50, p99) = (percentile(&latencies, 50.0), percentile(&latencies, 99.0));
 
-    cleanup(&mut conn, &prefix, &[&stream, &latency_stream]).await?;
-    cleanup(&mut conn, &ceiling_prefix, &[]).await?;
     if let Some(pg) = &pg {
         pg.batch_execute(&format!(
             "DROP TABLE IF EXISTS {table}; DROP TABLE IF EXISTS {table}_tombstones; \
@@ -738,9 +865,20 @@ pub(crate) async fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
         "latency_samples": latencies.len(),
         "peak_rss_mb": (rss * 10.0).round() / 10.0,
         "mismatches": mismatches,
-        "applied": stats.applied.load(Ordering::Relaxed),
-        "stale": stats.stale.load(Ordering::Relaxed),
-        "dead_lettered": stats.dead_lettered.load(Ordering::Relaxed),
+        "applied": drained.applied,
+        "stale": drained.stale,
+        "dead_lettered": dead_lettered,
+        "masters": target.master_names().len(),
+        "partitions": args.partitions,
+        "workers": args.workers,
+        "partition_events": partition_events,
+        "redis_cpu_us_per_event": (redis_cpu_us_per_event * 100.0).round() / 100.0,
+        "redis_cpu_seconds_by_master": target
+            .master_names()
+            .into_iter()
+            .zip(&cpu_by_master)
+            .map(|(name, cpu)| (name, json!((cpu * 1000.0).round() / 1000.0)))
+            .collect::<serde_json::Map<_, _>>(),
     });
     if args.json {
         println!("{report}");
@@ -765,6 +903,18 @@ pub(crate) async fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
         println!(
             "apply latency     p50 {p50:.0} ms, p99 {p99:.0} ms (XADD to ack, producer at {} events/s)",
             args.latency_rate
+        );
+        println!(
+            "Redis CPU         {redis_cpu_us_per_event:.1} µs per event over {} master{} (INFO cpu, whole servers)",
+            cpu_by_master.len(),
+            if cpu_by_master.len() == 1 { "" } else { "s" }
+        );
+        println!(
+            "workers           {} over {} partition{}",
+            args.workers
+                .map_or("1 in the bench".to_string(), |m| format!("{m} processes")),
+            args.partitions,
+            if args.partitions == 1 { "" } else { "s" }
         );
         println!("peak RSS          {rss:.1} MB");
         println!("mismatches        {mismatches}");
