@@ -37,6 +37,8 @@ pub(crate) struct Shared {
     pub(crate) stats: Arc<Stats>,
     /// The partition `stream` is, of a partitioned stream.
     pub(crate) partition: Option<u32>,
+    /// The source is a Redis Cluster: no script spans the stream and its dead-letter stream.
+    pub(crate) cluster: bool,
 }
 
 /// One batch after the transforms: its entries, each sink's records, and what was decided.
@@ -383,8 +385,7 @@ pub(crate) async fn complete(shared: Arc<Shared>, batch: Batch) {
             } else {
                 tracing::warn!(pipeline = %shared.pipeline, stream = %shared.stream, entry_id = %raw.id, reason = %reason, dead_letter = %shared.dead_letter, "Entry dead-lettered.");
             }
-            pipe.add_command(dead_letter_cmd(&shared, raw, reason, *pending))
-                .ignore();
+            add_dead_letter(&mut pipe, &shared, raw, reason, *pending);
         }
         with_redis_retry(&shared, "Writing to the dead-letter stream", &pipe)
             .instrument(tracing::info_span!(
@@ -437,21 +438,28 @@ const ACK_AND_DEAD_LETTER: &str = "if redis.call('XACK', KEYS[1], ARGV[1], ARGV[
 /// Most fields of an entry its dead letter copies.
 const MAX_COPIED_FIELDS: usize = 3_000;
 
-/// The dead letter of `raw`: acked with it if it is `pending` in the group, a plain XADD
-/// otherwise (snapshot rows, entries Redis already dropped from the group).
-fn dead_letter_cmd(
+/// Adds the dead letter of `raw` to `pipe`: acked with it if it is `pending` in the group, a
+/// plain XADD otherwise (snapshot rows, entries Redis already dropped from the group).
+///
+/// On a Redis Cluster the stream, the dead-letter stream and the divergence hash live in
+/// different slots, so no script can touch all three: the dead letter is added first, then the
+/// entry acked. A crash (or a takeover) between the two can record the dead letter twice, never
+/// lose it; its `source_stream` and `source_id` fields tell the copies apart.
+fn add_dead_letter(
+    pipe: &mut redis::Pipeline,
     shared: &Shared,
     raw: &RawEntry,
     reason: &DeadLetterReason,
     pending: bool,
-) -> redis::Cmd {
-    let mut cmd;
-    if pending {
-        let divergent_sink = match reason {
-            DeadLetterReason::StoreRefused { sink, .. } if reason.is_divergent() => sink.as_str(),
-            _ => "",
-        };
-        cmd = redis::cmd("EVAL");
+) {
+    let divergent_sink = match reason {
+        DeadLetterReason::StoreRefused { sink, .. } if pending && reason.is_divergent() => {
+            Some(sink.as_str())
+        }
+        _ => None,
+    };
+    if pending && !shared.cluster {
+        let mut cmd = redis::cmd("EVAL");
         cmd.arg(ACK_AND_DEAD_LETTER)
             .arg(3)
             .arg(&shared.stream)
@@ -460,15 +468,42 @@ fn dead_letter_cmd(
             .arg(&shared.group)
             .arg(&raw.id)
             .arg(shared.dead_letter_maxlen)
-            .arg(divergent_sink);
-    } else {
-        cmd = redis::cmd("XADD");
-        cmd.arg(&shared.dead_letter)
-            .arg("MAXLEN")
-            .arg("~")
-            .arg(shared.dead_letter_maxlen)
-            .arg("*");
+            .arg(divergent_sink.unwrap_or(""));
+        pipe.add_command(dead_letter_fields(cmd, shared, raw, reason))
+            .ignore();
+        return;
     }
+    let mut cmd = redis::cmd("XADD");
+    cmd.arg(&shared.dead_letter)
+        .arg("MAXLEN")
+        .arg("~")
+        .arg(shared.dead_letter_maxlen)
+        .arg("*");
+    pipe.add_command(dead_letter_fields(cmd, shared, raw, reason))
+        .ignore();
+    if pending {
+        pipe.cmd("XACK")
+            .arg(&shared.stream)
+            .arg(&shared.group)
+            .arg(&raw.id)
+            .ignore();
+        if let Some(sink) = divergent_sink {
+            pipe.cmd("HINCRBY")
+                .arg(divergence_key(&shared.stream, &shared.group))
+                .arg(sink)
+                .arg(1)
+                .ignore();
+        }
+    }
+}
+
+/// `cmd` with the dead letter's fields: the entry's own, then why and where from.
+fn dead_letter_fields(
+    mut cmd: redis::Cmd,
+    shared: &Shared,
+    raw: &RawEntry,
+    reason: &DeadLetterReason,
+) -> redis::Cmd {
     // The script hands the fields to XADD through Lua's `unpack`, which stops near 8,000
     // values: an entry with more fields is dead-lettered by reference (it stays in the stream
     // until trimmed) rather than never.

@@ -415,6 +415,7 @@ fn start_lane(cx: &Arc<Context>, partition: u32, generation: u64) -> Lane {
         sinks: cx.logical.sinks.clone(),
         stats: cx.logical.stats.clone(),
         partition: Some(partition),
+        cluster: cx.logical.cluster,
     });
     let stats = cx.logical.stats.partition(partition);
     stats.owned.store(true, Ordering::Relaxed);
