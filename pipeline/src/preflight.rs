@@ -10,12 +10,10 @@
 
 use std::time::Duration;
 
-use ecst_operators::redis_pool::{RedisFailure, is_transport_error, redis_client};
+use ecst_operators::redis_pool::{RedisConn, RedisFailure, RedisManager, is_transport_error};
 use ecst_operators::sinks::redis_hash::KeyTemplate;
 use ecst_operators::{SecretUrl, StageConfig};
 use ecst_schemas::Envelope;
-use redis::AsyncConnectionConfig;
-use redis::aio::MultiplexedConnection;
 
 use crate::config::PipelineConfig;
 
@@ -210,22 +208,16 @@ async fn connect(
     url: &SecretUrl,
     who: &str,
     timeout: Duration,
-) -> Result<Option<MultiplexedConnection>, PreflightError> {
+) -> Result<Option<RedisConn>, PreflightError> {
     let refused = |failure: RedisFailure| PreflightError {
         probe: format!("connecting to {who}"),
         failure,
     };
     // An invalid URL is reported by `validate` and by the pool that follows.
-    let Ok(client) = redis_client(url) else {
+    let Ok(manager) = RedisManager::new(url, timeout) else {
         return Ok(None);
     };
-    let config = AsyncConnectionConfig::new()
-        .set_connection_timeout(Some(timeout))
-        .set_response_timeout(Some(timeout));
-    match client
-        .get_multiplexed_async_connection_with_config(&config)
-        .await
-    {
+    match manager.connect_once(timeout).await {
         Ok(conn) => Ok(Some(conn)),
         Err(e) => {
             let failure = RedisFailure::new(url, &e);

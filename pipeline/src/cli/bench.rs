@@ -10,13 +10,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::Args;
+use ecst_operators::redis_pool::{RedisConn, RedisManager};
 use ecst_pipeline::config::{self, PipelineConfig};
 use ecst_pipeline::runner::{self, RunOptions};
 use ecst_pipeline::shutdown::Shutdown;
 use ecst_pipeline::stats::Stats;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
-use redis::aio::MultiplexedConnection;
 use serde_json::json;
 
 const BENCH_REDIS: &str = include_str!("../../../examples/bench.yaml");
@@ -192,13 +192,10 @@ fn is_delete(w: &Workload, e: Event) -> bool {
     w.deleted[e.aggregate as usize] && e.version == w.versions
 }
 
-async fn connect(url: &str) -> anyhow::Result<MultiplexedConnection> {
-    let config = redis::AsyncConnectionConfig::new()
-        .set_connection_timeout(Some(Duration::from_secs(5)))
-        .set_response_timeout(Some(Duration::from_secs(60)));
-    ecst_operators::redis_pool::redis_client(&ecst_operators::SecretUrl::new(url))
+async fn connect(url: &str) -> anyhow::Result<RedisConn> {
+    RedisManager::new(&ecst_operators::SecretUrl::new(url), Duration::from_secs(5))
         .context("invalid Redis URL")?
-        .get_multiplexed_async_connection_with_config(&config)
+        .connect_once(Duration::from_secs(60))
         .await
         .context("cannot connect to Redis")
 }
@@ -208,7 +205,7 @@ fn now_rfc3339() -> String {
 }
 
 async fn write_stream(
-    conn: &mut MultiplexedConnection,
+    conn: &mut RedisConn,
     stream: &str,
     w: &Workload,
     events: &[Event],
@@ -297,11 +294,7 @@ redis.call('HSET', KEYS[1], '_version', ARGV[1], '_occurred_at', ARGV[2], 'displ
 return 1
 "#;
 
-async fn ceiling(
-    conn: &mut MultiplexedConnection,
-    prefix: &str,
-    w: &Workload,
-) -> anyhow::Result<f64> {
+async fn ceiling(conn: &mut RedisConn, prefix: &str, w: &Workload) -> anyhow::Result<f64> {
     let script = redis::Script::new(CEILING_SCRIPT);
     script
         .prepare_invoke()
@@ -352,7 +345,7 @@ async fn ceiling(
 }
 
 async fn verify(
-    conn: &mut MultiplexedConnection,
+    conn: &mut RedisConn,
     prefix: &str,
     w: &Workload,
     args: &BenchArgs,
@@ -387,11 +380,7 @@ async fn verify(
     Ok(mismatches)
 }
 
-async fn cleanup(
-    conn: &mut MultiplexedConnection,
-    prefix: &str,
-    streams: &[&str],
-) -> anyhow::Result<()> {
+async fn cleanup(conn: &mut RedisConn, prefix: &str, streams: &[&str]) -> anyhow::Result<()> {
     for stream in streams {
         redis::cmd("DEL")
             .arg(*stream)
@@ -514,7 +503,7 @@ async fn pg_verify(
     Ok(mismatches + found.len() as u64)
 }
 
-async fn unlink_matching(conn: &mut MultiplexedConnection, pattern: &str) -> anyhow::Result<()> {
+async fn unlink_matching(conn: &mut RedisConn, pattern: &str) -> anyhow::Result<()> {
     let mut cursor = 0u64;
     loop {
         let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")

@@ -11,14 +11,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use ecst_operators::postgres_tls::parse_postgres_url;
-use ecst_operators::redis_pool::{RedisManager, is_transport_error};
+use ecst_operators::redis_pool::{RedisConn, RedisManager, is_transport_error};
 use ecst_operators::sinks::postgres::config::quote;
 use ecst_schemas::Envelope;
 use ecst_schemas::wire::{
     BodyLimits, ContentType, FIELD_BODY, FIELD_CONTENT_TYPE, FIELD_TRACEPARENT, encode_body,
 };
 use futures::StreamExt;
-use redis::aio::MultiplexedConnection;
 use serde_json::Value;
 use time::OffsetDateTime;
 use tokio::sync::Notify;
@@ -144,7 +143,7 @@ pub async fn run(
 impl Relay<'_> {
     async fn run(&self, shutdown: &mut Shutdown) -> Result<(), RelayError> {
         let mut session: Option<Session> = None;
-        let mut conn: Option<MultiplexedConnection> = None;
+        let mut conn: Option<RedisConn> = None;
         let mut unresolved: Option<i64> = None;
         let mut backoff = Backoff::new();
         let mut last_prune = Instant::now();
@@ -190,7 +189,7 @@ impl Relay<'_> {
     async fn step(
         &self,
         session: &mut Option<Session>,
-        conn: &mut Option<MultiplexedConnection>,
+        conn: &mut Option<RedisConn>,
         unresolved: &mut Option<i64>,
     ) -> Result<usize, Step> {
         if session.as_ref().is_none_or(|s| s.client.is_closed()) {
@@ -393,11 +392,7 @@ impl Relay<'_> {
         }
     }
 
-    async fn relay_batch(
-        &self,
-        s: &Session,
-        conn: &mut MultiplexedConnection,
-    ) -> Result<usize, BatchError> {
+    async fn relay_batch(&self, s: &Session, conn: &mut RedisConn) -> Result<usize, BatchError> {
         let timeout = self.config.timeout.0;
         let pg = |e: String| BatchError::Postgres(e);
         within(timeout, s.client.batch_execute("BEGIN"))
@@ -514,7 +509,7 @@ impl Relay<'_> {
     /// XADDs every encodable row in one pipeline; per-row refusals become dead letters.
     async fn publish(
         &self,
-        conn: &mut MultiplexedConnection,
+        conn: &mut RedisConn,
         claimed: &[Claimed],
     ) -> Result<Published, BatchError> {
         let now_ms = SystemTime::now()

@@ -12,7 +12,7 @@ use serde_json::Value;
 use crate::duration::ConfigDuration;
 use crate::record::{Action, Record};
 use crate::redis_pool::{
-    RedisPool, describe_run_error, is_transport_error, redis_client, redis_pool, report_failure,
+    RedisPool, check_redis_url, describe_run_error, is_transport_error, redis_pool, report_failure,
     resolve_failure,
 };
 use crate::replica::{Drift, Eviction, KeyPage, Replica, ReplicaFuture, StoredKey};
@@ -93,7 +93,7 @@ impl RedisHashConfig {
             problems.push(ConfigProblem::new("timeout", "must be more than 0ms"));
         }
         if let Some(url) = &self.redis
-            && let Err(e) = redis_client(url)
+            && let Err(e) = check_redis_url(url)
         {
             problems.push(ConfigProblem::new(
                 "redis",
