@@ -10,8 +10,10 @@
 
 use std::time::Duration;
 
-use ecst_operators::redis_pool::{RedisConn, RedisFailure, RedisManager, is_transport_error};
-use ecst_operators::sinks::redis_hash::KeyTemplate;
+use ecst_operators::redis_pool::{
+    RedisConn, RedisFailure, RedisManager, is_cluster_url, is_transport_error,
+};
+use ecst_operators::sinks::redis_hash::{KeyTemplate, tombstone_key};
 use ecst_operators::{SecretUrl, StageConfig};
 use ecst_schemas::Envelope;
 
@@ -52,7 +54,12 @@ pub async fn check_redis_access(config: &PipelineConfig) -> Result<(), Preflight
         if let StageConfig::RedisHash(sink) = &stage.config {
             let url = sink.redis.clone().unwrap_or_else(|| source.redis.clone());
             let who = format!("redis_hash sink `{}`", stage.name);
-            let probe = evalsha_probe(&sink.key, &sink.tombstone_prefix, &who);
+            let probe = evalsha_probe(
+                &sink.key,
+                &sink.tombstone_prefix,
+                is_cluster_url(&url),
+                &who,
+            );
             match servers.iter_mut().find(|(u, _, _)| *u == url) {
                 Some((_, _, probes)) => probes.push(probe),
                 None => servers.push((url, who, vec![probe])),
@@ -141,7 +148,7 @@ fn source_probes(config: &PipelineConfig) -> Vec<Probe> {
 
 /// EVALSHA of an unknown script over the keys a record would touch (when the key template
 /// renders from the aggregate id alone; otherwise over no keys, which checks the command).
-fn evalsha_probe(key_template: &str, tombstone_prefix: &str, who: &str) -> Probe {
+fn evalsha_probe(key_template: &str, tombstone_prefix: &str, cluster: bool, who: &str) -> Probe {
     let probe_event = Envelope {
         schema_version: None,
         event_id: None,
@@ -160,7 +167,9 @@ fn evalsha_probe(key_template: &str, tombstone_prefix: &str, who: &str) -> Probe
     cmd.arg(UNKNOWN_SHA);
     let what = match key {
         Some(key) => {
-            let tombstone = format!("{tombstone_prefix}{key}");
+            // A key with no tombstone in its slot is refused record by record; probe the plain one.
+            let tombstone = tombstone_key(tombstone_prefix, &key, cluster)
+                .unwrap_or_else(|_| format!("{tombstone_prefix}{key}"));
             cmd.arg(2).arg(&key).arg(&tombstone);
             format!("EVALSHA on keys `{key}` and `{tombstone}` ({who})")
         }

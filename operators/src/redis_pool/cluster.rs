@@ -12,6 +12,19 @@ use super::client::{RedisUrlError, TlsParts, UrlParts, tls_parts};
 /// The cluster schemes and the node scheme each stands for.
 const SCHEMES: [(&str, &str); 2] = [("redis+cluster", "redis"), ("rediss+cluster", "rediss")];
 
+/// The node scheme a cluster scheme stands for; `None` for any other scheme.
+fn node_scheme(scheme: &str) -> Option<&'static str> {
+    SCHEMES
+        .iter()
+        .find(|(cluster, _)| scheme.eq_ignore_ascii_case(cluster))
+        .map(|(_, node)| *node)
+}
+
+/// Whether `url` has a cluster scheme.
+pub(super) fn is_cluster_scheme(url: &str) -> bool {
+    UrlParts::split(url).is_some_and(|parts| node_scheme(parts.scheme).is_some())
+}
+
 /// The seed nodes of a cluster URL, each a single-node URL with the options they share.
 #[derive(Clone)]
 pub(super) struct ClusterSeeds {
@@ -25,10 +38,7 @@ impl ClusterSeeds {
         let Some(parts) = UrlParts::split(url) else {
             return Ok(None);
         };
-        let Some((_, scheme)) = SCHEMES
-            .iter()
-            .find(|(cluster, _)| parts.scheme.eq_ignore_ascii_case(cluster))
-        else {
+        let Some(scheme) = node_scheme(parts.scheme) else {
             return Ok(None);
         };
         let userinfo = match parts.userinfo {
@@ -78,7 +88,7 @@ impl ClusterSeeds {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::redis_pool::{redis_client, redis_user};
+    use crate::redis_pool::{redis_client, redis_user, test_cluster_url as cluster_url};
     use crate::secret::SecretUrl;
 
     fn seeds(url: &str) -> Vec<String> {
@@ -167,13 +177,6 @@ mod tests {
             "a redis:// URL names one server; for a Redis Cluster list its seed nodes as rediss+cluster://a:7001,b:7002/#insecure"
         );
         assert_eq!(error("redis://a:7001"), "ok");
-    }
-
-    /// The local test cluster (`scripts/services.sh` starts it).
-    fn cluster_url() -> SecretUrl {
-        SecretUrl::new(std::env::var("ECST_CLUSTER_URL").unwrap_or_else(|_| {
-            "redis+cluster://127.0.0.1:7001,127.0.0.1:7002,127.0.0.1:7003".to_string()
-        }))
     }
 
     fn unique_prefix(test: &str) -> String {

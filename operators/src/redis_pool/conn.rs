@@ -15,13 +15,6 @@ pub enum RedisConn {
     Cluster(ClusterConnection),
 }
 
-impl RedisConn {
-    /// Whether this is a cluster connection.
-    pub fn is_cluster(&self) -> bool {
-        matches!(self, RedisConn::Cluster(_))
-    }
-}
-
 impl ConnectionLike for RedisConn {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         match self {

@@ -80,6 +80,16 @@ impl RedisManager {
         matches!(self.target, Target::Cluster(_))
     }
 
+    /// A pool of at most `size` connections of this manager, built without connecting yet, so
+    /// a worker can start while Redis is down.
+    pub fn into_pool(self, size: u32) -> RedisPool {
+        bb8::Pool::builder()
+            .max_size(size.max(1))
+            .connection_timeout(self.config_timeout)
+            .test_on_check_out(false)
+            .build_unchecked(self)
+    }
+
     /// Opens one connection outside the pool (for a dedicated blocking reader); on a cluster,
     /// a connection of its own, never shared with another user. Its outcome is recorded for
     /// `/readyz` and pool-timeout messages.
@@ -119,6 +129,12 @@ impl RedisManager {
             }
         }
     }
+}
+
+/// Whether `url` names a Redis Cluster (`redis+cluster://`, `rediss+cluster://`), without
+/// checking the rest of it.
+pub fn is_cluster_url(url: &SecretUrl) -> bool {
+    cluster::is_cluster_scheme(url.expose())
 }
 
 /// Checks a Redis URL (one server or a cluster) and reads its TLS files, without connecting.
@@ -186,12 +202,7 @@ pub fn redis_pool(
     size: u32,
     timeout: Duration,
 ) -> Result<RedisPool, RedisUrlError> {
-    let manager = RedisManager::new(url, timeout)?;
-    Ok(bb8::Pool::builder()
-        .max_size(size.max(1))
-        .connection_timeout(timeout)
-        .test_on_check_out(false)
-        .build_unchecked(manager))
+    Ok(RedisManager::new(url, timeout)?.into_pool(size))
 }
 
 /// Short text for a pool checkout failure: bb8 only says it timed out, so the latest failed
@@ -204,6 +215,15 @@ pub fn describe_run_error(err: bb8::RunError<RedisError>) -> String {
             None => "timed out waiting for a pooled connection".to_string(),
         },
     }
+}
+
+/// The local test cluster (`scripts/services.sh` starts it): `ECST_CLUSTER_URL`, by default
+/// the first three of its six nodes.
+#[cfg(test)]
+pub(crate) fn test_cluster_url() -> SecretUrl {
+    SecretUrl::new(std::env::var("ECST_CLUSTER_URL").unwrap_or_else(|_| {
+        "redis+cluster://127.0.0.1:7001,127.0.0.1:7002,127.0.0.1:7003".to_string()
+    }))
 }
 
 #[cfg(test)]

@@ -1,6 +1,7 @@
 //! `redis_hash`: one Redis hash per aggregate, written behind a version guard in one Lua script
-//! per batch.
+//! per batch (on a Redis Cluster, one per slot of the batch).
 
+mod cluster;
 mod template;
 
 use std::time::Duration;
@@ -12,8 +13,8 @@ use serde_json::Value;
 use crate::duration::ConfigDuration;
 use crate::record::{Action, Record};
 use crate::redis_pool::{
-    RedisPool, check_redis_url, describe_run_error, is_transport_error, redis_pool, report_failure,
-    resolve_failure,
+    RedisConn, RedisManager, RedisPool, check_redis_url, describe_run_error, is_cluster_url,
+    is_transport_error, report_failure, resolve_failure,
 };
 use crate::replica::{Drift, Eviction, KeyPage, Replica, ReplicaFuture, StoredKey};
 use crate::secret::SecretUrl;
@@ -21,6 +22,7 @@ use crate::stage::{
     ApplyFuture, BuildContext, BuiltStage, ComponentConfig, ConfigProblem, Sink, SinkError,
     SinkReport,
 };
+pub use cluster::tombstone_key;
 pub use template::KeyTemplate;
 
 /// Configuration of the `redis_hash` sink.
@@ -41,7 +43,8 @@ pub struct RedisHashConfig {
     /// Hash field set to `1` under tombstone `mode: mark` (default `_deleted`).
     #[serde(default = "default_deleted_field")]
     pub deleted_field: String,
-    /// Prefix of the keys remembering deleted versions (default `ecst:tombstone:`).
+    /// Prefix of the keys remembering deleted versions (default `ecst:tombstone:`); on a Redis
+    /// Cluster without `{` or `}`.
     #[serde(default = "default_tombstone_prefix")]
     pub tombstone_prefix: String,
     /// Pooled connections (default 4).
@@ -92,13 +95,18 @@ impl RedisHashConfig {
         if self.timeout.0.is_zero() {
             problems.push(ConfigProblem::new("timeout", "must be more than 0ms"));
         }
-        if let Some(url) = &self.redis
-            && let Err(e) = check_redis_url(url)
-        {
-            problems.push(ConfigProblem::new(
-                "redis",
-                format!("invalid Redis URL {url}: {e}"),
-            ));
+        if let Some(url) = &self.redis {
+            if let Err(e) = check_redis_url(url) {
+                problems.push(ConfigProblem::new(
+                    "redis",
+                    format!("invalid Redis URL {url}: {e}"),
+                ));
+            }
+            if is_cluster_url(url)
+                && let Some(problem) = cluster::prefix_problem(&self.tombstone_prefix)
+            {
+                problems.push(ConfigProblem::new("tombstone_prefix", problem));
+            }
         }
         problems
     }
@@ -109,15 +117,21 @@ impl RedisHashConfig {
             .redis
             .clone()
             .unwrap_or_else(|| ctx.source_redis.clone());
-        let pool = redis_pool(&url, self.pool_size, self.timeout.0)
+        let manager = RedisManager::new(&url, self.timeout.0)
             .map_err(|e| format!("invalid Redis URL {url}: {e}"))?;
+        let cluster = manager.is_cluster();
+        // The source's URL is known only here, so `check` cannot see this when it is used.
+        if cluster && let Some(problem) = cluster::prefix_problem(&self.tombstone_prefix) {
+            return Err(format!("tombstone_prefix: {problem}"));
+        }
         Ok(RedisHashSink {
             key: KeyTemplate::parse(&self.key)?,
             reporter: format!("redis_hash sink `{}`", ctx.stage),
             config: self.clone(),
             url,
-            pool,
-            script: Script::new(include_str!("script.lua")),
+            pool: manager.into_pool(self.pool_size),
+            cluster,
+            script: Script::new(SCRIPT),
         })
     }
 }
@@ -130,7 +144,27 @@ pub struct RedisHashSink {
     url: SecretUrl,
     reporter: String,
     pool: RedisPool,
+    /// Whether the store is a Redis Cluster: one script per slot, tombstones in their hash's slot.
+    cluster: bool,
     script: Script,
+}
+
+/// The batch script.
+const SCRIPT: &str = include_str!("script.lua");
+
+/// A record the batch script writes, with its keys.
+struct Write<'a> {
+    record: &'a Record,
+    key: String,
+    tombstone: String,
+}
+
+/// How a script call names the script: by its SHA1, or by its text, which also loads it into
+/// the cache of the node that runs it.
+#[derive(Clone, Copy)]
+enum Invoke {
+    Sha,
+    Text,
 }
 
 fn write_value(cmd: &mut redis::Cmd, value: &Value) {
@@ -187,28 +221,50 @@ impl RedisHashSink {
         }
     }
 
-    /// Builds one EVALSHA for the batch; records whose key cannot be rendered are rejected.
-    fn command(&self, batch: &[Record]) -> (redis::Cmd, usize, Vec<(usize, String)>) {
+    /// The keys of `record`: its hash and its tombstone.
+    fn keys(&self, record: &Record) -> Result<(String, String), String> {
+        let key = self.key.render(&record.event)?;
+        let tombstone = cluster::tombstone_key(&self.config.tombstone_prefix, &key, self.cluster)?;
+        Ok((key, tombstone))
+    }
+
+    /// The records of `batch` to write; those whose keys cannot be made are rejected.
+    fn writes<'a>(&self, batch: &'a [Record]) -> (Vec<Write<'a>>, Vec<(usize, String)>) {
         let mut rejected = Vec::new();
-        let mut accepted = Vec::with_capacity(batch.len());
-        let mut keys = Vec::with_capacity(batch.len());
+        let mut writes = Vec::with_capacity(batch.len());
         for record in batch {
-            match self.key.render(&record.event) {
-                Ok(key) => {
-                    keys.push(key);
-                    accepted.push(record);
-                }
+            match self.keys(record) {
+                Ok((key, tombstone)) => writes.push(Write {
+                    record,
+                    key,
+                    tombstone,
+                }),
                 Err(reason) => rejected.push((record.entry, reason)),
             }
         }
-        let mut cmd = redis::cmd("EVALSHA");
-        cmd.arg(self.script.get_hash()).arg(keys.len() * 2);
-        for key in &keys {
-            cmd.arg(key.as_str());
-            cmd.arg(format!("{}{key}", self.config.tombstone_prefix));
+        (writes, rejected)
+    }
+
+    /// One call of the batch script over `writes`.
+    fn script_call(&self, invoke: Invoke, writes: &[&Write<'_>]) -> redis::Cmd {
+        let mut cmd = match invoke {
+            Invoke::Sha => {
+                let mut cmd = redis::cmd("EVALSHA");
+                cmd.arg(self.script.get_hash());
+                cmd
+            }
+            Invoke::Text => {
+                let mut cmd = redis::cmd("EVAL");
+                cmd.arg(SCRIPT);
+                cmd
+            }
+        };
+        cmd.arg(writes.len() * 2);
+        for write in writes {
+            cmd.arg(write.key.as_str()).arg(write.tombstone.as_str());
         }
         cmd.arg(self.config.deleted_field.as_str());
-        for record in &accepted {
+        for record in writes.iter().map(|w| w.record) {
             let (action, keep_ms) = match record.action {
                 Action::Upsert => ("u", 0),
                 Action::Delete { keep_for } => (
@@ -244,7 +300,7 @@ impl RedisHashSink {
                 }
             }
         }
-        (cmd, accepted.len(), rejected)
+        cmd
     }
 
     async fn eval(&self, cmd: &redis::Cmd) -> Result<(usize, usize), redis::RedisError> {
@@ -273,6 +329,97 @@ impl RedisHashSink {
         conn.settle(&result);
         result
     }
+
+    /// Runs the batch on a cluster: one script per slot group, all at once on one cluster
+    /// connection (which pipelines them to their nodes). The first failure is returned,
+    /// a retryable one before a refusal: then the caller retries the whole batch, and the
+    /// groups that were applied already come back stale, as the version guard holds per key.
+    async fn eval_by_slot(
+        &self,
+        writes: &[Write<'_>],
+    ) -> Result<(usize, usize), redis::RedisError> {
+        let groups: Vec<Vec<&Write<'_>>> = cluster::by_slot(writes.iter().map(|w| w.key.as_str()))
+            .into_iter()
+            .map(|group| group.into_iter().map(|i| &writes[i]).collect())
+            .collect();
+        let mut pooled = self.pool.get().await.map_err(|e| {
+            redis::RedisError::from((
+                redis::ErrorKind::Io,
+                "no pooled connection",
+                describe_run_error(e),
+            ))
+        })?;
+        pooled.begin();
+        let conn = pooled.conn().clone();
+        let calls = groups.iter().map(|group| {
+            let mut conn = conn.clone();
+            async move { self.eval_group(&mut conn, group).await }
+        });
+        let mut totals = (0, 0);
+        let mut reloaded = 0;
+        let mut failure: Option<redis::RedisError> = None;
+        for (result, noscript) in futures::future::join_all(calls).await {
+            reloaded += usize::from(noscript);
+            match result {
+                Ok((applied, stale)) => {
+                    totals.0 += applied;
+                    totals.1 += stale;
+                }
+                Err(e) => {
+                    if failure
+                        .as_ref()
+                        .is_none_or(|f| refused_by_data(f) && !refused_by_data(&e))
+                    {
+                        failure = Some(e);
+                    }
+                }
+            }
+        }
+        if reloaded > 0 {
+            tracing::info!(
+                sink = "redis_hash",
+                groups = reloaded,
+                "Script cache of a cluster node was empty (NOSCRIPT); sent the script itself, which loads it there."
+            );
+        }
+        let result = failure.map_or(Ok(totals), Err);
+        pooled.settle(&result);
+        result
+    }
+
+    /// One slot group's script; on NOSCRIPT (a restarted or promoted node, SCRIPT FLUSH) it is
+    /// sent again as EVAL, which loads it on the node that owns the slot. Also says whether it
+    /// had to.
+    async fn eval_group(
+        &self,
+        conn: &mut RedisConn,
+        group: &[&Write<'_>],
+    ) -> (Result<(usize, usize), redis::RedisError>, bool) {
+        match self
+            .script_call(Invoke::Sha, group)
+            .query_async(&mut *conn)
+            .await
+        {
+            Err(e) if e.code() == Some("NOSCRIPT") => (
+                self.script_call(Invoke::Text, group)
+                    .query_async(conn)
+                    .await,
+                true,
+            ),
+            other => (other, false),
+        }
+    }
+
+    /// How long a batch write may take: the timeout on one server; on a cluster also the
+    /// redirects and slot refresh the cluster client allows for (twice the timeout), after
+    /// the pool checkout.
+    fn batch_deadline(&self) -> Duration {
+        if self.cluster {
+            self.config.timeout.0.saturating_mul(3)
+        } else {
+            self.config.timeout.0
+        }
+    }
 }
 
 /// A short store name for errors.
@@ -280,7 +427,7 @@ const STORE: &str = "redis";
 
 impl Sink for RedisHashSink {
     fn check_record(&self, record: &Record) -> Result<(), String> {
-        self.key.render(&record.event).map(drop)
+        self.keys(record).map(drop)
     }
 
     fn replica(&self) -> Option<&dyn Replica> {
@@ -289,19 +436,30 @@ impl Sink for RedisHashSink {
 
     fn apply_batch<'a>(&'a self, batch: &'a [Record]) -> ApplyFuture<'a> {
         Box::pin(async move {
-            let (cmd, count, rejected) = self.command(batch);
-            if count == 0 {
+            let (writes, rejected) = self.writes(batch);
+            if writes.is_empty() {
                 return Ok(SinkReport {
                     rejected,
                     ..SinkReport::default()
                 });
             }
-            let result = match tokio::time::timeout(self.config.timeout.0, self.eval(&cmd)).await {
+            let deadline = self.batch_deadline();
+            let result = if self.cluster {
+                tokio::time::timeout(deadline, self.eval_by_slot(&writes)).await
+            } else {
+                let all: Vec<&Write<'_>> = writes.iter().collect();
+                let cmd = self.script_call(Invoke::Sha, &all);
+                tokio::time::timeout(deadline, self.eval(&cmd)).await
+            };
+            let result = match result {
                 Ok(result) => result,
                 Err(_) => {
                     return Err(SinkError::Unavailable {
                         store: STORE,
-                        message: format!("batch write timed out after {}", self.config.timeout),
+                        message: format!(
+                            "batch write timed out after {}",
+                            ConfigDuration(deadline)
+                        ),
                     });
                 }
             };
@@ -338,16 +496,13 @@ impl Sink for RedisHashSink {
 /// a failed disk, a busy script, loading, a failover, a broken connection) is the store's
 /// state, retried until it passes.
 fn classify(e: redis::RedisError, described: String) -> SinkError {
-    use redis::{ErrorKind, ServerErrorKind};
     let message = e.to_string();
     if e.code() == Some("WRONGTYPE") {
         SinkError::Conflict {
             store: STORE,
             message,
         }
-    } else if !is_transport_error(&e)
-        && e.kind() == ErrorKind::Server(ServerErrorKind::ResponseError)
-    {
+    } else if refused_by_data(&e) {
         SinkError::Refused {
             store: STORE,
             message,
@@ -358,6 +513,14 @@ fn classify(e: redis::RedisError, described: String) -> SinkError {
             message: described,
         }
     }
+}
+
+/// Whether a failed script is the records' doing (a conflict or a refusal, see [`classify`])
+/// rather than the store's state.
+fn refused_by_data(e: &redis::RedisError) -> bool {
+    use redis::{ErrorKind, ServerErrorKind};
+    e.code() == Some("WRONGTYPE")
+        || (!is_transport_error(e) && e.kind() == ErrorKind::Server(ServerErrorKind::ResponseError))
 }
 
 /// Deletes a hash only if it is still at the version reconciliation saw, and buries it there
@@ -529,14 +692,24 @@ impl Replica for RedisHashSink {
             };
             let mut pipe = redis::pipe();
             for (key, version) in rows {
+                // A key without a tombstone in its slot was never written by this sink: apply
+                // rejects it.
+                let Ok(tombstone) =
+                    cluster::tombstone_key(&self.config.tombstone_prefix, key, self.cluster)
+                else {
+                    continue;
+                };
                 pipe.cmd("EVAL")
                     .arg(EVICT_IF_UNCHANGED)
                     .arg(2)
                     .arg(key)
-                    .arg(format!("{}{key}", self.config.tombstone_prefix))
+                    .arg(tombstone)
                     .arg(&self.config.version_field)
                     .arg(*version)
                     .arg(tombstone_ms);
+            }
+            if pipe.is_empty() {
+                return Ok(0);
             }
             let removed: Vec<usize> = self.query(&pipe).await?;
             Ok(removed.into_iter().sum())
