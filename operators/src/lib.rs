@@ -13,8 +13,8 @@
 //! - [`sinks`]: the `redis_hash` and `postgres` sinks.
 //! - [`postgres_tls`]: Postgres URLs with libpq's `sslmode` options, over rustls.
 //! - [`replica`]: reading a replica back for reconciliation ([`replica::Replica`]).
-//! - [`redis_pool`]: the one Redis client constructor (TLS, credentials) and pool, and how a
-//!   Redis failure is classified.
+//! - [`redis_pool`]: the one Redis connection type (one server or a cluster), its URLs (TLS,
+//!   credentials, `redis+cluster://`) and pool, and how a Redis failure is classified.
 //! - [`secret`]: connection strings that never print their passwords.
 //! - [`duration`]: the `500ms` / `2s` / `7d` durations config files use.
 #![forbid(unsafe_code)]

@@ -10,12 +10,12 @@
 
 use std::time::Duration;
 
-use ecst_operators::redis_pool::{RedisFailure, is_transport_error, redis_client};
-use ecst_operators::sinks::redis_hash::KeyTemplate;
+use ecst_operators::redis_pool::{
+    RedisConn, RedisFailure, RedisManager, is_cluster_url, is_transport_error,
+};
+use ecst_operators::sinks::redis_hash::{KeyTemplate, tombstone_key};
 use ecst_operators::{SecretUrl, StageConfig};
 use ecst_schemas::Envelope;
-use redis::AsyncConnectionConfig;
-use redis::aio::MultiplexedConnection;
 
 use crate::config::PipelineConfig;
 
@@ -54,7 +54,12 @@ pub async fn check_redis_access(config: &PipelineConfig) -> Result<(), Preflight
         if let StageConfig::RedisHash(sink) = &stage.config {
             let url = sink.redis.clone().unwrap_or_else(|| source.redis.clone());
             let who = format!("redis_hash sink `{}`", stage.name);
-            let probe = evalsha_probe(&sink.key, &sink.tombstone_prefix, &who);
+            let probe = evalsha_probe(
+                &sink.key,
+                &sink.tombstone_prefix,
+                is_cluster_url(&url),
+                &who,
+            );
             match servers.iter_mut().find(|(u, _, _)| *u == url) {
                 Some((_, _, probes)) => probes.push(probe),
                 None => servers.push((url, who, vec![probe])),
@@ -143,7 +148,7 @@ fn source_probes(config: &PipelineConfig) -> Vec<Probe> {
 
 /// EVALSHA of an unknown script over the keys a record would touch (when the key template
 /// renders from the aggregate id alone; otherwise over no keys, which checks the command).
-fn evalsha_probe(key_template: &str, tombstone_prefix: &str, who: &str) -> Probe {
+fn evalsha_probe(key_template: &str, tombstone_prefix: &str, cluster: bool, who: &str) -> Probe {
     let probe_event = Envelope {
         schema_version: None,
         event_id: None,
@@ -162,7 +167,9 @@ fn evalsha_probe(key_template: &str, tombstone_prefix: &str, who: &str) -> Probe
     cmd.arg(UNKNOWN_SHA);
     let what = match key {
         Some(key) => {
-            let tombstone = format!("{tombstone_prefix}{key}");
+            // A key with no tombstone in its slot is refused record by record; probe the plain one.
+            let tombstone = tombstone_key(tombstone_prefix, &key, cluster)
+                .unwrap_or_else(|_| format!("{tombstone_prefix}{key}"));
             cmd.arg(2).arg(&key).arg(&tombstone);
             format!("EVALSHA on keys `{key}` and `{tombstone}` ({who})")
         }
@@ -210,22 +217,16 @@ async fn connect(
     url: &SecretUrl,
     who: &str,
     timeout: Duration,
-) -> Result<Option<MultiplexedConnection>, PreflightError> {
+) -> Result<Option<RedisConn>, PreflightError> {
     let refused = |failure: RedisFailure| PreflightError {
         probe: format!("connecting to {who}"),
         failure,
     };
     // An invalid URL is reported by `validate` and by the pool that follows.
-    let Ok(client) = redis_client(url) else {
+    let Ok(manager) = RedisManager::new(url, timeout) else {
         return Ok(None);
     };
-    let config = AsyncConnectionConfig::new()
-        .set_connection_timeout(Some(timeout))
-        .set_response_timeout(Some(timeout));
-    match client
-        .get_multiplexed_async_connection_with_config(&config)
-        .await
-    {
+    match manager.connect_once(timeout).await {
         Ok(conn) => Ok(Some(conn)),
         Err(e) => {
             let failure = RedisFailure::new(url, &e);

@@ -5,8 +5,9 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use ecst_operators::RawEntry;
-use ecst_operators::redis_pool::{RedisManager, RedisUrlError, report_failure, resolve_failure};
-use redis::aio::MultiplexedConnection;
+use ecst_operators::redis_pool::{
+    RedisConn, RedisManager, RedisUrlError, report_failure, resolve_failure,
+};
 use redis::{RedisError, Value};
 
 use crate::config::SourceConfig;
@@ -71,7 +72,7 @@ pub struct StreamSource {
     config: SourceConfig,
     consumer: String,
     manager: RedisManager,
-    conn: Option<MultiplexedConnection>,
+    conn: Option<RedisConn>,
     /// Next id to read our own pending entries from; `None` once they are all re-read.
     pending_cursor: Option<String>,
     claim_cursor: String,
@@ -118,7 +119,7 @@ impl StreamSource {
         self.pending_cursor.is_none()
     }
 
-    async fn conn(&mut self) -> Result<&mut MultiplexedConnection, SourceError> {
+    async fn conn(&mut self) -> Result<&mut RedisConn, SourceError> {
         if self.conn.is_none() {
             let conn = self
                 .manager

@@ -46,14 +46,47 @@ pub enum RedisUrlError {
         /// What went wrong.
         reason: String,
     },
+    /// A single-node URL with a comma-separated host list.
+    #[error("a redis:// URL names one server; for a Redis Cluster list its seed nodes as {0}")]
+    HostList(String),
+    /// A cluster URL with an empty entry in its host list.
+    #[error(
+        "a cluster URL lists its seed nodes as host:port separated by commas, without empty entries"
+    )]
+    EmptySeed,
     /// A PEM file the TLS library cannot use.
     #[error("TLS certificates: {0}")]
     Pem(RedisError),
 }
 
-/// Builds the client for `url`, reading its TLS files; the one way ecst makes a Redis client.
+/// Builds the client for `url`, one server, reading its TLS files; the one way ecst makes a
+/// single-node Redis client.
 pub fn redis_client(url: &SecretUrl) -> Result<Client, RedisUrlError> {
-    let mut parsed = url::Url::parse(url.expose())?;
+    reject_host_list(url)?;
+    let TlsParts { url, certificates } = tls_parts(url.expose())?;
+    match certificates {
+        None => Client::open(url).map_err(RedisUrlError::Url),
+        Some(certificates) => Client::build_with_tls(url, certificates).map_err(|e| {
+            if e.kind() == ErrorKind::Io {
+                RedisUrlError::Pem(e)
+            } else {
+                RedisUrlError::Url(e)
+            }
+        }),
+    }
+}
+
+/// A URL without ecst's `tls_*` options, and the certificates they name.
+pub(super) struct TlsParts {
+    /// The URL for the redis crate.
+    pub(super) url: String,
+    /// The files of `tls_ca`, `tls_cert` and `tls_key`, when any was given.
+    pub(super) certificates: Option<TlsCertificates>,
+}
+
+/// Checks and reads the TLS options of `url` and takes them out of it.
+pub(super) fn tls_parts(url: &str) -> Result<TlsParts, RedisUrlError> {
+    let mut parsed = url::Url::parse(url)?;
     let mut options: HashMap<String, String> = HashMap::new();
     let mut rest = Vec::new();
     for (key, value) in parsed.query_pairs() {
@@ -75,7 +108,10 @@ pub fn redis_client(url: &SecretUrl) -> Result<Client, RedisUrlError> {
         if tls {
             install_crypto_provider();
         }
-        return Client::open(url.expose()).map_err(RedisUrlError::Url);
+        return Ok(TlsParts {
+            url: url.to_string(),
+            certificates: None,
+        });
     }
     if parsed.fragment() == Some("insecure") && options.contains_key("tls_ca") {
         return Err(RedisUrlError::InsecureWithCa);
@@ -119,18 +155,64 @@ pub fn redis_client(url: &SecretUrl) -> Result<Client, RedisUrlError> {
         }),
         _ => None,
     };
-    let certificates = TlsCertificates {
-        client_tls,
-        root_cert,
-    };
     install_crypto_provider();
-    Client::build_with_tls(parsed.as_str(), certificates).map_err(|e| {
-        if e.kind() == ErrorKind::Io {
-            RedisUrlError::Pem(e)
-        } else {
-            RedisUrlError::Url(e)
-        }
+    Ok(TlsParts {
+        url: parsed.to_string(),
+        certificates: Some(TlsCertificates {
+            client_tls,
+            root_cert,
+        }),
     })
+}
+
+/// Refuses a single-node URL that lists several hosts, pointing at the cluster form.
+fn reject_host_list(url: &SecretUrl) -> Result<(), RedisUrlError> {
+    let Some(parts) = UrlParts::split(url.expose()) else {
+        return Ok(());
+    };
+    let cluster_scheme = match parts.scheme.to_ascii_lowercase().as_str() {
+        "redis" | "valkey" => "redis+cluster",
+        "rediss" | "valkeys" => "rediss+cluster",
+        _ => return Ok(()),
+    };
+    if !parts.hosts.contains(',') {
+        return Ok(());
+    }
+    let rest = &url.expose()[parts.scheme.len()..];
+    Err(RedisUrlError::HostList(
+        SecretUrl::new(format!("{cluster_scheme}{rest}")).redacted(),
+    ))
+}
+
+/// A URL cut at its host list: `scheme://userinfo@hosts rest`, split the way the redis crate
+/// reads it (the authority ends at the first `/`, `?` or `#`, the userinfo at its last `@`).
+pub(super) struct UrlParts<'a> {
+    /// Before `://`.
+    pub(super) scheme: &'a str,
+    /// `user:password`, without the `@`; empty when there is none.
+    pub(super) userinfo: &'a str,
+    /// `host:port` or a comma-separated list of them.
+    pub(super) hosts: &'a str,
+    /// Path, query and fragment.
+    pub(super) rest: &'a str,
+}
+
+impl<'a> UrlParts<'a> {
+    /// Splits `url`; `None` without `://`.
+    pub(super) fn split(url: &'a str) -> Option<Self> {
+        let (scheme, after) = url.split_once("://")?;
+        let (authority, rest) = after.split_at(after.find(['/', '?', '#']).unwrap_or(after.len()));
+        let (userinfo, hosts) = match authority.rfind('@') {
+            Some(at) => (&authority[..at], &authority[at + 1..]),
+            None => ("", authority),
+        };
+        Some(UrlParts {
+            scheme,
+            userinfo,
+            hosts,
+            rest,
+        })
+    }
 }
 
 /// Makes ring the process's rustls provider (as for Postgres), which the redis crate's TLS
@@ -141,11 +223,11 @@ fn install_crypto_provider() {
 
 /// The ACL user a URL logs in as (`default` when it names none).
 pub fn redis_user(url: &SecretUrl) -> String {
-    url::Url::parse(url.expose())
-        .ok()
-        .map(|u| u.username().to_string())
-        .filter(|u| !u.is_empty())
-        .unwrap_or_else(|| "default".to_string())
+    UrlParts::split(url.expose())
+        .map(|parts| parts.userinfo.split(':').next().unwrap_or_default())
+        .filter(|user| !user.is_empty())
+        .unwrap_or("default")
+        .to_string()
 }
 
 #[cfg(test)]

@@ -1,69 +1,157 @@
-//! Every Redis connection ecst opens: the one client constructor with its TLS options
-//! ([`redis_client`]), a bb8 pool whose every command has a response timeout, and the
-//! classification of failures ([`RedisFailure`]) that `/readyz` and error messages report.
+//! Every Redis connection ecst opens, to one server or to a Redis Cluster: the URL forms with
+//! their TLS options ([`redis_client`], and `redis+cluster://` in `cluster`), the one
+//! connection type [`RedisConn`], a bb8 pool whose every command has a response timeout, and
+//! the classification of failures ([`RedisFailure`]) that `/readyz` and error messages report.
+//!
+//! One manager serves both kinds of server, rather than `bb8-redis` for one server and the
+//! redis crate's own bb8 manager for a cluster: both of those open connections with fixed
+//! timeouts and never report a connection as broken, while ecst's pool gives every command the
+//! configured response timeout and drops a connection after a transport failure
+//! ([`PooledRedis::begin`] and [`PooledRedis::settle`]).
 
 mod client;
+mod cluster;
+mod conn;
 mod failure;
 
+use std::fmt;
 use std::time::Duration;
 
-use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, Client, RedisError};
 
 pub use client::{RedisUrlError, redis_client, redis_user};
+use cluster::ClusterSeeds;
+pub use conn::RedisConn;
 pub use failure::{FailureKind, RedisFailure, access_problems, report_failure, resolve_failure};
 use failure::{latest_connect_failure, note_connect};
 
 use crate::secret::SecretUrl;
 
-/// Pool of multiplexed Redis connections.
+/// Pool of Redis connections, to one server or to a cluster.
 pub type RedisPool = bb8::Pool<RedisManager>;
 
+/// What a URL names.
+#[derive(Clone)]
+enum Target {
+    /// One server.
+    Single(Client),
+    /// A cluster, by its seed nodes.
+    Cluster(ClusterSeeds),
+}
+
 /// bb8 manager that opens connections with explicit connect and response timeouts.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct RedisManager {
     url: SecretUrl,
-    client: Client,
+    target: Target,
     config_timeout: Duration,
 }
 
+impl fmt::Debug for RedisManager {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisManager")
+            .field("url", &self.url)
+            .field("timeout", &self.config_timeout)
+            .finish_non_exhaustive()
+    }
+}
+
 impl RedisManager {
-    /// A manager for `url`; `timeout` bounds connecting and every command.
+    /// A manager for `url` (one server, or `redis+cluster://`); `timeout` bounds connecting
+    /// and every command.
     pub fn new(url: &SecretUrl, timeout: Duration) -> Result<Self, RedisUrlError> {
+        let target = match ClusterSeeds::parse(url.expose())? {
+            Some(seeds) => {
+                // Building checks what the redis crate checks (one user, one TLS mode).
+                seeds.client(timeout, timeout).map_err(RedisUrlError::Url)?;
+                Target::Cluster(seeds)
+            }
+            None => Target::Single(redis_client(url)?),
+        };
         Ok(RedisManager {
             url: url.clone(),
-            client: redis_client(url)?,
+            target,
             config_timeout: timeout,
         })
     }
 
-    /// Opens one connection outside the pool (for a dedicated blocking reader).
+    /// Whether the URL names a Redis Cluster.
+    pub fn is_cluster(&self) -> bool {
+        matches!(self.target, Target::Cluster(_))
+    }
+
+    /// A pool of at most `size` connections of this manager, built without connecting yet, so
+    /// a worker can start while Redis is down.
+    pub fn into_pool(self, size: u32) -> RedisPool {
+        bb8::Pool::builder()
+            .max_size(size.max(1))
+            .connection_timeout(self.config_timeout)
+            .test_on_check_out(false)
+            .build_unchecked(self)
+    }
+
+    /// Opens one connection outside the pool (for a dedicated blocking reader); on a cluster,
+    /// a connection of its own, never shared with another user. Its outcome is recorded for
+    /// `/readyz` and pool-timeout messages.
     pub async fn connect_with_timeout(
         &self,
         response_timeout: Duration,
-    ) -> Result<MultiplexedConnection, RedisError> {
-        let config = AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(self.config_timeout))
-            .set_response_timeout(Some(response_timeout));
-        let result = self
-            .client
-            .get_multiplexed_async_connection_with_config(&config)
-            .await;
+    ) -> Result<RedisConn, RedisError> {
+        let result = self.connect_once(response_timeout).await;
         note_connect(&self.url, &result);
         result
     }
+
+    /// Opens one connection for a one-shot command or a probe, without recording its outcome.
+    pub async fn connect_once(&self, response_timeout: Duration) -> Result<RedisConn, RedisError> {
+        match &self.target {
+            Target::Single(client) => {
+                let config = AsyncConnectionConfig::new()
+                    .set_connection_timeout(Some(self.config_timeout))
+                    .set_response_timeout(Some(response_timeout));
+                client
+                    .get_multiplexed_async_connection_with_config(&config)
+                    .await
+                    .map(RedisConn::Single)
+            }
+            Target::Cluster(seeds) => {
+                let client = seeds.client(self.config_timeout, response_timeout)?;
+                // Discovery is several round trips (a seed, its slot map, every master), each
+                // bounded by the redis crate; this bounds the whole.
+                let deadline = self.config_timeout + response_timeout;
+                match tokio::time::timeout(deadline, client.get_async_connection()).await {
+                    Ok(result) => result.map(RedisConn::Cluster),
+                    Err(_) => Err(RedisError::from(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!("cluster discovery took more than {deadline:?}"),
+                    ))),
+                }
+            }
+        }
+    }
+}
+
+/// Whether `url` names a Redis Cluster (`redis+cluster://`, `rediss+cluster://`), without
+/// checking the rest of it.
+pub fn is_cluster_url(url: &SecretUrl) -> bool {
+    cluster::is_cluster_scheme(url.expose())
+}
+
+/// Checks a Redis URL (one server or a cluster) and reads its TLS files, without connecting.
+pub fn check_redis_url(url: &SecretUrl) -> Result<(), RedisUrlError> {
+    RedisManager::new(url, Duration::from_secs(1)).map(drop)
 }
 
 /// A pooled connection that its user marks broken after a transport error, so the pool
 /// drops it instead of handing it out again.
 pub struct PooledRedis {
-    conn: MultiplexedConnection,
+    conn: RedisConn,
     broken: bool,
 }
 
 impl PooledRedis {
     /// The connection, for running commands.
-    pub fn conn(&mut self) -> &mut MultiplexedConnection {
+    pub fn conn(&mut self) -> &mut RedisConn {
         &mut self.conn
     }
 
@@ -114,12 +202,7 @@ pub fn redis_pool(
     size: u32,
     timeout: Duration,
 ) -> Result<RedisPool, RedisUrlError> {
-    let manager = RedisManager::new(url, timeout)?;
-    Ok(bb8::Pool::builder()
-        .max_size(size.max(1))
-        .connection_timeout(timeout)
-        .test_on_check_out(false)
-        .build_unchecked(manager))
+    Ok(RedisManager::new(url, timeout)?.into_pool(size))
 }
 
 /// Short text for a pool checkout failure: bb8 only says it timed out, so the latest failed
@@ -132,6 +215,15 @@ pub fn describe_run_error(err: bb8::RunError<RedisError>) -> String {
             None => "timed out waiting for a pooled connection".to_string(),
         },
     }
+}
+
+/// The local test cluster (`scripts/services.sh` starts it): `ECST_CLUSTER_URL`, by default
+/// the first three of its six nodes.
+#[cfg(test)]
+pub(crate) fn test_cluster_url() -> SecretUrl {
+    SecretUrl::new(std::env::var("ECST_CLUSTER_URL").unwrap_or_else(|_| {
+        "redis+cluster://127.0.0.1:7001,127.0.0.1:7002,127.0.0.1:7003".to_string()
+    }))
 }
 
 #[cfg(test)]

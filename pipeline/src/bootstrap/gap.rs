@@ -22,7 +22,7 @@ pub struct GroupState {
 /// `XINFO STREAM` as a map, or `None` when the stream does not exist. Asks `TYPE` first
 /// rather than reading the text of XINFO's error (which has no code of its own).
 pub async fn stream_info(
-    conn: &mut redis::aio::MultiplexedConnection,
+    conn: &mut ecst_operators::redis_pool::RedisConn,
     stream: &str,
 ) -> Result<Option<HashMap<String, RedisValue>>, redis::RedisError> {
     let kind: String = redis::cmd("TYPE").arg(stream).query_async(conn).await?;
@@ -39,7 +39,7 @@ pub async fn stream_info(
 
 /// Reads the group's position against the stream's trimming (XINFO STREAM / GROUPS).
 pub async fn group_state(
-    conn: &mut redis::aio::MultiplexedConnection,
+    conn: &mut ecst_operators::redis_pool::RedisConn,
     stream: &str,
     group: &str,
 ) -> Result<GroupState, redis::RedisError> {
@@ -143,7 +143,7 @@ pub(crate) async fn check_gap(shared: &Shared) -> Option<String> {
 /// The stream's last id (`0` if it does not exist), where the group resumes after the
 /// snapshot, and how many entries were ever added up to it (Redis 7).
 pub(super) async fn last_generated_id(
-    conn: &mut redis::aio::MultiplexedConnection,
+    conn: &mut ecst_operators::redis_pool::RedisConn,
     stream: &str,
 ) -> Result<(String, Option<u64>), redis::RedisError> {
     Ok(match stream_info(conn, stream).await? {
@@ -158,7 +158,7 @@ pub(super) async fn last_generated_id(
 /// Creates the group at `position`, or moves it there, telling Redis how many entries that
 /// position has read (`ENTRIESREAD`), so that a later trim past it is seen as a gap.
 pub(super) async fn place_group(
-    conn: &mut redis::aio::MultiplexedConnection,
+    conn: &mut ecst_operators::redis_pool::RedisConn,
     stream: &str,
     group: &str,
     position: &str,

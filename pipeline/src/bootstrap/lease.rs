@@ -26,7 +26,7 @@ impl Keys {
 
 /// Takes the lease if free (or already ours); `Err(holder)` if another worker has it.
 pub(crate) async fn take_lease(
-    conn: &mut redis::aio::MultiplexedConnection,
+    conn: &mut ecst_operators::redis_pool::RedisConn,
     keys: &Keys,
     me: &str,
     ttl: Duration,
@@ -53,7 +53,7 @@ pub(crate) async fn take_lease(
 }
 
 pub(crate) async fn release_lease(
-    conn: &mut redis::aio::MultiplexedConnection,
+    conn: &mut ecst_operators::redis_pool::RedisConn,
     keys: &Keys,
     me: &str,
 ) -> Result<(), redis::RedisError> {

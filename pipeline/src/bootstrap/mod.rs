@@ -237,7 +237,7 @@ pub(crate) async fn settle_group(
 /// The group on every stream key it reads: it exists only if it exists on all of them, and
 /// the first gap found is the gap.
 async fn streams_state(
-    conn: &mut redis::aio::MultiplexedConnection,
+    conn: &mut ecst_operators::redis_pool::RedisConn,
     streams: &[String],
     group: &str,
 ) -> Result<GroupState, redis::RedisError> {

@@ -35,7 +35,7 @@ impl Progress {
 }
 
 pub(crate) async fn read_progress(
-    conn: &mut redis::aio::MultiplexedConnection,
+    conn: &mut ecst_operators::redis_pool::RedisConn,
     keys: &Keys,
 ) -> Result<Progress, redis::RedisError> {
     let map: HashMap<String, String> = redis::cmd("HGETALL")

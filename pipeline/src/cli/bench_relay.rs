@@ -9,11 +9,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::Args;
+use ecst_operators::redis_pool::{RedisConn, RedisManager};
 use ecst_operators::{ConfigDuration, SecretUrl};
 use ecst_pipeline::outbox::OutboxTable;
 use ecst_pipeline::relay::{self, OutboxLocation, RelayConfig, RelayStats};
 use ecst_pipeline::shutdown::Shutdown;
-use redis::aio::MultiplexedConnection;
 use serde_json::json;
 
 #[derive(Args)]
@@ -64,13 +64,10 @@ async fn pg_connect(url: &str) -> anyhow::Result<tokio_postgres::Client> {
     Ok(client)
 }
 
-async fn redis_connect(url: &str) -> anyhow::Result<MultiplexedConnection> {
-    let config = redis::AsyncConnectionConfig::new()
-        .set_connection_timeout(Some(Duration::from_secs(5)))
-        .set_response_timeout(Some(Duration::from_secs(30)));
-    ecst_operators::redis_pool::redis_client(&ecst_operators::SecretUrl::new(url))
+async fn redis_connect(url: &str) -> anyhow::Result<RedisConn> {
+    RedisManager::new(&ecst_operators::SecretUrl::new(url), Duration::from_secs(5))
         .context("invalid Redis URL")?
-        .get_multiplexed_async_connection_with_config(&config)
+        .connect_once(Duration::from_secs(30))
         .await
         .context("cannot connect to Redis")
 }
@@ -154,11 +151,7 @@ async fn postgres_ceiling(
 }
 
 /// The Redis half alone: the same bodies XADDed in pipelines of `batch`. Rows/s.
-async fn redis_ceiling(
-    conn: &mut MultiplexedConnection,
-    rows: i64,
-    batch: u32,
-) -> anyhow::Result<f64> {
+async fn redis_ceiling(conn: &mut RedisConn, rows: i64, batch: u32) -> anyhow::Result<f64> {
     let stream = format!("{STREAM}.ceiling");
     let body = serde_json::to_vec(&json!({
         "schemaVersion": 1, "eventId": "5f0c3c52-3b2e-4a43-9d0a-6b7b1f1f0c11",

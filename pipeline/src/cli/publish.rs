@@ -65,15 +65,14 @@ pub(crate) async fn publish(args: PublishArgs) -> anyhow::Result<ExitCode> {
         Encoding::Json => ContentType::Json,
         Encoding::Msgpack => ContentType::MsgPack,
     };
-    let client = ecst_operators::redis_pool::redis_client(&SecretUrl::new(args.redis.as_str()))
-        .context("invalid Redis URL")?;
-    let config = redis::AsyncConnectionConfig::new()
-        .set_connection_timeout(Some(Duration::from_secs(5)))
-        .set_response_timeout(Some(Duration::from_secs(10)));
-    let mut conn = client
-        .get_multiplexed_async_connection_with_config(&config)
-        .await
-        .context("cannot connect to Redis")?;
+    let mut conn = ecst_operators::redis_pool::RedisManager::new(
+        &ecst_operators::SecretUrl::new(args.redis.as_str()),
+        Duration::from_secs(5),
+    )
+    .context("invalid Redis URL")?
+    .connect_once(Duration::from_secs(10))
+    .await
+    .context("cannot connect to Redis")?;
     let partitions = args.partitions;
     match ensure_partitioning(
         &mut conn,

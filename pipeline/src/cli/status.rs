@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Args;
 use ecst_operators::postgres_tls::parse_postgres_url;
+use ecst_operators::redis_pool::{RedisConn, RedisManager};
 use ecst_operators::sinks::postgres::config::quote;
 use ecst_operators::{SecretUrl, StageConfig};
 use ecst_pipeline::bootstrap::{group_state, stream_info};
@@ -40,13 +41,10 @@ pub(crate) struct StatusArgs {
 }
 
 /// Connects to `url`; errors name the server with its password masked.
-async fn redis_conn(url: &SecretUrl) -> anyhow::Result<redis::aio::MultiplexedConnection> {
-    let config = redis::AsyncConnectionConfig::new()
-        .set_connection_timeout(Some(Duration::from_secs(5)))
-        .set_response_timeout(Some(Duration::from_secs(5)));
-    ecst_operators::redis_pool::redis_client(url)
+async fn redis_conn(url: &SecretUrl) -> anyhow::Result<RedisConn> {
+    RedisManager::new(url, Duration::from_secs(5))
         .with_context(|| format!("invalid Redis URL {url}"))?
-        .get_multiplexed_async_connection_with_config(&config)
+        .connect_once(Duration::from_secs(5))
         .await
         .with_context(|| format!("cannot connect to Redis at {url}"))
 }
@@ -64,7 +62,7 @@ fn seconds_since(at: Option<OffsetDateTime>, now: OffsetDateTime) -> Value {
 }
 
 async fn groups(
-    conn: &mut redis::aio::MultiplexedConnection,
+    conn: &mut RedisConn,
     config: &PipelineConfig,
     all: bool,
 ) -> anyhow::Result<Vec<Value>> {
@@ -160,7 +158,7 @@ const LAG_COUNT_LIMIT: usize = 10_000;
 /// The entries after `last_delivered`, counted by reading their ids (at most
 /// [`LAG_COUNT_LIMIT`]; a longer tail is shown as `">10000"`).
 async fn counted_lag(
-    conn: &mut redis::aio::MultiplexedConnection,
+    conn: &mut RedisConn,
     stream: &str,
     last_delivered: &str,
 ) -> anyhow::Result<Value> {
@@ -184,10 +182,7 @@ async fn counted_lag(
     })
 }
 
-async fn sink_freshness(
-    config: &PipelineConfig,
-    source_conn: &mut redis::aio::MultiplexedConnection,
-) -> Vec<Value> {
+async fn sink_freshness(config: &PipelineConfig, source_conn: &mut RedisConn) -> Vec<Value> {
     let now = OffsetDateTime::now_utc();
     let mut out = Vec::new();
     for stage in &config.stages {

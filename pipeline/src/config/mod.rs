@@ -250,7 +250,7 @@ impl SourceConfig {
                 "must differ from the source stream".to_string(),
             ));
         }
-        if let Err(e) = ecst_operators::redis_pool::redis_client(&self.redis) {
+        if let Err(e) = ecst_operators::redis_pool::check_redis_url(&self.redis) {
             problems.push(("redis", format!("invalid Redis URL {}: {e}", self.redis)));
         }
         problems
@@ -482,7 +482,7 @@ pub fn load_str(
                 Err(e) => {
                     let mut p = vec!["source".to_string()];
                     p.extend(error_path(&e));
-                    c.at(&p, e.into_inner().to_string());
+                    c.at(&p, with_cluster_hint(e.into_inner().to_string()));
                     None
                 }
             }
@@ -665,6 +665,18 @@ fn valid_name(name: &str) -> bool {
             .all(|ch| ch.is_ascii_alphanumeric() || matches!(ch, '.' | '_' | '-'))
 }
 
+/// Serde's message, plus how to name a Redis Cluster when a `cluster:` key was tried: ecst
+/// takes the seed nodes in the URL instead.
+fn with_cluster_hint(message: String) -> String {
+    if message.starts_with("unknown field `cluster`") {
+        format!(
+            "{message}; a Redis Cluster is named by its URL, e.g. `redis: redis+cluster://host1:7001,host2:7002`"
+        )
+    } else {
+        message
+    }
+}
+
 fn error_path<E>(e: &serde_path_to_error::Error<E>) -> Vec<String>
 where
     E: fmt::Display,
@@ -788,7 +800,7 @@ fn read_stage(c: &mut Collector<'_>, name: &str, node: &Node) -> StageRead {
         ),
         Err(e) => {
             let keys: Vec<&str> = e.path.iter().map(String::as_str).collect();
-            at(c, &keys, e.message);
+            at(c, &keys, with_cluster_hint(e.message));
         }
     }
     read
@@ -852,6 +864,32 @@ mod tests {
                 yaml::MAX_ALIAS_NODES
             )
         );
+    }
+
+    #[test]
+    fn a_cluster_is_written_as_a_url() {
+        let text = VALID.replace("group: g", "group: g, cluster: [\"a:7001\", \"b:7002\"]");
+        let errors = load_str(Path::new("p.yaml"), &text, &no_env).unwrap_err().0;
+        assert_eq!(errors[0].key, "source.cluster");
+        assert!(
+            errors[0].message.ends_with(
+                "; a Redis Cluster is named by its URL, e.g. `redis: redis+cluster://host1:7001,host2:7002`"
+            ),
+            "{}",
+            errors[0].message
+        );
+        let text = VALID.replace("group: g", "group: g, redis: \"redis://:pw@a:7001,b:7002\"");
+        let errors = load_str(Path::new("p.yaml"), &text, &no_env).unwrap_err().0;
+        assert_eq!(errors[0].key, "source.redis");
+        assert_eq!(
+            errors[0].message,
+            "invalid Redis URL redis://:***@a:7001,b:7002: a redis:// URL names one server; for a Redis Cluster list its seed nodes as redis+cluster://:***@a:7001,b:7002"
+        );
+        let text = VALID.replace(
+            "group: g",
+            "group: g, redis: \"redis+cluster://a:7001,b:7002\"",
+        );
+        assert!(load_str(Path::new("p.yaml"), &text, &no_env).is_ok());
     }
 
     #[test]

@@ -181,7 +181,7 @@ impl RelayConfig {
         if let Err(e) = parse_postgres_url(self.postgres.expose()) {
             problems.push((at(&["postgres"]), format!("{}: {e}", self.postgres)));
         }
-        if let Err(e) = ecst_operators::redis_pool::redis_client(&self.redis) {
+        if let Err(e) = ecst_operators::redis_pool::check_redis_url(&self.redis) {
             problems.push((
                 at(&["redis"]),
                 format!("invalid Redis URL {}: {e}", self.redis),

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use ecst_operators::postgres_tls::parse_postgres_url;
-use ecst_operators::redis_pool::{RedisManager, is_transport_error};
+use ecst_operators::redis_pool::{RedisConn, RedisManager, is_transport_error};
 use ecst_operators::sinks::postgres::config::quote;
 use ecst_schemas::Envelope;
 use ecst_schemas::partition::{
@@ -22,7 +22,6 @@ use ecst_schemas::wire::{
     BodyLimits, ContentType, FIELD_BODY, FIELD_CONTENT_TYPE, FIELD_TRACEPARENT, encode_body,
 };
 use futures::StreamExt;
-use redis::aio::MultiplexedConnection;
 use serde_json::Value;
 use time::OffsetDateTime;
 use tokio::sync::Notify;
@@ -83,7 +82,7 @@ enum BatchError {
 
 /// The Redis connection, and the streams whose partitioning was checked on it.
 struct RedisLink {
-    conn: MultiplexedConnection,
+    conn: RedisConn,
     checked: HashSet<String>,
 }
 
@@ -578,7 +577,7 @@ impl Relay<'_> {
     /// XADDs every encodable row in one pipeline; per-row refusals become dead letters.
     async fn publish(
         &self,
-        conn: &mut MultiplexedConnection,
+        conn: &mut RedisConn,
         claimed: &[Claimed],
     ) -> Result<Published, BatchError> {
         let now_ms = SystemTime::now()

@@ -127,7 +127,7 @@ async fn run_settled(
         sinks: dag.sinks().to_vec(),
         stats: stats.clone(),
         partition: None,
-        cluster: is_cluster(&source_cfg.redis),
+        cluster: ecst_operators::redis_pool::is_cluster_url(&source_cfg.redis),
     });
     if source_cfg.partitions > 1 {
         return partitions::run_partitioned(config, options, shutdown, dag, shared).await;
@@ -215,13 +215,6 @@ async fn agree_on_partitioning(
         }
     }
     Ok(true)
-}
-
-/// Whether `url` names a Redis Cluster (`redis+cluster://`, `rediss+cluster://`).
-pub(crate) fn is_cluster(url: &ecst_operators::SecretUrl) -> bool {
-    url.expose()
-        .split_once("://")
-        .is_some_and(|(scheme, _)| scheme.ends_with("+cluster"))
 }
 
 struct AbortOnDrop(tokio::task::JoinHandle<()>);

@@ -1,6 +1,8 @@
 //! `redis_hash`: one Redis hash per aggregate, written behind a version guard in one Lua script
-//! per batch.
+//! per batch (on a Redis Cluster, one per slot of the batch).
 
+mod cluster;
+mod replica;
 mod template;
 
 use std::time::Duration;
@@ -12,15 +14,16 @@ use serde_json::Value;
 use crate::duration::ConfigDuration;
 use crate::record::{Action, Record};
 use crate::redis_pool::{
-    RedisPool, describe_run_error, is_transport_error, redis_client, redis_pool, report_failure,
-    resolve_failure,
+    RedisConn, RedisManager, RedisPool, check_redis_url, describe_run_error, is_cluster_url,
+    is_transport_error, report_failure, resolve_failure,
 };
-use crate::replica::{Drift, Eviction, KeyPage, Replica, ReplicaFuture, StoredKey};
+use crate::replica::Replica;
 use crate::secret::SecretUrl;
 use crate::stage::{
     ApplyFuture, BuildContext, BuiltStage, ComponentConfig, ConfigProblem, Sink, SinkError,
     SinkReport,
 };
+pub use cluster::tombstone_key;
 pub use template::KeyTemplate;
 
 /// Configuration of the `redis_hash` sink.
@@ -41,7 +44,8 @@ pub struct RedisHashConfig {
     /// Hash field set to `1` under tombstone `mode: mark` (default `_deleted`).
     #[serde(default = "default_deleted_field")]
     pub deleted_field: String,
-    /// Prefix of the keys remembering deleted versions (default `ecst:tombstone:`).
+    /// Prefix of the keys remembering deleted versions (default `ecst:tombstone:`); on a Redis
+    /// Cluster without `{` or `}`.
     #[serde(default = "default_tombstone_prefix")]
     pub tombstone_prefix: String,
     /// Pooled connections (default 4).
@@ -92,13 +96,18 @@ impl RedisHashConfig {
         if self.timeout.0.is_zero() {
             problems.push(ConfigProblem::new("timeout", "must be more than 0ms"));
         }
-        if let Some(url) = &self.redis
-            && let Err(e) = redis_client(url)
-        {
-            problems.push(ConfigProblem::new(
-                "redis",
-                format!("invalid Redis URL {url}: {e}"),
-            ));
+        if let Some(url) = &self.redis {
+            if let Err(e) = check_redis_url(url) {
+                problems.push(ConfigProblem::new(
+                    "redis",
+                    format!("invalid Redis URL {url}: {e}"),
+                ));
+            }
+            if is_cluster_url(url)
+                && let Some(problem) = cluster::prefix_problem(&self.tombstone_prefix)
+            {
+                problems.push(ConfigProblem::new("tombstone_prefix", problem));
+            }
         }
         problems
     }
@@ -109,15 +118,21 @@ impl RedisHashConfig {
             .redis
             .clone()
             .unwrap_or_else(|| ctx.source_redis.clone());
-        let pool = redis_pool(&url, self.pool_size, self.timeout.0)
+        let manager = RedisManager::new(&url, self.timeout.0)
             .map_err(|e| format!("invalid Redis URL {url}: {e}"))?;
+        let cluster = manager.is_cluster();
+        // The source's URL is known only here, so `check` cannot see this when it is used.
+        if cluster && let Some(problem) = cluster::prefix_problem(&self.tombstone_prefix) {
+            return Err(format!("tombstone_prefix: {problem}"));
+        }
         Ok(RedisHashSink {
             key: KeyTemplate::parse(&self.key)?,
             reporter: format!("redis_hash sink `{}`", ctx.stage),
             config: self.clone(),
             url,
-            pool,
-            script: Script::new(include_str!("script.lua")),
+            pool: manager.into_pool(self.pool_size),
+            cluster,
+            script: Script::new(SCRIPT),
         })
     }
 }
@@ -130,7 +145,27 @@ pub struct RedisHashSink {
     url: SecretUrl,
     reporter: String,
     pool: RedisPool,
+    /// Whether the store is a Redis Cluster: one script per slot, tombstones in their hash's slot.
+    cluster: bool,
     script: Script,
+}
+
+/// The batch script.
+const SCRIPT: &str = include_str!("script.lua");
+
+/// A record the batch script writes, with its keys.
+struct Write<'a> {
+    record: &'a Record,
+    key: String,
+    tombstone: String,
+}
+
+/// How a script call names the script: by its SHA1, or by its text, which also loads it into
+/// the cache of the node that runs it.
+#[derive(Clone, Copy)]
+enum Invoke {
+    Sha,
+    Text,
 }
 
 fn write_value(cmd: &mut redis::Cmd, value: &Value) {
@@ -187,28 +222,50 @@ impl RedisHashSink {
         }
     }
 
-    /// Builds one EVALSHA for the batch; records whose key cannot be rendered are rejected.
-    fn command(&self, batch: &[Record]) -> (redis::Cmd, usize, Vec<(usize, String)>) {
+    /// The keys of `record`: its hash and its tombstone.
+    fn keys(&self, record: &Record) -> Result<(String, String), String> {
+        let key = self.key.render(&record.event)?;
+        let tombstone = cluster::tombstone_key(&self.config.tombstone_prefix, &key, self.cluster)?;
+        Ok((key, tombstone))
+    }
+
+    /// The records of `batch` to write; those whose keys cannot be made are rejected.
+    fn writes<'a>(&self, batch: &'a [Record]) -> (Vec<Write<'a>>, Vec<(usize, String)>) {
         let mut rejected = Vec::new();
-        let mut accepted = Vec::with_capacity(batch.len());
-        let mut keys = Vec::with_capacity(batch.len());
+        let mut writes = Vec::with_capacity(batch.len());
         for record in batch {
-            match self.key.render(&record.event) {
-                Ok(key) => {
-                    keys.push(key);
-                    accepted.push(record);
-                }
+            match self.keys(record) {
+                Ok((key, tombstone)) => writes.push(Write {
+                    record,
+                    key,
+                    tombstone,
+                }),
                 Err(reason) => rejected.push((record.entry, reason)),
             }
         }
-        let mut cmd = redis::cmd("EVALSHA");
-        cmd.arg(self.script.get_hash()).arg(keys.len() * 2);
-        for key in &keys {
-            cmd.arg(key.as_str());
-            cmd.arg(format!("{}{key}", self.config.tombstone_prefix));
+        (writes, rejected)
+    }
+
+    /// One call of the batch script over `writes`.
+    fn script_call(&self, invoke: Invoke, writes: &[&Write<'_>]) -> redis::Cmd {
+        let mut cmd = match invoke {
+            Invoke::Sha => {
+                let mut cmd = redis::cmd("EVALSHA");
+                cmd.arg(self.script.get_hash());
+                cmd
+            }
+            Invoke::Text => {
+                let mut cmd = redis::cmd("EVAL");
+                cmd.arg(SCRIPT);
+                cmd
+            }
+        };
+        cmd.arg(writes.len() * 2);
+        for write in writes {
+            cmd.arg(write.key.as_str()).arg(write.tombstone.as_str());
         }
         cmd.arg(self.config.deleted_field.as_str());
-        for record in &accepted {
+        for record in writes.iter().map(|w| w.record) {
             let (action, keep_ms) = match record.action {
                 Action::Upsert => ("u", 0),
                 Action::Delete { keep_for } => (
@@ -244,7 +301,7 @@ impl RedisHashSink {
                 }
             }
         }
-        (cmd, accepted.len(), rejected)
+        cmd
     }
 
     async fn eval(&self, cmd: &redis::Cmd) -> Result<(usize, usize), redis::RedisError> {
@@ -273,6 +330,97 @@ impl RedisHashSink {
         conn.settle(&result);
         result
     }
+
+    /// Runs the batch on a cluster: one script per slot group, all at once on one cluster
+    /// connection (which pipelines them to their nodes). The first failure is returned,
+    /// a retryable one before a refusal: then the caller retries the whole batch, and the
+    /// groups that were applied already come back stale, as the version guard holds per key.
+    async fn eval_by_slot(
+        &self,
+        writes: &[Write<'_>],
+    ) -> Result<(usize, usize), redis::RedisError> {
+        let groups: Vec<Vec<&Write<'_>>> = cluster::by_slot(writes.iter().map(|w| w.key.as_str()))
+            .into_iter()
+            .map(|group| group.into_iter().map(|i| &writes[i]).collect())
+            .collect();
+        let mut pooled = self.pool.get().await.map_err(|e| {
+            redis::RedisError::from((
+                redis::ErrorKind::Io,
+                "no pooled connection",
+                describe_run_error(e),
+            ))
+        })?;
+        pooled.begin();
+        let conn = pooled.conn().clone();
+        let calls = groups.iter().map(|group| {
+            let mut conn = conn.clone();
+            async move { self.eval_group(&mut conn, group).await }
+        });
+        let mut totals = (0, 0);
+        let mut reloaded = 0;
+        let mut failure: Option<redis::RedisError> = None;
+        for (result, noscript) in futures::future::join_all(calls).await {
+            reloaded += usize::from(noscript);
+            match result {
+                Ok((applied, stale)) => {
+                    totals.0 += applied;
+                    totals.1 += stale;
+                }
+                Err(e) => {
+                    if failure
+                        .as_ref()
+                        .is_none_or(|f| refused_by_data(f) && !refused_by_data(&e))
+                    {
+                        failure = Some(e);
+                    }
+                }
+            }
+        }
+        if reloaded > 0 {
+            tracing::info!(
+                sink = "redis_hash",
+                groups = reloaded,
+                "Script cache of a cluster node was empty (NOSCRIPT); sent the script itself, which loads it there."
+            );
+        }
+        let result = failure.map_or(Ok(totals), Err);
+        pooled.settle(&result);
+        result
+    }
+
+    /// One slot group's script; on NOSCRIPT (a restarted or promoted node, SCRIPT FLUSH) it is
+    /// sent again as EVAL, which loads it on the node that owns the slot. Also says whether it
+    /// had to.
+    async fn eval_group(
+        &self,
+        conn: &mut RedisConn,
+        group: &[&Write<'_>],
+    ) -> (Result<(usize, usize), redis::RedisError>, bool) {
+        match self
+            .script_call(Invoke::Sha, group)
+            .query_async(&mut *conn)
+            .await
+        {
+            Err(e) if e.code() == Some("NOSCRIPT") => (
+                self.script_call(Invoke::Text, group)
+                    .query_async(conn)
+                    .await,
+                true,
+            ),
+            other => (other, false),
+        }
+    }
+
+    /// How long a batch write may take: the timeout on one server; on a cluster also the
+    /// redirects and slot refresh the cluster client allows for (twice the timeout), after
+    /// the pool checkout.
+    fn batch_deadline(&self) -> Duration {
+        if self.cluster {
+            self.config.timeout.0.saturating_mul(3)
+        } else {
+            self.config.timeout.0
+        }
+    }
 }
 
 /// A short store name for errors.
@@ -280,7 +428,7 @@ const STORE: &str = "redis";
 
 impl Sink for RedisHashSink {
     fn check_record(&self, record: &Record) -> Result<(), String> {
-        self.key.render(&record.event).map(drop)
+        self.keys(record).map(drop)
     }
 
     fn replica(&self) -> Option<&dyn Replica> {
@@ -289,19 +437,30 @@ impl Sink for RedisHashSink {
 
     fn apply_batch<'a>(&'a self, batch: &'a [Record]) -> ApplyFuture<'a> {
         Box::pin(async move {
-            let (cmd, count, rejected) = self.command(batch);
-            if count == 0 {
+            let (writes, rejected) = self.writes(batch);
+            if writes.is_empty() {
                 return Ok(SinkReport {
                     rejected,
                     ..SinkReport::default()
                 });
             }
-            let result = match tokio::time::timeout(self.config.timeout.0, self.eval(&cmd)).await {
+            let deadline = self.batch_deadline();
+            let result = if self.cluster {
+                tokio::time::timeout(deadline, self.eval_by_slot(&writes)).await
+            } else {
+                let all: Vec<&Write<'_>> = writes.iter().collect();
+                let cmd = self.script_call(Invoke::Sha, &all);
+                tokio::time::timeout(deadline, self.eval(&cmd)).await
+            };
+            let result = match result {
                 Ok(result) => result,
                 Err(_) => {
                     return Err(SinkError::Unavailable {
                         store: STORE,
-                        message: format!("batch write timed out after {}", self.config.timeout),
+                        message: format!(
+                            "batch write timed out after {}",
+                            ConfigDuration(deadline)
+                        ),
                     });
                 }
             };
@@ -338,16 +497,13 @@ impl Sink for RedisHashSink {
 /// a failed disk, a busy script, loading, a failover, a broken connection) is the store's
 /// state, retried until it passes.
 fn classify(e: redis::RedisError, described: String) -> SinkError {
-    use redis::{ErrorKind, ServerErrorKind};
     let message = e.to_string();
     if e.code() == Some("WRONGTYPE") {
         SinkError::Conflict {
             store: STORE,
             message,
         }
-    } else if !is_transport_error(&e)
-        && e.kind() == ErrorKind::Server(ServerErrorKind::ResponseError)
-    {
+    } else if refused_by_data(&e) {
         SinkError::Refused {
             store: STORE,
             message,
@@ -360,188 +516,12 @@ fn classify(e: redis::RedisError, described: String) -> SinkError {
     }
 }
 
-/// Deletes a hash only if it is still at the version reconciliation saw, and buries it there
-/// unless ARGV[3] (the tombstone's lifetime in ms) is 0.
-const EVICT_IF_UNCHANGED: &str =
-    "if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then return 0 end
-redis.call('DEL', KEYS[1])
-if ARGV[3] ~= '0' then redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3]) end
-return 1";
-
-/// How long a tombstone written by reconciliation lasts.
-const EVICT_TOMBSTONE_MS: u64 = 7 * 24 * 3600 * 1000;
-
-impl RedisHashSink {
-    async fn query<T: redis::FromRedisValue>(
-        &self,
-        pipe: &redis::Pipeline,
-    ) -> Result<T, SinkError> {
-        let unavailable = |message: String| SinkError::Unavailable {
-            store: STORE,
-            message,
-        };
-        let mut conn = self
-            .pool
-            .get()
-            .await
-            .map_err(|e| unavailable(describe_run_error(e)))?;
-        conn.begin();
-        let result = tokio::time::timeout(self.config.timeout.0, pipe.query_async(conn.conn()))
-            .await
-            .map_err(|_| unavailable(format!("timed out after {}", self.config.timeout)))?;
-        conn.settle(&result);
-        result.map_err(|e| unavailable(e.to_string()))
-    }
-
-    /// What an upsert of `record` writes, as the strings Redis holds (metadata aside).
-    fn expected_fields(record: &Record) -> Vec<(String, String)> {
-        upsert_fields(record)
-            .into_iter()
-            .flatten()
-            .filter(|(_, v)| !v.is_null())
-            .map(|(name, value)| {
-                let text = match value {
-                    Value::String(s) => s.clone(),
-                    Value::Bool(b) => b.to_string(),
-                    other => other.to_string(),
-                };
-                (name.clone(), text)
-            })
-            .collect()
-    }
-}
-
-impl Replica for RedisHashSink {
-    fn key_of(&self, record: &Record) -> Result<String, String> {
-        self.key.render(&record.event)
-    }
-
-    fn compare<'a>(&'a self, records: &'a [Record]) -> ReplicaFuture<'a, Vec<Option<Drift>>> {
-        Box::pin(async move {
-            let mut pipe = redis::pipe();
-            let mut asked = Vec::with_capacity(records.len());
-            for (i, record) in records.iter().enumerate() {
-                if let Ok(key) = self.key.render(&record.event) {
-                    pipe.cmd("HGETALL").arg(key);
-                    asked.push(i);
-                }
-            }
-            let mut drifts = vec![None; records.len()];
-            if asked.is_empty() {
-                return Ok(drifts);
-            }
-            let stored: Vec<std::collections::HashMap<String, String>> = self.query(&pipe).await?;
-            for (i, hash) in asked.into_iter().zip(stored) {
-                let record = &records[i];
-                let version = hash
-                    .get(&self.config.version_field)
-                    .and_then(|v| v.parse::<u64>().ok());
-                drifts[i] = match version {
-                    None => Some(Drift::Missing),
-                    Some(v) if v < record.event.aggregate_version => {
-                        Some(Drift::Stale { stored: v })
-                    }
-                    Some(v) if v > record.event.aggregate_version => None,
-                    Some(_) => {
-                        let mut fields: Vec<String> = Self::expected_fields(record)
-                            .into_iter()
-                            .filter(|(name, text)| hash.get(name) != Some(text))
-                            .map(|(name, _)| name)
-                            .collect();
-                        if hash.get(&self.config.deleted_field).map(String::as_str) == Some("1") {
-                            fields.push(self.config.deleted_field.clone());
-                        }
-                        (!fields.is_empty()).then_some(Drift::Mismatch { fields })
-                    }
-                };
-            }
-            Ok(drifts)
-        })
-    }
-
-    fn scan_keys<'a>(&'a self, cursor: Option<String>) -> ReplicaFuture<'a, KeyPage> {
-        Box::pin(async move {
-            let mut pipe = redis::pipe();
-            pipe.cmd("SCAN")
-                .arg(cursor.as_deref().unwrap_or("0"))
-                .arg("MATCH")
-                .arg(self.key.pattern())
-                .arg("COUNT")
-                .arg(1000)
-                .arg("TYPE")
-                .arg("hash");
-            let ((next, keys),): ((String, Vec<String>),) = self.query(&pipe).await?;
-            let mut pipe = redis::pipe();
-            pipe.ignore_errors();
-            for key in &keys {
-                pipe.cmd("HMGET")
-                    .arg(key)
-                    .arg(&self.config.version_field)
-                    .arg(&self.config.occurred_at_field);
-            }
-            let fields: Vec<redis::Value> = if keys.is_empty() {
-                Vec::new()
-            } else {
-                self.query(&pipe).await?
-            };
-            let text = |v: Option<&redis::Value>| match v {
-                Some(redis::Value::BulkString(b)) => Some(String::from_utf8_lossy(b).into_owned()),
-                _ => None,
-            };
-            Ok(KeyPage {
-                // Hashes of the pattern without a version field are not replica rows.
-                keys: keys
-                    .into_iter()
-                    .zip(fields)
-                    .filter_map(|(key, reply)| {
-                        let redis::Value::Array(values) = reply else {
-                            return None;
-                        };
-                        let version = text(values.first())?.parse().ok()?;
-                        let touched_ms = text(values.get(1)).and_then(|at| {
-                            time::OffsetDateTime::parse(
-                                &at,
-                                &time::format_description::well_known::Rfc3339,
-                            )
-                            .ok()
-                            .map(|t| (t.unix_timestamp_nanos() / 1_000_000) as i64)
-                        });
-                        Some(StoredKey {
-                            key,
-                            version,
-                            touched_ms,
-                        })
-                    })
-                    .collect(),
-                next: (next != "0").then_some(next),
-            })
-        })
-    }
-
-    fn evict<'a>(&'a self, rows: &'a [(String, u64)], why: Eviction) -> ReplicaFuture<'a, usize> {
-        Box::pin(async move {
-            if rows.is_empty() {
-                return Ok(0);
-            }
-            let tombstone_ms = match why {
-                Eviction::Orphan => EVICT_TOMBSTONE_MS,
-                Eviction::Rewrite => 0,
-            };
-            let mut pipe = redis::pipe();
-            for (key, version) in rows {
-                pipe.cmd("EVAL")
-                    .arg(EVICT_IF_UNCHANGED)
-                    .arg(2)
-                    .arg(key)
-                    .arg(format!("{}{key}", self.config.tombstone_prefix))
-                    .arg(&self.config.version_field)
-                    .arg(*version)
-                    .arg(tombstone_ms);
-            }
-            let removed: Vec<usize> = self.query(&pipe).await?;
-            Ok(removed.into_iter().sum())
-        })
-    }
+/// Whether a failed script is the records' doing (a conflict or a refusal, see [`classify`])
+/// rather than the store's state.
+fn refused_by_data(e: &redis::RedisError) -> bool {
+    use redis::{ErrorKind, ServerErrorKind};
+    e.code() == Some("WRONGTYPE")
+        || (!is_transport_error(e) && e.kind() == ErrorKind::Server(ServerErrorKind::ResponseError))
 }
 
 impl ComponentConfig for RedisHashConfig {

@@ -285,3 +285,223 @@ async fn twenty_thousand_fields_land_and_stay_guarded() {
     assert_eq!(h.get("f12345").map(String::as_str), Some("new12345"));
     assert_eq!(h.get("_version").map(String::as_str), Some("2"));
 }
+
+// On a Redis Cluster: the local one of `scripts/services.sh` (`ECST_CLUSTER_URL`).
+
+fn cluster_sink(prefix: &str, key: &str) -> RedisHashSink {
+    let config: RedisHashConfig = serde_json::from_value(json!({
+        "key": format!("{prefix}{key}"),
+        "tombstone_prefix": format!("{prefix}tomb:"),
+        "redis": crate::redis_pool::test_cluster_url().expose(),
+    }))
+    .unwrap();
+    assert!(config.check().is_empty());
+    config
+        .build(&BuildContext {
+            pipeline: "t".into(),
+            stage: "cache".into(),
+            source_redis: redis_url(),
+        })
+        .unwrap()
+}
+
+async fn cluster_conn() -> RedisConn {
+    RedisManager::new(
+        &crate::redis_pool::test_cluster_url(),
+        Duration::from_secs(5),
+    )
+    .unwrap()
+    .connect_once(Duration::from_secs(5))
+    .await
+    .unwrap()
+}
+
+async fn slot_of(conn: &mut RedisConn, key: &str) -> u16 {
+    redis::cmd("CLUSTER")
+        .arg("KEYSLOT")
+        .arg(key)
+        .query_async(conn)
+        .await
+        .unwrap()
+}
+
+/// `count` aggregates `0..count` at `version`, each with a field saying so.
+fn versions(count: usize, version: u64) -> Vec<Record> {
+    (0..count)
+        .map(|i| {
+            record(
+                i,
+                &i.to_string(),
+                version,
+                json!({"v": version.to_string()}),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_batch_over_many_slots_applies_every_record_on_a_cluster() {
+    let prefix = unique_prefix();
+    let sink = cluster_sink(&prefix, "athlete:{aggregateId}");
+    let mut conn = cluster_conn().await;
+    let mut slots = std::collections::HashSet::new();
+    for i in 0..300 {
+        slots.insert(slot_of(&mut conn, &format!("{prefix}athlete:{i}")).await);
+    }
+    assert!(slots.len() > 250, "{} slots", slots.len());
+
+    let report = sink.apply_batch(&versions(300, 2)).await.unwrap();
+    assert_eq!((report.applied, report.stale), (300, 0));
+    let report = sink.apply_batch(&versions(300, 1)).await.unwrap();
+    assert_eq!((report.applied, report.stale), (0, 300));
+    let report = sink.apply_batch(&versions(300, 2)).await.unwrap();
+    assert_eq!((report.applied, report.stale), (0, 300));
+    for i in 0..300 {
+        let v: Option<String> = redis::cmd("HGET")
+            .arg(format!("{prefix}athlete:{i}"))
+            .arg("v")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(v.as_deref(), Some("2"), "athlete {i}");
+    }
+    // Two versions of one aggregate in one batch keep their order.
+    let report = sink
+        .apply_batch(&[
+            record(0, "7", 4, json!({"v": "4"})),
+            record(1, "8", 3, json!({"v": "3"})),
+            record(2, "7", 3, json!({"v": "3"})),
+        ])
+        .await
+        .unwrap();
+    assert_eq!((report.applied, report.stale), (2, 1));
+}
+
+#[tokio::test]
+async fn deletes_leave_tombstones_in_the_slot_of_their_hash() {
+    for (template, tagged) in [
+        ("athlete:{aggregateId}", false),
+        ("athlete:{{{aggregateId}}}", true),
+    ] {
+        let prefix = unique_prefix();
+        let sink = cluster_sink(&prefix, template);
+        let mut conn = cluster_conn().await;
+        let report = sink.apply_batch(&versions(50, 1)).await.unwrap();
+        assert_eq!(report.applied, 50);
+        let deletes: Vec<Record> = (0..50)
+            .map(|i| record(i, &i.to_string(), 2, Value::Null))
+            .collect();
+        let report = sink.apply_batch(&deletes).await.unwrap();
+        assert_eq!(report.applied, 50);
+        let report = sink.apply_batch(&versions(50, 1)).await.unwrap();
+        assert_eq!(
+            report.stale, 50,
+            "a late update must not resurrect a delete"
+        );
+        for delete in &deletes {
+            let key = sink.key_of(delete).unwrap();
+            // A key without a hash tag is wrapped in one; a tagged key keeps its tag.
+            let tombstone = if tagged {
+                format!("{prefix}tomb:{key}")
+            } else {
+                format!("{prefix}tomb:{{{key}}}")
+            };
+            let exists: bool = redis::cmd("EXISTS")
+                .arg(&key)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            assert!(!exists, "{key}");
+            let buried: Option<String> = redis::cmd("GET")
+                .arg(&tombstone)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            assert_eq!(buried.as_deref(), Some("2"), "{tombstone}");
+            assert_eq!(
+                slot_of(&mut conn, &key).await,
+                slot_of(&mut conn, &tombstone).await
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn noscript_after_script_flush_on_every_master_recovers() {
+    let prefix = unique_prefix();
+    let sink = cluster_sink(&prefix, "athlete:{aggregateId}");
+    let report = sink.apply_batch(&versions(100, 1)).await.unwrap();
+    assert_eq!(report.applied, 100);
+
+    let mut conn = cluster_conn().await;
+    let nodes: String = redis::cmd("CLUSTER")
+        .arg("NODES")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    // `<id> <ip:port@cport> <flags> ...`, one line per node.
+    let masters: Vec<String> = nodes
+        .lines()
+        .filter(|line| line.split(' ').nth(2).is_some_and(|f| f.contains("master")))
+        .filter_map(|line| line.split(' ').nth(1)?.split('@').next().map(String::from))
+        .collect();
+    assert_eq!(masters.len(), 3, "{nodes}");
+    let mut master_conns = Vec::new();
+    for master in &masters {
+        let mut master_conn = redis::Client::open(format!("redis://{master}"))
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap();
+        redis::cmd("SCRIPT")
+            .arg("FLUSH")
+            .query_async::<()>(&mut master_conn)
+            .await
+            .unwrap();
+        master_conns.push(master_conn);
+    }
+
+    let report = sink.apply_batch(&versions(100, 2)).await.unwrap();
+    assert_eq!((report.applied, report.stale), (100, 0));
+    // The script went to every master as EVAL, which cached it there.
+    for master_conn in &mut master_conns {
+        let cached: Vec<bool> = redis::cmd("SCRIPT")
+            .arg("EXISTS")
+            .arg(sink.script.get_hash())
+            .query_async(master_conn)
+            .await
+            .unwrap();
+        assert_eq!(cached, [true]);
+    }
+}
+
+#[test]
+fn a_tombstone_prefix_with_braces_is_refused_on_a_cluster() {
+    let config: RedisHashConfig = serde_json::from_value(json!({
+        "key": "athlete:{aggregateId}",
+        "tombstone_prefix": "t{x}:",
+        "redis": "redis+cluster://127.0.0.1:7001",
+    }))
+    .unwrap();
+    let problems = config.check();
+    assert_eq!(problems.len(), 1);
+    assert_eq!(problems[0].key, "tombstone_prefix");
+    let single: RedisHashConfig = serde_json::from_value(json!({
+        "key": "athlete:{aggregateId}",
+        "tombstone_prefix": "t{x}:",
+    }))
+    .unwrap();
+    assert!(single.check().is_empty());
+    let err = single
+        .build(&BuildContext {
+            pipeline: "t".into(),
+            stage: "cache".into(),
+            source_redis: crate::redis_pool::test_cluster_url(),
+        })
+        .err()
+        .unwrap();
+    assert!(
+        err.starts_with("tombstone_prefix: `t{x}:` must not contain"),
+        "{err}"
+    );
+}
