@@ -347,7 +347,10 @@ fn a_script_flush_is_recovered_from() {
         "the write after the flush",
         || version(&mut conn).as_deref() == Some("2"),
     );
-    assert_eq!(group_pending(&mut conn, stream, "replica"), 0);
+    // The ack follows the write.
+    wait_for_worker(&worker, Duration::from_secs(30), "the ack", || {
+        group_pending(&mut conn, stream, "replica") == 0
+    });
     let (status, log) = worker.terminate();
     assert!(status.success(), "{log}");
 }
