@@ -244,8 +244,21 @@ fn applied_elsewhere(
 /// How acks and dead letters name themselves in `/readyz` when Redis refuses them.
 const ACKS: &str = "acks and dead letters";
 
-/// Runs a pipeline on the shared pool until it succeeds.
+/// Runs a pipeline on the shared pool until it succeeds. On a Redis Cluster, whose pipelines
+/// must stay within one slot, its commands run one after another, each until it succeeds.
 async fn with_redis_retry(shared: &Shared, what: &str, pipe: &redis::Pipeline) {
+    if shared.cluster {
+        for cmd in pipe.cmd_iter() {
+            let mut one = redis::pipe();
+            one.add_command(cmd.clone()).ignore();
+            run_until_done(shared, what, &one).await;
+        }
+    } else {
+        run_until_done(shared, what, pipe).await;
+    }
+}
+
+async fn run_until_done(shared: &Shared, what: &str, pipe: &redis::Pipeline) {
     let mut backoff = Backoff::new();
     loop {
         let result = match shared.pool.get().await {

@@ -94,7 +94,9 @@ pub(crate) async fn publish(args: PublishArgs) -> anyhow::Result<ExitCode> {
     let keys = EnvelopeKeys::default();
     let label = args.file.display().to_string();
     let (mut published, mut bad) = (0u64, 0u64);
-    let mut pipe = redis::pipe();
+    // One pipeline per partition: a Redis Cluster takes a pipeline only within one slot, and
+    // each partition keeps its lines' order.
+    let mut pipes: Vec<redis::Pipeline> = (0..partitions).map(|_| redis::pipe()).collect();
     let mut queued = 0;
     for (number, line) in reader.lines().enumerate() {
         let number = number + 1;
@@ -141,11 +143,11 @@ pub(crate) async fn publish(args: PublishArgs) -> anyhow::Result<ExitCode> {
                 }
             }
         };
-        let key = partition_stream(
-            &args.stream,
-            partition_of(&aggregate_id, partitions),
-            partitions,
-        );
+        let partition = partition_of(&aggregate_id, partitions);
+        let key = partition_stream(&args.stream, partition, partitions);
+        let Some(pipe) = pipes.get_mut(partition as usize) else {
+            continue;
+        };
         let cmd = pipe.cmd("XADD").arg(key);
         if let Some(maxlen) = maxlen {
             cmd.arg("MAXLEN").arg("~").arg(maxlen);
@@ -157,18 +159,13 @@ pub(crate) async fn publish(args: PublishArgs) -> anyhow::Result<ExitCode> {
         cmd.ignore();
         queued += 1;
         if queued == 1000 {
-            pipe.query_async::<()>(&mut conn)
-                .await
-                .context("XADD failed")?;
+            flush(&mut conn, &mut pipes).await?;
             published += queued;
-            pipe = redis::pipe();
             queued = 0;
         }
     }
     if queued > 0 {
-        pipe.query_async::<()>(&mut conn)
-            .await
-            .context("XADD failed")?;
+        flush(&mut conn, &mut pipes).await?;
         published += queued;
     }
     eprintln!(
@@ -194,4 +191,16 @@ fn raw_aggregate_id(value: &serde_json::Value) -> Option<String> {
         serde_json::Value::Number(n) if n.is_i64() || n.is_u64() => Some(n.to_string()),
         _ => None,
     }
+}
+
+/// Sends every partition's queued XADDs and empties the pipelines.
+async fn flush(
+    conn: &mut ecst_operators::redis_pool::RedisConn,
+    pipes: &mut [redis::Pipeline],
+) -> anyhow::Result<()> {
+    for pipe in pipes.iter_mut().filter(|p| !p.is_empty()) {
+        pipe.query_async::<()>(conn).await.context("XADD failed")?;
+        *pipe = redis::pipe();
+    }
+    Ok(())
 }

@@ -6,7 +6,7 @@
 //! duplicate. There is no cursor: a row whose transaction commits late, behind higher ids, is
 //! simply the oldest unpublished row on a later pass.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -574,7 +574,8 @@ impl Relay<'_> {
         spans
     }
 
-    /// XADDs every encodable row in one pipeline; per-row refusals become dead letters.
+    /// XADDs every encodable row (in one pipeline, or one per stream key on a cluster); per-row
+    /// refusals become dead letters.
     async fn publish(
         &self,
         conn: &mut RedisConn,
@@ -584,14 +585,24 @@ impl Relay<'_> {
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_millis() as u64)
             .unwrap_or(0);
-        let mut pipe = redis::pipe();
-        pipe.ignore_errors();
-        let mut sent = Vec::new();
+        // A cluster pipeline must stay within one slot: one pipeline per stream key there
+        // (each keeps its rows' order), one for the whole batch on a single server.
+        let per_key = matches!(conn, RedisConn::Cluster(_));
+        let mut groups: Vec<(redis::Pipeline, Vec<(i64, &str)>)> = Vec::new();
+        let mut group_of: HashMap<&str, usize> = HashMap::new();
         let mut out = Published::default();
         for c in claimed {
             match &c.entry {
                 Err(reason) => out.dead.push((c.id, reason.clone())),
                 Ok(entry) => {
+                    let group_key = if per_key { entry.key.as_str() } else { "" };
+                    let g = *group_of.entry(group_key).or_insert_with(|| {
+                        let mut pipe = redis::pipe();
+                        pipe.ignore_errors();
+                        groups.push((pipe, Vec::new()));
+                        groups.len() - 1
+                    });
+                    let (pipe, sent) = &mut groups[g];
                     let cmd = pipe.cmd("XADD").arg(&entry.key);
                     let partitions = self.config.partitions_for(&entry.stream);
                     if let Some((strategy, threshold)) = self
@@ -608,34 +619,33 @@ impl Relay<'_> {
                     if let Some(tp) = &entry.traceparent {
                         cmd.arg(FIELD_TRACEPARENT).arg(tp);
                     }
-                    sent.push((c.id, &entry.key));
+                    sent.push((c.id, entry.key.as_str()));
                 }
             }
         }
-        if sent.is_empty() {
-            return Ok(out);
-        }
-        let replies: Vec<redis::Value> =
-            pipe.query_async(conn)
-                .await
-                .map_err(|e| BatchError::Redis {
-                    transport: is_transport_error(&e),
-                    message: e.to_string(),
-                })?;
-        for ((id, key), reply) in sent.into_iter().zip(replies) {
-            match reply {
-                redis::Value::ServerError(e) if e.code() == "WRONGTYPE" => out.dead.push((
-                    id,
-                    format!("Redis refused XADD: the key `{key}` is not a stream ({e})"),
-                )),
-                // Anything else (OOM, READONLY, LOADING) is the server's state, not the row's.
-                redis::Value::ServerError(e) => {
-                    return Err(BatchError::Redis {
-                        message: format!("XADD refused: {e}"),
-                        transport: false,
-                    });
+        for (pipe, sent) in groups {
+            let replies: Vec<redis::Value> =
+                pipe.query_async(conn)
+                    .await
+                    .map_err(|e| BatchError::Redis {
+                        transport: is_transport_error(&e),
+                        message: e.to_string(),
+                    })?;
+            for ((id, key), reply) in sent.into_iter().zip(replies) {
+                match reply {
+                    redis::Value::ServerError(e) if e.code() == "WRONGTYPE" => out.dead.push((
+                        id,
+                        format!("Redis refused XADD: the key `{key}` is not a stream ({e})"),
+                    )),
+                    // Anything else (OOM, READONLY, LOADING) is the server's state, not the row's.
+                    redis::Value::ServerError(e) => {
+                        return Err(BatchError::Redis {
+                            message: format!("XADD refused: {e}"),
+                            transport: false,
+                        });
+                    }
+                    _ => out.published.push(id),
                 }
-                _ => out.published.push(id),
             }
         }
         Ok(out)
