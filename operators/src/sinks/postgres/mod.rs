@@ -356,6 +356,9 @@ fn classify(e: tokio_postgres::Error) -> SinkError {
                 || *c == SqlState::CRASH_SHUTDOWN
                 || *c == SqlState::CANNOT_CONNECT_NOW
                 || c.code().starts_with("08")
+                // Insufficient resources: out of memory, of disk, of lock table space (a
+                // batch holds up to 1024 key locks), of connections; none is the record's fault.
+                || c.code().starts_with("53")
         );
     let message = match e.as_db_error() {
         Some(db) => format!("{} ({})", db.message(), db.code().code()),
