@@ -483,16 +483,20 @@ impl PostgresSink {
                 ));
                 continue;
             };
-            buckets.insert(locks::bucket_of(&cells));
-            match record.action {
+            let bucket = locks::bucket_of(&cells);
+            let written = match record.action {
                 Action::Upsert => match self.value_cells(record) {
                     Ok(values) => {
                         cells.push(Cell::Bigint(Some(version)));
                         cells.push(Cell::Timestamptz(record.event.occurred_at));
                         cells.extend(values);
                         plan.upserts.push(record.entry, cells);
+                        true
                     }
-                    Err(reason) => report.rejected.push((record.entry, reason)),
+                    Err(reason) => {
+                        report.rejected.push((record.entry, reason));
+                        false
+                    }
                 },
                 Action::Delete { keep_for } => {
                     cells.push(Cell::Bigint(Some(version)));
@@ -500,12 +504,17 @@ impl PostgresSink {
                         i64::try_from(keep_for.as_millis()).unwrap_or(i64::MAX),
                     )));
                     plan.deletes.push(record.entry, cells);
+                    true
                 }
                 Action::Mark => {
                     cells.push(Cell::Bigint(Some(version)));
                     cells.push(Cell::Timestamptz(record.event.occurred_at));
                     plan.marks.push(record.entry, cells);
+                    true
                 }
+            };
+            if written {
+                buckets.insert(bucket);
             }
         }
         plan.buckets = buckets.into_iter().collect();
