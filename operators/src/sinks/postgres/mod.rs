@@ -2,11 +2,12 @@
 //! batch, with deleted versions kept in a tombstone table.
 
 pub mod config;
+mod locks;
 mod replica;
 mod sql;
 mod values;
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
 use bb8_postgres::PostgresConnectionManager;
@@ -124,7 +125,9 @@ async fn ensure_schema(
 /// A pooled client with the sink's statements prepared on it once.
 pub struct PgConnection {
     client: Client,
-    lock: Statement,
+    lock_table: Statement,
+    share_table: Statement,
+    lock_buckets: Statement,
     upsert: Statement,
     delete: Statement,
     mark: Statement,
@@ -180,7 +183,9 @@ impl PgManager {
             .get_or_try_init(|| ensure_schema(&client, &self.config, &self.statements))
             .await?;
         Ok(PgConnection {
-            lock: client.prepare(&self.statements.lock).await?,
+            lock_table: client.prepare(&self.statements.lock_table).await?,
+            share_table: client.prepare(&self.statements.share_table).await?,
+            lock_buckets: client.prepare(&self.statements.lock_buckets).await?,
             upsert: client.prepare(&self.statements.upsert).await?,
             delete: client.prepare(&self.statements.delete).await?,
             mark: client.prepare(&self.statements.mark).await?,
@@ -267,7 +272,7 @@ impl PostgresConfig {
             self.purge_every.0,
         ));
         Ok(PostgresSink {
-            lock_key: table_lock_key(&self.schema, &self.table),
+            lock_key: locks::table_key(&self.schema, &self.table),
             keys: self.key.columns(),
             values: self.value_columns(),
             config: self.clone(),
@@ -275,16 +280,6 @@ impl PostgresConfig {
             purge,
         })
     }
-}
-
-/// A stable 32-bit key for the table's advisory lock (FNV-1a of `schema.table`).
-fn table_lock_key(schema: &str, table: &str) -> i32 {
-    let mut hash: u32 = 0x811c_9dc5;
-    for byte in schema.bytes().chain([b'.']).chain(table.bytes()) {
-        hash ^= u32::from(byte);
-        hash = hash.wrapping_mul(0x0100_0193);
-    }
-    i32::from_ne_bytes(hash.to_ne_bytes())
 }
 
 async fn purge_tombstones(pool: bb8::Pool<PgManager>, sql: String, every: std::time::Duration) {
@@ -335,11 +330,12 @@ impl Rows {
     }
 }
 
-/// The batch split into the three statements' rows.
+/// The batch split into the three statements' rows, and the key buckets they write.
 struct Plan {
     upserts: Rows,
     deletes: Rows,
     marks: Rows,
+    buckets: Vec<i32>,
 }
 
 fn is_data_error(e: &tokio_postgres::Error) -> bool {
@@ -360,6 +356,9 @@ fn classify(e: tokio_postgres::Error) -> SinkError {
                 || *c == SqlState::CRASH_SHUTDOWN
                 || *c == SqlState::CANNOT_CONNECT_NOW
                 || c.code().starts_with("08")
+                // Insufficient resources: out of memory, of disk, of lock table space (a
+                // batch holds up to 1024 key locks), of connections; none is the record's fault.
+                || c.code().starts_with("53")
         );
     let message = match e.as_db_error() {
         Some(db) => format!("{} ({})", db.message(), db.code().code()),
@@ -463,7 +462,9 @@ impl PostgresSink {
             ),
             deletes: Rows::new(key_types().chain([PgType::Bigint, PgType::Bigint])),
             marks: Rows::new(key_types().chain([PgType::Bigint, PgType::Timestamptz])),
+            buckets: Vec::new(),
         };
+        let mut buckets = BTreeSet::new();
         // In batch order, so that rows and rejections do not depend on hash order.
         let mut order: Vec<usize> = newest.into_values().collect();
         order.sort_unstable();
@@ -482,15 +483,20 @@ impl PostgresSink {
                 ));
                 continue;
             };
-            match record.action {
+            let bucket = locks::bucket_of(&cells);
+            let written = match record.action {
                 Action::Upsert => match self.value_cells(record) {
                     Ok(values) => {
                         cells.push(Cell::Bigint(Some(version)));
                         cells.push(Cell::Timestamptz(record.event.occurred_at));
                         cells.extend(values);
                         plan.upserts.push(record.entry, cells);
+                        true
                     }
-                    Err(reason) => report.rejected.push((record.entry, reason)),
+                    Err(reason) => {
+                        report.rejected.push((record.entry, reason));
+                        false
+                    }
                 },
                 Action::Delete { keep_for } => {
                     cells.push(Cell::Bigint(Some(version)));
@@ -498,14 +504,20 @@ impl PostgresSink {
                         i64::try_from(keep_for.as_millis()).unwrap_or(i64::MAX),
                     )));
                     plan.deletes.push(record.entry, cells);
+                    true
                 }
                 Action::Mark => {
                     cells.push(Cell::Bigint(Some(version)));
                     cells.push(Cell::Timestamptz(record.event.occurred_at));
                     plan.marks.push(record.entry, cells);
+                    true
                 }
+            };
+            if written {
+                buckets.insert(bucket);
             }
         }
+        plan.buckets = buckets.into_iter().collect();
         plan
     }
 
@@ -517,25 +529,33 @@ impl PostgresSink {
     ) -> Result<u64, tokio_postgres::Error> {
         let PgConnection {
             client,
-            lock,
+            share_table,
+            lock_buckets,
             upsert,
             delete,
             mark,
             ..
         } = conn;
         let tx = client.transaction().await?;
-        // Batches for one table are applied one at a time (across all workers). Without it a
-        // late update racing a delete in another transaction reads "no tombstone" from its
-        // snapshot, waits on the row the delete removes, then inserts it again: resurrection.
-        // Each statement below snapshots after this lock is granted, so it sees every batch
-        // committed before it.
-        let table_lock = async { tx.execute(&*lock, &[&self.lock_key]).await.map(|_| 0) };
+        // Batches that write a key bucket are applied one at a time (across all workers), so
+        // a late update never slips past an uncommitted delete; see `locks`. Each statement
+        // below snapshots after these locks are granted.
+        let table_lock = async {
+            tx.execute(&*share_table, &[&self.lock_key])
+                .await
+                .map(|_| 0)
+        };
+        let bucket_locks = async {
+            tx.execute(&*lock_buckets, &[&self.lock_key, &plan.buckets])
+                .await
+                .map(|_| 0)
+        };
         let (upsert_params, delete_params, mark_params) = (
             plan.upserts.params(),
             plan.deletes.params(),
             plan.marks.params(),
         );
-        // Issued together so the client pipelines them: one round trip, not three.
+        // Issued together, in this order, so the client pipelines them: one round trip.
         let upserts = async {
             match plan.upserts.entries.is_empty() {
                 true => Ok(0),
@@ -557,7 +577,7 @@ impl PostgresSink {
                 false => tx.execute(&*mark, &mark_params).await,
             }
         };
-        let (_, u, d, m) = tokio::try_join!(table_lock, upserts, deletes, marks)?;
+        let (_, _, u, d, m) = tokio::try_join!(table_lock, bucket_locks, upserts, deletes, marks)?;
         tx.commit().await?;
         Ok(u + d + m)
     }

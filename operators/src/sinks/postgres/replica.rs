@@ -243,12 +243,15 @@ impl Replica for PostgresSink {
             let mut conn = self.connection().await?;
             // Marked broken until the transaction answers: a timed-out one leaves the pool.
             conn.broken = true;
-            let super::PgConnection { client, lock, .. } = &mut *conn;
+            let super::PgConnection {
+                client, lock_table, ..
+            } = &mut *conn;
             let removed = tokio::time::timeout(self.config.timeout.0, async {
                 let tx = client.transaction().await?;
-                // The sink's lock: the DELETE's snapshot is taken after every batch committed
-                // before it, so it compares with the newest version a live worker wrote.
-                tx.execute(&*lock, &[&self.lock_key]).await?;
+                // The table's lock, exclusively: every batch holds it shared, so the DELETE's
+                // snapshot is taken after every batch in flight committed, and it compares
+                // with the newest version a live worker wrote.
+                tx.execute(&*lock_table, &[&self.lock_key]).await?;
                 let row = tx.query_one(&sql, &[&names, &versions]).await?;
                 tx.commit().await?;
                 row.try_get::<_, i64>(0)

@@ -2,6 +2,7 @@
 //! ever bound as array parameters.
 
 use super::config::{PgType, PostgresConfig, quote};
+use super::locks::ECST_CLASS;
 
 /// Array parameter type of a column type (numeric travels as text and is cast in SQL, so a
 /// value is validated before the statement and never fails it).
@@ -39,8 +40,13 @@ pub(super) struct Statements {
     pub(super) mark: String,
     /// Removes expired tombstones.
     pub(super) purge: String,
-    /// Takes the table's transaction-scoped advisory lock: $1 the table's key.
-    pub(super) lock: String,
+    /// Takes the table's lock exclusively, waiting for every batch in flight: $1 the table's
+    /// key.
+    pub(super) lock_table: String,
+    /// Takes the table's lock in shared mode, as every batch does: $1 the table's key.
+    pub(super) share_table: String,
+    /// Takes the key buckets' locks in ascending order: $1 the table's key, $2 the buckets.
+    pub(super) lock_buckets: String,
     /// Reads the columns of a table: $1 schema, $2 table.
     pub(super) columns: String,
     /// Whether a unique index covers exactly the key columns: $1 schema, $2 table, $3 names.
@@ -230,9 +236,12 @@ impl Statements {
             delete,
             mark,
             purge: format!("DELETE FROM {tombstones} WHERE expires_at < now()"),
-            // The first key is ecst's class ("ecst" in ASCII), so as not to collide with the
-            // application's own advisory locks.
-            lock: "SELECT pg_advisory_xact_lock(1701016436, $1::int4)".into(),
+            // Which locks and why: see `locks`.
+            lock_table: format!("SELECT pg_advisory_xact_lock({ECST_CLASS}, $1::int4)"),
+            share_table: format!("SELECT pg_advisory_xact_lock_shared({ECST_CLASS}, $1::int4)"),
+            // Postgres evaluates a volatile select list after the sort, so the locks are taken
+            // in bucket order.
+            lock_buckets: "SELECT pg_advisory_xact_lock($1::int4, b) FROM unnest($2::int4[]) AS b ORDER BY b".into(),
             columns: "SELECT column_name::text, data_type::text FROM information_schema.columns WHERE table_schema = $1 AND table_name = $2".into(),
             unique_key: "SELECT EXISTS (SELECT 1 FROM pg_index ix JOIN pg_class c ON c.oid = ix.indrelid \
                 JOIN pg_namespace n ON n.oid = c.relnamespace \

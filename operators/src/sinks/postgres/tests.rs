@@ -397,6 +397,126 @@ async fn a_delete_and_an_older_update_in_concurrent_batches_never_resurrect() {
     drop_tables(&client().await, &table).await;
 }
 
+/// The advisory locks on `table`'s key buckets: (backend pid, bucket, granted).
+async fn bucket_locks(c: &Client, table: &str) -> Vec<(i32, i64, bool)> {
+    let table_key = i64::from(locks::table_key("public", table) as u32);
+    c.query(
+        "SELECT pid, objid::int8, granted FROM pg_locks
+         WHERE locktype = 'advisory' AND objsubid = 2 AND classid::int8 = $1",
+        &[&table_key],
+    )
+    .await
+    .unwrap()
+    .iter()
+    .map(|r| (r.get(0), r.get(1), r.get(2)))
+    .collect()
+}
+
+/// Backends holding `table`'s own lock in shared mode.
+async fn table_sharers(c: &Client, table: &str) -> usize {
+    let table_key = i64::from(locks::table_key("public", table) as u32);
+    c.query(
+        "SELECT pid FROM pg_locks
+         WHERE locktype = 'advisory' AND objsubid = 2 AND granted AND mode = 'ShareLock'
+           AND classid::int8 = $1 AND objid::int8 = $2",
+        &[&i64::from(locks::ECST_CLASS as u32), &table_key],
+    )
+    .await
+    .unwrap()
+    .len()
+}
+
+/// Polls `pg_locks` until `done` holds for `table`'s bucket locks, or fails after 10 s.
+async fn wait_for_locks(
+    c: &Client,
+    table: &str,
+    what: &str,
+    done: impl Fn(&[(i32, i64, bool)]) -> bool,
+) -> Vec<(i32, i64, bool)> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let held = bucket_locks(c, table).await;
+        if done(&held) {
+            return held;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}: {held:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn batches_on_different_key_buckets_write_at_once_and_on_one_key_in_turn() {
+    let table = unique_table();
+    let sink = Arc::new(config(&table, true).build(&ctx("table")).await.unwrap());
+    let bucket = |id: &str| i64::from(locks::bucket_of(&[Cell::Text(Some(id.into()))]));
+    let a = "a".to_string();
+    let b = (0..)
+        .map(|i| format!("b{i}"))
+        .find(|k| bucket(k) != bucket(&a))
+        .unwrap();
+    let name = |v: u64| json!({"display_name": format!("v{v}")});
+    sink.apply_batch(&[record(0, &a, 1, name(1)), record(1, &b, 1, name(1))])
+        .await
+        .unwrap();
+
+    // Holds both rows, so that each batch below stays open, its locks taken, until released.
+    let blocker = client().await;
+    blocker
+        .batch_execute(&format!(
+            "BEGIN; SELECT 1 FROM {table} WHERE athlete_id IN ('{a}', '{b}') FOR UPDATE"
+        ))
+        .await
+        .unwrap();
+    let write = |id: &str, version: u64| {
+        let (sink, batch) = (sink.clone(), vec![record(0, id, version, name(version))]);
+        tokio::spawn(async move { sink.apply_batch(&batch).await.map(|r| r.applied) })
+    };
+    let first = write(&a, 2);
+    let second = write(&b, 2);
+    let observer = client().await;
+    let held = wait_for_locks(&observer, &table, "both batches' bucket locks", |held| {
+        let granted = |k: i64| held.iter().find(|l| l.1 == k && l.2).map(|l| l.0);
+        matches!((granted(bucket(&a)), granted(bucket(&b))), (Some(x), Some(y)) if x != y)
+    })
+    .await;
+    assert!(
+        held.iter().all(|l| l.2),
+        "nothing waits on disjoint keys: {held:?}"
+    );
+    assert_eq!(
+        table_sharers(&observer, &table).await,
+        2,
+        "both batches hold the table's lock, shared"
+    );
+
+    // The same key as the first batch: it waits for the first to commit.
+    let third = write(&a, 3);
+    let holder = held.iter().find(|l| l.1 == bucket(&a)).unwrap().0;
+    wait_for_locks(&observer, &table, "the third batch to wait", |held| {
+        held.iter()
+            .any(|l| l.1 == bucket(&a) && !l.2 && l.0 != holder)
+    })
+    .await;
+    assert!(!third.is_finished());
+
+    blocker.batch_execute("ROLLBACK").await.unwrap();
+    assert_eq!(first.await.unwrap().unwrap(), 1);
+    assert_eq!(second.await.unwrap().unwrap(), 1);
+    assert_eq!(third.await.unwrap().unwrap(), 1);
+    let c = client().await;
+    assert_eq!(
+        row(&c, &table, &a).await.map(|r| (r.0, r.1)),
+        Some((3, Some("v3".into())))
+    );
+    assert_eq!(row(&c, &table, &b).await.map(|r| r.0), Some(2));
+    assert!(bucket_locks(&c, &table).await.is_empty());
+    drop(sink);
+    drop_tables(&c, &table).await;
+}
+
 fn with_option(url: &str, option: &str) -> String {
     let separator = if url.contains('?') { '&' } else { '?' };
     format!("{url}{separator}{option}")
