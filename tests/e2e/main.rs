@@ -3,6 +3,7 @@
 mod auth;
 mod bootstrap;
 mod chaos;
+mod cluster_reconcile;
 mod common;
 mod deploy;
 mod fanout;
