@@ -102,7 +102,13 @@ impl RedisHashSink {
         let deadline = self.batch_deadline();
         let replies = tokio::time::timeout(deadline, futures::future::join_all(calls))
             .await
-            .map_err(|_| unavailable(format!("timed out after {}", ConfigDuration(deadline))))?;
+            .map_err(|_| {
+                unavailable(format!(
+                    "{} timed out after {}",
+                    self.url,
+                    ConfigDuration(deadline)
+                ))
+            })?;
         let mut values = vec![RedisValue::Nil; cmds.len()];
         let mut failure = None;
         for (group, reply) in groups.iter().zip(replies) {
@@ -119,7 +125,7 @@ impl RedisHashSink {
         }
         let result = failure.map_or(Ok(values), Err);
         pooled.settle(&result);
-        result.map_err(|e| unavailable(e.to_string()))
+        result.map_err(|e| unavailable(format!("{}: {e}", self.url)))
     }
 
     /// What an upsert of `record` writes, as the strings Redis holds (metadata aside).
@@ -166,7 +172,7 @@ impl RedisHashSink {
     /// On one server the cursor is Redis's own; on a cluster it is `<slot>:<cursor>`, the
     /// master that serves `<slot>` (its lowest) and the cursor there, the masters taken in
     /// the order of their lowest slot. A failover or a slot migration during the listing may
-    /// skip keys that moved, as `SCAN` itself may on a resized table: a second run finds them.
+    /// skip keys that moved meanwhile: a second run finds them.
     async fn scan(
         &self,
         cursor: Option<String>,
@@ -224,7 +230,8 @@ impl RedisHashSink {
         .await
         .map_err(|_| {
             unavailable(format!(
-                "listing keys timed out after {}",
+                "listing keys on {} timed out after {}",
+                self.url,
                 ConfigDuration(deadline)
             ))
         })?;
