@@ -4,6 +4,7 @@ mod auth;
 mod bootstrap;
 mod chaos;
 mod cluster;
+mod cluster_reconcile;
 mod common;
 mod deploy;
 mod fanout;

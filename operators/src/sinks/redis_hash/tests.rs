@@ -475,6 +475,95 @@ async fn noscript_after_script_flush_on_every_master_recovers() {
     }
 }
 
+/// Every key of a replica spread over the masters of a cluster, page by page.
+async fn listed(sink: &RedisHashSink) -> (HashMap<String, u64>, usize) {
+    use crate::replica::Replica;
+    let mut keys = HashMap::new();
+    let mut cursor = None;
+    let mut pages = 0;
+    loop {
+        let page = sink.scan_keys(cursor).await.unwrap();
+        pages += 1;
+        for key in page.keys {
+            assert!(key.touched_ms.is_some(), "{key:?}");
+            keys.insert(key.key, key.version);
+        }
+        match page.next {
+            Some(next) => cursor = Some(next),
+            None => return (keys, pages),
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_cluster_replica_is_listed_compared_and_evicted_on_every_master() {
+    use crate::replica::{Drift, Eviction, Replica};
+    let prefix = unique_prefix();
+    let sink = cluster_sink(&prefix, "athlete:{aggregateId}");
+    let records = versions(300, 2);
+    assert_eq!(sink.apply_batch(&records).await.unwrap().applied, 300);
+    let keys: Vec<String> = records.iter().map(|r| sink.key_of(r).unwrap()).collect();
+
+    let (found, pages) = listed(&sink).await;
+    assert_eq!(found.len(), 300, "every key, on every master");
+    assert!(keys.iter().all(|k| found.get(k) == Some(&2)));
+    assert!(pages >= 3, "a page at least per master: {pages}");
+    assert_eq!(sink.compare(&records).await.unwrap(), vec![None; 300]);
+
+    let mut conn = cluster_conn().await;
+    redis::cmd("DEL")
+        .arg(&keys[0])
+        .query_async::<()>(&mut conn)
+        .await
+        .unwrap();
+    redis::cmd("HSET")
+        .arg(&keys[1])
+        .arg("_version")
+        .arg(1)
+        .query_async::<()>(&mut conn)
+        .await
+        .unwrap();
+    redis::cmd("HSET")
+        .arg(&keys[2])
+        .arg("v")
+        .arg("corrupted")
+        .query_async::<()>(&mut conn)
+        .await
+        .unwrap();
+    let drifts = sink.compare(&records).await.unwrap();
+    assert_eq!(drifts[0], Some(Drift::Missing));
+    assert_eq!(drifts[1], Some(Drift::Stale { stored: 1 }));
+    assert_eq!(
+        drifts[2],
+        Some(Drift::Mismatch {
+            fields: vec!["v".into()]
+        })
+    );
+    assert!(drifts[3..].iter().all(Option::is_none));
+
+    // Removed only at the version given: the stale one stays, the missing one is not there.
+    let rows: Vec<(String, u64)> = keys.iter().map(|k| (k.clone(), 2)).collect();
+    assert_eq!(sink.evict(&rows, Eviction::Orphan).await.unwrap(), 298);
+    let (found, _) = listed(&sink).await;
+    assert_eq!(found, HashMap::from([(keys[1].clone(), 1)]));
+    let buried: Option<String> = redis::cmd("GET")
+        .arg(format!("{prefix}tomb:{{{}}}", keys[5]))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(buried.as_deref(), Some("2"));
+    let rewrite = [(keys[1].clone(), 1)];
+    assert_eq!(sink.evict(&rewrite, Eviction::Rewrite).await.unwrap(), 1);
+    assert!(listed(&sink).await.0.is_empty());
+    for key in &keys {
+        redis::cmd("DEL")
+            .arg(format!("{prefix}tomb:{{{key}}}"))
+            .query_async::<()>(&mut conn)
+            .await
+            .unwrap();
+    }
+}
+
 #[test]
 fn a_tombstone_prefix_with_braces_is_refused_on_a_cluster() {
     let config: RedisHashConfig = serde_json::from_value(json!({
