@@ -380,3 +380,70 @@ fn drain_exits_once_every_partition_is_read_and_acked() {
     assert_eq!(pending_everywhere(&mut conn, &stream), Some(0));
     cleanup_partitioned(&mut conn, &stream);
 }
+
+#[test]
+fn a_retention_gap_on_one_partition_is_healed_by_one_bootstrap() {
+    use crate::bootstrap::{Source, http_bootstrap, ids, snapshot_server};
+    let mut conn = redis();
+    let source = Source::create("part_gap", 2_000);
+    let stream = unique("part-gap");
+    let prefix = format!("{stream}:");
+    let (server, port) = snapshot_server(&source);
+    let mut yaml = partitioned_pipeline(&stream, &prefix);
+    yaml.push_str(&format!("bootstrap:\n{}", http_bootstrap(port, "")));
+    let file = pipeline_file("part-gap", &yaml);
+    let worker = Worker::start(&file, &[]);
+    wait_until(Duration::from_secs(60), "the first bootstrap", || {
+        source.differences(&mut conn, &prefix).is_empty()
+    });
+    let (status, log) = worker.terminate();
+    assert!(status.success(), "{log}");
+
+    // While no worker runs: changes and deletions, published to their partitions, and one
+    // partition trimmed before anyone read it.
+    let changed = source.update(&ids(1..301));
+    publish_partitioned(&mut conn, &stream, &changed);
+    let gone = source.pg.query(
+        &format!(
+            "DELETE FROM {} WHERE id = ANY($1) RETURNING id, version",
+            source.table
+        ),
+        &[&ids(1_500..1_550)],
+    );
+    let deletes: Vec<Value> = gone
+        .iter()
+        .map(|r| delete(&r.get::<_, String>(0), r.get::<_, i64>(1) as u64 + 1))
+        .collect();
+    publish_partitioned(&mut conn, &stream, &deletes);
+    let trimmed = partition_stream(&stream, 3, PARTITIONS);
+    let _: i64 = redis::cmd("XTRIM")
+        .arg(&trimmed)
+        .arg("MAXLEN")
+        .arg(0)
+        .query(&mut conn)
+        .expect("XTRIM");
+    assert!(!source.differences(&mut conn, &prefix).is_empty());
+
+    let worker = Worker::start(&file, &[]);
+    wait_for_worker(&worker, Duration::from_secs(60), "the gap healed", || {
+        source.differences(&mut conn, &prefix).is_empty()
+            && pending_everywhere(&mut conn, &stream) == Some(0)
+    });
+    let (status, log) = worker.terminate();
+    assert!(status.success(), "{log}");
+    assert!(log.contains("RETENTION GAP"), "{log}");
+    assert!(log.contains(&format!("from stream {trimmed}")), "{log}");
+    assert_eq!(
+        log.matches("Bootstrap starting").count(),
+        1,
+        "one bootstrap for the whole stream:\n{log}"
+    );
+    let (status, log) = server.terminate();
+    assert!(status.success(), "{log}");
+    source.drop();
+    cleanup_partitioned(&mut conn, &stream);
+    let _: i64 = redis::cmd("DEL")
+        .arg(format!("ecst:bootstrap:{stream}:replica:progress"))
+        .query(&mut conn)
+        .expect("DEL");
+}
