@@ -79,7 +79,10 @@ const PROBE_GROUP: &str = "ecst-preflight-probe-no-such-group";
 /// on the stream, dead-letter and divergence keys.
 fn source_probes(config: &PipelineConfig) -> Vec<Probe> {
     let source = &config.source;
-    let stream = source.stream.as_str();
+    // A partitioned stream's keys all match what its first partition's key matches in an ACL
+    // pattern such as `~orders*`.
+    let first_key = ecst_schemas::partition::partition_stream(&source.stream, 0, source.partitions);
+    let stream = first_key.as_str();
     let mut read = redis::cmd("XREADGROUP");
     read.arg("GROUP")
         .arg(&source.group)
@@ -114,12 +117,18 @@ fn source_probes(config: &PipelineConfig) -> Vec<Probe> {
         .arg(1);
     let divergence = crate::commit::divergence_key(stream, &source.group);
     let mut script = redis::cmd("EVAL");
-    script
-        .arg("return 0")
-        .arg(3)
-        .arg(stream)
-        .arg(&dead_letter)
-        .arg(&divergence);
+    script.arg("return 0");
+    // On a cluster the three keys live in different slots and no script spans them: dead
+    // letters are then plain XADD + XACK (probed below), so EVAL is checked on one key.
+    let script_what = if ecst_operators::redis_pool::is_cluster_url(&source.redis) {
+        script.arg(1).arg(stream);
+        format!("EVAL on key `{stream}` (the source)")
+    } else {
+        script.arg(3).arg(stream).arg(&dead_letter).arg(&divergence);
+        format!(
+            "EVAL on keys `{stream}`, `{dead_letter}` and `{divergence}` (dead letters are acked and added in one script)"
+        )
+    };
     vec![
         Probe {
             what: format!("XREADGROUP on stream `{stream}` (the source)"),
@@ -130,9 +139,7 @@ fn source_probes(config: &PipelineConfig) -> Vec<Probe> {
             cmd: claim,
         },
         Probe {
-            what: format!(
-                "EVAL on keys `{stream}`, `{dead_letter}` and `{divergence}` (dead letters are acked and added in one script)"
-            ),
+            what: script_what,
             cmd: script,
         },
         Probe {
