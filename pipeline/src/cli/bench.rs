@@ -24,7 +24,7 @@ use rand::{Rng, SeedableRng};
 use serde_json::json;
 
 use super::bench_target::Target;
-use super::bench_workers::Workers;
+use super::bench_workers::{Workers, cpu_seconds};
 
 const BENCH_REDIS: &str = include_str!("../../../examples/bench.yaml");
 const BENCH_POSTGRES: &str = include_str!("../../../examples/bench-postgres.yaml");
@@ -563,12 +563,16 @@ struct Drained {
     dead_lettered: Option<u64>,
     /// The workers' peak RSS (the bench's own for the in-process worker).
     peak_rss_mb: Option<f64>,
+    /// CPU seconds the workers used, start to exit (the bench process's own during the drain
+    /// for the in-process worker); `None` where `/proc` cannot tell.
+    worker_cpu_seconds: Option<f64>,
 }
 
 /// Drains the stream with one worker inside the bench.
 async fn drain_in_process(pipeline: &PipelineConfig, events: u64) -> anyhow::Result<Drained> {
     let stats = Arc::new(Stats::default());
     let (_tx, shutdown) = Shutdown::new();
+    let cpu_before = cpu_seconds();
     let started = Instant::now();
     let worker = {
         let stats = stats.clone();
@@ -598,6 +602,9 @@ async fn drain_in_process(pipeline: &PipelineConfig, events: u64) -> anyhow::Res
         .await
         .context("bench worker panicked")?
         .context("bench worker failed")?;
+    let worker_cpu_seconds = cpu_seconds()
+        .zip(cpu_before)
+        .map(|((after, _), (before, _))| after - before);
     let acked = stats.acked.load(Ordering::Relaxed);
     if acked < events {
         bail!("the worker acked {acked} of {events} events");
@@ -608,6 +615,7 @@ async fn drain_in_process(pipeline: &PipelineConfig, events: u64) -> anyhow::Res
         stale: Some(stats.stale.load(Ordering::Relaxed)),
         dead_lettered: Some(stats.dead_lettered.load(Ordering::Relaxed)),
         peak_rss_mb: None,
+        worker_cpu_seconds,
     })
 }
 
@@ -633,6 +641,7 @@ async fn drain_with_workers(
             file
         }
     };
+    let cpu_before = cpu_seconds();
     let started = Instant::now();
     let mut running = Workers::spawn(&file, env, workers, &dir)?;
     let logs = || format!("the workers' logs are in {}", dir.display());
@@ -646,6 +655,10 @@ async fn drain_with_workers(
         .finish(Duration::from_secs(60))
         .await
         .with_context(logs)?;
+    // Every worker has exited and been waited for: their CPU is in the children's account.
+    let worker_cpu_seconds = cpu_seconds()
+        .zip(cpu_before)
+        .map(|((_, after), (_, before))| after - before);
     let _ = std::fs::remove_dir_all(&dir);
     Ok(Drained {
         elapsed,
@@ -653,6 +666,7 @@ async fn drain_with_workers(
         stale: None,
         dead_lettered: None,
         peak_rss_mb,
+        worker_cpu_seconds,
     })
 }
 
@@ -745,6 +759,9 @@ async fn measure(args: &BenchArgs, target: &Target, run_id: &str) -> anyhow::Res
         .map(|(after, before)| after - before)
         .collect();
     let redis_cpu_us_per_event = cpu_by_master.iter().sum::<f64>() * 1e6 / events as f64;
+    let worker_cpu_us_per_event = drained
+        .worker_cpu_seconds
+        .map(|cpu| cpu * 1e6 / events as f64);
     let elapsed = drained.elapsed;
     let dead_lettered = match drained.dead_lettered {
         Some(n) => n,
@@ -879,6 +896,8 @@ async fn measure(args: &BenchArgs, target: &Target, run_id: &str) -> anyhow::Res
             .zip(&cpu_by_master)
             .map(|(name, cpu)| (name, json!((cpu * 1000.0).round() / 1000.0)))
             .collect::<serde_json::Map<_, _>>(),
+        "worker_cpu_seconds": drained.worker_cpu_seconds.map(|cpu| (cpu * 100.0).round() / 100.0),
+        "worker_cpu_us_per_event": worker_cpu_us_per_event.map(|us| (us * 100.0).round() / 100.0),
     });
     if args.json {
         println!("{report}");
@@ -916,6 +935,9 @@ async fn measure(args: &BenchArgs, target: &Target, run_id: &str) -> anyhow::Res
             args.partitions,
             if args.partitions == 1 { "" } else { "s" }
         );
+        if let Some(us) = worker_cpu_us_per_event {
+            println!("worker CPU        {us:.1} µs per event (user + system, all workers)");
+        }
         println!("peak RSS          {rss:.1} MB");
         println!("mismatches        {mismatches}");
     }

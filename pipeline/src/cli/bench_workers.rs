@@ -17,6 +17,29 @@ use super::bench_target::Target;
 /// How often the partitions' groups are polled while the workers drain.
 const POLL: Duration = Duration::from_millis(20);
 
+/// Clock ticks per second of `/proc/<pid>/stat` (`USER_HZ`, fixed at 100 by the Linux ABI).
+const USER_HZ: f64 = 100.0;
+
+/// CPU seconds (user + system) of this process, and of its children that have exited and been
+/// waited for, from `/proc/self/stat`; `None` where that cannot be read (not Linux).
+pub(crate) fn cpu_seconds() -> Option<(f64, f64)> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // The command name may hold spaces and parentheses: the fields start after the last `)`.
+    let fields: Vec<f64> = stat
+        .get(stat.rfind(')')? + 1..)?
+        .split_whitespace()
+        .skip(11)
+        .take(4)
+        .map(|f| f.parse().ok())
+        .collect::<Option<_>>()?;
+    match fields.as_slice() {
+        [utime, stime, cutime, cstime] => {
+            Some(((utime + stime) / USER_HZ, (cutime + cstime) / USER_HZ))
+        }
+        _ => None,
+    }
+}
+
 /// Running worker processes and their log files.
 pub(crate) struct Workers {
     children: Vec<(Child, PathBuf)>,
