@@ -270,7 +270,15 @@ pub(super) async fn stream_until(
         tasks.abort_all();
         return Err(RunError::Abandoned(left));
     }
-    tracing::info!(pipeline = %config.name, stream = %source_cfg.stream, acked = stats.acked.load(Ordering::Relaxed), "Stopped reading.");
+    match shared.partition {
+        // The counters are the worker's, not the partition's.
+        Some(partition) => {
+            tracing::info!(pipeline = %config.name, stream = %source_cfg.stream, partition, "Stopped reading the partition.")
+        }
+        None => {
+            tracing::info!(pipeline = %config.name, stream = %source_cfg.stream, acked = stats.acked.load(Ordering::Relaxed), "Stopped reading.")
+        }
+    }
     match gap {
         Some(gap) if bootstrap_on_gap => Ok(Some(gap)),
         Some(gap) => Err(RunError::RetentionGap(gap)),
