@@ -94,6 +94,11 @@ impl PartitionLeases {
         }
     }
 
+    /// The name this worker holds leases and membership under.
+    pub(crate) fn owner(&self) -> &str {
+        &self.me
+    }
+
     /// The key of partition `p`'s lease.
     pub(crate) fn lease_key(&self, partition: u32) -> String {
         format!("{}{partition}", self.lease_prefix)

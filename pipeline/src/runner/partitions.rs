@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use ecst_operators::redis_pool::is_transport_error;
 use ecst_schemas::partition::partition_stream;
 use tokio::sync::{Mutex, watch};
 use tokio::task::JoinHandle;
@@ -82,13 +83,18 @@ pub(super) async fn run_partitioned(
     let source_cfg = &config.source;
     let partitions = source_cfg.partitions;
     let consumer = logical.consumer.clone();
+    // The lease owner is this process, not only its consumer name: two processes started
+    // with the same `consumer` must not both believe they hold every partition.
+    let owner = format!(
+        "{consumer}#{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    );
     let leases = PartitionLeases::new(
         &source_cfg.stream,
         &source_cfg.group,
-        &consumer,
+        &owner,
         source_cfg.lease.0,
     );
-    let pool = logical.pool.clone();
     let cx = Arc::new(Context {
         config: config.clone(),
         options,
@@ -113,6 +119,8 @@ pub(super) async fn run_partitioned(
     let mut lanes: BTreeMap<u32, Lane> = BTreeMap::new();
     let mut failure: Option<RunError> = None;
     let mut gap: Option<String> = None;
+    let mut share: Option<usize> = None;
+    let mut last_round: Option<Instant> = None;
     loop {
         let stopping = shutdown.is_set() || failure.is_some() || gap.is_some();
         if stopping {
@@ -124,141 +132,48 @@ pub(super) async fn run_partitioned(
             }
         }
         reap_finished(&cx, &leases, &mut lanes, &mut failure, &mut gap).await;
-        if stopping {
-            if lanes.is_empty() {
-                if failure.is_none()
-                    && !shutdown.is_set()
-                    && let Some(found) = gap.take()
-                {
-                    if !settle(&cx, Some(Reason::Gap(found)), &mut shutdown).await? {
-                        break;
-                    }
-                    continue;
-                }
-                break;
-            }
-            tokio::select! {
-                _ = tokio::time::sleep(Duration::from_millis(50)) => {}
-                _ = shutdown.wait(), if !shutdown.is_set() => {}
-            }
-            continue;
-        }
-
-        let Ok(mut conn) = pool.get().await else {
-            fence_unrenewed(&cx, &mut lanes);
-            wait_tick(tick, &mut shutdown).await;
-            continue;
-        };
-        conn.begin();
-        let members = tokio::time::timeout(source_cfg.timeout.0, leases.heartbeat(conn.conn()))
-            .await
-            .unwrap_or_else(|_| Err(timed_out()));
-        conn.settle(&members);
-        let members = match members {
-            Ok(m) => m,
-            Err(e) => {
-                tracing::warn!(pipeline = %config.name, error = %e, "Cannot renew this worker's membership; retrying.");
-                drop(conn);
-                fence_unrenewed(&cx, &mut lanes);
-                wait_tick(tick, &mut shutdown).await;
-                continue;
-            }
-        };
-
-        // Renew what we hold; a lost lease stops its lane at once.
-        for (&p, lane) in lanes.iter_mut() {
-            if lane.stopping == Stopping::Fenced {
-                continue;
-            }
-            conn.begin();
-            let renewed = tokio::time::timeout(
-                source_cfg.timeout.0,
-                leases.renew(conn.conn(), p, lane.generation),
-            )
-            .await
-            .unwrap_or_else(|_| Err(timed_out()));
-            conn.settle(&renewed);
-            match renewed {
-                Ok(true) => lane.renewed = Instant::now(),
-                Ok(false) => {
-                    tracing::warn!(pipeline = %config.name, partition = p, generation = lane.generation, "Lost partition {p} to another worker (its lease was taken over); stopping its reads now. The version guard keeps any overlap harmless.");
-                    cx.logical
-                        .stats
-                        .partition(p)
-                        .lost
-                        .fetch_add(1, Ordering::Relaxed);
-                    lane.stopping = Stopping::Fenced;
-                    lane.trigger.send_replace(true);
-                }
-                Err(e) => {
-                    tracing::warn!(pipeline = %config.name, partition = p, error = %e, "Cannot renew the lease of partition {p}; retrying.");
-                }
-            }
-        }
-        fence_unrenewed(&cx, &mut lanes);
-
-        let Some(index) = members.iter().position(|m| *m == consumer) else {
-            drop(conn);
-            wait_tick(tick, &mut shutdown).await;
-            continue;
-        };
-        let share = fair_share(partitions, members.len(), index) as usize;
-        let held: Vec<u32> = lanes
-            .iter()
-            .filter(|(_, l)| l.stopping == Stopping::No)
-            .map(|(p, _)| *p)
-            .collect();
-        if held.len() > share {
-            for &p in held.iter().rev().take(held.len() - share) {
-                if let Some(lane) = lanes.get_mut(&p) {
-                    tracing::info!(pipeline = %config.name, partition = p, share, members = members.len(), "Giving partition {p} back to rebalance: finishing its in-flight batches first.");
-                    lane.stopping = Stopping::Rebalance;
-                    lane.trigger.send_replace(true);
-                }
-            }
-        } else if held.len() < share {
-            // Start where this member's even share would begin, so members rarely race.
-            let start = (index as u64 * u64::from(partitions) / members.len() as u64) as u32;
-            let mut want = share - held.len();
-            for offset in 0..partitions {
-                if want == 0 {
+        if stopping && lanes.is_empty() {
+            if failure.is_none()
+                && !shutdown.is_set()
+                && let Some(found) = gap.take()
+            {
+                if !settle(&cx, Some(Reason::Gap(found)), &mut shutdown).await? {
                     break;
                 }
-                let p = (start + offset) % partitions;
-                if lanes.contains_key(&p) {
-                    continue;
-                }
-                conn.begin();
-                let taken =
-                    tokio::time::timeout(source_cfg.timeout.0, leases.acquire(conn.conn(), p))
-                        .await
-                        .unwrap_or_else(|_| Err(timed_out()));
-                conn.settle(&taken);
-                match taken {
-                    Ok(Some(taken)) => {
-                        tracing::info!(pipeline = %config.name, partition = p, generation = taken.generation, previous = %taken.previous, "Took partition {p}.");
-                        lanes.insert(p, start_lane(&cx, p, taken.generation));
-                        want -= 1;
-                    }
-                    Ok(None) => {}
-                    Err(e) => {
-                        tracing::warn!(pipeline = %config.name, partition = p, error = %e, "Cannot take the lease of partition {p}; retrying.");
-                        break;
-                    }
-                }
+                last_round = None;
+                continue;
+            }
+            break;
+        }
+        if last_round.is_none_or(|t| t.elapsed() >= tick) {
+            last_round = Some(Instant::now());
+            // Leases are renewed while lanes finish too: a lane still applying must not be
+            // taken over before it acked.
+            renew_all(&cx, &leases, &mut lanes).await;
+            fence_unrenewed(&cx, &mut lanes);
+            if !stopping {
+                share = rebalance(&cx, &leases, &mut lanes).await.or(share);
             }
         }
-        drop(conn);
-
-        if cx.options.drain
-            && !lanes.is_empty()
+        if !stopping
+            && cx.options.drain
+            && let Some(share) = share
             && lanes.len() >= share
             && lanes.values().all(|l| l.drained)
         {
             tracing::info!(pipeline = %config.name, partitions = lanes.len(), "Drained: the partitions this worker holds have nothing left to read and nothing pending.");
             break;
         }
-        wait_tick(tick, &mut shutdown).await;
+        let wait = if stopping {
+            Duration::from_millis(50)
+        } else {
+            tick.saturating_sub(last_round.map_or(tick, |t| t.elapsed()))
+                .max(Duration::from_millis(10))
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = shutdown.wait(), if !shutdown.is_set() => {}
+        }
     }
 
     // Give every lease back and leave, so the other workers take over at once.
@@ -267,7 +182,7 @@ pub(super) async fn run_partitioned(
             release(&cx, &leases, p, lane.generation).await;
         }
     }
-    if let Ok(mut conn) = pool.get().await {
+    if let Ok(mut conn) = cx.logical.pool.get().await {
         conn.begin();
         let left = tokio::time::timeout(source_cfg.timeout.0, leases.leave(conn.conn()))
             .await
@@ -292,19 +207,20 @@ fn timed_out() -> redis::RedisError {
     redis::RedisError::from((redis::ErrorKind::Io, "timed out"))
 }
 
-async fn wait_tick(tick: Duration, shutdown: &mut Shutdown) {
-    tokio::select! {
-        _ = tokio::time::sleep(tick) => {}
-        _ = shutdown.wait() => {}
-    }
+/// How long one lease command may take: less than the lease, so a slow Redis cannot keep a
+/// lane reading past its expiry.
+fn lease_call_deadline(cx: &Context) -> Duration {
+    cx.config.source.timeout.0.min(cx.config.source.lease.0 / 2)
 }
 
-/// Stops lanes whose lease could not be renewed for a whole lease period: it has expired on
-/// the server and another worker may hold it now.
+/// Stops lanes whose lease was not renewed for two thirds of a lease period (counted from
+/// when the last successful renewal was sent): it may expire on the server any moment, and
+/// another worker may then hold it.
 fn fence_unrenewed(cx: &Context, lanes: &mut BTreeMap<u32, Lane>) {
+    let limit = cx.config.source.lease.0 * 2 / 3;
     for (&p, lane) in lanes.iter_mut() {
-        if lane.stopping != Stopping::Fenced && lane.renewed.elapsed() >= cx.config.source.lease.0 {
-            tracing::warn!(pipeline = %cx.config.name, partition = p, "The lease of partition {p} could not be renewed for a whole lease period; stopping its reads.");
+        if lane.stopping != Stopping::Fenced && lane.renewed.elapsed() >= limit {
+            tracing::warn!(pipeline = %cx.config.name, partition = p, "The lease of partition {p} could not be renewed in time; stopping its reads.");
             cx.logical
                 .stats
                 .partition(p)
@@ -316,6 +232,132 @@ fn fence_unrenewed(cx: &Context, lanes: &mut BTreeMap<u32, Lane>) {
     }
 }
 
+/// Renews every lease this worker holds, all at once; a lease found taken over stops its lane.
+async fn renew_all(cx: &Context, leases: &PartitionLeases, lanes: &mut BTreeMap<u32, Lane>) {
+    let held: Vec<(u32, u64)> = lanes
+        .iter()
+        .filter(|(_, l)| l.stopping != Stopping::Fenced)
+        .map(|(p, l)| (*p, l.generation))
+        .collect();
+    if held.is_empty() {
+        return;
+    }
+    let Ok(mut conn) = cx.logical.pool.get().await else {
+        return;
+    };
+    let deadline = lease_call_deadline(cx);
+    let sent = Instant::now();
+    let base = conn.conn().clone();
+    let renewals = held.iter().map(|&(p, generation)| {
+        let mut c = base.clone();
+        async move {
+            let renewed = tokio::time::timeout(deadline, leases.renew(&mut c, p, generation))
+                .await
+                .unwrap_or_else(|_| Err(timed_out()));
+            (p, renewed)
+        }
+    });
+    let results = futures::future::join_all(renewals).await;
+    conn.begin();
+    let broken = results
+        .iter()
+        .find_map(|(_, r)| r.as_ref().err().filter(|e| is_transport_error(e)))
+        .map(|_| Err::<(), _>(timed_out()));
+    conn.settle(&broken.unwrap_or(Ok(())));
+    for (p, renewed) in results {
+        let Some(lane) = lanes.get_mut(&p) else {
+            continue;
+        };
+        match renewed {
+            Ok(true) => lane.renewed = sent,
+            Ok(false) => {
+                tracing::warn!(pipeline = %cx.config.name, partition = p, generation = lane.generation, "Lost partition {p} to another worker (its lease was taken over); stopping its reads now. The version guard keeps any overlap harmless.");
+                cx.logical
+                    .stats
+                    .partition(p)
+                    .lost
+                    .fetch_add(1, Ordering::Relaxed);
+                lane.stopping = Stopping::Fenced;
+                lane.trigger.send_replace(true);
+            }
+            Err(e) => {
+                tracing::warn!(pipeline = %cx.config.name, partition = p, error = %e, "Cannot renew the lease of partition {p}; retrying.");
+            }
+        }
+    }
+}
+
+/// Heartbeats, then gives back partitions above this worker's fair share or takes free ones
+/// up to it; returns the share (`None` when Redis could not be asked).
+async fn rebalance(
+    cx: &Arc<Context>,
+    leases: &PartitionLeases,
+    lanes: &mut BTreeMap<u32, Lane>,
+) -> Option<usize> {
+    let partitions = cx.config.source.partitions;
+    let deadline = lease_call_deadline(cx);
+    let mut conn = cx.logical.pool.get().await.ok()?;
+    conn.begin();
+    let members = tokio::time::timeout(deadline, leases.heartbeat(conn.conn()))
+        .await
+        .unwrap_or_else(|_| Err(timed_out()));
+    conn.settle(&members);
+    let members = match members {
+        Ok(m) => m,
+        Err(e) => {
+            tracing::warn!(pipeline = %cx.config.name, error = %e, "Cannot renew this worker's membership; retrying.");
+            return None;
+        }
+    };
+    let index = members.iter().position(|m| m == leases.owner())?;
+    let share = fair_share(partitions, members.len(), index) as usize;
+    let held: Vec<u32> = lanes
+        .iter()
+        .filter(|(_, l)| l.stopping == Stopping::No)
+        .map(|(p, _)| *p)
+        .collect();
+    if held.len() > share {
+        for &p in held.iter().rev().take(held.len() - share) {
+            if let Some(lane) = lanes.get_mut(&p) {
+                tracing::info!(pipeline = %cx.config.name, partition = p, share, members = members.len(), "Giving partition {p} back to rebalance: finishing its in-flight batches first.");
+                lane.stopping = Stopping::Rebalance;
+                lane.trigger.send_replace(true);
+            }
+        }
+    } else if held.len() < share {
+        // Start where this member's even share would begin, so members rarely race.
+        let start = (index as u64 * u64::from(partitions) / members.len() as u64) as u32;
+        let mut want = share - held.len();
+        for offset in 0..partitions {
+            if want == 0 {
+                break;
+            }
+            let p = (start + offset) % partitions;
+            if lanes.contains_key(&p) {
+                continue;
+            }
+            conn.begin();
+            let taken = tokio::time::timeout(deadline, leases.acquire(conn.conn(), p))
+                .await
+                .unwrap_or_else(|_| Err(timed_out()));
+            conn.settle(&taken);
+            match taken {
+                Ok(Some(taken)) => {
+                    tracing::info!(pipeline = %cx.config.name, partition = p, generation = taken.generation, previous = %taken.previous, "Took partition {p}.");
+                    lanes.insert(p, start_lane(cx, p, taken.generation));
+                    want -= 1;
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(pipeline = %cx.config.name, partition = p, error = %e, "Cannot take the lease of partition {p}; retrying.");
+                    break;
+                }
+            }
+        }
+    }
+    Some(share)
+}
+
 /// Collects lanes whose task ended: gives back rebalanced ones, records drains, gaps and
 /// failures.
 async fn reap_finished(
@@ -325,36 +367,46 @@ async fn reap_finished(
     failure: &mut Option<RunError>,
     gap: &mut Option<String>,
 ) {
+    // Finished lanes, and drained ones (their task is gone) that are being stopped.
     let finished: Vec<u32> = lanes
         .iter()
-        .filter(|(_, l)| l.task.as_ref().is_some_and(JoinHandle::is_finished))
+        .filter(|(_, l)| match &l.task {
+            Some(task) => task.is_finished(),
+            None => l.stopping != Stopping::No,
+        })
         .map(|(p, _)| *p)
         .collect();
     for p in finished {
         let Some(lane) = lanes.get_mut(&p) else {
             continue;
         };
-        let Some(task) = lane.task.take() else {
-            continue;
-        };
-        let end = match task.await {
-            Ok(end) => end,
-            Err(e) => Err(RunError::Config(format!(
-                "the lane of partition {p} failed: {e}"
-            ))),
-        };
-        match end {
-            Ok(LaneEnd::Drained) if lane.stopping == Stopping::No => {
-                lane.drained = true;
-                continue;
-            }
-            Ok(LaneEnd::Gap(found)) => {
-                gap.get_or_insert(format!("partition {p}: {found}"));
-            }
-            Ok(_) => {}
-            Err(e) => {
-                tracing::error!(pipeline = %cx.config.name, partition = p, error = %e, "The lane of partition {p} failed.");
-                failure.get_or_insert(e);
+        if let Some(task) = lane.task.take() {
+            let end = match task.await {
+                Ok(end) => end,
+                Err(e) => Err(RunError::Config(format!(
+                    "the lane of partition {p} failed: {e}"
+                ))),
+            };
+            match end {
+                Ok(LaneEnd::Drained) if lane.stopping == Stopping::No => {
+                    lane.drained = true;
+                    continue;
+                }
+                Ok(LaneEnd::Gap(found)) => {
+                    gap.get_or_insert(format!("partition {p}: {found}"));
+                }
+                Ok(_) => {}
+                // A partition given away whose batches cannot finish (a sink is down) is
+                // left to its next owner: its entries stay pending and are claimed there.
+                Err(e @ RunError::Abandoned(_))
+                    if matches!(lane.stopping, Stopping::Rebalance | Stopping::Fenced) =>
+                {
+                    tracing::warn!(pipeline = %cx.config.name, partition = p, error = %e, "Partition {p} was given away with batches still unapplied; its next owner applies them.");
+                }
+                Err(e) => {
+                    tracing::error!(pipeline = %cx.config.name, partition = p, error = %e, "The lane of partition {p} failed.");
+                    failure.get_or_insert(e);
+                }
             }
         }
         let Some(lane) = lanes.remove(&p) else {
@@ -365,14 +417,12 @@ async fn reap_finished(
             .partition(p)
             .owned
             .store(false, Ordering::Relaxed);
-        if matches!(lane.stopping, Stopping::Rebalance | Stopping::Shutdown) {
+        // A fenced lane's lease is someone else's now; every other one goes back.
+        if lane.stopping != Stopping::Fenced {
             release(cx, leases, p, lane.generation).await;
             if lane.stopping == Stopping::Rebalance {
                 tracing::info!(pipeline = %cx.config.name, partition = p, "Gave partition {p} back.");
             }
-        } else if lane.stopping == Stopping::No {
-            // It ended on its own (a gap or a failure): the worker stops, the lease goes back.
-            release(cx, leases, p, lane.generation).await;
         }
     }
 }
@@ -383,7 +433,7 @@ async fn release(cx: &Context, leases: &PartitionLeases, partition: u32, generat
     };
     conn.begin();
     let released = tokio::time::timeout(
-        cx.config.source.timeout.0,
+        lease_call_deadline(cx),
         leases.release(conn.conn(), partition, generation),
     )
     .await
