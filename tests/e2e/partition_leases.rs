@@ -193,6 +193,7 @@ fn two_workers_share_eight_partitions_and_the_replica_is_exact() {
     for row in rows {
         assert_eq!(row["pending"], 0, "{row}");
         assert_eq!(row["lag"], 0, "{row}");
+        assert!(row["retention_gap"].is_null(), "{row}");
         *owners
             .entry(row["owner"].as_str().expect("owned").to_string())
             .or_default() += 1;

@@ -302,12 +302,16 @@ async fn run_bootstrap(
         }
         let noted = async {
             let mut conn = pooled(shared).await?;
-            let (positions, after, rows) = if reason == Reason::Resume {
-                (
-                    progress.positions(shared.streams.len()),
-                    progress.after.clone(),
-                    progress.rows,
-                )
+            let resumed = match (&reason, progress.positions(shared.streams.len())) {
+                (Reason::Resume, Some(positions)) => Some(positions),
+                (Reason::Resume, None) => {
+                    tracing::warn!(pipeline = %shared.pipeline, position = %progress.position, streams = shared.streams.len(), "The interrupted bootstrap's noted positions do not match the stream's partitions; starting it over.");
+                    None
+                }
+                _ => None,
+            };
+            let (positions, after, rows) = if let Some(positions) = resumed {
+                (positions, progress.after.clone(), progress.rows)
             } else {
                 let mut positions = Vec::with_capacity(shared.streams.len());
                 for stream in &shared.streams {

@@ -20,17 +20,24 @@ pub(crate) struct Progress {
 }
 
 impl Progress {
-    /// The noted position and entries-added count of each of `streams` stream keys.
-    pub(crate) fn positions(&self, streams: usize) -> Vec<(String, Option<u64>)> {
-        let mut positions = self.position.split(' ');
+    /// The noted position and entries-added count of each of `streams` stream keys; `None`
+    /// when the record does not hold one position per key (the partition count changed, or
+    /// the record was damaged).
+    pub(crate) fn positions(&self, streams: usize) -> Option<Vec<(String, Option<u64>)>> {
+        let positions: Vec<&str> = self.position.split(' ').collect();
+        if positions.len() != streams || positions.iter().any(|p| p.is_empty()) {
+            return None;
+        }
         let mut added = self.entries_added.split(' ');
-        (0..streams)
-            .map(|_| {
-                let position = positions.next().filter(|p| !p.is_empty()).unwrap_or("0");
-                let added = added.next().and_then(|n| n.parse().ok());
-                (position.to_string(), added)
-            })
-            .collect()
+        Some(
+            positions
+                .into_iter()
+                .map(|position| {
+                    let added = added.next().and_then(|n| n.parse().ok());
+                    (position.to_string(), added)
+                })
+                .collect(),
+        )
     }
 }
 

@@ -159,14 +159,12 @@ pub(crate) async fn publish(args: PublishArgs) -> anyhow::Result<ExitCode> {
         cmd.ignore();
         queued += 1;
         if queued == 1000 {
-            flush(&mut conn, &mut pipes).await?;
-            published += queued;
+            flush(&mut conn, &mut pipes, &mut published).await?;
             queued = 0;
         }
     }
     if queued > 0 {
-        flush(&mut conn, &mut pipes).await?;
-        published += queued;
+        flush(&mut conn, &mut pipes, &mut published).await?;
     }
     eprintln!(
         "published {published} events to {}{}; {bad} bad lines skipped",
@@ -193,13 +191,19 @@ fn raw_aggregate_id(value: &serde_json::Value) -> Option<String> {
     }
 }
 
-/// Sends every partition's queued XADDs and empties the pipelines.
+/// Sends every partition's queued XADDs, counting what was sent, and empties the pipelines.
 async fn flush(
     conn: &mut ecst_operators::redis_pool::RedisConn,
     pipes: &mut [redis::Pipeline],
+    published: &mut u64,
 ) -> anyhow::Result<()> {
     for pipe in pipes.iter_mut().filter(|p| !p.is_empty()) {
-        pipe.query_async::<()>(conn).await.context("XADD failed")?;
+        pipe.query_async::<()>(conn).await.with_context(|| {
+            format!(
+                "XADD failed after {published} events were published; publishing the file again publishes those again (consumers' version guard makes the copies stale)"
+            )
+        })?;
+        *published += pipe.len() as u64;
         *pipe = redis::pipe();
     }
     Ok(())

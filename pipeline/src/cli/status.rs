@@ -278,7 +278,7 @@ async fn sink_freshness(config: &PipelineConfig, source_conn: &mut RedisConn) ->
 
 /// One row per partition: its key, length, lease owner and the group's figures on it.
 async fn partitions(
-    conn: &mut impl redis::aio::ConnectionLike,
+    conn: &mut ecst_operators::redis_pool::RedisConn,
     config: &PipelineConfig,
 ) -> anyhow::Result<Vec<Value>> {
     let source = &config.source;
@@ -311,6 +311,8 @@ async fn partitions(
             "pending": Value::Null,
             "oldest_pending_idle_seconds": Value::Null,
             "last_delivered_id": Value::Null,
+            "retention_gap": Value::Null,
+            "fanout_divergent": {},
         });
         let exists: bool = redis::cmd("EXISTS").arg(&key).query_async(conn).await?;
         if exists {
@@ -341,6 +343,16 @@ async fn partitions(
                 row["pending"] = number(&g, "pending");
                 row["last_delivered_id"] = json!(bulk(g.get("last-delivered-id")));
                 row["oldest_pending_idle_seconds"] = json!(oldest_idle_seconds(oldest));
+                let state = group_state(conn, &key, &source.group)
+                    .await
+                    .context("XINFO STREAM")?;
+                row["retention_gap"] = json!(state.gap);
+                let divergent: HashMap<String, u64> = redis::cmd("HGETALL")
+                    .arg(divergence_key(&key, &source.group))
+                    .query_async(conn)
+                    .await
+                    .context("HGETALL")?;
+                row["fanout_divergent"] = json!(divergent);
             }
         }
         rows.push(row);
@@ -454,6 +466,21 @@ fn render(report: &Value, colour: bool) -> String {
                     .map_or("-".into(), |s| format!("{s:.1}s")),
                 show(&p["last_delivered_id"]),
             ));
+            if !p["retention_gap"].is_null() {
+                out.push_str(&paint(
+                    format!("  GAP: {}\n", show(&p["retention_gap"])),
+                    true,
+                ));
+            }
+            for (sink, count) in p["fanout_divergent"].as_object().into_iter().flatten() {
+                out.push_str(&paint(
+                    format!(
+                        "  FAN-OUT DIVERGENCE: the store of sink {sink} refused {} record(s) that other sinks applied; see the dead letters\n",
+                        show(count)
+                    ),
+                    true,
+                ));
+            }
         }
     }
     if report.get("partitions").is_none() {
