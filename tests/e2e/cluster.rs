@@ -14,28 +14,6 @@ use crate::servers::PrivateCluster;
 
 const PARTITIONS: u32 = 8;
 
-/// The shared local cluster `scripts/services.sh` starts.
-fn cluster_url() -> String {
-    std::env::var("ECST_CLUSTER_URL")
-        .unwrap_or_else(|_| "redis+cluster://127.0.0.1:7001,127.0.0.1:7002,127.0.0.1:7003".into())
-}
-
-/// A cluster client for the test's own reads and writes (it follows MOVED and ASK).
-fn cluster(url: &str) -> redis::cluster::ClusterConnection {
-    let seeds: Vec<String> = url
-        .trim_start_matches("redis+cluster://")
-        .split(',')
-        .map(|s| format!("redis://{s}"))
-        .collect();
-    redis::cluster::ClusterClientBuilder::new(seeds)
-        .connection_timeout(Duration::from_secs(5))
-        .response_timeout(Duration::from_secs(5))
-        .build()
-        .expect("cluster client")
-        .get_connection()
-        .expect("a Redis Cluster answers (run scripts/services.sh to start the local one)")
-}
-
 /// A partitioned athletes pipeline reading `source`; its replica goes to `sink` (default the
 /// source), keys tagged or not.
 fn pipeline(stream: &str, prefix: &str, source: &str, sink: Option<&str>, tagged: bool) -> String {
@@ -164,24 +142,8 @@ fn matching(
         .count()
 }
 
-/// Pending entries over all partitions; `None` while a partition has no group or cannot be read.
 fn pending(conn: &mut impl redis::ConnectionLike, stream: &str) -> Option<i64> {
-    let mut total = 0;
-    for p in 0..PARTITIONS {
-        let summary: redis::Value = redis::cmd("XPENDING")
-            .arg(partition_stream(stream, p, PARTITIONS))
-            .arg("replica")
-            .query(conn)
-            .ok()?;
-        let redis::Value::Array(items) = summary else {
-            return None;
-        };
-        let Some(redis::Value::Int(n)) = items.first() else {
-            return None;
-        };
-        total += n;
-    }
-    Some(total)
+    pending_in_partitions(conn, stream, "replica", PARTITIONS)
 }
 
 /// Waits until the replica (read through `replica`) is exact and nothing is pending in the

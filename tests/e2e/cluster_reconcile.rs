@@ -12,30 +12,9 @@ use serde_json::Value;
 use crate::bootstrap::Source;
 use crate::common::*;
 
-fn cluster_url() -> String {
-    std::env::var("ECST_CLUSTER_URL").unwrap_or_else(|_| {
-        "redis+cluster://127.0.0.1:7001,127.0.0.1:7002,127.0.0.1:7003".to_string()
-    })
-}
-
-/// A connection to the local cluster, from the seed nodes of its URL.
+/// A connection to the local cluster.
 fn cluster() -> ClusterConnection {
-    let url = cluster_url();
-    let hosts = url
-        .strip_prefix("redis+cluster://")
-        .expect("ECST_CLUSTER_URL is a redis+cluster:// URL");
-    let nodes: Vec<String> = hosts
-        .trim_end_matches('/')
-        .split(',')
-        .map(|host| format!("redis://{host}"))
-        .collect();
-    redis::cluster::ClusterClient::builder(nodes)
-        .connection_timeout(Duration::from_secs(5))
-        .response_timeout(Duration::from_secs(5))
-        .build()
-        .expect("cluster client")
-        .get_connection()
-        .expect("the local Redis Cluster answers (run scripts/services.sh to start it)")
+    crate::common::cluster(&cluster_url())
 }
 
 /// The masters, as `host:port`, by the lowest slot each serves.

@@ -24,6 +24,59 @@ pub fn redis() -> redis::Connection {
         )
 }
 
+/// The shared local Redis Cluster `scripts/services.sh` starts.
+pub fn cluster_url() -> String {
+    std::env::var("ECST_CLUSTER_URL")
+        .unwrap_or_else(|_| "redis+cluster://127.0.0.1:7001,127.0.0.1:7002,127.0.0.1:7003".into())
+}
+
+/// A cluster client for a test's own reads and writes (it follows MOVED and ASK), from the
+/// seed nodes of a `redis+cluster://` URL.
+pub fn cluster(url: &str) -> redis::cluster::ClusterConnection {
+    let seeds: Vec<String> = url
+        .strip_prefix("redis+cluster://")
+        .expect("a redis+cluster:// URL")
+        .trim_end_matches('/')
+        .split(',')
+        .map(|s| format!("redis://{s}"))
+        .collect();
+    redis::cluster::ClusterClientBuilder::new(seeds)
+        .connection_timeout(Duration::from_secs(5))
+        .response_timeout(Duration::from_secs(5))
+        .build()
+        .expect("cluster client")
+        .get_connection()
+        .expect("a Redis Cluster answers (run scripts/services.sh to start the local one)")
+}
+
+/// Entries pending in `group` over every partition of `stream`; `None` while a partition has
+/// no group or cannot be read.
+pub fn pending_in_partitions(
+    conn: &mut impl redis::ConnectionLike,
+    stream: &str,
+    group: &str,
+    partitions: u32,
+) -> Option<i64> {
+    let mut total = 0;
+    for p in 0..partitions {
+        let summary: redis::Value = redis::cmd("XPENDING")
+            .arg(ecst_schemas::partition::partition_stream(
+                stream, p, partitions,
+            ))
+            .arg(group)
+            .query(conn)
+            .ok()?;
+        let redis::Value::Array(items) = summary else {
+            return None;
+        };
+        let Some(redis::Value::Int(n)) = items.first() else {
+            return None;
+        };
+        total += n;
+    }
+    Some(total)
+}
+
 /// A name unique to this test process and call.
 pub fn unique(label: &str) -> String {
     static N: AtomicU64 = AtomicU64::new(0);

@@ -84,24 +84,8 @@ fn replica_matches(
     Ok(())
 }
 
-/// Entries pending in the group over all partitions; `None` while a partition has no group.
 fn pending_everywhere(conn: &mut redis::Connection, stream: &str) -> Option<i64> {
-    let mut total = 0;
-    for p in 0..PARTITIONS {
-        let summary: redis::Value = redis::cmd("XPENDING")
-            .arg(partition_stream(stream, p, PARTITIONS))
-            .arg("replica")
-            .query(conn)
-            .ok()?;
-        let redis::Value::Array(items) = summary else {
-            return None;
-        };
-        let Some(redis::Value::Int(n)) = items.first() else {
-            return None;
-        };
-        total += n;
-    }
-    Some(total)
+    pending_in_partitions(conn, stream, "replica", PARTITIONS)
 }
 
 fn partitions_taken(log: &str) -> usize {
