@@ -87,7 +87,7 @@ impl PartitionLeases {
     /// The leases of `group` on `stream`, held as `me` for `lease` at a time.
     pub(crate) fn new(stream: &str, group: &str, me: &str, lease: Duration) -> Self {
         PartitionLeases {
-            members: format!("ecst:members:{stream}:{group}"),
+            members: members_key(stream, group),
             lease_prefix: partition_lease_key(stream, group, ""),
             me: me.to_string(),
             lease,
@@ -102,12 +102,6 @@ impl PartitionLeases {
     /// The key of partition `p`'s lease.
     pub(crate) fn lease_key(&self, partition: u32) -> String {
         format!("{}{partition}", self.lease_prefix)
-    }
-
-    /// The key of the membership set.
-    #[cfg(test)]
-    pub(crate) fn members_key(&self) -> &str {
-        &self.members
     }
 
     fn lease_ms(&self) -> u64 {
@@ -201,6 +195,11 @@ pub fn partition_lease_key(stream: &str, group: &str, partition: impl std::fmt::
     format!("ecst:lease:{stream}:{group}:{partition}")
 }
 
+/// The sorted set of the live workers of `group` on `stream`, scored by expiry.
+pub fn members_key(stream: &str, group: &str) -> String {
+    format!("ecst:members:{stream}:{group}")
+}
+
 /// How many of `partitions` the member at `index` of `members` live members should hold: an
 /// even split, the first `partitions % members` members taking one more.
 pub(crate) fn fair_share(partitions: u32, members: usize, index: usize) -> u32 {
@@ -292,7 +291,7 @@ mod tests {
         a.leave(&mut conn).await.unwrap();
         assert_eq!(b.heartbeat(&mut conn).await.unwrap(), vec!["b"]);
         let _: () = redis::cmd("DEL")
-            .arg(a.members_key())
+            .arg(members_key(&stream, "g"))
             .query_async(&mut conn)
             .await
             .unwrap();

@@ -129,7 +129,7 @@ fn source_probes(config: &PipelineConfig) -> Vec<Probe> {
             "EVAL on keys `{stream}`, `{dead_letter}` and `{divergence}` (dead letters are acked and added in one script)"
         )
     };
-    vec![
+    let mut probes = vec![
         Probe {
             what: format!("XREADGROUP on stream `{stream}` (the source)"),
             cmd: read,
@@ -150,7 +150,24 @@ fn source_probes(config: &PipelineConfig) -> Vec<Probe> {
             what: format!("XADD on dead-letter stream `{dead_letter}` (the source)"),
             cmd: add,
         },
-    ]
+    ];
+    // A partitioned worker also runs scripts on its group's lease and membership keys and on
+    // the stream's partitioning record.
+    if source.partitions > 1 {
+        for key in [
+            crate::lease::partition_lease_key(&source.stream, &source.group, 0),
+            crate::lease::members_key(&source.stream, &source.group),
+            ecst_schemas::partition::partitioning_key(&source.stream),
+        ] {
+            let mut cmd = redis::cmd("EVAL");
+            cmd.arg("return 0").arg(1).arg(&key);
+            probes.push(Probe {
+                what: format!("EVAL on key `{key}` (partition leases and the partitioning record)"),
+                cmd,
+            });
+        }
+    }
+    probes
 }
 
 /// EVALSHA of an unknown script over the keys a record would touch (when the key template

@@ -251,3 +251,31 @@ fn a_password_changed_while_running_makes_readyz_say_authentication_failed() {
         "{log}"
     );
 }
+
+#[test]
+fn a_partitioned_worker_whose_acl_misses_the_lease_keys_stops_the_start_naming_them() {
+    // `app` may touch the stream's partitions, the replica and the dead letters, but not the
+    // partition leases.
+    let server = server(
+        "resetkeys ~e2e:* ~auth:* ~ecst:fanout-divergent:* ~ecst:freshness:* ~ecst:partitioning:* ~ecst:members:*",
+    );
+    let stream = unique("auth-lease");
+    let yaml = athletes_pipeline(
+        &stream,
+        "auth:",
+        &format!(
+            "  redis: \"redis://app:app-secret@127.0.0.1:{}\"\n  partitions: 4\n",
+            server.port()
+        ),
+    );
+    let mut cmd = ecst();
+    cmd.arg("run").arg(pipeline_file("auth-lease", &yaml));
+    let out = run_with_deadline(cmd, Duration::from_secs(30));
+    let stderr = stderr_of(&out);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains(&format!("EVAL on key `ecst:lease:{stream}:replica:0`")),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("app-secret"), "{stderr}");
+}
