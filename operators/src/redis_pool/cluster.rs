@@ -25,6 +25,30 @@ pub(super) fn is_cluster_scheme(url: &str) -> bool {
     UrlParts::split(url).is_some_and(|parts| node_scheme(parts.scheme).is_some())
 }
 
+/// The seed nodes of a cluster URL as single-node URLs, each with the credentials and options
+/// they share; `None` when `url` is not a cluster URL.
+pub(super) fn seed_urls(url: &str) -> Result<Option<Vec<String>>, RedisUrlError> {
+    let Some(parts) = UrlParts::split(url) else {
+        return Ok(None);
+    };
+    let Some(scheme) = node_scheme(parts.scheme) else {
+        return Ok(None);
+    };
+    let userinfo = match parts.userinfo {
+        "" => String::new(),
+        userinfo => format!("{userinfo}@"),
+    };
+    parts
+        .hosts
+        .split(',')
+        .map(|host| match host.trim() {
+            "" => Err(RedisUrlError::EmptySeed),
+            host => Ok(format!("{scheme}://{userinfo}{host}{}", parts.rest)),
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map(Some)
+}
+
 /// The seed nodes of a cluster URL, each a single-node URL with the options they share.
 #[derive(Clone)]
 pub(super) struct ClusterSeeds {
@@ -35,23 +59,12 @@ pub(super) struct ClusterSeeds {
 impl ClusterSeeds {
     /// The seeds of `url`, or `None` when it is not a cluster URL.
     pub(super) fn parse(url: &str) -> Result<Option<ClusterSeeds>, RedisUrlError> {
-        let Some(parts) = UrlParts::split(url) else {
+        let Some(seeds) = seed_urls(url)? else {
             return Ok(None);
-        };
-        let Some(scheme) = node_scheme(parts.scheme) else {
-            return Ok(None);
-        };
-        let userinfo = match parts.userinfo {
-            "" => String::new(),
-            userinfo => format!("{userinfo}@"),
         };
         let mut nodes = Vec::new();
         let mut certificates = None;
-        for host in parts.hosts.split(',') {
-            if host.trim().is_empty() {
-                return Err(RedisUrlError::EmptySeed);
-            }
-            let node = format!("{scheme}://{userinfo}{}{}", host.trim(), parts.rest);
+        for node in seeds {
             // Every node has the same options, so the files read for the last one serve all.
             let TlsParts {
                 url,

@@ -137,6 +137,12 @@ pub fn is_cluster_url(url: &SecretUrl) -> bool {
     cluster::is_cluster_scheme(url.expose())
 }
 
+/// The seed nodes of a `redis+cluster://` URL as single-node URLs (credentials and options
+/// kept); `None` for a single-node URL.
+pub fn cluster_seed_urls(url: &SecretUrl) -> Result<Option<Vec<String>>, RedisUrlError> {
+    cluster::seed_urls(url.expose())
+}
+
 /// Checks a Redis URL (one server or a cluster) and reads its TLS files, without connecting.
 pub fn check_redis_url(url: &SecretUrl) -> Result<(), RedisUrlError> {
     RedisManager::new(url, Duration::from_secs(1)).map(drop)

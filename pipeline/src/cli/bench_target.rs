@@ -46,32 +46,8 @@ fn key_slot(key: &[u8]) -> usize {
 /// A cluster URL's seeds as single-node URLs with the same credentials and options; `None`
 /// for a single-node URL.
 fn seed_urls(url: &str) -> anyhow::Result<Option<Vec<String>>> {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return Ok(None);
-    };
-    let scheme = match scheme {
-        "redis+cluster" => "redis",
-        "rediss+cluster" => "rediss",
-        _ => return Ok(None),
-    };
-    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    let (authority, tail) = rest.split_at(end);
-    let (userinfo, hosts) = match authority.rfind('@') {
-        Some(at) => authority.split_at(at + 1),
-        None => ("", authority),
-    };
-    let seeds: Vec<String> = hosts
-        .split(',')
-        .filter(|h| !h.is_empty())
-        .map(|host| format!("{scheme}://{userinfo}{host}{tail}"))
-        .collect();
-    if seeds.is_empty() {
-        bail!(
-            "{}: a cluster URL lists its seed nodes, e.g. redis+cluster://host1:7001,host2:7002",
-            SecretUrl::new(url)
-        );
-    }
-    Ok(Some(seeds))
+    ecst_operators::redis_pool::cluster_seed_urls(&SecretUrl::new(url))
+        .with_context(|| format!("invalid cluster URL {}", SecretUrl::new(url)))
 }
 
 /// `url` with its host and port replaced by `host:port`.
