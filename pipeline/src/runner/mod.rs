@@ -56,7 +56,7 @@ pub async fn run(
     crate::preflight::check_redis_access(config).await?;
     // A partitioned worker must agree before it reads anything. A single-key worker starts
     // while Redis is down, as always, and stops once the check can answer and disagrees.
-    let refused: Arc<std::sync::Mutex<Option<RunError>>> = Arc::default();
+    let mut refused = None;
     let _checking = if source_cfg.partitions > 1 {
         if !agree_on_partitioning(config, &pool, &mut shutdown).await? {
             return Ok(());
@@ -65,14 +65,38 @@ pub async fn run(
     } else if check_partitioning(config, &pool).await?.is_none() {
         None
     } else {
+        let watch = PartitioningWatch::start(config, &pool, shutdown);
+        shutdown = watch.shutdown.clone();
+        refused = Some(watch.refused.clone());
+        Some(watch)
+    };
+    let result = run_settled(config, options, shutdown, stats, dag, pool, consumer).await;
+    match refused.and_then(|slot| slot.lock().ok().and_then(|mut e| e.take())) {
+        Some(e) => Err(e),
+        None => result,
+    }
+}
+
+/// The partitioning check of a single-key worker that started before Redis could answer it:
+/// retried in the background; a refusal stops the worker through [`Self::shutdown`].
+struct PartitioningWatch {
+    /// Fires on the worker's own shutdown, or when the check refuses.
+    shutdown: Shutdown,
+    /// The refusal, once there is one.
+    refused: Arc<std::sync::Mutex<Option<RunError>>>,
+    _task: AbortOnDrop,
+}
+
+impl PartitioningWatch {
+    fn start(
+        config: &PipelineConfig,
+        pool: &ecst_operators::redis_pool::RedisPool,
+        mut outer: Shutdown,
+    ) -> Self {
         let (stop, inner) = Shutdown::new();
-        let (config, pool, refused, mut outer) = (
-            config.clone(),
-            pool.clone(),
-            refused.clone(),
-            shutdown.clone(),
-        );
-        let mut checking = inner.clone();
+        let refused: Arc<std::sync::Mutex<Option<RunError>>> = Arc::default();
+        let (config, pool, slot, mut checking) =
+            (config.clone(), pool.clone(), refused.clone(), inner.clone());
         let task = tokio::spawn(async move {
             let refusal = tokio::select! {
                 _ = outer.wait() => None,
@@ -80,22 +104,20 @@ pub async fn run(
             };
             match refusal {
                 Some(e) => {
-                    if let Ok(mut slot) = refused.lock() {
+                    if let Ok(mut slot) = slot.lock() {
                         *slot = Some(e);
                     }
                 }
-                // Agreed: the outer shutdown still has to reach the worker.
+                // Agreed: the worker's own shutdown still has to reach it.
                 None => outer.wait().await,
             }
             stop.send_replace(true);
         });
-        shutdown = inner;
-        Some(AbortOnDrop(task))
-    };
-    let result = run_settled(config, options, shutdown, stats, dag, pool, consumer).await;
-    match refused.lock().ok().and_then(|mut slot| slot.take()) {
-        Some(e) => Err(e),
-        None => result,
+        PartitioningWatch {
+            shutdown: inner,
+            refused,
+            _task: AbortOnDrop(task),
+        }
     }
 }
 
