@@ -2,12 +2,13 @@
 //! [`crate::lease`]) and runs one read loop, a lane, per partition it holds; every lane feeds
 //! the same stages and sinks.
 //!
-//! Every `lease / 3` the worker heartbeats, renews its leases, and compares what it holds with
-//! its share of the live members: above it, the highest partitions finish their in-flight
-//! batches and are given back; below it, free or expired partitions are taken, and a lane on a
-//! taken partition first claims everything the previous owner left pending. A renewal that
-//! finds another owner (or that could not reach Redis for a whole lease) stops the lane at
-//! once: another worker may be reading the partition, and the version guard covers the overlap.
+//! Every `lease / 3` the worker renews all its leases (also those of lanes still finishing),
+//! heartbeats, and compares what it holds with its share of the live members: above it, the
+//! highest partitions finish their in-flight batches and are given back; below it, free or
+//! expired partitions are taken, and a lane on a taken partition first claims everything the
+//! previous owner left pending. A renewal that finds another owner (or none that succeeded for
+//! two thirds of a lease) stops the lane at once: another worker may be reading the partition,
+//! and the version guard covers the overlap.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
