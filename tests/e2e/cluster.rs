@@ -5,8 +5,6 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use ecst_schemas::partition::{partition_of, partition_stream};
-use rand::seq::SliceRandom;
-use rand::{Rng, SeedableRng};
 use serde_json::Value;
 
 use crate::common::*;
@@ -52,29 +50,12 @@ stages:
     )
 }
 
-/// Aggregates `0..n`, versions 1..=`versions`, every tenth deleted last, 5% duplicated,
-/// shuffled; with each aggregate's expected display name (`None`: deleted).
-fn workload(n: usize, versions: u64, seed: u64) -> (Vec<Value>, HashMap<String, Option<String>>) {
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let mut events = Vec::new();
-    let mut expected = HashMap::new();
-    for a in 0..n {
-        let id = format!("c{a}");
-        for v in 1..=versions {
-            let e = if v == versions && a % 10 == 0 {
-                delete(&id, v)
-            } else {
-                event(&id, v, &format!("name {a} v{v}"))
-            };
-            if rng.random_bool(0.05) {
-                events.push(e.clone());
-            }
-            events.push(e);
-        }
-        expected.insert(id, (a % 10 != 0).then(|| format!("name {a} v{versions}")));
-    }
-    events.shuffle(&mut rng);
-    (events, expected)
+fn workload(
+    aggregates: usize,
+    versions: u64,
+    seed: u64,
+) -> (Vec<Value>, HashMap<String, Option<String>>) {
+    shuffled_workload("c", aggregates, versions, seed)
 }
 
 /// XADDs each event to its partition.

@@ -77,6 +77,39 @@ pub fn pending_in_partitions(
     Some(total)
 }
 
+/// Aggregates `<id_prefix>0..<id_prefix>{aggregates - 1}`, versions 1..=`versions`, every
+/// tenth deleted at its last version, 5% duplicated, shuffled: the events and each
+/// aggregate's expected display name (`None` when deleted).
+pub fn shuffled_workload(
+    id_prefix: &str,
+    aggregates: usize,
+    versions: u64,
+    seed: u64,
+) -> (Vec<Value>, HashMap<String, Option<String>>) {
+    use rand::seq::SliceRandom;
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut events = Vec::new();
+    let mut expected = HashMap::new();
+    for a in 0..aggregates {
+        let id = format!("{id_prefix}{a}");
+        for v in 1..=versions {
+            let e = if v == versions && a % 10 == 0 {
+                delete(&id, v)
+            } else {
+                event(&id, v, &format!("name {a} v{v}"))
+            };
+            if rng.random_bool(0.05) {
+                events.push(e.clone());
+            }
+            events.push(e);
+        }
+        expected.insert(id, (a % 10 != 0).then(|| format!("name {a} v{versions}")));
+    }
+    events.shuffle(&mut rng);
+    (events, expected)
+}
+
 /// A name unique to this test process and call.
 pub fn unique(label: &str) -> String {
     static N: AtomicU64 = AtomicU64::new(0);

@@ -5,8 +5,6 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use ecst_schemas::partition::{partition_of, partition_stream};
-use rand::seq::SliceRandom;
-use rand::{Rng, SeedableRng};
 use serde_json::Value;
 
 use crate::common::*;
@@ -22,36 +20,12 @@ fn partitioned_pipeline(stream: &str, prefix: &str) -> String {
     )
 }
 
-/// Aggregates `from..to`, versions 1..=`versions`, every tenth deleted at its last version,
-/// 5% duplicated, shuffled: the events and each aggregate's expected display name (`None`
-/// when deleted).
 fn workload(
-    from: usize,
-    to: usize,
+    aggregates: usize,
     versions: u64,
     seed: u64,
 ) -> (Vec<Value>, HashMap<String, Option<String>>) {
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let mut events = Vec::new();
-    let mut expected = HashMap::new();
-    for a in from..to {
-        let id = format!("a{a}");
-        for v in 1..=versions {
-            let e = if v == versions && a % 10 == 0 {
-                delete(&id, v)
-            } else {
-                event(&id, v, &format!("name {a} v{v}"))
-            };
-            if rng.random_bool(0.05) {
-                events.push(e.clone());
-            }
-            events.push(e);
-        }
-        let last = (a % 10 != 0).then(|| format!("name {a} v{versions}"));
-        expected.insert(id, last);
-    }
-    events.shuffle(&mut rng);
-    (events, expected)
+    shuffled_workload("a", aggregates, versions, seed)
 }
 
 /// XADDs each event to its partition, as every producer must.
@@ -138,7 +112,7 @@ fn two_workers_share_eight_partitions_and_the_replica_is_exact() {
     let stream = unique("part-share");
     let prefix = format!("{stream}:");
     let file = pipeline_file("part-share", &partitioned_pipeline(&stream, &prefix));
-    let (events, expected) = workload(0, 400, 4, 11);
+    let (events, expected) = workload(400, 4, 11);
     publish_partitioned(&mut conn, &stream, &events);
     // Poison in two partitions: dead-lettered to the one dead-letter stream of the stream.
     publish(
@@ -206,7 +180,7 @@ fn a_killed_workers_partitions_move_to_the_survivor_within_the_lease() {
         "the victim holds partitions",
         || partitions_taken(&victim.log()) >= 4,
     );
-    let (events, expected) = workload(0, 300, 5, 12);
+    let (events, expected) = workload(300, 5, 12);
     let (first_half, second_half) = events.split_at(events.len() / 2);
     publish_partitioned(&mut conn, &stream, first_half);
     // Killed mid-stream, with batches of its partitions possibly in flight.
@@ -254,7 +228,7 @@ fn a_third_worker_joining_mid_stream_gets_its_share_and_nothing_is_lost() {
     let file = pipeline_file("part-join", &partitioned_pipeline(&stream, &prefix));
     let first = Worker::start(&file, &[]);
     let second = Worker::start(&file, &[]);
-    let (events, expected) = workload(0, 600, 4, 13);
+    let (events, expected) = workload(600, 4, 13);
     let chunks: Vec<&[Value]> = events.chunks(events.len() / 4 + 1).collect();
     publish_partitioned(&mut conn, &stream, chunks[0]);
     let third = Worker::start(&file, &[]);
@@ -360,7 +334,7 @@ fn drain_exits_once_every_partition_is_read_and_acked() {
     let stream = unique("part-drain");
     let prefix = format!("{stream}:");
     let file = pipeline_file("part-drain", &partitioned_pipeline(&stream, &prefix));
-    let (events, expected) = workload(0, 200, 3, 14);
+    let (events, expected) = workload(200, 3, 14);
     publish_partitioned(&mut conn, &stream, &events);
     let out = drain(&file);
     assert!(stderr_of(&out).contains("Drained"), "{}", stderr_of(&out));
