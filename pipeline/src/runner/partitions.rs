@@ -185,9 +185,7 @@ pub(super) async fn run_partitioned(
     }
     if let Ok(mut conn) = cx.logical.pool.get().await {
         conn.begin();
-        let left = tokio::time::timeout(source_cfg.timeout.0, leases.leave(conn.conn()))
-            .await
-            .unwrap_or_else(|_| Err(timed_out()));
+        let left = within(source_cfg.timeout.0, leases.leave(conn.conn())).await;
         conn.settle(&left);
     }
     failure.map_or(Ok(()), Err)
@@ -206,6 +204,16 @@ async fn settle(
 
 fn timed_out() -> redis::RedisError {
     redis::RedisError::from((redis::ErrorKind::Io, "timed out"))
+}
+
+/// A lease command bounded by `deadline`; running out of time is an I/O error.
+async fn within<T>(
+    deadline: Duration,
+    command: impl std::future::Future<Output = Result<T, redis::RedisError>>,
+) -> Result<T, redis::RedisError> {
+    tokio::time::timeout(deadline, command)
+        .await
+        .unwrap_or_else(|_| Err(timed_out()))
 }
 
 /// How long one lease command may take: less than the lease, so a slow Redis cannot keep a
@@ -252,14 +260,12 @@ async fn renew_all(cx: &Context, leases: &PartitionLeases, lanes: &mut BTreeMap<
     let renewals = held.iter().map(|&(p, generation)| {
         let mut c = base.clone();
         async move {
-            let renewed = tokio::time::timeout(deadline, leases.renew(&mut c, p, generation))
-                .await
-                .unwrap_or_else(|_| Err(timed_out()));
+            let renewed = within(deadline, leases.renew(&mut c, p, generation)).await;
             (p, renewed)
         }
     });
-    let results = futures::future::join_all(renewals).await;
     conn.begin();
+    let results = futures::future::join_all(renewals).await;
     let broken = results
         .iter()
         .find_map(|(_, r)| r.as_ref().err().filter(|e| is_transport_error(e)))
@@ -299,9 +305,7 @@ async fn rebalance(
     let deadline = lease_call_deadline(cx);
     let mut conn = cx.logical.pool.get().await.ok()?;
     conn.begin();
-    let members = tokio::time::timeout(deadline, leases.heartbeat(conn.conn()))
-        .await
-        .unwrap_or_else(|_| Err(timed_out()));
+    let members = within(deadline, leases.heartbeat(conn.conn())).await;
     conn.settle(&members);
     let members = match members {
         Ok(m) => m,
@@ -338,9 +342,7 @@ async fn rebalance(
                 continue;
             }
             conn.begin();
-            let taken = tokio::time::timeout(deadline, leases.acquire(conn.conn(), p))
-                .await
-                .unwrap_or_else(|_| Err(timed_out()));
+            let taken = within(deadline, leases.acquire(conn.conn(), p)).await;
             conn.settle(&taken);
             match taken {
                 Ok(Some(taken)) => {
@@ -433,12 +435,11 @@ async fn release(cx: &Context, leases: &PartitionLeases, partition: u32, generat
         return;
     };
     conn.begin();
-    let released = tokio::time::timeout(
+    let released = within(
         lease_call_deadline(cx),
         leases.release(conn.conn(), partition, generation),
     )
-    .await
-    .unwrap_or_else(|_| Err(timed_out()));
+    .await;
     conn.settle(&released);
     if let Err(e) = released {
         tracing::warn!(pipeline = %cx.config.name, partition, error = %e, "Cannot give the lease of partition {partition} back; it expires on its own.");
