@@ -36,7 +36,7 @@ pub mod stages;
 pub use dead_letter::DeadLetterReason;
 pub use duration::ConfigDuration;
 pub use error::{BuildError, SinkError};
-pub use record::{Action, DropReason, Outcomes, RawEntry, Record};
+pub use record::{Action, DropReason, FieldNames, Fields, Outcomes, RawEntry, Record};
 pub use registry::StageConfig;
 pub use secret::SecretUrl;
 pub use stage::{BuildContext, BuiltStage, Sink, SinkReport, Stage};

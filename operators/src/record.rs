@@ -52,7 +52,7 @@ pub struct Record {
     /// The decoded event, shared between branches.
     pub event: Arc<Envelope>,
     /// Projected fields; `None` until a `project` stage ran (sinks then write the payload).
-    pub fields: Option<Map<String, Value>>,
+    pub fields: Option<Fields>,
     /// What sinks do with it.
     pub action: Action,
 }
@@ -72,6 +72,117 @@ impl Record {
             event: Arc::new(event),
             fields: None,
             action,
+        }
+    }
+}
+
+impl Record {
+    /// The non-null fields an upsert writes: the projected ones, or the payload's members when
+    /// nothing was projected.
+    pub fn written_fields(&self) -> impl Iterator<Item = (&str, &Value)> {
+        let (fields, payload) = match (&self.fields, &self.event.payload) {
+            (Some(fields), _) => (Some(fields), None),
+            (None, Some(Value::Object(payload))) => (None, Some(payload)),
+            _ => (None, None),
+        };
+        let fields = fields.into_iter().flat_map(Fields::iter);
+        let payload = payload
+            .into_iter()
+            .flatten()
+            .filter(|(_, value)| !value.is_null())
+            .map(|(name, value)| (name.as_str(), value));
+        fields.chain(payload)
+    }
+
+    /// The value an upsert writes to `name`, if any (null counts as none).
+    pub fn written_field(&self, name: &str) -> Option<&Value> {
+        match (&self.fields, &self.event.payload) {
+            (Some(fields), _) => fields.get(name),
+            (None, Some(Value::Object(payload))) => payload.get(name).filter(|v| !v.is_null()),
+            _ => None,
+        }
+    }
+}
+
+/// The names of the fields a `project` stage writes, shared by every record it emits.
+pub type FieldNames = Arc<[String]>;
+
+/// The replica fields of a record, as a `project` stage made them.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Fields {
+    /// The same names for every record of the stage (a projection without `include`): one
+    /// value per name, `None` where the event has none, so the replica has no such field.
+    Fixed {
+        /// The stage's field names.
+        names: FieldNames,
+        /// One value per name.
+        values: Vec<Option<Value>>,
+    },
+    /// Names that vary by event (a projection with `include`); null values are not written.
+    Map(Map<String, Value>),
+}
+
+impl Fields {
+    /// No fields at all (deletes carry none).
+    pub fn none() -> Self {
+        Fields::Map(Map::new())
+    }
+
+    /// The non-null fields, by name.
+    pub fn iter(&self) -> FieldsIter<'_> {
+        match self {
+            Fields::Fixed { names, values } => FieldsIter::Fixed(names.iter().zip(values.iter())),
+            Fields::Map(map) => FieldsIter::Map(map.iter()),
+        }
+    }
+
+    /// The value of field `name`, if it has a non-null one.
+    pub fn get(&self, name: &str) -> Option<&Value> {
+        match self {
+            Fields::Fixed { names, values } => names
+                .iter()
+                .position(|n| n == name)
+                .and_then(|i| values[i].as_ref()),
+            Fields::Map(map) => map.get(name).filter(|v| !v.is_null()),
+        }
+    }
+
+    /// The shared names of a fixed field set.
+    pub fn fixed_names(&self) -> Option<&FieldNames> {
+        match self {
+            Fields::Fixed { names, .. } => Some(names),
+            Fields::Map(_) => None,
+        }
+    }
+}
+
+/// The non-null fields of [`Fields`], by name.
+#[derive(Debug)]
+pub enum FieldsIter<'a> {
+    /// Over a fixed set.
+    Fixed(std::iter::Zip<std::slice::Iter<'a, String>, std::slice::Iter<'a, Option<Value>>>),
+    /// Over a map.
+    Map(serde_json::map::Iter<'a>),
+}
+
+impl<'a> Iterator for FieldsIter<'a> {
+    type Item = (&'a str, &'a Value);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        loop {
+            match self {
+                FieldsIter::Fixed(it) => {
+                    if let (name, Some(value)) = it.next()? {
+                        return Some((name.as_str(), value));
+                    }
+                }
+                FieldsIter::Map(it) => {
+                    let (name, value) = it.next()?;
+                    if !value.is_null() {
+                        return Some((name.as_str(), value));
+                    }
+                }
+            }
         }
     }
 }

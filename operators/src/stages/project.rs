@@ -9,7 +9,9 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 
 use crate::dead_letter::DeadLetterReason;
-use crate::record::{Action, DEFAULT_TOMBSTONE_KEEP_FOR, DropReason, Outcomes, RawEntry, Record};
+use crate::record::{
+    Action, DEFAULT_TOMBSTONE_KEEP_FOR, DropReason, FieldNames, Fields, Outcomes, RawEntry, Record,
+};
 use crate::stage::{BuildContext, BuiltStage, ComponentConfig, ConfigProblem, Stage};
 
 /// Where one output field comes from.
@@ -133,6 +135,7 @@ impl ProjectConfig {
         Ok(Project {
             config: self.clone(),
             include_all: self.include.iter().any(|f| f == "*"),
+            names: self.fields.keys().cloned().collect(),
             program,
         })
     }
@@ -143,6 +146,9 @@ impl ProjectConfig {
 pub struct Project {
     config: ProjectConfig,
     include_all: bool,
+    /// The output names of `fields`, shared by every record: without `include` they are the
+    /// whole field set, which sinks can then name once per batch.
+    names: FieldNames,
     program: Option<Arc<Program>>,
 }
 
@@ -167,7 +173,31 @@ impl Project {
         }
     }
 
-    fn project(&self, event: &Envelope) -> Map<String, Value> {
+    /// The value of one `fields` entry for `event`; `None` when it has none (or null).
+    fn field_value(source: &FieldSource, event: &Envelope) -> Option<Value> {
+        match source {
+            FieldSource::Path(path) => event.lookup(path),
+            FieldSource::WithDefault(f) => event
+                .lookup(&f.path)
+                .filter(|v| !v.is_null())
+                .or_else(|| Some(f.default.clone())),
+        }
+        .filter(|v| !v.is_null())
+    }
+
+    fn project(&self, event: &Envelope) -> Fields {
+        if self.config.include.is_empty() {
+            let values = self
+                .config
+                .fields
+                .values()
+                .map(|source| Self::field_value(source, event))
+                .collect();
+            return Fields::Fixed {
+                names: self.names.clone(),
+                values,
+            };
+        }
         let mut fields = Map::new();
         if let Some(Value::Object(payload)) = &event.payload {
             for (name, value) in payload {
@@ -178,18 +208,11 @@ impl Project {
             }
         }
         for (name, source) in &self.config.fields {
-            let value = match source {
-                FieldSource::Path(path) => event.lookup(path),
-                FieldSource::WithDefault(f) => event
-                    .lookup(&f.path)
-                    .filter(|v| !v.is_null())
-                    .or_else(|| Some(f.default.clone())),
-            };
-            if let Some(value) = value {
+            if let Some(value) = Self::field_value(source, event) {
                 fields.insert(name.clone(), value);
             }
         }
-        fields
+        Fields::Map(fields)
     }
 }
 
@@ -203,7 +226,7 @@ impl Stage for Project {
         let mut kept = Vec::with_capacity(input.len());
         for mut record in input {
             if record.event.is_tombstone() {
-                record.fields = Some(Map::new());
+                record.fields = Some(Fields::none());
                 kept.push(record);
                 continue;
             }
@@ -213,7 +236,7 @@ impl Stage for Project {
                     kept.push(record);
                 }
                 Ok(false) if self.config.unmatched == Unmatched::Delete => {
-                    record.fields = Some(Map::new());
+                    record.fields = Some(Fields::none());
                     record.action = Action::Delete {
                         keep_for: DEFAULT_TOMBSTONE_KEEP_FOR,
                     };
@@ -266,10 +289,13 @@ mod tests {
             "payload": {"displayName": "Ada", "status": "active", "secret": "x", "address": {"city": "London"}}}))], &[], &mut out);
         assert_eq!(
             kept[0].fields.as_ref().unwrap(),
-            json!({"status": "active", "city": "London",
-            "display_name": "Ada", "id": "a", "tier": "basic"})
-            .as_object()
-            .unwrap()
+            &Fields::Map(
+                json!({"status": "active", "city": "London",
+                "display_name": "Ada", "id": "a", "tier": "basic"})
+                .as_object()
+                .unwrap()
+                .clone()
+            )
         );
     }
 

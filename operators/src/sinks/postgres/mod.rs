@@ -408,15 +408,10 @@ impl PostgresSink {
     }
 
     fn value_cells(&self, record: &Record) -> Result<Vec<Cell>, String> {
-        let source = match (&record.fields, &record.event.payload) {
-            (Some(fields), _) => Some(fields),
-            (None, Some(serde_json::Value::Object(payload))) => Some(payload),
-            _ => None,
-        };
         self.values
             .iter()
             .map(|(column, t, from)| {
-                convert(source.and_then(|s| s.get(from)), *t)
+                convert(record.written_field(from), *t)
                     .map_err(|e| format!("column `{column}`: {e}"))
             })
             .collect()

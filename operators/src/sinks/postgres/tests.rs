@@ -60,7 +60,7 @@ fn record(entry: usize, id: &str, version: u64, payload: Value) -> Record {
             .unwrap(),
     );
     if let Some(Value::Object(fields)) = &r.event.payload {
-        r.fields = Some(fields.clone());
+        r.fields = Some(crate::Fields::Map(fields.clone()));
     }
     r
 }

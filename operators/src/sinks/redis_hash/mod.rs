@@ -176,15 +176,6 @@ fn write_value(cmd: &mut redis::Cmd, value: &Value) {
     };
 }
 
-/// The fields an upsert writes: the projected ones, or the payload's when nothing projected.
-fn upsert_fields(record: &Record) -> Option<&serde_json::Map<String, Value>> {
-    match (&record.fields, &record.event.payload) {
-        (Some(fields), _) => Some(fields),
-        (None, Some(Value::Object(payload))) => Some(payload),
-        _ => None,
-    }
-}
-
 impl RedisHashConfig {
     /// The hash where the sink records its freshness: `ecst:freshness:<key template>`.
     pub fn freshness_key(&self) -> String {
@@ -280,12 +271,11 @@ impl RedisHashSink {
                 .event
                 .occurred_at
                 .map(ecst_schemas::envelope::format_timestamp);
-            let fields = if action == "u" {
-                upsert_fields(record)
+            let field_count = if action == "u" {
+                record.written_fields().count()
             } else {
-                None
+                0
             };
-            let field_count = fields.map_or(0, |f| f.values().filter(|v| !v.is_null()).count());
             let pairs = 1 + usize::from(occurred.is_some()) + field_count;
             cmd.arg(action).arg(keep_ms).arg(pairs);
             cmd.arg(self.config.version_field.as_str())
@@ -294,9 +284,9 @@ impl RedisHashSink {
                 cmd.arg(self.config.occurred_at_field.as_str())
                     .arg(occurred);
             }
-            for (name, value) in fields.into_iter().flatten() {
-                if !value.is_null() {
-                    cmd.arg(name.as_str());
+            if action == "u" {
+                for (name, value) in record.written_fields() {
+                    cmd.arg(name);
                     write_value(&mut cmd, value);
                 }
             }

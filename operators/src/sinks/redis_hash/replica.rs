@@ -13,7 +13,7 @@ use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
 use serde_json::Value;
 
-use super::{RedisHashSink, STORE, cluster, upsert_fields};
+use super::{RedisHashSink, STORE, cluster};
 use crate::duration::ConfigDuration;
 use crate::record::Record;
 use crate::redis_pool::{RedisConn, RedisManager, describe_run_error};
@@ -130,17 +130,15 @@ impl RedisHashSink {
 
     /// What an upsert of `record` writes, as the strings Redis holds (metadata aside).
     fn expected_fields(record: &Record) -> Vec<(String, String)> {
-        upsert_fields(record)
-            .into_iter()
-            .flatten()
-            .filter(|(_, v)| !v.is_null())
+        record
+            .written_fields()
             .map(|(name, value)| {
                 let text = match value {
                     Value::String(s) => s.clone(),
                     Value::Bool(b) => b.to_string(),
                     other => other.to_string(),
                 };
-                (name.clone(), text)
+                (name.to_string(), text)
             })
             .collect()
     }

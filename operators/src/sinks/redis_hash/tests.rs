@@ -7,6 +7,7 @@ use ecst_schemas::EnvelopeKeys;
 use serde_json::{Value, json};
 
 use super::*;
+use crate::record::Fields;
 use crate::stage::BuildContext;
 
 fn redis_url() -> SecretUrl {
@@ -250,11 +251,11 @@ async fn unreachable_redis_is_a_retryable_error() {
 /// A record of `count` projected fields `f0..`, each valued `<tag><i>`.
 fn wide_record(id: &str, version: u64, count: usize, tag: &str) -> Record {
     let mut record = record(0, id, version, json!({}));
-    record.fields = Some(
+    record.fields = Some(Fields::Map(
         (0..count)
             .map(|i| (format!("f{i}"), Value::String(format!("{tag}{i}"))))
             .collect(),
-    );
+    ));
     record
 }
 
