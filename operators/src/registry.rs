@@ -1,6 +1,7 @@
 //! The registry of stage types: each named once, with its config type and role. The
 //! `stage_types!` table defines [`StageConfig`], [`STAGE_TYPES`] and every lookup by name.
 
+use ecst_schemas::PayloadSelection;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
@@ -57,6 +58,13 @@ macro_rules! stage_types {
             pub fn type_name(&self) -> &'static str {
                 match self {
                     $(StageConfig::$variant(_) => $name,)+
+                }
+            }
+
+            /// The payload members the stage reads (see [`ComponentConfig::payload_reads`]).
+            pub fn payload_reads(&self, projected: bool) -> PayloadSelection {
+                match self {
+                    $(StageConfig::$variant(c) => c.payload_reads(projected),)+
                 }
             }
 
@@ -150,6 +158,11 @@ impl StageConfig {
     /// Whether this stage is a sink (a DAG leaf that writes a replica).
     pub fn is_sink(&self) -> bool {
         is_sink_type(self.type_name())
+    }
+
+    /// Whether this stage replaces the records' fields by its projection.
+    pub fn is_projection(&self) -> bool {
+        matches!(self, StageConfig::Project(_))
     }
 
     /// Whether this stage reads the source directly (and so takes no `input`).

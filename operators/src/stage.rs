@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use crate::record::{Outcomes, RawEntry, Record};
 use crate::secret::SecretUrl;
+use ecst_schemas::{EnvelopePath, PayloadSelection};
 
 pub use crate::error::{BuildError, SinkError};
 
@@ -74,6 +75,23 @@ pub struct BuildContext {
     pub stage: String,
     /// The source's Redis URL, the default for Redis sinks.
     pub source_redis: SecretUrl,
+    /// The payload members some stage of the pipeline reads: what `decode` keeps.
+    pub payload_reads: PayloadSelection,
+}
+
+/// The payload members envelope `paths` read: `All` when one is the whole payload.
+pub fn payload_reads_of<'a>(paths: impl IntoIterator<Item = &'a str>) -> PayloadSelection {
+    let mut members = Vec::new();
+    for path in paths {
+        let Some(path) = EnvelopePath::parse(path) else {
+            continue;
+        };
+        if path.is_whole_payload() {
+            return PayloadSelection::All;
+        }
+        members.extend(path.payload_member().map(str::to_string));
+    }
+    PayloadSelection::only(members)
 }
 
 /// A built component: a transform or a sink.
@@ -109,6 +127,15 @@ pub trait ComponentConfig {
     /// Problems found without I/O (expressions that do not compile, bad templates).
     fn problems(&self) -> Vec<ConfigProblem> {
         Vec::new()
+    }
+
+    /// The payload members the component reads from an event, given whether every record
+    /// reaching it went through a `project` stage (a sink then writes the projected fields,
+    /// not the payload). `All` unless the component knows better: what it leaves out is not
+    /// decoded.
+    fn payload_reads(&self, projected: bool) -> PayloadSelection {
+        let _ = projected;
+        PayloadSelection::All
     }
 
     /// Builds the running component; the error says what is wrong, without the stage name.

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use ecst_operators::{BuildContext, BuiltStage, Outcomes, RawEntry, Record, Sink, Stage};
+use ecst_schemas::PayloadSelection;
 
 use crate::config::PipelineConfig;
 use crate::error::RunError;
@@ -14,6 +15,29 @@ use crate::stats::{Histogram, SinkStats, StageStats, Stats};
 enum Node {
     Transform(Box<dyn Stage>),
     Sink(usize),
+}
+
+/// The payload members some stage reads, so that `decode` skips the rest. A stage's records
+/// count as projected when every input's records went through a `project` stage.
+fn payload_reads(
+    config: &PipelineConfig,
+    order: &[usize],
+    index: &HashMap<&str, usize>,
+) -> PayloadSelection {
+    let mut projected = vec![false; config.stages.len()];
+    let mut reads = PayloadSelection::nothing();
+    for &i in order {
+        let stage = &config.stages[i];
+        let inputs: Vec<usize> = stage
+            .inputs
+            .iter()
+            .filter_map(|n| index.get(n.as_str()).copied())
+            .collect();
+        let fed_projected = !inputs.is_empty() && inputs.iter().all(|&j| projected[j]);
+        reads = reads.union(stage.config.payload_reads(fed_projected));
+        projected[i] = fed_projected || stage.config.is_projection();
+    }
+    reads
 }
 
 /// Every stage and sink of a pipeline, built, in the order they run.
@@ -47,11 +71,13 @@ impl Dag {
         let mut sinks = Vec::new();
         let mut inputs = Vec::new();
         let mut readers = vec![0usize; config.stages.len()];
+        let payload_reads = payload_reads(config, &order, &index);
         for stage in &config.stages {
             let ctx = BuildContext {
                 pipeline: config.name.clone(),
                 stage: stage.name.clone(),
                 source_redis: config.source.redis.clone(),
+                payload_reads: payload_reads.clone(),
             };
             nodes.push(match stage.config.build(&ctx).await? {
                 BuiltStage::Stage(s) => Node::Transform(s),
@@ -171,5 +197,43 @@ impl Dag {
             }
         }
         per_sink
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    fn reads(stages: &str) -> PayloadSelection {
+        let text = format!(
+            "name: p\nsource: {{ redis: \"redis://127.0.0.1:6379\", stream: s, group: g }}\nstages:\n{stages}"
+        );
+        let config = crate::config::load_str(Path::new("p.yaml"), &text, &|_| None)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let nodes = config.graph_nodes();
+        let order = crate::graph::topo_order(&nodes).unwrap();
+        let index = config
+            .stages
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (s.name.as_str(), i))
+            .collect();
+        payload_reads(&config, &order, &index)
+    }
+
+    #[test]
+    fn decode_keeps_only_the_payload_members_the_stages_read() {
+        let projected = "  decode: { type: decode }\n  latest: { type: version_filter, input: decode }\n  athlete: { type: project, input: latest, fields: { name: payload.displayName, city: payload.address.city, id: aggregateId } }\n  cache: { type: redis_hash, input: athlete, key: \"a:{payload.region}:{aggregateId}\" }\n";
+        assert_eq!(
+            reads(projected),
+            PayloadSelection::only(["displayName", "address", "region"])
+        );
+        // A sink fed without a projection writes the whole payload.
+        let unprojected = "  decode: { type: decode }\n  athlete: { type: project, input: decode, fields: { name: payload.displayName } }\n  cache: { type: redis_hash, input: athlete, key: \"a:{aggregateId}\" }\n  raw: { type: redis_hash, input: decode, key: \"r:{aggregateId}\" }\n";
+        assert_eq!(reads(unprojected), PayloadSelection::All);
+        // `where` sees the whole event.
+        let filtered = "  decode: { type: decode }\n  athlete: { type: project, input: decode, where: \"payload.status == 'active'\", fields: { name: payload.displayName } }\n  cache: { type: redis_hash, input: athlete, key: \"a:{aggregateId}\" }\n";
+        assert_eq!(reads(filtered), PayloadSelection::All);
     }
 }

@@ -51,8 +51,11 @@ pub fn compare_ids(a: &str, b: &str) -> std::cmp::Ordering {
     parse_id(a).cmp(&parse_id(b))
 }
 
+/// A stream entry id as its two numbers, `(ms, seq)`.
+pub type StreamId = (u64, u64);
+
 /// Splits `ms-seq` into numbers; malformed ids sort first.
-pub fn parse_id(id: &str) -> (u64, u64) {
+pub fn parse_id(id: &str) -> StreamId {
     let (ms, seq) = id.split_once('-').unwrap_or((id, "0"));
     (ms.parse().unwrap_or(0), seq.parse().unwrap_or(0))
 }

@@ -48,37 +48,107 @@ impl Envelope {
 
     /// Looks up a dotted path (`aggregateId`, `payload.address.city`) in the canonical view.
     pub fn lookup(&self, path: &str) -> Option<Value> {
-        let (head, rest) = match path.split_once('.') {
-            Some((h, r)) => (h, Some(r)),
-            None => (path, None),
-        };
-        let top = match head {
-            "aggregateId" => Value::String(self.aggregate_id.clone()),
-            "aggregateVersion" => Value::from(self.aggregate_version),
-            "aggregateType" => self.aggregate_type.clone().map(Value::String)?,
-            "eventId" => self.event_id.clone().map(Value::String)?,
-            "eventType" => self.event_type.clone().map(Value::String)?,
-            "schemaVersion" => self.schema_version.map(Value::from)?,
-            "occurredAt" => Value::String(format_timestamp(self.occurred_at?)),
-            "deleted" => Value::Bool(self.is_tombstone()),
-            "payload" => {
-                let payload = self.payload.as_ref()?;
-                return match rest {
-                    None => Some(payload.clone()),
-                    Some(rest) => json_path(payload, rest).cloned(),
-                };
+        self.get(&EnvelopePath::parse(path)?)
+    }
+
+    /// The value at a parsed path in the canonical view.
+    pub fn get(&self, path: &EnvelopePath) -> Option<Value> {
+        let scalar_only = |value: Value| path.steps.is_empty().then_some(value);
+        match path.root {
+            Member::AggregateId => scalar_only(Value::String(self.aggregate_id.clone())),
+            Member::AggregateVersion => scalar_only(Value::from(self.aggregate_version)),
+            Member::AggregateType => scalar_only(self.aggregate_type.clone().map(Value::String)?),
+            Member::EventId => scalar_only(self.event_id.clone().map(Value::String)?),
+            Member::EventType => scalar_only(self.event_type.clone().map(Value::String)?),
+            Member::SchemaVersion => scalar_only(self.schema_version.map(Value::from)?),
+            Member::OccurredAt => scalar_only(Value::String(format_timestamp(self.occurred_at?))),
+            Member::Deleted => scalar_only(Value::Bool(self.is_tombstone())),
+            Member::Payload => {
+                let mut current = self.payload.as_ref()?;
+                for step in &path.steps {
+                    current = match current {
+                        Value::Object(map) => map.get(&step.name)?,
+                        Value::Array(items) => items.get(step.index?)?,
+                        _ => return None,
+                    };
+                }
+                Some(current.clone())
             }
-            _ => return None,
-        };
-        match rest {
-            None => Some(top),
-            Some(_) => None,
         }
     }
 
     /// The canonical JSON view (camelCase keys), as CEL expressions and `lookup` see it.
     pub fn to_value(&self) -> Value {
         serde_json::to_value(self).unwrap_or(Value::Null)
+    }
+}
+
+/// A top-level member of the canonical envelope.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Member {
+    AggregateId,
+    AggregateVersion,
+    AggregateType,
+    EventId,
+    EventType,
+    SchemaVersion,
+    OccurredAt,
+    Deleted,
+    Payload,
+}
+
+/// One step below the payload: an object key, which is also an array index when numeric.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Step {
+    name: String,
+    index: Option<usize>,
+}
+
+/// A dotted envelope path (`aggregateId`, `payload.address.city`), parsed once so that
+/// looking it up per event neither splits nor compares member names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EnvelopePath {
+    root: Member,
+    steps: Vec<Step>,
+}
+
+impl EnvelopePath {
+    /// Parses a path; `None` when it does not start with an envelope member.
+    pub fn parse(path: &str) -> Option<Self> {
+        let mut parts = path.split('.');
+        let root = match parts.next()? {
+            "aggregateId" => Member::AggregateId,
+            "aggregateVersion" => Member::AggregateVersion,
+            "aggregateType" => Member::AggregateType,
+            "eventId" => Member::EventId,
+            "eventType" => Member::EventType,
+            "schemaVersion" => Member::SchemaVersion,
+            "occurredAt" => Member::OccurredAt,
+            "deleted" => Member::Deleted,
+            "payload" => Member::Payload,
+            _ => return None,
+        };
+        let steps = parts
+            .map(|name| Step {
+                name: name.to_string(),
+                index: name.parse().ok(),
+            })
+            .collect();
+        Some(EnvelopePath { root, steps })
+    }
+
+    /// The payload member the path reads (`payload.address.city` reads `address`); `None`
+    /// for paths outside the payload and for the whole payload.
+    pub fn payload_member(&self) -> Option<&str> {
+        match self.root {
+            Member::Payload => self.steps.first().map(|s| s.name.as_str()),
+            _ => None,
+        }
+    }
+
+    /// Whether the path is the whole payload.
+    pub fn is_whole_payload(&self) -> bool {
+        self.root == Member::Payload && self.steps.is_empty()
     }
 }
 

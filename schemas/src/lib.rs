@@ -13,7 +13,9 @@
 
 pub mod envelope;
 pub mod partition;
+pub mod selection;
 pub mod wire;
 
-pub use envelope::{Envelope, EnvelopeError, EnvelopeKeys, Members};
+pub use envelope::{Envelope, EnvelopeError, EnvelopeKeys, EnvelopePath, Members};
+pub use selection::PayloadSelection;
 pub use wire::{BodyLimits, ContentType, WireError};

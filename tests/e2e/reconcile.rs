@@ -298,6 +298,7 @@ fn redis_eviction_spares_a_hash_written_since_the_compare() {
                 pipeline: "evict".into(),
                 stage: "cache".into(),
                 source_redis: ecst_operators::SecretUrl::new(redis_url()),
+                payload_reads: Default::default(),
             })
         })
         .expect("sink");

@@ -1,9 +1,9 @@
 //! `decode`: a stream entry's body field into the canonical envelope.
 
-use ecst_schemas::EnvelopeKeys;
 use ecst_schemas::wire::{
     BodyLimits, ContentType, FIELD_BODY, FIELD_CONTENT_TYPE, decode_body, decode_members,
 };
+use ecst_schemas::{EnvelopeKeys, PayloadSelection};
 use serde::Deserialize;
 
 use crate::dead_letter::DeadLetterReason;
@@ -83,9 +83,17 @@ impl DecodeConfig {
         problems
     }
 
-    /// Builds the stage.
+    /// Builds the stage, keeping the whole payload.
     pub fn build(&self) -> Decode {
+        self.build_selecting(PayloadSelection::All)
+    }
+
+    /// Builds the stage, keeping only the payload members `payload` selects (with the
+    /// canonical envelope; a mapped one reads its members from the whole body).
+    pub fn build_selecting(&self, payload: PayloadSelection) -> Decode {
         Decode {
+            canonical: self.envelope.is_canonical(),
+            payload,
             config: self.clone(),
             limits: BodyLimits {
                 max_bytes: self.max_body_bytes,
@@ -99,6 +107,10 @@ impl DecodeConfig {
 #[derive(Debug)]
 pub struct Decode {
     config: DecodeConfig,
+    /// The mapping is the canonical one: bodies decode straight into their members.
+    canonical: bool,
+    /// The payload members the pipeline reads.
+    payload: PayloadSelection,
     limits: BodyLimits,
 }
 
@@ -124,8 +136,8 @@ impl Decode {
             },
         };
         let keys = &self.config.envelope;
-        let members = if keys.is_canonical() {
-            decode_members(body, ct, self.limits).map_err(|e| e.to_string())?
+        let members = if self.canonical {
+            decode_members(body, ct, self.limits, &self.payload).map_err(|e| e.to_string())?
         } else {
             let value = decode_body(body, ct, self.limits).map_err(|e| e.to_string())?;
             if !value.is_object() {
@@ -160,8 +172,14 @@ impl ComponentConfig for DecodeConfig {
         self.check()
     }
 
-    async fn build_component(&self, _ctx: &BuildContext) -> Result<BuiltStage, String> {
-        Ok(BuiltStage::Stage(Box::new(self.build())))
+    fn payload_reads(&self, _projected: bool) -> PayloadSelection {
+        PayloadSelection::nothing()
+    }
+
+    async fn build_component(&self, ctx: &BuildContext) -> Result<BuiltStage, String> {
+        Ok(BuiltStage::Stage(Box::new(
+            self.build_selecting(ctx.payload_reads.clone()),
+        )))
     }
 }
 

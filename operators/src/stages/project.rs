@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use cel::{Context, Program, Value as CelValue};
-use ecst_schemas::Envelope;
+use ecst_schemas::{Envelope, EnvelopePath, PayloadSelection};
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
@@ -132,10 +132,25 @@ impl ProjectConfig {
             }
             None => None,
         };
+        let sources = self
+            .fields
+            .iter()
+            .map(|(name, source)| {
+                let (path, default) = match source {
+                    FieldSource::Path(path) => (path, None),
+                    FieldSource::WithDefault(f) => (&f.path, Some(f.default.clone())),
+                };
+                let path = EnvelopePath::parse(path).ok_or_else(|| {
+                    format!("fields.{name}: {}", check_path(path).unwrap_or_default())
+                })?;
+                Ok(FieldPath { path, default })
+            })
+            .collect::<Result<_, String>>()?;
         Ok(Project {
             config: self.clone(),
             include_all: self.include.iter().any(|f| f == "*"),
             names: self.fields.keys().cloned().collect(),
+            sources,
             program,
         })
     }
@@ -149,7 +164,16 @@ pub struct Project {
     /// The output names of `fields`, shared by every record: without `include` they are the
     /// whole field set, which sinks can then name once per batch.
     names: FieldNames,
+    /// Where each of `names` comes from, parsed once.
+    sources: Vec<FieldPath>,
     program: Option<Arc<Program>>,
+}
+
+/// One `fields` entry, parsed: its envelope path and the value used when that is absent.
+#[derive(Debug)]
+struct FieldPath {
+    path: EnvelopePath,
+    default: Option<Value>,
 }
 
 impl Project {
@@ -174,23 +198,19 @@ impl Project {
     }
 
     /// The value of one `fields` entry for `event`; `None` when it has none (or null).
-    fn field_value(source: &FieldSource, event: &Envelope) -> Option<Value> {
-        match source {
-            FieldSource::Path(path) => event.lookup(path),
-            FieldSource::WithDefault(f) => event
-                .lookup(&f.path)
-                .filter(|v| !v.is_null())
-                .or_else(|| Some(f.default.clone())),
-        }
-        .filter(|v| !v.is_null())
+    fn field_value(source: &FieldPath, event: &Envelope) -> Option<Value> {
+        event
+            .get(&source.path)
+            .filter(|v| !v.is_null())
+            .or_else(|| source.default.clone())
+            .filter(|v| !v.is_null())
     }
 
     fn project(&self, event: &Envelope) -> Fields {
         if self.config.include.is_empty() {
             let values = self
-                .config
-                .fields
-                .values()
+                .sources
+                .iter()
                 .map(|source| Self::field_value(source, event))
                 .collect();
             return Fields::Fixed {
@@ -207,7 +227,7 @@ impl Project {
                 }
             }
         }
-        for (name, source) in &self.config.fields {
+        for (name, source) in self.names.iter().zip(&self.sources) {
             if let Some(value) = Self::field_value(source, event) {
                 fields.insert(name.clone(), value);
             }
@@ -255,6 +275,17 @@ impl Stage for Project {
 impl ComponentConfig for ProjectConfig {
     fn problems(&self) -> Vec<ConfigProblem> {
         self.check()
+    }
+
+    fn payload_reads(&self, _projected: bool) -> PayloadSelection {
+        // `include` copies members by name and `where` sees the whole event.
+        if !self.include.is_empty() || self.where_.is_some() {
+            return PayloadSelection::All;
+        }
+        crate::stage::payload_reads_of(self.fields.values().map(|source| match source {
+            FieldSource::Path(path) => path.as_str(),
+            FieldSource::WithDefault(f) => f.path.as_str(),
+        }))
     }
 
     async fn build_component(&self, _ctx: &BuildContext) -> Result<BuiltStage, String> {

@@ -81,6 +81,10 @@ impl Stage for Tombstone {
 }
 
 impl ComponentConfig for TombstoneConfig {
+    fn payload_reads(&self, _projected: bool) -> ecst_schemas::PayloadSelection {
+        ecst_schemas::PayloadSelection::nothing()
+    }
+
     async fn build_component(&self, _ctx: &BuildContext) -> Result<BuiltStage, String> {
         Ok(BuiltStage::Stage(Box::new(self.build())))
     }

@@ -1,7 +1,7 @@
 //! `version_filter`: drops events not newer than seen and coalesces a batch to the newest per
 //! aggregate. An optimisation only: the sinks' store-side guard is what makes writes correct.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 
 use serde::Deserialize;
 
@@ -12,8 +12,8 @@ use crate::stage::{BuildContext, BuiltStage, ComponentConfig, ConfigProblem, Sta
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct VersionFilterConfig {
-    /// How many aggregates' last versions are remembered (default 100000); the oldest entries
-    /// are forgotten first, which only costs a harmless repeated write.
+    /// How many aggregates' last versions are remembered (default 100000); those not seen for
+    /// longest are forgotten first, which only costs a harmless repeated write.
     #[serde(default = "default_max_aggregates")]
     pub max_aggregates: usize,
 }
@@ -44,8 +44,6 @@ impl VersionFilterConfig {
         VersionFilter {
             max_aggregates: self.max_aggregates,
             seen: Vec::new(),
-            remembered: 0,
-            order: VecDeque::new(),
         }
     }
 }
@@ -54,12 +52,36 @@ impl VersionFilterConfig {
 #[derive(Debug)]
 pub struct VersionFilter {
     max_aggregates: usize,
-    /// Last version seen per aggregate id, one map per aggregate type (streams carry one or
-    /// a few types, so they are found by a scan without allocating).
-    seen: Vec<(Option<String>, HashMap<String, u64>)>,
-    remembered: usize,
-    /// Insertion order, for forgetting the oldest first: (index into `seen`, id).
-    order: VecDeque<(usize, String)>,
+    /// Last version seen per aggregate id, one pair of generations per aggregate type
+    /// (streams carry one or a few types, so they are found by a scan without allocating).
+    seen: Vec<(Option<String>, Generations)>,
+}
+
+/// A map whose keys come from producers: seeded per process (so crafted ids cannot pile up
+/// in one bucket), and much cheaper than SipHash for short ids.
+type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+
+/// Last versions in two generations: lookups see both, writes go to `current`, and when
+/// `current` is full the older generation is forgotten whole. Memory stays within the budget
+/// without an order queue, and an aggregate seen again is carried into the new generation,
+/// so the ones forgotten are those not seen for longest.
+#[derive(Debug, Default)]
+struct Generations {
+    current: FastMap<Box<str>, u64>,
+    previous: FastMap<Box<str>, u64>,
+}
+
+impl Generations {
+    fn get(&self, id: &str) -> Option<u64> {
+        self.current
+            .get(id)
+            .or_else(|| self.previous.get(id))
+            .copied()
+    }
+
+    fn len(&self) -> usize {
+        self.current.len() + self.previous.len()
+    }
 }
 
 type AggregateRef<'a> = (Option<&'a str>, &'a str);
@@ -78,46 +100,54 @@ impl VersionFilter {
 
     fn last_seen(&self, (kind, id): AggregateRef<'_>) -> Option<u64> {
         let index = self.kind_index(kind)?;
-        self.seen[index].1.get(id).copied()
+        self.seen[index].1.get(id)
     }
 
     fn remember(&mut self, (kind, id): AggregateRef<'_>, version: u64) {
         let index = match self.kind_index(kind) {
             Some(index) => index,
             None => {
-                self.seen.push((kind.map(str::to_string), HashMap::new()));
+                self.seen
+                    .push((kind.map(str::to_string), Generations::default()));
                 self.seen.len() - 1
             }
         };
-        let ids = &mut self.seen[index].1;
-        if let Some(seen) = ids.get_mut(id) {
+        if let Some(seen) = self.seen[index].1.current.get_mut(id) {
             *seen = version;
             return;
         }
-        ids.insert(id.to_string(), version);
-        self.remembered += 1;
-        self.order.push_back((index, id.to_string()));
-        while self.remembered > self.max_aggregates {
-            let Some((old_index, old_id)) = self.order.pop_front() else {
+        // Half the budget per generation, shared by the types in proportion to their use.
+        if self.seen[index].1.current.len() >= (self.max_aggregates / 2).max(1) {
+            let generations = &mut self.seen[index].1;
+            generations.previous = std::mem::take(&mut generations.current);
+        }
+        let generations = &mut self.seen[index].1;
+        generations.previous.remove(id);
+        generations.current.insert(id.into(), version);
+        while self.remembered() > self.max_aggregates {
+            // Several types over budget: the largest older generation goes first.
+            let Some(largest) = self
+                .seen
+                .iter_mut()
+                .map(|(_, g)| g)
+                .filter(|g| !g.previous.is_empty())
+                .max_by_key(|g| g.previous.len())
+            else {
                 break;
             };
-            if self.seen[old_index].1.remove(&old_id).is_some() {
-                self.remembered -= 1;
-            }
+            largest.previous = FastMap::default();
         }
     }
 
     /// Number of aggregates currently remembered.
     pub fn remembered(&self) -> usize {
-        self.remembered
+        self.seen.iter().map(|(_, g)| g.len()).sum()
     }
 }
 
 impl Stage for VersionFilter {
     fn reset(&mut self) {
         self.seen.clear();
-        self.order.clear();
-        self.remembered = 0;
     }
 
     fn process(
@@ -127,7 +157,8 @@ impl Stage for VersionFilter {
         out: &mut Outcomes,
     ) -> Vec<Record> {
         // Newest record per aggregate in this batch; ties keep the first.
-        let mut newest: HashMap<AggregateRef<'_>, usize> = HashMap::with_capacity(input.len());
+        let mut newest: FastMap<AggregateRef<'_>, usize> =
+            FastMap::with_capacity_and_hasher(input.len(), Default::default());
         for (i, record) in input.iter().enumerate() {
             let slot = newest.entry(aggregate_ref(record)).or_insert(i);
             if record.event.aggregate_version > input[*slot].event.aggregate_version {
@@ -162,6 +193,10 @@ impl Stage for VersionFilter {
 impl ComponentConfig for VersionFilterConfig {
     fn problems(&self) -> Vec<ConfigProblem> {
         self.check()
+    }
+
+    fn payload_reads(&self, _projected: bool) -> ecst_schemas::PayloadSelection {
+        ecst_schemas::PayloadSelection::nothing()
     }
 
     async fn build_component(&self, _ctx: &BuildContext) -> Result<BuiltStage, String> {
@@ -217,11 +252,45 @@ mod tests {
             .map(|i| record(i, &format!("agg-{i}"), 1))
             .collect();
         filter.process(batch, &[], &mut out);
-        assert_eq!(filter.remembered(), 10);
+        assert!(filter.remembered() <= 10, "{}", filter.remembered());
+        assert!(filter.remembered() >= 5, "{}", filter.remembered());
         // A forgotten aggregate is let through again: a harmless repeat, never a loss.
         assert_eq!(
             filter
                 .process(vec![record(0, "agg-0", 1)], &[], &mut out)
+                .len(),
+            1
+        );
+    }
+
+    #[test]
+    fn aggregates_seen_lately_outlive_a_new_generation() {
+        let mut filter = VersionFilterConfig { max_aggregates: 10 }.build();
+        let mut out = Outcomes::default();
+        let batch = |from: usize| {
+            (from..from + 5)
+                .map(|i| record(i, &format!("agg-{i}"), 1))
+                .collect()
+        };
+        filter.process(batch(0), &[], &mut out);
+        filter.process(batch(5), &[], &mut out);
+        // agg-0..4 moved to the older generation and are still known.
+        assert!(
+            filter
+                .process(vec![record(0, "agg-0", 1)], &[], &mut out)
+                .is_empty()
+        );
+        filter.process(vec![record(0, "agg-1", 2)], &[], &mut out);
+        filter.process(batch(10), &[], &mut out);
+        // agg-1 was seen again and carried over; agg-2 was not and is forgotten.
+        assert!(
+            filter
+                .process(vec![record(0, "agg-1", 2)], &[], &mut out)
+                .is_empty()
+        );
+        assert_eq!(
+            filter
+                .process(vec![record(0, "agg-2", 1)], &[], &mut out)
                 .len(),
             1
         );

@@ -9,6 +9,11 @@ use std::time::{Duration, Instant};
 use ecst_operators::redis_pool::describe_run_error;
 
 use crate::commit::Shared;
+use crate::redis_reply::StreamId;
+
+/// The ids of the entries of batches read and not yet acked, with when they were read. Keyed
+/// by the parsed id with a fast seeded hash: every entry goes in and out once.
+pub(super) type InFlightIds = HashMap<StreamId, Instant, foldhash::fast::RandomState>;
 
 /// Ids reset per script call.
 const CHUNK: usize = 1000;
@@ -34,7 +39,7 @@ return kept";
 /// aborted. A healthy worker acks well within `every` and sends nothing.
 pub(super) async fn keep_claimed(
     shared: Arc<Shared>,
-    in_flight: Arc<Mutex<HashMap<String, Instant>>>,
+    in_flight: Arc<Mutex<InFlightIds>>,
     every: Duration,
 ) {
     let script = redis::Script::new(KEEP_CLAIMED);
@@ -44,7 +49,7 @@ pub(super) async fn keep_claimed(
             Ok(ids) => ids
                 .iter()
                 .filter(|(_, read)| read.elapsed() >= every)
-                .map(|(id, _)| id.clone())
+                .map(|((ms, seq), _)| format!("{ms}-{seq}"))
                 .collect(),
             Err(_) => return,
         };

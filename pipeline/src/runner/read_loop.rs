@@ -1,7 +1,6 @@
 //! The read loop: XREADGROUP (and XAUTOCLAIM) batches through the DAG into commit tasks, with
 //! at most `in_flight` batches uncommitted, until shutdown, drain or a retention gap.
 
-use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -11,13 +10,14 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tracing::Instrument;
 
-use super::keep_claimed::keep_claimed;
+use super::keep_claimed::{InFlightIds, keep_claimed};
 use super::trace::{name_event_spans, trace_events};
 use super::{AbortOnDrop, RunOptions};
 use crate::commit::{Batch, Shared, complete};
 use crate::config::PipelineConfig;
 use crate::dag::Dag;
 use crate::error::RunError;
+use crate::redis_reply::{StreamId, parse_id};
 use crate::retry::{Backoff, sleep_or_shutdown};
 use crate::shutdown::Shutdown;
 use crate::source::{Origin, SourceBatch, StreamSource};
@@ -54,7 +54,7 @@ pub(super) async fn stream_until(
 
     let permits = Arc::new(Semaphore::new(source_cfg.in_flight));
     // The ids of batches read and not yet acked, with when they were read.
-    let in_flight_ids: Arc<Mutex<HashMap<String, Instant>>> = Arc::new(Mutex::new(HashMap::new()));
+    let in_flight_ids: Arc<Mutex<InFlightIds>> = Arc::default();
     // A batch whose sink is down can stay in flight longer than claim_idle; without this its
     // entries would be claimed (each claim a delivery) until they pass max_deliveries.
     let _keeping = AbortOnDrop(tokio::spawn(keep_claimed(
@@ -178,18 +178,19 @@ pub(super) async fn stream_until(
         } = batch;
         // A re-read (after a read error) or a claim can hand back entries this worker is still
         // applying; they are left to the batch that holds them, never acked twice or early.
-        if let Ok(mut ids) = in_flight_ids.lock() {
-            entries.retain(|e| !ids.contains_key(&e.id));
-            over_delivered.retain(|(e, _)| !ids.contains_key(&e.id));
-            let now = Instant::now();
-            ids.extend(entries.iter().map(|e| (e.id.clone(), now)));
-            ids.extend(over_delivered.iter().map(|(e, _)| (e.id.clone(), now)));
+        if let Ok(ids) = in_flight_ids.lock() {
+            entries.retain(|e| !ids.contains_key(&parse_id(&e.id)));
+            over_delivered.retain(|(e, _)| !ids.contains_key(&parse_id(&e.id)));
         }
-        let batch_ids: Vec<String> = entries
+        let batch_ids: Vec<StreamId> = entries
             .iter()
-            .map(|e| e.id.clone())
-            .chain(over_delivered.iter().map(|(e, _)| e.id.clone()))
+            .map(|e| parse_id(&e.id))
+            .chain(over_delivered.iter().map(|(e, _)| parse_id(&e.id)))
             .collect();
+        if let Ok(mut ids) = in_flight_ids.lock() {
+            let now = Instant::now();
+            ids.extend(batch_ids.iter().map(|&id| (id, now)));
+        }
         let mut extra_dead: Vec<(RawEntry, DeadLetterReason)> = Vec::new();
         for (entry, count) in over_delivered {
             extra_dead.push((

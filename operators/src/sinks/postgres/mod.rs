@@ -693,6 +693,15 @@ impl ComponentConfig for PostgresConfig {
         self.check()
     }
 
+    fn payload_reads(&self, projected: bool) -> ecst_schemas::PayloadSelection {
+        // Unprojected records fill their columns from payload members of the same names.
+        if !projected {
+            return ecst_schemas::PayloadSelection::All;
+        }
+        let keys = self.key.columns();
+        crate::stage::payload_reads_of(keys.iter().map(|k| k.from.as_str()))
+    }
+
     async fn build_component(&self, ctx: &BuildContext) -> Result<BuiltStage, String> {
         Ok(BuiltStage::Sink(Arc::new(self.build(ctx).await?)))
     }

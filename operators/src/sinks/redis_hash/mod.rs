@@ -519,6 +519,14 @@ impl ComponentConfig for RedisHashConfig {
         self.check()
     }
 
+    fn payload_reads(&self, projected: bool) -> ecst_schemas::PayloadSelection {
+        // Unprojected records are written as their whole payload.
+        match (projected, KeyTemplate::parse(&self.key)) {
+            (true, Ok(template)) => crate::stage::payload_reads_of(template.paths()),
+            _ => ecst_schemas::PayloadSelection::All,
+        }
+    }
+
     async fn build_component(&self, ctx: &BuildContext) -> Result<BuiltStage, String> {
         Ok(BuiltStage::Sink(std::sync::Arc::new(self.build(ctx)?)))
     }

@@ -83,6 +83,14 @@ impl KeyTemplate {
         pattern
     }
 
+    /// The envelope paths of the placeholders.
+    pub fn paths(&self) -> impl Iterator<Item = &str> {
+        self.parts.iter().filter_map(|part| match part {
+            Part::Path(path) => Some(path.as_str()),
+            Part::Literal(_) => None,
+        })
+    }
+
     /// Renders the key for an event.
     pub fn render(&self, event: &Envelope) -> Result<String, String> {
         let mut key = String::new();

@@ -34,6 +34,7 @@ fn sink(prefix: &str) -> RedisHashSink {
             pipeline: "t".into(),
             stage: "cache".into(),
             source_redis: redis_url(),
+            payload_reads: Default::default(),
         })
         .unwrap()
 }
@@ -205,6 +206,7 @@ async fn unrenderable_keys_are_rejected_alone() {
             pipeline: "t".into(),
             stage: "cache".into(),
             source_redis: redis_url(),
+            payload_reads: Default::default(),
         })
         .unwrap();
     let report = sink
@@ -235,6 +237,7 @@ async fn unreachable_redis_is_a_retryable_error() {
             pipeline: "t".into(),
             stage: "cache".into(),
             source_redis: redis_url(),
+            payload_reads: Default::default(),
         })
         .unwrap();
     let err = sink
@@ -302,6 +305,7 @@ fn cluster_sink(prefix: &str, key: &str) -> RedisHashSink {
             pipeline: "t".into(),
             stage: "cache".into(),
             source_redis: redis_url(),
+            payload_reads: Default::default(),
         })
         .unwrap()
 }
@@ -587,6 +591,7 @@ fn a_tombstone_prefix_with_braces_is_refused_on_a_cluster() {
             pipeline: "t".into(),
             stage: "cache".into(),
             source_redis: crate::redis_pool::test_cluster_url(),
+            payload_reads: Default::default(),
         })
         .err()
         .unwrap();
