@@ -346,7 +346,15 @@ redis.call('HSET', KEYS[1], '_version', ARGV[1], '_occurred_at', ARGV[2], 'displ
 return 1
 "#;
 
-async fn ceiling(target: &Target, prefix: &str, w: &Workload) -> anyhow::Result<f64> {
+/// One measurement of the ceiling: its rate, and the CPU per event of Redis and of the bench
+/// sending it (the client's share of the same work a worker does).
+struct CeilingRun {
+    events_per_sec: f64,
+    redis_cpu_us_per_event: f64,
+    client_cpu_us_per_event: Option<f64>,
+}
+
+async fn ceiling(target: &Target, prefix: &str, w: &Workload) -> anyhow::Result<CeilingRun> {
     let script = redis::Script::new(CEILING_SCRIPT);
     target
         .on_every_master(redis::cmd("SCRIPT").arg("LOAD").arg(CEILING_SCRIPT))
@@ -357,6 +365,8 @@ async fn ceiling(target: &Target, prefix: &str, w: &Workload) -> anyhow::Result<
     // memory: the ceiling measures Redis, not formatting. On a cluster the masters run their
     // shares concurrently, as the workers' writes do.
     let mut busy = Duration::ZERO;
+    let mut redis_cpu = 0.0;
+    let mut client_cpu = Some(0.0);
     for slice in w.events.chunks(50_000) {
         let routed = target.route(slice.iter().map(|&e| {
             let key = format!("{prefix}athlete:{}", aggregate_id(e.aggregate));
@@ -372,14 +382,27 @@ async fn ceiling(target: &Target, prefix: &str, w: &Workload) -> anyhow::Result<
                 .arg("lightweight");
             (key, cmd)
         }));
+        let redis_before = target.cpu_seconds().await?;
+        let client_before = cpu_seconds();
         let started = Instant::now();
         target
             .run(&routed)
             .await
             .context("ceiling EVALSHA failed")?;
         busy += started.elapsed();
+        let client_after = cpu_seconds();
+        let redis_after = target.cpu_seconds().await?;
+        redis_cpu += redis_after.iter().sum::<f64>() - redis_before.iter().sum::<f64>();
+        client_cpu = client_cpu
+            .zip(client_after.zip(client_before))
+            .map(|(sum, ((after, _), (before, _)))| sum + after - before);
     }
-    Ok(w.events.len() as f64 / busy.as_secs_f64())
+    let events = w.events.len() as f64;
+    Ok(CeilingRun {
+        events_per_sec: events / busy.as_secs_f64(),
+        redis_cpu_us_per_event: redis_cpu * 1e6 / events,
+        client_cpu_us_per_event: client_cpu.map(|cpu| cpu * 1e6 / events),
+    })
 }
 
 async fn verify(
@@ -786,7 +809,14 @@ async fn measure(args: &BenchArgs, target: &Target, run_id: &str) -> anyhow::Res
         pg_ceiling_eps.push(pg_ceiling(pg, &ceiling_table, &w).await?);
     }
     let mean = |v: &[f64]| (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64);
-    let (redis_ceiling, pg_ceiling_eps) = (mean(&redis_ceiling), mean(&pg_ceiling_eps));
+    let of_ceiling = |f: fn(&CeilingRun) -> Option<f64>| {
+        let values: Option<Vec<f64>> = redis_ceiling.iter().map(f).collect();
+        values.and_then(|v| mean(&v))
+    };
+    let ceiling_redis_cpu = of_ceiling(|c| Some(c.redis_cpu_us_per_event));
+    let ceiling_client_cpu = of_ceiling(|c| c.client_cpu_us_per_event);
+    let redis_ceiling = of_ceiling(|c| Some(c.events_per_sec));
+    let pg_ceiling_eps = mean(&pg_ceiling_eps);
     // With both sinks the slower store bounds the pipeline, so it is the ceiling.
     let ceiling_eps = match (redis_ceiling, pg_ceiling_eps) {
         (Some(r), Some(p)) => r.min(p),
@@ -898,6 +928,8 @@ async fn measure(args: &BenchArgs, target: &Target, run_id: &str) -> anyhow::Res
             .collect::<serde_json::Map<_, _>>(),
         "worker_cpu_seconds": drained.worker_cpu_seconds.map(|cpu| (cpu * 100.0).round() / 100.0),
         "worker_cpu_us_per_event": worker_cpu_us_per_event.map(|us| (us * 100.0).round() / 100.0),
+        "ceiling_redis_cpu_us_per_event": ceiling_redis_cpu.map(|us| (us * 100.0).round() / 100.0),
+        "ceiling_client_cpu_us_per_event": ceiling_client_cpu.map(|us| (us * 100.0).round() / 100.0),
     });
     if args.json {
         println!("{report}");
@@ -937,6 +969,11 @@ async fn measure(args: &BenchArgs, target: &Target, run_id: &str) -> anyhow::Res
         );
         if let Some(us) = worker_cpu_us_per_event {
             println!("worker CPU        {us:.1} µs per event (user + system, all workers)");
+        }
+        if let (Some(redis), Some(client)) = (ceiling_redis_cpu, ceiling_client_cpu) {
+            println!(
+                "ceiling CPU       Redis {redis:.1} µs, client {client:.1} µs per event (same counters, the ceiling run)"
+            );
         }
         println!("peak RSS          {rss:.1} MB");
         println!("mismatches        {mismatches}");
