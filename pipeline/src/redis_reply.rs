@@ -82,7 +82,11 @@ pub(crate) fn parse_entries(list: Value) -> Result<Vec<RawEntry>, String> {
             .pop()
             .and_then(into_string)
             .ok_or("entry without an id")?;
-        let mut fields = Vec::new();
+        let mut fields = match &fields_value {
+            Some(Value::Array(flat)) => Vec::with_capacity(flat.len() / 2),
+            Some(Value::Map(pairs)) => Vec::with_capacity(pairs.len()),
+            _ => Vec::new(),
+        };
         match fields_value {
             Some(Value::Array(flat)) => {
                 let mut iter = flat.into_iter();
