@@ -190,7 +190,11 @@ fn decode_seed<'de, S: serde::de::DeserializeSeed<'de>>(
             if json_depth_exceeds(bytes, limits.max_depth) {
                 return Err(WireError::TooDeep(limits.max_depth));
             }
-            let mut de = serde_json::Deserializer::from_slice(bytes);
+            // JSON is UTF-8 (RFC 8259): checked once for the whole body, in word-wide steps,
+            // instead of string by string as the parser would, unused members included.
+            let text = std::str::from_utf8(bytes)
+                .map_err(|e| WireError::Json(format!("the body is not UTF-8: {e}")))?;
+            let mut de = serde_json::Deserializer::from_str(text);
             let value = seed
                 .deserialize(&mut de)
                 .and_then(|value| de.end().map(|()| value))
@@ -477,6 +481,16 @@ mod tests {
         // Exactly at the limit is accepted.
         let at_limit = format!("{}{}", "[".repeat(64), "]".repeat(64));
         assert!(decode_body(at_limit.as_bytes(), ContentType::Json, limits).is_ok());
+    }
+
+    #[test]
+    fn a_json_body_must_be_utf8_even_in_members_nobody_reads() {
+        let limits = BodyLimits::default();
+        let body = b"{\"aggregateId\":\"a\",\"aggregateVersion\":1,\"junk\":\"\xff\"}";
+        let err = decode_members(body, ContentType::Json, limits, &PayloadSelection::All)
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("invalid JSON body: the body is not UTF-8: invalid utf-8 sequence of 1 bytes from index"), "{err}");
     }
 
     proptest! {
