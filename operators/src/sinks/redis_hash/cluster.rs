@@ -39,20 +39,15 @@ impl Tombstone {
         }
     }
 
-    /// Writes the tombstone key of `key` to `out`.
-    pub(super) fn write(
-        self,
-        out: &mut dyn std::io::Write,
-        prefix: &str,
-        key: &str,
-    ) -> std::io::Result<()> {
-        out.write_all(prefix.as_bytes())?;
+    /// Appends the tombstone key of `key` to `out`.
+    pub(super) fn push_key(self, out: &mut Vec<u8>, prefix: &str, key: &str) {
+        out.extend_from_slice(prefix.as_bytes());
         match self {
-            Tombstone::Plain => out.write_all(key.as_bytes()),
+            Tombstone::Plain => out.extend_from_slice(key.as_bytes()),
             Tombstone::Wrapped => {
-                out.write_all(b"{")?;
-                out.write_all(key.as_bytes())?;
-                out.write_all(b"}")
+                out.push(b'{');
+                out.extend_from_slice(key.as_bytes());
+                out.push(b'}');
             }
         }
     }

@@ -447,12 +447,14 @@ async fn wide_fixed_sets_agree_too() {
     let pair = Pair::new().await;
     // 1,500 names: over the 2,000 values one HSET or HDEL takes.
     let names: FieldNames = (0..1500).map(|i| format!("f{i}")).collect();
-    let record = |version: u64, absent: usize| {
+    let record = |id: usize, version: u64, absent: usize| {
         let event = EnvelopeKeys::default()
-            .read(&json!({"aggregateId": "0-0", "aggregateVersion": version,
-                          "occurredAt": "2026-11-24T10:00:00Z", "payload": {}}))
+            .read(
+                &json!({"aggregateId": format!("0-{id}"), "aggregateVersion": version,
+                          "occurredAt": "2026-11-24T10:00:00Z", "payload": {}}),
+            )
             .unwrap();
-        let mut record = Record::new(0, event);
+        let mut record = Record::new(id, event);
         let values = (0..names.len())
             .map(|i| (i % 3 != absent).then(|| Value::String(format!("{version}:{i}"))))
             .collect();
@@ -462,20 +464,27 @@ async fn wide_fixed_sets_agree_too() {
         });
         record
     };
-    // A new hash, one over it lacking other fields, one with all of them.
+    // A new hash, one over it lacking other fields, one with all of them; aggregates 0 to 2
+    // in one call (whose header names the set), 3 alone (naming its fields).
     for (version, absent) in [(1, 0), (2, 1), (3, usize::MAX)] {
-        let batch = [record(version, absent)];
-        let report = pair.new.apply_batch(&batch).await.unwrap();
-        let (writes, _) = pair.old.writes(&batch);
-        let all: Vec<&Write<'_>> = writes.records.iter().collect();
-        let counts: (usize, usize) = oracle_call(&pair.old, &writes.keys, &all)
-            .query_async(&mut pair.conn.clone())
-            .await
-            .unwrap();
-        assert_eq!((report.applied, report.stale), counts);
-        assert_eq!(counts, (1, 0));
+        let batches = [
+            (0..3).map(|id| record(id, version, absent)).collect(),
+            vec![record(3, version, absent)],
+        ];
+        for batch in batches {
+            let report = pair.new.apply_batch(&batch).await.unwrap();
+            let (writes, _) = pair.old.writes(&batch);
+            let all: Vec<&Write<'_>> = writes.records.iter().collect();
+            let counts: (usize, usize) = oracle_call(&pair.old, &writes.keys, &all)
+                .query_async(&mut pair.conn.clone())
+                .await
+                .unwrap();
+            assert_eq!((report.applied, report.stale), counts);
+            assert_eq!(counts, (batch.len(), 0));
+        }
         let (new, old) = (pair.state(true, 0).await, pair.state(false, 0).await);
-        assert_eq!(new[0].hash.len(), 2 + if absent > 2 { 1500 } else { 1000 });
+        let fields = 2 + if absent > 2 { 1500 } else { 1000 };
+        assert!(new.iter().all(|key| key.hash.len() == fields));
         assert_eq!(new, old);
     }
     pair.clean_up(0).await;

@@ -3,64 +3,74 @@
 --
 -- KEYS: per record its hash and its tombstone; when their count is odd, the last one is the
 -- sink's freshness hash.
--- ARGV, once per call: 1 deleted-flag field, 2 version field, 3 occurred-at field,
---   4 replicated_at and 5 the batch's newest occurredAt ('' if none), for the freshness hash,
---   6 the count n of fixed field names, 7..6+n the names.
--- Then per record a head, its action and which values follow ('1' present, '0' absent):
---   'u' o f1..fn  upsert of the fixed fields: version, [occurredAt if o], the present values
---   'p' o         upsert of its own fields: version, [occurredAt], pair count m, m pairs
---   'm' o         mark: version, [occurredAt]
+-- ARGV, once per call: 1 deleted-flag field, 2 version field, 3 occurred-at field, 4 the count
+--   n of fixed field names, 5..4+n the names; with the freshness hash, then replicated_at and
+--   the batch's newest occurredAt ('' if none).
+-- Then per record a head, its action and what follows:
+--   'U'           upsert of the named fixed fields, all present: version, occurredAt, n values
+--   'u' o f1..fn  upsert of the named fixed fields, o and each f '1' (present) or '0'
+--                 (absent): version, [occurredAt], the present values
+--   'F'           upsert of a fixed set of fields, by name: pair count m, then m name/value
+--                 pairs, version first, then occurredAt if any, then the present fields
+--   'P'           upsert of its own fields (payload, include): as 'F'
+--   'M' or 'm'    mark, with occurredAt or without: version, [occurredAt]
 --   'd'           delete: version, keep_for_ms
 -- Returns {applied, stale}.
-local call, byte, unpack = redis.call, string.byte, unpack
-local PRESENT, UPSERT, PAIRS, DELETE = 49, 117, 112, 100 -- '1' 'u' 'p' 'd'
+--
+-- The fixed fields of one set are written over the hash, which the hash's field count then
+-- shows right or not: dropping the hash first costs more. A call on a cluster often holds a
+-- single record, so what a call costs besides its records counts too: the functions use no
+-- upvalues (each is allocated per call), and the table the named fields' pairs are put in is
+-- only worth its cost in a call of several records ('F' writes its pairs from ARGV).
 
-local function newer(a, b)
-  if #a ~= #b then return #a > #b end
-  return a > b
-end
+-- unpack() of more than ~8,000 values exceeds Lua's C stack: this many values (1,000
+-- field/value pairs) at most go to one command, a record with more takes several.
+local SLICE = 2000
 
--- `command` over t[1..n] in slices: unpack() of more than ~8,000 values exceeds Lua's C
--- stack, so a record with many fields takes several calls (all inside this one script).
-local SLICE = 2000 -- values (1,000 field/value pairs) per call
-local function sliced(command, key, t, n)
+-- `command` over t[from..to] in slices of SLICE values (written out: an upvalue costs); the
+-- sum of the replies.
+local function sliced(command, key, t, from, to)
   local total = 0
-  for s = 1, n, SLICE do
-    total = total + call(command, key, unpack(t, s, math.min(s + SLICE - 1, n)))
+  for s = from, to, 2000 do
+    total = total + redis.call(command, key, unpack(t, s, math.min(s + 1999, to)))
   end
   return total
 end
 
--- Makes the pairs t[1..n] all that the hash holds. Written over the hash as it is, which
--- leaves it right when it held no other fields (the usual update, or a new key); else the
--- fields the record leaves absent (absent[1..g]) are deleted; and if a field nobody knows is
--- left even then (a field dropped from the projection, a foreign hash), from scratch.
-local function replace(key, t, n, absent, g)
-  sliced('HSET', key, t, n)
-  local len = call('HLEN', key)
-  if len == n / 2 or len - sliced('HDEL', key, absent, g) == n / 2 then return end
-  call('DEL', key)
-  sliced('HSET', key, t, n)
+-- The fields an upsert of the named fixed fields with head `head` leaves absent (ARGV[5..]
+-- are the names): the names it lacks, the occurred-at field if it lacks that, and the
+-- deleted flag of `mode: mark`.
+local function absent(head, deleted, occurred_at, nfixed)
+  if head == 'U' then return {deleted}, 1, 1 end
+  local gone, g = {}, 0
+  if string.byte(head, 2) ~= 49 then g, gone[1] = 1, occurred_at end
+  for j = 1, nfixed do
+    if string.byte(head, 2 + j) ~= 49 then
+      g = g + 1
+      gone[g] = ARGV[4 + j]
+    end
+  end
+  g = g + 1
+  gone[g] = deleted
+  return gone, 1, g
 end
 
+-- Locals, not globals, in the loop: a global is a table lookup each time.
+local KEYS, ARGV, call, byte, unpack = KEYS, ARGV, redis.call, string.byte, unpack
+local PRESENT = 49 -- '1'
 local df, vf, of = ARGV[1], ARGV[2], ARGV[3]
-local nfixed = tonumber(ARGV[6])
--- `full` holds every name of a record with all fixed fields present, so that only its values
--- are filled in; `complete` is that record's head.
-local names, full = {}, {vf, false, of, false}
-for j = 1, nfixed do
-  names[j] = ARGV[6 + j]
-  full[3 + 2 * j] = names[j]
-end
-local complete = 'u1' .. string.rep('1', nfixed)
-local only_df = {df}
-local buf, gone = {}, {}
+local nfixed = tonumber(ARGV[4])
+local freshness = #KEYS % 2 == 1
+-- The pairs of a 'u' record; `full` keeps the names of a 'U' record between records.
+local buf, full
 
 local applied, stale = 0, 0
-local a = 7 + nfixed
+local a = 5 + nfixed + (freshness and 2 or 0)
 for i = 1, #KEYS - 1, 2 do
-  local key, tomb = KEYS[i], KEYS[i + 1]
-  local head, ver = ARGV[a], ARGV[a + 1]
+  local key, tomb, head = KEYS[i], KEYS[i + 1], ARGV[a]
+  -- Heads compare as strings (one instruction: Lua strings are interned), but for 'u'.
+  local by_name = head == 'F' or head == 'P'
+  local ver = ARGV[by_name and a + 3 or a + 1]
   -- A live hash is always newer than any tombstone of its key (an upsert over a tombstone
   -- removes it), so the tombstone is only consulted when there is no hash.
   local current = call('HGET', key, vf)
@@ -69,83 +79,92 @@ for i = 1, #KEYS - 1, 2 do
     buried = call('GET', tomb)
     current = buried
   end
-  local fresh = not current or newer(ver, current)
+  local fresh = not current or #ver > #current or (#ver == #current and ver > current)
   if fresh then applied = applied + 1 else stale = stale + 1 end
-  local kind = byte(head, 1)
-  if kind == DELETE then
+  if by_name then
+    local first, last = a + 2, a + 1 + 2 * tonumber(ARGV[a + 1])
+    if fresh then
+      if head == 'P' then call('DEL', key) end
+      local n = last - first + 1
+      if n <= SLICE then call('HSET', key, unpack(ARGV, first, last)) else sliced('HSET', key, ARGV, first, last) end
+      -- Fields a fixed set leaves absent, or nobody knows: from scratch.
+      if head == 'F' and call('HLEN', key) ~= n / 2 then
+        call('DEL', key)
+        sliced('HSET', key, ARGV, first, last)
+      end
+      if buried then call('DEL', tomb) end
+    end
+    a = last + 1
+  elseif head == 'd' then
     if fresh then
       call('DEL', key)
       call('SET', tomb, ver, 'PX', ARGV[a + 2])
     end
     a = a + 3
-  elseif head == complete then
+  elseif head == 'M' or head == 'm' then
     if fresh then
-      full[2], full[4] = ver, ARGV[a + 2]
-      for j = 1, nfixed do full[4 + 2 * j] = ARGV[a + 2 + j] end
-      replace(key, full, 4 + 2 * nfixed, only_df, 1)
-      if buried then call('DEL', tomb) end
-    end
-    a = a + 3 + nfixed
-  elseif kind == UPSERT then
-    local v = a + 2
-    if fresh then
-      local n, g = 2, 0
-      buf[1], buf[2] = vf, ver
-      if byte(head, 2) == PRESENT then
-        buf[3], buf[4], n, v = of, ARGV[v], 4, v + 1
+      if head == 'M' then
+        call('HSET', key, df, '1', vf, ver, of, ARGV[a + 2])
       else
-        g, gone[1] = 1, of
+        call('HSET', key, df, '1', vf, ver)
       end
-      for j = 1, nfixed do
-        if byte(head, 2 + j) == PRESENT then
-          buf[n + 1], buf[n + 2], n, v = names[j], ARGV[v], n + 2, v + 1
-        else
-          g = g + 1
-          gone[g] = names[j]
+    end
+    a = a + (head == 'M' and 3 or 2)
+  else
+    local complete, v = head == 'U', a + 2
+    if fresh then
+      local t, n
+      if complete then
+        if not full then
+          -- Sized at once: a constructor sizes its table for all the values unpack() gives.
+          full = {unpack(ARGV, 1, 4 + 2 * nfixed)}
+          full[1], full[3] = vf, of
+          for j = 1, nfixed do full[3 + 2 * j] = ARGV[4 + j] end
         end
+        full[2], full[4] = ver, ARGV[v]
+        for j = 1, nfixed do full[4 + 2 * j] = ARGV[v + j] end
+        t, n, v = full, 4 + 2 * nfixed, v + 1 + nfixed
+      else
+        buf = buf or {}
+        buf[1], buf[2], n = vf, ver, 2
+        if byte(head, 2) == PRESENT then
+          buf[3], buf[4], n, v = of, ARGV[v], 4, v + 1
+        end
+        for j = 1, nfixed do
+          if byte(head, 2 + j) == PRESENT then
+            buf[n + 1], buf[n + 2], n, v = ARGV[4 + j], ARGV[v], n + 2, v + 1
+          end
+        end
+        t = buf
       end
-      -- An upsert clears the flag of `mode: mark`.
-      g = g + 1
-      gone[g] = df
-      replace(key, buf, n, gone, g)
+      -- Written over the hash as it is, which leaves it right when it held no other fields
+      -- (the usual update, or a new key); else the fields the record leaves absent go; and if
+      -- a field nobody knows is left even then (one dropped from the projection, a foreign
+      -- hash), it is written from scratch.
+      if n <= SLICE then call('HSET', key, unpack(t, 1, n)) else sliced('HSET', key, t, 1, n) end
+      local len = call('HLEN', key)
+      if len ~= n / 2 and len - sliced('HDEL', key, absent(head, df, of, nfixed)) ~= n / 2 then
+        call('DEL', key)
+        sliced('HSET', key, t, 1, n)
+      end
       if buried then call('DEL', tomb) end
+    elseif complete then
+      v = v + 1 + nfixed
     else
       for k = 2, #head do
         if byte(head, k) == PRESENT then v = v + 1 end
       end
     end
     a = v
-  else
-    local n, v = 2, a + 2
-    buf[1], buf[2] = vf, ver
-    if byte(head, 2) == PRESENT then
-      buf[3], buf[4], n, v = of, ARGV[v], 4, v + 1
-    end
-    if kind == PAIRS then
-      local last = v + 2 * tonumber(ARGV[v])
-      if fresh then
-        for k = v + 1, last do
-          n = n + 1
-          buf[n] = ARGV[k]
-        end
-        call('DEL', key)
-        sliced('HSET', key, buf, n)
-        if buried then call('DEL', tomb) end
-      end
-      a = last + 1
-    else
-      if fresh then call('HSET', key, df, '1', unpack(buf, 1, n)) end
-      a = v
-    end
   end
 end
 -- Best effort, as the batch is what counts: a freshness key of another type fails only this.
-if #KEYS % 2 == 1 then
-  local freshness = KEYS[#KEYS]
-  if ARGV[5] == '' then
-    redis.pcall('HSET', freshness, 'replicated_at', ARGV[4])
+if freshness then
+  local at = 5 + nfixed
+  if ARGV[at + 1] == '' then
+    redis.pcall('HSET', KEYS[#KEYS], 'replicated_at', ARGV[at])
   else
-    redis.pcall('HSET', freshness, 'replicated_at', ARGV[4], 'newest_occurred_at', ARGV[5])
+    redis.pcall('HSET', KEYS[#KEYS], 'replicated_at', ARGV[at], 'newest_occurred_at', ARGV[at + 1])
   end
 end
 return {applied, stale}

@@ -1,14 +1,14 @@
-//! The batch script and the layout of its arguments (`script.lua` describes it): the field
-//! names once per call, then per record a head saying its action and which values follow, and
-//! only those. Arguments are written straight into the command, without a string per value.
+//! The batch script and the layout of its arguments (`script.lua` describes it). A call of
+//! several upserts of one fixed field set names the fields once, in a header, and each record
+//! sends a head saying its action and which values follow, then only those; a smaller call
+//! names the fields in its records. Arguments are written straight into the command, without
+//! a string per value.
 
 use std::collections::HashSet;
-use std::io;
 use std::sync::Arc;
 
 use redis::{Cmd, RedisWrite};
 use serde_json::Value;
-use time::format_description::well_known::Rfc3339;
 use time::{OffsetDateTime, UtcOffset};
 
 use super::Write;
@@ -41,13 +41,17 @@ pub(super) fn append(
     writes: &[&Write<'_>],
     freshness: Option<&Freshness<'_>>,
 ) {
+    // Scratch space for the arguments made of parts: tombstone keys, heads.
+    let mut scratch = Vec::new();
     cmd.arg(writes.len() * 2 + usize::from(freshness.is_some()));
     for write in writes {
         let key = &keys[write.key.clone()];
         cmd.arg(key);
-        arg_with(cmd, |out| {
-            write.tombstone.write(out, layout.tombstone_prefix, key)
-        });
+        scratch.clear();
+        write
+            .tombstone
+            .push_key(&mut scratch, layout.tombstone_prefix, key);
+        cmd.arg(scratch.as_slice());
     }
     if let Some(freshness) = freshness {
         cmd.arg(freshness.key);
@@ -55,59 +59,94 @@ pub(super) fn append(
     cmd.arg(layout.deleted)
         .arg(layout.version)
         .arg(layout.occurred_at);
-    match freshness {
-        Some(freshness) => {
-            timestamp_arg(cmd, freshness.replicated_at);
-            match freshness.newest_occurred_at {
-                Some(newest) => timestamp_arg(cmd, newest),
-                None => {
-                    cmd.arg("");
-                }
-            }
-        }
-        None => {
-            cmd.arg("").arg("");
-        }
-    }
-    let fixed = header_names(layout, writes);
-    let names: &[String] = fixed.map_or(&[], |names| names);
+    let mut sets = FixedSets::of(layout, writes);
+    let names: &[String] = sets.header.map_or(&[], |names| names);
     cmd.arg(names.len());
     for name in names {
         cmd.arg(name.as_str());
     }
+    if let Some(freshness) = freshness {
+        timestamp_arg(cmd, freshness.replicated_at);
+        match freshness.newest_occurred_at {
+            Some(newest) => timestamp_arg(cmd, newest),
+            None => {
+                cmd.arg("");
+            }
+        }
+    }
     for write in writes {
-        append_record(cmd, write.record, fixed);
+        append_record(cmd, &mut scratch, layout, &mut sets, write.record);
     }
 }
 
 /// A guess of the size of a call, so that the command's buffers grow seldom.
 pub(super) fn capacity(keys: &str, writes: usize, fixed_fields: usize) -> (usize, usize) {
-    let args = 16 + fixed_fields + writes * (6 + fixed_fields);
-    let bytes = 256 + 2 * keys.len() + writes * (64 + 16 * fixed_fields);
+    let args = 16 + fixed_fields + writes * (8 + 2 * fixed_fields);
+    let bytes = 256 + 2 * keys.len() + writes * (64 + 24 * fixed_fields);
     (args, bytes)
 }
 
-/// The fixed field names the header of a call names: those of its first upsert of a fixed
-/// set, if they differ from each other and from the sink's own fields, as the script tells
-/// from the count of a hash's fields whether it holds others.
-fn header_names<'r>(layout: &Layout<'_>, writes: &[&Write<'r>]) -> Option<&'r FieldNames> {
-    let names =
-        writes
-            .iter()
-            .find_map(|write| match (&write.record.action, &write.record.fields) {
-                (Action::Upsert, Some(Fields::Fixed { names, .. })) => Some(names),
-                _ => None,
-            })?;
-    let mut seen = HashSet::with_capacity(names.len() + 3);
-    [layout.deleted, layout.version, layout.occurred_at]
-        .into_iter()
-        .chain(names.iter().map(String::as_str))
-        .all(|name| seen.insert(name))
-        .then_some(names)
+/// Upserts of one fixed set a call needs before its header names the set: the script then
+/// puts each record's pairs together in a table, which costs it more per call than naming the
+/// fields in every record of a small call.
+const HEADER_FROM: usize = 3;
+
+/// The fixed field sets of a call's upserts: whether the script may write each over a hash
+/// (its names differ from each other and from the sink's own fields, as the script tells from
+/// a hash's field count whether it holds others), and the one the header names.
+struct FixedSets<'r> {
+    checked: Vec<(&'r FieldNames, bool)>,
+    header: Option<&'r FieldNames>,
+}
+
+impl<'r> FixedSets<'r> {
+    fn of(layout: &Layout<'_>, writes: &[&Write<'r>]) -> Self {
+        let mut sets = FixedSets {
+            checked: Vec::new(),
+            header: None,
+        };
+        let mut first: Option<(&'r FieldNames, usize)> = None;
+        for write in writes {
+            if let (Action::Upsert, Some(Fields::Fixed { names, .. })) =
+                (&write.record.action, &write.record.fields)
+                && sets.distinct(layout, names)
+            {
+                match &mut first {
+                    None => first = Some((names, 1)),
+                    Some((set, count)) if Arc::ptr_eq(set, names) => *count += 1,
+                    Some(_) => {}
+                }
+            }
+        }
+        sets.header = first
+            .filter(|&(_, count)| count >= HEADER_FROM)
+            .map(|(names, _)| names);
+        sets
+    }
+
+    /// Whether `names` differ from each other and from the sink's own fields.
+    fn distinct(&mut self, layout: &Layout<'_>, names: &'r FieldNames) -> bool {
+        if let Some(&(_, distinct)) = self.checked.iter().find(|(n, _)| Arc::ptr_eq(n, names)) {
+            return distinct;
+        }
+        let mut seen = HashSet::with_capacity(names.len() + 3);
+        let distinct = [layout.deleted, layout.version, layout.occurred_at]
+            .into_iter()
+            .chain(names.iter().map(String::as_str))
+            .all(|name| seen.insert(name));
+        self.checked.push((names, distinct));
+        distinct
+    }
 }
 
 /// The arguments of one record (after the header).
-fn append_record(cmd: &mut Cmd, record: &Record, fixed: Option<&FieldNames>) {
+fn append_record<'r>(
+    cmd: &mut Cmd,
+    scratch: &mut Vec<u8>,
+    layout: &Layout<'_>,
+    sets: &mut FixedSets<'r>,
+    record: &'r Record,
+) {
     let version = record.event.aggregate_version;
     let occurred = record.event.occurred_at;
     match (&record.action, &record.fields) {
@@ -118,23 +157,24 @@ fn append_record(cmd: &mut Cmd, record: &Record, fixed: Option<&FieldNames>) {
             cmd.arg("d").arg(version).arg(keep_ms);
         }
         (Action::Mark, _) => {
-            cmd.arg(if occurred.is_some() { "m1" } else { "m0" })
+            cmd.arg(if occurred.is_some() { "M" } else { "m" })
                 .arg(version);
             if let Some(at) = occurred {
                 timestamp_arg(cmd, at);
             }
         }
         (Action::Upsert, Some(Fields::Fixed { names, values }))
-            if fixed.is_some_and(|fixed| Arc::ptr_eq(fixed, names)) =>
+            if sets.header.is_some_and(|header| Arc::ptr_eq(header, names)) =>
         {
             let present = |j: usize| values.get(j).is_some_and(Option::is_some);
-            arg_with(cmd, |out| {
-                out.write_all(&[b'u', flag(occurred.is_some())])?;
-                for j in 0..names.len() {
-                    out.write_all(&[flag(present(j))])?;
-                }
-                Ok(())
-            });
+            if occurred.is_some() && (0..names.len()).all(present) {
+                cmd.arg("U");
+            } else {
+                scratch.clear();
+                scratch.extend([b'u', flag(occurred.is_some())]);
+                scratch.extend((0..names.len()).map(|j| flag(present(j))));
+                cmd.arg(scratch.as_slice());
+            }
             cmd.arg(version);
             if let Some(at) = occurred {
                 timestamp_arg(cmd, at);
@@ -143,18 +183,41 @@ fn append_record(cmd: &mut Cmd, record: &Record, fixed: Option<&FieldNames>) {
                 value_arg(cmd, value);
             }
         }
-        (Action::Upsert, _) => {
-            cmd.arg(if occurred.is_some() { "p1" } else { "p0" })
-                .arg(version);
-            if let Some(at) = occurred {
-                timestamp_arg(cmd, at);
-            }
-            cmd.arg(record.written_fields().count());
-            for (name, value) in record.written_fields() {
-                cmd.arg(name);
-                value_arg(cmd, value);
-            }
+        (Action::Upsert, Some(Fields::Fixed { names, values })) if sets.distinct(layout, names) => {
+            let fields = || {
+                names
+                    .iter()
+                    .zip(values)
+                    .filter_map(|(name, value)| value.as_ref().map(|value| (name.as_str(), value)))
+            };
+            by_name(cmd, "F", layout, record, fields);
         }
+        (Action::Upsert, _) => by_name(cmd, "P", layout, record, || record.written_fields()),
+    }
+}
+
+/// An upsert that names its fields: `head`, the pair count, the version and occurredAt pairs,
+/// then those of `fields`.
+fn by_name<'v, I: Iterator<Item = (&'v str, &'v Value)>>(
+    cmd: &mut Cmd,
+    head: &str,
+    layout: &Layout<'_>,
+    record: &Record,
+    fields: impl Fn() -> I,
+) {
+    let occurred = record.event.occurred_at;
+    let pairs = 1 + usize::from(occurred.is_some()) + fields().count();
+    cmd.arg(head)
+        .arg(pairs)
+        .arg(layout.version)
+        .arg(record.event.aggregate_version);
+    if let Some(at) = occurred {
+        cmd.arg(layout.occurred_at);
+        timestamp_arg(cmd, at);
+    }
+    for (name, value) in fields() {
+        cmd.arg(name);
+        value_arg(cmd, value);
     }
 }
 
@@ -163,34 +226,78 @@ fn flag(present: bool) -> u8 {
     if present { b'1' } else { b'0' }
 }
 
-/// Appends one argument that `write` writes into the command's buffer.
-fn arg_with(cmd: &mut Cmd, write: impl FnOnce(&mut dyn io::Write) -> io::Result<()>) {
-    let mut out = cmd.writer_for_next_arg();
-    // The buffer is a Vec, which takes every write.
-    let _ = write(&mut out);
-}
-
 /// A value as Redis stores it: a string as is, anything else as JSON.
 fn value_arg(cmd: &mut Cmd, value: &Value) {
     match value {
-        Value::String(s) => {
-            cmd.arg(s.as_str());
-        }
-        other => arg_with(cmd, |out| {
-            serde_json::to_writer(out, other).map_err(io::Error::from)
-        }),
-    }
+        Value::String(s) => cmd.arg(s.as_str()),
+        Value::Bool(b) => cmd.arg(if *b { "true" } else { "false" }),
+        Value::Number(n) => match (n.as_u64(), n.as_i64()) {
+            (Some(u), _) => cmd.arg(u),
+            (None, Some(i)) => cmd.arg(i),
+            (None, None) => json_arg(cmd, value),
+        },
+        other => json_arg(cmd, other),
+    };
 }
 
-/// A timestamp in RFC 3339 UTC, as `format_timestamp` makes it (empty if it has none).
+fn json_arg<'c>(cmd: &'c mut Cmd, value: &Value) -> &'c mut Cmd {
+    // A JSON value always serializes, and the command's buffer takes every write.
+    let _ = serde_json::to_writer(cmd.writer_for_next_arg(), value);
+    cmd
+}
+
+/// A timestamp in RFC 3339 UTC as `format_timestamp` makes it (`2026-11-24T10:00:00.5Z`;
+/// empty for a year outside 0..=9999).
 fn timestamp_arg(cmd: &mut Cmd, at: OffsetDateTime) {
-    arg_with(cmd, |out| match at.checked_to_offset(UtcOffset::UTC) {
-        Some(utc) => utc
-            .format_into(out, &Rfc3339)
-            .map(drop)
-            .map_err(io::Error::other),
-        None => Ok(()),
-    });
+    let mut text = [0u8; 30];
+    let len = rfc3339(at, &mut text);
+    cmd.arg(&text[..len]);
+}
+
+/// Writes `at` as [`timestamp_arg`] sends it into `out` and returns its length: 19 bytes of
+/// date and time, up to 10 of fraction, the `Z`.
+fn rfc3339(at: OffsetDateTime, out: &mut [u8; 30]) -> usize {
+    let Some(utc) = at.checked_to_offset(UtcOffset::UTC) else {
+        return 0;
+    };
+    let year = match u32::try_from(utc.year()) {
+        Ok(year) if year < 10_000 => year,
+        _ => return 0,
+    };
+    let parts = [
+        (year, 4, b'-'),
+        (u32::from(u8::from(utc.month())), 2, b'-'),
+        (u32::from(utc.day()), 2, b'T'),
+        (u32::from(utc.hour()), 2, b':'),
+        (u32::from(utc.minute()), 2, b':'),
+        (u32::from(utc.second()), 2, b'.'),
+    ];
+    let mut len = 0;
+    for (value, width, then) in parts {
+        put_digits(&mut out[len..len + width], value);
+        out[len + width] = then;
+        len += width + 1;
+    }
+    let nanos = utc.nanosecond();
+    if nanos == 0 {
+        len -= 1;
+    } else {
+        put_digits(&mut out[len..len + 9], nanos);
+        len += 9;
+        while out[len - 1] == b'0' {
+            len -= 1;
+        }
+    }
+    out[len] = b'Z';
+    len + 1
+}
+
+/// `value`'s last decimal digits, as many as `out` holds, zero-padded.
+fn put_digits(out: &mut [u8], mut value: u32) {
+    for digit in out.iter_mut().rev() {
+        *digit = b'0' + (value % 10) as u8;
+        value /= 10;
+    }
 }
 
 #[cfg(test)]
@@ -208,7 +315,14 @@ mod tests {
             datetime!(2026-11-24 10:00:00.12 UTC),
             datetime!(2026-11-24 01:30:00.5 +02:00),
             datetime!(0000-01-01 00:30:00 +01:00),
-        ] {
+            datetime!(9999-12-31 23:59:59.999999999 UTC),
+            datetime!(9999-12-31 23:30:00 -01:00),
+        ]
+        .into_iter()
+        .chain((0..2000i64).map(|i| {
+            OffsetDateTime::from_unix_timestamp(i * 7_919_993 - 3_000_000_000).unwrap()
+                + time::Duration::nanoseconds(i * i * 7_777_777 % 1_000_000_000)
+        })) {
             let mut cmd = Cmd::new();
             timestamp_arg(&mut cmd, at);
             let written: Vec<_> = cmd.args_iter().collect();
@@ -229,6 +343,7 @@ mod tests {
             json!(-12),
             json!(1.5),
             json!(u64::MAX),
+            json!(i64::MIN),
             json!(null),
             json!({"k": [1, "x"]}),
         ] {
@@ -241,6 +356,7 @@ mod tests {
             "-12",
             "1.5",
             "18446744073709551615",
+            "-9223372036854775808",
             "null",
             r#"{"k":[1,"x"]}"#,
         ]
