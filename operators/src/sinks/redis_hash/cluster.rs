@@ -10,14 +10,46 @@ use redis::cluster_routing::Slot;
 /// then the whole key), `<prefix><key>` when it has one (the prefix has no braces, so the
 /// key's own tag decides). A key with a `}` but no tag fits neither form.
 pub fn tombstone_key(prefix: &str, key: &str, cluster: bool) -> Result<String, String> {
-    if !cluster || hash_tag(key).is_some() {
-        Ok(format!("{prefix}{key}"))
-    } else if !key.contains('}') {
-        Ok(format!("{prefix}{{{key}}}"))
-    } else {
-        Err(format!(
-            "key `{key}` has a `}}` but no hash tag, so on a Redis Cluster its tombstone cannot share its slot; tag the key template, e.g. `athlete:{{{{{{aggregateId}}}}}}`"
-        ))
+    Ok(match Tombstone::of(key, cluster)? {
+        Tombstone::Plain => format!("{prefix}{key}"),
+        Tombstone::Wrapped => format!("{prefix}{{{key}}}"),
+    })
+}
+
+/// How the tombstone key of a hash key is formed (see [`tombstone_key`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Tombstone {
+    /// `<prefix><key>`.
+    Plain,
+    /// `<prefix>{<key>}`.
+    Wrapped,
+}
+
+impl Tombstone {
+    /// The form of `key`'s tombstone, or why it has none.
+    pub(super) fn of(key: &str, cluster: bool) -> Result<Self, String> {
+        if !cluster || hash_tag(key).is_some() {
+            Ok(Tombstone::Plain)
+        } else if !key.contains('}') {
+            Ok(Tombstone::Wrapped)
+        } else {
+            Err(format!(
+                "key `{key}` has a `}}` but no hash tag, so on a Redis Cluster its tombstone cannot share its slot; tag the key template, e.g. `athlete:{{{{{{aggregateId}}}}}}`"
+            ))
+        }
+    }
+
+    /// Appends the tombstone key of `key` to `out`.
+    pub(super) fn push_key(self, out: &mut Vec<u8>, prefix: &str, key: &str) {
+        out.extend_from_slice(prefix.as_bytes());
+        match self {
+            Tombstone::Plain => out.extend_from_slice(key.as_bytes()),
+            Tombstone::Wrapped => {
+                out.push(b'{');
+                out.extend_from_slice(key.as_bytes());
+                out.push(b'}');
+            }
+        }
     }
 }
 

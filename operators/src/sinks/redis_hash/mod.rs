@@ -1,18 +1,20 @@
 //! `redis_hash`: one Redis hash per aggregate, written behind a version guard in one Lua script
-//! per batch (on a Redis Cluster, one per slot of the batch).
+//! per batch (on a Redis Cluster, one per slot of the batch), which on one server also notes
+//! the sink's freshness.
 
 mod cluster;
 mod replica;
+mod script;
 mod template;
 
+use std::ops::Range;
 use std::time::Duration;
 
 use redis::Script;
 use serde::Deserialize;
-use serde_json::Value;
 
 use crate::duration::ConfigDuration;
-use crate::record::{Action, Record};
+use crate::record::Record;
 use crate::redis_pool::{
     RedisConn, RedisManager, RedisPool, check_redis_url, describe_run_error, is_cluster_url,
     is_transport_error, report_failure, resolve_failure,
@@ -23,7 +25,9 @@ use crate::stage::{
     ApplyFuture, BuildContext, BuiltStage, ComponentConfig, ConfigProblem, Sink, SinkError,
     SinkReport,
 };
+use cluster::Tombstone;
 pub use cluster::tombstone_key;
+use script::{Freshness, Layout, SCRIPT};
 pub use template::KeyTemplate;
 
 /// Configuration of the `redis_hash` sink.
@@ -128,6 +132,7 @@ impl RedisHashConfig {
         Ok(RedisHashSink {
             key: KeyTemplate::parse(&self.key)?,
             reporter: format!("redis_hash sink `{}`", ctx.stage),
+            freshness_key: self.freshness_key(),
             config: self.clone(),
             url,
             pool: manager.into_pool(self.pool_size),
@@ -148,16 +153,22 @@ pub struct RedisHashSink {
     /// Whether the store is a Redis Cluster: one script per slot, tombstones in their hash's slot.
     cluster: bool,
     script: Script,
+    /// Where the sink notes its freshness (see [`RedisHashConfig::freshness_key`]).
+    freshness_key: String,
 }
-
-/// The batch script.
-const SCRIPT: &str = include_str!("script.lua");
 
 /// A record the batch script writes, with its keys.
 struct Write<'a> {
     record: &'a Record,
-    key: String,
-    tombstone: String,
+    /// Its hash key, in [`Writes::keys`].
+    key: Range<usize>,
+    tombstone: Tombstone,
+}
+
+/// The records of a batch the script writes, their keys rendered into one string.
+struct Writes<'a> {
+    keys: String,
+    records: Vec<Write<'a>>,
 }
 
 /// How a script call names the script: by its SHA1, or by its text, which also loads it into
@@ -168,14 +179,6 @@ enum Invoke {
     Text,
 }
 
-fn write_value(cmd: &mut redis::Cmd, value: &Value) {
-    match value {
-        Value::String(s) => cmd.arg(s.as_str()),
-        Value::Bool(b) => cmd.arg(if *b { "true" } else { "false" }),
-        other => cmd.arg(other.to_string()),
-    };
-}
-
 impl RedisHashConfig {
     /// The hash where the sink records its freshness: `ecst:freshness:<key template>`.
     pub fn freshness_key(&self) -> String {
@@ -184,13 +187,14 @@ impl RedisHashConfig {
 }
 
 impl RedisHashSink {
-    /// Records when this batch was applied and its newest `occurredAt`, for `ecst status`.
-    /// Best effort: the batch is committed already, and a missed note only ages the figure.
-    async fn note_freshness(&self, batch: &[Record]) {
-        let newest = batch.iter().filter_map(|r| r.event.occurred_at).max();
+    /// Records when this batch was applied and its newest `occurredAt`, for `ecst status`,
+    /// on a cluster, where the freshness hash has a slot of its own (on one server the batch
+    /// script writes it). Best effort: the batch is committed already, and a missed note only
+    /// ages the figure.
+    async fn note_freshness(&self, newest: Option<time::OffsetDateTime>) {
         let now = time::OffsetDateTime::now_utc();
         let mut cmd = redis::cmd("HSET");
-        cmd.arg(self.config.freshness_key())
+        cmd.arg(&self.freshness_key)
             .arg("replicated_at")
             .arg(ecst_schemas::envelope::format_timestamp(now));
         if let Some(newest) = newest {
@@ -213,84 +217,60 @@ impl RedisHashSink {
         }
     }
 
-    /// The keys of `record`: its hash and its tombstone.
-    fn keys(&self, record: &Record) -> Result<(String, String), String> {
-        let key = self.key.render(&record.event)?;
-        let tombstone = cluster::tombstone_key(&self.config.tombstone_prefix, &key, self.cluster)?;
-        Ok((key, tombstone))
-    }
-
     /// The records of `batch` to write; those whose keys cannot be made are rejected.
-    fn writes<'a>(&self, batch: &'a [Record]) -> (Vec<Write<'a>>, Vec<(usize, String)>) {
+    fn writes<'a>(&self, batch: &'a [Record]) -> (Writes<'a>, Vec<(usize, String)>) {
         let mut rejected = Vec::new();
-        let mut writes = Vec::with_capacity(batch.len());
+        let mut writes = Writes {
+            keys: String::with_capacity(batch.len() * 32),
+            records: Vec::with_capacity(batch.len()),
+        };
         for record in batch {
-            match self.keys(record) {
-                Ok((key, tombstone)) => writes.push(Write {
+            let start = writes.keys.len();
+            let tombstone = self
+                .key
+                .render_into(&record.event, &mut writes.keys)
+                .and_then(|()| Tombstone::of(&writes.keys[start..], self.cluster));
+            match tombstone {
+                Ok(tombstone) => writes.records.push(Write {
                     record,
-                    key,
+                    key: start..writes.keys.len(),
                     tombstone,
                 }),
-                Err(reason) => rejected.push((record.entry, reason)),
+                Err(reason) => {
+                    writes.keys.truncate(start);
+                    rejected.push((record.entry, reason));
+                }
             }
         }
         (writes, rejected)
     }
 
-    /// One call of the batch script over `writes`.
-    fn script_call(&self, invoke: Invoke, writes: &[&Write<'_>]) -> redis::Cmd {
-        let mut cmd = match invoke {
-            Invoke::Sha => {
-                let mut cmd = redis::cmd("EVALSHA");
-                cmd.arg(self.script.get_hash());
-                cmd
-            }
-            Invoke::Text => {
-                let mut cmd = redis::cmd("EVAL");
-                cmd.arg(SCRIPT);
-                cmd
-            }
+    /// One call of the batch script over `writes` (of `keys`), which on one server also notes
+    /// the sink's `freshness`.
+    fn script_call(
+        &self,
+        invoke: Invoke,
+        keys: &str,
+        writes: &[&Write<'_>],
+        freshness: Option<&Freshness<'_>>,
+    ) -> redis::Cmd {
+        let fixed_fields = writes
+            .iter()
+            .find_map(|w| w.record.fields.as_ref()?.fixed_names())
+            .map_or(0, |names| names.len());
+        let (args, bytes) = script::capacity(keys, writes.len(), fixed_fields);
+        let mut cmd = redis::Cmd::with_capacity(args, bytes + SCRIPT.len());
+        match invoke {
+            Invoke::Sha => cmd.arg("EVALSHA").arg(self.script.get_hash()),
+            Invoke::Text => cmd.arg("EVAL").arg(SCRIPT),
         };
-        cmd.arg(writes.len() * 2);
-        for write in writes {
-            cmd.arg(write.key.as_str()).arg(write.tombstone.as_str());
-        }
-        cmd.arg(self.config.deleted_field.as_str());
-        for record in writes.iter().map(|w| w.record) {
-            let (action, keep_ms) = match record.action {
-                Action::Upsert => ("u", 0),
-                Action::Delete { keep_for } => (
-                    "d",
-                    u64::try_from(keep_for.as_millis())
-                        .unwrap_or(u64::MAX)
-                        .max(1),
-                ),
-                Action::Mark => ("m", 0),
-            };
-            let occurred = record
-                .event
-                .occurred_at
-                .map(ecst_schemas::envelope::format_timestamp);
-            let field_count = if action == "u" {
-                record.written_fields().count()
-            } else {
-                0
-            };
-            let pairs = 1 + usize::from(occurred.is_some()) + field_count;
-            cmd.arg(action).arg(keep_ms).arg(pairs);
-            cmd.arg(self.config.version_field.as_str())
-                .arg(record.event.aggregate_version);
-            if let Some(occurred) = occurred {
-                cmd.arg(self.config.occurred_at_field.as_str())
-                    .arg(occurred);
-            }
-            if action == "u" {
-                for (name, value) in record.written_fields() {
-                    cmd.arg(name);
-                    write_value(&mut cmd, value);
-                }
-            }
-        }
+        let layout = Layout {
+            deleted: &self.config.deleted_field,
+            version: &self.config.version_field,
+            occurred_at: &self.config.occurred_at_field,
+            tombstone_prefix: &self.config.tombstone_prefix,
+        };
+        script::append(&mut cmd, &layout, keys, writes, freshness);
         cmd
     }
 
@@ -325,14 +305,13 @@ impl RedisHashSink {
     /// connection (which pipelines them to their nodes). The first failure is returned,
     /// a retryable one before a refusal: then the caller retries the whole batch, and the
     /// groups that were applied already come back stale, as the version guard holds per key.
-    async fn eval_by_slot(
-        &self,
-        writes: &[Write<'_>],
-    ) -> Result<(usize, usize), redis::RedisError> {
-        let groups: Vec<Vec<&Write<'_>>> = cluster::by_slot(writes.iter().map(|w| w.key.as_str()))
-            .into_iter()
-            .map(|group| group.into_iter().map(|i| &writes[i]).collect())
-            .collect();
+    async fn eval_by_slot(&self, writes: &Writes<'_>) -> Result<(usize, usize), redis::RedisError> {
+        let keys = writes.keys.as_str();
+        let groups: Vec<Vec<&Write<'_>>> =
+            cluster::by_slot(writes.records.iter().map(|w| &keys[w.key.clone()]))
+                .into_iter()
+                .map(|group| group.into_iter().map(|i| &writes.records[i]).collect())
+                .collect();
         let mut pooled = self.pool.get().await.map_err(|e| {
             redis::RedisError::from((
                 redis::ErrorKind::Io,
@@ -344,7 +323,7 @@ impl RedisHashSink {
         let conn = pooled.conn().clone();
         let calls = groups.iter().map(|group| {
             let mut conn = conn.clone();
-            async move { self.eval_group(&mut conn, group).await }
+            async move { self.eval_group(&mut conn, keys, group).await }
         });
         let mut totals = (0, 0);
         let mut reloaded = 0;
@@ -384,15 +363,16 @@ impl RedisHashSink {
     async fn eval_group(
         &self,
         conn: &mut RedisConn,
+        keys: &str,
         group: &[&Write<'_>],
     ) -> (Result<(usize, usize), redis::RedisError>, bool) {
         match self
-            .script_call(Invoke::Sha, group)
+            .script_call(Invoke::Sha, keys, group, None)
             .query_async(&mut *conn)
             .await
         {
             Err(e) if e.code() == Some("NOSCRIPT") => (
-                self.script_call(Invoke::Text, group)
+                self.script_call(Invoke::Text, keys, group, None)
                     .query_async(conn)
                     .await,
                 true,
@@ -418,7 +398,8 @@ const STORE: &str = "redis";
 
 impl Sink for RedisHashSink {
     fn check_record(&self, record: &Record) -> Result<(), String> {
-        self.keys(record).map(drop)
+        let key = self.key.render(&record.event)?;
+        Tombstone::of(&key, self.cluster).map(drop)
     }
 
     fn replica(&self) -> Option<&dyn Replica> {
@@ -428,18 +409,24 @@ impl Sink for RedisHashSink {
     fn apply_batch<'a>(&'a self, batch: &'a [Record]) -> ApplyFuture<'a> {
         Box::pin(async move {
             let (writes, rejected) = self.writes(batch);
-            if writes.is_empty() {
+            if writes.records.is_empty() {
                 return Ok(SinkReport {
                     rejected,
                     ..SinkReport::default()
                 });
             }
+            let newest = batch.iter().filter_map(|r| r.event.occurred_at).max();
             let deadline = self.batch_deadline();
             let result = if self.cluster {
                 tokio::time::timeout(deadline, self.eval_by_slot(&writes)).await
             } else {
-                let all: Vec<&Write<'_>> = writes.iter().collect();
-                let cmd = self.script_call(Invoke::Sha, &all);
+                let all: Vec<&Write<'_>> = writes.records.iter().collect();
+                let freshness = Freshness {
+                    key: &self.freshness_key,
+                    replicated_at: time::OffsetDateTime::now_utc(),
+                    newest_occurred_at: newest,
+                };
+                let cmd = self.script_call(Invoke::Sha, &writes.keys, &all, Some(&freshness));
                 tokio::time::timeout(deadline, self.eval(&cmd)).await
             };
             let result = match result {
@@ -457,7 +444,9 @@ impl Sink for RedisHashSink {
             match result {
                 Ok((applied, stale)) => {
                     resolve_failure(&self.reporter, &self.url);
-                    self.note_freshness(batch).await;
+                    if self.cluster {
+                        self.note_freshness(newest).await;
+                    }
                     Ok(SinkReport {
                         applied,
                         stale,
@@ -532,5 +521,7 @@ impl ComponentConfig for RedisHashConfig {
     }
 }
 
+#[cfg(test)]
+mod oracle;
 #[cfg(test)]
 mod tests;

@@ -1,56 +1,170 @@
 -- Compare-version-then-write for a whole batch. Versions are compared as decimal strings
--- (length first) so that u64 versions above 2^53 stay exact.
+-- (length first) so that u64 versions above 2^53 stay exact. The layout is script.rs's.
 --
--- ARGV[1]: the deleted-flag field. Then per record i (KEYS[2i-1] = hash, KEYS[2i] = tombstone):
---   action ("u" upsert, "d" delete, "m" mark), keep_for_ms, pair count n, then n field/value
---   pairs whose first pair is (version field, version).
+-- KEYS: per record its hash and its tombstone; when their count is odd, the last one is the
+-- sink's freshness hash.
+-- ARGV, once per call: 1 deleted-flag field, 2 version field, 3 occurred-at field, 4 the count
+--   n of fixed field names, 5..4+n the names; with the freshness hash, then replicated_at and
+--   the batch's newest occurredAt ('' if none).
+-- Then per record a head, its action and what follows:
+--   'U'           upsert of the named fixed fields, all present: version, occurredAt, n values
+--   'u' o f1..fn  upsert of the named fixed fields, o and each f '1' (present) or '0'
+--                 (absent): version, [occurredAt], the present values
+--   'F'           upsert of a fixed set of fields, by name: pair count m, then m name/value
+--                 pairs, version first, then occurredAt if any, then the present fields
+--   'P'           upsert of its own fields (payload, include): as 'F'
+--   'M' or 'm'    mark, with occurredAt or without: version, [occurredAt]
+--   'd'           delete: version, keep_for_ms
 -- Returns {applied, stale}.
-local function newer(a, b)
-  if #a ~= #b then return #a > #b end
-  return a > b
-end
+--
+-- The fixed fields of one set are written over the hash, which the hash's field count then
+-- shows right or not: dropping the hash first costs more. A call on a cluster often holds a
+-- single record, so what a call costs besides its records counts too: the functions use no
+-- upvalues (each is allocated per call), and the table the named fields' pairs are put in is
+-- only worth its cost in a call of several records ('F' writes its pairs from ARGV).
 
--- HSET of ARGV[from..to] in slices: unpack() of more than ~8,000 values exceeds Lua's C stack,
--- so a record with many fields is written by several HSETs (all inside this one script).
-local SLICE = 2000 -- values (1,000 field/value pairs) per HSET
-local function hset(key, from, to)
-  for s = from, to, SLICE do
-    redis.call('HSET', key, unpack(ARGV, s, math.min(s + SLICE - 1, to)))
+-- unpack() of more than ~8,000 values exceeds Lua's C stack: this many values (1,000
+-- field/value pairs) at most go to one command, a record with more takes several.
+local SLICE = 2000
+
+-- `command` over t[from..to] in slices of SLICE values (written out: an upvalue costs); the
+-- sum of the replies.
+local function sliced(command, key, t, from, to)
+  local total = 0
+  for s = from, to, 2000 do
+    total = total + redis.call(command, key, unpack(t, s, math.min(s + 1999, to)))
   end
+  return total
 end
 
-local df = ARGV[1]
+-- The fields an upsert of the named fixed fields with head `head` leaves absent (ARGV[5..]
+-- are the names): the names it lacks, the occurred-at field if it lacks that, and the
+-- deleted flag of `mode: mark`.
+local function absent(head, deleted, occurred_at, nfixed)
+  if head == 'U' then return {deleted}, 1, 1 end
+  local gone, g = {}, 0
+  if string.byte(head, 2) ~= 49 then g, gone[1] = 1, occurred_at end
+  for j = 1, nfixed do
+    if string.byte(head, 2 + j) ~= 49 then
+      g = g + 1
+      gone[g] = ARGV[4 + j]
+    end
+  end
+  g = g + 1
+  gone[g] = deleted
+  return gone, 1, g
+end
+
+-- Locals, not globals, in the loop: a global is a table lookup each time.
+local KEYS, ARGV, call, byte, unpack = KEYS, ARGV, redis.call, string.byte, unpack
+local PRESENT = 49 -- '1'
+local df, vf, of = ARGV[1], ARGV[2], ARGV[3]
+local nfixed = tonumber(ARGV[4])
+local freshness = #KEYS % 2 == 1
+-- The pairs of a 'u' record; `full` keeps the names of a 'U' record between records.
+local buf, full
+
 local applied, stale = 0, 0
-local a = 2
-for i = 1, #KEYS, 2 do
-  local key, tomb = KEYS[i], KEYS[i + 1]
-  local action, keep, n = ARGV[a], ARGV[a + 1], tonumber(ARGV[a + 2])
-  local first, last = a + 3, a + 2 + 2 * n
-  local ver = ARGV[first + 1]
+local a = 5 + nfixed + (freshness and 2 or 0)
+for i = 1, #KEYS - 1, 2 do
+  local key, tomb, head = KEYS[i], KEYS[i + 1], ARGV[a]
+  -- Heads compare as strings (one instruction: Lua strings are interned), but for 'u'.
+  local by_name = head == 'F' or head == 'P'
+  local ver = ARGV[by_name and a + 3 or a + 1]
   -- A live hash is always newer than any tombstone of its key (an upsert over a tombstone
   -- removes it), so the tombstone is only consulted when there is no hash.
-  local current = redis.call('HGET', key, ARGV[first])
+  local current = call('HGET', key, vf)
   local buried = false
   if not current then
-    buried = redis.call('GET', tomb)
+    buried = call('GET', tomb)
     current = buried
   end
-  if not current or newer(ver, current) then
-    if action == 'u' then
-      redis.call('DEL', key)
-      hset(key, first, last)
-      if buried then redis.call('DEL', tomb) end
-    elseif action == 'd' then
-      redis.call('DEL', key)
-      redis.call('SET', tomb, ver, 'PX', keep)
-    else
-      redis.call('HSET', key, df, '1')
-      hset(key, first, last)
+  local fresh = not current or #ver > #current or (#ver == #current and ver > current)
+  if fresh then applied = applied + 1 else stale = stale + 1 end
+  if by_name then
+    local first, last = a + 2, a + 1 + 2 * tonumber(ARGV[a + 1])
+    if fresh then
+      if head == 'P' then call('DEL', key) end
+      local n = last - first + 1
+      if n <= SLICE then call('HSET', key, unpack(ARGV, first, last)) else sliced('HSET', key, ARGV, first, last) end
+      -- Fields a fixed set leaves absent, or nobody knows: from scratch.
+      if head == 'F' and call('HLEN', key) ~= n / 2 then
+        call('DEL', key)
+        sliced('HSET', key, ARGV, first, last)
+      end
+      if buried then call('DEL', tomb) end
     end
-    applied = applied + 1
+    a = last + 1
+  elseif head == 'd' then
+    if fresh then
+      call('DEL', key)
+      call('SET', tomb, ver, 'PX', ARGV[a + 2])
+    end
+    a = a + 3
+  elseif head == 'M' or head == 'm' then
+    if fresh then
+      if head == 'M' then
+        call('HSET', key, df, '1', vf, ver, of, ARGV[a + 2])
+      else
+        call('HSET', key, df, '1', vf, ver)
+      end
+    end
+    a = a + (head == 'M' and 3 or 2)
   else
-    stale = stale + 1
+    local complete, v = head == 'U', a + 2
+    if fresh then
+      local t, n
+      if complete then
+        if not full then
+          -- Sized at once: a constructor sizes its table for all the values unpack() gives.
+          full = {unpack(ARGV, 1, 4 + 2 * nfixed)}
+          full[1], full[3] = vf, of
+          for j = 1, nfixed do full[3 + 2 * j] = ARGV[4 + j] end
+        end
+        full[2], full[4] = ver, ARGV[v]
+        for j = 1, nfixed do full[4 + 2 * j] = ARGV[v + j] end
+        t, n, v = full, 4 + 2 * nfixed, v + 1 + nfixed
+      else
+        buf = buf or {}
+        buf[1], buf[2], n = vf, ver, 2
+        if byte(head, 2) == PRESENT then
+          buf[3], buf[4], n, v = of, ARGV[v], 4, v + 1
+        end
+        for j = 1, nfixed do
+          if byte(head, 2 + j) == PRESENT then
+            buf[n + 1], buf[n + 2], n, v = ARGV[4 + j], ARGV[v], n + 2, v + 1
+          end
+        end
+        t = buf
+      end
+      -- Written over the hash as it is, which leaves it right when it held no other fields
+      -- (the usual update, or a new key); else the fields the record leaves absent go; and if
+      -- a field nobody knows is left even then (one dropped from the projection, a foreign
+      -- hash), it is written from scratch.
+      if n <= SLICE then call('HSET', key, unpack(t, 1, n)) else sliced('HSET', key, t, 1, n) end
+      local len = call('HLEN', key)
+      if len ~= n / 2 and len - sliced('HDEL', key, absent(head, df, of, nfixed)) ~= n / 2 then
+        call('DEL', key)
+        sliced('HSET', key, t, 1, n)
+      end
+      if buried then call('DEL', tomb) end
+    elseif complete then
+      v = v + 1 + nfixed
+    else
+      for k = 2, #head do
+        if byte(head, k) == PRESENT then v = v + 1 end
+      end
+    end
+    a = v
   end
-  a = last + 1
+end
+-- Best effort, as the batch is what counts: a freshness key of another type fails only this.
+if freshness then
+  local at = 5 + nfixed
+  if ARGV[at + 1] == '' then
+    redis.pcall('HSET', KEYS[#KEYS], 'replicated_at', ARGV[at])
+  else
+    redis.pcall('HSET', KEYS[#KEYS], 'replicated_at', ARGV[at], 'newest_occurred_at', ARGV[at + 1])
+  end
 end
 return {applied, stale}

@@ -12,6 +12,8 @@ pub struct KeyTemplate {
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Part {
     Literal(String),
+    /// `aggregateId`, by far the most used, read without a lookup.
+    AggregateId,
     Path(String),
 }
 
@@ -46,7 +48,10 @@ impl KeyTemplate {
                     if !literal.is_empty() {
                         parts.push(Part::Literal(std::mem::take(&mut literal)));
                     }
-                    parts.push(Part::Path(path.trim().to_string()));
+                    parts.push(match path.trim() {
+                        "aggregateId" => Part::AggregateId,
+                        path => Part::Path(path.to_string()),
+                    });
                 }
                 '}' => return Err(format!("unmatched `}}` in key template {text:?}")),
                 c => literal.push(c),
@@ -55,7 +60,7 @@ impl KeyTemplate {
         if !literal.is_empty() {
             parts.push(Part::Literal(literal));
         }
-        if !parts.iter().any(|p| matches!(p, Part::Path(_))) {
+        if parts.iter().all(|p| matches!(p, Part::Literal(_))) {
             return Err(format!(
                 "key template {text:?} has no placeholder, so every aggregate would share one key; use e.g. \"athlete:{{aggregateId}}\""
             ));
@@ -77,7 +82,7 @@ impl KeyTemplate {
                         pattern.push(c);
                     }
                 }
-                Part::Path(_) => pattern.push('*'),
+                Part::AggregateId | Part::Path(_) => pattern.push('*'),
             }
         }
         pattern
@@ -94,21 +99,30 @@ impl KeyTemplate {
     /// Renders the key for an event.
     pub fn render(&self, event: &Envelope) -> Result<String, String> {
         let mut key = String::new();
+        self.render_into(event, &mut key)?;
+        Ok(key)
+    }
+
+    /// Appends the key for an event to `out`, which is left as it was when it fails.
+    pub fn render_into(&self, event: &Envelope, out: &mut String) -> Result<(), String> {
+        let start = out.len();
         for part in &self.parts {
             match part {
-                Part::Literal(s) => key.push_str(s),
+                Part::Literal(s) => out.push_str(s),
+                Part::AggregateId => out.push_str(&event.aggregate_id),
                 Part::Path(path) => match event.lookup(path) {
-                    Some(Value::String(s)) => key.push_str(&s),
+                    Some(Value::String(s)) => out.push_str(&s),
                     Some(Value::Null) | None => {
+                        out.truncate(start);
                         return Err(format!(
                             "key template placeholder `{path}` is missing in the event"
                         ));
                     }
-                    Some(other) => key.push_str(&other.to_string()),
+                    Some(other) => out.push_str(&other.to_string()),
                 },
             }
         }
-        Ok(key)
+        Ok(())
     }
 }
 

@@ -7,7 +7,7 @@ use ecst_schemas::EnvelopeKeys;
 use serde_json::{Value, json};
 
 use super::*;
-use crate::record::Fields;
+use crate::record::{Action, Fields};
 use crate::stage::BuildContext;
 
 fn redis_url() -> SecretUrl {
@@ -249,6 +249,46 @@ async fn unreachable_redis_is_a_retryable_error() {
         matches!(err, SinkError::Unavailable { store: "redis", .. }),
         "{err}"
     );
+}
+
+#[tokio::test]
+async fn the_batch_script_notes_freshness_and_shrugs_off_a_broken_note() {
+    let prefix = unique_prefix();
+    let sink = sink(&prefix);
+    let before = time::OffsetDateTime::now_utc();
+    sink.apply_batch(&[record(0, "a", 1, json!({"v": "1"}))])
+        .await
+        .unwrap();
+    let noted = hash(&sink.freshness_key).await;
+    assert_eq!(
+        noted.get("newest_occurred_at").map(String::as_str),
+        Some("2026-11-24T10:00:00Z")
+    );
+    let replicated = time::OffsetDateTime::parse(
+        &noted["replicated_at"],
+        &time::format_description::well_known::Rfc3339,
+    )
+    .unwrap();
+    assert!(replicated >= before, "{replicated} < {before}");
+
+    // A key of another type where the note goes fails the note, not the batch.
+    let mut conn = conn().await;
+    redis::cmd("SET")
+        .arg(&sink.freshness_key)
+        .arg("x")
+        .query_async::<()>(&mut conn)
+        .await
+        .unwrap();
+    let report = sink
+        .apply_batch(&[record(0, "a", 2, json!({"v": "2"}))])
+        .await
+        .unwrap();
+    assert_eq!(report.applied, 1);
+    redis::cmd("DEL")
+        .arg(&sink.freshness_key)
+        .query_async::<()>(&mut conn)
+        .await
+        .unwrap();
 }
 
 /// A record of `count` projected fields `f0..`, each valued `<tag><i>`.

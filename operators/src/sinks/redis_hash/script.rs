@@ -1,0 +1,366 @@
+//! The batch script and the layout of its arguments (`script.lua` describes it). A call of
+//! several upserts of one fixed field set names the fields once, in a header, and each record
+//! sends a head saying its action and which values follow, then only those; a smaller call
+//! names the fields in its records. Arguments are written straight into the command, without
+//! a string per value.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use redis::{Cmd, RedisWrite};
+use serde_json::Value;
+use time::{OffsetDateTime, UtcOffset};
+
+use super::Write;
+use crate::record::{Action, FieldNames, Fields, Record};
+
+/// The batch script.
+pub(super) const SCRIPT: &str = include_str!("script.lua");
+
+/// The hash fields the sink writes besides a record's own, and the tombstones' prefix.
+pub(super) struct Layout<'a> {
+    pub deleted: &'a str,
+    pub version: &'a str,
+    pub occurred_at: &'a str,
+    pub tombstone_prefix: &'a str,
+}
+
+/// The freshness hash a call writes too (on one server, where it can share the call).
+pub(super) struct Freshness<'a> {
+    pub key: &'a str,
+    pub replicated_at: OffsetDateTime,
+    pub newest_occurred_at: Option<OffsetDateTime>,
+}
+
+/// Appends the keys and arguments of one script call over `writes`, whose keys are rendered
+/// in `keys`, to `cmd` (which already names the script).
+pub(super) fn append(
+    cmd: &mut Cmd,
+    layout: &Layout<'_>,
+    keys: &str,
+    writes: &[&Write<'_>],
+    freshness: Option<&Freshness<'_>>,
+) {
+    // Scratch space for the arguments made of parts: tombstone keys, heads.
+    let mut scratch = Vec::new();
+    cmd.arg(writes.len() * 2 + usize::from(freshness.is_some()));
+    for write in writes {
+        let key = &keys[write.key.clone()];
+        cmd.arg(key);
+        scratch.clear();
+        write
+            .tombstone
+            .push_key(&mut scratch, layout.tombstone_prefix, key);
+        cmd.arg(scratch.as_slice());
+    }
+    if let Some(freshness) = freshness {
+        cmd.arg(freshness.key);
+    }
+    cmd.arg(layout.deleted)
+        .arg(layout.version)
+        .arg(layout.occurred_at);
+    let mut sets = FixedSets::of(layout, writes);
+    let names: &[String] = sets.header.map_or(&[], |names| names);
+    cmd.arg(names.len());
+    for name in names {
+        cmd.arg(name.as_str());
+    }
+    if let Some(freshness) = freshness {
+        timestamp_arg(cmd, freshness.replicated_at);
+        match freshness.newest_occurred_at {
+            Some(newest) => timestamp_arg(cmd, newest),
+            None => {
+                cmd.arg("");
+            }
+        }
+    }
+    for write in writes {
+        append_record(cmd, &mut scratch, layout, &mut sets, write.record);
+    }
+}
+
+/// A guess of the size of a call, so that the command's buffers grow seldom.
+pub(super) fn capacity(keys: &str, writes: usize, fixed_fields: usize) -> (usize, usize) {
+    let args = 16 + fixed_fields + writes * (8 + 2 * fixed_fields);
+    let bytes = 256 + 2 * keys.len() + writes * (64 + 24 * fixed_fields);
+    (args, bytes)
+}
+
+/// Upserts of one fixed set a call needs before its header names the set: the script then
+/// puts each record's pairs together in a table, which costs it more per call than naming the
+/// fields in every record of a small call.
+const HEADER_FROM: usize = 3;
+
+/// The fixed field sets of a call's upserts: whether the script may write each over a hash
+/// (its names differ from each other and from the sink's own fields, as the script tells from
+/// a hash's field count whether it holds others), and the one the header names.
+struct FixedSets<'r> {
+    checked: Vec<(&'r FieldNames, bool)>,
+    header: Option<&'r FieldNames>,
+}
+
+impl<'r> FixedSets<'r> {
+    fn of(layout: &Layout<'_>, writes: &[&Write<'r>]) -> Self {
+        let mut sets = FixedSets {
+            checked: Vec::new(),
+            header: None,
+        };
+        let mut first: Option<(&'r FieldNames, usize)> = None;
+        for write in writes {
+            if let (Action::Upsert, Some(Fields::Fixed { names, .. })) =
+                (&write.record.action, &write.record.fields)
+                && sets.distinct(layout, names)
+            {
+                match &mut first {
+                    None => first = Some((names, 1)),
+                    Some((set, count)) if Arc::ptr_eq(set, names) => *count += 1,
+                    Some(_) => {}
+                }
+            }
+        }
+        sets.header = first
+            .filter(|&(_, count)| count >= HEADER_FROM)
+            .map(|(names, _)| names);
+        sets
+    }
+
+    /// Whether `names` differ from each other and from the sink's own fields.
+    fn distinct(&mut self, layout: &Layout<'_>, names: &'r FieldNames) -> bool {
+        if let Some(&(_, distinct)) = self.checked.iter().find(|(n, _)| Arc::ptr_eq(n, names)) {
+            return distinct;
+        }
+        let mut seen = HashSet::with_capacity(names.len() + 3);
+        let distinct = [layout.deleted, layout.version, layout.occurred_at]
+            .into_iter()
+            .chain(names.iter().map(String::as_str))
+            .all(|name| seen.insert(name));
+        self.checked.push((names, distinct));
+        distinct
+    }
+}
+
+/// The arguments of one record (after the header).
+fn append_record<'r>(
+    cmd: &mut Cmd,
+    scratch: &mut Vec<u8>,
+    layout: &Layout<'_>,
+    sets: &mut FixedSets<'r>,
+    record: &'r Record,
+) {
+    let version = record.event.aggregate_version;
+    let occurred = record.event.occurred_at;
+    match (&record.action, &record.fields) {
+        (Action::Delete { keep_for }, _) => {
+            let keep_ms = u64::try_from(keep_for.as_millis())
+                .unwrap_or(u64::MAX)
+                .max(1);
+            cmd.arg("d").arg(version).arg(keep_ms);
+        }
+        (Action::Mark, _) => {
+            cmd.arg(if occurred.is_some() { "M" } else { "m" })
+                .arg(version);
+            if let Some(at) = occurred {
+                timestamp_arg(cmd, at);
+            }
+        }
+        (Action::Upsert, Some(Fields::Fixed { names, values }))
+            if sets.header.is_some_and(|header| Arc::ptr_eq(header, names)) =>
+        {
+            let present = |j: usize| values.get(j).is_some_and(Option::is_some);
+            if occurred.is_some() && (0..names.len()).all(present) {
+                cmd.arg("U");
+            } else {
+                scratch.clear();
+                scratch.extend([b'u', flag(occurred.is_some())]);
+                scratch.extend((0..names.len()).map(|j| flag(present(j))));
+                cmd.arg(scratch.as_slice());
+            }
+            cmd.arg(version);
+            if let Some(at) = occurred {
+                timestamp_arg(cmd, at);
+            }
+            for value in values.iter().take(names.len()).flatten() {
+                value_arg(cmd, value);
+            }
+        }
+        (Action::Upsert, Some(Fields::Fixed { names, values })) if sets.distinct(layout, names) => {
+            let fields = || {
+                names
+                    .iter()
+                    .zip(values)
+                    .filter_map(|(name, value)| value.as_ref().map(|value| (name.as_str(), value)))
+            };
+            by_name(cmd, "F", layout, record, fields);
+        }
+        (Action::Upsert, _) => by_name(cmd, "P", layout, record, || record.written_fields()),
+    }
+}
+
+/// An upsert that names its fields: `head`, the pair count, the version and occurredAt pairs,
+/// then those of `fields`.
+fn by_name<'v, I: Iterator<Item = (&'v str, &'v Value)>>(
+    cmd: &mut Cmd,
+    head: &str,
+    layout: &Layout<'_>,
+    record: &Record,
+    fields: impl Fn() -> I,
+) {
+    let occurred = record.event.occurred_at;
+    let pairs = 1 + usize::from(occurred.is_some()) + fields().count();
+    cmd.arg(head)
+        .arg(pairs)
+        .arg(layout.version)
+        .arg(record.event.aggregate_version);
+    if let Some(at) = occurred {
+        cmd.arg(layout.occurred_at);
+        timestamp_arg(cmd, at);
+    }
+    for (name, value) in fields() {
+        cmd.arg(name);
+        value_arg(cmd, value);
+    }
+}
+
+/// A head's mark of a value that follows or not.
+fn flag(present: bool) -> u8 {
+    if present { b'1' } else { b'0' }
+}
+
+/// A value as Redis stores it: a string as is, anything else as JSON.
+fn value_arg(cmd: &mut Cmd, value: &Value) {
+    match value {
+        Value::String(s) => cmd.arg(s.as_str()),
+        Value::Bool(b) => cmd.arg(if *b { "true" } else { "false" }),
+        Value::Number(n) => match (n.as_u64(), n.as_i64()) {
+            (Some(u), _) => cmd.arg(u),
+            (None, Some(i)) => cmd.arg(i),
+            (None, None) => json_arg(cmd, value),
+        },
+        other => json_arg(cmd, other),
+    };
+}
+
+fn json_arg<'c>(cmd: &'c mut Cmd, value: &Value) -> &'c mut Cmd {
+    // A JSON value always serializes, and the command's buffer takes every write.
+    let _ = serde_json::to_writer(cmd.writer_for_next_arg(), value);
+    cmd
+}
+
+/// A timestamp in RFC 3339 UTC as `format_timestamp` makes it (`2026-11-24T10:00:00.5Z`;
+/// empty for a year outside 0..=9999).
+fn timestamp_arg(cmd: &mut Cmd, at: OffsetDateTime) {
+    let mut text = [0u8; 30];
+    let len = rfc3339(at, &mut text);
+    cmd.arg(&text[..len]);
+}
+
+/// Writes `at` as [`timestamp_arg`] sends it into `out` and returns its length: 19 bytes of
+/// date and time, up to 10 of fraction, the `Z`.
+fn rfc3339(at: OffsetDateTime, out: &mut [u8; 30]) -> usize {
+    let Some(utc) = at.checked_to_offset(UtcOffset::UTC) else {
+        return 0;
+    };
+    let year = match u32::try_from(utc.year()) {
+        Ok(year) if year < 10_000 => year,
+        _ => return 0,
+    };
+    let parts = [
+        (year, 4, b'-'),
+        (u32::from(u8::from(utc.month())), 2, b'-'),
+        (u32::from(utc.day()), 2, b'T'),
+        (u32::from(utc.hour()), 2, b':'),
+        (u32::from(utc.minute()), 2, b':'),
+        (u32::from(utc.second()), 2, b'.'),
+    ];
+    let mut len = 0;
+    for (value, width, then) in parts {
+        put_digits(&mut out[len..len + width], value);
+        out[len + width] = then;
+        len += width + 1;
+    }
+    let nanos = utc.nanosecond();
+    if nanos == 0 {
+        len -= 1;
+    } else {
+        put_digits(&mut out[len..len + 9], nanos);
+        len += 9;
+        while out[len - 1] == b'0' {
+            len -= 1;
+        }
+    }
+    out[len] = b'Z';
+    len + 1
+}
+
+/// `value`'s last decimal digits, as many as `out` holds, zero-padded.
+fn put_digits(out: &mut [u8], mut value: u32) {
+    for digit in out.iter_mut().rev() {
+        *digit = b'0' + (value % 10) as u8;
+        value /= 10;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ecst_schemas::envelope::format_timestamp;
+    use serde_json::json;
+    use time::macros::datetime;
+
+    #[test]
+    fn timestamps_are_written_as_format_timestamp_makes_them() {
+        for at in [
+            datetime!(2026-11-24 10:00:00 UTC),
+            datetime!(2026-11-24 10:00:00.000000001 UTC),
+            datetime!(2026-11-24 10:00:00.12 UTC),
+            datetime!(2026-11-24 01:30:00.5 +02:00),
+            datetime!(0000-01-01 00:30:00 +01:00),
+            datetime!(9999-12-31 23:59:59.999999999 UTC),
+            datetime!(9999-12-31 23:30:00 -01:00),
+        ]
+        .into_iter()
+        .chain((0..2000i64).map(|i| {
+            OffsetDateTime::from_unix_timestamp(i * 7_919_993 - 3_000_000_000).unwrap()
+                + time::Duration::nanoseconds(i * i * 7_777_777 % 1_000_000_000)
+        })) {
+            let mut cmd = Cmd::new();
+            timestamp_arg(&mut cmd, at);
+            let written: Vec<_> = cmd.args_iter().collect();
+            assert_eq!(
+                written,
+                [redis::Arg::Simple(format_timestamp(at).as_bytes())],
+                "{at}"
+            );
+        }
+    }
+
+    #[test]
+    fn values_are_written_as_strings_or_json() {
+        let mut cmd = Cmd::new();
+        for value in [
+            json!("text"),
+            json!(true),
+            json!(-12),
+            json!(1.5),
+            json!(u64::MAX),
+            json!(i64::MIN),
+            json!(null),
+            json!({"k": [1, "x"]}),
+        ] {
+            value_arg(&mut cmd, &value);
+        }
+        let written: Vec<_> = cmd.args_iter().collect();
+        let expected = [
+            "text",
+            "true",
+            "-12",
+            "1.5",
+            "18446744073709551615",
+            "-9223372036854775808",
+            "null",
+            r#"{"k":[1,"x"]}"#,
+        ]
+        .map(|s| redis::Arg::Simple(s.as_bytes()));
+        assert_eq!(written, expected);
+    }
+}
