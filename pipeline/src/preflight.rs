@@ -13,7 +13,7 @@ use std::time::Duration;
 use ecst_operators::redis_pool::{
     RedisConn, RedisFailure, RedisManager, is_cluster_url, is_transport_error,
 };
-use ecst_operators::sinks::redis_hash::{KeyTemplate, tombstone_key};
+use ecst_operators::sinks::redis_hash::{KeyTemplate, RedisHashConfig, tombstone_key};
 use ecst_operators::{SecretUrl, StageConfig};
 use ecst_schemas::Envelope;
 
@@ -54,12 +54,7 @@ pub async fn check_redis_access(config: &PipelineConfig) -> Result<(), Preflight
         if let StageConfig::RedisHash(sink) = &stage.config {
             let url = sink.redis.clone().unwrap_or_else(|| source.redis.clone());
             let who = format!("redis_hash sink `{}`", stage.name);
-            let probe = evalsha_probe(
-                &sink.key,
-                &sink.tombstone_prefix,
-                is_cluster_url(&url),
-                &who,
-            );
+            let probe = evalsha_probe(sink, is_cluster_url(&url), &who);
             match servers.iter_mut().find(|(u, _, _)| *u == url) {
                 Some((_, _, probes)) => probes.push(probe),
                 None => servers.push((url, who, vec![probe])),
@@ -172,7 +167,10 @@ fn source_probes(config: &PipelineConfig) -> Vec<Probe> {
 
 /// EVALSHA of an unknown script over the keys a record would touch (when the key template
 /// renders from the aggregate id alone; otherwise over no keys, which checks the command).
-fn evalsha_probe(key_template: &str, tombstone_prefix: &str, cluster: bool, who: &str) -> Probe {
+/// The sink's batch script on a hash, its tombstone and, on one server, the freshness record
+/// it writes in the same call (on a cluster that is a separate, best-effort command).
+fn evalsha_probe(sink: &RedisHashConfig, cluster: bool, who: &str) -> Probe {
+    let (key_template, tombstone_prefix) = (sink.key.as_str(), sink.tombstone_prefix.as_str());
     let probe_event = Envelope {
         schema_version: None,
         event_id: None,
@@ -194,8 +192,14 @@ fn evalsha_probe(key_template: &str, tombstone_prefix: &str, cluster: bool, who:
             // A key with no tombstone in its slot is refused record by record; probe the plain one.
             let tombstone = tombstone_key(tombstone_prefix, &key, cluster)
                 .unwrap_or_else(|_| format!("{tombstone_prefix}{key}"));
-            cmd.arg(2).arg(&key).arg(&tombstone);
-            format!("EVALSHA on keys `{key}` and `{tombstone}` ({who})")
+            if cluster {
+                cmd.arg(2).arg(&key).arg(&tombstone);
+                format!("EVALSHA on keys `{key}` and `{tombstone}` ({who})")
+            } else {
+                let freshness = sink.freshness_key();
+                cmd.arg(3).arg(&key).arg(&tombstone).arg(&freshness);
+                format!("EVALSHA on keys `{key}`, `{tombstone}` and `{freshness}` ({who})")
+            }
         }
         None => {
             cmd.arg(0);

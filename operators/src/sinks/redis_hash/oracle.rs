@@ -85,6 +85,7 @@ fn sink(prefix: &str) -> RedisHashSink {
             pipeline: "t".into(),
             stage: "cache".into(),
             source_redis: redis_url(),
+            payload_reads: Default::default(),
         })
         .unwrap()
 }

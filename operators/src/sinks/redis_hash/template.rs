@@ -91,6 +91,7 @@ impl KeyTemplate {
     /// The envelope paths of the placeholders.
     pub fn paths(&self) -> impl Iterator<Item = &str> {
         self.parts.iter().filter_map(|part| match part {
+            Part::AggregateId => Some("aggregateId"),
             Part::Path(path) => Some(path.as_str()),
             Part::Literal(_) => None,
         })
