@@ -3,12 +3,15 @@
 
 pub mod config;
 mod locks;
+mod plan;
 mod replica;
 mod sql;
 mod values;
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::sync::Arc;
+
+use futures::SinkExt;
 
 use bb8_postgres::PostgresConnectionManager;
 use tokio::sync::OnceCell;
@@ -22,10 +25,26 @@ use crate::stage::{
     ApplyFuture, BuildContext, BuiltStage, ComponentConfig, ConfigProblem, Sink, SinkError,
     SinkReport,
 };
-use config::KeyColumn;
 pub use config::{PgType, PostgresConfig};
-use sql::Statements;
-use values::{Cell, Column, convert};
+use plan::{Layout, Plan};
+use sql::{StagedKind, Statements};
+use values::Column;
+
+/// How a batch reaches the guarded statements (an experiment's switch).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Method {
+    Unnest,
+    Copy,
+    CopyDrop,
+}
+
+fn method() -> Method {
+    match std::env::var("ECST_PG_APPLY").as_deref() {
+        Ok("unnest") => Method::Unnest,
+        Ok("copy_drop") => Method::CopyDrop,
+        _ => Method::Copy,
+    }
+}
 
 const STORE: &str = "postgres";
 
@@ -131,6 +150,10 @@ pub struct PgConnection {
     upsert: Statement,
     delete: Statement,
     mark: Statement,
+    copy_staged: Statement,
+    upsert_staged: Statement,
+    delete_staged: Statement,
+    mark_staged: Statement,
     broken: bool,
 }
 
@@ -182,13 +205,36 @@ impl PgManager {
         self.schema_ready
             .get_or_try_init(|| ensure_schema(&client, &self.config, &self.statements))
             .await?;
+        let s = &self.statements;
+        let drop = method() == Method::CopyDrop;
+        match drop {
+            true => {
+                client
+                    .batch_execute(&format!("BEGIN; {}", s.create_staged_drop))
+                    .await?
+            }
+            false => client.batch_execute(&s.create_staged).await?,
+        }
+        let (copy_staged, upsert_staged, delete_staged, mark_staged) = (
+            client.prepare(&s.copy_staged).await?,
+            client.prepare(&s.upsert_staged).await?,
+            client.prepare(&s.delete_staged).await?,
+            client.prepare(&s.mark_staged).await?,
+        );
+        if drop {
+            client.batch_execute("COMMIT").await?;
+        }
         Ok(PgConnection {
-            lock_table: client.prepare(&self.statements.lock_table).await?,
-            share_table: client.prepare(&self.statements.share_table).await?,
-            lock_buckets: client.prepare(&self.statements.lock_buckets).await?,
-            upsert: client.prepare(&self.statements.upsert).await?,
-            delete: client.prepare(&self.statements.delete).await?,
-            mark: client.prepare(&self.statements.mark).await?,
+            lock_table: client.prepare(&s.lock_table).await?,
+            share_table: client.prepare(&s.share_table).await?,
+            lock_buckets: client.prepare(&s.lock_buckets).await?,
+            upsert: client.prepare(&s.upsert).await?,
+            delete: client.prepare(&s.delete).await?,
+            mark: client.prepare(&s.mark).await?,
+            copy_staged,
+            upsert_staged,
+            delete_staged,
+            mark_staged,
             client,
             broken: false,
         })
@@ -199,8 +245,9 @@ impl PgManager {
 pub struct PostgresSink {
     config: PostgresConfig,
     lock_key: i32,
-    keys: Vec<KeyColumn>,
-    values: Vec<(String, PgType, String)>,
+    layout: Layout,
+    method: Method,
+    statements: Arc<Statements>,
     pool: bb8::Pool<PgManager>,
     purge: tokio::task::JoinHandle<()>,
 }
@@ -273,8 +320,12 @@ impl PostgresConfig {
         ));
         Ok(PostgresSink {
             lock_key: locks::table_key(&self.schema, &self.table),
-            keys: self.key.columns(),
-            values: self.value_columns(),
+            layout: Layout {
+                keys: self.key.columns(),
+                values: self.value_columns(),
+            },
+            method: method(),
+            statements,
             config: self.clone(),
             pool,
             purge,
@@ -305,12 +356,12 @@ async fn purge_tombstones(pool: bb8::Pool<PgManager>, sql: String, every: std::t
 }
 
 /// Rows of one kind of write, as typed column arrays.
-struct Rows {
+struct Rows<'c> {
     entries: Vec<usize>,
-    columns: Vec<Column>,
+    columns: Vec<Column<'c>>,
 }
 
-impl Rows {
+impl<'c> Rows<'c> {
     fn new(types: impl Iterator<Item = PgType>) -> Self {
         Rows {
             entries: Vec::new(),
@@ -318,7 +369,11 @@ impl Rows {
         }
     }
 
-    fn push(&mut self, entry: usize, cells: Vec<Cell>) {
+    fn push<'x: 'c>(
+        &mut self,
+        entry: usize,
+        cells: impl IntoIterator<Item = &'c values::Cell<'x>>,
+    ) {
         self.entries.push(entry);
         for (column, cell) in self.columns.iter_mut().zip(cells) {
             column.push(cell);
@@ -330,12 +385,17 @@ impl Rows {
     }
 }
 
-/// The batch split into the three statements' rows, and the key buckets they write.
-struct Plan {
-    upserts: Rows,
-    deletes: Rows,
-    marks: Rows,
-    buckets: Vec<i32>,
+/// The statements' results in the order they ran: the first error is the cause (those after
+/// it only say that the transaction is aborted). Else the last three: rows applied by the
+/// upserts, deletes and marks.
+fn first_error(
+    results: [Result<u64, tokio_postgres::Error>; 7],
+) -> Result<(u64, u64, u64), tokio_postgres::Error> {
+    let mut rows = [0; 7];
+    for (i, result) in results.into_iter().enumerate() {
+        rows[i] = result?;
+    }
+    Ok((rows[4], rows[5], rows[6]))
 }
 
 fn is_data_error(e: &tokio_postgres::Error) -> bool {
@@ -388,139 +448,102 @@ impl PostgresSink {
         })
     }
 
-    fn key_cells(&self, record: &Record) -> Result<(Vec<Cell>, String), String> {
-        let mut cells = Vec::with_capacity(self.keys.len());
-        let mut identity = String::new();
-        for key in &self.keys {
-            let value = record.event.lookup(&key.from);
-            if value.as_ref().is_none_or(serde_json::Value::is_null) {
-                return Err(format!(
-                    "key column `{}`: `{}` is missing in the event",
-                    key.column, key.from
-                ));
-            }
-            let cell = convert(value.as_ref(), key.pg_type)
-                .map_err(|e| format!("key column `{}`: {e}", key.column))?;
-            identity.push_str(&format!("{cell:?}\u{1f}"));
-            cells.push(cell);
-        }
-        Ok((cells, identity))
-    }
-
-    fn value_cells(&self, record: &Record) -> Result<Vec<Cell>, String> {
-        self.values
-            .iter()
-            .map(|(column, t, from)| {
-                convert(record.written_field(from), *t)
-                    .map_err(|e| format!("column `{column}`: {e}"))
-            })
-            .collect()
-    }
-
-    /// Splits a batch into rows, coalescing each key to its newest version.
-    fn plan(&self, batch: &[Record], report: &mut SinkReport) -> Plan {
-        let mut newest: HashMap<String, usize> = HashMap::new();
-        let mut keyed: Vec<Option<Vec<Cell>>> = Vec::with_capacity(batch.len());
-        for (i, record) in batch.iter().enumerate() {
-            match self.key_cells(record) {
-                Ok((cells, identity)) => {
-                    keyed.push(Some(cells));
-                    match newest.get(&identity) {
-                        Some(&j)
-                            if batch[j].event.aggregate_version
-                                >= record.event.aggregate_version =>
-                        {
-                            report.stale += 1;
-                        }
-                        Some(&j) => {
-                            report.stale += 1;
-                            keyed[j] = None;
-                            newest.insert(identity, i);
-                        }
-                        None => {
-                            newest.insert(identity, i);
-                        }
-                    }
-                }
-                Err(reason) => {
-                    keyed.push(None);
-                    report.rejected.push((record.entry, reason));
-                }
-            }
-        }
-        let key_types = || self.keys.iter().map(|k| k.pg_type);
-        let mut plan = Plan {
-            upserts: Rows::new(
-                key_types()
-                    .chain([PgType::Bigint, PgType::Timestamptz])
-                    .chain(self.values.iter().map(|v| v.1)),
-            ),
-            deletes: Rows::new(key_types().chain([PgType::Bigint, PgType::Bigint])),
-            marks: Rows::new(key_types().chain([PgType::Bigint, PgType::Timestamptz])),
-            buckets: Vec::new(),
-        };
-        let mut buckets = BTreeSet::new();
-        // In batch order, so that rows and rejections do not depend on hash order.
-        let mut order: Vec<usize> = newest.into_values().collect();
-        order.sort_unstable();
-        for i in order {
-            let (Some(Some(mut cells)), record) = (keyed.get_mut(i).map(Option::take), &batch[i])
-            else {
-                continue;
-            };
-            let Ok(version) = i64::try_from(record.event.aggregate_version) else {
-                report.rejected.push((
-                    record.entry,
-                    format!(
-                        "aggregateVersion {} does not fit the bigint version column",
-                        record.event.aggregate_version
-                    ),
-                ));
-                continue;
-            };
-            let bucket = locks::bucket_of(&cells);
-            let written = match record.action {
-                Action::Upsert => match self.value_cells(record) {
-                    Ok(values) => {
-                        cells.push(Cell::Bigint(Some(version)));
-                        cells.push(Cell::Timestamptz(record.event.occurred_at));
-                        cells.extend(values);
-                        plan.upserts.push(record.entry, cells);
-                        true
-                    }
-                    Err(reason) => {
-                        report.rejected.push((record.entry, reason));
-                        false
-                    }
-                },
-                Action::Delete { keep_for } => {
-                    cells.push(Cell::Bigint(Some(version)));
-                    cells.push(Cell::Bigint(Some(
-                        i64::try_from(keep_for.as_millis()).unwrap_or(i64::MAX),
-                    )));
-                    plan.deletes.push(record.entry, cells);
-                    true
-                }
-                Action::Mark => {
-                    cells.push(Cell::Bigint(Some(version)));
-                    cells.push(Cell::Timestamptz(record.event.occurred_at));
-                    plan.marks.push(record.entry, cells);
-                    true
-                }
-            };
-            if written {
-                buckets.insert(bucket);
-            }
-        }
-        plan.buckets = buckets.into_iter().collect();
-        plan
-    }
-
     /// Runs a plan in one transaction; returns the rows applied.
     async fn execute(
         &self,
         conn: &mut PgConnection,
-        plan: &Plan,
+        plan: &Plan<'_>,
+    ) -> Result<u64, tokio_postgres::Error> {
+        match self.method {
+            Method::Unnest => self.execute_unnest(conn, plan).await,
+            Method::Copy | Method::CopyDrop => self.execute_copy(conn, plan).await,
+        }
+    }
+
+    async fn execute_copy(
+        &self,
+        conn: &mut PgConnection,
+        plan: &Plan<'_>,
+    ) -> Result<u64, tokio_postgres::Error> {
+        let PgConnection {
+            client,
+            share_table,
+            lock_buckets,
+            copy_staged,
+            upsert_staged,
+            delete_staged,
+            mark_staged,
+            ..
+        } = conn;
+        let tx = client.transaction().await?;
+        let create = async {
+            match self.method {
+                Method::CopyDrop => tx
+                    .batch_execute(&self.statements.create_staged_drop)
+                    .await
+                    .map(|_| 0),
+                _ => Ok(0),
+            }
+        };
+        let table_lock = async {
+            tx.execute(&*share_table, &[&self.lock_key])
+                .await
+                .map(|_| 0)
+        };
+        let bucket_locks = async {
+            tx.execute(&*lock_buckets, &[&self.lock_key, &plan.buckets])
+                .await
+                .map(|_| 0)
+        };
+        let copy = async {
+            let sink = tx
+                .copy_in::<_, std::io::Cursor<Vec<u8>>>(&*copy_staged)
+                .await?;
+            let mut sink = std::pin::pin!(sink);
+            sink.as_mut()
+                .send(std::io::Cursor::new(plan.copy.clone()))
+                .await?;
+            sink.as_mut().finish().await.map(|_| 0)
+        };
+        let upserts = async {
+            match plan.count(StagedKind::Upsert) {
+                0 => Ok(0),
+                _ => tx.execute(&*upsert_staged, &[]).await,
+            }
+        };
+        let deletes = async {
+            match plan.count(StagedKind::Delete) {
+                0 => Ok(0),
+                _ => tx
+                    .query_one(&*delete_staged, &[])
+                    .await
+                    .map(|row| u64::try_from(row.get::<_, i64>(0)).unwrap_or(0)),
+            }
+        };
+        let marks = async {
+            match plan.count(StagedKind::Mark) {
+                0 => Ok(0),
+                _ => tx.execute(&*mark_staged, &[]).await,
+            }
+        };
+        let (c, t, b, p, u, d, m) = tokio::join!(
+            create,
+            table_lock,
+            bucket_locks,
+            copy,
+            upserts,
+            deletes,
+            marks
+        );
+        let (u, d, m) = first_error([c, t, b, p, u, d, m])?;
+        tx.commit().await?;
+        Ok(u + d + m)
+    }
+
+    async fn execute_unnest(
+        &self,
+        conn: &mut PgConnection,
+        plan: &Plan<'_>,
     ) -> Result<u64, tokio_postgres::Error> {
         let PgConnection {
             client,
@@ -531,6 +554,36 @@ impl PostgresSink {
             mark,
             ..
         } = conn;
+        let key_types = || self.layout.keys.iter().map(|k| k.pg_type);
+        let mut upserts = Rows::new(
+            key_types()
+                .chain([PgType::Bigint, PgType::Timestamptz])
+                .chain(self.layout.values.iter().map(|v| v.1)),
+        );
+        let mut deletes = Rows::new(key_types().chain([PgType::Bigint, PgType::Bigint]));
+        let mut marks = Rows::new(key_types().chain([PgType::Bigint, PgType::Timestamptz]));
+        let meta: Vec<[values::Cell<'static>; 2]> = plan
+            .rows
+            .iter()
+            .map(|r| match r.write {
+                plan::Write::Delete { keep_ms } => [
+                    values::Cell::Bigint(Some(r.version)),
+                    values::Cell::Bigint(Some(keep_ms)),
+                ],
+                _ => [
+                    values::Cell::Bigint(Some(r.version)),
+                    values::Cell::Timestamptz(r.updated),
+                ],
+            })
+            .collect();
+        for (row, meta) in plan.rows.iter().zip(&meta) {
+            let cells = row.key.iter().chain(meta.iter()).chain(row.values.iter());
+            match row.write {
+                plan::Write::Upsert => upserts.push(row.entry, cells),
+                plan::Write::Delete { .. } => deletes.push(row.entry, cells),
+                plan::Write::Mark => marks.push(row.entry, cells),
+            }
+        }
         let tx = client.transaction().await?;
         // Batches that write a key bucket are applied one at a time (across all workers), so
         // a late update never slips past an uncommitted delete; see `locks`. Each statement
@@ -545,20 +598,17 @@ impl PostgresSink {
                 .await
                 .map(|_| 0)
         };
-        let (upsert_params, delete_params, mark_params) = (
-            plan.upserts.params(),
-            plan.deletes.params(),
-            plan.marks.params(),
-        );
+        let (upsert_params, delete_params, mark_params) =
+            (upserts.params(), deletes.params(), marks.params());
         // Issued together, in this order, so the client pipelines them: one round trip.
         let upserts = async {
-            match plan.upserts.entries.is_empty() {
+            match upserts.entries.is_empty() {
                 true => Ok(0),
                 false => tx.execute(&*upsert, &upsert_params).await,
             }
         };
         let deletes = async {
-            match plan.deletes.entries.is_empty() {
+            match deletes.entries.is_empty() {
                 true => Ok(0),
                 false => tx
                     .query_one(&*delete, &delete_params)
@@ -567,21 +617,21 @@ impl PostgresSink {
             }
         };
         let marks = async {
-            match plan.marks.entries.is_empty() {
+            match marks.entries.is_empty() {
                 true => Ok(0),
                 false => tx.execute(&*mark, &mark_params).await,
             }
         };
-        let (_, _, u, d, m) = tokio::try_join!(table_lock, bucket_locks, upserts, deletes, marks)?;
+        let (t, b, u, d, m) = tokio::join!(table_lock, bucket_locks, upserts, deletes, marks);
+        let (u, d, m) = first_error([Ok(0), t, b, Ok(0), u, d, m])?;
         tx.commit().await?;
         Ok(u + d + m)
     }
 
     async fn apply(&self, batch: &[Record]) -> Result<SinkReport, SinkError> {
         let mut report = SinkReport::default();
-        let plan = self.plan(batch, &mut report);
-        let rows =
-            plan.upserts.entries.len() + plan.deletes.entries.len() + plan.marks.entries.len();
+        let plan = self.layout.plan(batch, &mut report);
+        let rows = plan.len();
         if rows == 0 {
             return Ok(report);
         }
@@ -631,7 +681,7 @@ impl PostgresSink {
         report.stale = 0;
         for record in batch.iter().filter(|r| !rejected.contains(&r.entry)) {
             let mut single = SinkReport::default();
-            let plan = self.plan(std::slice::from_ref(record), &mut single);
+            let plan = self.layout.plan(std::slice::from_ref(record), &mut single);
             if !single.rejected.is_empty() {
                 report.rejected.extend(single.rejected);
                 continue;
@@ -666,15 +716,12 @@ impl PostgresSink {
 
 impl Sink for PostgresSink {
     fn check_record(&self, record: &Record) -> Result<(), String> {
-        self.key_cells(record)?;
+        self.layout.key_cells(record)?;
         if i64::try_from(record.event.aggregate_version).is_err() {
-            return Err(format!(
-                "aggregateVersion {} does not fit the bigint version column",
-                record.event.aggregate_version
-            ));
+            return Err(plan::too_new(record));
         }
         if record.action == Action::Upsert {
-            self.value_cells(record)?;
+            self.layout.value_cells(record)?;
         }
         Ok(())
     }

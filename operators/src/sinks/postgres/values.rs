@@ -1,5 +1,9 @@
-//! Event values converted, before any statement runs, into the typed arrays bound as
-//! parameters; a value that does not fit its column is an error for that event alone.
+//! Event values converted, before any statement runs, into the cells a batch is written with;
+//! a value that does not fit its column is an error for that event alone. Cells borrow from
+//! the records where they can, so a batch is converted without copying its strings.
+
+use std::borrow::Cow;
+use std::hash::{Hash, Hasher};
 
 use serde_json::Value;
 use time::OffsetDateTime;
@@ -8,10 +12,10 @@ use tokio_postgres::types::ToSql;
 use super::config::PgType;
 
 /// One converted value.
-#[derive(Debug, Clone, PartialEq)]
-pub(super) enum Cell {
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum Cell<'a> {
     /// text (and numeric, validated, as text)
-    Text(Option<String>),
+    Text(Option<Cow<'a, str>>),
     /// bigint
     Bigint(Option<i64>),
     /// integer
@@ -21,9 +25,102 @@ pub(super) enum Cell {
     /// timestamptz
     Timestamptz(Option<OffsetDateTime>),
     /// jsonb
-    Jsonb(Option<Value>),
+    Jsonb(Option<Cow<'a, Value>>),
     /// uuid
     Uuid(Option<uuid::Uuid>),
+}
+
+/// Keys are compared by their cells when a batch is coalesced; keys are never jsonb, so a
+/// jsonb cell hashes by its kind alone (equal cells still hash alike).
+impl Hash for Cell<'_> {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        std::mem::discriminant(self).hash(state);
+        match self {
+            Cell::Text(v) => v.hash(state),
+            Cell::Bigint(v) => v.hash(state),
+            Cell::Integer(v) => v.hash(state),
+            Cell::Boolean(v) => v.hash(state),
+            Cell::Timestamptz(v) => v.hash(state),
+            Cell::Jsonb(_) => {}
+            Cell::Uuid(v) => v.hash(state),
+        }
+    }
+}
+
+/// Nanoseconds from the Unix epoch to Postgres's (2000-01-01), from which binary timestamps
+/// count.
+const POSTGRES_EPOCH_NANOS: i128 = 946_684_800_000_000_000;
+
+impl Cell<'_> {
+    /// The same cell, owning its data.
+    pub(super) fn into_owned(self) -> Cell<'static> {
+        match self {
+            Cell::Text(v) => Cell::Text(v.map(|s| Cow::Owned(s.into_owned()))),
+            Cell::Bigint(v) => Cell::Bigint(v),
+            Cell::Integer(v) => Cell::Integer(v),
+            Cell::Boolean(v) => Cell::Boolean(v),
+            Cell::Timestamptz(v) => Cell::Timestamptz(v),
+            Cell::Jsonb(v) => Cell::Jsonb(v.map(|j| Cow::Owned(j.into_owned()))),
+            Cell::Uuid(v) => Cell::Uuid(v),
+        }
+    }
+
+    /// Appends the cell as one field of a binary `COPY` row: its length (-1 for NULL), then
+    /// its binary form, as the column's type reads it.
+    pub(super) fn write_copy_field(&self, out: &mut Vec<u8>) -> Result<(), String> {
+        let at = out.len();
+        out.extend_from_slice(&[0; 4]);
+        let present = match self {
+            Cell::Text(Some(s)) => {
+                out.extend_from_slice(s.as_bytes());
+                true
+            }
+            Cell::Bigint(Some(n)) => {
+                out.extend_from_slice(&n.to_be_bytes());
+                true
+            }
+            Cell::Integer(Some(n)) => {
+                out.extend_from_slice(&n.to_be_bytes());
+                true
+            }
+            Cell::Boolean(Some(b)) => {
+                out.push(u8::from(*b));
+                true
+            }
+            Cell::Timestamptz(Some(t)) => {
+                // Truncated toward zero, as the driver binds a timestamp parameter.
+                let micros = (t.unix_timestamp_nanos() - POSTGRES_EPOCH_NANOS) / 1000;
+                let micros =
+                    i64::try_from(micros).map_err(|_| format!("timestamp {t} is out of range"))?;
+                out.extend_from_slice(&micros.to_be_bytes());
+                true
+            }
+            Cell::Jsonb(Some(v)) => {
+                // jsonb's binary form: format version 1, then the JSON text.
+                out.push(1);
+                serde_json::to_writer(&mut *out, v.as_ref()).map_err(|e| e.to_string())?;
+                true
+            }
+            Cell::Uuid(Some(u)) => {
+                out.extend_from_slice(u.as_bytes());
+                true
+            }
+            Cell::Text(None)
+            | Cell::Bigint(None)
+            | Cell::Integer(None)
+            | Cell::Boolean(None)
+            | Cell::Timestamptz(None)
+            | Cell::Jsonb(None)
+            | Cell::Uuid(None) => false,
+        };
+        let length = match present {
+            true => i32::try_from(out.len() - at - 4)
+                .map_err(|_| "value is larger than 2 GiB".to_string())?,
+            false => -1,
+        };
+        out[at..at + 4].copy_from_slice(&length.to_be_bytes());
+        Ok(())
+    }
 }
 
 fn shown(value: &Value) -> String {
@@ -53,30 +150,24 @@ fn is_numeric_text(s: &str) -> bool {
 }
 
 /// Converts a JSON value (or its absence) for a column of type `t`.
-pub(super) fn convert(value: Option<&Value>, t: PgType) -> Result<Cell, String> {
+pub(super) fn convert(value: Option<&Value>, t: PgType) -> Result<Cell<'_>, String> {
     let value = value.filter(|v| !v.is_null());
     let bad = |v: &Value| format!("cannot write {} as {}", shown(v), t.sql());
     Ok(match t {
         PgType::Text => Cell::Text(value.map(|v| match v {
-            Value::String(s) => s.clone(),
-            other => other.to_string(),
+            Value::String(s) => Cow::Borrowed(s.as_str()),
+            other => Cow::Owned(other.to_string()),
         })),
         PgType::Numeric => Cell::Text(match value {
             None => None,
-            Some(Value::Number(n)) => Some(n.to_string()),
-            Some(Value::String(s)) if is_numeric_text(s.trim()) => Some(s.trim().to_string()),
+            Some(Value::Number(n)) => Some(Cow::Owned(n.to_string())),
+            Some(Value::String(s)) if is_numeric_text(s.trim()) => Some(Cow::Borrowed(s.trim())),
             Some(v) => return Err(bad(v)),
         }),
         PgType::Bigint => Cell::Bigint(match value {
             None => None,
-            Some(Value::Number(n)) => {
-                Some(n.as_i64().ok_or_else(|| bad(&Value::Number(n.clone())))?)
-            }
-            Some(Value::String(s)) => Some(
-                s.trim()
-                    .parse::<i64>()
-                    .map_err(|_| bad(&Value::String(s.clone())))?,
-            ),
+            Some(v @ Value::Number(n)) => Some(n.as_i64().ok_or_else(|| bad(v))?),
+            Some(v @ Value::String(s)) => Some(s.trim().parse::<i64>().map_err(|_| bad(v))?),
             Some(v) => return Err(bad(v)),
         }),
         PgType::Integer => Cell::Integer(match value {
@@ -100,7 +191,7 @@ pub(super) fn convert(value: Option<&Value>, t: PgType) -> Result<Cell, String> 
             None => None,
             Some(v) => Some(ecst_schemas::envelope::parse_timestamp(v).ok_or_else(|| bad(v))?),
         }),
-        PgType::Jsonb => Cell::Jsonb(value.cloned()),
+        PgType::Jsonb => Cell::Jsonb(value.map(Cow::Borrowed)),
         PgType::Uuid => Cell::Uuid(match value {
             None => None,
             Some(v @ Value::String(s)) => Some(uuid::Uuid::parse_str(s).map_err(|_| bad(v))?),
@@ -109,11 +200,20 @@ pub(super) fn convert(value: Option<&Value>, t: PgType) -> Result<Cell, String> 
     })
 }
 
+/// Converts a key held as text (the aggregate id) for a key column of type `t`, borrowing it
+/// where the column is text.
+pub(super) fn convert_key_text(text: &str, t: PgType) -> Result<Cell<'_>, String> {
+    match t {
+        PgType::Text => Ok(Cell::Text(Some(Cow::Borrowed(text)))),
+        _ => convert(Some(&Value::String(text.to_string())), t).map(Cell::into_owned),
+    }
+}
+
 /// A column of values, bound as one array parameter.
 #[derive(Debug)]
-pub(super) enum Column {
+pub(super) enum Column<'c> {
     /// text[]
-    Text(Vec<Option<String>>),
+    Text(Vec<Option<&'c str>>),
     /// int8[]
     Bigint(Vec<Option<i64>>),
     /// int4[]
@@ -123,12 +223,12 @@ pub(super) enum Column {
     /// timestamptz[]
     Timestamptz(Vec<Option<OffsetDateTime>>),
     /// jsonb[]
-    Jsonb(Vec<Option<Value>>),
+    Jsonb(Vec<Option<&'c Value>>),
     /// uuid[]
     Uuid(Vec<Option<uuid::Uuid>>),
 }
 
-impl Column {
+impl<'c> Column<'c> {
     /// An empty column for type `t`.
     pub(super) fn new(t: PgType) -> Self {
         match t {
@@ -143,15 +243,15 @@ impl Column {
     }
 
     /// Appends a cell converted for this column's type.
-    pub(super) fn push(&mut self, cell: Cell) {
+    pub(super) fn push(&mut self, cell: &'c Cell<'_>) {
         match (self, cell) {
-            (Column::Text(v), Cell::Text(c)) => v.push(c),
-            (Column::Bigint(v), Cell::Bigint(c)) => v.push(c),
-            (Column::Integer(v), Cell::Integer(c)) => v.push(c),
-            (Column::Boolean(v), Cell::Boolean(c)) => v.push(c),
-            (Column::Timestamptz(v), Cell::Timestamptz(c)) => v.push(c),
-            (Column::Jsonb(v), Cell::Jsonb(c)) => v.push(c),
-            (Column::Uuid(v), Cell::Uuid(c)) => v.push(c),
+            (Column::Text(v), Cell::Text(c)) => v.push(c.as_deref()),
+            (Column::Bigint(v), Cell::Bigint(c)) => v.push(*c),
+            (Column::Integer(v), Cell::Integer(c)) => v.push(*c),
+            (Column::Boolean(v), Cell::Boolean(c)) => v.push(*c),
+            (Column::Timestamptz(v), Cell::Timestamptz(c)) => v.push(*c),
+            (Column::Jsonb(v), Cell::Jsonb(c)) => v.push(c.as_deref()),
+            (Column::Uuid(v), Cell::Uuid(c)) => v.push(*c),
             // Cells are always converted for their column's type; nothing else reaches here.
             _ => {}
         }
@@ -176,6 +276,10 @@ mod tests {
     use super::*;
     use serde_json::json;
 
+    fn text(s: &str) -> Cell<'static> {
+        Cell::Text(Some(Cow::Owned(s.into())))
+    }
+
     #[test]
     fn values_that_fit_convert() {
         assert_eq!(
@@ -188,12 +292,9 @@ mod tests {
         );
         assert_eq!(
             convert(Some(&json!("-1.5e3")), PgType::Numeric).unwrap(),
-            Cell::Text(Some("-1.5e3".into()))
+            text("-1.5e3")
         );
-        assert_eq!(
-            convert(Some(&json!(42)), PgType::Text).unwrap(),
-            Cell::Text(Some("42".into()))
-        );
+        assert_eq!(convert(Some(&json!(42)), PgType::Text).unwrap(), text("42"));
         assert_eq!(convert(None, PgType::Uuid).unwrap(), Cell::Uuid(None));
         assert_eq!(
             convert(Some(&Value::Null), PgType::Boolean).unwrap(),
@@ -202,6 +303,23 @@ mod tests {
         assert!(matches!(
             convert(Some(&json!("2026-11-24T10:00:00Z")), PgType::Timestamptz).unwrap(),
             Cell::Timestamptz(Some(_))
+        ));
+        assert_eq!(
+            convert_key_text("42", PgType::Bigint).unwrap(),
+            Cell::Bigint(Some(42))
+        );
+    }
+
+    #[test]
+    fn strings_are_borrowed_not_copied() {
+        let value = json!("Athlete 1");
+        assert!(matches!(
+            convert(Some(&value), PgType::Text).unwrap(),
+            Cell::Text(Some(Cow::Borrowed("Athlete 1")))
+        ));
+        assert!(matches!(
+            convert_key_text("ath-1", PgType::Text).unwrap(),
+            Cell::Text(Some(Cow::Borrowed("ath-1")))
         ));
     }
 
@@ -222,5 +340,36 @@ mod tests {
         assert!(convert(Some(&json!("1.2.3")), PgType::Numeric).is_err());
         assert!(convert(Some(&json!("nope")), PgType::Uuid).is_err());
         assert!(convert(Some(&json!(1)), PgType::Boolean).is_err());
+        assert_eq!(
+            convert_key_text("x1", PgType::Integer).unwrap_err(),
+            "cannot write \"x1\" as integer"
+        );
+    }
+
+    #[test]
+    fn copy_fields_are_length_prefixed_binary() {
+        let field = |cell: Cell| {
+            let mut out = Vec::new();
+            cell.write_copy_field(&mut out).unwrap();
+            out
+        };
+        assert_eq!(field(Cell::Text(None)), (-1i32).to_be_bytes());
+        assert_eq!(field(text("ab")), [0, 0, 0, 2, b'a', b'b']);
+        assert_eq!(
+            field(Cell::Integer(Some(-2))),
+            [0, 0, 0, 4, 255, 255, 255, 254]
+        );
+        assert_eq!(field(Cell::Boolean(Some(true))), [0, 0, 0, 1, 1]);
+        let value = json!({"a": 1});
+        assert_eq!(
+            field(Cell::Jsonb(Some(Cow::Borrowed(&value)))),
+            [&[0, 0, 0, 8, 1][..], b"{\"a\":1}"].concat()
+        );
+        // 2000-01-01T00:00:01.0000015Z is 1000001 µs after Postgres's epoch (truncated).
+        let t = OffsetDateTime::from_unix_timestamp_nanos(946_684_801_000_001_500).unwrap();
+        assert_eq!(
+            field(Cell::Timestamptz(Some(t))),
+            [&[0, 0, 0, 8][..], &1_000_001i64.to_be_bytes()].concat()
+        );
     }
 }
