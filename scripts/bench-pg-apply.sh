@@ -4,8 +4,9 @@
 # source.batch_size, while sampling the CPU time of the sink's own Postgres backends
 # (application_name ecst/bench-<sink>/table, utime + stime from /proc/<pid>/stat). Postgres's
 # background work (WAL writer, checkpointer, autovacuum) is not counted: the bench's ceiling
-# runs on the same server meanwhile. The bench itself reports events/s, the worker's CPU (the bench process during the drain) and
-# Redis's. Prints one line per run and the medians per binary and batch size.
+# runs on the same server meanwhile. The bench itself reports events/s, the worker's CPU (the
+# bench process during the drain) and Redis's. Prints one line per run and the medians per
+# binary and batch size. Give two binaries (one built before a change, one after) to compare.
 #
 #   scripts/bench-pg-apply.sh [ECST_BINARY ...]     (default: target/release/ecst)
 #

@@ -11,8 +11,6 @@ mod values;
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use futures::SinkExt;
-
 use bb8_postgres::PostgresConnectionManager;
 use tokio::sync::OnceCell;
 use tokio_postgres::error::SqlState;
@@ -27,24 +25,7 @@ use crate::stage::{
 };
 pub use config::{PgType, PostgresConfig};
 use plan::{Layout, Plan};
-use sql::{StagedKind, Statements};
-use values::Column;
-
-/// How a batch reaches the guarded statements (an experiment's switch).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Method {
-    Unnest,
-    Copy,
-    CopyDrop,
-}
-
-fn method() -> Method {
-    match std::env::var("ECST_PG_APPLY").as_deref() {
-        Ok("unnest") => Method::Unnest,
-        Ok("copy_drop") => Method::CopyDrop,
-        _ => Method::Copy,
-    }
-}
+use sql::Statements;
 
 const STORE: &str = "postgres";
 
@@ -150,10 +131,6 @@ pub struct PgConnection {
     upsert: Statement,
     delete: Statement,
     mark: Statement,
-    copy_staged: Statement,
-    upsert_staged: Statement,
-    delete_staged: Statement,
-    mark_staged: Statement,
     broken: bool,
 }
 
@@ -206,24 +183,6 @@ impl PgManager {
             .get_or_try_init(|| ensure_schema(&client, &self.config, &self.statements))
             .await?;
         let s = &self.statements;
-        let drop = method() == Method::CopyDrop;
-        match drop {
-            true => {
-                client
-                    .batch_execute(&format!("BEGIN; {}", s.create_staged_drop))
-                    .await?
-            }
-            false => client.batch_execute(&s.create_staged).await?,
-        }
-        let (copy_staged, upsert_staged, delete_staged, mark_staged) = (
-            client.prepare(&s.copy_staged).await?,
-            client.prepare(&s.upsert_staged).await?,
-            client.prepare(&s.delete_staged).await?,
-            client.prepare(&s.mark_staged).await?,
-        );
-        if drop {
-            client.batch_execute("COMMIT").await?;
-        }
         Ok(PgConnection {
             lock_table: client.prepare(&s.lock_table).await?,
             share_table: client.prepare(&s.share_table).await?,
@@ -231,10 +190,6 @@ impl PgManager {
             upsert: client.prepare(&s.upsert).await?,
             delete: client.prepare(&s.delete).await?,
             mark: client.prepare(&s.mark).await?,
-            copy_staged,
-            upsert_staged,
-            delete_staged,
-            mark_staged,
             client,
             broken: false,
         })
@@ -246,8 +201,6 @@ pub struct PostgresSink {
     config: PostgresConfig,
     lock_key: i32,
     layout: Layout,
-    method: Method,
-    statements: Arc<Statements>,
     pool: bb8::Pool<PgManager>,
     purge: tokio::task::JoinHandle<()>,
 }
@@ -324,8 +277,6 @@ impl PostgresConfig {
                 keys: self.key.columns(),
                 values: self.value_columns(),
             },
-            method: method(),
-            statements,
             config: self.clone(),
             pool,
             purge,
@@ -355,47 +306,17 @@ async fn purge_tombstones(pool: bb8::Pool<PgManager>, sql: String, every: std::t
     }
 }
 
-/// Rows of one kind of write, as typed column arrays.
-struct Rows<'c> {
-    entries: Vec<usize>,
-    columns: Vec<Column<'c>>,
-}
-
-impl<'c> Rows<'c> {
-    fn new(types: impl Iterator<Item = PgType>) -> Self {
-        Rows {
-            entries: Vec::new(),
-            columns: types.map(Column::new).collect(),
-        }
-    }
-
-    fn push<'x: 'c>(
-        &mut self,
-        entry: usize,
-        cells: impl IntoIterator<Item = &'c values::Cell<'x>>,
-    ) {
-        self.entries.push(entry);
-        for (column, cell) in self.columns.iter_mut().zip(cells) {
-            column.push(cell);
-        }
-    }
-
-    fn params(&self) -> Vec<&(dyn tokio_postgres::types::ToSql + Sync)> {
-        self.columns.iter().map(Column::as_param).collect()
-    }
-}
-
 /// The statements' results in the order they ran: the first error is the cause (those after
 /// it only say that the transaction is aborted). Else the last three: rows applied by the
 /// upserts, deletes and marks.
 fn first_error(
-    results: [Result<u64, tokio_postgres::Error>; 7],
+    results: [Result<u64, tokio_postgres::Error>; 5],
 ) -> Result<(u64, u64, u64), tokio_postgres::Error> {
-    let mut rows = [0; 7];
+    let mut rows = [0; 5];
     for (i, result) in results.into_iter().enumerate() {
         rows[i] = result?;
     }
-    Ok((rows[4], rows[5], rows[6]))
+    Ok((rows[2], rows[3], rows[4]))
 }
 
 fn is_data_error(e: &tokio_postgres::Error) -> bool {
@@ -454,97 +375,6 @@ impl PostgresSink {
         conn: &mut PgConnection,
         plan: &Plan<'_>,
     ) -> Result<u64, tokio_postgres::Error> {
-        match self.method {
-            Method::Unnest => self.execute_unnest(conn, plan).await,
-            Method::Copy | Method::CopyDrop => self.execute_copy(conn, plan).await,
-        }
-    }
-
-    async fn execute_copy(
-        &self,
-        conn: &mut PgConnection,
-        plan: &Plan<'_>,
-    ) -> Result<u64, tokio_postgres::Error> {
-        let PgConnection {
-            client,
-            share_table,
-            lock_buckets,
-            copy_staged,
-            upsert_staged,
-            delete_staged,
-            mark_staged,
-            ..
-        } = conn;
-        let tx = client.transaction().await?;
-        let create = async {
-            match self.method {
-                Method::CopyDrop => tx
-                    .batch_execute(&self.statements.create_staged_drop)
-                    .await
-                    .map(|_| 0),
-                _ => Ok(0),
-            }
-        };
-        let table_lock = async {
-            tx.execute(&*share_table, &[&self.lock_key])
-                .await
-                .map(|_| 0)
-        };
-        let bucket_locks = async {
-            tx.execute(&*lock_buckets, &[&self.lock_key, &plan.buckets])
-                .await
-                .map(|_| 0)
-        };
-        let copy = async {
-            let sink = tx
-                .copy_in::<_, std::io::Cursor<Vec<u8>>>(&*copy_staged)
-                .await?;
-            let mut sink = std::pin::pin!(sink);
-            sink.as_mut()
-                .send(std::io::Cursor::new(plan.copy.clone()))
-                .await?;
-            sink.as_mut().finish().await.map(|_| 0)
-        };
-        let upserts = async {
-            match plan.count(StagedKind::Upsert) {
-                0 => Ok(0),
-                _ => tx.execute(&*upsert_staged, &[]).await,
-            }
-        };
-        let deletes = async {
-            match plan.count(StagedKind::Delete) {
-                0 => Ok(0),
-                _ => tx
-                    .query_one(&*delete_staged, &[])
-                    .await
-                    .map(|row| u64::try_from(row.get::<_, i64>(0)).unwrap_or(0)),
-            }
-        };
-        let marks = async {
-            match plan.count(StagedKind::Mark) {
-                0 => Ok(0),
-                _ => tx.execute(&*mark_staged, &[]).await,
-            }
-        };
-        let (c, t, b, p, u, d, m) = tokio::join!(
-            create,
-            table_lock,
-            bucket_locks,
-            copy,
-            upserts,
-            deletes,
-            marks
-        );
-        let (u, d, m) = first_error([c, t, b, p, u, d, m])?;
-        tx.commit().await?;
-        Ok(u + d + m)
-    }
-
-    async fn execute_unnest(
-        &self,
-        conn: &mut PgConnection,
-        plan: &Plan<'_>,
-    ) -> Result<u64, tokio_postgres::Error> {
         let PgConnection {
             client,
             share_table,
@@ -554,36 +384,6 @@ impl PostgresSink {
             mark,
             ..
         } = conn;
-        let key_types = || self.layout.keys.iter().map(|k| k.pg_type);
-        let mut upserts = Rows::new(
-            key_types()
-                .chain([PgType::Bigint, PgType::Timestamptz])
-                .chain(self.layout.values.iter().map(|v| v.1)),
-        );
-        let mut deletes = Rows::new(key_types().chain([PgType::Bigint, PgType::Bigint]));
-        let mut marks = Rows::new(key_types().chain([PgType::Bigint, PgType::Timestamptz]));
-        let meta: Vec<[values::Cell<'static>; 2]> = plan
-            .rows
-            .iter()
-            .map(|r| match r.write {
-                plan::Write::Delete { keep_ms } => [
-                    values::Cell::Bigint(Some(r.version)),
-                    values::Cell::Bigint(Some(keep_ms)),
-                ],
-                _ => [
-                    values::Cell::Bigint(Some(r.version)),
-                    values::Cell::Timestamptz(r.updated),
-                ],
-            })
-            .collect();
-        for (row, meta) in plan.rows.iter().zip(&meta) {
-            let cells = row.key.iter().chain(meta.iter()).chain(row.values.iter());
-            match row.write {
-                plan::Write::Upsert => upserts.push(row.entry, cells),
-                plan::Write::Delete { .. } => deletes.push(row.entry, cells),
-                plan::Write::Mark => marks.push(row.entry, cells),
-            }
-        }
         let tx = client.transaction().await?;
         // Batches that write a key bucket are applied one at a time (across all workers), so
         // a late update never slips past an uncommitted delete; see `locks`. Each statement
@@ -598,17 +398,20 @@ impl PostgresSink {
                 .await
                 .map(|_| 0)
         };
-        let (upsert_params, delete_params, mark_params) =
-            (upserts.params(), deletes.params(), marks.params());
+        let (upsert_params, delete_params, mark_params) = (
+            plan.upserts.params(),
+            plan.deletes.params(),
+            plan.marks.params(),
+        );
         // Issued together, in this order, so the client pipelines them: one round trip.
         let upserts = async {
-            match upserts.entries.is_empty() {
+            match plan.upserts.entries.is_empty() {
                 true => Ok(0),
                 false => tx.execute(&*upsert, &upsert_params).await,
             }
         };
         let deletes = async {
-            match deletes.entries.is_empty() {
+            match plan.deletes.entries.is_empty() {
                 true => Ok(0),
                 false => tx
                     .query_one(&*delete, &delete_params)
@@ -617,13 +420,13 @@ impl PostgresSink {
             }
         };
         let marks = async {
-            match marks.entries.is_empty() {
+            match plan.marks.entries.is_empty() {
                 true => Ok(0),
                 false => tx.execute(&*mark, &mark_params).await,
             }
         };
         let (t, b, u, d, m) = tokio::join!(table_lock, bucket_locks, upserts, deletes, marks);
-        let (u, d, m) = first_error([Ok(0), t, b, Ok(0), u, d, m])?;
+        let (u, d, m) = first_error([t, b, u, d, m])?;
         tx.commit().await?;
         Ok(u + d + m)
     }

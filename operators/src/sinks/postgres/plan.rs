@@ -6,115 +6,64 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
 use serde_json::Value;
-use time::OffsetDateTime;
+use tokio_postgres::types::ToSql;
 
 use super::config::{KeyColumn, PgType};
 use super::locks;
-use super::sql::StagedKind;
-use super::values::{Cell, convert, convert_key_text};
+use super::values::{Cell, Column, convert, convert_key_text};
 use crate::record::{Action, FieldNames, Fields, Record};
 use crate::stage::SinkReport;
 
-/// What a planned row does.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Write {
-    /// A guarded upsert.
-    Upsert,
-    /// A guarded delete, remembered for this many milliseconds.
-    Delete {
-        /// The tombstone's retention.
-        keep_ms: i64,
-    },
-    /// A guarded mark as deleted.
-    Mark,
-}
-
-/// One record to write, converted.
+/// Rows of one kind of write, as typed column arrays.
 #[derive(Debug)]
-pub(super) struct Row<'a> {
-    /// The record's entry in the batch.
-    pub(super) entry: usize,
-    /// What it does.
-    pub(super) write: Write,
-    /// The key columns' cells.
-    pub(super) key: Vec<Cell<'a>>,
-    /// The aggregate version.
-    pub(super) version: i64,
-    /// The event's `occurredAt`.
-    pub(super) updated: Option<OffsetDateTime>,
-    /// The value columns' cells (upserts only).
-    pub(super) values: Vec<Cell<'a>>,
+pub(super) struct Rows<'a> {
+    /// The rows' entries in the batch.
+    pub(super) entries: Vec<usize>,
+    /// One array per column.
+    pub(super) columns: Vec<Column<'a>>,
 }
 
-/// The rows of a batch, newest per key, in batch order, and the key buckets they write.
-#[derive(Debug, Default)]
+impl<'a> Rows<'a> {
+    /// No rows, for columns of these types.
+    pub(super) fn new(types: impl Iterator<Item = PgType>) -> Self {
+        Rows {
+            entries: Vec::new(),
+            columns: types.map(Column::new).collect(),
+        }
+    }
+
+    /// Appends a row: one cell per column, in column order.
+    pub(super) fn push(&mut self, entry: usize, cells: impl IntoIterator<Item = Cell<'a>>) {
+        self.entries.push(entry);
+        for (column, cell) in self.columns.iter_mut().zip(cells) {
+            column.push(cell);
+        }
+    }
+
+    /// The arrays to bind, in column order.
+    pub(super) fn params(&self) -> Vec<&(dyn ToSql + Sync)> {
+        self.columns.iter().map(Column::as_param).collect()
+    }
+}
+
+/// A batch split into the three statements' rows, newest per key, in batch order, and the key
+/// buckets they write.
+#[derive(Debug)]
 pub(super) struct Plan<'a> {
-    /// The rows.
-    pub(super) rows: Vec<Row<'a>>,
-    /// The rows as the binary `COPY` of the staged table reads them.
-    pub(super) copy: Vec<u8>,
-    /// Rows per kind: upserts, deletes, marks.
-    pub(super) counts: [usize; 3],
+    /// Guarded upserts: keys, version, updated_at, value columns.
+    pub(super) upserts: Rows<'a>,
+    /// Guarded deletes: keys, version, keep_for in milliseconds.
+    pub(super) deletes: Rows<'a>,
+    /// Guarded marks: keys, version, updated_at.
+    pub(super) marks: Rows<'a>,
     /// The key buckets written, ascending.
     pub(super) buckets: Vec<i32>,
 }
 
-/// The binary `COPY` signature, flags and header extension length.
-const COPY_HEADER: &[u8] = b"PGCOPY\n\xff\r\n\0\0\0\0\0\0\0\0\0";
-
 impl Plan<'_> {
-    /// Rows written, of every kind.
+    /// Rows of every kind.
     pub(super) fn len(&self) -> usize {
-        self.counts.iter().sum()
-    }
-
-    /// Rows of one kind.
-    pub(super) fn count(&self, kind: StagedKind) -> usize {
-        self.counts[kind as usize]
-    }
-}
-
-impl Row<'_> {
-    /// The staged kind of the row.
-    pub(super) fn kind(&self) -> StagedKind {
-        match self.write {
-            Write::Upsert => StagedKind::Upsert,
-            Write::Delete { .. } => StagedKind::Delete,
-            Write::Mark => StagedKind::Mark,
-        }
-    }
-
-    /// Appends the row as the staged table reads it: keys, kind, version, updated, keep_ms,
-    /// values (NULL but for upserts).
-    fn write_copy(&self, out: &mut Vec<u8>, value_columns: usize) -> Result<(), String> {
-        let fields = i16::try_from(self.key.len() + 4 + value_columns)
-            .map_err(|_| "too many columns for one row".to_string())?;
-        out.extend_from_slice(&fields.to_be_bytes());
-        for cell in &self.key {
-            cell.write_copy_field(out)?;
-        }
-        out.extend_from_slice(&2i32.to_be_bytes());
-        out.extend_from_slice(&(self.kind() as i16).to_be_bytes());
-        Cell::Bigint(Some(self.version)).write_copy_field(out)?;
-        Cell::Timestamptz(self.updated).write_copy_field(out)?;
-        let keep_ms = match self.write {
-            Write::Delete { keep_ms } => Some(keep_ms),
-            Write::Upsert | Write::Mark => None,
-        };
-        Cell::Bigint(keep_ms).write_copy_field(out)?;
-        match self.write {
-            Write::Upsert => {
-                for cell in &self.values {
-                    cell.write_copy_field(out)?;
-                }
-            }
-            Write::Delete { .. } | Write::Mark => {
-                for _ in 0..value_columns {
-                    out.extend_from_slice(&(-1i32).to_be_bytes());
-                }
-            }
-        }
-        Ok(())
+        self.upserts.entries.len() + self.deletes.entries.len() + self.marks.entries.len()
     }
 }
 
@@ -168,6 +117,8 @@ impl Layout {
             .collect()
     }
 
+    /// As `value_cells`, finding where a fixed field set holds each column's field once per
+    /// set of names rather than once per record.
     fn indexed_value_cells<'r>(
         &self,
         index: &mut FieldIndex,
@@ -230,9 +181,16 @@ impl Layout {
             names: None,
             at: Vec::new(),
         };
+        let key_types = || self.keys.iter().map(|k| k.pg_type);
         let mut plan = Plan {
-            copy: COPY_HEADER.to_vec(),
-            ..Plan::default()
+            upserts: Rows::new(
+                key_types()
+                    .chain([PgType::Bigint, PgType::Timestamptz])
+                    .chain(self.values.iter().map(|v| v.1)),
+            ),
+            deletes: Rows::new(key_types().chain([PgType::Bigint, PgType::Bigint])),
+            marks: Rows::new(key_types().chain([PgType::Bigint, PgType::Timestamptz])),
+            buckets: Vec::new(),
         };
         let mut buckets = BTreeSet::new();
         for i in order {
@@ -243,41 +201,33 @@ impl Layout {
                 report.rejected.push((record.entry, too_new(record)));
                 continue;
             };
-            let (write, values) = match record.action {
+            let bucket = locks::bucket_of(&key);
+            let version = Cell::Bigint(Some(version));
+            let updated = Cell::Timestamptz(record.event.occurred_at);
+            match record.action {
                 Action::Upsert => match self.indexed_value_cells(&mut index, record) {
-                    Ok(values) => (Write::Upsert, values),
+                    Ok(values) => {
+                        let meta = [version, updated];
+                        plan.upserts
+                            .push(record.entry, key.into_iter().chain(meta).chain(values));
+                    }
                     Err(reason) => {
                         report.rejected.push((record.entry, reason));
                         continue;
                     }
                 },
-                Action::Delete { keep_for } => (
-                    Write::Delete {
-                        keep_ms: i64::try_from(keep_for.as_millis()).unwrap_or(i64::MAX),
-                    },
-                    Vec::new(),
-                ),
-                Action::Mark => (Write::Mark, Vec::new()),
-            };
-            let row = Row {
-                entry: record.entry,
-                write,
-                key,
-                version,
-                updated: record.event.occurred_at,
-                values,
-            };
-            let start = plan.copy.len();
-            if let Err(reason) = row.write_copy(&mut plan.copy, self.values.len()) {
-                plan.copy.truncate(start);
-                report.rejected.push((record.entry, reason));
-                continue;
+                Action::Delete { keep_for } => {
+                    let keep_ms = i64::try_from(keep_for.as_millis()).unwrap_or(i64::MAX);
+                    let meta = [version, Cell::Bigint(Some(keep_ms))];
+                    plan.deletes.push(record.entry, key.into_iter().chain(meta));
+                }
+                Action::Mark => {
+                    plan.marks
+                        .push(record.entry, key.into_iter().chain([version, updated]));
+                }
             }
-            buckets.insert(locks::bucket_of(&row.key));
-            plan.counts[row.kind() as usize] += 1;
-            plan.rows.push(row);
+            buckets.insert(bucket);
         }
-        plan.copy.extend_from_slice(&(-1i16).to_be_bytes());
         plan.buckets = buckets.into_iter().collect();
         plan
     }

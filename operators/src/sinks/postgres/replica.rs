@@ -2,9 +2,10 @@
 //! arrays the upsert binds, so that values are compared as the column types see them.
 
 use super::config::quote;
+use super::plan::Rows;
 use super::sql::{array_type, select_cast};
 use super::values::Cell;
-use super::{PgType, PostgresSink, Rows, STORE, classify};
+use super::{PgType, PostgresSink, STORE, classify};
 use crate::error::SinkError;
 use crate::record::{Action, Record};
 use crate::replica::{Drift, Eviction, KeyPage, Replica, ReplicaFuture, StoredKey};
@@ -53,29 +54,24 @@ impl Replica for PostgresSink {
     fn compare<'a>(&'a self, records: &'a [Record]) -> ReplicaFuture<'a, Vec<Option<Drift>>> {
         Box::pin(async move {
             let key = self.single_key()?;
-            let mut converted = Vec::new();
+            let mut rows = Rows::new(
+                [key.pg_type, PgType::Bigint]
+                    .into_iter()
+                    .chain(self.layout.values.iter().map(|v| v.1)),
+            );
             for (i, record) in records.iter().enumerate() {
                 if record.action != Action::Upsert {
                     continue;
                 }
-                let (Ok(mut cells), Ok(values), Ok(version)) = (
+                let (Ok(key), Ok(values), Ok(version)) = (
                     self.layout.key_cells(record),
                     self.layout.value_cells(record),
                     i64::try_from(record.event.aggregate_version),
                 ) else {
                     continue;
                 };
-                cells.push(Cell::Bigint(Some(version)));
-                cells.extend(values);
-                converted.push((i, cells));
-            }
-            let mut rows = Rows::new(
-                [key.pg_type, PgType::Bigint]
-                    .into_iter()
-                    .chain(self.layout.values.iter().map(|v| v.1)),
-            );
-            for (i, cells) in &converted {
-                rows.push(*i, cells);
+                let version = Cell::Bigint(Some(version));
+                rows.push(i, key.into_iter().chain([version]).chain(values));
             }
             let mut drifts = vec![None; records.len()];
             if rows.entries.is_empty() {

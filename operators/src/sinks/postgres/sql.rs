@@ -25,33 +25,6 @@ pub(super) fn select_cast(t: PgType) -> &'static str {
     }
 }
 
-/// The session's temporary table a batch is copied into.
-pub(super) const STAGED: &str = "ecst_batch";
-
-/// What a staged row does, in its `__ecst_kind` column.
-#[derive(Debug, Clone, Copy)]
-pub(super) enum StagedKind {
-    /// A guarded upsert.
-    Upsert = 0,
-    /// A guarded delete with its tombstone.
-    Delete = 1,
-    /// A guarded mark as deleted.
-    Mark = 2,
-}
-
-/// The staged table's column type for a column type: as the UNNEST arrays' element type.
-fn staged_type(t: PgType) -> &'static str {
-    match t {
-        PgType::Text | PgType::Numeric => "text",
-        PgType::Bigint => "int8",
-        PgType::Integer => "int4",
-        PgType::Boolean => "bool",
-        PgType::Timestamptz => "timestamptz",
-        PgType::Jsonb => "jsonb",
-        PgType::Uuid => "uuid",
-    }
-}
-
 /// Every statement of one sink.
 #[derive(Debug, Clone)]
 pub(super) struct Statements {
@@ -65,18 +38,6 @@ pub(super) struct Statements {
     pub(super) delete: String,
     /// Guarded mark as deleted: keys, version, updated_at.
     pub(super) mark: String,
-    /// Guarded upsert of the staged upserts.
-    pub(super) upsert_staged: String,
-    /// Guarded delete plus tombstone of the staged deletes; returns rows applied.
-    pub(super) delete_staged: String,
-    /// Guarded mark of the staged marks.
-    pub(super) mark_staged: String,
-    /// Copies a batch into the staged table.
-    pub(super) copy_staged: String,
-    /// Creates the session's staged table, emptied at every commit.
-    pub(super) create_staged: String,
-    /// Creates the staged table for one transaction.
-    pub(super) create_staged_drop: String,
     /// Removes expired tombstones.
     pub(super) purge: String,
     /// Takes the table's lock exclusively, waiting for every batch in flight: $1 the table's
@@ -179,141 +140,78 @@ impl Statements {
                 .map(|(name, _, _)| format!("{q} = excluded.{q}", q = quote(name))),
         );
 
-        let staged = format!("pg_temp.{}", quote(STAGED));
-        let upsert = |from: &str, filter: &str| {
-            format!(
-                "INSERT INTO {table} AS t ({}) SELECT {} FROM {from} \
-                 WHERE {filter}NOT EXISTS (SELECT 1 FROM {tombstones} tb WHERE {} AND tb.source_version >= i.\"__ecst_version\") \
-                 ON CONFLICT ({key_list}) DO UPDATE SET {} WHERE t.{version} < excluded.{version}",
-                insert_cols.join(", "),
-                select_cols.join(", "),
-                key_join("tb", "i"),
-                updates.join(", "),
-            )
-        };
-        // All parts of one statement see the same snapshot: a delete applies (removes the row
-        // and records its version) only where no row at that version or newer exists.
-        let delete = |rows: &str| {
-            format!(
-                "WITH i AS ({rows}), \
-                 gone AS (DELETE FROM {table} t USING i WHERE {} AND t.{version} < i.\"__ecst_version\" RETURNING 1), \
-                 tomb AS (INSERT INTO {tombstones} AS tb ({key_list}, source_version, deleted_at, expires_at) \
-                   SELECT {}, i.\"__ecst_version\", now(), now() + i.\"__ecst_keep_ms\" * interval '1 millisecond' FROM i \
-                   WHERE NOT EXISTS (SELECT 1 FROM {table} t WHERE {} AND t.{version} >= i.\"__ecst_version\") \
-                   ON CONFLICT ({key_list}) DO UPDATE SET source_version = excluded.source_version, deleted_at = excluded.deleted_at, expires_at = excluded.expires_at \
-                   WHERE tb.source_version < excluded.source_version RETURNING 1) \
-                 SELECT (SELECT count(*) FROM tomb)",
-                key_join("t", "i"),
-                key_select.join(", "),
-                key_join("t", "i"),
-            )
-        };
-        let mark = |from: &str, filter: &str| {
-            format!(
-                "INSERT INTO {table} AS t ({key_list}, {version}, {updated}, {replicated}, {deleted}) \
-                 SELECT {}, i.\"__ecst_version\", i.\"__ecst_updated\", now(), now() FROM {from} \
-                 WHERE {filter}NOT EXISTS (SELECT 1 FROM {tombstones} tb WHERE {} AND tb.source_version >= i.\"__ecst_version\") \
-                 ON CONFLICT ({key_list}) DO UPDATE SET {version} = excluded.{version}, {updated} = excluded.{updated}, \
-                 {replicated} = excluded.{replicated}, {deleted} = excluded.{deleted} WHERE t.{version} < excluded.{version}",
-                key_select.join(", "),
-                key_join("tb", "i"),
-            )
-        };
-
-        // UNNEST parameters: keys first, then the metadata, then the value columns.
-        let unnest = |meta: &[(&str, &str)], with_values: bool| {
-            let mut n = 0;
-            let mut params = Vec::new();
-            let mut aliases = Vec::new();
-            for k in &keys {
-                n += 1;
-                params.push(format!("${n}::{}", array_type(k.pg_type)));
-                aliases.push(quote(&k.column));
-            }
+        // UNNEST of the array parameters: keys first, then the metadata, then (upserts) the
+        // value columns.
+        let unnest = |meta: [(&str, &str); 2], with_values: bool| {
+            let mut aliases: Vec<String> = keys.iter().map(|k| quote(&k.column)).collect();
+            let mut types: Vec<&str> = keys.iter().map(|k| array_type(k.pg_type)).collect();
             for (alias, t) in meta {
-                n += 1;
-                params.push(format!("${n}::{t}"));
                 aliases.push(format!("\"{alias}\""));
+                types.push(t);
             }
             if with_values {
                 for (name, t, _) in &values {
-                    n += 1;
-                    params.push(format!("${n}::{}", array_type(*t)));
                     aliases.push(quote(name));
+                    types.push(array_type(*t));
                 }
             }
+            let params: Vec<String> = types
+                .iter()
+                .enumerate()
+                .map(|(i, t)| format!("${}::{t}", i + 1))
+                .collect();
             format!("UNNEST({}) AS i({})", params.join(", "), aliases.join(", "))
         };
-        let upsert_unnest = upsert(
-            &unnest(
-                &[
-                    ("__ecst_version", "int8[]"),
-                    ("__ecst_updated", "timestamptz[]"),
-                ],
-                true,
-            ),
-            "",
+        let version_updated = [
+            ("__ecst_version", "int8[]"),
+            ("__ecst_updated", "timestamptz[]"),
+        ];
+        let upsert = format!(
+            "INSERT INTO {table} AS t ({}) SELECT {} FROM {} \
+             WHERE NOT EXISTS (SELECT 1 FROM {tombstones} tb WHERE {} AND tb.source_version >= i.\"__ecst_version\") \
+             ON CONFLICT ({key_list}) DO UPDATE SET {} WHERE t.{version} < excluded.{version}",
+            insert_cols.join(", "),
+            select_cols.join(", "),
+            unnest(version_updated, true),
+            key_join("tb", "i"),
+            updates.join(", "),
         );
-        let delete_unnest = delete(&format!(
-            "SELECT * FROM {}",
+        // All parts of one statement see the same snapshot: a delete applies (removes the row
+        // and records its version) only where no row at that version or newer exists.
+        let delete = format!(
+            "WITH i AS (SELECT * FROM {}), \
+             gone AS (DELETE FROM {table} t USING i WHERE {} AND t.{version} < i.\"__ecst_version\" RETURNING 1), \
+             tomb AS (INSERT INTO {tombstones} AS tb ({key_list}, source_version, deleted_at, expires_at) \
+               SELECT {}, i.\"__ecst_version\", now(), now() + i.\"__ecst_keep_ms\" * interval '1 millisecond' FROM i \
+               WHERE NOT EXISTS (SELECT 1 FROM {table} t WHERE {} AND t.{version} >= i.\"__ecst_version\") \
+               ON CONFLICT ({key_list}) DO UPDATE SET source_version = excluded.source_version, deleted_at = excluded.deleted_at, expires_at = excluded.expires_at \
+               WHERE tb.source_version < excluded.source_version RETURNING 1) \
+             SELECT (SELECT count(*) FROM tomb)",
             unnest(
-                &[("__ecst_version", "int8[]"), ("__ecst_keep_ms", "int8[]")],
+                [("__ecst_version", "int8[]"), ("__ecst_keep_ms", "int8[]")],
                 false
-            )
-        ));
-        let mark_unnest = mark(
-            &unnest(
-                &[
-                    ("__ecst_version", "int8[]"),
-                    ("__ecst_updated", "timestamptz[]"),
-                ],
-                false,
             ),
-            "",
+            key_join("t", "i"),
+            key_select.join(", "),
+            key_join("t", "i"),
         );
-        let kind = |k: StagedKind| format!("i.\"__ecst_kind\" = {} AND ", k as i16);
-        let from_staged = format!("{staged} AS i");
-        let mut staged_defs: Vec<String> = keys
-            .iter()
-            .map(|k| format!("{} {}", quote(&k.column), staged_type(k.pg_type)))
-            .collect();
-        staged_defs.extend([
-            "\"__ecst_kind\" int2".to_string(),
-            "\"__ecst_version\" int8".into(),
-            "\"__ecst_updated\" timestamptz".into(),
-            "\"__ecst_keep_ms\" int8".into(),
-        ]);
-        staged_defs.extend(
-            values
-                .iter()
-                .map(|(name, t, _)| format!("{} {}", quote(name), staged_type(*t))),
-        );
-        let create_staged = format!(
-            "CREATE TEMP TABLE IF NOT EXISTS {} ({}) ON COMMIT DELETE ROWS",
-            quote(STAGED),
-            staged_defs.join(", ")
-        );
-        let create_staged_drop = format!(
-            "CREATE TEMP TABLE {} ({}) ON COMMIT DROP",
-            quote(STAGED),
-            staged_defs.join(", ")
+        let mark = format!(
+            "INSERT INTO {table} AS t ({key_list}, {version}, {updated}, {replicated}, {deleted}) \
+             SELECT {}, i.\"__ecst_version\", i.\"__ecst_updated\", now(), now() FROM {} \
+             WHERE NOT EXISTS (SELECT 1 FROM {tombstones} tb WHERE {} AND tb.source_version >= i.\"__ecst_version\") \
+             ON CONFLICT ({key_list}) DO UPDATE SET {version} = excluded.{version}, {updated} = excluded.{updated}, \
+             {replicated} = excluded.{replicated}, {deleted} = excluded.{deleted} WHERE t.{version} < excluded.{version}",
+            key_select.join(", "),
+            unnest(version_updated, false),
+            key_join("tb", "i"),
         );
 
         Statements {
             create_table,
             create_tombstones,
-            upsert: upsert_unnest,
-            delete: delete_unnest,
-            mark: mark_unnest,
-            upsert_staged: upsert(&from_staged, &kind(StagedKind::Upsert)),
-            delete_staged: delete(&format!(
-                "SELECT * FROM {from_staged} WHERE {}TRUE",
-                kind(StagedKind::Delete)
-            )),
-            mark_staged: mark(&from_staged, &kind(StagedKind::Mark)),
-            copy_staged: format!("COPY {staged} FROM STDIN (FORMAT binary)"),
-            create_staged,
-            create_staged_drop,
+            upsert,
+            delete,
+            mark,
             purge: format!("DELETE FROM {tombstones} WHERE expires_at < now()"),
             // Which locks and why: see `locks`.
             lock_table: format!("SELECT pg_advisory_xact_lock({ECST_CLASS}, $1::int4)"),

@@ -7,7 +7,7 @@ use std::hash::{Hash, Hasher};
 
 use serde_json::Value;
 use time::OffsetDateTime;
-use tokio_postgres::types::ToSql;
+use tokio_postgres::types::{Json, ToSql};
 
 use super::config::PgType;
 
@@ -47,10 +47,6 @@ impl Hash for Cell<'_> {
     }
 }
 
-/// Nanoseconds from the Unix epoch to Postgres's (2000-01-01), from which binary timestamps
-/// count.
-const POSTGRES_EPOCH_NANOS: i128 = 946_684_800_000_000_000;
-
 impl Cell<'_> {
     /// The same cell, owning its data.
     pub(super) fn into_owned(self) -> Cell<'static> {
@@ -63,63 +59,6 @@ impl Cell<'_> {
             Cell::Jsonb(v) => Cell::Jsonb(v.map(|j| Cow::Owned(j.into_owned()))),
             Cell::Uuid(v) => Cell::Uuid(v),
         }
-    }
-
-    /// Appends the cell as one field of a binary `COPY` row: its length (-1 for NULL), then
-    /// its binary form, as the column's type reads it.
-    pub(super) fn write_copy_field(&self, out: &mut Vec<u8>) -> Result<(), String> {
-        let at = out.len();
-        out.extend_from_slice(&[0; 4]);
-        let present = match self {
-            Cell::Text(Some(s)) => {
-                out.extend_from_slice(s.as_bytes());
-                true
-            }
-            Cell::Bigint(Some(n)) => {
-                out.extend_from_slice(&n.to_be_bytes());
-                true
-            }
-            Cell::Integer(Some(n)) => {
-                out.extend_from_slice(&n.to_be_bytes());
-                true
-            }
-            Cell::Boolean(Some(b)) => {
-                out.push(u8::from(*b));
-                true
-            }
-            Cell::Timestamptz(Some(t)) => {
-                // Truncated toward zero, as the driver binds a timestamp parameter.
-                let micros = (t.unix_timestamp_nanos() - POSTGRES_EPOCH_NANOS) / 1000;
-                let micros =
-                    i64::try_from(micros).map_err(|_| format!("timestamp {t} is out of range"))?;
-                out.extend_from_slice(&micros.to_be_bytes());
-                true
-            }
-            Cell::Jsonb(Some(v)) => {
-                // jsonb's binary form: format version 1, then the JSON text.
-                out.push(1);
-                serde_json::to_writer(&mut *out, v.as_ref()).map_err(|e| e.to_string())?;
-                true
-            }
-            Cell::Uuid(Some(u)) => {
-                out.extend_from_slice(u.as_bytes());
-                true
-            }
-            Cell::Text(None)
-            | Cell::Bigint(None)
-            | Cell::Integer(None)
-            | Cell::Boolean(None)
-            | Cell::Timestamptz(None)
-            | Cell::Jsonb(None)
-            | Cell::Uuid(None) => false,
-        };
-        let length = match present {
-            true => i32::try_from(out.len() - at - 4)
-                .map_err(|_| "value is larger than 2 GiB".to_string())?,
-            false => -1,
-        };
-        out[at..at + 4].copy_from_slice(&length.to_be_bytes());
-        Ok(())
     }
 }
 
@@ -211,9 +150,9 @@ pub(super) fn convert_key_text(text: &str, t: PgType) -> Result<Cell<'_>, String
 
 /// A column of values, bound as one array parameter.
 #[derive(Debug)]
-pub(super) enum Column<'c> {
+pub(super) enum Column<'a> {
     /// text[]
-    Text(Vec<Option<&'c str>>),
+    Text(Vec<Option<Cow<'a, str>>>),
     /// int8[]
     Bigint(Vec<Option<i64>>),
     /// int4[]
@@ -223,12 +162,12 @@ pub(super) enum Column<'c> {
     /// timestamptz[]
     Timestamptz(Vec<Option<OffsetDateTime>>),
     /// jsonb[]
-    Jsonb(Vec<Option<&'c Value>>),
+    Jsonb(Vec<Option<Json<Cow<'a, Value>>>>),
     /// uuid[]
     Uuid(Vec<Option<uuid::Uuid>>),
 }
 
-impl<'c> Column<'c> {
+impl<'a> Column<'a> {
     /// An empty column for type `t`.
     pub(super) fn new(t: PgType) -> Self {
         match t {
@@ -243,15 +182,15 @@ impl<'c> Column<'c> {
     }
 
     /// Appends a cell converted for this column's type.
-    pub(super) fn push(&mut self, cell: &'c Cell<'_>) {
+    pub(super) fn push(&mut self, cell: Cell<'a>) {
         match (self, cell) {
-            (Column::Text(v), Cell::Text(c)) => v.push(c.as_deref()),
-            (Column::Bigint(v), Cell::Bigint(c)) => v.push(*c),
-            (Column::Integer(v), Cell::Integer(c)) => v.push(*c),
-            (Column::Boolean(v), Cell::Boolean(c)) => v.push(*c),
-            (Column::Timestamptz(v), Cell::Timestamptz(c)) => v.push(*c),
-            (Column::Jsonb(v), Cell::Jsonb(c)) => v.push(c.as_deref()),
-            (Column::Uuid(v), Cell::Uuid(c)) => v.push(*c),
+            (Column::Text(v), Cell::Text(c)) => v.push(c),
+            (Column::Bigint(v), Cell::Bigint(c)) => v.push(c),
+            (Column::Integer(v), Cell::Integer(c)) => v.push(c),
+            (Column::Boolean(v), Cell::Boolean(c)) => v.push(c),
+            (Column::Timestamptz(v), Cell::Timestamptz(c)) => v.push(c),
+            (Column::Jsonb(v), Cell::Jsonb(c)) => v.push(c.map(Json)),
+            (Column::Uuid(v), Cell::Uuid(c)) => v.push(c),
             // Cells are always converted for their column's type; nothing else reaches here.
             _ => {}
         }
@@ -343,33 +282,6 @@ mod tests {
         assert_eq!(
             convert_key_text("x1", PgType::Integer).unwrap_err(),
             "cannot write \"x1\" as integer"
-        );
-    }
-
-    #[test]
-    fn copy_fields_are_length_prefixed_binary() {
-        let field = |cell: Cell| {
-            let mut out = Vec::new();
-            cell.write_copy_field(&mut out).unwrap();
-            out
-        };
-        assert_eq!(field(Cell::Text(None)), (-1i32).to_be_bytes());
-        assert_eq!(field(text("ab")), [0, 0, 0, 2, b'a', b'b']);
-        assert_eq!(
-            field(Cell::Integer(Some(-2))),
-            [0, 0, 0, 4, 255, 255, 255, 254]
-        );
-        assert_eq!(field(Cell::Boolean(Some(true))), [0, 0, 0, 1, 1]);
-        let value = json!({"a": 1});
-        assert_eq!(
-            field(Cell::Jsonb(Some(Cow::Borrowed(&value)))),
-            [&[0, 0, 0, 8, 1][..], b"{\"a\":1}"].concat()
-        );
-        // 2000-01-01T00:00:01.0000015Z is 1000001 µs after Postgres's epoch (truncated).
-        let t = OffsetDateTime::from_unix_timestamp_nanos(946_684_801_000_001_500).unwrap();
-        assert_eq!(
-            field(Cell::Timestamptz(Some(t))),
-            [&[0, 0, 0, 8][..], &1_000_001i64.to_be_bytes()].concat()
         );
     }
 }
