@@ -86,7 +86,7 @@ for bin in "${BINARIES[@]}"; do
   for batch in $BATCHES; do
     medians=$(for column in 3 4 5; do
       awk -v b="$bin" -v s="$batch" -v c="$column" '$1 == b && $2 == s {print $c}' "$work/results" |
-        sort -g | awk '{v[NR] = $1} END {printf "%s ", v[int((NR + 1) / 2)]}'
+        sort -g | awk '{v[NR] = $1} END {m = NR % 2 ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2; printf "%s ", m}'
     done)
     echo "  $bin batch=$batch $medians"
   done

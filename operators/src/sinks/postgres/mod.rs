@@ -182,14 +182,13 @@ impl PgManager {
         self.schema_ready
             .get_or_try_init(|| ensure_schema(&client, &self.config, &self.statements))
             .await?;
-        let s = &self.statements;
         Ok(PgConnection {
-            lock_table: client.prepare(&s.lock_table).await?,
-            share_table: client.prepare(&s.share_table).await?,
-            lock_buckets: client.prepare(&s.lock_buckets).await?,
-            upsert: client.prepare(&s.upsert).await?,
-            delete: client.prepare(&s.delete).await?,
-            mark: client.prepare(&s.mark).await?,
+            lock_table: client.prepare(&self.statements.lock_table).await?,
+            share_table: client.prepare(&self.statements.share_table).await?,
+            lock_buckets: client.prepare(&self.statements.lock_buckets).await?,
+            upsert: client.prepare(&self.statements.upsert).await?,
+            delete: client.prepare(&self.statements.delete).await?,
+            mark: client.prepare(&self.statements.mark).await?,
             client,
             broken: false,
         })
@@ -306,19 +305,6 @@ async fn purge_tombstones(pool: bb8::Pool<PgManager>, sql: String, every: std::t
     }
 }
 
-/// The statements' results in the order they ran: the first error is the cause (those after
-/// it only say that the transaction is aborted). Else the last three: rows applied by the
-/// upserts, deletes and marks.
-fn first_error(
-    results: [Result<u64, tokio_postgres::Error>; 5],
-) -> Result<(u64, u64, u64), tokio_postgres::Error> {
-    let mut rows = [0; 5];
-    for (i, result) in results.into_iter().enumerate() {
-        rows[i] = result?;
-    }
-    Ok((rows[2], rows[3], rows[4]))
-}
-
 fn is_data_error(e: &tokio_postgres::Error) -> bool {
     e.code().is_some_and(|code| {
         let c = code.code();
@@ -425,8 +411,7 @@ impl PostgresSink {
                 false => tx.execute(&*mark, &mark_params).await,
             }
         };
-        let (t, b, u, d, m) = tokio::join!(table_lock, bucket_locks, upserts, deletes, marks);
-        let (u, d, m) = first_error([t, b, u, d, m])?;
+        let (_, _, u, d, m) = tokio::try_join!(table_lock, bucket_locks, upserts, deletes, marks)?;
         tx.commit().await?;
         Ok(u + d + m)
     }
