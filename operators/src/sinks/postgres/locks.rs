@@ -39,24 +39,31 @@ pub(super) fn table_key(schema: &str, table: &str) -> i32 {
 
 /// The bucket (`0..KEY_BUCKETS`) of a key, given its key columns' cells.
 pub(super) fn bucket_of(key: &[Cell]) -> i32 {
-    let mut text = Vec::new();
-    for (i, cell) in key.iter().enumerate() {
-        if i > 0 {
-            text.push(KEY_SEPARATOR);
+    let hash = match key {
+        // The common key, hashed in place.
+        [Cell::Text(Some(s))] => fnv1a_32(s.as_bytes()),
+        _ => {
+            let mut text = Vec::new();
+            for (i, cell) in key.iter().enumerate() {
+                if i > 0 {
+                    text.push(KEY_SEPARATOR);
+                }
+                match cell {
+                    Cell::Text(Some(s)) => text.extend_from_slice(s.as_bytes()),
+                    Cell::Bigint(Some(n)) => text.extend_from_slice(n.to_string().as_bytes()),
+                    Cell::Integer(Some(n)) => text.extend_from_slice(n.to_string().as_bytes()),
+                    // Lowercase and hyphenated, as Postgres prints a uuid.
+                    Cell::Uuid(Some(u)) => text.extend_from_slice(u.to_string().as_bytes()),
+                    // Key columns are never null and never of another type (the config
+                    // refuses it); any stable text would do.
+                    other => text.extend_from_slice(format!("{other:?}").as_bytes()),
+                }
+            }
+            fnv1a_32(&text)
         }
-        match cell {
-            Cell::Text(Some(s)) => text.extend_from_slice(s.as_bytes()),
-            Cell::Bigint(Some(n)) => text.extend_from_slice(n.to_string().as_bytes()),
-            Cell::Integer(Some(n)) => text.extend_from_slice(n.to_string().as_bytes()),
-            // Lowercase and hyphenated, as Postgres prints a uuid.
-            Cell::Uuid(Some(u)) => text.extend_from_slice(u.to_string().as_bytes()),
-            // Key columns are never null and never of another type (the config refuses it);
-            // any stable text would do.
-            other => text.extend_from_slice(format!("{other:?}").as_bytes()),
-        }
-    }
+    };
     // Below 1024, so the cast is exact.
-    (fnv1a_32(&text) % KEY_BUCKETS) as i32
+    (hash % KEY_BUCKETS) as i32
 }
 
 #[cfg(test)]
@@ -76,7 +83,7 @@ mod tests {
 
     #[test]
     fn a_key_hashes_as_its_text() {
-        let text = |s: &str| Cell::Text(Some(s.into()));
+        let text = |s: &str| Cell::Text(Some(s.to_string().into()));
         // FNV-1a 32 of "athlete-1" is 0x0d22bb12 (220379922); mod 1024 = 786.
         assert_eq!(fnv1a_32(b"athlete-1"), 0x0d22_bb12);
         assert_eq!(bucket_of(&[text("athlete-1")]), 786);
@@ -107,7 +114,7 @@ mod tests {
             let mut owner = vec![None; KEY_BUCKETS as usize];
             for i in 0..20_000 {
                 let id = format!("ath-{i}");
-                let bucket = bucket_of(&[Cell::Text(Some(id.clone()))]) as usize;
+                let bucket = bucket_of(&[Cell::Text(Some(id.as_str().into()))]) as usize;
                 let partition = partition_of(&id, partitions);
                 assert_eq!(
                     *owner[bucket].get_or_insert(partition),

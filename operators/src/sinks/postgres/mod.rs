@@ -3,11 +3,12 @@
 
 pub mod config;
 mod locks;
+mod plan;
 mod replica;
 mod sql;
 mod values;
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use bb8_postgres::PostgresConnectionManager;
@@ -22,10 +23,9 @@ use crate::stage::{
     ApplyFuture, BuildContext, BuiltStage, ComponentConfig, ConfigProblem, Sink, SinkError,
     SinkReport,
 };
-use config::KeyColumn;
 pub use config::{PgType, PostgresConfig};
+use plan::{Layout, Plan};
 use sql::Statements;
-use values::{Cell, Column, convert};
 
 const STORE: &str = "postgres";
 
@@ -199,8 +199,7 @@ impl PgManager {
 pub struct PostgresSink {
     config: PostgresConfig,
     lock_key: i32,
-    keys: Vec<KeyColumn>,
-    values: Vec<(String, PgType, String)>,
+    layout: Layout,
     pool: bb8::Pool<PgManager>,
     purge: tokio::task::JoinHandle<()>,
 }
@@ -273,8 +272,10 @@ impl PostgresConfig {
         ));
         Ok(PostgresSink {
             lock_key: locks::table_key(&self.schema, &self.table),
-            keys: self.key.columns(),
-            values: self.value_columns(),
+            layout: Layout {
+                keys: self.key.columns(),
+                values: self.value_columns(),
+            },
             config: self.clone(),
             pool,
             purge,
@@ -302,40 +303,6 @@ async fn purge_tombstones(pool: bb8::Pool<PgManager>, sql: String, every: std::t
             Err(e) => tracing::debug!(error = %e, "No connection to purge tombstones."),
         }
     }
-}
-
-/// Rows of one kind of write, as typed column arrays.
-struct Rows {
-    entries: Vec<usize>,
-    columns: Vec<Column>,
-}
-
-impl Rows {
-    fn new(types: impl Iterator<Item = PgType>) -> Self {
-        Rows {
-            entries: Vec::new(),
-            columns: types.map(Column::new).collect(),
-        }
-    }
-
-    fn push(&mut self, entry: usize, cells: Vec<Cell>) {
-        self.entries.push(entry);
-        for (column, cell) in self.columns.iter_mut().zip(cells) {
-            column.push(cell);
-        }
-    }
-
-    fn params(&self) -> Vec<&(dyn tokio_postgres::types::ToSql + Sync)> {
-        self.columns.iter().map(Column::as_param).collect()
-    }
-}
-
-/// The batch split into the three statements' rows, and the key buckets they write.
-struct Plan {
-    upserts: Rows,
-    deletes: Rows,
-    marks: Rows,
-    buckets: Vec<i32>,
 }
 
 fn is_data_error(e: &tokio_postgres::Error) -> bool {
@@ -388,139 +355,11 @@ impl PostgresSink {
         })
     }
 
-    fn key_cells(&self, record: &Record) -> Result<(Vec<Cell>, String), String> {
-        let mut cells = Vec::with_capacity(self.keys.len());
-        let mut identity = String::new();
-        for key in &self.keys {
-            let value = record.event.lookup(&key.from);
-            if value.as_ref().is_none_or(serde_json::Value::is_null) {
-                return Err(format!(
-                    "key column `{}`: `{}` is missing in the event",
-                    key.column, key.from
-                ));
-            }
-            let cell = convert(value.as_ref(), key.pg_type)
-                .map_err(|e| format!("key column `{}`: {e}", key.column))?;
-            identity.push_str(&format!("{cell:?}\u{1f}"));
-            cells.push(cell);
-        }
-        Ok((cells, identity))
-    }
-
-    fn value_cells(&self, record: &Record) -> Result<Vec<Cell>, String> {
-        self.values
-            .iter()
-            .map(|(column, t, from)| {
-                convert(record.written_field(from), *t)
-                    .map_err(|e| format!("column `{column}`: {e}"))
-            })
-            .collect()
-    }
-
-    /// Splits a batch into rows, coalescing each key to its newest version.
-    fn plan(&self, batch: &[Record], report: &mut SinkReport) -> Plan {
-        let mut newest: HashMap<String, usize> = HashMap::new();
-        let mut keyed: Vec<Option<Vec<Cell>>> = Vec::with_capacity(batch.len());
-        for (i, record) in batch.iter().enumerate() {
-            match self.key_cells(record) {
-                Ok((cells, identity)) => {
-                    keyed.push(Some(cells));
-                    match newest.get(&identity) {
-                        Some(&j)
-                            if batch[j].event.aggregate_version
-                                >= record.event.aggregate_version =>
-                        {
-                            report.stale += 1;
-                        }
-                        Some(&j) => {
-                            report.stale += 1;
-                            keyed[j] = None;
-                            newest.insert(identity, i);
-                        }
-                        None => {
-                            newest.insert(identity, i);
-                        }
-                    }
-                }
-                Err(reason) => {
-                    keyed.push(None);
-                    report.rejected.push((record.entry, reason));
-                }
-            }
-        }
-        let key_types = || self.keys.iter().map(|k| k.pg_type);
-        let mut plan = Plan {
-            upserts: Rows::new(
-                key_types()
-                    .chain([PgType::Bigint, PgType::Timestamptz])
-                    .chain(self.values.iter().map(|v| v.1)),
-            ),
-            deletes: Rows::new(key_types().chain([PgType::Bigint, PgType::Bigint])),
-            marks: Rows::new(key_types().chain([PgType::Bigint, PgType::Timestamptz])),
-            buckets: Vec::new(),
-        };
-        let mut buckets = BTreeSet::new();
-        // In batch order, so that rows and rejections do not depend on hash order.
-        let mut order: Vec<usize> = newest.into_values().collect();
-        order.sort_unstable();
-        for i in order {
-            let (Some(Some(mut cells)), record) = (keyed.get_mut(i).map(Option::take), &batch[i])
-            else {
-                continue;
-            };
-            let Ok(version) = i64::try_from(record.event.aggregate_version) else {
-                report.rejected.push((
-                    record.entry,
-                    format!(
-                        "aggregateVersion {} does not fit the bigint version column",
-                        record.event.aggregate_version
-                    ),
-                ));
-                continue;
-            };
-            let bucket = locks::bucket_of(&cells);
-            let written = match record.action {
-                Action::Upsert => match self.value_cells(record) {
-                    Ok(values) => {
-                        cells.push(Cell::Bigint(Some(version)));
-                        cells.push(Cell::Timestamptz(record.event.occurred_at));
-                        cells.extend(values);
-                        plan.upserts.push(record.entry, cells);
-                        true
-                    }
-                    Err(reason) => {
-                        report.rejected.push((record.entry, reason));
-                        false
-                    }
-                },
-                Action::Delete { keep_for } => {
-                    cells.push(Cell::Bigint(Some(version)));
-                    cells.push(Cell::Bigint(Some(
-                        i64::try_from(keep_for.as_millis()).unwrap_or(i64::MAX),
-                    )));
-                    plan.deletes.push(record.entry, cells);
-                    true
-                }
-                Action::Mark => {
-                    cells.push(Cell::Bigint(Some(version)));
-                    cells.push(Cell::Timestamptz(record.event.occurred_at));
-                    plan.marks.push(record.entry, cells);
-                    true
-                }
-            };
-            if written {
-                buckets.insert(bucket);
-            }
-        }
-        plan.buckets = buckets.into_iter().collect();
-        plan
-    }
-
     /// Runs a plan in one transaction; returns the rows applied.
     async fn execute(
         &self,
         conn: &mut PgConnection,
-        plan: &Plan,
+        plan: &Plan<'_>,
     ) -> Result<u64, tokio_postgres::Error> {
         let PgConnection {
             client,
@@ -579,9 +418,8 @@ impl PostgresSink {
 
     async fn apply(&self, batch: &[Record]) -> Result<SinkReport, SinkError> {
         let mut report = SinkReport::default();
-        let plan = self.plan(batch, &mut report);
-        let rows =
-            plan.upserts.entries.len() + plan.deletes.entries.len() + plan.marks.entries.len();
+        let plan = self.layout.plan(batch, &mut report);
+        let rows = plan.len();
         if rows == 0 {
             return Ok(report);
         }
@@ -631,7 +469,7 @@ impl PostgresSink {
         report.stale = 0;
         for record in batch.iter().filter(|r| !rejected.contains(&r.entry)) {
             let mut single = SinkReport::default();
-            let plan = self.plan(std::slice::from_ref(record), &mut single);
+            let plan = self.layout.plan(std::slice::from_ref(record), &mut single);
             if !single.rejected.is_empty() {
                 report.rejected.extend(single.rejected);
                 continue;
@@ -666,15 +504,12 @@ impl PostgresSink {
 
 impl Sink for PostgresSink {
     fn check_record(&self, record: &Record) -> Result<(), String> {
-        self.key_cells(record)?;
+        self.layout.key_cells(record)?;
         if i64::try_from(record.event.aggregate_version).is_err() {
-            return Err(format!(
-                "aggregateVersion {} does not fit the bigint version column",
-                record.event.aggregate_version
-            ));
+            return Err(plan::too_new(record));
         }
         if record.action == Action::Upsert {
-            self.value_cells(record)?;
+            self.layout.value_cells(record)?;
         }
         Ok(())
     }

@@ -2,9 +2,10 @@
 //! arrays the upsert binds, so that values are compared as the column types see them.
 
 use super::config::quote;
+use super::plan::Rows;
 use super::sql::{array_type, select_cast};
 use super::values::Cell;
-use super::{PgType, PostgresSink, Rows, STORE, classify};
+use super::{PgType, PostgresSink, STORE, classify};
 use crate::error::SinkError;
 use crate::record::{Action, Record};
 use crate::replica::{Drift, Eviction, KeyPage, Replica, ReplicaFuture, StoredKey};
@@ -22,8 +23,8 @@ impl PostgresSink {
     }
 
     /// Reconciliation reads keys back as text, so it needs exactly one key column.
-    fn single_key(&self) -> Result<&super::KeyColumn, SinkError> {
-        match self.keys.as_slice() {
+    fn single_key(&self) -> Result<&super::config::KeyColumn, SinkError> {
+        match self.layout.keys.as_slice() {
             [key] => Ok(key),
             _ => Err(SinkError::Refused {
                 store: STORE,
@@ -35,7 +36,7 @@ impl PostgresSink {
 
 impl Replica for PostgresSink {
     fn key_of(&self, record: &Record) -> Result<String, String> {
-        let [key] = self.keys.as_slice() else {
+        let [key] = self.layout.keys.as_slice() else {
             return Err("reconciliation supports tables with a single key column".into());
         };
         match record.event.lookup(&key.from) {
@@ -56,22 +57,21 @@ impl Replica for PostgresSink {
             let mut rows = Rows::new(
                 [key.pg_type, PgType::Bigint]
                     .into_iter()
-                    .chain(self.values.iter().map(|v| v.1)),
+                    .chain(self.layout.values.iter().map(|v| v.1)),
             );
             for (i, record) in records.iter().enumerate() {
                 if record.action != Action::Upsert {
                     continue;
                 }
-                let (Ok((mut cells, _)), Ok(values), Ok(version)) = (
-                    self.key_cells(record),
-                    self.value_cells(record),
+                let (Ok(key), Ok(values), Ok(version)) = (
+                    self.layout.key_cells(record),
+                    self.layout.value_cells(record),
                     i64::try_from(record.event.aggregate_version),
                 ) else {
                     continue;
                 };
-                cells.push(Cell::Bigint(Some(version)));
-                cells.extend(values);
-                rows.push(i, cells);
+                let version = Cell::Bigint(Some(version));
+                rows.push(i, key.into_iter().chain([version]).chain(values));
             }
             let mut drifts = vec![None; records.len()];
             if rows.entries.is_empty() {
@@ -83,10 +83,11 @@ impl Replica for PostgresSink {
                 format!("${n}::{}", array_type(t))
             };
             let mut params = vec![param(key.pg_type), param(PgType::Bigint)];
-            params.extend(self.values.iter().map(|(_, t, _)| param(*t)));
+            params.extend(self.layout.values.iter().map(|(_, t, _)| param(*t)));
             let mut aliases = vec!["k".to_string(), "v".to_string()];
-            aliases.extend((0..self.values.len()).map(|i| format!("c{i}")));
+            aliases.extend((0..self.layout.values.len()).map(|i| format!("c{i}")));
             let mut same: Vec<String> = self
+                .layout
                 .values
                 .iter()
                 .enumerate()
@@ -124,7 +125,7 @@ impl Replica for PostgresSink {
                 message: "comparing with the replica timed out".into(),
             })?
             .map_err(classify)?;
-            let mut names: Vec<String> = self.values.iter().map(|v| v.0.clone()).collect();
+            let mut names: Vec<String> = self.layout.values.iter().map(|v| v.0.clone()).collect();
             names.push(self.config.deleted_at_column.clone());
             for row in result {
                 let ord: i64 = row.get(0);

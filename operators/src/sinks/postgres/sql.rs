@@ -104,27 +104,6 @@ impl Statements {
             tomb_keys.join(", ")
         );
 
-        // UNNEST parameters: keys first, then the metadata, then the value columns.
-        let mut n = 0;
-        let mut param = |t: &str| {
-            n += 1;
-            format!("${n}::{t}")
-        };
-        let key_params: Vec<String> = keys.iter().map(|k| param(array_type(k.pg_type))).collect();
-        let version_param = param("int8[]");
-        let updated_param = param("timestamptz[]");
-        let value_params: Vec<String> = values
-            .iter()
-            .map(|(_, t, _)| param(array_type(*t)))
-            .collect();
-        let mut aliases: Vec<String> = keys.iter().map(|k| quote(&k.column)).collect();
-        aliases.push("\"__ecst_version\"".into());
-        aliases.push("\"__ecst_updated\"".into());
-        aliases.extend(values.iter().map(|(name, _, _)| quote(name)));
-        let mut all_params = key_params.clone();
-        all_params.push(version_param.clone());
-        all_params.push(updated_param.clone());
-        all_params.extend(value_params);
         let mut insert_cols = vec![
             key_list.clone(),
             version.clone(),
@@ -133,10 +112,11 @@ impl Statements {
             deleted.clone(),
         ];
         insert_cols.extend(values.iter().map(|(name, _, _)| quote(name)));
-        let mut select_cols: Vec<String> = keys
+        let key_select: Vec<String> = keys
             .iter()
             .map(|k| format!("i.{}", quote(&k.column)))
             .collect();
+        let mut select_cols = key_select.clone();
         select_cols.extend([
             "i.\"__ecst_version\"".into(),
             "i.\"__ecst_updated\"".into(),
@@ -159,38 +139,47 @@ impl Statements {
                 .iter()
                 .map(|(name, _, _)| format!("{q} = excluded.{q}", q = quote(name))),
         );
+
+        // UNNEST of the array parameters: keys first, then the metadata, then (upserts) the
+        // value columns.
+        let unnest = |meta: [(&str, &str); 2], with_values: bool| {
+            let mut aliases: Vec<String> = keys.iter().map(|k| quote(&k.column)).collect();
+            let mut types: Vec<&str> = keys.iter().map(|k| array_type(k.pg_type)).collect();
+            for (alias, t) in meta {
+                aliases.push(format!("\"{alias}\""));
+                types.push(t);
+            }
+            if with_values {
+                for (name, t, _) in &values {
+                    aliases.push(quote(name));
+                    types.push(array_type(*t));
+                }
+            }
+            let params: Vec<String> = types
+                .iter()
+                .enumerate()
+                .map(|(i, t)| format!("${}::{t}", i + 1))
+                .collect();
+            format!("UNNEST({}) AS i({})", params.join(", "), aliases.join(", "))
+        };
+        let version_updated = [
+            ("__ecst_version", "int8[]"),
+            ("__ecst_updated", "timestamptz[]"),
+        ];
         let upsert = format!(
-            "INSERT INTO {table} AS t ({}) SELECT {} FROM UNNEST({}) AS i({}) \
+            "INSERT INTO {table} AS t ({}) SELECT {} FROM {} \
              WHERE NOT EXISTS (SELECT 1 FROM {tombstones} tb WHERE {} AND tb.source_version >= i.\"__ecst_version\") \
              ON CONFLICT ({key_list}) DO UPDATE SET {} WHERE t.{version} < excluded.{version}",
             insert_cols.join(", "),
             select_cols.join(", "),
-            all_params.join(", "),
-            aliases.join(", "),
+            unnest(version_updated, true),
             key_join("tb", "i"),
             updates.join(", "),
         );
-
-        let mut n = 0;
-        let mut param = |t: &str| {
-            n += 1;
-            format!("${n}::{t}")
-        };
-        let mut delete_params: Vec<String> =
-            keys.iter().map(|k| param(array_type(k.pg_type))).collect();
-        delete_params.push(param("int8[]"));
-        delete_params.push(param("int8[]"));
-        let mut delete_aliases: Vec<String> = keys.iter().map(|k| quote(&k.column)).collect();
-        delete_aliases.push("\"__ecst_version\"".into());
-        delete_aliases.push("\"__ecst_keep_ms\"".into());
-        let tomb_select: Vec<String> = keys
-            .iter()
-            .map(|k| format!("i.{}", quote(&k.column)))
-            .collect();
         // All parts of one statement see the same snapshot: a delete applies (removes the row
         // and records its version) only where no row at that version or newer exists.
         let delete = format!(
-            "WITH i AS (SELECT * FROM UNNEST({}) AS i({})), \
+            "WITH i AS (SELECT * FROM {}), \
              gone AS (DELETE FROM {table} t USING i WHERE {} AND t.{version} < i.\"__ecst_version\" RETURNING 1), \
              tomb AS (INSERT INTO {tombstones} AS tb ({key_list}, source_version, deleted_at, expires_at) \
                SELECT {}, i.\"__ecst_version\", now(), now() + i.\"__ecst_keep_ms\" * interval '1 millisecond' FROM i \
@@ -198,34 +187,22 @@ impl Statements {
                ON CONFLICT ({key_list}) DO UPDATE SET source_version = excluded.source_version, deleted_at = excluded.deleted_at, expires_at = excluded.expires_at \
                WHERE tb.source_version < excluded.source_version RETURNING 1) \
              SELECT (SELECT count(*) FROM tomb)",
-            delete_params.join(", "),
-            delete_aliases.join(", "),
+            unnest(
+                [("__ecst_version", "int8[]"), ("__ecst_keep_ms", "int8[]")],
+                false
+            ),
             key_join("t", "i"),
-            tomb_select.join(", "),
+            key_select.join(", "),
             key_join("t", "i"),
         );
-
-        let mut n = 0;
-        let mut param = |t: &str| {
-            n += 1;
-            format!("${n}::{t}")
-        };
-        let mut mark_params: Vec<String> =
-            keys.iter().map(|k| param(array_type(k.pg_type))).collect();
-        mark_params.push(param("int8[]"));
-        mark_params.push(param("timestamptz[]"));
-        let mut mark_aliases: Vec<String> = keys.iter().map(|k| quote(&k.column)).collect();
-        mark_aliases.push("\"__ecst_version\"".into());
-        mark_aliases.push("\"__ecst_updated\"".into());
         let mark = format!(
             "INSERT INTO {table} AS t ({key_list}, {version}, {updated}, {replicated}, {deleted}) \
-             SELECT {}, i.\"__ecst_version\", i.\"__ecst_updated\", now(), now() FROM UNNEST({}) AS i({}) \
+             SELECT {}, i.\"__ecst_version\", i.\"__ecst_updated\", now(), now() FROM {} \
              WHERE NOT EXISTS (SELECT 1 FROM {tombstones} tb WHERE {} AND tb.source_version >= i.\"__ecst_version\") \
              ON CONFLICT ({key_list}) DO UPDATE SET {version} = excluded.{version}, {updated} = excluded.{updated}, \
              {replicated} = excluded.{replicated}, {deleted} = excluded.{deleted} WHERE t.{version} < excluded.{version}",
-            tomb_select.join(", "),
-            mark_params.join(", "),
-            mark_aliases.join(", "),
+            key_select.join(", "),
+            unnest(version_updated, false),
             key_join("tb", "i"),
         );
 

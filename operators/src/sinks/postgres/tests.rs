@@ -9,6 +9,7 @@ use serde_json::{Value, json};
 use tokio_postgres::NoTls;
 
 use super::*;
+use crate::record::FieldNames;
 use crate::secret::SecretUrl;
 
 fn database_url() -> String {
@@ -452,7 +453,7 @@ async fn wait_for_locks(
 async fn batches_on_different_key_buckets_write_at_once_and_on_one_key_in_turn() {
     let table = unique_table();
     let sink = Arc::new(config(&table, true).build(&ctx("table")).await.unwrap());
-    let bucket = |id: &str| i64::from(locks::bucket_of(&[Cell::Text(Some(id.into()))]));
+    let bucket = |id: &str| i64::from(locks::bucket_of(&[values::Cell::Text(Some(id.into()))]));
     let a = "a".to_string();
     let b = (0..)
         .map(|i| format!("b{i}"))
@@ -555,5 +556,373 @@ async fn sslmode_require_replicates_over_tls() {
         "a sink connection is not encrypted"
     );
     assert_eq!(row(&c, &table, "a").await.map(|r| r.0), Some(1));
+    drop_tables(&c, &table).await;
+}
+
+fn typed_config(table: &str) -> PostgresConfig {
+    serde_json::from_value(json!({
+        "url": database_url(), "table": table, "key": "id", "create": true,
+        "columns": {
+            "t": "text", "b": "bigint", "i": "integer", "n": "numeric", "f": "boolean",
+            "at": "timestamptz", "j": "jsonb", "u": "uuid"
+        }
+    }))
+    .unwrap()
+}
+
+/// Every value column of `typed_config`'s table, as Postgres prints it (NULL as None).
+async fn typed_row(c: &Client, table: &str, id: &str) -> Option<Vec<Option<String>>> {
+    c.query_opt(
+        &format!(
+            "SELECT t, b::text, i::text, n::text, f::text, to_char(at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS.US'), j::text, u::text \
+             FROM {table} WHERE id = $1"
+        ),
+        &[&id],
+    )
+    .await
+    .unwrap()
+    .map(|r| (0..8).map(|i| r.get(i)).collect())
+}
+
+#[tokio::test]
+async fn every_column_type_is_written_as_its_type_and_missing_values_are_null() {
+    let table = unique_table();
+    let sink = typed_config(&table).build(&ctx("table")).await.unwrap();
+    let full = json!({
+        "t": "Zoë \"quoted\"\ttab", "b": 9_007_199_254_740_993i64, "i": "-7",
+        "n": "12345678901234567890.123456789", "f": true, "at": "2026-11-24T10:00:00.123456Z",
+        "j": {"a": [1, "x", null]}, "u": "6F9619FF-8B86-D011-B42D-00CF4FC964FF"
+    });
+    let report = sink
+        .apply_batch(&[
+            record(0, "full", 1, full),
+            record(1, "empty", 1, json!({})),
+            record(
+                2,
+                "nulls",
+                1,
+                json!({"t": null, "j": null, "n": 1.5, "b": "-12"}),
+            ),
+        ])
+        .await
+        .unwrap();
+    assert_eq!((report.applied, report.stale), (3, 0), "{report:?}");
+    let c = client().await;
+    let some = |s: &str| Some(s.to_string());
+    assert_eq!(
+        typed_row(&c, &table, "full").await,
+        Some(vec![
+            some("Zoë \"quoted\"\ttab"),
+            some("9007199254740993"),
+            some("-7"),
+            some("12345678901234567890.123456789"),
+            some("true"),
+            some("2026-11-24 10:00:00.123456"),
+            some("{\"a\": [1, \"x\", null]}"),
+            some("6f9619ff-8b86-d011-b42d-00cf4fc964ff"),
+        ])
+    );
+    assert_eq!(typed_row(&c, &table, "empty").await, Some(vec![None; 8]));
+    assert_eq!(
+        typed_row(&c, &table, "nulls").await,
+        Some(vec![
+            None,
+            some("-12"),
+            None,
+            some("1.5"),
+            None,
+            None,
+            None,
+            None
+        ])
+    );
+    // A newer version without the fields clears them.
+    let report = sink
+        .apply_batch(&[record(0, "full", 2, json!({"f": false}))])
+        .await
+        .unwrap();
+    assert_eq!(report.applied, 1);
+    assert_eq!(
+        typed_row(&c, &table, "full").await,
+        Some(vec![
+            None,
+            None,
+            None,
+            None,
+            some("false"),
+            None,
+            None,
+            None
+        ])
+    );
+    drop_tables(&c, &table).await;
+}
+
+/// A record whose fields a `project` stage without `include` made.
+fn fixed(entry: usize, id: &str, version: u64, names: &FieldNames, values: &[Value]) -> Record {
+    let mut r = record(entry, id, version, json!({}));
+    r.fields = Some(crate::Fields::Fixed {
+        names: names.clone(),
+        values: values
+            .iter()
+            .map(|v| Some(v.clone()).filter(|v| !v.is_null()))
+            .collect(),
+    });
+    r
+}
+
+#[tokio::test]
+async fn fixed_field_sets_are_read_by_their_own_names() {
+    let table = unique_table();
+    let sink = config(&table, true).build(&ctx("table")).await.unwrap();
+    let one: FieldNames = vec!["display_name".to_string(), "points".to_string()].into();
+    let other: FieldNames = vec!["points".to_string(), "tags".to_string()].into();
+    let report = sink
+        .apply_batch(&[
+            fixed(0, "a", 1, &one, &[json!("a"), json!(1)]),
+            fixed(1, "b", 1, &other, &[json!(2), json!(["t"])]),
+            fixed(2, "c", 1, &one, &[Value::Null, json!(3)]),
+            record(3, "d", 1, json!({"display_name": "d", "points": 4})),
+            fixed(4, "e", 1, &one, &[json!("e"), json!("five")]),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(report.applied, 4, "{report:?}");
+    assert_eq!(
+        report.rejected,
+        vec![(
+            4,
+            "column `points`: cannot write \"five\" as bigint".to_string()
+        )]
+    );
+    let c = client().await;
+    assert_eq!(
+        row(&c, &table, "a").await,
+        Some((1, Some("a".into()), Some(1)))
+    );
+    assert_eq!(row(&c, &table, "b").await, Some((1, None, Some(2))));
+    assert_eq!(row(&c, &table, "c").await, Some((1, None, Some(3))));
+    assert_eq!(
+        row(&c, &table, "d").await,
+        Some((1, Some("d".into()), Some(4)))
+    );
+    let tags: Option<Value> = c
+        .query_one(
+            &format!("SELECT tags FROM {table} WHERE athlete_id = 'b'"),
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(tags, Some(json!(["t"])));
+    drop_tables(&c, &table).await;
+}
+
+#[tokio::test]
+async fn versions_beyond_bigint_are_rejected_and_the_largest_bigint_applies() {
+    let table = unique_table();
+    let sink = config(&table, true).build(&ctx("table")).await.unwrap();
+    let largest = i64::MAX as u64;
+    let report = sink
+        .apply_batch(&[
+            record(0, "a", largest, json!({"display_name": "max"})),
+            record(1, "b", 5, json!({"display_name": "five"})),
+            record(2, "b", largest + 1, json!({"display_name": "too new"})),
+            record(3, "c", u64::MAX, Value::Null),
+        ])
+        .await
+        .unwrap();
+    assert_eq!((report.applied, report.stale), (1, 1), "{report:?}");
+    assert_eq!(
+        report.rejected,
+        vec![
+            (
+                2,
+                "aggregateVersion 9223372036854775808 does not fit the bigint version column"
+                    .to_string()
+            ),
+            (
+                3,
+                "aggregateVersion 18446744073709551615 does not fit the bigint version column"
+                    .to_string()
+            ),
+        ]
+    );
+    let c = client().await;
+    assert_eq!(
+        row(&c, &table, "a").await,
+        Some((i64::MAX, Some("max".into()), None))
+    );
+    assert_eq!(row(&c, &table, "b").await, None);
+    drop_tables(&c, &table).await;
+}
+
+#[tokio::test]
+async fn a_batch_coalesces_each_key_to_its_newest_version_and_deletes_win_in_order() {
+    let table = unique_table();
+    let sink = config(&table, true).build(&ctx("table")).await.unwrap();
+    let name = |s: &str| json!({ "display_name": s });
+    let report = sink
+        .apply_batch(&[
+            record(0, "a", 3, name("a3")),
+            record(1, "a", 7, name("a7")),
+            record(2, "a", 5, name("a5")),
+            // The same version again: the first one seen stays.
+            record(3, "a", 7, name("a7 again")),
+            record(4, "b", 2, name("b2")),
+            record(5, "b", 4, Value::Null),
+            record(6, "b", 6, name("b6")),
+            record(7, "c", 2, name("c2")),
+            record(8, "c", 3, Value::Null),
+        ])
+        .await
+        .unwrap();
+    assert_eq!((report.applied, report.stale), (3, 6), "{report:?}");
+    let c = client().await;
+    assert_eq!(
+        row(&c, &table, "a").await.map(|r| r.1),
+        Some(Some("a7".into()))
+    );
+    assert_eq!(
+        row(&c, &table, "b").await.map(|r| r.1),
+        Some(Some("b6".into()))
+    );
+    assert_eq!(row(&c, &table, "c").await, None);
+    let tombstones: Vec<(String, i64)> = c
+        .query(
+            &format!("SELECT athlete_id, source_version FROM {table}_tombstones ORDER BY 1"),
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(tombstones, vec![("c".to_string(), 3)]);
+    // The tombstone holds against a late update, and a replayed delete is stale.
+    let report = sink
+        .apply_batch(&[
+            record(0, "c", 2, name("late")),
+            record(1, "c", 3, Value::Null),
+        ])
+        .await
+        .unwrap();
+    assert_eq!((report.applied, report.stale), (0, 2), "{report:?}");
+    assert_eq!(row(&c, &table, "c").await, None);
+    drop_tables(&c, &table).await;
+}
+
+#[tokio::test]
+async fn rows_postgres_refuses_are_isolated_and_the_rest_commits() {
+    let table = unique_table();
+    let c = client().await;
+    c.batch_execute(&format!(
+        "CREATE TABLE {table} (athlete_id text PRIMARY KEY, source_version bigint NOT NULL, source_updated_at timestamptz, \
+         replicated_at timestamptz NOT NULL, deleted_at timestamptz, display_name text CHECK (display_name <> 'forbidden'), \
+         points bigint, born timestamptz, tags jsonb)"
+    ))
+    .await
+    .unwrap();
+    let sink = config(&table, false).build(&ctx("table")).await.unwrap();
+    sink.apply_batch(&[record(0, "old", 5, json!({"display_name": "old"}))])
+        .await
+        .unwrap();
+    let report = sink
+        .apply_batch(&[
+            record(0, "a", 1, json!({"display_name": "fine"})),
+            record(1, "b", 1, json!({"display_name": "forbidden"})),
+            record(2, "c", 1, json!({"display_name": "nul \u{0}"})),
+            record(3, "d", 1, json!({"tags": {"k": "nul \u{0}"}})),
+            record(4, "old", 4, json!({"display_name": "stale"})),
+            record(5, "e", 1, Value::Null),
+        ])
+        .await
+        .unwrap();
+    assert_eq!((report.applied, report.stale), (2, 1), "{report:?}");
+    let refused: Vec<usize> = report.refused.iter().map(|r| r.0).collect();
+    assert_eq!(refused, vec![1, 2, 3], "{:?}", report.refused);
+    assert!(
+        report.refused[0].1.contains("check constraint"),
+        "{:?}",
+        report.refused
+    );
+    assert!(report.rejected.is_empty(), "{:?}", report.rejected);
+    assert!(row(&c, &table, "a").await.is_some());
+    assert_eq!(
+        row(&c, &table, "old").await.map(|r| r.1),
+        Some(Some("old".into()))
+    );
+    for refused in ["b", "c", "d"] {
+        assert_eq!(row(&c, &table, refused).await, None);
+    }
+    // The next batch on the same connections starts clean.
+    let report = sink
+        .apply_batch(&[record(0, "f", 1, json!({"display_name": "next"}))])
+        .await
+        .unwrap();
+    assert_eq!((report.applied, report.stale), (1, 0), "{report:?}");
+    let count: i64 = c
+        .query_one(&format!("SELECT count(*) FROM {table}"), &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(count, 3);
+    drop_tables(&c, &table).await;
+}
+
+#[tokio::test]
+async fn typed_and_composite_keys_coalesce_by_value() {
+    let table = unique_table();
+    let config: PostgresConfig = serde_json::from_value(json!({
+        "url": database_url(), "table": table, "create": true,
+        "key": [
+            {"column": "tenant", "from": "payload.tenant", "type": "integer"},
+            {"column": "id", "from": "aggregateId", "type": "uuid"}
+        ],
+        "columns": {"label": "text"}
+    }))
+    .unwrap();
+    let sink = config.build(&ctx("table")).await.unwrap();
+    let id = "6f9619ff-8b86-d011-b42d-00cf4fc964ff";
+    let report = sink
+        .apply_batch(&[
+            record(0, id, 1, json!({"tenant": 1, "label": "one"})),
+            record(
+                1,
+                &id.to_uppercase(),
+                2,
+                json!({"tenant": "1", "label": "two"}),
+            ),
+            record(2, id, 1, json!({"tenant": 2, "label": "other tenant"})),
+            record(3, "not-a-uuid", 1, json!({"tenant": 1})),
+            record(4, id, 1, json!({"label": "no tenant"})),
+        ])
+        .await
+        .unwrap();
+    assert_eq!((report.applied, report.stale), (2, 1), "{report:?}");
+    let rejected: Vec<usize> = report.rejected.iter().map(|r| r.0).collect();
+    assert_eq!(rejected, vec![3, 4], "{:?}", report.rejected);
+    assert_eq!(
+        report.rejected[1].1,
+        "key column `tenant`: `payload.tenant` is missing in the event"
+    );
+    let c = client().await;
+    let rows: Vec<(i32, String, i64, String)> = c
+        .query(
+            &format!("SELECT tenant, id::text, source_version, label FROM {table} ORDER BY tenant"),
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+        .collect();
+    assert_eq!(
+        rows,
+        vec![
+            (1, id.to_string(), 2, "two".to_string()),
+            (2, id.to_string(), 1, "other tenant".to_string())
+        ]
+    );
     drop_tables(&c, &table).await;
 }
