@@ -142,7 +142,8 @@ impl Fields {
             Fields::Fixed { names, values } => names
                 .iter()
                 .position(|n| n == name)
-                .and_then(|i| values[i].as_ref()),
+                .and_then(|i| values.get(i)?.as_ref())
+                .filter(|v| !v.is_null()),
             Fields::Map(map) => map.get(name).filter(|v| !v.is_null()),
         }
     }
@@ -172,7 +173,9 @@ impl<'a> Iterator for FieldsIter<'a> {
         loop {
             match self {
                 FieldsIter::Fixed(it) => {
-                    if let (name, Some(value)) = it.next()? {
+                    if let (name, Some(value)) = it.next()?
+                        && !value.is_null()
+                    {
                         return Some((name.as_str(), value));
                     }
                 }

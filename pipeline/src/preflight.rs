@@ -201,9 +201,14 @@ fn evalsha_probe(sink: &RedisHashConfig, cluster: bool, who: &str) -> Probe {
                 format!("EVALSHA on keys `{key}`, `{tombstone}` and `{freshness}` ({who})")
             }
         }
-        None => {
+        None if cluster => {
             cmd.arg(0);
             format!("EVALSHA ({who})")
+        }
+        None => {
+            let freshness = sink.freshness_key();
+            cmd.arg(1).arg(&freshness);
+            format!("EVALSHA on key `{freshness}` ({who})")
         }
     };
     Probe { what, cmd }

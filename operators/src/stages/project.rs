@@ -197,13 +197,16 @@ impl Project {
         }
     }
 
-    /// The value of one `fields` entry for `event`; `None` when it has none (or null).
+    /// The value of one `fields` entry for `event`, null included; `None` when the path is
+    /// absent and there is no default.
     fn field_value(source: &FieldPath, event: &Envelope) -> Option<Value> {
-        event
-            .get(&source.path)
-            .filter(|v| !v.is_null())
-            .or_else(|| source.default.clone())
-            .filter(|v| !v.is_null())
+        match &source.default {
+            None => event.get(&source.path),
+            Some(default) => event
+                .get(&source.path)
+                .filter(|v| !v.is_null())
+                .or_else(|| Some(default.clone())),
+        }
     }
 
     fn project(&self, event: &Envelope) -> Fields {
@@ -211,7 +214,7 @@ impl Project {
             let values = self
                 .sources
                 .iter()
-                .map(|source| Self::field_value(source, event))
+                .map(|source| Self::field_value(source, event).filter(|v| !v.is_null()))
                 .collect();
             return Fields::Fixed {
                 names: self.names.clone(),
@@ -227,6 +230,8 @@ impl Project {
                 }
             }
         }
+        // A null from `fields` stays in the map (sinks skip it), hiding an included member
+        // of the same name.
         for (name, source) in self.names.iter().zip(&self.sources) {
             if let Some(value) = Self::field_value(source, event) {
                 fields.insert(name.clone(), value);
@@ -327,6 +332,46 @@ mod tests {
                 .unwrap()
                 .clone()
             )
+        );
+    }
+
+    #[test]
+    fn without_include_the_fields_are_a_fixed_set_and_a_null_from_fields_hides_an_include() {
+        let fixed = config(
+            json!({"fields": {"b": "payload.b", "a": {"path": "payload.a", "default": 1}, "n": "payload.n"}}),
+        );
+        let mut project = fixed.build().unwrap();
+        let mut out = Outcomes::default();
+        let body =
+            json!({"aggregateId": "a", "aggregateVersion": 1, "payload": {"b": "x", "n": null}});
+        let kept = project.process(
+            vec![record(0, body.clone()), record(1, body.clone())],
+            &[],
+            &mut out,
+        );
+        let (Some(Fields::Fixed { names, values }), Some(Fields::Fixed { names: other, .. })) =
+            (&kept[0].fields, &kept[1].fields)
+        else {
+            panic!("{kept:?}");
+        };
+        assert!(Arc::ptr_eq(names, other), "one shared name list");
+        assert_eq!(names.as_ref(), ["a", "b", "n"]);
+        assert_eq!(values, &vec![Some(json!(1)), Some(json!("x")), None]);
+        let include = config(json!({"include": ["*"], "fields": {"status": "payload.newStatus"}}));
+        let kept = include.build().unwrap().process(
+            vec![record(
+                0,
+                json!({"aggregateId": "a", "aggregateVersion": 1,
+                "payload": {"status": "active", "newStatus": null}}),
+            )],
+            &[],
+            &mut out,
+        );
+        let fields = kept[0].fields.as_ref().unwrap();
+        assert_eq!(
+            fields.get("status"),
+            None,
+            "the null from `fields` wins over the included member"
         );
     }
 

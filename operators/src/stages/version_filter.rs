@@ -63,7 +63,8 @@ type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 
 /// Last versions in two generations: lookups see both, writes go to `current`, and when
 /// `current` is full the older generation is forgotten whole. Memory stays within the budget
-/// without an order queue, and an aggregate seen again is carried into the new generation,
+/// without an order queue (the types share it, see `remember`), and an aggregate seen again
+/// is carried into the new generation,
 /// so the ones forgotten are those not seen for longest.
 #[derive(Debug, Default)]
 struct Generations {
@@ -124,18 +125,26 @@ impl VersionFilter {
         let generations = &mut self.seen[index].1;
         generations.previous.remove(id);
         generations.current.insert(id.into(), version);
+        // The budget is shared by the types: over it, the largest older generation goes first,
+        // and when none is left the largest newer one becomes older.
         while self.remembered() > self.max_aggregates {
-            // Several types over budget: the largest older generation goes first.
+            let generations = self.seen.iter_mut().map(|(_, g)| g);
+            if let Some(largest) = generations
+                .filter(|g| !g.previous.is_empty())
+                .max_by_key(|g| g.previous.len())
+            {
+                largest.previous = FastMap::default();
+                continue;
+            }
             let Some(largest) = self
                 .seen
                 .iter_mut()
                 .map(|(_, g)| g)
-                .filter(|g| !g.previous.is_empty())
-                .max_by_key(|g| g.previous.len())
+                .max_by_key(|g| g.current.len())
             else {
                 break;
             };
-            largest.previous = FastMap::default();
+            largest.previous = std::mem::take(&mut largest.current);
         }
     }
 
@@ -209,6 +218,7 @@ mod tests {
     use super::*;
     use ecst_schemas::Envelope;
     use proptest::prelude::*;
+    use std::sync::Arc;
 
     fn record(entry: usize, id: &str, version: u64) -> Record {
         Record::new(
@@ -261,6 +271,23 @@ mod tests {
                 .len(),
             1
         );
+    }
+
+    #[test]
+    fn the_budget_holds_across_aggregate_types() {
+        let mut filter = VersionFilterConfig { max_aggregates: 10 }.build();
+        let mut out = Outcomes::default();
+        for kind in ["a", "b", "c", "d"] {
+            let batch = (0..8)
+                .map(|i| {
+                    let mut r = record(i, &format!("{kind}-{i}"), 1);
+                    Arc::make_mut(&mut r.event).aggregate_type = Some(kind.into());
+                    r
+                })
+                .collect();
+            filter.process(batch, &[], &mut out);
+            assert!(filter.remembered() <= 10, "{}", filter.remembered());
+        }
     }
 
     #[test]

@@ -91,6 +91,10 @@ pub(super) fn capacity(keys: &str, writes: usize, fixed_fields: usize) -> (usize
 /// fields in every record of a small call.
 const HEADER_FROM: usize = 3;
 
+/// Most names a header holds: the script unpacks the header's pairs into one table, and
+/// unpack() of more than ~8,000 values exceeds Lua's C stack.
+const HEADER_MAX_NAMES: usize = 1000;
+
 /// The fixed field sets of a call's upserts: whether the script may write each over a hash
 /// (its names differ from each other and from the sink's own fields, as the script tells from
 /// a hash's field count whether it holds others), and the one the header names.
@@ -119,7 +123,7 @@ impl<'r> FixedSets<'r> {
             }
         }
         sets.header = first
-            .filter(|&(_, count)| count >= HEADER_FROM)
+            .filter(|&(names, count)| count >= HEADER_FROM && names.len() <= HEADER_MAX_NAMES)
             .map(|(names, _)| names);
         sets
     }
@@ -166,7 +170,12 @@ fn append_record<'r>(
         (Action::Upsert, Some(Fields::Fixed { names, values }))
             if sets.header.is_some_and(|header| Arc::ptr_eq(header, names)) =>
         {
-            let present = |j: usize| values.get(j).is_some_and(Option::is_some);
+            // A null value is absent, as everywhere `Fields` is read.
+            let present = |j: usize| {
+                values
+                    .get(j)
+                    .is_some_and(|v| v.as_ref().is_some_and(|v| !v.is_null()))
+            };
             if occurred.is_some() && (0..names.len()).all(present) {
                 cmd.arg("U");
             } else {
@@ -180,7 +189,9 @@ fn append_record<'r>(
                 timestamp_arg(cmd, at);
             }
             for value in values.iter().take(names.len()).flatten() {
-                value_arg(cmd, value);
+                if !value.is_null() {
+                    value_arg(cmd, value);
+                }
             }
         }
         (Action::Upsert, Some(Fields::Fixed { names, values })) if sets.distinct(layout, names) => {
@@ -188,7 +199,8 @@ fn append_record<'r>(
                 names
                     .iter()
                     .zip(values)
-                    .filter_map(|(name, value)| value.as_ref().map(|value| (name.as_str(), value)))
+                    .filter_map(|(name, value)| Some((name.as_str(), value.as_ref()?)))
+                    .filter(|(_, value)| !value.is_null())
             };
             by_name(cmd, "F", layout, record, fields);
         }
