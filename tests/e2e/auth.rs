@@ -279,3 +279,22 @@ fn a_partitioned_worker_whose_acl_misses_the_lease_keys_stops_the_start_naming_t
     );
     assert!(!stderr.contains("app-secret"), "{stderr}");
 }
+
+#[test]
+fn an_acl_without_the_freshness_record_stops_the_start_naming_its_key() {
+    // On one server the sink's batch script writes the freshness record in the same call, so
+    // the record's key is one the ACL must allow, like the hashes and their tombstones.
+    let server = server(
+        "resetkeys ~e2e:* ~auth:* ~ecst:fanout-divergent:* ~ecst:partitioning:* ~ecst:members:*",
+    );
+    let (code, stderr) = run(
+        &unique("auth-freshness"),
+        &format!("redis://app:app-secret@127.0.0.1:{}", server.port()),
+    );
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(
+        stderr.contains("`ecst:freshness:auth:athlete:{aggregateId}`"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("redis_hash sink `cache`"), "{stderr}");
+}
