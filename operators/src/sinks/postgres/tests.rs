@@ -221,10 +221,9 @@ async fn values_that_do_not_fit_are_rejected_alone_and_the_rest_commits() {
     drop_tables(&c, &table).await;
 }
 
-#[tokio::test]
-async fn a_constraint_the_sink_cannot_see_rejects_only_its_row() {
-    let table = unique_table();
-    let c = client().await;
+/// The replica table with a CHECK the sink cannot know of: Postgres refuses a `display_name`
+/// of `forbidden`.
+async fn create_table_refusing_forbidden(c: &Client, table: &str) {
     c.batch_execute(&format!(
         "CREATE TABLE {table} (athlete_id text PRIMARY KEY, source_version bigint NOT NULL, source_updated_at timestamptz, \
          replicated_at timestamptz NOT NULL, deleted_at timestamptz, display_name text CHECK (display_name <> 'forbidden'), \
@@ -232,6 +231,13 @@ async fn a_constraint_the_sink_cannot_see_rejects_only_its_row() {
     ))
     .await
     .unwrap();
+}
+
+#[tokio::test]
+async fn a_constraint_the_sink_cannot_see_rejects_only_its_row() {
+    let table = unique_table();
+    let c = client().await;
+    create_table_refusing_forbidden(&c, &table).await;
     let sink = config(&table, false).build(&ctx("table")).await.unwrap();
     let report = sink
         .apply_batch(&[
@@ -816,13 +822,7 @@ async fn a_batch_coalesces_each_key_to_its_newest_version_and_deletes_win_in_ord
 async fn rows_postgres_refuses_are_isolated_and_the_rest_commits() {
     let table = unique_table();
     let c = client().await;
-    c.batch_execute(&format!(
-        "CREATE TABLE {table} (athlete_id text PRIMARY KEY, source_version bigint NOT NULL, source_updated_at timestamptz, \
-         replicated_at timestamptz NOT NULL, deleted_at timestamptz, display_name text CHECK (display_name <> 'forbidden'), \
-         points bigint, born timestamptz, tags jsonb)"
-    ))
-    .await
-    .unwrap();
+    create_table_refusing_forbidden(&c, &table).await;
     let sink = config(&table, false).build(&ctx("table")).await.unwrap();
     sink.apply_batch(&[record(0, "old", 5, json!({"display_name": "old"}))])
         .await

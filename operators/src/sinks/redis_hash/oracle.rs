@@ -12,9 +12,9 @@ use proptest::test_runner::{Config, TestRunner};
 use serde_json::{Map, Value, json};
 use time::OffsetDateTime;
 
+use super::tests::{redis_url, sink};
 use super::*;
 use crate::record::{Action, FieldNames, Fields};
-use crate::stage::BuildContext;
 
 const ORACLE: &str = include_str!("oracle.lua");
 
@@ -68,26 +68,6 @@ fn oracle_call(sink: &RedisHashSink, keys: &str, writes: &[&Write<'_>]) -> redis
         }
     }
     cmd
-}
-
-fn redis_url() -> SecretUrl {
-    SecretUrl::new(std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into()))
-}
-
-fn sink(prefix: &str) -> RedisHashSink {
-    let config: RedisHashConfig = serde_json::from_value(json!({
-        "key": format!("{prefix}athlete:{{aggregateId}}"),
-        "tombstone_prefix": format!("{prefix}tomb:"),
-    }))
-    .unwrap();
-    config
-        .build(&BuildContext {
-            pipeline: "t".into(),
-            stage: "cache".into(),
-            source_redis: redis_url(),
-            payload_reads: Default::default(),
-        })
-        .unwrap()
 }
 
 /// The fixed sets of upserts: the one most carry, another (a call's header names one set, the

@@ -10,7 +10,7 @@ use super::*;
 use crate::record::{Action, Fields};
 use crate::stage::BuildContext;
 
-fn redis_url() -> SecretUrl {
+pub(super) fn redis_url() -> SecretUrl {
     SecretUrl::new(std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into()))
 }
 
@@ -23,7 +23,7 @@ fn unique_prefix() -> String {
     )
 }
 
-fn sink(prefix: &str) -> RedisHashSink {
+pub(super) fn sink(prefix: &str) -> RedisHashSink {
     let config: RedisHashConfig = serde_json::from_value(json!({
         "key": format!("{prefix}athlete:{{aggregateId}}"),
         "tombstone_prefix": format!("{prefix}tomb:"),
