@@ -7,7 +7,7 @@ use serde_json::Value;
 
 use crate::sinks::postgres::PostgresConfig;
 use crate::sinks::redis_hash::RedisHashConfig;
-use crate::stage::{BuildContext, BuildError, BuiltStage, ComponentConfig, ConfigProblem};
+use crate::stage::{BuildContext, BuildError, BuiltStage, ComponentConfig, ConfigProblem, KeyDoc};
 use crate::stages::decode::DecodeConfig;
 use crate::stages::project::ProjectConfig;
 use crate::stages::tombstone::TombstoneConfig;
@@ -24,6 +24,30 @@ pub enum StageRole {
     Sink,
 }
 
+impl StageRole {
+    /// How `ecst stages` names the role.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StageRole::Root => "root",
+            StageRole::Transform => "transform",
+            StageRole::Sink => "sink",
+        }
+    }
+}
+
+/// A stage type as `ecst stages` describes it.
+#[derive(Debug, Clone, Copy)]
+pub struct StageTypeDoc {
+    /// The `type:` name.
+    pub name: &'static str,
+    /// Where it sits in the DAG.
+    pub role: StageRole,
+    /// What it does, from its registry line's doc comment.
+    pub summary: &'static str,
+    /// Its keys besides `type`, `input` and `inputs`.
+    pub keys: &'static [KeyDoc],
+}
+
 /// The registry of stage types: each named once, with its config type and role. It defines
 /// [`StageConfig`], [`STAGE_TYPES`] and every lookup by name.
 macro_rules! stage_types {
@@ -37,6 +61,14 @@ macro_rules! stage_types {
 
         /// Names accepted in `type:`, with the role of each.
         pub const STAGE_REGISTRY: &[(&str, StageRole)] = &[$(($name, StageRole::$role)),+];
+
+        /// Every stage type with its role, summary and keys.
+        pub const STAGE_CATALOGUE: &[StageTypeDoc] = &[$(StageTypeDoc {
+            name: $name,
+            role: StageRole::$role,
+            summary: concat!($($doc),*),
+            keys: <$config as ComponentConfig>::KEYS,
+        }),+];
 
         /// Names accepted in `type:`, for error messages.
         pub const STAGE_TYPES: &[&str] = &[$($name),+];
@@ -202,5 +234,48 @@ mod tests {
                 .is_none()
         );
         assert!(!is_sink_type("kafka") && !is_root_type("kafka"));
+    }
+
+    /// The fields serde expects, from its answer to an unknown key.
+    fn serde_fields(name: &str) -> Vec<String> {
+        let error = StageConfig::from_type(name, serde_json::json!({"no_such_key": 1}))
+            .expect_err("an unknown key is refused");
+        let expected = error
+            .message
+            .split_once("expected one of ")
+            .or_else(|| error.message.split_once("expected "))
+            .unwrap_or_else(|| panic!("{name}: {}", error.message))
+            .1;
+        // serde lists them as "`a`", "`a` or `b`", "one of `a`, `b`, `c`".
+        expected
+            .split(", ")
+            .flat_map(|part| part.split(" or "))
+            .map(|f| f.trim_matches('`').to_string())
+            .collect()
+    }
+
+    #[test]
+    fn every_stage_type_documents_exactly_the_keys_its_config_reads() {
+        for doc in STAGE_CATALOGUE {
+            let mut documented: Vec<String> = doc.keys.iter().map(|k| k.name.into()).collect();
+            let mut read = serde_fields(doc.name);
+            documented.sort();
+            read.sort();
+            assert_eq!(
+                documented, read,
+                "the keys `ecst stages {}` lists",
+                doc.name
+            );
+            assert!(!doc.summary.trim().is_empty(), "{} has a summary", doc.name);
+            for key in doc.keys {
+                assert!(
+                    !key.meaning.is_empty() && !key.value.is_empty(),
+                    "{}.{}",
+                    doc.name,
+                    key.name
+                );
+            }
+        }
+        assert_eq!(STAGE_CATALOGUE.len(), STAGE_TYPES.len());
     }
 }

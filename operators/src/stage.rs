@@ -121,9 +121,53 @@ impl ConfigProblem {
     }
 }
 
+/// One key a stage type accepts, as `ecst stages` lists it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeyDoc {
+    /// The key as written in the pipeline file.
+    pub name: &'static str,
+    /// What it takes (`string`, `duration`, `map of column to type`, ...).
+    pub value: &'static str,
+    /// Its default, or `None` when the key is required.
+    pub default: Option<&'static str>,
+    /// What it means, in one line.
+    pub meaning: &'static str,
+}
+
+impl KeyDoc {
+    /// A required key.
+    pub const fn required(name: &'static str, value: &'static str, meaning: &'static str) -> Self {
+        KeyDoc {
+            name,
+            value,
+            default: None,
+            meaning,
+        }
+    }
+
+    /// An optional key and its default.
+    pub const fn optional(
+        name: &'static str,
+        value: &'static str,
+        default: &'static str,
+        meaning: &'static str,
+    ) -> Self {
+        KeyDoc {
+            name,
+            value,
+            default: Some(default),
+            meaning,
+        }
+    }
+}
+
 /// What a stage's config does: find its problems without I/O, and build the running component.
 /// Each stage type implements it in its own file; the `registry` module names the type once.
 pub trait ComponentConfig {
+    /// Every key of the stage besides `type`, `input` and `inputs`, for `ecst stages`; the
+    /// registry's tests check the list against the config struct's fields.
+    const KEYS: &'static [KeyDoc];
+
     /// Problems found without I/O (expressions that do not compile, bad templates).
     fn problems(&self) -> Vec<ConfigProblem> {
         Vec::new()

@@ -8,7 +8,7 @@ use serde::Deserialize;
 
 use crate::dead_letter::DeadLetterReason;
 use crate::record::{Outcomes, RawEntry, Record};
-use crate::stage::{BuildContext, BuiltStage, ComponentConfig, ConfigProblem, Stage};
+use crate::stage::{BuildContext, BuiltStage, ComponentConfig, ConfigProblem, KeyDoc, Stage};
 
 /// How the body is encoded.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -168,6 +168,39 @@ impl Stage for Decode {
 }
 
 impl ComponentConfig for DecodeConfig {
+    const KEYS: &'static [KeyDoc] = &[
+        KeyDoc::optional(
+            "field",
+            "string",
+            "v",
+            "stream entry field holding the body",
+        ),
+        KeyDoc::optional(
+            "format",
+            "auto | json | msgpack",
+            "auto",
+            "body encoding (`auto`: by the entry's `ct` field)",
+        ),
+        KeyDoc::optional(
+            "envelope",
+            "map of envelope member to body path",
+            "the camelCase keys",
+            "where each envelope member lives in a foreign body",
+        ),
+        KeyDoc::optional(
+            "max_body_bytes",
+            "integer",
+            "1048576",
+            "larger bodies are dead-lettered",
+        ),
+        KeyDoc::optional(
+            "max_depth",
+            "integer",
+            "64",
+            "deeper bodies are dead-lettered",
+        ),
+    ];
+
     fn problems(&self) -> Vec<ConfigProblem> {
         self.check()
     }

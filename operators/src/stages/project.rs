@@ -12,7 +12,7 @@ use crate::dead_letter::DeadLetterReason;
 use crate::record::{
     Action, DEFAULT_TOMBSTONE_KEEP_FOR, DropReason, FieldNames, Fields, Outcomes, RawEntry, Record,
 };
-use crate::stage::{BuildContext, BuiltStage, ComponentConfig, ConfigProblem, Stage};
+use crate::stage::{BuildContext, BuiltStage, ComponentConfig, ConfigProblem, KeyDoc, Stage};
 
 /// Where one output field comes from.
 #[derive(Debug, Clone, Deserialize)]
@@ -278,6 +278,39 @@ impl Stage for Project {
 }
 
 impl ComponentConfig for ProjectConfig {
+    const KEYS: &'static [KeyDoc] = &[
+        KeyDoc::optional(
+            "fields",
+            "map of field to envelope path (or { path, default })",
+            "{}",
+            "the replica's fields and where each comes from",
+        ),
+        KeyDoc::optional(
+            "include",
+            "list of payload members",
+            "[]",
+            "payload members copied as they are (`[\"*\"]`: all)",
+        ),
+        KeyDoc::optional(
+            "exclude",
+            "list of payload members",
+            "[]",
+            "payload members `include` never copies",
+        ),
+        KeyDoc::optional(
+            "where",
+            "CEL expression",
+            "none",
+            "events for which it is false are not written",
+        ),
+        KeyDoc::optional(
+            "unmatched",
+            "drop | delete",
+            "drop",
+            "what an event failing `where` does to the replica",
+        ),
+    ];
+
     fn problems(&self) -> Vec<ConfigProblem> {
         self.check()
     }

@@ -4,7 +4,7 @@ use serde::Deserialize;
 
 use crate::duration::ConfigDuration;
 use crate::record::{Action, DropReason, Outcomes, RawEntry, Record};
-use crate::stage::{BuildContext, BuiltStage, ComponentConfig, Stage};
+use crate::stage::{BuildContext, BuiltStage, ComponentConfig, KeyDoc, Stage};
 
 /// What happens to a replica entry when its aggregate is deleted.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -81,6 +81,21 @@ impl Stage for Tombstone {
 }
 
 impl ComponentConfig for TombstoneConfig {
+    const KEYS: &'static [KeyDoc] = &[
+        KeyDoc::optional(
+            "mode",
+            "delete | mark | ignore",
+            "delete",
+            "what a delete does to the replica",
+        ),
+        KeyDoc::optional(
+            "keep_for",
+            "duration",
+            "7d",
+            "how long a deleted version is remembered under `mode: delete`",
+        ),
+    ];
+
     fn payload_reads(&self, _projected: bool) -> ecst_schemas::PayloadSelection {
         ecst_schemas::PayloadSelection::nothing()
     }

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use serde::Deserialize;
 
 use crate::record::{DropReason, Outcomes, RawEntry, Record};
-use crate::stage::{BuildContext, BuiltStage, ComponentConfig, ConfigProblem, Stage};
+use crate::stage::{BuildContext, BuiltStage, ComponentConfig, ConfigProblem, KeyDoc, Stage};
 
 /// Configuration of the `version_filter` stage.
 #[derive(Debug, Clone, Deserialize)]
@@ -200,6 +200,13 @@ impl Stage for VersionFilter {
 }
 
 impl ComponentConfig for VersionFilterConfig {
+    const KEYS: &'static [KeyDoc] = &[KeyDoc::optional(
+        "max_aggregates",
+        "integer",
+        "100000",
+        "aggregates whose last version is remembered (least recently seen forgotten first)",
+    )];
+
     fn problems(&self) -> Vec<ConfigProblem> {
         self.check()
     }

@@ -2,6 +2,7 @@
 //! batch, with deleted versions kept in a tombstone table.
 
 pub mod config;
+mod inspect;
 mod locks;
 mod plan;
 mod replica;
@@ -20,7 +21,7 @@ use crate::postgres_tls::{PgTls, parse_postgres_url};
 
 use crate::record::{Action, Record};
 use crate::stage::{
-    ApplyFuture, BuildContext, BuiltStage, ComponentConfig, ConfigProblem, Sink, SinkError,
+    ApplyFuture, BuildContext, BuiltStage, ComponentConfig, ConfigProblem, KeyDoc, Sink, SinkError,
     SinkReport,
 };
 pub use config::{PgType, PostgresConfig};
@@ -57,15 +58,31 @@ async fn ensure_schema(
         .batch_execute(&statements.create_tombstones)
         .await
         .map_err(unavailable)?;
+    let problems = table_problems(client, config, statements).await?;
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(SchemaError::Mismatch(problems.join("; ")))
+    }
+}
+
+/// What keeps the sink from writing `config`'s table as it is: a missing table, missing or
+/// mistyped columns, no unique key on the key columns. Reads only.
+async fn table_problems(
+    client: &Client,
+    config: &PostgresConfig,
+    statements: &Statements,
+) -> Result<Vec<String>, SchemaError> {
+    let unavailable = |e: tokio_postgres::Error| SchemaError::Unavailable(e.to_string());
     let rows = client
         .query(&statements.columns, &[&config.schema, &config.table])
         .await
         .map_err(unavailable)?;
     let table = format!("{}.{}", config.schema, config.table);
     if rows.is_empty() {
-        return Err(SchemaError::Mismatch(format!(
+        return Ok(vec![format!(
             "table {table} does not exist (create it, or set `create: true`)"
-        )));
+        )]);
     }
     let present: HashMap<String, String> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
     let mut needed: Vec<(String, PgType)> = config
@@ -115,11 +132,7 @@ async fn ensure_schema(
             key_names.join(", ")
         ));
     }
-    if problems.is_empty() {
-        Ok(())
-    } else {
-        Err(SchemaError::Mismatch(problems.join("; ")))
-    }
+    Ok(problems)
 }
 
 /// A pooled client with the sink's statements prepared on it once.
@@ -524,6 +537,77 @@ impl Sink for PostgresSink {
 }
 
 impl ComponentConfig for PostgresConfig {
+    const KEYS: &'static [KeyDoc] = &[
+        KeyDoc::required(
+            "url",
+            "Postgres URL",
+            "the replica's database (`${DATABASE_URL}`)",
+        ),
+        KeyDoc::required("table", "identifier", "the replica table"),
+        KeyDoc::optional("schema", "identifier", "public", "schema of the table"),
+        KeyDoc::optional(
+            "key",
+            "column, { column, from, type } or a list of them",
+            "aggregate_id",
+            "key column(s) and where their values come from",
+        ),
+        KeyDoc::optional(
+            "columns",
+            "map of column to type (or { type, from })",
+            "{}",
+            "replicated columns: text, bigint, integer, numeric, boolean, timestamptz, jsonb, uuid",
+        ),
+        KeyDoc::optional(
+            "version_column",
+            "identifier",
+            "source_version",
+            "column with the applied version (bigint)",
+        ),
+        KeyDoc::optional(
+            "updated_at_column",
+            "identifier",
+            "source_updated_at",
+            "column with the source's `occurredAt`",
+        ),
+        KeyDoc::optional(
+            "replicated_at_column",
+            "identifier",
+            "replicated_at",
+            "column set to the commit time",
+        ),
+        KeyDoc::optional(
+            "deleted_at_column",
+            "identifier",
+            "deleted_at",
+            "column set under tombstone `mode: mark`",
+        ),
+        KeyDoc::optional(
+            "tombstone_table",
+            "identifier",
+            "<table>_tombstones",
+            "table remembering deleted versions",
+        ),
+        KeyDoc::optional(
+            "create",
+            "boolean",
+            "false",
+            "create the table when absent (otherwise check it)",
+        ),
+        KeyDoc::optional("pool_size", "integer", "4", "pooled connections"),
+        KeyDoc::optional(
+            "timeout",
+            "duration",
+            "10s",
+            "timeout of connecting and of each batch transaction",
+        ),
+        KeyDoc::optional(
+            "purge_every",
+            "duration",
+            "1m",
+            "how often expired tombstones are purged",
+        ),
+    ];
+
     fn problems(&self) -> Vec<ConfigProblem> {
         self.check()
     }

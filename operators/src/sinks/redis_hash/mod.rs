@@ -22,7 +22,7 @@ use crate::redis_pool::{
 use crate::replica::Replica;
 use crate::secret::SecretUrl;
 use crate::stage::{
-    ApplyFuture, BuildContext, BuiltStage, ComponentConfig, ConfigProblem, Sink, SinkError,
+    ApplyFuture, BuildContext, BuiltStage, ComponentConfig, ConfigProblem, KeyDoc, Sink, SinkError,
     SinkReport,
 };
 use cluster::Tombstone;
@@ -504,6 +504,51 @@ fn refused_by_data(e: &redis::RedisError) -> bool {
 }
 
 impl ComponentConfig for RedisHashConfig {
+    const KEYS: &'static [KeyDoc] = &[
+        KeyDoc::required(
+            "key",
+            "key template",
+            "hash key per aggregate, e.g. `athlete:{aggregateId}`",
+        ),
+        KeyDoc::optional(
+            "redis",
+            "Redis URL",
+            "the source's",
+            "server of the replica",
+        ),
+        KeyDoc::optional(
+            "version_field",
+            "string",
+            "_version",
+            "hash field with the applied version",
+        ),
+        KeyDoc::optional(
+            "occurred_at_field",
+            "string",
+            "_occurred_at",
+            "hash field with the source's `occurredAt`",
+        ),
+        KeyDoc::optional(
+            "deleted_field",
+            "string",
+            "_deleted",
+            "hash field set to 1 under tombstone `mode: mark`",
+        ),
+        KeyDoc::optional(
+            "tombstone_prefix",
+            "string",
+            "ecst:tombstone:",
+            "prefix of the keys remembering deleted versions",
+        ),
+        KeyDoc::optional("pool_size", "integer", "4", "pooled connections"),
+        KeyDoc::optional(
+            "timeout",
+            "duration",
+            "5s",
+            "timeout of connecting and of each batch write",
+        ),
+    ];
+
     fn problems(&self) -> Vec<ConfigProblem> {
         self.check()
     }
