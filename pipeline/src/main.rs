@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 use ecst_pipeline::config::{self, ConfigErrors};
 use ecst_pipeline::error::RunError;
 use ecst_pipeline::graph;
@@ -20,7 +20,7 @@ mod cli;
 // glibc malloc was a quarter of the worker's CPU under load (perf); every event allocates.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-use cli::{bench, bench_relay, publish, status};
+use cli::{bench, bench_relay, docs, init, publish, stages, status};
 
 #[derive(Parser)]
 #[command(
@@ -51,11 +51,25 @@ enum GraphFormat {
 #[derive(Subcommand)]
 enum Command {
     /// Check a pipeline file and report every problem with file, line, column and key.
+    #[command(after_help = concat!(
+        "Examples:\n",
+        "  ecst validate pipeline.yaml\n",
+        "  ecst validate --connect pipeline.yaml   # and against its Redis, Postgres, snapshot\n",
+    ))]
     Validate {
         /// Pipeline file.
         pipeline: PathBuf,
+        /// Also check the pipeline against its servers: Redis credentials and ACL for every
+        /// command on the actual keys, Postgres tables, columns and privileges, the snapshot.
+        #[arg(long)]
+        connect: bool,
     },
     /// Print a pipeline's stage graph.
+    #[command(after_help = concat!(
+        "Examples:\n",
+        "  ecst graph pipeline.yaml\n",
+        "  ecst graph --format dot pipeline.yaml | dot -Tsvg > graph.svg\n",
+    ))]
     Graph {
         /// Pipeline file.
         pipeline: PathBuf,
@@ -64,6 +78,12 @@ enum Command {
         format: GraphFormat,
     },
     /// Run a worker until SIGINT/SIGTERM.
+    #[command(after_help = concat!(
+        "Examples:\n",
+        "  ecst run pipeline.yaml\n",
+        "  ecst run --consumer \"$HOSTNAME\" --metrics-addr 0.0.0.0:9464 pipeline.yaml\n",
+        "  ecst run --drain pipeline.yaml   # exit once the stream is applied\n",
+    ))]
     Run {
         /// Pipeline file.
         pipeline: PathBuf,
@@ -78,6 +98,10 @@ enum Command {
         metrics_addr: String,
     },
     /// Bootstrap the group from the pipeline's snapshot now, then exit.
+    #[command(after_help = concat!(
+        "Examples:\n",
+        "  ecst bootstrap examples/athletes-bootstrap.yaml\n",
+    ))]
     Bootstrap {
         /// Pipeline file (with a `bootstrap:` section).
         pipeline: PathBuf,
@@ -86,6 +110,11 @@ enum Command {
         consumer: Option<String>,
     },
     /// Compare every replica with the source's snapshot; exit 0 in sync, 1 drift, 2 error.
+    #[command(after_help = concat!(
+        "Examples:\n",
+        "  ecst reconcile examples/athletes-bootstrap.yaml\n",
+        "  ecst reconcile --repair --json examples/athletes-bootstrap.yaml\n",
+    ))]
     Reconcile {
         /// Pipeline file (with a `bootstrap:` section: the source to compare with).
         pipeline: PathBuf,
@@ -97,28 +126,90 @@ enum Command {
         json: bool,
     },
     /// Show a pipeline's group, consumers, dead letters and replica freshness at a glance.
+    #[command(after_help = concat!(
+        "Examples:\n",
+        "  ecst status pipeline.yaml\n",
+    ))]
     Status(status::StatusArgs),
     /// Publish NDJSON events to a stream in the wire format.
+    #[command(after_help = concat!(
+        "Examples:\n",
+        "  ecst publish --stream athletes.athlete-updated.v1 examples/athletes.ndjson\n",
+    ))]
     Publish(publish::PublishArgs),
     /// Publish outbox rows to Redis Streams until SIGINT/SIGTERM.
+    #[command(after_help = concat!(
+        "Examples:\n",
+        "  ecst relay examples/relay.yaml\n",
+    ))]
     Relay {
         /// Relay file.
         relay: PathBuf,
     },
     /// The outbox table: print or install its DDL.
-    #[command(subcommand)]
+    #[command(subcommand, after_help = concat!(
+        "Examples:\n",
+        "  ecst outbox ddl --table ecst_outbox > outbox.sql\n",
+        "  ecst outbox install --postgres \"$DATABASE_URL\"\n",
+    ))]
     Outbox(OutboxCommand),
     /// Serve entity snapshots over HTTP for bootstrap.
-    #[command(subcommand)]
+    #[command(subcommand, after_help = concat!(
+        "Examples:\n",
+        "  ecst snapshot serve examples/snapshot.yaml\n",
+    ))]
     Snapshot(SnapshotCommand),
     /// Measure throughput and latency against the ceiling measured on this machine.
-    #[command(args_conflicts_with_subcommands = true)]
+    #[command(args_conflicts_with_subcommands = true, after_help = concat!(
+        "Examples:\n",
+        "  ecst bench examples/bench.yaml\n",
+        "  ecst bench relay\n",
+    ))]
     Bench {
         /// `relay` measures the outbox relay instead of a pipeline.
         #[command(subcommand)]
         target: Option<BenchTarget>,
         #[command(flatten)]
         args: bench::BenchArgs,
+    },
+    /// List the stage types with their roles and keys, or describe one.
+    #[command(after_help = concat!(
+        "Examples:\n",
+        "  ecst stages\n",
+        "  ecst stages redis_hash\n",
+    ))]
+    Stages {
+        /// A stage type, e.g. `redis_hash`.
+        name: Option<String>,
+    },
+    /// Print a commented starter pipeline made from a sample event.
+    #[command(after_help = concat!(
+        "Examples:\n",
+        "  ecst init --from-event sample.json > pipeline.yaml\n",
+        "  ecst init --from-event - --stream athletes.athlete-updated.v1 < sample.json\n",
+    ))]
+    Init(init::InitArgs),
+    /// Print a shell completion script.
+    #[command(after_help = concat!(
+        "Examples:\n",
+        "  ecst completions bash > ~/.local/share/bash-completion/completions/ecst\n",
+        "  ecst completions zsh > \"${fpath[1]}/_ecst\"\n",
+        "  ecst completions fish > ~/.config/fish/completions/ecst.fish\n",
+    ))]
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff), or write one page per subcommand.
+    #[command(after_help = concat!(
+        "Examples:\n",
+        "  ecst man | man -l -\n",
+        "  ecst man --out /usr/local/share/man/man1\n",
+    ))]
+    Man {
+        /// Write `ecst.1`, `ecst-run.1`, ... into this directory instead.
+        #[arg(long, value_name = "DIR")]
+        out: Option<PathBuf>,
     },
 }
 
@@ -309,7 +400,21 @@ async fn main() -> ExitCode {
 
 async fn execute(command: Command) -> anyhow::Result<ExitCode> {
     match command {
-        Command::Validate { pipeline } if file_kind(&pipeline) == "relay" => {
+        Command::Validate {
+            pipeline,
+            connect: true,
+        } => match load(&pipeline) {
+            Ok(config) => {
+                println!(
+                    "{}: ok ({} stages)",
+                    pipeline.display(),
+                    config.stages.len()
+                );
+                Ok(cli::connect::connect(&config).await)
+            }
+            Err(code) => Ok(code),
+        },
+        Command::Validate { pipeline, .. } if file_kind(&pipeline) == "relay" => {
             Ok(match load_relay(&pipeline) {
                 Ok(_) => {
                     println!("{}: ok (relay)", pipeline.display());
@@ -318,7 +423,7 @@ async fn execute(command: Command) -> anyhow::Result<ExitCode> {
                 Err(code) => code,
             })
         }
-        Command::Validate { pipeline } if file_kind(&pipeline) == "snapshot" => {
+        Command::Validate { pipeline, .. } if file_kind(&pipeline) == "snapshot" => {
             Ok(match load_snapshot(&pipeline) {
                 Ok(c) => {
                     println!(
@@ -331,7 +436,7 @@ async fn execute(command: Command) -> anyhow::Result<ExitCode> {
                 Err(code) => code,
             })
         }
-        Command::Validate { pipeline } => match load(&pipeline) {
+        Command::Validate { pipeline, .. } => match load(&pipeline) {
             Ok(config) => {
                 println!(
                     "{}: ok ({} stages)",
@@ -516,5 +621,9 @@ async fn execute(command: Command) -> anyhow::Result<ExitCode> {
             ..
         } => bench_relay::bench_relay(args).await,
         Command::Bench { args, .. } => bench::bench(args).await,
+        Command::Stages { name } => Ok(stages::stages(name.as_deref())),
+        Command::Init(args) => init::init(args),
+        Command::Completions { shell } => Ok(docs::completions(shell, Cli::command())),
+        Command::Man { out } => docs::man(Cli::command(), out.as_deref()),
     }
 }

@@ -11,7 +11,7 @@
 use std::time::Duration;
 
 use ecst_operators::redis_pool::{
-    RedisConn, RedisFailure, RedisManager, is_cluster_url, is_transport_error,
+    FailureKind, RedisConn, RedisFailure, RedisManager, is_cluster_url, is_transport_error,
 };
 use ecst_operators::sinks::redis_hash::{KeyTemplate, RedisHashConfig, tombstone_key};
 use ecst_operators::{SecretUrl, StageConfig};
@@ -41,30 +41,198 @@ struct Probe {
     cmd: redis::Cmd,
 }
 
-/// Checks the source's and every `redis_hash` sink's server; `Err` for an authentication,
-/// TLS or ACL refusal, `Ok` otherwise (also when a server is down: the worker retries).
-pub async fn check_redis_access(config: &PipelineConfig) -> Result<(), PreflightError> {
+/// The probes of one server, each with the stage it is for, and who uses the server.
+struct Server {
+    url: SecretUrl,
+    who: String,
+    probes: Vec<(String, Probe)>,
+}
+
+/// Every server the pipeline's source and `redis_hash` sinks talk to, with the probes of the
+/// commands each sends; with `thorough`, also those a start need not wait for (group
+/// creation, the group's watch, script loading, the bootstrap's read-back of replicas).
+fn servers(config: &PipelineConfig, thorough: bool) -> Vec<Server> {
     let source = &config.source;
-    let mut servers: Vec<(SecretUrl, String, Vec<Probe>)> = vec![(
-        source.redis.clone(),
-        "the source".into(),
-        source_probes(config),
-    )];
+    let mut source_probes = source_probes(config);
+    if thorough {
+        source_probes.extend(source_extra_probes(config));
+    }
+    let mut servers = vec![Server {
+        url: source.redis.clone(),
+        who: "the source".into(),
+        probes: source_probes
+            .into_iter()
+            .map(|probe| ("source".to_string(), probe))
+            .collect(),
+    }];
     for stage in &config.stages {
         if let StageConfig::RedisHash(sink) = &stage.config {
             let url = sink.redis.clone().unwrap_or_else(|| source.redis.clone());
             let who = format!("redis_hash sink `{}`", stage.name);
-            let probe = evalsha_probe(sink, is_cluster_url(&url), &who);
-            match servers.iter_mut().find(|(u, _, _)| *u == url) {
-                Some((_, _, probes)) => probes.push(probe),
-                None => servers.push((url, who, vec![probe])),
+            let mut probes = vec![evalsha_probe(sink, is_cluster_url(&url), &who)];
+            if thorough {
+                probes.extend(sink_extra_probes(sink, &who, config.bootstrap.is_some()));
+            }
+            let probes: Vec<(String, Probe)> = probes
+                .into_iter()
+                .map(|probe| (format!("stage {}", stage.name), probe))
+                .collect();
+            match servers.iter_mut().find(|s| s.url == url) {
+                Some(server) => server.probes.extend(probes),
+                None => servers.push(Server { url, who, probes }),
             }
         }
     }
-    for (url, who, probes) in servers {
-        check_server(&url, &who, probes, source.timeout.0).await?;
+    servers
+}
+
+/// Checks the source's and every `redis_hash` sink's server; `Err` for an authentication,
+/// TLS or ACL refusal, `Ok` otherwise (also when a server is down: the worker retries).
+pub async fn check_redis_access(config: &PipelineConfig) -> Result<(), PreflightError> {
+    for server in servers(config, false) {
+        let probes = server.probes.into_iter().map(|(_, probe)| probe).collect();
+        check_server(&server.url, &server.who, probes, config.source.timeout.0).await?;
     }
     Ok(())
+}
+
+/// One command `ecst validate --connect` tried on a Redis server, and what came of it.
+#[derive(Debug)]
+pub struct AccessCheck {
+    /// `source` or `stage <name>`.
+    pub stage: String,
+    /// The server, password masked.
+    pub server: String,
+    /// What was tried, e.g. "EVALSHA on keys `a`, `b` (redis_hash sink `cache`)".
+    pub probe: String,
+    /// `Err` with the reason when the server refused it or could not be asked.
+    pub outcome: Result<(), RedisFailure>,
+}
+
+/// Tries every command the worker (and its bootstrap) will send, on the keys it will touch,
+/// as the configured users, and reports each: unlike the start's check, an unreachable
+/// server is a failure here, and the check goes on past the first refusal.
+pub async fn check_redis_access_all(config: &PipelineConfig) -> Vec<AccessCheck> {
+    let timeout = config.source.timeout.0;
+    let mut checks = Vec::new();
+    for server in servers(config, true) {
+        let shown = server.url.redacted();
+        let fail_all = |failure: RedisFailure, probes: Vec<(String, Probe)>| {
+            probes
+                .into_iter()
+                .map(|(stage, probe)| AccessCheck {
+                    stage,
+                    server: shown.clone(),
+                    probe: probe.what,
+                    outcome: Err(failure.clone()),
+                })
+                .collect::<Vec<_>>()
+        };
+        let manager = match RedisManager::new(&server.url, timeout) {
+            Ok(manager) => manager,
+            Err(e) => {
+                let failure = RedisFailure {
+                    kind: FailureKind::Other,
+                    server: shown.clone(),
+                    user: ecst_operators::redis_pool::redis_user(&server.url),
+                    detail: e.to_string(),
+                };
+                checks.extend(fail_all(failure, server.probes));
+                continue;
+            }
+        };
+        let mut conn = match manager.connect_once(timeout).await {
+            Ok(conn) => conn,
+            Err(e) => {
+                checks.extend(fail_all(RedisFailure::new(&server.url, &e), server.probes));
+                continue;
+            }
+        };
+        for (stage, probe) in server.probes {
+            let outcome = match probe.cmd.query_async::<redis::Value>(&mut conn).await {
+                Err(e) if is_transport_error(&e) || FailureKind::of(&e).is_configuration() => {
+                    Err(RedisFailure::new(&server.url, &e))
+                }
+                // The expected refusals of the harmless arguments.
+                _ => Ok(()),
+            };
+            checks.push(AccessCheck {
+                stage,
+                server: shown.clone(),
+                probe: probe.what,
+                outcome,
+            });
+        }
+    }
+    checks
+}
+
+/// Commands of the source besides those a start checks: creating the group, the group's
+/// watch (XINFO, XPENDING) and loading scripts.
+fn source_extra_probes(config: &PipelineConfig) -> Vec<Probe> {
+    let source = &config.source;
+    let first_key = ecst_schemas::partition::partition_stream(&source.stream, 0, source.partitions);
+    let stream = first_key.as_str();
+    // An id Redis rejects after the ACL check, so no group is created.
+    let mut create = redis::cmd("XGROUP");
+    create
+        .arg("CREATE")
+        .arg(stream)
+        .arg(PROBE_GROUP)
+        .arg("not-an-id")
+        .arg("MKSTREAM");
+    let mut info = redis::cmd("XINFO");
+    info.arg("GROUPS").arg(stream);
+    let mut pending = redis::cmd("XPENDING");
+    pending.arg(stream).arg(PROBE_GROUP);
+    vec![
+        Probe {
+            what: format!("XGROUP CREATE on stream `{stream}` (the source)"),
+            cmd: create,
+        },
+        Probe {
+            what: format!("XINFO GROUPS on stream `{stream}` (the source)"),
+            cmd: info,
+        },
+        Probe {
+            what: format!("XPENDING on stream `{stream}` (the source)"),
+            cmd: pending,
+        },
+        script_load_probe("the source"),
+    ]
+}
+
+/// `SCRIPT LOAD` of a script that does nothing: what the client sends when a server does
+/// not know a script yet.
+fn script_load_probe(who: &str) -> Probe {
+    let mut cmd = redis::cmd("SCRIPT");
+    cmd.arg("LOAD").arg("return 0");
+    Probe {
+        what: format!("SCRIPT LOAD ({who})"),
+        cmd,
+    }
+}
+
+/// A sink's commands besides its batch script: loading the script and, with a bootstrap,
+/// reading the replica back (SCAN for orphans, HGETALL).
+fn sink_extra_probes(sink: &RedisHashConfig, who: &str, bootstrap: bool) -> Vec<Probe> {
+    let mut probes = vec![script_load_probe(who)];
+    if bootstrap {
+        let key = probe_key(sink).unwrap_or_else(|| PROBE_ID.to_string());
+        let mut read = redis::cmd("HGETALL");
+        read.arg(&key);
+        probes.push(Probe {
+            what: format!("HGETALL on key `{key}` ({who}, the bootstrap reads the replica back)"),
+            cmd: read,
+        });
+        let mut scan = redis::cmd("SCAN");
+        scan.arg(0).arg("COUNT").arg(1);
+        probes.push(Probe {
+            what: format!("SCAN ({who}, the bootstrap looks for orphaned keys)"),
+            cmd: scan,
+        });
+    }
+    probes
 }
 
 /// A consumer group no pipeline uses, for probes that must not touch the real one.
@@ -170,21 +338,8 @@ fn source_probes(config: &PipelineConfig) -> Vec<Probe> {
 /// The sink's batch script on a hash, its tombstone and, on one server, the freshness record
 /// it writes in the same call (on a cluster that is a separate, best-effort command).
 fn evalsha_probe(sink: &RedisHashConfig, cluster: bool, who: &str) -> Probe {
-    let (key_template, tombstone_prefix) = (sink.key.as_str(), sink.tombstone_prefix.as_str());
-    let probe_event = Envelope {
-        schema_version: None,
-        event_id: None,
-        event_type: None,
-        occurred_at: None,
-        aggregate_type: None,
-        aggregate_id: PROBE_ID.to_string(),
-        aggregate_version: 0,
-        payload: None,
-        deleted: false,
-    };
-    let key = KeyTemplate::parse(key_template)
-        .and_then(|template| template.render(&probe_event))
-        .ok();
+    let tombstone_prefix = sink.tombstone_prefix.as_str();
+    let key = probe_key(sink);
     let mut cmd = redis::cmd("EVALSHA");
     cmd.arg(UNKNOWN_SHA);
     let what = match key {
@@ -212,6 +367,25 @@ fn evalsha_probe(sink: &RedisHashConfig, cluster: bool, who: &str) -> Probe {
         }
     };
     Probe { what, cmd }
+}
+
+/// The key a record of aggregate [`PROBE_ID`] would have, when the key template renders from
+/// the aggregate id alone.
+fn probe_key(sink: &RedisHashConfig) -> Option<String> {
+    let probe_event = Envelope {
+        schema_version: None,
+        event_id: None,
+        event_type: None,
+        occurred_at: None,
+        aggregate_type: None,
+        aggregate_id: PROBE_ID.to_string(),
+        aggregate_version: 0,
+        payload: None,
+        deleted: false,
+    };
+    KeyTemplate::parse(&sink.key)
+        .and_then(|template| template.render(&probe_event))
+        .ok()
 }
 
 async fn check_server(

@@ -56,6 +56,19 @@ mod lease;
 mod progress;
 mod reader;
 
+/// Asks the snapshot source for one row, as a bootstrap's first page would: `Ok` with what
+/// answered and how many lines came back, `Err` with why not.
+pub async fn probe_snapshot(config: &BootstrapConfig) -> Result<String, String> {
+    let mut reader = SnapshotReader::new(config)?;
+    let lines = reader.page(None, 1, config.timeout.0).await?;
+    Ok(format!(
+        "{} answered ({} line{} for a page of 1)",
+        reader.describe(),
+        lines.len(),
+        if lines.len() == 1 { "" } else { "s" }
+    ))
+}
+
 /// Why a worker bootstraps.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Reason {

@@ -72,7 +72,10 @@ async fn problems(client: &Client, config: &PostgresConfig) -> Result<Vec<String
         let mut missing = Vec::new();
         for privilege in TABLE_PRIVILEGES {
             let granted: bool = client
-                .query_one("SELECT has_table_privilege($1, $2)", &[&qualified, &privilege])
+                .query_one(
+                    "SELECT has_table_privilege($1, $2)",
+                    &[&qualified, &privilege],
+                )
                 .await
                 .map_err(failed)?
                 .get(0);
@@ -93,13 +96,11 @@ async fn problems(client: &Client, config: &PostgresConfig) -> Result<Vec<String
             ));
         }
     } else {
-        problems.extend(
-            table_problems(client, config, &statements)
-                .await
-                .map_err(|e| match e {
-                    SchemaError::Mismatch(m) | SchemaError::Unavailable(m) => m,
-                })?,
-        );
+        problems.extend(table_problems(client, config, &statements).await.map_err(
+            |e| match e {
+                SchemaError::Mismatch(m) | SchemaError::Unavailable(m) => m,
+            },
+        )?);
         if exists(config.table.clone()).await? {
             let missing = missing_privileges(&config.table).await?;
             if !missing.is_empty() {
