@@ -57,6 +57,12 @@ if ! command -v openssl >/dev/null; then
   apt_install openssl
 fi
 
+# The man page test renders `ecst man` with groff.
+if ! command -v groff >/dev/null; then
+  log "installing groff-base"
+  apt_install groff-base
+fi
+
 # --- Redis -----------------------------------------------------------------------------
 redis_url="${REDIS_URL:-redis://127.0.0.1:6379}"
 redis_hostport="${redis_url#*://}"; redis_hostport="${redis_hostport##*@}"; redis_hostport="${redis_hostport%%/*}"
