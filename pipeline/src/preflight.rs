@@ -69,8 +69,10 @@ fn servers(config: &PipelineConfig, thorough: bool) -> Vec<Server> {
         if let StageConfig::RedisHash(sink) = &stage.config {
             let url = sink.redis.clone().unwrap_or_else(|| source.redis.clone());
             let who = format!("redis_hash sink `{}`", stage.name);
-            let mut probes = vec![evalsha_probe(sink, is_cluster_url(&url), &who)];
+            let cluster = is_cluster_url(&url);
+            let mut probes = vec![evalsha_probe(sink, cluster, &who)];
             if thorough {
+                probes.extend(script_probes(sink, cluster, &who));
                 probes.extend(sink_extra_probes(sink, &who, config.bootstrap.is_some()));
             }
             let probes: Vec<(String, Probe)> = probes
@@ -185,6 +187,10 @@ fn source_extra_probes(config: &PipelineConfig) -> Vec<Probe> {
     info.arg("GROUPS").arg(stream);
     let mut pending = redis::cmd("XPENDING");
     pending.arg(stream).arg(PROBE_GROUP);
+    // Not an integer: refused after the ACL check.
+    let divergence = crate::commit::divergence_key(stream, &source.group);
+    let mut hincrby = redis::cmd("HINCRBY");
+    hincrby.arg(&divergence).arg("probe").arg("not-a-number");
     vec![
         Probe {
             what: format!("XGROUP CREATE on stream `{stream}` (the source)"),
@@ -199,6 +205,45 @@ fn source_extra_probes(config: &PipelineConfig) -> Vec<Probe> {
             cmd: pending,
         },
         script_load_probe("the source"),
+        Probe {
+            what: format!("HINCRBY on key `{divergence}` (the source, in its dead-letter script)"),
+            cmd: hincrby,
+        },
+    ]
+}
+
+/// The commands a sink's batch script runs inside Redis, which Redis checks against the ACL
+/// only when the script runs: each on its own key, in a form that changes nothing (an odd
+/// field/value count for HSET, a zero expiry for SET; DEL of the probe aggregate's key,
+/// which no record has).
+fn script_probes(sink: &RedisHashConfig, cluster: bool, who: &str) -> Vec<Probe> {
+    let Some(key) = probe_key(sink) else {
+        return Vec::new();
+    };
+    let tombstone = tombstone_key(&sink.tombstone_prefix, &key, cluster)
+        .unwrap_or_else(|_| format!("{}{key}", sink.tombstone_prefix));
+    let who = format!("{who}, in its batch script");
+    let probe = |name: &str, key: &str, args: &[&str]| {
+        let mut cmd = redis::cmd(name);
+        cmd.arg(key);
+        for arg in args {
+            cmd.arg(*arg);
+        }
+        Probe {
+            what: format!("{name} on key `{key}` ({who})"),
+            cmd,
+        }
+    };
+    vec![
+        probe("HGET", &key, &[&sink.version_field]),
+        probe("HLEN", &key, &[]),
+        probe("HSET", &key, &["probe", "1", "odd"]),
+        probe("DEL", &key, &[]),
+        probe("GET", &tombstone, &[]),
+        probe("SET", &tombstone, &["0", "PX", "0"]),
+        probe("DEL", &tombstone, &[]),
+        // Written by the script on one server, by a command of its own on a cluster.
+        probe("HSET", &sink.freshness_key(), &["probe", "1", "odd"]),
     ]
 }
 

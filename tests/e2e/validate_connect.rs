@@ -281,3 +281,31 @@ bootstrap:
     assert_eq!(left_behind, 0, "the check creates no table");
     assert!(!stream_exists, "the check creates no stream");
 }
+
+#[test]
+fn a_user_without_hset_fails_on_the_command_the_sink_script_runs_inside_redis() {
+    // EVALSHA is allowed, so only the script's own commands show what the worker would meet.
+    let user = AclUser::create("-hset");
+    let stream = unique("connect-hset");
+    let table = table_name("connect_hset");
+    create_table(&table, ", display_name text, status text");
+    let (code, _, stderr) = validate_connect(&pipeline(&stream, &user.url(), &table, ""));
+    drop_tables(&[&table]);
+
+    assert_eq!(code, Some(1), "{stderr}");
+    let line = format!(
+        "error: stage cache: {}: user {} may not run HSET on key `{stream}:athlete:ecst-preflight` (redis_hash sink `cache`, in its batch script): ",
+        user.shown_url(),
+        user.name
+    );
+    assert!(stderr.contains(&line), "missing\n{line}\nin\n{stderr}");
+    assert!(
+        !stderr.contains("EVALSHA"),
+        "EVALSHA itself is allowed: {stderr}"
+    );
+    let probed: bool = redis::cmd("EXISTS")
+        .arg(format!("{stream}:athlete:ecst-preflight"))
+        .query(&mut redis())
+        .expect("EXISTS");
+    assert!(!probed, "the probes write nothing");
+}
