@@ -403,6 +403,17 @@ async fn execute(command: Command) -> anyhow::Result<ExitCode> {
         Command::Validate {
             pipeline,
             connect: true,
+        } if file_kind(&pipeline) != "pipeline" => {
+            eprintln!(
+                "{}: --connect checks pipeline files; this is a {} file",
+                pipeline.display(),
+                file_kind(&pipeline)
+            );
+            Ok(ExitCode::from(2))
+        }
+        Command::Validate {
+            pipeline,
+            connect: true,
         } => match load(&pipeline) {
             Ok(config) => {
                 println!(

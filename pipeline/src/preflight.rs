@@ -222,8 +222,8 @@ fn script_probes(sink: &RedisHashConfig, cluster: bool, who: &str) -> Vec<Probe>
     };
     let tombstone = tombstone_key(&sink.tombstone_prefix, &key, cluster)
         .unwrap_or_else(|_| format!("{}{key}", sink.tombstone_prefix));
-    let who = format!("{who}, in its batch script");
-    let probe = |name: &str, key: &str, args: &[&str]| {
+    let in_script = format!("{who}, in its batch script");
+    let probe = |name: &str, key: &str, args: &[&str], who: &str| {
         let mut cmd = redis::cmd(name);
         cmd.arg(key);
         for arg in args {
@@ -234,16 +234,23 @@ fn script_probes(sink: &RedisHashConfig, cluster: bool, who: &str) -> Vec<Probe>
             cmd,
         }
     };
+    // The freshness record is written by the script on one server, by a command of its own
+    // on a cluster.
+    let freshness_writer = if cluster { who } else { &in_script };
     vec![
-        probe("HGET", &key, &[&sink.version_field]),
-        probe("HLEN", &key, &[]),
-        probe("HSET", &key, &["probe", "1", "odd"]),
-        probe("DEL", &key, &[]),
-        probe("GET", &tombstone, &[]),
-        probe("SET", &tombstone, &["0", "PX", "0"]),
-        probe("DEL", &tombstone, &[]),
-        // Written by the script on one server, by a command of its own on a cluster.
-        probe("HSET", &sink.freshness_key(), &["probe", "1", "odd"]),
+        probe("HGET", &key, &[&sink.version_field], &in_script),
+        probe("HLEN", &key, &[], &in_script),
+        probe("HSET", &key, &["probe", "1", "odd"], &in_script),
+        probe("DEL", &key, &[], &in_script),
+        probe("GET", &tombstone, &[], &in_script),
+        probe("SET", &tombstone, &["0", "PX", "0"], &in_script),
+        probe("DEL", &tombstone, &[], &in_script),
+        probe(
+            "HSET",
+            &sink.freshness_key(),
+            &["probe", "1", "odd"],
+            freshness_writer,
+        ),
     ]
 }
 

@@ -309,3 +309,33 @@ fn a_user_without_hset_fails_on_the_command_the_sink_script_runs_inside_redis() 
         .expect("EXISTS");
     assert!(!probed, "the probes write nothing");
 }
+
+#[test]
+fn a_pipeline_on_a_redis_cluster_passes_with_the_cluster_forms_of_its_checks() {
+    let stream = unique("connect-cluster");
+    let yaml = format!(
+        r#"name: connect
+source:
+  redis: "{url}"
+  stream: "{stream}"
+  group: replica
+stages:
+  decode: {{ type: decode }}
+  cache: {{ type: redis_hash, input: decode, key: "{stream}:athlete:{{aggregateId}}" }}
+"#,
+        url = cluster_url()
+    );
+    let (code, stdout, stderr) = validate_connect(&yaml);
+    assert_eq!(code, Some(0), "{stdout}\n{stderr}");
+    let url = cluster_url();
+    for line in [
+        format!("ok: source: {url}: may run XREADGROUP on stream `{stream}` (the source)\n"),
+        // On a cluster the dead-letter script is checked on the stream's key alone.
+        format!("ok: source: {url}: may run EVAL on key `{stream}` (the source)\n"),
+        format!(
+            "ok: stage cache: {url}: may run HSET on key `ecst:freshness:{stream}:athlete:{{aggregateId}}` (redis_hash sink `cache`)\n"
+        ),
+    ] {
+        assert!(stdout.contains(&line), "missing\n{line}\nin\n{stdout}");
+    }
+}
