@@ -339,3 +339,67 @@ stages:
         assert!(stdout.contains(&line), "missing\n{line}\nin\n{stdout}");
     }
 }
+
+#[test]
+fn a_postgres_user_without_write_or_create_privileges_is_told_which_are_missing() {
+    let role = table_name("connect_role");
+    let table = table_name("connect_priv");
+    let schema = table_name("connect_schema");
+    create_table(&table, ", display_name text, status text");
+    let db = postgres();
+    db.execute(&format!(
+        "CREATE ROLE {role} LOGIN; GRANT SELECT ON {table} TO {role}; \
+         CREATE TABLE {table}_tombstones (athlete_id text PRIMARY KEY); \
+         CREATE SCHEMA {schema}; GRANT USAGE ON SCHEMA {schema} TO {role}"
+    ));
+    let as_role = database_url().replacen("postgres@", &format!("{role}@"), 1);
+    assert_ne!(
+        as_role,
+        database_url(),
+        "DATABASE_URL names the user postgres"
+    );
+    let yaml = format!(
+        r#"name: connect
+source:
+  redis: "{redis}"
+  stream: "{stream}"
+  group: replica
+stages:
+  decode: {{ type: decode }}
+  rows:
+    type: postgres
+    input: decode
+    url: "{as_role}"
+    table: {table}
+    key: athlete_id
+    columns: {{ display_name: text, status: text }}
+  fresh:
+    type: postgres
+    input: decode
+    url: "{as_role}"
+    schema: {schema}
+    table: athletes
+    create: true
+    columns: {{ display_name: text }}
+"#,
+        redis = redis_url(),
+        stream = unique("connect-priv"),
+    );
+    let (code, _, stderr) = validate_connect(&yaml);
+    drop_tables(&[&table]);
+    db.execute(&format!(
+        "DROP SCHEMA {schema} CASCADE; DROP OWNED BY {role}; DROP ROLE {role}"
+    ));
+
+    assert_eq!(code, Some(1), "{stderr}");
+    for line in [
+        format!(
+            "error: stage rows: {as_role}: user `{role}` lacks INSERT, UPDATE, DELETE on table public.{table}; user `{role}` lacks SELECT, INSERT, UPDATE, DELETE on tombstone table public.{table}_tombstones\n"
+        ),
+        format!(
+            "error: stage fresh: {as_role}: table {schema}.athletes does not exist and user `{role}` may not create it (`create: true` needs CREATE on schema {schema}); tombstone table {schema}.athletes_tombstones does not exist and user `{role}` may not create it (needs CREATE on schema {schema})\n"
+        ),
+    ] {
+        assert!(stderr.contains(&line), "missing\n{line}\nin\n{stderr}");
+    }
+}
