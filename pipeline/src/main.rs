@@ -129,12 +129,14 @@ enum Command {
     #[command(after_help = concat!(
         "Examples:\n",
         "  ecst status pipeline.yaml\n",
+        "  ecst status --all --watch pipeline.yaml\n",
     ))]
     Status(status::StatusArgs),
     /// Publish NDJSON events to a stream in the wire format.
     #[command(after_help = concat!(
         "Examples:\n",
-        "  ecst publish --stream athletes.athlete-updated.v1 examples/athletes.ndjson\n",
+        "  ecst publish --stream athletes.athlete-updated.v1 --file examples/athletes.ndjson\n",
+        "  producer | ecst publish --stream athletes.athlete-updated.v1 --encoding msgpack\n",
     ))]
     Publish(publish::PublishArgs),
     /// Publish outbox rows to Redis Streams until SIGINT/SIGTERM.
@@ -162,7 +164,8 @@ enum Command {
     /// Measure throughput and latency against the ceiling measured on this machine.
     #[command(args_conflicts_with_subcommands = true, after_help = concat!(
         "Examples:\n",
-        "  ecst bench examples/bench.yaml\n",
+        "  ecst bench --sink both --aggregates 10000\n",
+        "  ecst bench --pipeline examples/bench.yaml --json\n",
         "  ecst bench relay\n",
     ))]
     Bench {
@@ -636,5 +639,45 @@ async fn execute(command: Command) -> anyhow::Result<ExitCode> {
         Command::Init(args) => init::init(args),
         Command::Completions { shell } => Ok(docs::completions(shell, Cli::command())),
         Command::Man { out } => docs::man(Cli::command(), out.as_deref()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The `ecst ...` part of each example line of `command`'s help and its subcommands'.
+    fn examples(command: &clap::Command, found: &mut Vec<String>) {
+        if let Some(help) = command.get_after_help() {
+            for line in help.to_string().lines() {
+                let Some(start) = line.find("ecst ") else {
+                    continue;
+                };
+                // Up to a comment, pipe or redirection: those belong to the shell.
+                let example = line[start..]
+                    .split(['#', '|', '>', '<'])
+                    .next()
+                    .unwrap_or_default()
+                    .trim()
+                    .to_string();
+                found.push(example);
+            }
+        }
+        for sub in command.get_subcommands() {
+            examples(sub, found);
+        }
+    }
+
+    #[test]
+    fn every_example_in_the_help_parses() {
+        let mut found = Vec::new();
+        examples(&Cli::command(), &mut found);
+        assert!(found.len() >= 20, "{found:?}");
+        for example in found {
+            let words = example.split_whitespace().map(|w| w.trim_matches('"'));
+            if let Err(e) = Cli::try_parse_from(words) {
+                panic!("`{example}` does not parse: {e}");
+            }
+        }
     }
 }
