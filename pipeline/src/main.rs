@@ -26,7 +26,14 @@ use cli::{bench, bench_relay, docs, init, publish, stages, status};
 #[command(
     name = "ecst",
     version,
-    about = "Event-carried state transfer: Redis Streams into replicas you can trust"
+    about = "Event-carried state transfer: Redis Streams into replicas you can trust",
+    after_help = concat!(
+        "Examples:\n",
+        "  ecst init --from-event sample.json > pipeline.yaml\n",
+        "  ecst validate --connect pipeline.yaml\n",
+        "  ecst run pipeline.yaml\n",
+        "  ecst status pipeline.yaml\n",
+    )
 )]
 struct Cli {
     /// Log format on stderr.
