@@ -36,3 +36,33 @@ fn the_scripts_show_cargos_progress_and_the_readme_says_what_a_build_needs() {
         assert!(readme.contains(needed), "README lacks {needed:?}");
     }
 }
+
+#[test]
+fn an_unreachable_redis_is_named_with_the_cause_and_what_to_check_from_the_runner() {
+    let stream = unique("first-hour-refused");
+    // Nothing listens on port 1; the pipeline has no `bootstrap:`.
+    let yaml = athletes_pipeline(&stream, "fh:", "  timeout: 1s\n").replace(
+        "source:\n",
+        "source:\n  redis: redis://app:s3cret@127.0.0.1:1\n",
+    );
+    let file = pipeline_file("first-hour-refused", &yaml);
+    let worker = Worker::start(&file, &[]);
+    let expected = "connection refused by redis://app:***@127.0.0.1:1: is Redis running there? Check the host and port in the URL";
+    wait_for_worker(
+        &worker,
+        Duration::from_secs(30),
+        "the group read's failure",
+        || {
+            worker.log().lines().any(|l| {
+                l.contains("Cannot read the consumer group from Redis") && l.contains(expected)
+            })
+        },
+    );
+    let (_, log) = worker.terminate();
+    assert!(!log.contains("ecst_pipeline::bootstrap"), "{log}");
+    assert!(
+        !log.contains("timed out waiting for a pooled connection"),
+        "{log}"
+    );
+    assert!(!log.contains("s3cret"), "{log}");
+}
