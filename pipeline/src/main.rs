@@ -376,7 +376,7 @@ async fn execute(command: Command) -> anyhow::Result<ExitCode> {
                 })?;
                 let listener = ecst_pipeline::metrics::bind(addr)
                     .await
-                    .with_context(|| format!("cannot serve metrics on {addr}"))?;
+                    .context("cannot serve /metrics")?;
                 let served = ecst_pipeline::metrics::serve(
                     listener,
                     config.name.clone(),

@@ -477,9 +477,22 @@ struct Served {
     stats: Arc<Stats>,
 }
 
-/// Binds the metrics address (so that a taken port fails the start, not a later probe).
+/// Binds the metrics address (so that a taken port fails the start, not a later probe). A
+/// taken port, typically a second worker on one host, says which flag picks another.
 pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
-    tokio::net::TcpListener::bind(addr).await
+    tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+        if e.kind() != std::io::ErrorKind::AddrInUse {
+            return e;
+        }
+        std::io::Error::new(
+            e.kind(),
+            format!(
+                "{addr} is already in use (another ecst worker on this host?): pass --metrics-addr \
+                 (or ECST_METRICS_ADDR) with another address, 127.0.0.1:0 for any free port \
+                 (the bound address is logged), or `off`"
+            ),
+        )
+    })
 }
 
 /// Serves `/metrics`, `/healthz` and `/readyz` on `listener` until `shutdown`.

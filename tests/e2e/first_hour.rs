@@ -66,3 +66,30 @@ fn an_unreachable_redis_is_named_with_the_cause_and_what_to_check_from_the_runne
     );
     assert!(!log.contains("s3cret"), "{log}");
 }
+
+#[test]
+fn a_second_worker_on_a_taken_metrics_port_is_told_which_flag_picks_another() {
+    let mut conn = redis();
+    let stream = unique("first-hour-metrics");
+    let file = pipeline_file("first-hour-metrics", &athletes_pipeline(&stream, "fh:", ""));
+    // The first worker takes an ephemeral port and logs the address it bound.
+    let first = Worker::start(&file, &["--metrics-addr", "127.0.0.1:0"]);
+    let port = first.listen_port("Metrics on /metrics");
+    let mut second = ecst();
+    second
+        .arg("run")
+        .arg(&file)
+        .args(["--metrics-addr", &format!("127.0.0.1:{port}")]);
+    let out = run_with_deadline(second, Duration::from_secs(30));
+    let stderr = stderr_of(&out);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "error: cannot serve /metrics: 127.0.0.1:{port} is already in use (another ecst worker on this host?): pass --metrics-addr"
+        )) && stderr.contains("127.0.0.1:0 for any free port"),
+        "{stderr}"
+    );
+    let (status, log) = first.terminate();
+    assert!(status.success(), "{log}");
+    cleanup(&mut conn, &stream);
+}
