@@ -93,3 +93,27 @@ fn a_second_worker_on_a_taken_metrics_port_is_told_which_flag_picks_another() {
     assert!(status.success(), "{log}");
     cleanup(&mut conn, &stream);
 }
+
+#[test]
+fn status_on_a_stream_that_does_not_exist_says_so_and_exits_1() {
+    let stream = unique("first-hour-nostream");
+    let file = pipeline_file(
+        "first-hour-nostream",
+        &athletes_pipeline(&stream, "fh:", ""),
+    );
+    let mut cmd = ecst();
+    cmd.arg("status").arg(&file);
+    let out = run_with_deadline(cmd, Duration::from_secs(30));
+    let stderr = stderr_of(&out);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "error: stream `{stream}` does not exist on redis://127.0.0.1:6379"
+        )),
+        "{stderr}"
+    );
+    assert!(
+        out.stdout.is_empty(),
+        "no table for a stream that is not there"
+    );
+}

@@ -379,10 +379,19 @@ async fn snapshot(config: &PipelineConfig, all: bool) -> anyhow::Result<Value> {
     if config.source.partitions > 1 {
         let partitions = partitions(&mut conn, config).await?;
         let length: i64 = partitions.iter().filter_map(|p| p["length"].as_i64()).sum();
+        let mut exists = false;
+        for p in &partitions {
+            let key = p["stream"].as_str().unwrap_or_default();
+            exists |= redis::cmd("EXISTS")
+                .arg(key)
+                .query_async::<bool>(&mut conn)
+                .await?;
+        }
         let dlq_length: i64 = redis::cmd("XLEN").arg(&dlq).query_async(&mut conn).await?;
         return Ok(json!({
             "pipeline": config.name,
             "stream": stream,
+            "exists": exists,
             "length": length,
             "dead_letter_stream": dlq,
             "dead_letters": dlq_length,
@@ -396,10 +405,15 @@ async fn snapshot(config: &PipelineConfig, all: bool) -> anyhow::Result<Value> {
         .arg(stream)
         .query_async(&mut conn)
         .await?;
+    let exists: bool = redis::cmd("EXISTS")
+        .arg(stream)
+        .query_async(&mut conn)
+        .await?;
     let dlq_length: i64 = redis::cmd("XLEN").arg(&dlq).query_async(&mut conn).await?;
     Ok(json!({
         "pipeline": config.name,
         "stream": stream,
+        "exists": exists,
         "length": length,
         "dead_letter_stream": dlq,
         "dead_letters": dlq_length,
@@ -572,6 +586,16 @@ pub(crate) async fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
     let terminal = std::io::stdout().is_terminal();
     loop {
         let report = snapshot(&config, args.all).await?;
+        if report["exists"] == Value::Bool(false) {
+            if args.json {
+                println!("{report}");
+            }
+            eprintln!(
+                "error: stream `{}` does not exist on {}: nothing was published to it and no worker has run on it yet, or the pipeline names another stream",
+                config.source.stream, config.source.redis
+            );
+            return Ok(ExitCode::from(1));
+        }
         if args.json {
             println!("{report}");
         } else {
