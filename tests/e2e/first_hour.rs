@@ -117,3 +117,162 @@ fn status_on_a_stream_that_does_not_exist_says_so_and_exits_1() {
         "no table for a stream that is not there"
     );
 }
+
+/// `XINFO CONSUMERS` names; none while the stream or group does not exist yet.
+fn consumers(conn: &mut redis::Connection, stream: &str, group: &str) -> Vec<String> {
+    let reply: Vec<std::collections::HashMap<String, redis::Value>> = redis::cmd("XINFO")
+        .arg("CONSUMERS")
+        .arg(stream)
+        .arg(group)
+        .query(conn)
+        .unwrap_or_default();
+    reply
+        .into_iter()
+        .filter_map(|c| {
+            c.get("name")
+                .and_then(|n| redis::from_redis_value(n.clone()).ok())
+        })
+        .collect()
+}
+
+#[test]
+fn a_clean_stop_with_nothing_pending_leaves_the_group_and_status_marks_stale_consumers() {
+    let mut conn = redis();
+    let stream = unique("first-hour-consumers");
+    let prefix = format!("{stream}:");
+    // A short claim_idle makes a consumer stale after 10 x 200ms of idleness.
+    let file = pipeline_file(
+        "first-hour-consumers",
+        &athletes_pipeline(&stream, &prefix, "  claim_idle: 200ms\n"),
+    );
+    publish(&mut conn, &stream, &[event("a", 1, "Ann")]);
+    // A consumer left behind by an old crash: nothing pending, idle.
+    let _: () = redis::cmd("XGROUP")
+        .arg(&["CREATE", &stream, "replica", "0"])
+        .query(&mut conn)
+        .expect("XGROUP CREATE");
+    let _: i64 = redis::cmd("XGROUP")
+        .arg(&["CREATECONSUMER", &stream, "replica", "crashed-long-ago"])
+        .query(&mut conn)
+        .expect("XGROUP CREATECONSUMER");
+
+    let worker = Worker::start(&file, &["--consumer", "live-worker"]);
+    wait_for_worker(
+        &worker,
+        Duration::from_secs(30),
+        "the event applied",
+        || hash(&mut conn, &format!("{prefix}athlete:a")).contains_key("_version"),
+    );
+    let status = || {
+        let mut cmd = ecst();
+        cmd.arg("status").arg(&file).arg("--json");
+        let out = run_with_deadline(cmd, Duration::from_secs(30));
+        assert!(out.status.success(), "{}", stderr_of(&out));
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+        report["groups"][0]["consumers"]
+            .as_array()
+            .expect("consumers")
+            .iter()
+            .map(|c| {
+                (
+                    c["name"].as_str().unwrap_or("").to_string(),
+                    c["stale"] == true,
+                )
+            })
+            .collect::<std::collections::HashMap<_, _>>()
+    };
+    // The group keeps being served while the crashed consumer stays idle (before Redis 7.2,
+    // that is how status tells a dead consumer from a live one on a quiet stream).
+    let mut version = 1;
+    wait_for_worker(
+        &worker,
+        Duration::from_secs(30),
+        "the crashed consumer stale",
+        || {
+            version += 1;
+            publish(&mut conn, &stream, &[event("a", version, "Ann")]);
+            status().get("crashed-long-ago") == Some(&true)
+        },
+    );
+    wait_for_worker(
+        &worker,
+        Duration::from_secs(30),
+        "the last event applied",
+        || {
+            hash(&mut conn, &format!("{prefix}athlete:a")).get("_version")
+                == Some(&version.to_string())
+        },
+    );
+    assert_eq!(
+        status().get("live-worker"),
+        Some(&false),
+        "a live worker is not stale"
+    );
+    let mut text = ecst();
+    text.arg("status").arg(&file);
+    let table = String::from_utf8_lossy(&run_with_deadline(text, Duration::from_secs(30)).stdout)
+        .into_owned();
+    let line = table
+        .lines()
+        .find(|l| l.contains("crashed-long-ago"))
+        .unwrap_or_else(|| panic!("{table}"));
+    assert!(
+        line.contains("stale: nothing pending, long idle"),
+        "{table}"
+    );
+
+    let (code, log) = worker.terminate();
+    assert!(code.success(), "{log}");
+    assert!(
+        log.contains("Left the group: nothing was pending at this consumer."),
+        "{log}"
+    );
+    assert_eq!(
+        consumers(&mut conn, &stream, "replica"),
+        ["crashed-long-ago"]
+    );
+    cleanup(&mut conn, &stream);
+}
+
+#[test]
+fn a_stop_with_entries_pending_at_the_consumer_keeps_it_in_the_group() {
+    let mut conn = redis();
+    let stream = unique("first-hour-keep");
+    let prefix = format!("{stream}:");
+    let file = pipeline_file("first-hour-keep", &athletes_pipeline(&stream, &prefix, ""));
+    let worker = Worker::start(&file, &["--consumer", "busy-worker"]);
+    wait_for_worker(&worker, Duration::from_secs(30), "the group", || {
+        consumers(&mut conn, &stream, "replica") == ["busy-worker"]
+    });
+    // An entry delivered to the worker's name and not acknowledged, as a batch still being
+    // applied is. In one transaction, so the worker's own blocked read cannot take it first.
+    let _: redis::Value = redis::pipe()
+        .atomic()
+        .cmd("XADD")
+        .arg(&stream)
+        .arg("*")
+        .arg("v")
+        .arg(event("b", 1, "Bo").to_string())
+        .cmd("XREADGROUP")
+        .arg(&[
+            "GROUP",
+            "replica",
+            "busy-worker",
+            "COUNT",
+            "1",
+            "STREAMS",
+            &stream,
+            ">",
+        ])
+        .query(&mut conn)
+        .expect("XADD + XREADGROUP");
+    let (code, log) = worker.terminate();
+    assert!(code.success(), "{log}");
+    assert!(
+        log.contains("Staying in the group: entries are pending at this consumer."),
+        "{log}"
+    );
+    assert_eq!(consumers(&mut conn, &stream, "replica"), ["busy-worker"]);
+    assert_eq!(group_pending(&mut conn, &stream, "replica"), 1);
+    cleanup(&mut conn, &stream);
+}

@@ -84,6 +84,8 @@ async fn groups(
         RedisValue::Array(items) => items.into_iter().map(as_map).collect(),
         _ => Vec::new(),
     };
+    let (seconds, micros): (i64, i64) = redis::cmd("TIME").query_async(conn).await?;
+    let now_ms = seconds * 1000 + micros / 1000;
     let mut out = Vec::new();
     for g in groups {
         let name = bulk(g.get("name")).unwrap_or_default();
@@ -97,15 +99,20 @@ async fn groups(
             .query_async(conn)
             .await
             .context("XINFO CONSUMERS")?;
+        let last_delivered_ms = bulk(g.get("last-delivered-id"))
+            .and_then(|id| id.split('-').next().and_then(|ms| ms.parse::<i64>().ok()))
+            .unwrap_or(0);
         let consumers: Vec<Value> = match consumers {
             RedisValue::Array(items) => items
                 .into_iter()
                 .map(as_map)
                 .map(|c| {
+                    let idle_ms = number(&c, "idle").as_i64();
                     json!({
                         "name": bulk(c.get("name")),
                         "pending": number(&c, "pending"),
-                        "idle_seconds": number(&c, "idle").as_i64().map(|ms| ms as f64 / 1000.0),
+                        "idle_seconds": idle_ms.map(|ms| ms as f64 / 1000.0),
+                        "stale": is_stale(&c, stale_after(config), now_ms, last_delivered_ms),
                     })
                 })
                 .collect(),
@@ -150,6 +157,36 @@ async fn groups(
         }));
     }
     Ok(out)
+}
+
+/// How long a consumer with nothing pending must be idle to be shown as stale: far longer
+/// than any live worker goes without reading (it reads at least every `claim_idle`).
+fn stale_after(config: &PipelineConfig) -> Duration {
+    config.source.claim_idle.0 * 10
+}
+
+/// Whether a consumer (an `XINFO CONSUMERS` entry) looks left behind: nothing pending and idle
+/// longer than `stale_after`. Since Redis 7.2 (which added `inactive`) `idle` counts from the
+/// consumer's last read of any kind, so a live worker is never idle long. Before, it counts from
+/// the last read that returned entries, so a live worker on a quiet stream looks idle too: the
+/// consumer is stale only if the group kept being served for `stale_after` after it was seen.
+fn is_stale(
+    consumer: &HashMap<String, RedisValue>,
+    stale_after: Duration,
+    now_ms: i64,
+    last_delivered_ms: i64,
+) -> bool {
+    let stale_after_ms = stale_after.as_millis() as i64;
+    let (Some(pending), Some(idle_ms)) = (
+        number(consumer, "pending").as_i64(),
+        number(consumer, "idle").as_i64(),
+    ) else {
+        return false;
+    };
+    let served_since = last_delivered_ms - (now_ms - idle_ms);
+    pending == 0
+        && idle_ms > stale_after_ms
+        && (consumer.contains_key("inactive") || served_since > stale_after_ms)
 }
 
 /// Most entries `status` reads to count a lag Redis cannot tell.
@@ -537,14 +574,24 @@ fn render(report: &Value, colour: bool) -> String {
             ));
         }
         for c in g["consumers"].as_array().into_iter().flatten() {
+            let stale = c["stale"] == Value::Bool(true);
             out.push_str(&format!(
-                "  {:<30} {:>8} {:>8} {:>12}\n",
+                "  {:<30} {:>8} {:>8} {:>12}{}\n",
                 show(&c["name"]),
                 "",
                 show(&c["pending"]),
                 c["idle_seconds"]
                     .as_f64()
                     .map_or("-".into(), |s| format!("idle {s:.1}s")),
+                if stale {
+                    paint(
+                        "  stale: nothing pending, long idle (XGROUP DELCONSUMER removes it)"
+                            .into(),
+                        true,
+                    )
+                } else {
+                    String::new()
+                },
             ));
         }
     }
