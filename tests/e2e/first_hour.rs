@@ -276,3 +276,41 @@ fn a_stop_with_entries_pending_at_the_consumer_keeps_it_in_the_group() {
     assert_eq!(group_pending(&mut conn, &stream, "replica"), 1);
     cleanup(&mut conn, &stream);
 }
+
+#[test]
+fn a_restarted_worker_reports_the_replicas_age_before_any_new_event() {
+    let mut conn = redis();
+    let stream = unique("first-hour-age");
+    let prefix = format!("{stream}:");
+    let file = pipeline_file("first-hour-age", &athletes_pipeline(&stream, &prefix, ""));
+    let an_hour_ago = (time::OffsetDateTime::now_utc() - Duration::from_secs(3600))
+        .format(&time::format_description::well_known::Rfc3339)
+        .expect("timestamp");
+    let mut e = event("a", 1, "Ann");
+    e["occurredAt"] = serde_json::json!(an_hour_ago);
+    publish(&mut conn, &stream, &[e]);
+    drain(&file);
+
+    // The restarted worker has applied nothing yet: the age comes from the replica's record.
+    let worker = Worker::start(&file, &["--metrics-addr", "127.0.0.1:0"]);
+    let port = worker.listen_port("Metrics on /metrics");
+    let gauge = r#"ecst_source_age_seconds{pipeline="athletes",sink="cache"} "#;
+    let mut age = f64::NAN;
+    wait_for_worker(&worker, Duration::from_secs(30), "a source age", || {
+        let (_, body) = http_get(port, "/metrics");
+        age = body
+            .lines()
+            .find_map(|l| l.strip_prefix(gauge))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(f64::NAN);
+        age.is_finite()
+    });
+    assert!((3600.0..3900.0).contains(&age), "source age {age}");
+    let (status, log) = worker.terminate();
+    assert!(status.success(), "{log}");
+    let _: i64 = redis::cmd("DEL")
+        .arg(format!("ecst:freshness:{prefix}athlete:{{aggregateId}}"))
+        .query(&mut conn)
+        .expect("DEL");
+    cleanup(&mut conn, &stream);
+}

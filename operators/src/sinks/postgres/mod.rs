@@ -20,8 +20,8 @@ use crate::postgres_tls::{PgTls, parse_postgres_url};
 
 use crate::record::{Action, Record};
 use crate::stage::{
-    ApplyFuture, BuildContext, BuiltStage, ComponentConfig, ConfigProblem, Sink, SinkError,
-    SinkReport,
+    ApplyFuture, BuildContext, BuiltStage, ComponentConfig, ConfigProblem, FreshnessFuture,
+    ReplicaFreshness, Sink, SinkError, SinkReport,
 };
 pub use config::{PgType, PostgresConfig};
 use plan::{Layout, Plan};
@@ -520,6 +520,30 @@ impl Sink for PostgresSink {
 
     fn apply_batch<'a>(&'a self, batch: &'a [Record]) -> ApplyFuture<'a> {
         Box::pin(self.apply(batch))
+    }
+
+    fn freshness(&self) -> FreshnessFuture<'_> {
+        Box::pin(async move {
+            let c = &self.config;
+            // The table is the record: the newest source timestamp and apply in its rows.
+            let sql = format!(
+                "SELECT (EXTRACT(EPOCH FROM max({u})) * 1000)::int8, \
+                        (EXTRACT(EPOCH FROM max({r})) * 1000)::int8 FROM {s}.{t}",
+                u = config::quote(&c.updated_at_column),
+                r = config::quote(&c.replicated_at_column),
+                s = config::quote(&c.schema),
+                t = config::quote(&c.table),
+            );
+            let read = async {
+                let conn = self.connection().await.ok()?;
+                conn.client.query_one(&sql, &[]).await.ok()
+            };
+            let row = tokio::time::timeout(c.timeout.0, read).await.ok()??;
+            Some(ReplicaFreshness {
+                newest_occurred_ms: row.try_get(0).ok().flatten(),
+                replicated_ms: row.try_get(1).ok().flatten(),
+            })
+        })
     }
 }
 
