@@ -314,3 +314,59 @@ fn a_restarted_worker_reports_the_replicas_age_before_any_new_event() {
         .expect("DEL");
     cleanup(&mut conn, &stream);
 }
+
+/// `ecst validate` on `yaml`: its exit code and its errors, the file's path replaced by FILE.
+fn validate(yaml: &str) -> (Option<i32>, String) {
+    let file = pipeline_file("first-hour-validate", yaml);
+    let mut cmd = ecst();
+    cmd.arg("validate").arg(&file);
+    let out = run_with_deadline(cmd, Duration::from_secs(30));
+    let text = stderr_of(&out).replace(&file.display().to_string(), "FILE");
+    (out.status.code(), text)
+}
+
+#[test]
+fn a_bad_column_type_lists_the_allowed_ones_and_a_misspelt_key_gets_a_did_you_mean() {
+    let (code, errors) = validate(
+        r#"name: athletes
+sorce: {}
+source:
+  stream: athletes
+  group: replica
+  claim_idel: 1s
+stages:
+  decode: { type: decode }
+  latest: { type: version_fliter, input: decode }
+  table:
+    type: postgres
+    input: decode
+    url: postgres://postgres@127.0.0.1/postgres
+    table: athletes
+    columns:
+      name: varchar
+  other:
+    type: postgres
+    input: decode
+    url: postgres://postgres@127.0.0.1/postgres
+    table: athletes
+    columns:
+      name: { type: text, form: displayName }
+  cache: { type: redis_hash, input: decode, key: "a:{aggregateId}", tombstone_prefx: "t:" }
+"#,
+    );
+    assert_eq!(code, Some(1), "{errors}");
+    for expected in [
+        "FILE:2:1: sorce: unknown key `sorce` (expected name, source, stages, bootstrap); did you mean `source`?",
+        "source.claim_idel: unknown field `claim_idel`, expected one of",
+        "; did you mean `claim_idle`?",
+        "stages.latest.type: unknown stage type `version_fliter` (expected one of",
+        "; did you mean `version_filter`?",
+        "stages.table.columns.name: unknown variant `varchar`, expected one of `text`, `bigint`, `integer`, `numeric`, `boolean`, `timestamptz`, `jsonb`, `uuid`",
+        "unknown field `form`, expected `type` or `from`; did you mean `from`?",
+        "stages.cache.tombstone_prefx: unknown field `tombstone_prefx`",
+        "; did you mean `tombstone_prefix`?",
+    ] {
+        assert!(errors.contains(expected), "{expected:?} not in:\n{errors}");
+    }
+    assert!(!errors.contains("untagged enum"), "{errors}");
+}
