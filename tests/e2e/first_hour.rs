@@ -370,3 +370,53 @@ stages:
     }
     assert!(!errors.contains("untagged enum"), "{errors}");
 }
+
+#[test]
+fn publish_strict_publishes_nothing_when_a_line_is_bad_and_still_names_the_line() {
+    let mut conn = redis();
+    let stream = unique("first-hour-publish");
+    let dir = pipeline_file("first-hour-publish", "")
+        .parent()
+        .expect("dir")
+        .to_path_buf();
+    let file = dir.join("events.ndjson");
+    let good = |id: &str| event(id, 1, "x").to_string();
+    std::fs::write(&file, format!("{}\nnot json\n{}\n", good("a"), good("b"))).expect("write");
+    let publish = |strict: bool| {
+        let mut cmd = ecst();
+        cmd.args(["publish", "--stream", &stream, "--file"])
+            .arg(&file);
+        if strict {
+            cmd.arg("--strict");
+        }
+        let out = run_with_deadline(cmd, Duration::from_secs(30));
+        (out.status.code(), stderr_of(&out))
+    };
+    let xlen = |conn: &mut redis::Connection| -> i64 {
+        redis::cmd("XLEN").arg(&stream).query(conn).expect("XLEN")
+    };
+    let line_report = format!("{}:2: not JSON", file.display());
+
+    let (code, stderr) = publish(true);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains(&line_report), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "1 bad lines: nothing published to {stream} (--strict)"
+        )),
+        "{stderr}"
+    );
+    assert_eq!(xlen(&mut conn), 0);
+
+    // Without --strict the good lines go out and the exit status still reports the bad one.
+    let (code, stderr) = publish(false);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains(&line_report), "{stderr}");
+    assert_eq!(xlen(&mut conn), 2);
+
+    std::fs::write(&file, format!("{}\n{}\n", good("c"), good("d"))).expect("write");
+    let (code, stderr) = publish(true);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_eq!(xlen(&mut conn), 4);
+    cleanup(&mut conn, &stream);
+}
