@@ -420,3 +420,44 @@ fn publish_strict_publishes_nothing_when_a_line_is_bad_and_still_names_the_line(
     assert_eq!(xlen(&mut conn), 4);
     cleanup(&mut conn, &stream);
 }
+
+#[test]
+fn text_log_lines_leave_the_spans_fields_out_unless_asked() {
+    let mut conn = redis();
+    let stream = unique("first-hour-spans");
+    let file = pipeline_file("first-hour-spans", &athletes_pipeline(&stream, "fh:", ""));
+    let mut dead_lettered_line = |spans: bool| {
+        let _: String = redis::cmd("XADD")
+            .arg(&[&stream, "*", "v", "not json"])
+            .query(&mut conn)
+            .expect("XADD");
+        let mut cmd = ecst();
+        cmd.arg("run").arg(&file).arg("--drain");
+        if spans {
+            cmd.env("ECST_LOG_SPANS", "1");
+        }
+        let out = run_with_deadline(cmd, Duration::from_secs(60));
+        let log = stderr_of(&out);
+        assert!(out.status.success(), "{log}");
+        log.lines()
+            .find(|l| l.contains("Entry dead-lettered."))
+            .unwrap_or_else(|| panic!("no dead-letter line in:\n{log}"))
+            .to_string()
+    };
+    let line = dead_lettered_line(false);
+    let (_, rest) = line.split_once(' ').expect("a timestamp first");
+    assert!(
+        rest.starts_with(" WARN ecst_pipeline::commit: Entry dead-lettered. pipeline=athletes"),
+        "{line}"
+    );
+    assert!(
+        !line.contains("ecst.batch{") && !line.contains("messaging."),
+        "{line}"
+    );
+    let line = dead_lettered_line(true);
+    assert!(
+        line.contains("ecst.batch{"),
+        "ECST_LOG_SPANS=1 keeps them: {line}"
+    );
+    cleanup(&mut conn, &stream);
+}
