@@ -461,3 +461,44 @@ fn text_log_lines_leave_the_spans_fields_out_unless_asked() {
     );
     cleanup(&mut conn, &stream);
 }
+
+#[test]
+fn create_true_starts_quietly_when_the_table_exists() {
+    let mut conn = redis();
+    let pg = postgres();
+    let stream = unique("first-hour-create");
+    let table = format!("e2e_fh_create_{}", std::process::id());
+    pg.execute(&format!(
+        "DROP TABLE IF EXISTS {table}; DROP TABLE IF EXISTS {table}_tombstones"
+    ));
+    let yaml = format!(
+        r#"name: athletes
+source: {{ stream: "{stream}", group: replica, block: 100ms }}
+stages:
+  decode: {{ type: decode }}
+  table:
+    type: postgres
+    input: decode
+    url: "{}"
+    table: {table}
+    create: true
+    columns: {{ displayName: text }}
+"#,
+        database_url()
+    );
+    let file = pipeline_file("first-hour-create", &yaml);
+    publish(&mut conn, &stream, &[event("a", 1, "Ann")]);
+    drain(&file);
+    // The second start finds both tables there.
+    publish(&mut conn, &stream, &[event("a", 2, "Ann 2")]);
+    let log = stderr_of(&drain(&file));
+    assert!(!log.contains("already exists"), "{log}");
+    assert!(!log.contains("NOTICE"), "{log}");
+    let rows = pg.query(&format!("SELECT source_version FROM {table}"), &[]);
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0].get::<_, i64>(0), 2);
+    pg.execute(&format!(
+        "DROP TABLE IF EXISTS {table}; DROP TABLE IF EXISTS {table}_tombstones"
+    ));
+    cleanup(&mut conn, &stream);
+}

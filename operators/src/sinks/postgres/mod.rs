@@ -46,15 +46,19 @@ async fn ensure_schema(
     statements: &Statements,
 ) -> Result<(), SchemaError> {
     let unavailable = |e: tokio_postgres::Error| SchemaError::Unavailable(e.to_string());
-    if config.create {
-        client
-            .batch_execute(&statements.create_table)
-            .await
-            .map_err(unavailable)?;
-    }
-    // ecst's own bookkeeping, created even when the table is the user's.
+    // ecst's own bookkeeping is created even when the table is the user's. On every start but
+    // the first, `IF NOT EXISTS` answers with an "already exists, skipping" NOTICE, which the
+    // client would log: not news, so notices are off for these statements.
+    let create_table = if config.create {
+        statements.create_table.as_str()
+    } else {
+        ""
+    };
     client
-        .batch_execute(&statements.create_tombstones)
+        .batch_execute(&format!(
+            "SET client_min_messages = warning; {create_table}; {}; RESET client_min_messages",
+            statements.create_tombstones
+        ))
         .await
         .map_err(unavailable)?;
     let rows = client
