@@ -22,11 +22,15 @@ mod cli;
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use cli::{bench, bench_relay, publish, status};
 
+// `ecst` alone is a usage error: the help on stderr, exit 2 (clap's `arg_required_else_help`
+// convention), so that a script's `ecst && …` stops; `ecst --help` is the help asked for:
+// stdout, exit 0.
 #[derive(Parser)]
 #[command(
     name = "ecst",
     version,
-    about = "Event-carried state transfer: Redis Streams into replicas you can trust"
+    about = "Event-carried state transfer: Redis Streams into replicas you can trust",
+    arg_required_else_help = true
 )]
 struct Cli {
     /// Log format on stderr.

@@ -502,3 +502,20 @@ stages:
     ));
     cleanup(&mut conn, &stream);
 }
+
+#[test]
+fn ecst_alone_is_a_usage_error_and_ecst_help_is_not() {
+    let out = run_with_deadline(ecst(), Duration::from_secs(30));
+    let stderr = stderr_of(&out);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("Usage: ecst [OPTIONS] <COMMAND>"),
+        "{stderr}"
+    );
+    assert!(out.stdout.is_empty());
+    let mut help = ecst();
+    help.arg("--help");
+    let out = run_with_deadline(help, Duration::from_secs(30));
+    assert_eq!(out.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("Usage: ecst [OPTIONS] <COMMAND>"));
+}
