@@ -519,3 +519,64 @@ fn ecst_alone_is_a_usage_error_and_ecst_help_is_not() {
     assert_eq!(out.status.code(), Some(0));
     assert!(String::from_utf8_lossy(&out.stdout).contains("Usage: ecst [OPTIONS] <COMMAND>"));
 }
+
+#[test]
+fn a_restarted_worker_reports_a_postgres_replicas_age_from_its_table() {
+    let mut conn = redis();
+    let pg = postgres();
+    let stream = unique("first-hour-pg-age");
+    let table = format!("e2e_fh_age_{}", std::process::id());
+    pg.execute(&format!(
+        "DROP TABLE IF EXISTS {table}; DROP TABLE IF EXISTS {table}_tombstones"
+    ));
+    let yaml = format!(
+        r#"name: athletes
+source: {{ stream: "{stream}", group: replica, block: 100ms }}
+stages:
+  decode: {{ type: decode }}
+  table:
+    type: postgres
+    input: decode
+    url: "{}"
+    table: {table}
+    create: true
+    columns: {{ displayName: text }}
+"#,
+        database_url()
+    );
+    let file = pipeline_file("first-hour-pg-age", &yaml);
+    let two_hours_ago = (time::OffsetDateTime::now_utc() - Duration::from_secs(7200))
+        .format(&time::format_description::well_known::Rfc3339)
+        .expect("timestamp");
+    let mut e = event("a", 1, "Ann");
+    e["occurredAt"] = serde_json::json!(two_hours_ago);
+    publish(&mut conn, &stream, &[e]);
+    drain(&file);
+
+    let worker = Worker::start(&file, &["--metrics-addr", "127.0.0.1:0"]);
+    let port = worker.listen_port("Metrics on /metrics");
+    let gauge = |name: &str| {
+        let (_, body) = http_get(port, "/metrics");
+        let prefix = format!(r#"{name}{{pipeline="athletes",sink="table"}} "#);
+        body.lines()
+            .find_map(|l| l.strip_prefix(prefix.as_str()))
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(f64::NAN)
+    };
+    wait_for_worker(&worker, Duration::from_secs(30), "a source age", || {
+        gauge("ecst_source_age_seconds").is_finite()
+    });
+    let age = gauge("ecst_source_age_seconds");
+    assert!((7200.0..7500.0).contains(&age), "source age {age}");
+    let replicated = gauge("ecst_replicated_age_seconds");
+    assert!(
+        (0.0..300.0).contains(&replicated),
+        "replicated age {replicated}"
+    );
+    let (status, log) = worker.terminate();
+    assert!(status.success(), "{log}");
+    pg.execute(&format!(
+        "DROP TABLE IF EXISTS {table}; DROP TABLE IF EXISTS {table}_tombstones"
+    ));
+    cleanup(&mut conn, &stream);
+}
