@@ -15,8 +15,9 @@ export PGOPTIONS="${PGOPTIONS:--c client_min_messages=warning}"
 # The demo runs on one Redis; the local Redis Cluster is for the cluster tests.
 ECST_SKIP_CLUSTER=1 scripts/services.sh
 
-echo "== building ecst (release)"
-cargo build --release --locked --quiet -p ecst
+echo "== building ecst (release; about 10 minutes on 2 cores the first time)"
+# No --quiet: a first build is long, and cargo's progress shows it is working.
+cargo build --release --locked -p ecst
 ecst=target/release/ecst
 stream=athletes.athlete-updated.v1
 rcli() { redis-cli -u "$REDIS_URL" "$@"; }

@@ -46,6 +46,18 @@ pub struct SinkReport {
 /// Future returned by [`Sink::apply_batch`].
 pub type ApplyFuture<'a> = Pin<Box<dyn Future<Output = Result<SinkReport, SinkError>> + Send + 'a>>;
 
+/// A replica's freshness as its store recorded it, Unix ms (`None`: not recorded).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct ReplicaFreshness {
+    /// The newest `occurredAt` applied.
+    pub newest_occurred_ms: Option<i64>,
+    /// The last successful apply.
+    pub replicated_ms: Option<i64>,
+}
+
+/// Future returned by [`Sink::freshness`].
+pub type FreshnessFuture<'a> = Pin<Box<dyn Future<Output = Option<ReplicaFreshness>> + Send + 'a>>;
+
 /// A leaf that durably applies whole batches to a store.
 pub trait Sink: Send + Sync {
     /// Applies a batch in one round trip; `Ok` means durably committed.
@@ -63,6 +75,13 @@ pub trait Sink: Send + Sync {
     /// The replica read back, for reconciliation; `None` if this sink cannot be read.
     fn replica(&self) -> Option<&dyn crate::replica::Replica> {
         None
+    }
+
+    /// The replica's freshness as the store recorded it, so that a restarted worker reports
+    /// it before its first apply; `None` when the store cannot say (best effort, bounded by
+    /// the sink's timeout).
+    fn freshness(&self) -> FreshnessFuture<'_> {
+        Box::pin(async { None })
     }
 }
 

@@ -22,18 +22,27 @@ mod cli;
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use cli::{bench, bench_relay, docs, init, publish, stages, status};
 
+// `ecst` alone is a usage error: the help on stderr, exit 2 (clap's `arg_required_else_help`
+// convention), so that a script's `ecst && …` stops; `ecst --help` is the help asked for:
+// stdout, exit 0.
 #[derive(Parser)]
 #[command(
     name = "ecst",
     version,
     about = "Event-carried state transfer: Redis Streams into replicas you can trust",
     after_help = concat!(
-        "Examples:\n",
-        "  ecst init --from-event sample.json > pipeline.yaml\n",
-        "  ecst validate --connect pipeline.yaml\n",
-        "  ecst run pipeline.yaml\n",
-        "  ecst status pipeline.yaml\n",
-    )
+        "Examples:
+",
+        "  ecst init --from-event sample.json > pipeline.yaml
+",
+        "  ecst validate --connect pipeline.yaml
+",
+        "  ecst run pipeline.yaml
+",
+        "  ecst status pipeline.yaml
+",
+    ),
+    arg_required_else_help = true
 )]
 struct Cli {
     /// Log format on stderr.
@@ -502,7 +511,7 @@ async fn execute(command: Command) -> anyhow::Result<ExitCode> {
                 })?;
                 let listener = ecst_pipeline::metrics::bind(addr)
                     .await
-                    .with_context(|| format!("cannot serve metrics on {addr}"))?;
+                    .context("cannot serve /metrics")?;
                 let served = ecst_pipeline::metrics::serve(
                     listener,
                     config.name.clone(),

@@ -216,7 +216,7 @@ impl Collector for StatsCollector {
         gauges(
             e,
             "ecst_source_age_seconds",
-            "Now minus the newest occurredAt applied (end-to-end freshness). NaN before the first apply.",
+            "Now minus the newest occurredAt applied (end-to-end freshness), from the replica's own record until the first apply; NaN when the replica has none.",
             "sink",
             sinks.iter().map(|s| {
                 let newest = s.newest_source_ms.load(Ordering::Relaxed);
@@ -226,7 +226,7 @@ impl Collector for StatsCollector {
         gauges(
             e,
             "ecst_replicated_age_seconds",
-            "Now minus the last successful apply. NaN before the first apply.",
+            "Now minus the last successful apply, from the replica's own record until the first apply; NaN when the replica has none.",
             "sink",
             sinks.iter().map(|s| {
                 let last = s.last_apply_ms.load(Ordering::Relaxed);
@@ -477,9 +477,39 @@ struct Served {
     stats: Arc<Stats>,
 }
 
-/// Binds the metrics address (so that a taken port fails the start, not a later probe).
+/// Seeds each sink's freshness gauges from what its store recorded, so that a restarted worker
+/// reports the replica's age (not NaN) before its first apply. `sinks` are the DAG's, in the
+/// order of [`Stats::sinks`]; an apply that lands first wins (the newer figure is kept).
+pub(crate) async fn seed_freshness(sinks: Vec<Arc<dyn ecst_operators::Sink>>, stats: Arc<Stats>) {
+    for (sink, counters) in sinks.iter().zip(stats.sinks()) {
+        let Some(recorded) = sink.freshness().await else {
+            continue;
+        };
+        if let Some(ms) = recorded.newest_occurred_ms {
+            counters.newest_source_ms.fetch_max(ms, Ordering::Relaxed);
+        }
+        if let Some(ms) = recorded.replicated_ms {
+            counters.last_apply_ms.fetch_max(ms, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Binds the metrics address (so that a taken port fails the start, not a later probe). A
+/// taken port, typically a second worker on one host, says which flag picks another.
 pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
-    tokio::net::TcpListener::bind(addr).await
+    tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+        if e.kind() != std::io::ErrorKind::AddrInUse {
+            return e;
+        }
+        std::io::Error::new(
+            e.kind(),
+            format!(
+                "{addr} is already in use (another ecst worker on this host?): pass --metrics-addr \
+                 (or ECST_METRICS_ADDR) with another address, 127.0.0.1:0 for any free port \
+                 (the bound address is logged), or `off`"
+            ),
+        )
+    })
 }
 
 /// Serves `/metrics`, `/healthz` and `/readyz` on `listener` until `shutdown`.

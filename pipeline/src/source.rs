@@ -425,6 +425,35 @@ impl StreamSource {
             other => Err(self.protocol("XPENDING", format!("{other:?}"))),
         }
     }
+
+    /// Removes this consumer from the group (`XGROUP DELCONSUMER`) if nothing is pending at it,
+    /// so that restarts, each under a new name, do not pile up idle consumers. `Ok(false)`
+    /// when entries are pending: they stay where another worker can claim them.
+    pub async fn leave_group_if_idle(&mut self) -> Result<bool, SourceError> {
+        let mut pending = redis::cmd("XPENDING");
+        pending
+            .arg(&self.config.stream)
+            .arg(&self.config.group)
+            .arg("-")
+            .arg("+")
+            .arg(1)
+            .arg(&self.consumer);
+        // Nothing can become pending at this consumer between the two commands: only its own
+        // XREADGROUP (stopped) or a claim by this consumer would add entries.
+        match self.query("XPENDING", &pending).await? {
+            Value::Array(entries) if entries.is_empty() => {}
+            Value::Array(_) => return Ok(false),
+            other => return Err(self.protocol("XPENDING", format!("{other:?}"))),
+        }
+        let mut delete = redis::cmd("XGROUP");
+        delete
+            .arg("DELCONSUMER")
+            .arg(&self.config.stream)
+            .arg(&self.config.group)
+            .arg(&self.consumer);
+        self.query("XGROUP DELCONSUMER", &delete).await?;
+        Ok(true)
+    }
 }
 
 fn is_server_error(e: &RedisError) -> bool {

@@ -28,6 +28,51 @@ pub enum LogFormat {
     Json,
 }
 
+/// Text log lines: time, level, target, message and the event's own fields. The fields of the
+/// spans around an event (a batch's, hundreds of characters) are left out unless
+/// `ECST_LOG_SPANS=1`: they belong in traces and JSON logs, and buried every WARN line.
+struct TextFormat {
+    full: tracing_subscriber::fmt::format::Format,
+    spans: bool,
+}
+
+impl<S, N> tracing_subscriber::fmt::FormatEvent<S, N> for TextFormat
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    N: for<'a> tracing_subscriber::fmt::FormatFields<'a> + 'static,
+{
+    fn format_event(
+        &self,
+        ctx: &tracing_subscriber::fmt::FmtContext<'_, S, N>,
+        mut writer: tracing_subscriber::fmt::format::Writer<'_>,
+        event: &tracing::Event<'_>,
+    ) -> std::fmt::Result {
+        use tracing_subscriber::fmt::FormatFields;
+        use tracing_subscriber::fmt::time::FormatTime;
+        if self.spans {
+            return self.full.format_event(ctx, writer, event);
+        }
+        let meta = event.metadata();
+        tracing_subscriber::fmt::time::SystemTime.format_time(&mut writer)?;
+        let level = *meta.level();
+        if writer.has_ansi_escapes() {
+            let colour = match level {
+                tracing::Level::ERROR => 31,
+                tracing::Level::WARN => 33,
+                tracing::Level::INFO => 32,
+                tracing::Level::DEBUG => 34,
+                tracing::Level::TRACE => 35,
+            };
+            write!(writer, " \x1b[{colour}m{level:>5}\x1b[0m ")?;
+        } else {
+            write!(writer, " {level:>5} ")?;
+        }
+        write!(writer, "{}: ", meta.target())?;
+        ctx.format_fields(writer.by_ref(), event)?;
+        writeln!(writer)
+    }
+}
+
 /// The installed logging and tracing; flushes spans on [`Telemetry::shutdown`].
 pub struct Telemetry {
     provider: Option<SdkTracerProvider>,
@@ -52,10 +97,15 @@ impl Telemetry {
         let filter = tracing_subscriber::EnvFilter::try_from_env("ECST_LOG")
             .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
         let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+        let spans = std::env::var("ECST_LOG_SPANS").is_ok_and(|v| v.trim() == "1");
         let text = (format == LogFormat::Text).then(|| {
             tracing_subscriber::fmt::layer()
                 .with_writer(std::io::stderr)
                 .with_ansi(ansi)
+                .event_format(TextFormat {
+                    full: tracing_subscriber::fmt::format(),
+                    spans,
+                })
         });
         let json = (format == LogFormat::Json).then(|| {
             tracing_subscriber::fmt::layer()

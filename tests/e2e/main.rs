@@ -10,6 +10,7 @@ mod common;
 mod deploy;
 mod fanout;
 mod faults;
+mod first_hour;
 mod observe;
 mod orphans;
 mod partition_leases;

@@ -253,7 +253,9 @@ fn a_taken_metrics_port_fails_the_start_and_says_so() {
     assert!(!out.status.success());
     let err = stderr_of(&out);
     assert!(
-        err.contains(&format!("cannot serve metrics on 127.0.0.1:{port}")),
+        err.contains(&format!(
+            "cannot serve /metrics: 127.0.0.1:{port} is already in use"
+        )),
         "{err}"
     );
     drop(taken);

@@ -245,7 +245,9 @@ fn unreachable_servers_are_reported_without_their_password() {
         cmd.arg("run").arg(&dead_redis);
         let worker = Worker::spawn(cmd);
         wait_for_worker(&worker, Duration::from_secs(30), "a failed read", || {
-            worker.log().contains("Cannot read the group's state")
+            worker
+                .log()
+                .contains("Cannot read the consumer group from Redis")
         });
         let (status, log) = worker.terminate();
         assert_eq!(status.code(), Some(0), "run redis ({format}):\n{log}");

@@ -16,6 +16,8 @@ use crate::secret::SecretUrl;
 pub enum FailureKind {
     /// Nothing listens at the address.
     Refused,
+    /// The host name does not resolve.
+    Dns,
     /// No answer in time.
     Timeout,
     /// Wrong user or password (`WRONGPASS`), or none given (`NOAUTH`).
@@ -40,6 +42,8 @@ impl FailureKind {
             }
             _ if tls_error(e).is_some() => FailureKind::Tls,
             _ if e.is_connection_refusal() => FailureKind::Refused,
+            // The resolver's error reaches redis-rs as an io error with only this text.
+            _ if e.to_string().contains("failed to lookup address") => FailureKind::Dns,
             _ if e.is_timeout() => FailureKind::Timeout,
             _ => FailureKind::Other,
         }
@@ -117,10 +121,18 @@ impl fmt::Display for RedisFailure {
                 f,
                 "TLS handshake with {server} failed: {detail}; check that tls_ca names the CA that signed the server's certificate, the client certificate, and that the port speaks TLS"
             ),
-            FailureKind::Refused => {
-                write!(f, "connection refused by {server}: is Redis running there?")
-            }
-            FailureKind::Timeout => write!(f, "{server} did not answer in time ({detail})"),
+            FailureKind::Refused => write!(
+                f,
+                "connection refused by {server}: is Redis running there? Check the host and port in the URL"
+            ),
+            FailureKind::Dns => write!(
+                f,
+                "cannot resolve the host of {server} ({detail}): check the host name in the URL and DNS"
+            ),
+            FailureKind::Timeout => write!(
+                f,
+                "{server} did not answer in time ({detail}): check the host, the port and any firewall in between"
+            ),
             FailureKind::Other => write!(f, "{server}: {detail}"),
         }
     }

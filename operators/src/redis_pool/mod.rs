@@ -212,13 +212,13 @@ pub fn redis_pool(
 }
 
 /// Short text for a pool checkout failure: bb8 only says it timed out, so the latest failed
-/// connect (which names its server) says why.
+/// connect (which names its server, the cause and what to check) leads.
 pub fn describe_run_error(err: bb8::RunError<RedisError>) -> String {
     match err {
         bb8::RunError::User(e) => e.to_string(),
         bb8::RunError::TimedOut => match latest_connect_failure() {
-            Some(failure) => format!("timed out waiting for a pooled connection: {failure}"),
-            None => "timed out waiting for a pooled connection".to_string(),
+            Some(failure) => format!("{failure} (no connection within the pool's timeout)"),
+            None => "no pooled Redis connection within the timeout: every connection is busy or Redis is slow to accept one".to_string(),
         },
     }
 }
@@ -246,9 +246,25 @@ mod tests {
         };
         let text = describe_run_error(err);
         assert!(
-            text.starts_with("timed out waiting for a pooled connection: connection refused by redis://app:***@127.0.0.1:1"),
+            text.starts_with("connection refused by redis://app:***@127.0.0.1:1: is Redis running there? Check the host and port in the URL"),
             "{text}"
         );
         assert!(!text.contains("s3cret"));
+    }
+
+    #[tokio::test]
+    async fn a_host_that_does_not_resolve_is_named_as_such() {
+        // `.invalid` never resolves (RFC 2606).
+        let url = SecretUrl::new("redis://no-such-host.invalid:6379");
+        let pool = redis_pool(&url, 1, Duration::from_millis(2000)).unwrap();
+        let Err(err) = pool.get().await else {
+            panic!("connected to a host that does not exist");
+        };
+        let text = describe_run_error(err);
+        assert!(
+            text.starts_with("cannot resolve the host of redis://no-such-host.invalid:6379"),
+            "{text}"
+        );
+        assert!(text.contains("check the host name in the URL"), "{text}");
     }
 }

@@ -119,14 +119,11 @@ pub(crate) async fn settle_group(
         let (mut conn, state, progress) = match looked {
             Ok(looked) => looked,
             Err(e) => {
-                pause(
-                    shared,
-                    &mut backoff,
-                    "Cannot read the group's state",
-                    &e,
-                    shutdown,
-                )
-                .await;
+                // Every worker reads its group here, with or without `bootstrap:`: a failure
+                // is reaching the source, so it is the runner's to report, not bootstrap's.
+                let wait = backoff.next_delay();
+                tracing::warn!(target: "ecst_pipeline::runner", pipeline = %shared.pipeline, attempt = backoff.failures(), retry_in_ms = wait.as_millis() as u64, error = %e, "Cannot read the consumer group from Redis; retrying.");
+                sleep_or_shutdown(wait, shutdown).await;
                 continue;
             }
         };

@@ -50,6 +50,10 @@ pub(crate) struct PublishArgs {
     /// match the partitioning recorded for the stream.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1024))]
     partitions: u32,
+    /// All or nothing: check every line first and publish none if any is bad (the file is
+    /// held in memory). Without it, the good lines are published and bad ones reported.
+    #[arg(long)]
+    strict: bool,
 }
 
 pub(crate) async fn publish(args: PublishArgs) -> anyhow::Result<ExitCode> {
@@ -98,65 +102,58 @@ pub(crate) async fn publish(args: PublishArgs) -> anyhow::Result<ExitCode> {
     // each partition keeps its lines' order.
     let mut pipes: Vec<redis::Pipeline> = (0..partitions).map(|_| redis::pipe()).collect();
     let mut queued = 0;
+    // With --strict, every line is checked before any is published: they wait here.
+    let mut held: Vec<(u32, Vec<u8>)> = Vec::new();
     for (number, line) in reader.lines().enumerate() {
         let number = number + 1;
         let line = line.with_context(|| format!("{label}: cannot read line {number}"))?;
         if line.trim().is_empty() {
             continue;
         }
-        let value: serde_json::Value = match serde_json::from_str(&line) {
-            Ok(v) => v,
-            Err(e) => {
-                eprintln!("{label}:{number}: not JSON: {e}");
+        let (partition, body) = match encode_line(&line, &keys, ct, args.raw, partitions) {
+            Ok(encoded) => encoded,
+            Err(problem) => {
+                eprintln!("{label}:{number}: {problem}");
                 bad += 1;
                 continue;
             }
         };
-        let (body, aggregate_id) = if args.raw {
-            if !value.is_object() {
-                eprintln!("{label}:{number}: not a JSON object");
-                bad += 1;
-                continue;
-            }
-            let id = if partitions > 1 {
-                match raw_aggregate_id(&value) {
-                    Some(id) => id,
-                    None => {
-                        eprintln!(
-                            "{label}:{number}: no aggregateId (a non-empty string or an integer) to choose the partition by"
-                        );
-                        bad += 1;
-                        continue;
-                    }
-                }
-            } else {
-                String::new()
-            };
-            (encode_body(&value, ct)?, id)
-        } else {
-            match keys.read(&value) {
-                Ok(envelope) => (encode_body(&envelope, ct)?, envelope.aggregate_id),
-                Err(e) => {
-                    eprintln!("{label}:{number}: {e}");
-                    bad += 1;
-                    continue;
-                }
-            }
-        };
-        let partition = partition_of(&aggregate_id, partitions);
-        let key = partition_stream(&args.stream, partition, partitions);
-        let Some(pipe) = pipes.get_mut(partition as usize) else {
+        if args.strict {
+            held.push((partition, body));
             continue;
-        };
-        let cmd = pipe.cmd("XADD").arg(key);
-        if let Some(maxlen) = maxlen {
-            cmd.arg("MAXLEN").arg("~").arg(maxlen);
         }
-        cmd.arg("*").arg(FIELD_BODY).arg(body);
-        if !matches!(ct, ContentType::Json) {
-            cmd.arg(FIELD_CONTENT_TYPE).arg(ct.as_str());
+        queue(
+            &mut pipes,
+            &args.stream,
+            partition,
+            partitions,
+            maxlen,
+            ct,
+            body,
+        );
+        queued += 1;
+        if queued == 1000 {
+            flush(&mut conn, &mut pipes, &mut published).await?;
+            queued = 0;
         }
-        cmd.ignore();
+    }
+    if args.strict && bad > 0 {
+        eprintln!(
+            "{bad} bad lines: nothing published to {} (--strict)",
+            args.stream
+        );
+        return Ok(ExitCode::from(1));
+    }
+    for (partition, body) in held {
+        queue(
+            &mut pipes,
+            &args.stream,
+            partition,
+            partitions,
+            maxlen,
+            ct,
+            body,
+        );
         queued += 1;
         if queued == 1000 {
             flush(&mut conn, &mut pipes, &mut published).await?;
@@ -180,6 +177,61 @@ pub(crate) async fn publish(args: PublishArgs) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::from(1)
     })
+}
+
+/// One NDJSON line as the body to publish and its partition, or why it cannot be published.
+fn encode_line(
+    line: &str,
+    keys: &EnvelopeKeys,
+    ct: ContentType,
+    raw: bool,
+    partitions: u32,
+) -> Result<(u32, Vec<u8>), String> {
+    let value: serde_json::Value =
+        serde_json::from_str(line).map_err(|e| format!("not JSON: {e}"))?;
+    let (body, aggregate_id) = if raw {
+        if !value.is_object() {
+            return Err("not a JSON object".into());
+        }
+        let id = if partitions > 1 {
+            raw_aggregate_id(&value).ok_or(
+                "no aggregateId (a non-empty string or an integer) to choose the partition by",
+            )?
+        } else {
+            String::new()
+        };
+        (encode_body(&value, ct), id)
+    } else {
+        let envelope = keys.read(&value).map_err(|e| e.to_string())?;
+        (encode_body(&envelope, ct), envelope.aggregate_id)
+    };
+    let body = body.map_err(|e| format!("cannot encode: {e}"))?;
+    Ok((partition_of(&aggregate_id, partitions), body))
+}
+
+/// Adds the XADD of `body` to its partition's pipeline.
+fn queue(
+    pipes: &mut [redis::Pipeline],
+    stream: &str,
+    partition: u32,
+    partitions: u32,
+    maxlen: Option<u64>,
+    ct: ContentType,
+    body: Vec<u8>,
+) {
+    let key = partition_stream(stream, partition, partitions);
+    let Some(pipe) = pipes.get_mut(partition as usize) else {
+        return;
+    };
+    let cmd = pipe.cmd("XADD").arg(key);
+    if let Some(maxlen) = maxlen {
+        cmd.arg("MAXLEN").arg("~").arg(maxlen);
+    }
+    cmd.arg("*").arg(FIELD_BODY).arg(body);
+    if !matches!(ct, ContentType::Json) {
+        cmd.arg(FIELD_CONTENT_TYPE).arg(ct.as_str());
+    }
+    cmd.ignore();
 }
 
 /// The aggregateId of a line published as it is, read as the envelope reads it.

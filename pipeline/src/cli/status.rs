@@ -84,6 +84,8 @@ async fn groups(
         RedisValue::Array(items) => items.into_iter().map(as_map).collect(),
         _ => Vec::new(),
     };
+    let (seconds, micros): (i64, i64) = redis::cmd("TIME").query_async(conn).await?;
+    let now_ms = seconds * 1000 + micros / 1000;
     let mut out = Vec::new();
     for g in groups {
         let name = bulk(g.get("name")).unwrap_or_default();
@@ -97,15 +99,20 @@ async fn groups(
             .query_async(conn)
             .await
             .context("XINFO CONSUMERS")?;
+        let last_delivered_ms = bulk(g.get("last-delivered-id"))
+            .and_then(|id| id.split('-').next().and_then(|ms| ms.parse::<i64>().ok()))
+            .unwrap_or(0);
         let consumers: Vec<Value> = match consumers {
             RedisValue::Array(items) => items
                 .into_iter()
                 .map(as_map)
                 .map(|c| {
+                    let idle_ms = number(&c, "idle").as_i64();
                     json!({
                         "name": bulk(c.get("name")),
                         "pending": number(&c, "pending"),
-                        "idle_seconds": number(&c, "idle").as_i64().map(|ms| ms as f64 / 1000.0),
+                        "idle_seconds": idle_ms.map(|ms| ms as f64 / 1000.0),
+                        "stale": is_stale(&c, stale_after(config), now_ms, last_delivered_ms),
                     })
                 })
                 .collect(),
@@ -150,6 +157,36 @@ async fn groups(
         }));
     }
     Ok(out)
+}
+
+/// How long a consumer with nothing pending must be idle to be shown as stale: far longer
+/// than any live worker goes without reading (it reads at least every `claim_idle`).
+fn stale_after(config: &PipelineConfig) -> Duration {
+    config.source.claim_idle.0 * 10
+}
+
+/// Whether a consumer (an `XINFO CONSUMERS` entry) looks left behind: nothing pending and idle
+/// longer than `stale_after`. Since Redis 7.2 (which added `inactive`) `idle` counts from the
+/// consumer's last read of any kind, so a live worker is never idle long. Before, it counts from
+/// the last read that returned entries, so a live worker on a quiet stream looks idle too: the
+/// consumer is stale only if the group kept being served for `stale_after` after it was seen.
+fn is_stale(
+    consumer: &HashMap<String, RedisValue>,
+    stale_after: Duration,
+    now_ms: i64,
+    last_delivered_ms: i64,
+) -> bool {
+    let stale_after_ms = stale_after.as_millis() as i64;
+    let (Some(pending), Some(idle_ms)) = (
+        number(consumer, "pending").as_i64(),
+        number(consumer, "idle").as_i64(),
+    ) else {
+        return false;
+    };
+    let served_since = last_delivered_ms - (now_ms - idle_ms);
+    pending == 0
+        && idle_ms > stale_after_ms
+        && (consumer.contains_key("inactive") || served_since > stale_after_ms)
 }
 
 /// Most entries `status` reads to count a lag Redis cannot tell.
@@ -379,10 +416,19 @@ async fn snapshot(config: &PipelineConfig, all: bool) -> anyhow::Result<Value> {
     if config.source.partitions > 1 {
         let partitions = partitions(&mut conn, config).await?;
         let length: i64 = partitions.iter().filter_map(|p| p["length"].as_i64()).sum();
+        let mut exists = false;
+        for p in &partitions {
+            let key = p["stream"].as_str().unwrap_or_default();
+            exists |= redis::cmd("EXISTS")
+                .arg(key)
+                .query_async::<bool>(&mut conn)
+                .await?;
+        }
         let dlq_length: i64 = redis::cmd("XLEN").arg(&dlq).query_async(&mut conn).await?;
         return Ok(json!({
             "pipeline": config.name,
             "stream": stream,
+            "exists": exists,
             "length": length,
             "dead_letter_stream": dlq,
             "dead_letters": dlq_length,
@@ -396,10 +442,15 @@ async fn snapshot(config: &PipelineConfig, all: bool) -> anyhow::Result<Value> {
         .arg(stream)
         .query_async(&mut conn)
         .await?;
+    let exists: bool = redis::cmd("EXISTS")
+        .arg(stream)
+        .query_async(&mut conn)
+        .await?;
     let dlq_length: i64 = redis::cmd("XLEN").arg(&dlq).query_async(&mut conn).await?;
     Ok(json!({
         "pipeline": config.name,
         "stream": stream,
+        "exists": exists,
         "length": length,
         "dead_letter_stream": dlq,
         "dead_letters": dlq_length,
@@ -523,14 +574,24 @@ fn render(report: &Value, colour: bool) -> String {
             ));
         }
         for c in g["consumers"].as_array().into_iter().flatten() {
+            let stale = c["stale"] == Value::Bool(true);
             out.push_str(&format!(
-                "  {:<30} {:>8} {:>8} {:>12}\n",
+                "  {:<30} {:>8} {:>8} {:>12}{}\n",
                 show(&c["name"]),
                 "",
                 show(&c["pending"]),
                 c["idle_seconds"]
                     .as_f64()
                     .map_or("-".into(), |s| format!("idle {s:.1}s")),
+                if stale {
+                    paint(
+                        "  stale: nothing pending, long idle (XGROUP DELCONSUMER removes it)"
+                            .into(),
+                        true,
+                    )
+                } else {
+                    String::new()
+                },
             ));
         }
     }
@@ -572,6 +633,16 @@ pub(crate) async fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
     let terminal = std::io::stdout().is_terminal();
     loop {
         let report = snapshot(&config, args.all).await?;
+        if report["exists"] == Value::Bool(false) {
+            if args.json {
+                println!("{report}");
+            }
+            eprintln!(
+                "error: stream `{}` does not exist on {}: nothing was published to it and no worker has run on it yet, or the pipeline names another stream",
+                config.source.stream, config.source.redis
+            );
+            return Ok(ExitCode::from(1));
+        }
         if args.json {
             println!("{report}");
         } else {

@@ -2,6 +2,7 @@
 //! file, line, column and key.
 
 mod bootstrap;
+mod suggest;
 pub mod yaml;
 
 use std::fmt;
@@ -368,7 +369,7 @@ impl Collector<'_> {
             file: self.file.to_path_buf(),
             pos: self.root.locate(path),
             key: path.join("."),
-            message: message.into(),
+            message: suggest::with_suggestion(message.into()),
         });
     }
 }
@@ -391,8 +392,11 @@ fn report_unknown_keys(c: &mut Collector<'_>, top: &[(yaml::Key, Node)]) {
             pos: key.pos,
             key: key.name.clone(),
             message: format!(
-                "unknown key `{}` (expected name, source, stages, bootstrap)",
-                key.name
+                "unknown key `{}` (expected name, source, stages, bootstrap){}",
+                key.name,
+                suggest::closest(&key.name, KNOWN)
+                    .map(|near| format!("; did you mean `{near}`?"))
+                    .unwrap_or_default()
             ),
         });
     }
@@ -794,8 +798,11 @@ fn read_stage(c: &mut Collector<'_>, name: &str, node: &Node) -> StageRead {
             c,
             &["type"],
             format!(
-                "unknown stage type `{type_name}` (expected one of {})",
-                STAGE_TYPES.join(", ")
+                "unknown stage type `{type_name}` (expected one of {}){}",
+                STAGE_TYPES.join(", "),
+                suggest::closest(&type_name, STAGE_TYPES.iter().copied())
+                    .map(|near| format!("; did you mean `{near}`?"))
+                    .unwrap_or_default()
             ),
         ),
         Err(e) => {

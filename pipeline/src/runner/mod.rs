@@ -51,6 +51,11 @@ pub async fn run(
     let source_cfg = &config.source;
     let consumer = source_cfg.consumer_name();
     let dag = Dag::build(config, stats.clone()).await?;
+    // In the background: a store that does not answer must not hold up the start.
+    let _seeding = AbortOnDrop(tokio::spawn(crate::metrics::seed_freshness(
+        dag.sinks().iter().map(|(_, sink)| sink.clone()).collect(),
+        stats.clone(),
+    )));
     let pool = redis_pool(&source_cfg.redis, 4, source_cfg.timeout.0)
         .map_err(|e| RunError::Config(format!("invalid Redis URL {}: {e}", source_cfg.redis)))?;
     crate::preflight::check_redis_access(config).await?;

@@ -280,6 +280,19 @@ pub(super) async fn stream_until(
             tracing::info!(pipeline = %config.name, stream = %source_cfg.stream, acked = stats.acked.load(Ordering::Relaxed), "Stopped reading.")
         }
     }
+    if gap.is_none() {
+        match source.leave_group_if_idle().await {
+            Ok(true) => {
+                tracing::info!(stream = %source_cfg.stream, group = %source_cfg.group, consumer = %source.consumer(), "Left the group: nothing was pending at this consumer.")
+            }
+            Ok(false) => {
+                tracing::info!(stream = %source_cfg.stream, group = %source_cfg.group, consumer = %source.consumer(), "Staying in the group: entries are pending at this consumer.")
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, consumer = %source.consumer(), "Cannot remove this consumer from the group; `ecst status` shows it as stale.")
+            }
+        }
+    }
     match gap {
         Some(gap) if bootstrap_on_gap => Ok(Some(gap)),
         Some(gap) => Err(RunError::RetentionGap(gap)),

@@ -61,13 +61,41 @@ impl PgType {
 }
 
 /// A column: its type, and the projected field it is filled from (default: its own name).
-#[derive(Debug, Clone, Deserialize)]
-#[serde(untagged)]
+#[derive(Debug, Clone)]
 pub enum ColumnSpec {
     /// Just the type: filled from the field of the same name.
     Type(PgType),
     /// Type and source field.
     Full(FullColumn),
+}
+
+// By hand rather than `untagged`, whose only error is "data did not match any variant": a
+// wrong type names the allowed ones, a wrong key of the long form names the right keys.
+impl<'de> Deserialize<'de> for ColumnSpec {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct SpecVisitor;
+        impl<'de> serde::de::Visitor<'de> for SpecVisitor {
+            type Value = ColumnSpec;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a column type or `{ type, from }`")
+            }
+
+            fn visit_str<E: serde::de::Error>(self, value: &str) -> Result<ColumnSpec, E> {
+                PgType::deserialize(serde::de::value::StrDeserializer::<E>::new(value))
+                    .map(ColumnSpec::Type)
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<ColumnSpec, A::Error> {
+                FullColumn::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+                    .map(ColumnSpec::Full)
+            }
+        }
+        deserializer.deserialize_any(SpecVisitor)
+    }
 }
 
 /// Long form of a column.

@@ -21,8 +21,8 @@ use crate::postgres_tls::{PgTls, parse_postgres_url};
 
 use crate::record::{Action, Record};
 use crate::stage::{
-    ApplyFuture, BuildContext, BuiltStage, ComponentConfig, ConfigProblem, KeyDoc, Sink, SinkError,
-    SinkReport,
+    ApplyFuture, BuildContext, BuiltStage, ComponentConfig, ConfigProblem, FreshnessFuture, KeyDoc,
+    ReplicaFreshness, Sink, SinkError, SinkReport,
 };
 pub use config::{PgType, PostgresConfig};
 use plan::{Layout, Plan};
@@ -47,15 +47,19 @@ async fn ensure_schema(
     statements: &Statements,
 ) -> Result<(), SchemaError> {
     let unavailable = |e: tokio_postgres::Error| SchemaError::Unavailable(e.to_string());
-    if config.create {
-        client
-            .batch_execute(&statements.create_table)
-            .await
-            .map_err(unavailable)?;
-    }
-    // ecst's own bookkeeping, created even when the table is the user's.
+    // ecst's own bookkeeping is created even when the table is the user's. On every start but
+    // the first, `IF NOT EXISTS` answers with an "already exists, skipping" NOTICE, which the
+    // client would log: not news, so notices are off for these statements.
+    let create_table = if config.create {
+        statements.create_table.as_str()
+    } else {
+        ""
+    };
     client
-        .batch_execute(&statements.create_tombstones)
+        .batch_execute(&format!(
+            "SET client_min_messages = warning; {create_table}; {}; RESET client_min_messages",
+            statements.create_tombstones
+        ))
         .await
         .map_err(unavailable)?;
     let problems = table_problems(client, config, statements).await?;
@@ -533,6 +537,30 @@ impl Sink for PostgresSink {
 
     fn apply_batch<'a>(&'a self, batch: &'a [Record]) -> ApplyFuture<'a> {
         Box::pin(self.apply(batch))
+    }
+
+    fn freshness(&self) -> FreshnessFuture<'_> {
+        Box::pin(async move {
+            let c = &self.config;
+            // The table is the record: the newest source timestamp and apply in its rows.
+            let sql = format!(
+                "SELECT (EXTRACT(EPOCH FROM max({u})) * 1000)::int8, \
+                        (EXTRACT(EPOCH FROM max({r})) * 1000)::int8 FROM {s}.{t}",
+                u = config::quote(&c.updated_at_column),
+                r = config::quote(&c.replicated_at_column),
+                s = config::quote(&c.schema),
+                t = config::quote(&c.table),
+            );
+            let read = async {
+                let conn = self.connection().await.ok()?;
+                conn.client.query_one(&sql, &[]).await.ok()
+            };
+            let row = tokio::time::timeout(c.timeout.0, read).await.ok()??;
+            Some(ReplicaFreshness {
+                newest_occurred_ms: row.try_get(0).ok().flatten(),
+                replicated_ms: row.try_get(1).ok().flatten(),
+            })
+        })
     }
 }
 

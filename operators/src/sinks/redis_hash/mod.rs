@@ -22,8 +22,8 @@ use crate::redis_pool::{
 use crate::replica::Replica;
 use crate::secret::SecretUrl;
 use crate::stage::{
-    ApplyFuture, BuildContext, BuiltStage, ComponentConfig, ConfigProblem, KeyDoc, Sink, SinkError,
-    SinkReport,
+    ApplyFuture, BuildContext, BuiltStage, ComponentConfig, ConfigProblem, FreshnessFuture, KeyDoc,
+    ReplicaFreshness, Sink, SinkError, SinkReport,
 };
 use cluster::Tombstone;
 pub use cluster::tombstone_key;
@@ -404,6 +404,37 @@ impl Sink for RedisHashSink {
 
     fn replica(&self) -> Option<&dyn Replica> {
         Some(self)
+    }
+
+    fn freshness(&self) -> FreshnessFuture<'_> {
+        Box::pin(async move {
+            let mut conn = self.pool.get().await.ok()?;
+            conn.begin();
+            let read = tokio::time::timeout(
+                self.config.timeout.0,
+                redis::cmd("HMGET")
+                    .arg(&self.freshness_key)
+                    .arg("newest_occurred_at")
+                    .arg("replicated_at")
+                    .query_async::<Vec<Option<String>>>(conn.conn()),
+            )
+            .await
+            .unwrap_or_else(|_| Err(redis::RedisError::from((redis::ErrorKind::Io, "timed out"))));
+            conn.settle(&read);
+            let ms = |text: &Option<String>| {
+                let at = ecst_schemas::envelope::parse_timestamp(&serde_json::Value::from(
+                    text.as_deref()?,
+                ))?;
+                i64::try_from(at.unix_timestamp_nanos() / 1_000_000).ok()
+            };
+            match read.ok()?.as_slice() {
+                [newest, replicated] => Some(ReplicaFreshness {
+                    newest_occurred_ms: ms(newest),
+                    replicated_ms: ms(replicated),
+                }),
+                _ => None,
+            }
+        })
     }
 
     fn apply_batch<'a>(&'a self, batch: &'a [Record]) -> ApplyFuture<'a> {
