@@ -20,7 +20,7 @@ mod cli;
 // glibc malloc was a quarter of the worker's CPU under load (perf); every event allocates.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-use cli::{bench, bench_relay, publish, status};
+use cli::{bench, bench_relay, publish, status, test};
 
 #[derive(Parser)]
 #[command(
@@ -100,6 +100,9 @@ enum Command {
     Status(status::StatusArgs),
     /// Publish NDJSON events to a stream in the wire format.
     Publish(publish::PublishArgs),
+    /// Run pipelines' test cases through their real stages and sinks, each case isolated;
+    /// exit 0 all passed, 1 a case failed, 2 an error.
+    Test(test::TestArgs),
     /// Publish outbox rows to Redis Streams until SIGINT/SIGTERM.
     Relay {
         /// Relay file.
@@ -463,6 +466,7 @@ async fn execute(command: Command) -> anyhow::Result<ExitCode> {
         }
         Command::Status(args) => status::status(args).await,
         Command::Publish(args) => publish::publish(args).await,
+        Command::Test(args) => test::test(args).await,
         Command::Relay { relay } => {
             let config = match load_relay(&relay) {
                 Ok(c) => c,

@@ -6,3 +6,4 @@ pub(crate) mod bench_target;
 pub(crate) mod bench_workers;
 pub(crate) mod publish;
 pub(crate) mod status;
+pub(crate) mod test;
