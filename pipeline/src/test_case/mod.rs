@@ -196,10 +196,14 @@ fn check_cases(
         }
         let entries = case.input.len();
         let in_range = |n: usize| (1..=entries).contains(&n);
+        let inputs = match entries {
+            0 => "the case has no input".to_string(),
+            n => format!("1 to {n}"),
+        };
         for (j, dead) in case.expect.dead_letters.iter().flatten().enumerate() {
             let j = j.to_string();
             if !in_range(dead.entry) {
-                let message = format!("entry {} is not an input (1 to {entries})", dead.entry);
+                let message = format!("entry {} is not an input ({inputs})", dead.entry);
                 problems.push((at(&["expect", "dead_letters", &j, "entry"]), message));
             }
             if let Err(e) = regex::Regex::new(&dead.reason) {
@@ -214,7 +218,7 @@ fn check_cases(
             }
             for entry in decisions.keys() {
                 if !entry.parse().is_ok_and(in_range) {
-                    let message = format!("`{entry}` is not an input number (1 to {entries})");
+                    let message = format!("`{entry}` is not an input number ({inputs})");
                     problems.push((at(&["expect", "decisions", name, entry]), message));
                 }
             }
