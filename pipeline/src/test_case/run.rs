@@ -90,8 +90,11 @@ pub async fn run_case(
     for url in &redis_urls {
         ping(url).await?;
     }
-    let schemas = Schemas::create(&isolated, isolation).await?;
-    let result = run_isolated(&isolated, case, isolation).await;
+    let mut schemas = Schemas(Vec::new());
+    let result = match schemas.create(&isolated, isolation).await {
+        Ok(()) => run_isolated(&isolated, case, isolation).await,
+        Err(e) => Err(e),
+    };
     let cleaned = clean_up(&isolated, isolation, &redis_urls, schemas).await;
     let run = result?;
     cleaned?;
@@ -177,21 +180,21 @@ async fn ping(url: &SecretUrl) -> Result<(), TestError> {
 struct Schemas(Vec<(SecretUrl, tokio_postgres::Client)>);
 
 impl Schemas {
-    async fn create(pipeline: &PipelineConfig, isolation: &Isolation) -> Result<Self, TestError> {
-        let mut schemas = Schemas(Vec::new());
+    /// Creates the schema on each Postgres; those reached stay in `self` even when a later
+    /// one fails, so that the clean-up drops them.
+    async fn create(
+        &mut self,
+        pipeline: &PipelineConfig,
+        isolation: &Isolation,
+    ) -> Result<(), TestError> {
         for (_, sink) in postgres_sinks(pipeline) {
-            if schemas
-                .0
-                .iter()
-                .any(|(u, _)| u.expose() == sink.url.expose())
-            {
+            if self.0.iter().any(|(u, _)| u.expose() == sink.url.expose()) {
                 continue;
             }
             let client = connect_postgres(&sink.url).await?;
             let create = format!("CREATE SCHEMA {}", quoted(&isolation.postgres_schema));
             let created = client.batch_execute(&create).await;
-            // Kept even when creating failed, so that the clean-up still tries.
-            schemas.0.push((sink.url.clone(), client));
+            self.0.push((sink.url.clone(), client));
             created.map_err(|e| {
                 TestError(format!(
                     "cannot create schema {}: {e}",
@@ -199,7 +202,7 @@ impl Schemas {
                 ))
             })?;
         }
-        Ok(schemas)
+        Ok(())
     }
 }
 
