@@ -305,7 +305,7 @@ impl RedisHashSink {
     /// connection (which pipelines them to their nodes). The first failure is returned,
     /// a retryable one before a refusal: then the caller retries the whole batch, and the
     /// groups that were applied already come back stale, as the version guard holds per key.
-    async fn eval_by_slot(&self, writes: &Writes<'_>) -> Result<ScriptReply, redis::RedisError> {
+    async fn eval_by_slot(&self, writes: &Writes<'_>) -> Result<BatchCounts, redis::RedisError> {
         let keys = writes.keys.as_str();
         let groups: Vec<Vec<&Write<'_>>> =
             cluster::by_slot(writes.records.iter().map(|w| &keys[w.key.clone()]))
@@ -338,7 +338,10 @@ impl RedisHashSink {
                 Ok((applied, stale, stale_at)) => {
                     totals.0 += applied;
                     totals.1 += stale;
-                    totals.2.extend(stale_entries(group, &stale_at));
+                    totals.2.extend(stale_entries(
+                        group,
+                        stale_at.as_deref().unwrap_or_default(),
+                    ));
                 }
                 Err(e) => {
                     if failure
@@ -398,8 +401,12 @@ impl RedisHashSink {
     }
 }
 
-/// What the batch script returns: applied, stale, and the stale records' 1-based positions.
-type ScriptReply = (usize, usize, Vec<usize>);
+/// What the batch script returns: applied, stale, and the stale records' 1-based positions
+/// (nil when none was stale).
+type ScriptReply = (usize, usize, Option<Vec<usize>>);
+
+/// What a batch's calls add up to: applied, stale, and the stale records' entries.
+type BatchCounts = (usize, usize, Vec<usize>);
 
 /// The entries of the records at the script's stale `positions` of a call over `writes`.
 fn stale_entries(writes: &[&Write<'_>], positions: &[usize]) -> Vec<usize> {
@@ -446,7 +453,11 @@ impl Sink for RedisHashSink {
                 let cmd = self.script_call(Invoke::Sha, &writes.keys, &all, Some(&freshness));
                 tokio::time::timeout(deadline, self.eval(&cmd))
                     .await
-                    .map(|r| r.map(|(a, s, at)| (a, s, stale_entries(&all, &at))))
+                    .map(|r| {
+                        r.map(|(a, s, at)| {
+                            (a, s, stale_entries(&all, at.as_deref().unwrap_or_default()))
+                        })
+                    })
             };
             let result = match result {
                 Ok(result) => result,

@@ -15,7 +15,8 @@
 --   'P'           upsert of its own fields (payload, include): as 'F'
 --   'M' or 'm'    mark, with occurredAt or without: version, [occurredAt]
 --   'd'           delete: version, keep_for_ms
--- Returns {applied, stale, the positions (1-based, in this call) of the stale records}.
+-- Returns {applied, stale, the positions (1-based, in this call) of the stale records, or false
+-- (nil to the client) when none was}.
 --
 -- The fixed fields of one set are written over the hash, which the hash's field count then
 -- shows right or not: dropping the hash first costs more. A call on a cluster often holds a
@@ -64,8 +65,8 @@ local freshness = #KEYS % 2 == 1
 -- The pairs of a 'u' record; `full` keeps the names of a 'U' record between records.
 local buf, full
 
--- Stale records are rare (version_filter drops most first): naming them costs nothing else.
-local applied, stale, stale_at = 0, 0, {}
+-- Stale records are rare (version_filter drops most first): their table is made for the first.
+local applied, stale, stale_at = 0, 0, false
 local a = 5 + nfixed + (freshness and 2 or 0)
 for i = 1, #KEYS - 1, 2 do
   local key, tomb, head = KEYS[i], KEYS[i + 1], ARGV[a]
@@ -85,6 +86,7 @@ for i = 1, #KEYS - 1, 2 do
     applied = applied + 1
   else
     stale = stale + 1
+    stale_at = stale_at or {}
     stale_at[stale] = (i + 1) / 2
   end
   if by_name then
