@@ -30,3 +30,8 @@ if cargo nextest --version >/dev/null 2>&1; then
 else
   cargo test --workspace --locked --no-fail-fast
 fi
+echo "== ecst test examples/*.yaml"
+# The examples' pipeline cases, with the debug binary the tests above built, against the same
+# Redis and Postgres (each case in a key prefix and schema of its own, removed afterwards). The
+# bench examples' keys are written out in their cases, so their prefix must be the default.
+env -u ECST_BENCH_PREFIX ECST_LOG=error target/debug/ecst test examples/*.yaml

@@ -22,6 +22,7 @@
 //! - [`partitioning`]: a stream's partitioning, recorded in Redis and checked by producers
 //!   and workers.
 //! - [`snapshot`]: `ecst snapshot serve`, entity state as NDJSON pages for bootstrap.
+//! - [`mod@test_case`]: `ecst test`, a pipeline's cases run through its real stages and sinks.
 //! - Infrastructure every part uses: [`retry`] (the one backoff policy), [`shutdown`],
 //!   [`redis_reply`] (reply values and stream ids), [`error`].
 //!
@@ -52,3 +53,4 @@ pub mod snapshot;
 pub mod source;
 pub mod stats;
 pub mod telemetry;
+pub mod test_case;

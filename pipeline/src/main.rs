@@ -20,7 +20,7 @@ mod cli;
 // glibc malloc was a quarter of the worker's CPU under load (perf); every event allocates.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-use cli::{bench, bench_relay, docs, init, publish, stages, status};
+use cli::{bench, bench_relay, docs, init, publish, stages, status, test};
 
 // `ecst` alone is a usage error: the help on stderr, exit 2 (clap's `arg_required_else_help`
 // convention), so that a script's `ecst && …` stops; `ecst --help` is the help asked for:
@@ -155,6 +155,14 @@ enum Command {
         "  producer | ecst publish --stream athletes.athlete-updated.v1 --encoding msgpack\n",
     ))]
     Publish(publish::PublishArgs),
+    /// Run pipelines' test cases through their real stages and sinks, each case isolated;
+    /// exit 0 all passed, 1 a case failed, 2 an error.
+    #[command(after_help = concat!(
+        "Examples:\n",
+        "  ecst test examples/athletes.yaml\n",
+        "  ecst test --json examples/*.yaml\n",
+    ))]
+    Test(test::TestArgs),
     /// Publish outbox rows to Redis Streams until SIGINT/SIGTERM.
     #[command(after_help = concat!(
         "Examples:\n",
@@ -598,6 +606,7 @@ async fn execute(command: Command) -> anyhow::Result<ExitCode> {
         }
         Command::Status(args) => status::status(args).await,
         Command::Publish(args) => publish::publish(args).await,
+        Command::Test(args) => test::test(args).await,
         Command::Relay { relay } => {
             let config = match load_relay(&relay) {
                 Ok(c) => c,

@@ -23,6 +23,7 @@ mod secrets;
 mod servers;
 mod snapshot;
 mod snapshot_nulls;
+mod test_cmd;
 mod tls;
 mod traces;
 mod validate;

@@ -10,3 +10,4 @@ pub(crate) mod init;
 pub(crate) mod publish;
 pub(crate) mod stages;
 pub(crate) mod status;
+pub(crate) mod test;

@@ -381,7 +381,8 @@ pub const MAX_REPORTED_UNKNOWN_KEYS: usize = 20;
 /// lookup per key (the position is the key's own), so n keys cost O(n), and the report stays
 /// readable however many there are: the first [`MAX_REPORTED_UNKNOWN_KEYS`], then a count.
 fn report_unknown_keys(c: &mut Collector<'_>, top: &[(yaml::Key, Node)]) {
-    const KNOWN: [&str; 4] = ["name", "source", "stages", "bootstrap"];
+    // `tests` holds the file's `ecst test` cases, which `test_case` reads.
+    const KNOWN: [&str; 5] = ["name", "source", "stages", "bootstrap", "tests"];
     let mut unknown = top
         .iter()
         .map(|(key, _)| key)
@@ -392,7 +393,7 @@ fn report_unknown_keys(c: &mut Collector<'_>, top: &[(yaml::Key, Node)]) {
             pos: key.pos,
             key: key.name.clone(),
             message: format!(
-                "unknown key `{}` (expected name, source, stages, bootstrap){}",
+                "unknown key `{}` (expected name, source, stages, bootstrap, tests){}",
                 key.name,
                 suggest::closest(&key.name, KNOWN)
                     .map(|near| format!("; did you mean `{near}`?"))
@@ -407,7 +408,7 @@ fn report_unknown_keys(c: &mut Collector<'_>, top: &[(yaml::Key, Node)]) {
             pos: next.pos,
             key: next.name.clone(),
             message: format!(
-                "and {more} more unknown top-level key{} (expected name, source, stages, bootstrap)",
+                "and {more} more unknown top-level key{} (expected name, source, stages, bootstrap, tests)",
                 if more == 1 { "" } else { "s" }
             ),
         });
@@ -837,14 +838,14 @@ mod tests {
         assert_eq!(errors[0].pos, Pos { line: 6, col: 1 });
         assert_eq!(
             errors[0].message,
-            "unknown key `junk0` (expected name, source, stages, bootstrap)"
+            "unknown key `junk0` (expected name, source, stages, bootstrap, tests)"
         );
         let last = &errors[MAX_REPORTED_UNKNOWN_KEYS];
         assert_eq!(last.pos.line, 6 + MAX_REPORTED_UNKNOWN_KEYS);
         assert_eq!(
             last.to_string(),
             format!(
-                "p.yaml:{}:1: junk20: and 39980 more unknown top-level keys (expected name, source, stages, bootstrap)",
+                "p.yaml:{}:1: junk20: and 39980 more unknown top-level keys (expected name, source, stages, bootstrap, tests)",
                 6 + MAX_REPORTED_UNKNOWN_KEYS
             )
         );
@@ -856,7 +857,7 @@ mod tests {
         let errors = load_str(Path::new("p.yaml"), &text, &no_env).unwrap_err();
         assert_eq!(
             errors.to_string(),
-            "p.yaml:6:1: extra: unknown key `extra` (expected name, source, stages, bootstrap)\n1 error"
+            "p.yaml:6:1: extra: unknown key `extra` (expected name, source, stages, bootstrap, tests)\n1 error"
         );
     }
 
