@@ -172,28 +172,45 @@ impl SchemaVersion {
     }
 }
 
-/// An aggregate type with its numbered schema versions.
+/// An aggregate type with its numbered schema versions (at least one).
 #[derive(Debug, Clone)]
 pub struct Subject {
     /// The aggregate type (its directory name).
     pub name: String,
-    /// Versions by number; never empty.
-    pub versions: BTreeMap<u32, SchemaVersion>,
+    /// The highest version.
+    latest: SchemaVersion,
+    /// The other versions, by number.
+    earlier: BTreeMap<u32, SchemaVersion>,
 }
 
 impl Subject {
+    /// The subject of `versions`; `None` when there are none.
+    fn new(name: String, mut versions: BTreeMap<u32, SchemaVersion>) -> Option<Self> {
+        let (_, latest) = versions.pop_last()?;
+        Some(Subject {
+            name,
+            latest,
+            earlier: versions,
+        })
+    }
+
     /// The highest version.
     pub fn latest(&self) -> &SchemaVersion {
-        // A subject is only made with at least one version.
-        self.versions
-            .values()
-            .next_back()
-            .expect("a subject has a version")
+        &self.latest
     }
 
     /// The schema of `schemaVersion` `version`, if there is one.
     pub fn version(&self, version: u32) -> Option<&SchemaVersion> {
-        self.versions.get(&version)
+        if version == self.latest.version {
+            Some(&self.latest)
+        } else {
+            self.earlier.get(&version)
+        }
+    }
+
+    /// Every version, lowest first.
+    pub fn versions(&self) -> impl Iterator<Item = &SchemaVersion> {
+        self.earlier.values().chain(std::iter::once(&self.latest))
     }
 }
 
@@ -303,6 +320,7 @@ impl SchemaRegistry {
         let mut registry = SchemaRegistry::default();
         let mut problems = Vec::new();
         let mut stream_files = Vec::new();
+        let mut versions: BTreeMap<String, BTreeMap<u32, SchemaVersion>> = BTreeMap::new();
         for (path, content) in files {
             match SchemaFile::classify(&path) {
                 Ok(SchemaFile::Other) => {}
@@ -312,32 +330,29 @@ impl SchemaRegistry {
                     version,
                 }) => match compile(&path, &content) {
                     Ok(validator) => {
-                        registry
-                            .subjects
-                            .entry(aggregate_type.clone())
-                            .or_insert_with(|| Subject {
-                                name: aggregate_type,
-                                versions: BTreeMap::new(),
-                            })
-                            .versions
-                            .insert(
+                        versions.entry(aggregate_type).or_default().insert(
+                            version,
+                            SchemaVersion {
                                 version,
-                                SchemaVersion {
-                                    version,
-                                    path,
-                                    schema: content,
-                                    validator: Arc::new(validator),
-                                },
-                            );
+                                path,
+                                schema: content,
+                                validator: Arc::new(validator),
+                            },
+                        );
                     }
                     Err(mut found) => problems.append(&mut found),
                 },
                 Err(message) => problems.push(SchemaProblem::new(&path, &[], message)),
             }
         }
+        registry.subjects = versions
+            .into_iter()
+            .filter_map(|(name, versions)| Some((name.clone(), Subject::new(name, versions)?)))
+            .collect();
         for subject in registry.subjects.values() {
-            let mut expected = subject.versions.keys().next().copied().unwrap_or(1);
-            for (&version, schema) in &subject.versions {
+            let mut expected = subject.versions().next().map_or(1, |v| v.version);
+            for schema in subject.versions() {
+                let version = schema.version;
                 if version != expected {
                     problems.push(SchemaProblem::new(
                         &schema.path,
