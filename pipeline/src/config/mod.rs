@@ -985,6 +985,16 @@ mod tests {
     }
 
     #[test]
+    fn a_validate_stage_without_schemas_is_refused_at_its_type() {
+        let text = "name: p\nsource: { stream: s, group: g }\nstages:\n  decode: { type: decode }\n  checked: { type: validate, input: decode }\n  cache: { type: redis_hash, input: checked, key: \"a:{aggregateId}\" }\n";
+        let errors = load_str(Path::new("p.yaml"), text, &no_env).unwrap_err();
+        assert_eq!(
+            errors.to_string(),
+            "p.yaml:5:14: stages.checked.type: a validate stage needs the schema directory: add `schemas: ./schemas` at the top of the file\n1 error"
+        );
+    }
+
+    #[test]
     fn a_few_unknown_keys_are_each_reported() {
         let text = format!("{VALID}extra: 1\n");
         let errors = load_str(Path::new("p.yaml"), &text, &no_env).unwrap_err();
