@@ -10,6 +10,7 @@ use clap::{Args, ValueEnum};
 use ecst_operators::SecretUrl;
 use ecst_pipeline::partitioning::{PartitioningError, ensure_partitioning};
 use ecst_schemas::EnvelopeKeys;
+use ecst_schemas::registry::SchemaRegistry;
 use ecst_schemas::partition::{Partitioning, partition_of, partition_stream};
 use ecst_schemas::wire::{ContentType, FIELD_BODY, FIELD_CONTENT_TYPE, encode_body};
 
@@ -54,9 +55,31 @@ pub(crate) struct PublishArgs {
     /// held in memory). Without it, the good lines are published and bad ones reported.
     #[arg(long)]
     strict: bool,
+    /// Schema directory: refuse events whose payload does not fit the schema of their
+    /// version, or whose aggregateId is not the stream's partition key.
+    #[arg(long, conflicts_with = "raw")]
+    schemas: Option<PathBuf>,
 }
 
 pub(crate) async fn publish(args: PublishArgs) -> anyhow::Result<ExitCode> {
+    let schemas = match &args.schemas {
+        None => None,
+        Some(dir) => match ecst_pipeline::schema_dir::load(dir) {
+            Ok(registry) if registry.stream(&args.stream).is_some() => Some(registry),
+            Ok(_) => {
+                eprintln!(
+                    "{}: no stream file streams/{}.yaml",
+                    dir.display(),
+                    args.stream
+                );
+                return Ok(ExitCode::from(1));
+            }
+            Err(errors) => {
+                eprintln!("{errors}");
+                return Ok(ExitCode::from(1));
+            }
+        },
+    };
     let reader: Box<dyn BufRead> = if args.file.as_os_str() == "-" {
         Box::new(std::io::BufReader::new(std::io::stdin()))
     } else {
@@ -96,6 +119,7 @@ pub(crate) async fn publish(args: PublishArgs) -> anyhow::Result<ExitCode> {
     // MAXLEN bounds the logical stream: each partition keeps its share.
     let maxlen = args.maxlen.map(|n| n.div_ceil(u64::from(partitions)));
     let keys = EnvelopeKeys::default();
+    let checked = schemas.as_ref().map(|registry| (registry, args.stream.as_str()));
     let label = args.file.display().to_string();
     let (mut published, mut bad) = (0u64, 0u64);
     // One pipeline per partition: a Redis Cluster takes a pipeline only within one slot, and
@@ -110,7 +134,7 @@ pub(crate) async fn publish(args: PublishArgs) -> anyhow::Result<ExitCode> {
         if line.trim().is_empty() {
             continue;
         }
-        let (partition, body) = match encode_line(&line, &keys, ct, args.raw, partitions) {
+        let (partition, body) = match encode_line(&line, &keys, ct, args.raw, partitions, &checked) {
             Ok(encoded) => encoded,
             Err(problem) => {
                 eprintln!("{label}:{number}: {problem}");
@@ -186,6 +210,7 @@ fn encode_line(
     ct: ContentType,
     raw: bool,
     partitions: u32,
+    schemas: &Option<(&SchemaRegistry, &str)>,
 ) -> Result<(u32, Vec<u8>), String> {
     let value: serde_json::Value =
         serde_json::from_str(line).map_err(|e| format!("not JSON: {e}"))?;
@@ -203,6 +228,9 @@ fn encode_line(
         (encode_body(&value, ct), id)
     } else {
         let envelope = keys.read(&value).map_err(|e| e.to_string())?;
+        if let Some((registry, stream)) = schemas {
+            registry.check_event(stream, &envelope)?;
+        }
         (encode_body(&envelope, ct), envelope.aggregate_id)
     };
     let body = body.map_err(|e| format!("cannot encode: {e}"))?;
