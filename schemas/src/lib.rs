@@ -2,6 +2,7 @@
 //!
 //! # Layout
 //!
+//! - [`compat`]: schema compatibility rules (Confluent's, for JSON Schema) between versions.
 //! - [`envelope`]: the canonical [`Envelope`] and the [`EnvelopeKeys`] mapping that reads foreign
 //!   shapes into it.
 //! - [`partition`]: the partition of an event and the key of each partition of a stream.
@@ -11,6 +12,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs, unreachable_pub)]
 
+pub mod compat;
 pub mod envelope;
 pub mod partition;
 pub mod selection;
