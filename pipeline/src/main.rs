@@ -20,7 +20,7 @@ mod cli;
 // glibc malloc was a quarter of the worker's CPU under load (perf); every event allocates.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-use cli::{bench, bench_relay, publish, status};
+use cli::{bench, bench_relay, publish, schema, status};
 
 #[derive(Parser)]
 #[command(
@@ -111,6 +111,9 @@ enum Command {
     /// Serve entity snapshots over HTTP for bootstrap.
     #[command(subcommand)]
     Snapshot(SnapshotCommand),
+    /// Schema directories: check a change for CI.
+    #[command(subcommand)]
+    Schema(schema::SchemaCommand),
     /// Measure throughput and latency against the ceiling measured on this machine.
     #[command(args_conflicts_with_subcommands = true)]
     Bench {
@@ -463,6 +466,7 @@ async fn execute(command: Command) -> anyhow::Result<ExitCode> {
         }
         Command::Status(args) => status::status(args).await,
         Command::Publish(args) => publish::publish(args).await,
+        Command::Schema(command) => schema::schema(command).await,
         Command::Relay { relay } => {
             let config = match load_relay(&relay) {
                 Ok(c) => c,

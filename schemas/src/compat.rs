@@ -36,6 +36,8 @@ use std::collections::BTreeSet;
 use serde::Serialize;
 use serde_json::{Map, Value};
 
+use crate::registry::Compatibility;
+
 macro_rules! difference_kinds {
     ($($(#[doc = $doc:literal])* $variant:ident = $name:literal, $compatible:literal;)*) => {
         /// A kind of difference between a writer's and a reader's schema, named as Confluent
@@ -337,7 +339,88 @@ pub struct Incompatibility {
     pub difference: Difference,
 }
 
-//MODES
+impl Compatibility {
+    /// Whether the new schema must read data of earlier versions.
+    pub fn backward(self) -> bool {
+        matches!(
+            self,
+            Compatibility::Backward
+                | Compatibility::BackwardTransitive
+                | Compatibility::Full
+                | Compatibility::FullTransitive
+        )
+    }
+
+    /// Whether earlier schemas must read data of the new version.
+    pub fn forward(self) -> bool {
+        matches!(
+            self,
+            Compatibility::Forward
+                | Compatibility::ForwardTransitive
+                | Compatibility::Full
+                | Compatibility::FullTransitive
+        )
+    }
+
+    /// Whether the new version is compared with every earlier one, not only the previous.
+    pub fn transitive(self) -> bool {
+        matches!(
+            self,
+            Compatibility::BackwardTransitive
+                | Compatibility::ForwardTransitive
+                | Compatibility::FullTransitive
+        )
+    }
+
+    /// The mode that asks for everything both ask for (BACKWARD and FORWARD make FULL).
+    pub fn strictest(self, other: Compatibility) -> Compatibility {
+        let backward = self.backward() || other.backward();
+        let forward = self.forward() || other.forward();
+        let transitive = self.transitive() || other.transitive();
+        match (backward, forward, transitive) {
+            (false, false, _) => Compatibility::None,
+            (true, false, false) => Compatibility::Backward,
+            (true, false, true) => Compatibility::BackwardTransitive,
+            (false, true, false) => Compatibility::Forward,
+            (false, true, true) => Compatibility::ForwardTransitive,
+            (true, true, false) => Compatibility::Full,
+            (true, true, true) => Compatibility::FullTransitive,
+        }
+    }
+}
+
+/// Checks a new schema version against the earlier versions of its subject (`earlier`: version
+/// number and schema, oldest first) under `mode`; empty when it keeps the mode.
+pub fn check(mode: Compatibility, earlier: &[(u32, &Value)], new: &Value) -> Vec<Incompatibility> {
+    let against: &[(u32, &Value)] = if mode.transitive() {
+        earlier
+    } else {
+        earlier.last().map_or(&[], std::slice::from_ref)
+    };
+    let mut found = Vec::new();
+    for &(version, old) in against {
+        if mode.backward() {
+            found.extend(incompatibilities(old, new).into_iter().map(|difference| {
+                Incompatibility {
+                    against: version,
+                    direction: Direction::Backward,
+                    difference,
+                }
+            }));
+        }
+        if mode.forward() {
+            found.extend(incompatibilities(new, old).into_iter().map(|difference| {
+                Incompatibility {
+                    against: version,
+                    direction: Direction::Forward,
+                    difference,
+                }
+            }));
+        }
+    }
+    found
+}
+
 /// A JSON pointer being built while walking down both schemas.
 #[derive(Default)]
 struct Pointer(Vec<String>);

@@ -3,6 +3,7 @@
 //! # Layout
 //!
 //! - [`compat`]: schema compatibility rules (Confluent's, for JSON Schema) between versions.
+//! - [`evolution`]: what changed between two schema registries and which changes are refused.
 //! - [`envelope`]: the canonical [`Envelope`] and the [`EnvelopeKeys`] mapping that reads foreign
 //!   shapes into it.
 //! - [`partition`]: the partition of an event and the key of each partition of a stream.
@@ -14,6 +15,7 @@
 
 pub mod compat;
 pub mod envelope;
+pub mod evolution;
 pub mod partition;
 pub mod selection;
 pub mod wire;

@@ -5,4 +5,5 @@ pub(crate) mod bench_relay;
 pub(crate) mod bench_target;
 pub(crate) mod bench_workers;
 pub(crate) mod publish;
+pub(crate) mod schema;
 pub(crate) mod status;
