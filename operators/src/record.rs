@@ -219,12 +219,20 @@ pub struct Outcomes {
     pub dead_letters: Vec<(usize, DeadLetterReason)>,
     /// Entries dropped on purpose, by batch index.
     pub dropped: Vec<(usize, DropReason)>,
+    /// Why the worker must stop before acking this batch (a stage met an entry it may
+    /// neither pass nor dead-letter).
+    pub halt: Option<String>,
 }
 
 impl Outcomes {
     /// Records that entry `entry` must go to the dead-letter stream.
     pub fn dead_letter(&mut self, entry: usize, reason: DeadLetterReason) {
         self.dead_letters.push((entry, reason));
+    }
+
+    /// Stops the worker before this batch is acked, saying why (the first reason wins).
+    pub fn halt(&mut self, reason: String) {
+        self.halt.get_or_insert(reason);
     }
 
     /// Records that entry `entry` was dropped on purpose.

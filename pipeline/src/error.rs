@@ -23,6 +23,9 @@ pub enum RunError {
     /// Redis refused the worker's credentials, certificates or commands at start.
     #[error(transparent)]
     Access(#[from] crate::preflight::PreflightError),
+    /// A stage met an entry it may neither pass nor dead-letter; that batch is not acked.
+    #[error("stopped: {0}")]
+    Halted(String),
     /// Batches were still uncommitted when the shutdown timeout ran out.
     #[error(
         "{0} batch(es) were not committed within the shutdown timeout; their entries stay pending and will be redelivered"

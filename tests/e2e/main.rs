@@ -18,6 +18,7 @@ mod reconcile;
 mod relay;
 mod replicate;
 mod schema_check;
+mod schemas;
 mod secrets;
 mod servers;
 mod snapshot;

@@ -67,6 +67,8 @@ pub(super) async fn stream_until(
     let mut read_backoff = Backoff::new();
 
     let mut gap: Option<String> = None;
+    // Why a stage stopped the worker; the batch that said so is never acked.
+    let mut halted: Option<String> = None;
     let mut last_gap_check = Instant::now();
     let bootstrap_on_gap = config
         .bootstrap
@@ -232,6 +234,11 @@ pub(super) async fn stream_until(
             let mut dag = dag.lock().await;
             batch_span.in_scope(|| dag.run(&entries, &mut outcomes))
         };
+        if let Some(reason) = outcomes.halt.take() {
+            tracing::error!(pipeline = %config.name, stream = %source_cfg.stream, reason = %reason, "A stage stopped the worker; the batch stays pending.");
+            halted = Some(reason);
+            break;
+        }
         name_event_spans(&event_spans, &per_sink);
         let shared = shared.clone();
         let in_flight_ids = in_flight_ids.clone();
@@ -270,6 +277,9 @@ pub(super) async fn stream_until(
         let left = tasks.len();
         tasks.abort_all();
         return Err(RunError::Abandoned(left));
+    }
+    if let Some(reason) = halted {
+        return Err(RunError::Halted(reason));
     }
     match shared.partition {
         // The counters are the worker's, not the partition's.
