@@ -124,7 +124,7 @@ pub fn compare(base: &SchemaRegistry, proposed: &SchemaRegistry) -> EvolutionRep
     let modes = subject_modes(proposed, &mut report.notes);
 
     for subject in base.subjects() {
-        for old in subject.versions.values() {
+        for old in subject.versions() {
             match proposed.schema(&subject.name, old.version) {
                 None => report.findings.push(Finding {
                     file: old.path.clone(),
@@ -167,7 +167,7 @@ pub fn compare(base: &SchemaRegistry, proposed: &SchemaRegistry) -> EvolutionRep
         let known = base.subject(&subject.name);
         let mut earlier: Vec<(u32, &Value)> = Vec::new();
         let mut previous_number = 0;
-        for new in subject.versions.values() {
+        for new in subject.versions() {
             let is_new = known.and_then(|k| k.version(new.version)).is_none();
             if is_new && new.version != previous_number + 1 {
                 report.findings.push(Finding {

@@ -3,9 +3,9 @@
 //! # Layout
 //!
 //! - [`compat`]: schema compatibility rules (Confluent's, for JSON Schema) between versions.
-//! - [`evolution`]: what changed between two schema registries and which changes are refused.
 //! - [`envelope`]: the canonical [`Envelope`] and the [`EnvelopeKeys`] mapping that reads foreign
 //!   shapes into it.
+//! - [`evolution`]: what changed between two schema registries and which changes are refused.
 //! - [`partition`]: the partition of an event and the key of each partition of a stream.
 //! - [`registry`]: the payload schemas of each aggregate type by version and each stream's
 //!   spec, built from the files of a schema directory.

@@ -419,7 +419,11 @@ fn transitive_modes_compare_with_every_earlier_version_and_the_others_with_the_p
         vec![
             (1, Direction::Backward, "TYPE_CHANGED"),
             (1, Direction::Forward, "TYPE_CHANGED"),
-            (2, Direction::Backward, "PROPERTY_REMOVED_FROM_CLOSED_CONTENT_MODEL"),
+            (
+                2,
+                Direction::Backward,
+                "PROPERTY_REMOVED_FROM_CLOSED_CONTENT_MODEL"
+            ),
         ]
     );
     assert_eq!(

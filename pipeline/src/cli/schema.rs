@@ -338,8 +338,7 @@ fn is_version_gap(problem: &ConfigError, loaded: &Loaded) -> bool {
     problem.key.is_empty()
         && loaded.registry.subjects().any(|subject| {
             subject
-                .versions
-                .values()
+                .versions()
                 .any(|v| Path::new(&loaded.label).join(&v.path) == problem.file)
         })
 }
