@@ -20,7 +20,7 @@ mod cli;
 // glibc malloc was a quarter of the worker's CPU under load (perf); every event allocates.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-use cli::{bench, bench_relay, docs, init, publish, stages, status, test};
+use cli::{bench, bench_relay, docs, init, publish, schema, stages, status, test};
 
 // `ecst` alone is a usage error: the help on stderr, exit 2 (clap's `arg_required_else_help`
 // convention), so that a script's `ecst && …` stops; `ecst --help` is the help asked for:
@@ -185,6 +185,9 @@ enum Command {
         "  ecst snapshot serve examples/snapshot.yaml\n",
     ))]
     Snapshot(SnapshotCommand),
+    /// Schema directories: check a change for CI.
+    #[command(subcommand)]
+    Schema(schema::SchemaCommand),
     /// Measure throughput and latency against the ceiling measured on this machine.
     #[command(args_conflicts_with_subcommands = true, after_help = concat!(
         "Examples:\n",
@@ -624,6 +627,7 @@ async fn execute(command: Command) -> anyhow::Result<ExitCode> {
         Command::Status(args) => status::status(args).await,
         Command::Publish(args) => publish::publish(args).await,
         Command::Test(args) => test::test(args).await,
+        Command::Schema(command) => schema::schema(command).await,
         Command::Relay { relay } => {
             let config = match load_relay(&relay) {
                 Ok(c) => c,

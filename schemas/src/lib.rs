@@ -2,8 +2,10 @@
 //!
 //! # Layout
 //!
+//! - [`compat`]: schema compatibility rules (Confluent's, for JSON Schema) between versions.
 //! - [`envelope`]: the canonical [`Envelope`] and the [`EnvelopeKeys`] mapping that reads foreign
 //!   shapes into it.
+//! - [`evolution`]: what changed between two schema registries and which changes are refused.
 //! - [`partition`]: the partition of an event and the key of each partition of a stream.
 //! - [`registry`]: the payload schemas of each aggregate type by version and each stream's
 //!   spec, built from the files of a schema directory.
@@ -13,7 +15,9 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs, unreachable_pub)]
 
+pub mod compat;
 pub mod envelope;
+pub mod evolution;
 pub mod partition;
 pub mod registry;
 pub mod selection;

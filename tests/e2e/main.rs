@@ -19,6 +19,7 @@ mod poison;
 mod reconcile;
 mod relay;
 mod replicate;
+mod schema_check;
 mod schemas;
 mod secrets;
 mod servers;

@@ -8,6 +8,7 @@ pub(crate) mod connect;
 pub(crate) mod docs;
 pub(crate) mod init;
 pub(crate) mod publish;
+pub(crate) mod schema;
 pub(crate) mod stages;
 pub(crate) mod status;
 pub(crate) mod test;
