@@ -20,7 +20,7 @@ mod cli;
 // glibc malloc was a quarter of the worker's CPU under load (perf); every event allocates.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-use cli::{bench, bench_relay, publish, status};
+use cli::{bench, bench_relay, dlq, publish, status};
 
 #[derive(Parser)]
 #[command(
@@ -100,6 +100,8 @@ enum Command {
     Status(status::StatusArgs),
     /// Publish NDJSON events to a stream in the wire format.
     Publish(publish::PublishArgs),
+    /// A pipeline's dead letters: list them by reason, show one, replay them after a fix, purge.
+    Dlq(dlq::DlqArgs),
     /// Publish outbox rows to Redis Streams until SIGINT/SIGTERM.
     Relay {
         /// Relay file.
@@ -463,6 +465,7 @@ async fn execute(command: Command) -> anyhow::Result<ExitCode> {
         }
         Command::Status(args) => status::status(args).await,
         Command::Publish(args) => publish::publish(args).await,
+        Command::Dlq(args) => dlq::dlq(args).await,
         Command::Relay { relay } => {
             let config = match load_relay(&relay) {
                 Ok(c) => c,

@@ -7,6 +7,7 @@ mod cluster;
 mod cluster_reconcile;
 mod common;
 mod deploy;
+mod dlq;
 mod fanout;
 mod faults;
 mod observe;

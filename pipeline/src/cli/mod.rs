@@ -4,5 +4,6 @@ pub(crate) mod bench;
 pub(crate) mod bench_relay;
 pub(crate) mod bench_target;
 pub(crate) mod bench_workers;
+pub(crate) mod dlq;
 pub(crate) mod publish;
 pub(crate) mod status;
