@@ -35,6 +35,9 @@ pub struct SinkReport {
     pub applied: usize,
     /// Records the store's version guard rejected as not newer.
     pub stale: usize,
+    /// The entry indexes of the stale records the sink can name: the Redis script names each,
+    /// Postgres the older versions of a key within the batch (the rest it only counts).
+    pub stale_entries: Vec<usize>,
     /// Records that cannot be written (a data error the sink found itself), by entry index,
     /// with the reason.
     pub rejected: Vec<(usize, String)>,

@@ -13,6 +13,7 @@ use ecst_operators::{
 };
 use tracing::Instrument;
 
+use crate::dag::Trace;
 use crate::retry::Backoff;
 use crate::stats::{Stats, now_ms};
 
@@ -51,6 +52,8 @@ pub(crate) struct Batch {
     pub(crate) trimmed: Vec<RawEntry>,
     /// False for snapshot rows, which are not stream entries.
     pub(crate) ack: bool,
+    /// What the stages did with each entry, when the batch is traced: the sinks add theirs.
+    pub(crate) trace: Option<Trace>,
 }
 
 async fn apply_with_retry(shared: &Shared, sink_index: usize, records: &[Record]) -> SinkReport {
@@ -161,6 +164,7 @@ async fn isolate_refused(
             Ok(report) => {
                 merged.applied += report.applied;
                 merged.stale += report.stale;
+                merged.stale_entries.extend(report.stale_entries);
                 merged.rejected.extend(report.rejected);
                 merged.refused.extend(report.refused);
             }
@@ -293,8 +297,8 @@ async fn run_until_done(shared: &Shared, what: &str, pipe: &redis::Pipeline) {
 }
 
 /// Applies a batch to every sink, dead-letters what cannot be applied, and XACKs the batch
-/// once all of that committed.
-pub(crate) async fn complete(shared: Arc<Shared>, batch: Batch) {
+/// once all of that committed. A traced batch gives back its trace, with the sinks' decisions.
+pub(crate) async fn complete(shared: Arc<Shared>, batch: Batch) -> Option<Trace> {
     let Batch {
         entries,
         mut per_sink,
@@ -302,8 +306,15 @@ pub(crate) async fn complete(shared: Arc<Shared>, batch: Batch) {
         extra_dead,
         trimmed,
         ack,
+        mut trace,
     } = batch;
+    let checked_from = outcomes.dead_letters.len();
     refuse_unwritable(&shared, &mut per_sink, &mut outcomes);
+    if let Some(trace) = trace.as_mut() {
+        for (entry, reason) in &outcomes.dead_letters[checked_from..] {
+            trace.sink_rejected(*entry, reason);
+        }
+    }
     let applies = per_sink
         .iter()
         .enumerate()
@@ -318,6 +329,11 @@ pub(crate) async fn complete(shared: Arc<Shared>, batch: Batch) {
             async move { (i, apply_with_retry(shared, i, records).await) }.instrument(span)
         });
     let reports = futures::future::join_all(applies).await;
+    if let Some(trace) = trace.as_mut() {
+        for (i, report) in &reports {
+            trace.sink(&shared.sinks[*i].0, &per_sink[*i], report);
+        }
+    }
 
     let stats = &shared.stats;
     let mut not_applied: Vec<HashSet<usize>> = vec![HashSet::new(); per_sink.len()];
@@ -430,6 +446,7 @@ pub(crate) async fn complete(shared: Arc<Shared>, batch: Batch) {
         stats.acked.fetch_add(ids.len() as u64, Ordering::Relaxed);
         stats.note_latencies(&ids);
     }
+    trace
 }
 
 /// The Redis hash that counts, per sink, the records its store refused after other sinks of

@@ -5,8 +5,12 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
-use ecst_operators::{BuildContext, BuiltStage, Outcomes, RawEntry, Record, Sink, Stage};
+use ecst_operators::{
+    Action, BuildContext, BuiltStage, DeadLetterReason, DropReason, Outcomes, RawEntry, Record,
+    Sink, SinkReport, Stage,
+};
 use ecst_schemas::PayloadSelection;
+use serde::Serialize;
 
 use crate::config::PipelineConfig;
 use crate::error::RunError;
@@ -141,7 +145,18 @@ impl Dag {
 
     /// Runs the transforms over a batch; returns each sink's records.
     pub(crate) fn run(&mut self, entries: &[RawEntry], out: &mut Outcomes) -> Vec<Vec<Record>> {
-        self.run_from(entries, None, out)
+        self.run_from(entries, None, out, None)
+    }
+
+    /// Runs the transforms over a batch as [`Dag::run`] does, writing what each stage did with
+    /// each entry to `trace` (which [`crate::commit::complete`] then completes for the sinks).
+    pub fn run_traced(
+        &mut self,
+        entries: &[RawEntry],
+        out: &mut Outcomes,
+        trace: &mut Trace,
+    ) -> Vec<Vec<Record>> {
+        self.run_from(entries, None, out, Some(trace))
     }
 
     /// Runs a batch whose records are already decoded (snapshot rows): they stand in for the
@@ -152,7 +167,7 @@ impl Dag {
         records: Vec<Record>,
         out: &mut Outcomes,
     ) -> Vec<Vec<Record>> {
-        self.run_from(entries, Some(records), out)
+        self.run_from(entries, Some(records), out, None)
     }
 
     fn run_from(
@@ -160,6 +175,7 @@ impl Dag {
         entries: &[RawEntry],
         decoded: Option<Vec<Record>>,
         out: &mut Outcomes,
+        mut trace: Option<&mut Trace>,
     ) -> Vec<Vec<Record>> {
         let mut outputs: Vec<Option<Vec<Record>>> = (0..self.nodes.len()).map(|_| None).collect();
         let mut remaining = self.readers.clone();
@@ -187,16 +203,269 @@ impl Dag {
                         ecst.records = input.len()
                     )
                     .entered();
+                    let marks = (out.dead_letters.len(), out.dropped.len());
+                    if let Some(trace) = trace.as_deref_mut() {
+                        trace.note_events(entries.len(), &input);
+                    }
                     let started = Instant::now();
-                    outputs[i] = Some(stage.process(input, entries, out));
+                    let output = stage.process(input, entries, out);
                     if let Some(s) = timing {
                         s.duration.observe(started.elapsed().as_secs_f64());
                     }
+                    if let Some(trace) = trace.as_deref_mut() {
+                        let name = timing.map_or("", |s| s.name.as_str());
+                        trace.stage(name, entries.len(), &output, out, marks);
+                    }
+                    outputs[i] = Some(output);
                 }
                 Node::Sink(s) => per_sink[*s] = input,
             }
         }
         per_sink
+    }
+}
+
+/// What one stage or sink did with one entry of a batch (`ecst test` checks these, `ecst tap`
+/// shows them).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Decision {
+    /// Index of the entry in the batch.
+    pub entry: usize,
+    /// The stage's (or sink's) name in the pipeline file.
+    pub stage: String,
+    /// What it did.
+    #[serde(flatten)]
+    pub outcome: Outcome,
+}
+
+/// What a stage or sink did with an entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "outcome", rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum Outcome {
+    /// Passed on to the next stages as an upsert.
+    Passed,
+    /// Passed on as a delete.
+    Deleted,
+    /// Passed on as a deletion mark (`tombstone` `mode: mark`).
+    Marked,
+    /// Dropped: not newer than a version the stage saw in an earlier batch (or a duplicate).
+    Stale,
+    /// Dropped: a newer version of the same aggregate in the same batch won.
+    Coalesced,
+    /// Dropped by a `where:` expression.
+    Filtered,
+    /// A delete dropped by `tombstone` `mode: ignore`.
+    IgnoredDelete,
+    /// Sent to the dead-letter stream by the stage.
+    DeadLettered {
+        /// Why, as the dead letter's `error` field says.
+        reason: String,
+    },
+    /// Written by the sink.
+    Applied,
+    /// Not written: the store's version guard holds this version or a newer one.
+    StaleAtSink,
+    /// Written or stale at the sink, which counted but did not name its stale records in a
+    /// batch that had both (Postgres).
+    AppliedOrStale,
+    /// The sink cannot write the record (dead-lettered).
+    Rejected {
+        /// What the sink said.
+        reason: String,
+    },
+    /// The store refused the record (dead-lettered).
+    Refused {
+        /// What the store said.
+        reason: String,
+    },
+}
+
+impl Outcome {
+    /// The outcome's stable name (`passed`, `stale_at_sink`, ...).
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Outcome::Passed => "passed",
+            Outcome::Deleted => "deleted",
+            Outcome::Marked => "marked",
+            Outcome::Stale => "stale",
+            Outcome::Coalesced => "coalesced",
+            Outcome::Filtered => "filtered",
+            Outcome::IgnoredDelete => "ignored_delete",
+            Outcome::DeadLettered { .. } => "dead_lettered",
+            Outcome::Applied => "applied",
+            Outcome::StaleAtSink => "stale_at_sink",
+            Outcome::AppliedOrStale => "applied_or_stale",
+            Outcome::Rejected { .. } => "rejected",
+            Outcome::Refused { .. } => "refused",
+        }
+    }
+
+    /// Why the entry was dead-lettered, for the outcomes that dead-letter it.
+    pub fn reason(&self) -> Option<&str> {
+        match self {
+            Outcome::DeadLettered { reason }
+            | Outcome::Rejected { reason }
+            | Outcome::Refused { reason } => Some(reason),
+            _ => None,
+        }
+    }
+}
+
+/// The event an entry decoded to, as the trace first saw it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct TracedEvent {
+    /// Index of the entry in the batch.
+    pub entry: usize,
+    /// `aggregateType`, if the event has one.
+    pub aggregate_type: Option<String>,
+    /// `aggregateId`.
+    pub aggregate_id: String,
+    /// `aggregateVersion`.
+    pub aggregate_version: u64,
+}
+
+/// What every stage and sink did with each entry of one batch, in the order they decided.
+/// Only made when asked for: a batch run without one costs a branch per stage.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Trace {
+    /// The events the entries decoded to (entries that did not decode have none).
+    pub events: Vec<TracedEvent>,
+    /// The decisions, stage by stage in the order the stages ran, then the sinks'.
+    pub decisions: Vec<Decision>,
+    /// Which entries have their event in `events`.
+    #[serde(skip)]
+    noted: Vec<bool>,
+}
+
+impl Trace {
+    /// The decoded event of entry `entry`, if it decoded.
+    pub fn event(&self, entry: usize) -> Option<&TracedEvent> {
+        self.events.iter().find(|e| e.entry == entry)
+    }
+
+    /// The decisions about entry `entry`, in order.
+    pub fn of_entry(&self, entry: usize) -> impl Iterator<Item = &Decision> {
+        self.decisions.iter().filter(move |d| d.entry == entry)
+    }
+
+    fn decide(&mut self, entry: usize, stage: &str, outcome: Outcome) {
+        self.decisions.push(Decision {
+            entry,
+            stage: stage.to_string(),
+            outcome,
+        });
+    }
+
+    fn note_events(&mut self, entries: usize, records: &[Record]) {
+        if self.noted.len() < entries {
+            self.noted.resize(entries, false);
+        }
+        for record in records {
+            let Some(noted) = self.noted.get_mut(record.entry) else {
+                continue;
+            };
+            if !*noted {
+                *noted = true;
+                self.events.push(TracedEvent {
+                    entry: record.entry,
+                    aggregate_type: record.event.aggregate_type.clone(),
+                    aggregate_id: record.event.aggregate_id.clone(),
+                    aggregate_version: record.event.aggregate_version,
+                });
+            }
+        }
+    }
+
+    /// Records what stage `name` did: `output` passed, and what it added to `out` since
+    /// `marks` (the lengths of its dead letters and drops before the stage ran).
+    fn stage(
+        &mut self,
+        name: &str,
+        entries: usize,
+        output: &[Record],
+        out: &Outcomes,
+        (dead_from, dropped_from): (usize, usize),
+    ) {
+        self.note_events(entries, output);
+        for record in output {
+            let outcome = match record.action {
+                Action::Upsert => Outcome::Passed,
+                Action::Delete { .. } => Outcome::Deleted,
+                Action::Mark => Outcome::Marked,
+            };
+            self.decide(record.entry, name, outcome);
+        }
+        for &(entry, reason) in out.dropped.get(dropped_from..).unwrap_or_default() {
+            let outcome = match reason {
+                DropReason::Stale if self.coalesced(entry, output) => Outcome::Coalesced,
+                DropReason::Stale => Outcome::Stale,
+                DropReason::Filtered => Outcome::Filtered,
+                DropReason::IgnoredDelete => Outcome::IgnoredDelete,
+            };
+            self.decide(entry, name, outcome);
+        }
+        for (entry, reason) in out.dead_letters.get(dead_from..).unwrap_or_default() {
+            let reason = reason.to_string();
+            self.decide(*entry, name, Outcome::DeadLettered { reason });
+        }
+    }
+
+    /// Whether a newer version of entry `entry`'s aggregate is in `output`.
+    fn coalesced(&self, entry: usize, output: &[Record]) -> bool {
+        let Some(event) = self.event(entry) else {
+            return false;
+        };
+        output.iter().any(|r| {
+            r.event.aggregate_id == event.aggregate_id
+                && r.event.aggregate_type == event.aggregate_type
+                && r.event.aggregate_version > event.aggregate_version
+        })
+    }
+
+    /// Records that sink `name` could not write entry `entry` (the check every sink of a
+    /// fan-out makes before any applies).
+    pub(crate) fn sink_rejected(&mut self, entry: usize, reason: &DeadLetterReason) {
+        if let DeadLetterReason::SinkRejected { sink, message } = reason {
+            let reason = message.clone();
+            self.decide(entry, sink, Outcome::Rejected { reason });
+        }
+    }
+
+    /// Records what sink `name` did with its `records` of the batch, from its `report`.
+    pub(crate) fn sink(&mut self, name: &str, records: &[Record], report: &SinkReport) {
+        let failed = |entry: usize| {
+            report
+                .rejected
+                .iter()
+                .chain(&report.refused)
+                .any(|(e, _)| *e == entry)
+        };
+        let unnamed: Vec<usize> = records
+            .iter()
+            .map(|r| r.entry)
+            .filter(|&e| !failed(e) && !report.stale_entries.contains(&e))
+            .collect();
+        let unnamed_stale = report.stale.saturating_sub(report.stale_entries.len());
+        let outcome = match unnamed_stale {
+            0 => Outcome::Applied,
+            n if n >= unnamed.len() => Outcome::StaleAtSink,
+            _ => Outcome::AppliedOrStale,
+        };
+        for entry in unnamed {
+            self.decide(entry, name, outcome.clone());
+        }
+        for &entry in &report.stale_entries {
+            self.decide(entry, name, Outcome::StaleAtSink);
+        }
+        for (entry, reason) in &report.rejected {
+            let reason = reason.clone();
+            self.decide(*entry, name, Outcome::Rejected { reason });
+        }
+        for (entry, reason) in &report.refused {
+            let reason = reason.clone();
+            self.decide(*entry, name, Outcome::Refused { reason });
+        }
     }
 }
 
@@ -220,6 +489,149 @@ mod tests {
             .map(|(i, s)| (s.name.as_str(), i))
             .collect();
         payload_reads(&config, &order, &index)
+    }
+
+    fn entry(id: &str, v: &str) -> RawEntry {
+        RawEntry {
+            id: id.into(),
+            fields: vec![("v".into(), v.as_bytes().to_vec())],
+        }
+    }
+
+    fn event(id: &str, version: u64, status: &str) -> String {
+        format!(
+            r#"{{"schemaVersion":1,"eventId":"e-{id}-{version}","eventType":"athlete.updated","occurredAt":"2026-01-01T00:00:00Z","aggregateType":"athlete","aggregateId":"{id}","aggregateVersion":{version},"payload":{{"status":"{status}"}}}}"#
+        )
+    }
+
+    fn decided(trace: &Trace, entry: usize) -> Vec<(&str, &str)> {
+        trace
+            .of_entry(entry)
+            .map(|d| (d.stage.as_str(), d.outcome.as_str()))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn the_trace_says_what_each_stage_did_with_each_entry() {
+        let text = "name: p\nsource: { redis: \"redis://127.0.0.1:6379\", stream: s, group: g }\nstages:\n  decode: { type: decode }\n  latest: { type: version_filter, input: decode }\n  deletes: { type: tombstone, input: latest, mode: ignore }\n  active: { type: project, input: deletes, where: \"payload.status == 'active'\", fields: { status: payload.status } }\n  cache: { type: redis_hash, input: active, key: \"dag-trace-test:{aggregateId}\" }\n";
+        let config = crate::config::load_str(Path::new("p.yaml"), text, &|_| None)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let mut dag = Dag::build(&config, Arc::new(Stats::default()))
+            .await
+            .unwrap();
+        let deleted = r#"{"schemaVersion":1,"eventId":"e-d","eventType":"athlete.deleted","occurredAt":"2026-01-01T00:00:00Z","aggregateType":"athlete","aggregateId":"c","aggregateVersion":3,"payload":null,"deleted":true}"#;
+        let entries = vec![
+            entry("1-0", &event("a", 1, "active")),
+            entry("2-0", &event("a", 2, "active")),
+            entry("3-0", &event("b", 1, "retired")),
+            entry("4-0", "{not json"),
+            entry("5-0", deleted),
+        ];
+        let mut out = Outcomes::default();
+        let mut trace = Trace::default();
+        let per_sink = dag.run_traced(&entries, &mut out, &mut trace);
+        assert_eq!(per_sink[0].len(), 1);
+        assert_eq!(
+            decided(&trace, 0),
+            [("decode", "passed"), ("latest", "coalesced")]
+        );
+        assert_eq!(
+            decided(&trace, 1),
+            [
+                ("decode", "passed"),
+                ("latest", "passed"),
+                ("deletes", "passed"),
+                ("active", "passed")
+            ]
+        );
+        assert_eq!(
+            decided(&trace, 2),
+            [
+                ("decode", "passed"),
+                ("latest", "passed"),
+                ("deletes", "passed"),
+                ("active", "filtered")
+            ]
+        );
+        assert_eq!(decided(&trace, 3), [("decode", "dead_lettered")]);
+        assert!(trace.of_entry(3).all(|d| d.outcome.reason().is_some()));
+        assert_eq!(
+            decided(&trace, 4),
+            [
+                ("decode", "deleted"),
+                ("latest", "deleted"),
+                ("deletes", "ignored_delete")
+            ]
+        );
+        assert_eq!(trace.event(4).map(|e| e.aggregate_version), Some(3));
+        assert!(trace.event(3).is_none());
+
+        // A later batch: what the stage saw before is stale, not coalesced.
+        let mut trace = Trace::default();
+        let later = [entry("6-0", &event("a", 2, "active"))];
+        dag.run_traced(&later, &mut Outcomes::default(), &mut trace);
+        assert_eq!(
+            decided(&trace, 0),
+            [("decode", "passed"), ("latest", "stale")]
+        );
+    }
+
+    #[test]
+    fn a_sinks_report_names_each_records_outcome_when_it_can() {
+        let records: Vec<Record> = (0..4)
+            .map(|i| {
+                let event = serde_json::from_str(&event(&format!("k{i}"), 1, "active")).unwrap();
+                Record::new(i, event)
+            })
+            .collect();
+        let outcomes = |report: SinkReport| {
+            let mut trace = Trace::default();
+            trace.sink("table", &records, &report);
+            let mut seen: Vec<(usize, &'static str)> = trace
+                .decisions
+                .iter()
+                .map(|d| (d.entry, d.outcome.as_str()))
+                .collect();
+            seen.sort();
+            seen
+        };
+        // Named stale records (Redis), a rejection and a refusal.
+        let named = SinkReport {
+            applied: 1,
+            stale: 1,
+            stale_entries: vec![2],
+            rejected: vec![(0, "bad key".into())],
+            refused: vec![(3, "check".into())],
+        };
+        assert_eq!(
+            outcomes(named),
+            [
+                (0, "rejected"),
+                (1, "applied"),
+                (2, "stale_at_sink"),
+                (3, "refused")
+            ]
+        );
+        // A count the sink cannot attribute (Postgres's guard in a mixed batch).
+        let counted = SinkReport {
+            applied: 3,
+            stale: 1,
+            ..SinkReport::default()
+        };
+        assert!(
+            outcomes(counted)
+                .iter()
+                .all(|(_, o)| *o == "applied_or_stale")
+        );
+        let all_stale = SinkReport {
+            stale: 4,
+            ..SinkReport::default()
+        };
+        assert!(
+            outcomes(all_stale)
+                .iter()
+                .all(|(_, o)| *o == "stale_at_sink")
+        );
     }
 
     #[test]

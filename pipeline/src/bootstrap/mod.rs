@@ -467,6 +467,7 @@ async fn run_bootstrap(
                 extra_dead: Vec::new(),
                 trimmed: Vec::new(),
                 ack: false,
+                trace: None,
             },
         );
         // A sink that is down retries forever; SIGTERM must still end the bootstrap (the page

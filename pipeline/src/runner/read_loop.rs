@@ -245,6 +245,7 @@ pub(super) async fn stream_until(
                     extra_dead,
                     trimmed,
                     ack: true,
+                    trace: None,
                 },
             )
             .instrument(batch_span)

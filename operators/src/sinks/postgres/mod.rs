@@ -467,6 +467,7 @@ impl PostgresSink {
             report.rejected.iter().map(|(e, _)| *e).collect();
         let mut conn = self.connection().await?;
         report.stale = 0;
+        report.stale_entries.clear();
         for record in batch.iter().filter(|r| !rejected.contains(&r.entry)) {
             let mut single = SinkReport::default();
             let plan = self.layout.plan(std::slice::from_ref(record), &mut single);
@@ -485,7 +486,10 @@ impl PostgresSink {
             conn.broken = false;
             match result {
                 Ok(1) => report.applied += 1,
-                Ok(_) => report.stale += 1,
+                Ok(_) => {
+                    report.stale += 1;
+                    report.stale_entries.push(record.entry);
+                }
                 Err(e) if is_data_error(&e) => {
                     let reason = e
                         .as_db_error()

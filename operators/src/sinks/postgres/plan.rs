@@ -168,9 +168,12 @@ impl Layout {
                 Entry::Occupied(mut slot) => {
                     report.stale += 1;
                     let version = |j: usize| batch[j].event.aggregate_version;
-                    if version(*slot.get()) < version(i) {
-                        slot.insert(i);
-                    }
+                    let older = if version(*slot.get()) < version(i) {
+                        slot.insert(i)
+                    } else {
+                        i
+                    };
+                    report.stale_entries.push(batch[older].entry);
                 }
             }
         }

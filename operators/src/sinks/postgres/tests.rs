@@ -784,6 +784,10 @@ async fn a_batch_coalesces_each_key_to_its_newest_version_and_deletes_win_in_ord
         .await
         .unwrap();
     assert_eq!((report.applied, report.stale), (3, 6), "{report:?}");
+    // The older versions of a key in the batch are named, for the decision trace.
+    let mut named = report.stale_entries.clone();
+    named.sort_unstable();
+    assert_eq!(named, [0, 2, 3, 4, 5, 7], "{report:?}");
     let c = client().await;
     assert_eq!(
         row(&c, &table, "a").await.map(|r| r.1),

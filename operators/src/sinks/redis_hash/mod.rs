@@ -274,7 +274,7 @@ impl RedisHashSink {
         cmd
     }
 
-    async fn eval(&self, cmd: &redis::Cmd) -> Result<(usize, usize), redis::RedisError> {
+    async fn eval(&self, cmd: &redis::Cmd) -> Result<ScriptReply, redis::RedisError> {
         let mut conn = self.pool.get().await.map_err(|e| {
             redis::RedisError::from((
                 redis::ErrorKind::Io,
@@ -305,7 +305,7 @@ impl RedisHashSink {
     /// connection (which pipelines them to their nodes). The first failure is returned,
     /// a retryable one before a refusal: then the caller retries the whole batch, and the
     /// groups that were applied already come back stale, as the version guard holds per key.
-    async fn eval_by_slot(&self, writes: &Writes<'_>) -> Result<(usize, usize), redis::RedisError> {
+    async fn eval_by_slot(&self, writes: &Writes<'_>) -> Result<ScriptReply, redis::RedisError> {
         let keys = writes.keys.as_str();
         let groups: Vec<Vec<&Write<'_>>> =
             cluster::by_slot(writes.records.iter().map(|w| &keys[w.key.clone()]))
@@ -325,15 +325,20 @@ impl RedisHashSink {
             let mut conn = conn.clone();
             async move { self.eval_group(&mut conn, keys, group).await }
         });
-        let mut totals = (0, 0);
+        let mut totals = (0, 0, Vec::new());
         let mut reloaded = 0;
         let mut failure: Option<redis::RedisError> = None;
-        for (result, noscript) in futures::future::join_all(calls).await {
+        for ((result, noscript), group) in futures::future::join_all(calls)
+            .await
+            .into_iter()
+            .zip(&groups)
+        {
             reloaded += usize::from(noscript);
             match result {
-                Ok((applied, stale)) => {
+                Ok((applied, stale, stale_at)) => {
                     totals.0 += applied;
                     totals.1 += stale;
+                    totals.2.extend(stale_entries(group, &stale_at));
                 }
                 Err(e) => {
                     if failure
@@ -365,7 +370,7 @@ impl RedisHashSink {
         conn: &mut RedisConn,
         keys: &str,
         group: &[&Write<'_>],
-    ) -> (Result<(usize, usize), redis::RedisError>, bool) {
+    ) -> (Result<ScriptReply, redis::RedisError>, bool) {
         match self
             .script_call(Invoke::Sha, keys, group, None)
             .query_async(&mut *conn)
@@ -391,6 +396,18 @@ impl RedisHashSink {
             self.config.timeout.0
         }
     }
+}
+
+/// What the batch script returns: applied, stale, and the stale records' 1-based positions.
+type ScriptReply = (usize, usize, Vec<usize>);
+
+/// The entries of the records at the script's stale `positions` of a call over `writes`.
+fn stale_entries(writes: &[&Write<'_>], positions: &[usize]) -> Vec<usize> {
+    positions
+        .iter()
+        .filter_map(|p| writes.get(p.checked_sub(1)?))
+        .map(|w| w.record.entry)
+        .collect()
 }
 
 /// A short store name for errors.
@@ -427,7 +444,9 @@ impl Sink for RedisHashSink {
                     newest_occurred_at: newest,
                 };
                 let cmd = self.script_call(Invoke::Sha, &writes.keys, &all, Some(&freshness));
-                tokio::time::timeout(deadline, self.eval(&cmd)).await
+                tokio::time::timeout(deadline, self.eval(&cmd))
+                    .await
+                    .map(|r| r.map(|(a, s, at)| (a, s, stale_entries(&all, &at))))
             };
             let result = match result {
                 Ok(result) => result,
@@ -442,7 +461,7 @@ impl Sink for RedisHashSink {
                 }
             };
             match result {
-                Ok((applied, stale)) => {
+                Ok((applied, stale, stale_entries)) => {
                     resolve_failure(&self.reporter, &self.url);
                     if self.cluster {
                         self.note_freshness(newest).await;
@@ -450,6 +469,7 @@ impl Sink for RedisHashSink {
                     Ok(SinkReport {
                         applied,
                         stale,
+                        stale_entries,
                         rejected,
                         ..SinkReport::default()
                     })

@@ -15,7 +15,7 @@
 --   'P'           upsert of its own fields (payload, include): as 'F'
 --   'M' or 'm'    mark, with occurredAt or without: version, [occurredAt]
 --   'd'           delete: version, keep_for_ms
--- Returns {applied, stale}.
+-- Returns {applied, stale, the positions (1-based, in this call) of the stale records}.
 --
 -- The fixed fields of one set are written over the hash, which the hash's field count then
 -- shows right or not: dropping the hash first costs more. A call on a cluster often holds a
@@ -64,7 +64,8 @@ local freshness = #KEYS % 2 == 1
 -- The pairs of a 'u' record; `full` keeps the names of a 'U' record between records.
 local buf, full
 
-local applied, stale = 0, 0
+-- Stale records are rare (version_filter drops most first): naming them costs nothing else.
+local applied, stale, stale_at = 0, 0, {}
 local a = 5 + nfixed + (freshness and 2 or 0)
 for i = 1, #KEYS - 1, 2 do
   local key, tomb, head = KEYS[i], KEYS[i + 1], ARGV[a]
@@ -80,7 +81,12 @@ for i = 1, #KEYS - 1, 2 do
     current = buried
   end
   local fresh = not current or #ver > #current or (#ver == #current and ver > current)
-  if fresh then applied = applied + 1 else stale = stale + 1 end
+  if fresh then
+    applied = applied + 1
+  else
+    stale = stale + 1
+    stale_at[stale] = (i + 1) / 2
+  end
   if by_name then
     local first, last = a + 2, a + 1 + 2 * tonumber(ARGV[a + 1])
     if fresh then
@@ -167,4 +173,4 @@ if freshness then
     redis.pcall('HSET', KEYS[#KEYS], 'replicated_at', ARGV[at], 'newest_occurred_at', ARGV[at + 1])
   end
 end
-return {applied, stale}
+return {applied, stale, stale_at}

@@ -420,6 +420,8 @@ async fn a_batch_over_many_slots_applies_every_record_on_a_cluster() {
         .await
         .unwrap();
     assert_eq!((report.applied, report.stale), (2, 1));
+    // The script names the stale record, for the decision trace.
+    assert_eq!(report.stale_entries, [2]);
 }
 
 #[tokio::test]
