@@ -21,6 +21,7 @@
 //! - [`relay`]: `ecst relay`, outbox rows to streams.
 //! - [`partitioning`]: a stream's partitioning, recorded in Redis and checked by producers
 //!   and workers.
+//! - [`tap`]: `ecst tap`, workers' decisions shown live while a tap is attached.
 //! - [`snapshot`]: `ecst snapshot serve`, entity state as NDJSON pages for bootstrap.
 //! - Infrastructure every part uses: [`retry`] (the one backoff policy), [`shutdown`],
 //!   [`redis_reply`] (reply values and stream ids), [`error`].
@@ -51,4 +52,5 @@ pub mod shutdown;
 pub mod snapshot;
 pub mod source;
 pub mod stats;
+pub mod tap;
 pub mod telemetry;

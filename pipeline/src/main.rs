@@ -20,7 +20,7 @@ mod cli;
 // glibc malloc was a quarter of the worker's CPU under load (perf); every event allocates.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-use cli::{bench, bench_relay, dlq, publish, status};
+use cli::{bench, bench_relay, dlq, publish, status, tap};
 
 #[derive(Parser)]
 #[command(
@@ -102,6 +102,8 @@ enum Command {
     Publish(publish::PublishArgs),
     /// A pipeline's dead letters: list them by reason, show one, replay them after a fix, purge.
     Dlq(dlq::DlqArgs),
+    /// Show live what a pipeline's running workers decide about each event.
+    Tap(tap::TapArgs),
     /// Publish outbox rows to Redis Streams until SIGINT/SIGTERM.
     Relay {
         /// Relay file.
@@ -466,6 +468,7 @@ async fn execute(command: Command) -> anyhow::Result<ExitCode> {
         Command::Status(args) => status::status(args).await,
         Command::Publish(args) => publish::publish(args).await,
         Command::Dlq(args) => dlq::dlq(args).await,
+        Command::Tap(args) => tap::tap(args).await,
         Command::Relay { relay } => {
             let config = match load_relay(&relay) {
                 Ok(c) => c,

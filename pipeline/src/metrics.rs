@@ -156,6 +156,12 @@ impl Collector for StatsCollector {
         )?;
         counter(
             e,
+            "ecst_tap_decisions_published",
+            "Decisions published to an attached ecst tap.",
+            load(&stats.tap_decisions_published),
+        )?;
+        counter(
+            e,
             "ecst_bootstrap_rows",
             "Snapshot rows applied by bootstraps.",
             load(&stats.bootstrap_rows),

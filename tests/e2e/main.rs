@@ -22,6 +22,7 @@ mod secrets;
 mod servers;
 mod snapshot;
 mod snapshot_nulls;
+mod tap;
 mod tls;
 mod traces;
 mod validate;

@@ -7,3 +7,4 @@ pub(crate) mod bench_workers;
 pub(crate) mod dlq;
 pub(crate) mod publish;
 pub(crate) mod status;
+pub(crate) mod tap;
