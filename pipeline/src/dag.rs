@@ -148,8 +148,8 @@ impl Dag {
         self.run_from(entries, None, out, None)
     }
 
-    /// Runs the transforms over a batch as [`Dag::run`] does, writing what each stage did with
-    /// each entry to `trace` (which [`crate::commit::complete`] then completes for the sinks).
+    /// Runs the transforms over a batch as `run` does, writing what each stage did with each
+    /// entry to `trace` (which `commit::complete` then completes for the sinks).
     pub fn run_traced(
         &mut self,
         entries: &[RawEntry],

@@ -650,6 +650,7 @@ mod tests {
         r#"counter ecst_fanout_divergent_total{pipeline="p"}"#,
         r#"counter ecst_retention_gaps_total{pipeline="p"}"#,
         r#"counter ecst_retries_total{pipeline="p"}"#,
+        r#"counter ecst_tap_decisions_published_total{pipeline="p"}"#,
         r#"gauge ecst_apply_lag_last_seconds{pipeline="p",sink="cache"}"#,
         r#"gauge ecst_apply_lag_last_seconds{pipeline="p",sink="table"}"#,
         r#"gauge ecst_bootstrap_in_progress{pipeline="p"}"#,

@@ -273,3 +273,58 @@ fn replay_needs_a_selector_and_skips_entries_dead_lettered_by_reference() {
     assert_eq!(xlen(&mut conn, &dead_letter_stream), 1);
     cleanup(&mut conn, &stream);
 }
+
+#[test]
+fn replay_of_a_partitioned_stream_goes_back_to_the_entrys_partition() {
+    let mut conn = redis();
+    let stream = unique("dlq-part");
+    let prefix = format!("{stream}:");
+    let with_partitions = |limit| {
+        pipeline_with_body_limit(&stream, &prefix, limit).replace(
+            "  claim_every: 200ms\n",
+            "  claim_every: 200ms\n  partitions: 4\n",
+        )
+    };
+    let strict = pipeline_file("dlq-part", &with_partitions(Some(400)));
+    // The worker records the partitioning before the events go to their partitions.
+    drain(&strict);
+    let long = "x".repeat(500);
+    let mut partitions_used = Vec::new();
+    for (id, name) in [("a", "Ada".to_string()), ("b", format!("Bea {long}"))] {
+        let partition = ecst_schemas::partition::partition_stream(
+            &stream,
+            ecst_schemas::partition::partition_of(id, 4),
+            4,
+        );
+        publish(&mut conn, &partition, &[event(id, 1, &name)]);
+        partitions_used.push(partition);
+    }
+    drain(&strict);
+    let dead = dead_letters(&mut conn, &format!("{stream}.dlq"));
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert_eq!(dead[0]["source_stream"], partitions_used[1]);
+    let before = xlen(&mut conn, &partitions_used[1]);
+
+    let fixed = pipeline_file("dlq-part-fixed", &with_partitions(None));
+    let replayed = dlq_json(&fixed, &["replay", "--all"]);
+    assert_eq!(
+        replayed["replayed"][0]["stream"].as_str(),
+        Some(partitions_used[1].as_str()),
+        "{replayed}"
+    );
+    assert_eq!(xlen(&mut conn, &partitions_used[1]), before + 1);
+    let out = drain(&fixed);
+    let b = hash(&mut conn, &format!("{prefix}athlete:b"));
+    assert_eq!(
+        b.get("display_name").map(|n| n.starts_with("Bea")),
+        Some(true),
+        "{b:?}\n{}",
+        stderr_of(&out)
+    );
+    assert!(dead_letters(&mut conn, &format!("{stream}.dlq")).is_empty());
+    cleanup(&mut conn, &stream);
+    let _: i64 = redis::cmd("DEL")
+        .arg(ecst_schemas::partition::partitioning_key(&stream))
+        .query(&mut conn)
+        .expect("DEL");
+}
