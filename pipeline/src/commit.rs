@@ -40,6 +40,8 @@ pub(crate) struct Shared {
     pub(crate) partition: Option<u32>,
     /// The source is a Redis Cluster: no script spans the stream and its dead-letter stream.
     pub(crate) cluster: bool,
+    /// Whether an `ecst tap` is attached, and what it wants.
+    pub(crate) tap: Arc<crate::tap::TapSwitch>,
 }
 
 /// One batch after the transforms: its entries, each sink's records, and what was decided.

@@ -22,6 +22,7 @@
 //! - [`partitioning`]: a stream's partitioning, recorded in Redis and checked by producers
 //!   and workers.
 //! - [`schema_dir`]: a schema directory read into the registry, every problem positioned.
+//! - [`tap`]: `ecst tap`, workers' decisions shown live while a tap is attached.
 //! - [`snapshot`]: `ecst snapshot serve`, entity state as NDJSON pages for bootstrap.
 //! - [`mod@test_case`]: `ecst test`, a pipeline's cases run through its real stages and sinks.
 //! - Infrastructure every part uses: [`retry`] (the one backoff policy), [`shutdown`],
@@ -54,5 +55,6 @@ pub mod shutdown;
 pub mod snapshot;
 pub mod source;
 pub mod stats;
+pub mod tap;
 pub mod telemetry;
 pub mod test_case;

@@ -20,7 +20,7 @@ mod cli;
 // glibc malloc was a quarter of the worker's CPU under load (perf); every event allocates.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-use cli::{bench, bench_relay, docs, init, publish, schema, stages, status, test};
+use cli::{bench, bench_relay, dlq, docs, init, publish, schema, stages, status, tap, test};
 
 // `ecst` alone is a usage error: the help on stderr, exit 2 (clap's `arg_required_else_help`
 // convention), so that a script's `ecst && …` stops; `ecst --help` is the help asked for:
@@ -163,6 +163,20 @@ enum Command {
         "  ecst test --json examples/*.yaml\n",
     ))]
     Test(test::TestArgs),
+    /// A pipeline's dead letters: list them by reason, show one, replay them after a fix, purge.
+    #[command(after_help = concat!(
+        "Examples:\n",
+        "  ecst dlq pipeline.yaml list\n",
+        "  ecst dlq pipeline.yaml replay --reason 'schema athlete/v2.json*' --dry-run\n",
+    ))]
+    Dlq(dlq::DlqArgs),
+    /// Show live what a pipeline's running workers decide about each event.
+    #[command(after_help = concat!(
+        "Examples:\n",
+        "  ecst tap pipeline.yaml\n",
+        "  ecst tap pipeline.yaml --stage cache --key 'ath-*' --limit 100 | jq .\n",
+    ))]
+    Tap(tap::TapArgs),
     /// Publish outbox rows to Redis Streams until SIGINT/SIGTERM.
     #[command(after_help = concat!(
         "Examples:\n",
@@ -628,6 +642,8 @@ async fn execute(command: Command) -> anyhow::Result<ExitCode> {
         Command::Publish(args) => publish::publish(args).await,
         Command::Test(args) => test::test(args).await,
         Command::Schema(command) => schema::schema(command).await,
+        Command::Dlq(args) => dlq::dlq(args).await,
+        Command::Tap(args) => tap::tap(args).await,
         Command::Relay { relay } => {
             let config = match load_relay(&relay) {
                 Ok(c) => c,

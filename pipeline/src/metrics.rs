@@ -156,6 +156,12 @@ impl Collector for StatsCollector {
         )?;
         counter(
             e,
+            "ecst_tap_decisions_published",
+            "Decisions published to an attached ecst tap.",
+            load(&stats.tap_decisions_published),
+        )?;
+        counter(
+            e,
             "ecst_bootstrap_rows",
             "Snapshot rows applied by bootstraps.",
             load(&stats.bootstrap_rows),
@@ -674,6 +680,7 @@ mod tests {
         r#"counter ecst_fanout_divergent_total{pipeline="p"}"#,
         r#"counter ecst_retention_gaps_total{pipeline="p"}"#,
         r#"counter ecst_retries_total{pipeline="p"}"#,
+        r#"counter ecst_tap_decisions_published_total{pipeline="p"}"#,
         r#"gauge ecst_apply_lag_last_seconds{pipeline="p",sink="cache"}"#,
         r#"gauge ecst_apply_lag_last_seconds{pipeline="p",sink="table"}"#,
         r#"gauge ecst_bootstrap_in_progress{pipeline="p"}"#,

@@ -62,7 +62,7 @@ pub fn parse_id(id: &str) -> StreamId {
 
 /// Parses `[[id, [field, value, ...] | nil], ...]`; an entry with nil fields (deleted while
 /// pending) comes back with no fields rather than failing the whole read.
-pub(crate) fn parse_entries(list: Value) -> Result<Vec<RawEntry>, String> {
+pub fn parse_entries(list: Value) -> Result<Vec<RawEntry>, String> {
     let items = match list {
         Value::Array(items) => items,
         Value::Nil => return Ok(Vec::new()),

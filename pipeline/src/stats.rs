@@ -196,6 +196,8 @@ pub struct Stats {
     pub fanout_divergent: AtomicU64,
     /// Sink, dead-letter or ack attempts that failed and were retried.
     pub retries: AtomicU64,
+    /// Decisions published to an attached `ecst tap`.
+    pub tap_decisions_published: AtomicU64,
     /// Sinks currently failing (in backoff).
     pub failing_sinks: AtomicUsize,
     /// A bootstrap is running (here, or in another worker this one waits for).
@@ -231,6 +233,7 @@ impl Default for Stats {
             acked: AtomicU64::new(0),
             fanout_divergent: AtomicU64::new(0),
             retries: AtomicU64::new(0),
+            tap_decisions_published: AtomicU64::new(0),
             failing_sinks: AtomicUsize::new(0),
             bootstrapping: AtomicBool::new(false),
             bootstrap_rows: AtomicU64::new(0),

@@ -155,7 +155,15 @@ async fn run_settled(
         stats: stats.clone(),
         partition: None,
         cluster: ecst_operators::redis_pool::is_cluster_url(&source_cfg.redis),
+        tap: Arc::default(),
     });
+    let _tap_watch = AbortOnDrop(tokio::spawn(crate::tap::watch(
+        shared.pool.clone(),
+        config.name.clone(),
+        shared.timeout,
+        shared.tap.clone(),
+        shutdown.clone(),
+    )));
     if source_cfg.partitions > 1 {
         return partitions::run_partitioned(config, options, shutdown, dag, shared).await;
     }

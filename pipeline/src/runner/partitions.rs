@@ -468,6 +468,7 @@ fn start_lane(cx: &Arc<Context>, partition: u32, generation: u64) -> Lane {
         stats: cx.logical.stats.clone(),
         partition: Some(partition),
         cluster: cx.logical.cluster,
+        tap: cx.logical.tap.clone(),
     });
     let stats = cx.logical.stats.partition(partition);
     stats.owned.store(true, Ordering::Relaxed);

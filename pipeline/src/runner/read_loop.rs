@@ -15,7 +15,7 @@ use super::trace::{name_event_spans, trace_events};
 use super::{AbortOnDrop, RunOptions};
 use crate::commit::{Batch, Shared, complete};
 use crate::config::PipelineConfig;
-use crate::dag::Dag;
+use crate::dag::{Dag, Trace};
 use crate::error::RunError;
 use crate::redis_reply::{StreamId, parse_id};
 use crate::retry::{Backoff, sleep_or_shutdown};
@@ -230,9 +230,20 @@ pub(super) async fn stream_until(
             trace_id = tracing::field::Empty,
         );
         let event_spans = trace_events(config, &batch_span, &entries);
+        // Traced only while an `ecst tap` is attached; otherwise this is one atomic load.
+        let mut trace = shared.tap.wants_batch().then(Trace::default);
+        let tapped: Option<(Arc<Shared>, Vec<String>)> = trace.is_some().then(|| {
+            (
+                shared.clone(),
+                entries.iter().map(|e| e.id.clone()).collect(),
+            )
+        });
         let per_sink = {
             let mut dag = dag.lock().await;
-            batch_span.in_scope(|| dag.run(&entries, &mut outcomes))
+            batch_span.in_scope(|| match trace.as_mut() {
+                Some(trace) => dag.run_traced(&entries, &mut outcomes, trace),
+                None => dag.run(&entries, &mut outcomes),
+            })
         };
         if let Some(reason) = outcomes.halt.take() {
             tracing::error!(pipeline = %config.name, stream = %source_cfg.stream, reason = %reason, "A stage stopped the worker; the batch stays pending.");
@@ -243,7 +254,7 @@ pub(super) async fn stream_until(
         let shared = shared.clone();
         let in_flight_ids = in_flight_ids.clone();
         tasks.spawn(async move {
-            complete(
+            let trace = complete(
                 shared,
                 Batch {
                     entries,
@@ -252,11 +263,14 @@ pub(super) async fn stream_until(
                     extra_dead,
                     trimmed,
                     ack: true,
-                    trace: None,
+                    trace,
                 },
             )
             .instrument(batch_span)
             .await;
+            if let (Some(trace), Some((shared, ids))) = (trace, tapped) {
+                publish_to_tap(&shared, &ids, &trace).await;
+            }
             // The events' spans end when their batch is acked.
             drop(event_spans);
             if let Ok(mut ids) = in_flight_ids.lock() {
@@ -309,4 +323,19 @@ pub(super) async fn stream_until(
         Some(gap) => Err(RunError::RetentionGap(gap)),
         None => Ok(None),
     }
+}
+
+/// Publishes what the stages and sinks decided about a traced batch to the attached tap.
+async fn publish_to_tap(shared: &Shared, ids: &[String], trace: &Trace) {
+    let lines = shared
+        .tap
+        .lines(&shared.stream, &shared.consumer, ids, trace);
+    crate::tap::publish(
+        &shared.pool,
+        &shared.pipeline,
+        shared.timeout,
+        &shared.stats.tap_decisions_published,
+        &lines,
+    )
+    .await;
 }

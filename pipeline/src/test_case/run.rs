@@ -250,6 +250,7 @@ async fn run_isolated(
         stats,
         partition: None,
         cluster: false,
+        tap: Arc::default(),
     });
     let entries = entries(pipeline, case);
     let mut run = CaseRun::default();
