@@ -10,8 +10,8 @@ use clap::{Args, ValueEnum};
 use ecst_operators::SecretUrl;
 use ecst_pipeline::partitioning::{PartitioningError, ensure_partitioning};
 use ecst_schemas::EnvelopeKeys;
-use ecst_schemas::registry::SchemaRegistry;
 use ecst_schemas::partition::{Partitioning, partition_of, partition_stream};
+use ecst_schemas::registry::SchemaRegistry;
 use ecst_schemas::wire::{ContentType, FIELD_BODY, FIELD_CONTENT_TYPE, encode_body};
 
 /// Body encoding on the stream.
@@ -119,7 +119,9 @@ pub(crate) async fn publish(args: PublishArgs) -> anyhow::Result<ExitCode> {
     // MAXLEN bounds the logical stream: each partition keeps its share.
     let maxlen = args.maxlen.map(|n| n.div_ceil(u64::from(partitions)));
     let keys = EnvelopeKeys::default();
-    let checked = schemas.as_ref().map(|registry| (registry, args.stream.as_str()));
+    let checked = schemas
+        .as_ref()
+        .map(|registry| (registry, args.stream.as_str()));
     let label = args.file.display().to_string();
     let (mut published, mut bad) = (0u64, 0u64);
     // One pipeline per partition: a Redis Cluster takes a pipeline only within one slot, and
@@ -134,7 +136,8 @@ pub(crate) async fn publish(args: PublishArgs) -> anyhow::Result<ExitCode> {
         if line.trim().is_empty() {
             continue;
         }
-        let (partition, body) = match encode_line(&line, &keys, ct, args.raw, partitions, &checked) {
+        let (partition, body) = match encode_line(&line, &keys, ct, args.raw, partitions, &checked)
+        {
             Ok(encoded) => encoded,
             Err(problem) => {
                 eprintln!("{label}:{number}: {problem}");
