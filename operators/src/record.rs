@@ -219,12 +219,20 @@ pub struct Outcomes {
     pub dead_letters: Vec<(usize, DeadLetterReason)>,
     /// Entries dropped on purpose, by batch index.
     pub dropped: Vec<(usize, DropReason)>,
+    /// An entry the worker must stop at (a stage configured to fail on it), with the reason:
+    /// the batch is not committed, so the entry stays pending for a fixed pipeline.
+    pub halt: Option<(usize, String)>,
 }
 
 impl Outcomes {
     /// Records that entry `entry` must go to the dead-letter stream.
     pub fn dead_letter(&mut self, entry: usize, reason: DeadLetterReason) {
         self.dead_letters.push((entry, reason));
+    }
+
+    /// Records that the worker must stop at entry `entry`; the first such entry wins.
+    pub fn halt(&mut self, entry: usize, reason: String) {
+        self.halt.get_or_insert((entry, reason));
     }
 
     /// Records that entry `entry` was dropped on purpose.

@@ -23,6 +23,9 @@ pub enum RunError {
     /// Redis refused the worker's credentials, certificates or commands at start.
     #[error(transparent)]
     Access(#[from] crate::preflight::PreflightError),
+    /// A stage configured to fail on an entry met one (`upcast` `on_newer_version: fail`).
+    #[error("stopped at {0}; the entry stays pending")]
+    Halted(String),
     /// Batches were still uncommitted when the shutdown timeout ran out.
     #[error(
         "{0} batch(es) were not committed within the shutdown timeout; their entries stay pending and will be redelivered"

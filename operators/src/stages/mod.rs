@@ -3,4 +3,5 @@
 pub mod decode;
 pub mod project;
 pub mod tombstone;
+pub mod upcast;
 pub mod version_filter;
