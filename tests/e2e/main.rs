@@ -23,5 +23,6 @@ mod snapshot;
 mod snapshot_nulls;
 mod tls;
 mod traces;
+mod upcast;
 mod validate;
 mod verdict;
