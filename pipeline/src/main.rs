@@ -20,7 +20,7 @@ mod cli;
 // glibc malloc was a quarter of the worker's CPU under load (perf); every event allocates.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-use cli::{bench, bench_relay, publish, status};
+use cli::{bench, bench_relay, bench_stages, publish, status};
 
 #[derive(Parser)]
 #[command(
@@ -126,6 +126,9 @@ enum Command {
 enum BenchTarget {
     /// Outbox rows to stream entries per second, and the idle wake-up latency.
     Relay(bench_relay::RelayBenchArgs),
+    /// CPU per event of a pipeline's stages (not its sinks), in process, over generated
+    /// athlete events of schema versions 1, 2 and 3.
+    Stages(bench_stages::StagesBenchArgs),
 }
 
 #[derive(Subcommand)]
@@ -515,6 +518,10 @@ async fn execute(command: Command) -> anyhow::Result<ExitCode> {
             target: Some(BenchTarget::Relay(args)),
             ..
         } => bench_relay::bench_relay(args).await,
+        Command::Bench {
+            target: Some(BenchTarget::Stages(args)),
+            ..
+        } => bench_stages::bench_stages(args).await,
         Command::Bench { args, .. } => bench::bench(args).await,
     }
 }

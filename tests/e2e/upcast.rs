@@ -358,3 +358,59 @@ fn an_event_newer_than_the_latest_version_is_dead_lettered_or_stops_the_worker()
     assert!(hash(&mut conn, &format!("{}athlete:n", failing.prefix)).is_empty());
     failing.finish(&mut conn, &pg);
 }
+
+#[test]
+fn validate_points_at_a_version_gap_an_unknown_op_and_cel_that_does_not_compile() {
+    let file = pipeline_file(
+        "upcast-validate",
+        r#"name: bad
+source: { stream: s, group: g }
+stages:
+  decode: { type: decode }
+  upcast:
+    type: upcast
+    input: decode
+    steps:
+      - from: 1
+        ops:
+          - compute: { path: countryCode, expr: "payload.country.upperAscii(" }
+      - from: 3
+        ops:
+          - drop: x
+  cache: { type: redis_hash, input: upcast, key: "a:{aggregateId}" }
+"#,
+    );
+    let mut cmd = ecst();
+    cmd.arg("validate").arg(&file);
+    let out = run_with_deadline(cmd, std::time::Duration::from_secs(30));
+    assert!(!out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout).to_string() + &stderr_of(&out);
+    let at = file.display();
+    assert!(
+        text.contains(&format!(
+            "{at}:11:43: stages.upcast.steps.0.ops.0.compute.expr: invalid CEL expression"
+        )),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!(
+            "{at}:12:9: stages.upcast.steps.1.from: expected from: 2 after the step from 1"
+        )),
+        "{text}"
+    );
+
+    let unknown = std::fs::read_to_string(&file)
+        .unwrap()
+        .replace("- drop: x", "- uppercase: x");
+    std::fs::write(&file, unknown).unwrap();
+    let mut cmd = ecst();
+    cmd.arg("validate").arg(&file);
+    let out = run_with_deadline(cmd, std::time::Duration::from_secs(30));
+    let text = String::from_utf8_lossy(&out.stdout).to_string() + &stderr_of(&out);
+    assert!(
+        text.contains(&format!(
+            "{at}:14:13: stages.upcast.steps.1.ops.0: unknown variant `uppercase`, expected one of `rename`, `move`, `default`, `drop`, `split`, `join`, `compute`"
+        )),
+        "{text}"
+    );
+}
