@@ -22,6 +22,9 @@ const STEPS: &str = r#"    steps:
           - default: { path: tier, value: standard }
 "#;
 
+/// Replica entries by aggregate id: field name to value.
+type Entries = HashMap<String, HashMap<String, String>>;
+
 /// One replica pair (a Redis hash prefix and a Postgres table) fed by one stream.
 struct Replica {
     stream: String,
@@ -98,10 +101,7 @@ stages:
         conn: &mut redis::Connection,
         pg: &postgres_client::Client,
         ids: &[String],
-    ) -> (
-        HashMap<String, HashMap<String, String>>,
-        HashMap<String, HashMap<String, String>>,
-    ) {
+    ) -> (Entries, Entries) {
         let mut hashes = HashMap::new();
         for id in ids {
             let fields = hash(conn, &format!("{}athlete:{id}", self.prefix));
@@ -203,7 +203,7 @@ fn workload(
         let id = format!("ath{a}");
         ids.push(id.clone());
         for version in 1..=versions {
-            let (m, v3) = if version == versions && a % 7 == 0 {
+            let (m, v3) = if version == versions && a.is_multiple_of(7) {
                 (delete(&id, version), delete(&id, version))
             } else {
                 let schema: i64 = rng.random_range(1..=3);
@@ -218,7 +218,7 @@ fn workload(
                     version,
                     name: format!("Athlete {a} v{version}"),
                     country_code: countries[(a + version as usize) % countries.len()].into(),
-                    status: if version % 3 == 0 {
+                    status: if version.is_multiple_of(3) {
                         "retired"
                     } else {
                         "active"

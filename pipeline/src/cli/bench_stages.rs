@@ -33,7 +33,11 @@ fn athlete(i: u64, schema: i64) -> serde_json::Value {
     let id = format!("ath-{i}");
     let countries = ["gb", "fr", "no", "ke"];
     let country = countries[(i % 4) as usize];
-    let status = if i % 5 == 0 { "retired" } else { "active" };
+    let status = if i.is_multiple_of(5) {
+        "retired"
+    } else {
+        "active"
+    };
     let payload = match schema {
         1 => {
             json!({"id": id, "name": format!("Athlete {i}"), "country": country, "status": status, "points": i % 1000})
