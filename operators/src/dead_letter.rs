@@ -8,7 +8,7 @@ use std::fmt;
 #[non_exhaustive]
 pub enum DeadLetterReason {
     /// The entry is not a valid event (undecodable body, missing or malformed envelope key,
-    /// a payload that is not an object).
+    /// a payload that is not an object, a payload its schema refuses).
     InvalidEvent(String),
     /// A stage refused the event's data (a `where:` expression that cannot be evaluated).
     StageRejected {

@@ -39,4 +39,4 @@ pub use error::{BuildError, SinkError};
 pub use record::{Action, DropReason, FieldNames, Fields, Outcomes, RawEntry, Record};
 pub use registry::StageConfig;
 pub use secret::SecretUrl;
-pub use stage::{BuildContext, BuiltStage, Sink, SinkReport, Stage};
+pub use stage::{BuildContext, BuiltStage, PayloadPath, Sink, SinkReport, Stage};

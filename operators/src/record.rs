@@ -219,9 +219,9 @@ pub struct Outcomes {
     pub dead_letters: Vec<(usize, DeadLetterReason)>,
     /// Entries dropped on purpose, by batch index.
     pub dropped: Vec<(usize, DropReason)>,
-    /// An entry the worker must stop at (a stage configured to fail on it), with the reason:
-    /// the batch is not committed, so the entry stays pending for a fixed pipeline.
-    pub halt: Option<(usize, String)>,
+    /// Why the worker must stop before acking this batch (a stage met an entry it may
+    /// neither pass nor dead-letter).
+    pub halt: Option<String>,
 }
 
 impl Outcomes {
@@ -230,9 +230,9 @@ impl Outcomes {
         self.dead_letters.push((entry, reason));
     }
 
-    /// Records that the worker must stop at entry `entry`; the first such entry wins.
-    pub fn halt(&mut self, entry: usize, reason: String) {
-        self.halt.get_or_insert((entry, reason));
+    /// Stops the worker before this batch is acked, saying why (the first reason wins).
+    pub fn halt(&mut self, reason: String) {
+        self.halt.get_or_insert(reason);
     }
 
     /// Records that entry `entry` was dropped on purpose.

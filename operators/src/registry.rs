@@ -7,11 +7,14 @@ use serde_json::Value;
 
 use crate::sinks::postgres::PostgresConfig;
 use crate::sinks::redis_hash::RedisHashConfig;
-use crate::stage::{BuildContext, BuildError, BuiltStage, ComponentConfig, ConfigProblem};
+use crate::stage::{
+    BuildContext, BuildError, BuiltStage, ComponentConfig, ConfigProblem, PayloadPath,
+};
 use crate::stages::decode::DecodeConfig;
 use crate::stages::project::ProjectConfig;
 use crate::stages::tombstone::TombstoneConfig;
 use crate::stages::upcast::UpcastConfig;
+use crate::stages::validate::ValidateConfig;
 use crate::stages::version_filter::VersionFilterConfig;
 
 /// Where a stage type sits in the DAG.
@@ -69,6 +72,20 @@ macro_rules! stage_types {
                 }
             }
 
+            /// Whether the stage needs the pipeline's schema directory (`schemas:`).
+            pub fn needs_schemas(&self) -> bool {
+                match self {
+                    $(StageConfig::$variant(c) => c.needs_schemas(),)+
+                }
+            }
+
+            /// The payload paths the stage reads, with the key naming each.
+            pub fn payload_paths(&self, projected: bool) -> Vec<PayloadPath> {
+                match self {
+                    $(StageConfig::$variant(c) => c.payload_paths(projected),)+
+                }
+            }
+
             /// Problems found without I/O (expressions that do not compile, bad templates).
             pub fn check(&self) -> Vec<ConfigProblem> {
                 match self {
@@ -97,6 +114,8 @@ stage_types! {
     "version_filter" => VersionFilter(VersionFilterConfig), Transform;
     /// Applies a delete policy to tombstones.
     "tombstone" => Tombstone(TombstoneConfig), Transform;
+    /// Checks payloads against the schema of their version.
+    "validate" => Validate(ValidateConfig), Transform;
     /// Builds the replica record and filters with CEL.
     "project" => Project(ProjectConfig), Transform;
     /// Carries older payload schema versions up to the latest.

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use crate::record::{Outcomes, RawEntry, Record};
 use crate::secret::SecretUrl;
-use ecst_schemas::{EnvelopePath, PayloadSelection};
+use ecst_schemas::{EnvelopePath, PayloadSelection, SchemaRegistry};
 
 pub use crate::error::{BuildError, SinkError};
 
@@ -77,6 +77,8 @@ pub struct BuildContext {
     pub source_redis: SecretUrl,
     /// The payload members some stage of the pipeline reads: what `decode` keeps.
     pub payload_reads: PayloadSelection,
+    /// The pipeline's schema directory (`schemas:`), if it names one.
+    pub schemas: Option<Arc<SchemaRegistry>>,
 }
 
 /// The payload members envelope `paths` read: `All` when one is the whole payload.
@@ -92,6 +94,26 @@ pub fn payload_reads_of<'a>(paths: impl IntoIterator<Item = &'a str>) -> Payload
         members.extend(path.payload_member().map(str::to_string));
     }
     PayloadSelection::only(members)
+}
+
+/// A payload path a stage reads, and where the stage's config names it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PayloadPath {
+    /// Key inside the stage (dotted: `fields.display_name`, `where`, `key`).
+    pub key: String,
+    /// The payload members, outermost first (`payload.address.city` is `[address, city]`).
+    pub members: Vec<String>,
+}
+
+impl PayloadPath {
+    /// The path at `key` if the envelope path `path` reads inside the payload.
+    pub fn of(key: impl Into<String>, path: &str) -> Option<Self> {
+        let rest = path.strip_prefix("payload.")?;
+        Some(PayloadPath {
+            key: key.into(),
+            members: rest.split('.').map(str::to_string).collect(),
+        })
+    }
 }
 
 /// A built component: a transform or a sink.
@@ -136,6 +158,19 @@ pub trait ComponentConfig {
     fn payload_reads(&self, projected: bool) -> PayloadSelection {
         let _ = projected;
         PayloadSelection::All
+    }
+
+    /// Whether the component needs the pipeline's schema directory (`schemas:`) to build.
+    fn needs_schemas(&self) -> bool {
+        false
+    }
+
+    /// The payload paths the component reads, each with the key (dotted, inside the stage)
+    /// that names it, so that `ecst validate` can look for them in the stream's latest schema.
+    /// `projected` as for [`ComponentConfig::payload_reads`].
+    fn payload_paths(&self, projected: bool) -> Vec<PayloadPath> {
+        let _ = projected;
+        Vec::new()
     }
 
     /// Builds the running component; the error says what is wrong, without the stage name.

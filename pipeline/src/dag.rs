@@ -90,6 +90,7 @@ impl Dag {
                 stage: stage.name.clone(),
                 source_redis: config.source.redis.clone(),
                 payload_reads: payload_reads.clone(),
+                schemas: config.schemas.clone(),
             };
             nodes.push(match stage.config.build(&ctx).await? {
                 BuiltStage::Stage(s) => Node::Transform(s),

@@ -23,8 +23,8 @@ pub enum RunError {
     /// Redis refused the worker's credentials, certificates or commands at start.
     #[error(transparent)]
     Access(#[from] crate::preflight::PreflightError),
-    /// A stage configured to fail on an entry met one (`upcast` `on_newer_version: fail`).
-    #[error("stopped at {0}; the entry stays pending")]
+    /// A stage met an entry it may neither pass nor dead-letter; that batch is not acked.
+    #[error("stopped: {0}")]
     Halted(String),
     /// Batches were still uncommitted when the shutdown timeout ran out.
     #[error(

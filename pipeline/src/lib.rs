@@ -21,6 +21,7 @@
 //! - [`relay`]: `ecst relay`, outbox rows to streams.
 //! - [`partitioning`]: a stream's partitioning, recorded in Redis and checked by producers
 //!   and workers.
+//! - [`schema_dir`]: a schema directory read into the registry, every problem positioned.
 //! - [`snapshot`]: `ecst snapshot serve`, entity state as NDJSON pages for bootstrap.
 //! - Infrastructure every part uses: [`retry`] (the one backoff policy), [`shutdown`],
 //!   [`redis_reply`] (reply values and stream ids), [`error`].
@@ -47,6 +48,7 @@ pub mod redis_reply;
 pub mod relay;
 pub mod retry;
 pub mod runner;
+pub mod schema_dir;
 pub mod shutdown;
 pub mod snapshot;
 pub mod source;

@@ -197,10 +197,27 @@ fn service_name(command: &Command) -> String {
 }
 
 fn load_relay(path: &std::path::Path) -> Result<RelayConfig, ExitCode> {
-    config::load_document(path, RelayConfig::check).map_err(|errors| {
+    let mut relay = config::load_document(path, RelayConfig::check).map_err(|errors| {
         eprintln!("{errors}");
         ExitCode::from(1)
-    })
+    })?;
+    // `schemas:` is relative to the relay file; under `validate: true` it must read cleanly.
+    if let Some(dir) = relay.schemas.take() {
+        let dir: PathBuf = path
+            .parent()
+            .unwrap_or_else(|| std::path::Path::new(""))
+            .join(dir)
+            .components()
+            .collect();
+        if relay.validate
+            && let Err(errors) = ecst_pipeline::schema_dir::load(&dir)
+        {
+            eprintln!("{errors}");
+            return Err(ExitCode::from(1));
+        }
+        relay.schemas = Some(dir);
+    }
+    Ok(relay)
 }
 
 fn load_snapshot(path: &std::path::Path) -> Result<SnapshotConfig, ExitCode> {

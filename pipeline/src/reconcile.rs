@@ -120,6 +120,9 @@ pub async fn reconcile(config: &PipelineConfig, repair: bool) -> Result<Reconcil
         let (entries, records, cursor) =
             page_records(lines, &mut outcomes).map_err(RunError::Config)?;
         let per_sink = dag.run_decoded(&entries, records, &mut outcomes);
+        if let Some(reason) = outcomes.halt.take() {
+            return Err(RunError::Halted(format!("{reason}, in the snapshot")));
+        }
         for (i, records) in per_sink.into_iter().enumerate() {
             let (name, sink) = &sinks[i];
             let Some(replica) = sink.replica() else {

@@ -5,6 +5,8 @@
 //! - [`envelope`]: the canonical [`Envelope`] and the [`EnvelopeKeys`] mapping that reads foreign
 //!   shapes into it.
 //! - [`partition`]: the partition of an event and the key of each partition of a stream.
+//! - [`registry`]: the payload schemas of each aggregate type by version and each stream's
+//!   spec, built from the files of a schema directory.
 //! - [`wire`]: stream entry field names, content types and body decoding with hostile-input limits.
 //!
 //! This crate does no I/O.
@@ -13,9 +15,11 @@
 
 pub mod envelope;
 pub mod partition;
+pub mod registry;
 pub mod selection;
 pub mod wire;
 
 pub use envelope::{Envelope, EnvelopeError, EnvelopeKeys, EnvelopePath, Members};
+pub use registry::{Compatibility, SchemaProblem, SchemaRegistry, StreamSpec};
 pub use selection::PayloadSelection;
 pub use wire::{BodyLimits, ContentType, WireError};

@@ -17,6 +17,7 @@ mod poison;
 mod reconcile;
 mod relay;
 mod replicate;
+mod schemas;
 mod secrets;
 mod servers;
 mod snapshot;

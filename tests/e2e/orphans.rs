@@ -54,6 +54,7 @@ fn orphans_are_found_exactly_across_pages_of_a_redis_and_a_postgres_replica() {
         stage: stage.into(),
         source_redis: SecretUrl::new(redis_url()),
         payload_reads: Default::default(),
+        schemas: None,
     };
     let cache: RedisHashConfig = serde_json::from_value(serde_json::json!({
         "key": format!("{prefix}athlete:{{aggregateId}}"),

@@ -299,6 +299,7 @@ fn redis_eviction_spares_a_hash_written_since_the_compare() {
                 stage: "cache".into(),
                 source_redis: ecst_operators::SecretUrl::new(redis_url()),
                 payload_reads: Default::default(),
+                schemas: None,
             })
         })
         .expect("sink");

@@ -345,7 +345,7 @@ fn an_event_newer_than_the_latest_version_is_dead_lettered_or_stops_the_worker()
     let log = stderr_of(&out);
     assert!(
         log.contains(&format!(
-            "stopped at entry {}: schemaVersion 4 is newer",
+            "stopped: entry {}: schemaVersion 4 is newer",
             ids[0]
         )),
         "{log}"

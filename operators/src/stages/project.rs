@@ -12,7 +12,7 @@ use crate::dead_letter::DeadLetterReason;
 use crate::record::{
     Action, DEFAULT_TOMBSTONE_KEEP_FOR, DropReason, FieldNames, Fields, Outcomes, RawEntry, Record,
 };
-use crate::stage::{BuildContext, BuiltStage, ComponentConfig, ConfigProblem, Stage};
+use crate::stage::{BuildContext, BuiltStage, ComponentConfig, ConfigProblem, PayloadPath, Stage};
 
 /// Where one output field comes from.
 #[derive(Debug, Clone, Deserialize)]
@@ -91,6 +91,70 @@ fn check_path(path: &str) -> Option<String> {
             ENVELOPE_ROOTS.join(", ")
         ))
     }
+}
+
+/// The member chains a CEL expression selects from `payload` (`payload.address.city` gives
+/// `[address, city]`), read from its tokens: string literals are skipped, and a chain stops at
+/// the first index or call.
+fn payload_selections(expr: &str) -> Vec<Vec<String>> {
+    let chars: Vec<char> = expr.chars().collect();
+    let mut found = Vec::new();
+    let mut i = 0;
+    while i < chars.len() {
+        let c = chars[i];
+        if c == '"' || c == '\'' {
+            // A string literal (triple-quoted ones end at the same quote, which this finds
+            // after skipping escapes).
+            let triple = chars.get(i + 1) == Some(&c) && chars.get(i + 2) == Some(&c);
+            i += if triple { 3 } else { 1 };
+            while i < chars.len() {
+                if chars[i] == '\\' {
+                    i += 2;
+                } else if chars[i] == c
+                    && (!triple || (chars.get(i + 1) == Some(&c) && chars.get(i + 2) == Some(&c)))
+                {
+                    i += if triple { 3 } else { 1 };
+                    break;
+                } else {
+                    i += 1;
+                }
+            }
+            continue;
+        }
+        if c.is_alphabetic() || c == '_' {
+            let start = i;
+            while i < chars.len() && (chars[i].is_alphanumeric() || chars[i] == '_') {
+                i += 1;
+            }
+            let word: String = chars[start..i].iter().collect();
+            let selected = start > 0 && chars[start - 1] == '.';
+            if word == "payload" && !selected {
+                let mut members = Vec::new();
+                while i < chars.len() && chars[i] == '.' {
+                    let from = i + 1;
+                    let mut end = from;
+                    while end < chars.len() && (chars[end].is_alphanumeric() || chars[end] == '_') {
+                        end += 1;
+                    }
+                    if end == from {
+                        break;
+                    }
+                    members.push(chars[from..end].iter().collect());
+                    i = end;
+                }
+                // `payload.tags.exists(...)`: the last name is a method, not a member.
+                if chars.get(i) == Some(&'(') {
+                    members.pop();
+                }
+                if !members.is_empty() {
+                    found.push(members);
+                }
+            }
+            continue;
+        }
+        i += 1;
+    }
+    found
 }
 
 impl ProjectConfig {
@@ -293,6 +357,41 @@ impl ComponentConfig for ProjectConfig {
         }))
     }
 
+    fn payload_paths(&self, _projected: bool) -> Vec<PayloadPath> {
+        let mut paths: Vec<PayloadPath> = self
+            .fields
+            .iter()
+            .filter_map(|(name, source)| {
+                let path = match source {
+                    FieldSource::Path(path) => path,
+                    FieldSource::WithDefault(f) => &f.path,
+                };
+                PayloadPath::of(format!("fields.{name}"), path)
+            })
+            .collect();
+        paths.extend(
+            self.include
+                .iter()
+                .enumerate()
+                .filter(|(_, member)| *member != "*")
+                .map(|(i, member)| PayloadPath {
+                    key: format!("include.{i}"),
+                    members: vec![member.clone()],
+                }),
+        );
+        if let Some(expr) = &self.where_ {
+            paths.extend(
+                payload_selections(expr)
+                    .into_iter()
+                    .map(|members| PayloadPath {
+                        key: "where".into(),
+                        members,
+                    }),
+            );
+        }
+        paths
+    }
+
     async fn build_component(&self, _ctx: &BuildContext) -> Result<BuiltStage, String> {
         Ok(BuiltStage::Stage(Box::new(self.build()?)))
     }
@@ -310,6 +409,33 @@ mod tests {
 
     fn config(value: Value) -> ProjectConfig {
         serde_json::from_value(value).unwrap()
+    }
+
+    #[test]
+    fn names_the_payload_paths_it_reads_with_their_keys() {
+        let stage = config(json!({
+            "fields": {"name": "payload.displayName", "city": {"path": "payload.address.city", "default": ""},
+                       "id": "aggregateId"},
+            "include": ["status", "*"],
+            "where": "payload.status == 'payload.nope' && payload.tags.exists(t, t == \"x\") && has(payload.tier)",
+        }));
+        let paths: Vec<(String, String)> = stage
+            .payload_paths(false)
+            .into_iter()
+            .map(|p| (p.key, p.members.join(".")))
+            .collect();
+        let expected: Vec<(String, String)> = [
+            ("fields.city", "address.city"),
+            ("fields.name", "displayName"),
+            ("include.0", "status"),
+            ("where", "status"),
+            ("where", "tags"),
+            ("where", "tier"),
+        ]
+        .iter()
+        .map(|(k, p)| (k.to_string(), p.to_string()))
+        .collect();
+        assert_eq!(paths, expected);
     }
 
     #[test]

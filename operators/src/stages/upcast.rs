@@ -725,7 +725,7 @@ impl Stage for Upcast {
                 }
                 Verdict::Halt(reason) => {
                     let id = entries.get(entry).map_or("", |e| e.id.as_str());
-                    out.halt(entry, format!("entry {id}: {reason}"));
+                    out.halt(format!("entry {id}: {reason}"));
                 }
             }
         }
@@ -1032,7 +1032,7 @@ mod tests {
         );
         assert_eq!(
             out.halt,
-            Some((0, "entry 1-0: schemaVersion 4 is newer than the latest version this upcast knows (3); add a step `from: 3`".into()))
+            Some("entry 1-0: schemaVersion 4 is newer than the latest version this upcast knows (3); add a step `from: 3`".into())
         );
         assert!(out.dead_letters.is_empty());
     }

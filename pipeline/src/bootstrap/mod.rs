@@ -444,6 +444,11 @@ async fn run_bootstrap(
             }
         };
         let per_sink = dag.run_decoded(&entries, records, &mut outcomes);
+        if let Some(reason) = outcomes.halt.take() {
+            return Err(Fatal(RunError::Halted(format!(
+                "{reason}, in the snapshot"
+            ))));
+        }
         if sweep && seen.is_complete() {
             for (i, records) in per_sink.iter().enumerate() {
                 if let Some(replica) = dag.sinks()[i].1.replica() {

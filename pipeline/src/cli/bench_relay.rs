@@ -203,6 +203,8 @@ fn relay_config(args: &RelayBenchArgs, poll: Duration) -> RelayConfig {
         partitions: 1,
         streams: None,
         timeout: ConfigDuration(Duration::from_secs(30)),
+        validate: false,
+        schemas: None,
     }
 }
 

@@ -90,6 +90,7 @@ pub(crate) async fn bench_stages(args: StagesBenchArgs) -> anyhow::Result<ExitCo
             stage: entry.name.clone(),
             source_redis: config.source.redis.clone(),
             payload_reads: payload_reads.clone(),
+            schemas: config.schemas.clone(),
         };
         let BuiltStage::Stage(stage) = entry.config.build(&ctx).await? else {
             continue;
@@ -143,8 +144,8 @@ pub(crate) async fn bench_stages(args: StagesBenchArgs) -> anyhow::Result<ExitCo
         {
             dead_letter_sample = Some(format!("{}: {reason}", entries[*entry].id));
         }
-        if let Some((entry, reason)) = outcomes.halt {
-            bail!("stopped at entry {}: {reason}", entries[entry].id);
+        if let Some(reason) = outcomes.halt {
+            bail!("stopped: {reason}");
         }
         done += n;
     }

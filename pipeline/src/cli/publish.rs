@@ -50,9 +50,31 @@ pub(crate) struct PublishArgs {
     /// match the partitioning recorded for the stream.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1024))]
     partitions: u32,
+    /// Schema directory: refuse events whose payload does not fit the schema of their
+    /// version, or whose aggregateId is not the stream's partition key.
+    #[arg(long, conflicts_with = "raw")]
+    schemas: Option<PathBuf>,
 }
 
 pub(crate) async fn publish(args: PublishArgs) -> anyhow::Result<ExitCode> {
+    let schemas = match &args.schemas {
+        None => None,
+        Some(dir) => match ecst_pipeline::schema_dir::load(dir) {
+            Ok(registry) if registry.stream(&args.stream).is_some() => Some(registry),
+            Ok(_) => {
+                eprintln!(
+                    "{}: no stream file streams/{}.yaml",
+                    dir.display(),
+                    args.stream
+                );
+                return Ok(ExitCode::from(1));
+            }
+            Err(errors) => {
+                eprintln!("{errors}");
+                return Ok(ExitCode::from(1));
+            }
+        },
+    };
     let reader: Box<dyn BufRead> = if args.file.as_os_str() == "-" {
         Box::new(std::io::BufReader::new(std::io::stdin()))
     } else {
@@ -135,7 +157,17 @@ pub(crate) async fn publish(args: PublishArgs) -> anyhow::Result<ExitCode> {
             (encode_body(&value, ct)?, id)
         } else {
             match keys.read(&value) {
-                Ok(envelope) => (encode_body(&envelope, ct)?, envelope.aggregate_id),
+                Ok(envelope) => {
+                    if let Some(Err(reason)) = schemas
+                        .as_ref()
+                        .map(|registry| registry.check_event(&args.stream, &envelope))
+                    {
+                        eprintln!("{label}:{number}: {reason}");
+                        bad += 1;
+                        continue;
+                    }
+                    (encode_body(&envelope, ct)?, envelope.aggregate_id)
+                }
                 Err(e) => {
                     eprintln!("{label}:{number}: {e}");
                     bad += 1;

@@ -6,10 +6,12 @@ pub mod yaml;
 
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use ecst_operators::registry::{STAGE_TYPES, is_root_type, is_sink_type};
 use ecst_operators::{ConfigDuration, SecretUrl, StageConfig};
+use ecst_schemas::SchemaRegistry;
 use serde::{Deserialize, Deserializer};
 use serde_json::Value;
 
@@ -281,6 +283,8 @@ pub struct PipelineConfig {
     pub stages: Vec<StageEntry>,
     /// Where a new, reset or gapped group gets the current state from.
     pub bootstrap: Option<BootstrapConfig>,
+    /// The schema directory named by `schemas:` (relative to the pipeline file), read.
+    pub schemas: Option<Arc<SchemaRegistry>>,
 }
 
 impl PipelineConfig {
@@ -380,7 +384,7 @@ pub const MAX_REPORTED_UNKNOWN_KEYS: usize = 20;
 /// lookup per key (the position is the key's own), so n keys cost O(n), and the report stays
 /// readable however many there are: the first [`MAX_REPORTED_UNKNOWN_KEYS`], then a count.
 fn report_unknown_keys(c: &mut Collector<'_>, top: &[(yaml::Key, Node)]) {
-    const KNOWN: [&str; 4] = ["name", "source", "stages", "bootstrap"];
+    const KNOWN: [&str; 5] = ["name", "source", "stages", "bootstrap", "schemas"];
     let mut unknown = top
         .iter()
         .map(|(key, _)| key)
@@ -391,7 +395,7 @@ fn report_unknown_keys(c: &mut Collector<'_>, top: &[(yaml::Key, Node)]) {
             pos: key.pos,
             key: key.name.clone(),
             message: format!(
-                "unknown key `{}` (expected name, source, stages, bootstrap)",
+                "unknown key `{}` (expected name, source, stages, bootstrap, schemas)",
                 key.name
             ),
         });
@@ -403,7 +407,7 @@ fn report_unknown_keys(c: &mut Collector<'_>, top: &[(yaml::Key, Node)]) {
             pos: next.pos,
             key: next.name.clone(),
             message: format!(
-                "and {more} more unknown top-level key{} (expected name, source, stages, bootstrap)",
+                "and {more} more unknown top-level key{} (expected name, source, stages, bootstrap, schemas)",
                 if more == 1 { "" } else { "s" }
             ),
         });
@@ -563,8 +567,12 @@ pub fn load_str(
         c.at(&p, problem.message);
     }
 
+    let schemas = read_schemas(&mut c, &root, source.as_ref(), &reads);
+
     if !c.errors.is_empty() {
-        c.errors.sort_by_key(|e| (e.pos.line, e.pos.col));
+        // The pipeline file's errors in file order, then the schema directory's.
+        c.errors
+            .sort_by_key(|e| (e.file != file, e.file.clone(), e.pos.line, e.pos.col));
         return Err(ConfigErrors(c.errors));
     }
     let stages: Vec<StageEntry> = reads
@@ -584,8 +592,141 @@ pub fn load_str(
             source,
             stages,
             bootstrap,
+            schemas,
         }),
         _ => Err(ConfigErrors(c.errors)),
+    }
+}
+
+/// Reads the schema directory `schemas:` names, reporting its problems, and checks the
+/// pipeline against it: the source's stream has a stream file, and every payload path a stage
+/// reads is in the latest schema of the stream's aggregate type. Stages that need schemas
+/// are reported when there is no `schemas:`.
+fn read_schemas(
+    c: &mut Collector<'_>,
+    root: &Node,
+    source: Option<&SourceConfig>,
+    reads: &[StageRead],
+) -> Option<Arc<SchemaRegistry>> {
+    let Some((_, node)) = root.get("schemas") else {
+        for read in reads {
+            if read.config.as_ref().is_some_and(StageConfig::needs_schemas) {
+                c.at(
+                    &path(&["stages", &read.name, "type"]),
+                    format!(
+                        "a {} stage needs the schema directory: add `schemas: ./schemas` at the top of the file",
+                        read.type_name
+                    ),
+                );
+            }
+        }
+        return None;
+    };
+    let dir = match node.to_json() {
+        Value::String(dir) if !dir.is_empty() => dir,
+        _ => {
+            c.at(
+                &path(&["schemas"]),
+                "must be the path of a schema directory, relative to this file",
+            );
+            return None;
+        }
+    };
+    let dir = c
+        .file
+        .parent()
+        .unwrap_or_else(|| Path::new(""))
+        .join(dir)
+        // `a/./schemas` reads `a/schemas` in messages.
+        .components()
+        .collect::<PathBuf>();
+    let (registry, errors) = crate::schema_dir::read(&dir);
+    c.errors.extend(errors);
+    if let Some(source) = source {
+        check_against_schemas(c, &registry, &dir, source, reads);
+    }
+    Some(Arc::new(registry))
+}
+
+fn check_against_schemas(
+    c: &mut Collector<'_>,
+    registry: &SchemaRegistry,
+    dir: &Path,
+    source: &SourceConfig,
+    reads: &[StageRead],
+) {
+    let Some(spec) = registry.stream(&source.stream) else {
+        c.at(
+            &path(&["source", "stream"]),
+            format!(
+                "the schema directory has no stream file {}",
+                dir.join("streams")
+                    .join(format!("{}.yaml", source.stream))
+                    .display()
+            ),
+        );
+        return;
+    };
+    if spec.partitions.unwrap_or(1) != source.partitions {
+        c.at(
+            &path(&["source", "partitions"]),
+            format!(
+                "{} partition(s), but the stream file {} says {}",
+                source.partitions,
+                dir.join(&spec.path).display(),
+                spec.partitions.unwrap_or(1)
+            ),
+        );
+    }
+    let Some(subject) = registry.subject(&spec.aggregate_type) else {
+        return;
+    };
+    let latest = subject.latest();
+    let nodes: Vec<GraphNode<'_>> = reads
+        .iter()
+        .map(|r| GraphNode {
+            name: &r.name,
+            type_name: &r.type_name,
+            inputs: &r.inputs,
+            is_sink: is_sink_type(&r.type_name),
+            is_root: is_root_type(&r.type_name),
+            known: true,
+        })
+        .collect();
+    let Some(order) = graph::topo_order(&nodes) else {
+        return;
+    };
+    // A stage's records are projected when every input's went through a `project` stage
+    // (as `dag` decides what `decode` keeps).
+    let mut projected = vec![false; reads.len()];
+    for i in order {
+        let read = &reads[i];
+        let inputs: Vec<usize> = read
+            .inputs
+            .iter()
+            .filter_map(|name| reads.iter().position(|r| &r.name == name))
+            .collect();
+        let fed_projected = !inputs.is_empty() && inputs.iter().all(|&j| projected[j]);
+        let Some(config) = &read.config else {
+            continue;
+        };
+        projected[i] = fed_projected || config.is_projection();
+        for payload_path in config.payload_paths(fed_projected) {
+            let members: Vec<&str> = payload_path.members.iter().map(String::as_str).collect();
+            if !latest.declares(&members) {
+                let mut at = path(&["stages", &read.name]);
+                at.extend(payload_path.key.split('.').map(str::to_string));
+                c.at(
+                    &at,
+                    format!(
+                        "payload.{} is not in the latest schema of {} ({})",
+                        payload_path.members.join("."),
+                        subject.name,
+                        dir.join(&latest.path).display()
+                    ),
+                );
+            }
+        }
     }
 }
 
@@ -830,16 +971,26 @@ mod tests {
         assert_eq!(errors[0].pos, Pos { line: 6, col: 1 });
         assert_eq!(
             errors[0].message,
-            "unknown key `junk0` (expected name, source, stages, bootstrap)"
+            "unknown key `junk0` (expected name, source, stages, bootstrap, schemas)"
         );
         let last = &errors[MAX_REPORTED_UNKNOWN_KEYS];
         assert_eq!(last.pos.line, 6 + MAX_REPORTED_UNKNOWN_KEYS);
         assert_eq!(
             last.to_string(),
             format!(
-                "p.yaml:{}:1: junk20: and 39980 more unknown top-level keys (expected name, source, stages, bootstrap)",
+                "p.yaml:{}:1: junk20: and 39980 more unknown top-level keys (expected name, source, stages, bootstrap, schemas)",
                 6 + MAX_REPORTED_UNKNOWN_KEYS
             )
+        );
+    }
+
+    #[test]
+    fn a_validate_stage_without_schemas_is_refused_at_its_type() {
+        let text = "name: p\nsource: { stream: s, group: g }\nstages:\n  decode: { type: decode }\n  checked: { type: validate, input: decode }\n  cache: { type: redis_hash, input: checked, key: \"a:{aggregateId}\" }\n";
+        let errors = load_str(Path::new("p.yaml"), text, &no_env).unwrap_err();
+        assert_eq!(
+            errors.to_string(),
+            "p.yaml:5:14: stages.checked.type: a validate stage needs the schema directory: add `schemas: ./schemas` at the top of the file\n1 error"
         );
     }
 
@@ -849,7 +1000,7 @@ mod tests {
         let errors = load_str(Path::new("p.yaml"), &text, &no_env).unwrap_err();
         assert_eq!(
             errors.to_string(),
-            "p.yaml:6:1: extra: unknown key `extra` (expected name, source, stages, bootstrap)\n1 error"
+            "p.yaml:6:1: extra: unknown key `extra` (expected name, source, stages, bootstrap, schemas)\n1 error"
         );
     }
 

@@ -1,6 +1,7 @@
 //! A relay file (`relay.yaml`): where the outbox is, where its rows go, and how.
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use ecst_operators::postgres_tls::parse_postgres_url;
@@ -143,6 +144,13 @@ pub struct RelayConfig {
     /// Bound on every Postgres and Redis call (default 10s).
     #[serde(default = "default_timeout")]
     pub timeout: ConfigDuration,
+    /// Check each row against the schema directory `schemas` before publishing it; a row that
+    /// does not fit goes to the dead-letter table with the reason (default false).
+    #[serde(default)]
+    pub validate: bool,
+    /// The schema directory, relative to the relay file.
+    #[serde(default)]
+    pub schemas: Option<PathBuf>,
 }
 
 fn default_schema() -> String {
@@ -175,6 +183,12 @@ impl RelayConfig {
     pub fn check(&self) -> Vec<(Vec<String>, String)> {
         let at = |parts: &[&str]| parts.iter().map(|p| p.to_string()).collect::<Vec<_>>();
         let mut problems = Vec::new();
+        if self.validate && self.schemas.is_none() {
+            problems.push((
+                at(&["validate"]),
+                "validate: true needs `schemas:`, the schema directory to validate against".into(),
+            ));
+        }
         if let Err(e) = OutboxTable::new(&self.outbox.schema, &self.outbox.table) {
             problems.push((at(&["outbox"]), e.to_string()));
         }

@@ -14,13 +14,13 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use ecst_operators::postgres_tls::parse_postgres_url;
 use ecst_operators::redis_pool::{RedisConn, RedisManager, is_transport_error};
 use ecst_operators::sinks::postgres::config::quote;
-use ecst_schemas::Envelope;
 use ecst_schemas::partition::{
     Partitioning, check_partitioned_name, partition_of, partition_stream,
 };
 use ecst_schemas::wire::{
     BodyLimits, ContentType, FIELD_BODY, FIELD_CONTENT_TYPE, FIELD_TRACEPARENT, encode_body,
 };
+use ecst_schemas::{Envelope, SchemaRegistry};
 use futures::StreamExt;
 use serde_json::Value;
 use time::OffsetDateTime;
@@ -127,6 +127,8 @@ struct Relay<'a> {
     ct: ContentType,
     limits: BodyLimits,
     stats: Arc<RelayStats>,
+    /// What rows are checked against under `validate: true`.
+    schemas: Option<SchemaRegistry>,
 }
 
 /// Runs the relay until `shutdown` fires; the batch in flight finishes first.
@@ -146,6 +148,13 @@ pub async fn run(
     pg.connect_timeout(config.timeout.0);
     let redis = RedisManager::new(&config.redis, config.timeout.0)
         .map_err(|e| RelayError::Config(format!("redis {}: {e}", config.redis)))?;
+    let schemas = match (&config.schemas, config.validate) {
+        (Some(dir), true) => Some(
+            crate::schema_dir::load(dir)
+                .map_err(|errors| RelayError::Config(errors.to_string()))?,
+        ),
+        _ => None,
+    };
     let relay = Relay {
         config,
         outbox,
@@ -155,6 +164,7 @@ pub async fn run(
         ct: config.content_type.content_type(),
         limits: BodyLimits::default(),
         stats,
+        schemas,
     };
     relay.run(&mut shutdown).await
 }
@@ -713,6 +723,9 @@ impl Relay<'_> {
             payload,
             deleted,
         };
+        if let Some(schemas) = &self.schemas {
+            schemas.check_event(&stream, &envelope)?;
+        }
         let body =
             encode_body(&envelope, self.ct).map_err(|e| format!("cannot encode the event: {e}"))?;
         if body.len() > self.limits.max_bytes {

@@ -67,7 +67,8 @@ pub(super) async fn stream_until(
     let mut read_backoff = Backoff::new();
 
     let mut gap: Option<String> = None;
-    let mut halt: Option<String> = None;
+    // Why a stage stopped the worker; the batch that said so is never acked.
+    let mut halted: Option<String> = None;
     let mut last_gap_check = Instant::now();
     let bootstrap_on_gap = config
         .bootstrap
@@ -233,16 +234,9 @@ pub(super) async fn stream_until(
             let mut dag = dag.lock().await;
             batch_span.in_scope(|| dag.run(&entries, &mut outcomes))
         };
-        if let Some((entry, reason)) = outcomes.halt.take() {
-            // Not committed: the batch stays pending and is read again by a worker started
-            // with a pipeline that handles the entry.
-            tracing::error!(pipeline = %config.name, stream = %source_cfg.stream, entry = entries.get(entry).map_or("", |e| e.id.as_str()), %reason, "A stage stops the worker at this entry; the batch is left pending.");
-            if let Ok(mut ids) = in_flight_ids.lock() {
-                for id in &batch_ids {
-                    ids.remove(id);
-                }
-            }
-            halt = Some(reason);
+        if let Some(reason) = outcomes.halt.take() {
+            tracing::error!(pipeline = %config.name, stream = %source_cfg.stream, reason = %reason, "A stage stopped the worker; the batch stays pending.");
+            halted = Some(reason);
             break;
         }
         name_event_spans(&event_spans, &per_sink);
@@ -284,6 +278,9 @@ pub(super) async fn stream_until(
         tasks.abort_all();
         return Err(RunError::Abandoned(left));
     }
+    if let Some(reason) = halted {
+        return Err(RunError::Halted(reason));
+    }
     match shared.partition {
         // The counters are the worker's, not the partition's.
         Some(partition) => {
@@ -292,9 +289,6 @@ pub(super) async fn stream_until(
         None => {
             tracing::info!(pipeline = %config.name, stream = %source_cfg.stream, acked = stats.acked.load(Ordering::Relaxed), "Stopped reading.")
         }
-    }
-    if let Some(reason) = halt {
-        return Err(RunError::Halted(reason));
     }
     match gap {
         Some(gap) if bootstrap_on_gap => Ok(Some(gap)),

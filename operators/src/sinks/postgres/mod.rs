@@ -537,6 +537,24 @@ impl ComponentConfig for PostgresConfig {
         crate::stage::payload_reads_of(keys.iter().map(|k| k.from.as_str()))
     }
 
+    fn payload_paths(&self, _projected: bool) -> Vec<crate::stage::PayloadPath> {
+        // Key columns read the envelope whether or not the record was projected.
+        let columns = self.key.columns();
+        let many = matches!(self.key, config::KeySpec::Many(_));
+        columns
+            .iter()
+            .enumerate()
+            .filter_map(|(i, column)| {
+                let key = if many {
+                    format!("key.{i}.from")
+                } else {
+                    "key.from".to_string()
+                };
+                crate::stage::PayloadPath::of(key, &column.from)
+            })
+            .collect()
+    }
+
     async fn build_component(&self, ctx: &BuildContext) -> Result<BuiltStage, String> {
         Ok(BuiltStage::Sink(Arc::new(self.build(ctx).await?)))
     }

@@ -40,6 +40,7 @@ fn ctx(stage: &str) -> BuildContext {
         stage: stage.into(),
         source_redis: SecretUrl::new("redis://127.0.0.1:6379"),
         payload_reads: Default::default(),
+        schemas: None,
     }
 }
 

@@ -516,6 +516,19 @@ impl ComponentConfig for RedisHashConfig {
         }
     }
 
+    fn payload_paths(&self, _projected: bool) -> Vec<crate::stage::PayloadPath> {
+        // Placeholders read the envelope whether or not the record was projected.
+        KeyTemplate::parse(&self.key).map_or_else(
+            |_| Vec::new(),
+            |template| {
+                template
+                    .paths()
+                    .filter_map(|path| crate::stage::PayloadPath::of("key", path))
+                    .collect()
+            },
+        )
+    }
+
     async fn build_component(&self, ctx: &BuildContext) -> Result<BuiltStage, String> {
         Ok(BuiltStage::Sink(std::sync::Arc::new(self.build(ctx)?)))
     }

@@ -35,6 +35,7 @@ pub(super) fn sink(prefix: &str) -> RedisHashSink {
             stage: "cache".into(),
             source_redis: redis_url(),
             payload_reads: Default::default(),
+            schemas: None,
         })
         .unwrap()
 }
@@ -207,6 +208,7 @@ async fn unrenderable_keys_are_rejected_alone() {
             stage: "cache".into(),
             source_redis: redis_url(),
             payload_reads: Default::default(),
+            schemas: None,
         })
         .unwrap();
     let report = sink
@@ -238,6 +240,7 @@ async fn unreachable_redis_is_a_retryable_error() {
             stage: "cache".into(),
             source_redis: redis_url(),
             payload_reads: Default::default(),
+            schemas: None,
         })
         .unwrap();
     let err = sink
@@ -346,6 +349,7 @@ fn cluster_sink(prefix: &str, key: &str) -> RedisHashSink {
             stage: "cache".into(),
             source_redis: redis_url(),
             payload_reads: Default::default(),
+            schemas: None,
         })
         .unwrap()
 }
@@ -632,6 +636,7 @@ fn a_tombstone_prefix_with_braces_is_refused_on_a_cluster() {
             stage: "cache".into(),
             source_redis: crate::redis_pool::test_cluster_url(),
             payload_reads: Default::default(),
+            schemas: None,
         })
         .err()
         .unwrap();
