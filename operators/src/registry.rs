@@ -13,6 +13,7 @@ use crate::stage::{
 use crate::stages::decode::DecodeConfig;
 use crate::stages::project::ProjectConfig;
 use crate::stages::tombstone::TombstoneConfig;
+use crate::stages::upcast::UpcastConfig;
 use crate::stages::validate::ValidateConfig;
 use crate::stages::version_filter::VersionFilterConfig;
 
@@ -149,6 +150,8 @@ stage_types! {
     "validate" => Validate(ValidateConfig), Transform;
     /// Builds the replica record and filters with CEL.
     "project" => Project(ProjectConfig), Transform;
+    /// Carries older payload schema versions up to the latest.
+    "upcast" => Upcast(UpcastConfig), Transform;
     /// Writes Redis hashes behind a version guard.
     "redis_hash" => RedisHash(RedisHashConfig), Sink;
     /// Writes Postgres rows behind a version guard.
@@ -231,6 +234,7 @@ mod tests {
         let minimal = |name: &str| match name {
             "project" => serde_json::json!({"fields": {"a": "payload.a"}}),
             "redis_hash" => serde_json::json!({"key": "k:{aggregateId}"}),
+            "upcast" => serde_json::json!({"steps": [{"from": 1, "ops": [{"drop": "a"}]}]}),
             "postgres" => serde_json::json!({
                 "url": "postgres://127.0.0.1/db", "table": "t", "key": "id",
                 "columns": {"a": "text"}

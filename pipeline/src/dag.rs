@@ -44,6 +44,18 @@ fn payload_reads(
     reads
 }
 
+/// The payload members the stages of `config` read (what `decode` keeps), given the stages'
+/// topological `order`: for tools that build the stages without a [`Dag`].
+pub fn pipeline_payload_reads(config: &PipelineConfig, order: &[usize]) -> PayloadSelection {
+    let index: HashMap<&str, usize> = config
+        .stages
+        .iter()
+        .enumerate()
+        .map(|(i, s)| (s.name.as_str(), i))
+        .collect();
+    payload_reads(config, order, &index)
+}
+
 /// Every stage and sink of a pipeline, built, in the order they run.
 pub struct Dag {
     stats: Arc<Stats>,

@@ -20,7 +20,9 @@ mod cli;
 // glibc malloc was a quarter of the worker's CPU under load (perf); every event allocates.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-use cli::{bench, bench_relay, dlq, docs, init, publish, schema, stages, status, tap, test};
+use cli::{
+    bench, bench_relay, bench_stages, dlq, docs, init, publish, schema, stages, status, tap, test,
+};
 
 // `ecst` alone is a usage error: the help on stderr, exit 2 (clap's `arg_required_else_help`
 // convention), so that a script's `ecst && …` stops; `ecst --help` is the help asked for:
@@ -261,6 +263,9 @@ enum Command {
 enum BenchTarget {
     /// Outbox rows to stream entries per second, and the idle wake-up latency.
     Relay(bench_relay::RelayBenchArgs),
+    /// CPU per event of a pipeline's stages (not its sinks), in process, over generated
+    /// athlete events of schema versions 1, 2 and 3.
+    Stages(bench_stages::StagesBenchArgs),
 }
 
 #[derive(Subcommand)]
@@ -696,6 +701,10 @@ async fn execute(command: Command) -> anyhow::Result<ExitCode> {
             target: Some(BenchTarget::Relay(args)),
             ..
         } => bench_relay::bench_relay(args).await,
+        Command::Bench {
+            target: Some(BenchTarget::Stages(args)),
+            ..
+        } => bench_stages::bench_stages(args).await,
         Command::Bench { args, .. } => bench::bench(args).await,
         Command::Stages { name } => Ok(stages::stages(name.as_deref())),
         Command::Init(args) => init::init(args),

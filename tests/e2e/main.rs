@@ -30,6 +30,7 @@ mod tap;
 mod test_cmd;
 mod tls;
 mod traces;
+mod upcast;
 mod validate;
 mod validate_connect;
 mod verdict;

@@ -3,5 +3,6 @@
 pub mod decode;
 pub mod project;
 pub mod tombstone;
+pub mod upcast;
 pub mod validate;
 pub mod version_filter;
