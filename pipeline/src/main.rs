@@ -169,7 +169,7 @@ enum Command {
     #[command(after_help = concat!(
         "Examples:\n",
         "  ecst dlq pipeline.yaml list\n",
-        "  ecst dlq pipeline.yaml replay --reason 'schema athlete/v2.json*' --dry-run\n",
+        "  ecst dlq pipeline.yaml replay --reason invalid_event --dry-run\n",
     ))]
     Dlq(dlq::DlqArgs),
     /// Show live what a pipeline's running workers decide about each event.
@@ -202,7 +202,11 @@ enum Command {
     ))]
     Snapshot(SnapshotCommand),
     /// Schema directories: check a change for CI.
-    #[command(subcommand)]
+    #[command(subcommand, after_help = concat!(
+        "Examples:\n",
+        "  ecst schema check git:origin/main:schemas schemas\n",
+        "  ecst schema check --json old-schemas/ schemas/\n",
+    ))]
     Schema(schema::SchemaCommand),
     /// Measure throughput and latency against the ceiling measured on this machine.
     #[command(args_conflicts_with_subcommands = true, after_help = concat!(

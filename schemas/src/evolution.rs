@@ -121,7 +121,24 @@ pub fn subject_modes(
 /// Compares the `base` registry with the `proposed` one.
 pub fn compare(base: &SchemaRegistry, proposed: &SchemaRegistry) -> EvolutionReport {
     let mut report = EvolutionReport::default();
-    let modes = subject_modes(proposed, &mut report.notes);
+    let mut modes = subject_modes(proposed, &mut report.notes);
+    // A change that loosens a subject's mode and adds a version the old mode refuses would
+    // pass on the new mode alone: new versions answer to the stricter of the two, so the
+    // mode changes first, in a change of its own.
+    let base_modes = subject_modes(base, &mut Vec::new());
+    for (subject, mode) in &mut modes {
+        let declared_in_base = base.streams().any(|s| &s.aggregate_type == subject);
+        let Some(&was) = base_modes.get(subject).filter(|_| declared_in_base) else {
+            continue;
+        };
+        let stricter = was.strictest(*mode);
+        if stricter != *mode {
+            report.notes.push(format!(
+                "{subject}: compatibility loosened from {was} to {mode}; this change's new versions are checked under {stricter}, so land the mode change on its own first"
+            ));
+            *mode = stricter;
+        }
+    }
 
     for subject in base.subjects() {
         for old in subject.versions() {
@@ -381,6 +398,49 @@ mod tests {
             report.findings[0].message,
             "breaks FORWARD: v1 cannot read data written with v2"
         );
+    }
+
+    #[test]
+    fn loosening_the_mode_in_the_change_that_breaks_it_does_not_pass() {
+        let base = registry(vec![
+            ("athlete/v1.json", athlete(json!({}))),
+            (
+                "streams/athletes.v1.yaml",
+                stream("athletes.v1", "id", "FORWARD"),
+            ),
+        ]);
+        let loosened_and_broken = registry(vec![
+            ("athlete/v1.json", athlete(json!({}))),
+            (
+                "athlete/v2.json",
+                athlete(json!({"name": {"type": "integer"}})),
+            ),
+            (
+                "streams/athletes.v1.yaml",
+                stream("athletes.v1", "id", "NONE"),
+            ),
+        ]);
+        let report = compare(&base, &loosened_and_broken);
+        assert_eq!(
+            rules(&report),
+            vec![("athlete/v2.json", "TYPE_CHANGED", "/properties/name")]
+        );
+        assert!(
+            report
+                .notes
+                .iter()
+                .any(|n| n.contains("loosened from FORWARD to NONE")),
+            "{:?}",
+            report.notes
+        );
+        let loosened_alone = registry(vec![
+            ("athlete/v1.json", athlete(json!({}))),
+            (
+                "streams/athletes.v1.yaml",
+                stream("athletes.v1", "id", "NONE"),
+            ),
+        ]);
+        assert_eq!(rules(&compare(&base, &loosened_alone)), vec![]);
     }
 
     #[test]

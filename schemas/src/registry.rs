@@ -404,11 +404,14 @@ impl SchemaRegistry {
 
     /// Checks an event a producer is about to publish to `stream`: its payload fits the
     /// schema of its `(aggregateType, schemaVersion)` and its `aggregateId` is the payload's
-    /// partition key. Tombstones (no payload) pass.
+    /// partition key. Tombstones (no payload, or `deleted: true`) pass.
     pub fn check_event(&self, stream: &str, event: &Envelope) -> Result<(), String> {
         let spec = self
             .stream(stream)
             .ok_or_else(|| format!("no stream file {STREAMS_DIR}/{stream}.yaml"))?;
+        if event.is_tombstone() {
+            return Ok(());
+        }
         let Some(payload) = event.payload.as_ref().filter(|p| !p.is_null()) else {
             return Ok(());
         };

@@ -356,7 +356,7 @@ stages:
     );
     assert_eq!(code, Some(1), "{errors}");
     for expected in [
-        "FILE:2:1: sorce: unknown key `sorce` (expected name, source, stages, bootstrap); did you mean `source`?",
+        "FILE:2:1: sorce: unknown key `sorce` (expected name, source, stages, bootstrap, schemas, tests); did you mean `source`?",
         "source.claim_idel: unknown field `claim_idel`, expected one of",
         "; did you mean `claim_idle`?",
         "stages.latest.type: unknown stage type `version_fliter` (expected one of",

@@ -65,28 +65,36 @@ pub enum Verdict {
 impl Validate {
     /// Checks one event against the schema of its `(aggregateType, schemaVersion)`.
     pub fn check(&self, event: &Envelope) -> Verdict {
+        // A delete may carry the last state (`deleted: true`); it must reach the tombstone
+        // stage whatever that state looks like.
+        if event.is_tombstone() {
+            return Verdict::Valid;
+        }
         let Some(payload) = event.payload.as_ref().filter(|p| !p.is_null()) else {
             return Verdict::Valid;
         };
-        let (Some(aggregate_type), Some(version)) =
-            (event.aggregate_type.as_deref(), event.schema_version)
-        else {
-            return Verdict::Unknown(format!(
-                "no schema to validate against: the event has no {}",
-                if event.aggregate_type.is_none() {
-                    "aggregateType"
-                } else {
-                    "schemaVersion"
-                }
-            ));
+        let Some(aggregate_type) = event.aggregate_type.as_deref() else {
+            return Verdict::Unknown(
+                "no schema to validate against: the event has no aggregateType".into(),
+            );
         };
-        let schema = u32::try_from(version)
-            .ok()
-            .and_then(|v| self.schemas.schema(aggregate_type, v));
+        // No `schemaVersion` (a snapshot row, say) means the latest, as `upcast` reads it.
+        let schema = match event.schema_version {
+            Some(version) => u32::try_from(version)
+                .ok()
+                .and_then(|v| self.schemas.schema(aggregate_type, v)),
+            None => self
+                .schemas
+                .subject(aggregate_type)
+                .map(|subject| subject.latest()),
+        };
         let Some(schema) = schema else {
-            return Verdict::Unknown(format!(
-                "no schema for aggregateType {aggregate_type:?} schemaVersion {version}"
-            ));
+            return Verdict::Unknown(match event.schema_version {
+                Some(version) => format!(
+                    "no schema for aggregateType {aggregate_type:?} schemaVersion {version}"
+                ),
+                None => format!("no schema for aggregateType {aggregate_type:?}"),
+            });
         };
         match schema.violations(payload) {
             None => Verdict::Valid,
@@ -291,6 +299,28 @@ mod tests {
                 r#"entry 1-1: no schema for aggregateType "athlete" schemaVersion 7 (validate on_unknown_version: fail)"#
             )
         );
+    }
+
+    #[test]
+    fn deletes_pass_whatever_their_payload_and_no_version_means_the_latest() {
+        let event = |body: Value| {
+            let mut base =
+                json!({"aggregateType": "athlete", "aggregateId": "a", "aggregateVersion": 3});
+            base.as_object_mut()
+                .unwrap()
+                .extend(body.as_object().unwrap().clone());
+            Record::new(0, EnvelopeKeys::default().read(&base).unwrap())
+        };
+        let stage = ValidateConfig::default().build(registry());
+        let delete = event(json!({"schemaVersion": 1, "deleted": true, "payload": {"id": 1}}));
+        assert_eq!(stage.check(&delete.event), Verdict::Valid);
+        let unversioned = event(json!({"payload": {"id": "a", "countryCode": "GB"}}));
+        assert_eq!(stage.check(&unversioned.event), Verdict::Valid);
+        let unversioned_bad = event(json!({"payload": {"id": "a", "countryCode": "gb"}}));
+        assert!(matches!(
+            stage.check(&unversioned_bad.event),
+            Verdict::Invalid(reason) if reason.starts_with("schema athlete/v1.json: /countryCode")
+        ));
     }
 
     #[test]

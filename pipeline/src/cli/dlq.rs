@@ -329,6 +329,15 @@ impl DeadLetters {
         } else {
             for id in &select.ids {
                 let letter = self.one(id).await?;
+                // A shared dead-letter stream holds other pipelines' letters: not ours to touch.
+                if letter.meta("group") != self.group {
+                    bail!(
+                        "dead letter {id} in {} belongs to group {:?}, not to this pipeline's group {:?}",
+                        self.stream,
+                        letter.meta("group"),
+                        self.group
+                    );
+                }
                 if matches_reason(&letter) && in_time(&letter) {
                     selected.push(letter);
                 }

@@ -101,6 +101,10 @@ pub(crate) async fn tap(args: TapArgs) -> anyhow::Result<ExitCode> {
     let mut shown = 0u64;
     let mut last_beat = Instant::now();
     let mut stdout = std::io::stdout();
+    // One signal future for the whole loop: a Ctrl-C that arrives during the heartbeat or
+    // while printing is kept for the next poll instead of being dropped with a new future.
+    let ctrl_c = tokio::signal::ctrl_c();
+    tokio::pin!(ctrl_c);
     let result: anyhow::Result<()> = async {
         loop {
             if last_beat.elapsed() >= WATCH_EVERY {
@@ -119,7 +123,7 @@ pub(crate) async fn tap(args: TapArgs) -> anyhow::Result<ExitCode> {
             let read_once = xread.query_async::<redis::Value>(&mut read);
             let reply = tokio::select! {
                 reply = read_once => reply.with_context(|| format!("XREAD {stream}"))?,
-                _ = tokio::signal::ctrl_c() => return Ok(()),
+                _ = &mut ctrl_c => return Ok(()),
             };
             let entries = match reply {
                 redis::Value::Array(streams) => streams

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ecst_operators::registry::{STAGE_TYPES, is_root_type, is_sink_type};
+use ecst_operators::stages::upcast::SCHEMA_VERSION_FIELD;
 use ecst_operators::{ConfigDuration, SecretUrl, StageConfig};
 use ecst_schemas::SchemaRegistry;
 use serde::{Deserialize, Deserializer};
@@ -704,6 +705,8 @@ fn check_against_schemas(
     // A stage's records are projected when every input's went through a `project` stage
     // (as `dag` decides what `decode` keeps).
     let mut projected = vec![false; reads.len()];
+    // Records that went through `upcast` also carry the member it adds.
+    let mut upcast = vec![false; reads.len()];
     for i in order {
         let read = &reads[i];
         let inputs: Vec<usize> = read
@@ -716,9 +719,12 @@ fn check_against_schemas(
             continue;
         };
         projected[i] = fed_projected || config.is_projection();
+        let fed_upcast = inputs.iter().any(|&j| upcast[j]);
+        upcast[i] = fed_upcast || matches!(config, StageConfig::Upcast(_));
         for payload_path in config.payload_paths(fed_projected) {
             let members: Vec<&str> = payload_path.members.iter().map(String::as_str).collect();
-            if !latest.declares(&members) {
+            let added_by_upcast = fed_upcast && members == [SCHEMA_VERSION_FIELD];
+            if !added_by_upcast && !latest.declares(&members) {
                 let mut at = path(&["stages", &read.name]);
                 at.extend(payload_path.key.split('.').map(str::to_string));
                 c.at(

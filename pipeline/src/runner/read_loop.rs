@@ -268,9 +268,6 @@ pub(super) async fn stream_until(
             )
             .instrument(batch_span)
             .await;
-            if let (Some(trace), Some((shared, ids))) = (trace, tapped) {
-                publish_to_tap(&shared, &ids, &trace).await;
-            }
             // The events' spans end when their batch is acked.
             drop(event_spans);
             if let Ok(mut ids) = in_flight_ids.lock() {
@@ -278,7 +275,12 @@ pub(super) async fn stream_until(
                     ids.remove(id);
                 }
             }
+            // The batch's slot is free before the tap is written to: a slow tap write must
+            // not hold back the next read.
             drop(permit);
+            if let (Some(trace), Some((shared, ids))) = (trace, tapped) {
+                publish_to_tap(&shared, &ids, &trace).await;
+            }
         });
     }
 

@@ -170,6 +170,29 @@ pub fn compare(pipeline: &PipelineConfig, case: &TestCase, run: &CaseRun) -> Vec
             }
         }
     }
+    match (&case.expect.stopped, &run.stopped) {
+        (None, None) => {}
+        (Some(want), got) => {
+            let matched = regex::Regex::new(want)
+                .ok()
+                .zip(got.as_ref())
+                .is_some_and(|(pattern, reason)| pattern.is_match(reason));
+            if !matched {
+                mismatches.push(Mismatch {
+                    at: "stop".into(),
+                    expected: format!("the worker stops with a reason matching /{want}/"),
+                    actual: got
+                        .as_ref()
+                        .map_or("it did not stop".into(), |reason| format!("{reason:?}")),
+                });
+            }
+        }
+        (None, Some(reason)) => mismatches.push(Mismatch {
+            at: "stop".into(),
+            expected: "the worker does not stop".into(),
+            actual: format!("stopped: {reason:?}"),
+        }),
+    }
     for (stage, decisions) in &case.expect.decisions {
         for (entry, want) in decisions {
             let Ok(entry) = entry.parse::<usize>() else {

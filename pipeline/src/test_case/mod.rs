@@ -73,6 +73,10 @@ pub struct Expect {
     /// ...; `none` when the entry never reached it).
     #[serde(default)]
     pub decisions: BTreeMap<String, BTreeMap<String, String>>,
+    /// A regular expression the reason matches when a stage stops the worker (a `fail`
+    /// policy); without it, a case whose worker would stop fails.
+    #[serde(default)]
+    pub stopped: Option<String>,
 }
 
 /// A dead letter a case expects.
@@ -210,6 +214,10 @@ fn check_cases(
                 let message = format!("not a regular expression: {e}");
                 problems.push((at(&["expect", "dead_letters", &j, "reason"]), message));
             }
+        }
+        if let Some(Err(e)) = case.expect.stopped.as_deref().map(regex::Regex::new) {
+            let message = format!("not a regular expression: {e}");
+            problems.push((at(&["expect", "stopped"]), message));
         }
         for (name, decisions) in &case.expect.decisions {
             if pipeline.is_some() && stage(name).is_none() {

@@ -555,11 +555,23 @@ impl Sink for PostgresSink {
                 s = config::quote(&c.schema),
                 t = config::quote(&c.table),
             );
+            // Two full-table max()es: bounded by the server too (a statement a timed-out
+            // client dropped would otherwise run on and hold the connection), and the
+            // connection leaves the pool unless the read answered.
+            let limited = format!(
+                "BEGIN READ ONLY; SET LOCAL statement_timeout = {}",
+                c.timeout.0.as_millis().max(1)
+            );
+            let mut conn = self.connection().await.ok()?;
+            conn.broken = true;
             let read = async {
-                let conn = self.connection().await.ok()?;
-                conn.client.query_one(&sql, &[]).await.ok()
+                conn.client.batch_execute(&limited).await.ok()?;
+                let row = conn.client.query_one(&sql, &[]).await.ok();
+                conn.client.batch_execute("COMMIT").await.ok()?;
+                row
             };
             let row = tokio::time::timeout(c.timeout.0, read).await.ok()??;
+            conn.broken = false;
             Some(ReplicaFreshness {
                 newest_occurred_ms: row.try_get(0).ok().flatten(),
                 replicated_ms: row.try_get(1).ok().flatten(),
