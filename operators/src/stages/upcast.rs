@@ -5,9 +5,10 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use cel::common::ast::{EntryExpr, Expr, IdedEntryExpr};
 use cel::extractors::This;
 use cel::objects::{Key, Map as CelMap};
-use cel::{Context, Program, Value as CelValue};
+use cel::{Context, IdedExpr, Program, Value as CelValue};
 use ecst_schemas::{Envelope, EnvelopePath, PayloadSelection};
 use serde::Deserialize;
 use serde_json::{Map, Value};
@@ -351,9 +352,75 @@ enum OpKind {
         program: Arc<Program>,
         /// The envelope members the expression names, other than `payload`.
         envelope: Vec<(String, EnvelopePath)>,
-        reads_payload: bool,
+        payload: PayloadUse,
     },
 }
+
+/// What of the payload a `compute` expression reads, so that only that is handed to CEL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum PayloadUse {
+    /// The expression does not name `payload`.
+    Nothing,
+    /// Only `payload.<member>` selections of these members.
+    Members(Vec<String>),
+    /// `payload` itself (passed to a function, indexed, inside a comprehension).
+    Whole,
+}
+
+impl PayloadUse {
+    /// Walks the expression for its uses of `payload`.
+    fn of(expression: &IdedExpr) -> PayloadUse {
+        let mut members = Vec::new();
+        if payload_members(expression, &mut members) {
+            members.sort();
+            members.dedup();
+            if members.is_empty() {
+                PayloadUse::Nothing
+            } else {
+                PayloadUse::Members(members)
+            }
+        } else {
+            PayloadUse::Whole
+        }
+    }
+}
+
+/// Adds to `members` the `payload.<member>` selections in `expr`; false when `payload` is used
+/// any other way, or where a comprehension may rebind names.
+fn payload_members(expr: &IdedExpr, members: &mut Vec<String>) -> bool {
+    match &expr.expr {
+        Expr::Select(select) => match &select.operand.expr {
+            Expr::Ident(name) if name == PAYLOAD => {
+                members.push(select.field.clone());
+                true
+            }
+            _ => payload_members(&select.operand, members),
+        },
+        Expr::Ident(name) => name != PAYLOAD,
+        Expr::Call(call) => {
+            call.target
+                .as_deref()
+                .is_none_or(|target| payload_members(target, members))
+                && call.args.iter().all(|arg| payload_members(arg, members))
+        }
+        Expr::List(list) => list.elements.iter().all(|e| payload_members(e, members)),
+        Expr::Map(map) => map.entries.iter().all(|e| entry_members(e, members)),
+        Expr::Struct(st) => st.entries.iter().all(|e| entry_members(e, members)),
+        Expr::Comprehension(_) => false,
+        Expr::Literal(_) | Expr::Unspecified => true,
+    }
+}
+
+fn entry_members(entry: &IdedEntryExpr, members: &mut Vec<String>) -> bool {
+    match &entry.expr {
+        EntryExpr::StructField(field) => payload_members(&field.value, members),
+        EntryExpr::MapEntry(pair) => {
+            payload_members(&pair.key, members) && payload_members(&pair.value, members)
+        }
+    }
+}
+
+const PAYLOAD: &str = "payload";
 
 impl Op {
     fn build(from: i64, index: usize, config: &OpConfig) -> Result<Op, String> {
@@ -401,12 +468,16 @@ impl Op {
                     .filter(|name| **name != "payload")
                     .filter_map(|name| Some((name.to_string(), EnvelopePath::parse(name)?)))
                     .collect();
-                let reads_payload = names.contains(&"payload");
+                let payload = if names.contains(&PAYLOAD) {
+                    PayloadUse::of(program.expression())
+                } else {
+                    PayloadUse::Nothing
+                };
                 OpKind::Compute {
                     path: path(&op.path),
                     program: Arc::new(program),
                     envelope,
-                    reads_payload,
+                    payload,
                 }
             }
         };
@@ -568,11 +639,18 @@ impl Upcast {
                 path,
                 program,
                 envelope,
-                reads_payload,
+                payload: reads,
             } => {
                 let mut scope = self.functions.new_inner_scope();
-                if *reads_payload {
-                    scope.add_variable_from_value("payload", cel_map(payload));
+                match reads {
+                    PayloadUse::Nothing => {}
+                    PayloadUse::Members(names) => scope.add_variable_from_value(
+                        PAYLOAD,
+                        cel_map(names.iter().filter_map(|name| payload.get_key_value(name))),
+                    ),
+                    PayloadUse::Whole => {
+                        scope.add_variable_from_value(PAYLOAD, cel_map(payload.iter()))
+                    }
                 }
                 for (name, member) in envelope {
                     if let Some(value) = event.get(member) {
@@ -648,9 +726,8 @@ fn lower_ascii(This(text): This<Arc<String>>) -> Arc<String> {
     Arc::new(text.to_ascii_lowercase())
 }
 
-fn cel_map(map: &Map<String, Value>) -> CelValue {
-    let entries: HashMap<Key, CelValue> = map
-        .iter()
+fn cel_map<'a>(members: impl Iterator<Item = (&'a String, &'a Value)>) -> CelValue {
+    let entries: HashMap<Key, CelValue> = members
         .map(|(k, v)| (Key::String(Arc::new(k.clone())), cel_value(v)))
         .collect();
     CelValue::Map(CelMap {
@@ -669,7 +746,7 @@ fn cel_value(value: &Value) -> CelValue {
         },
         Value::String(s) => CelValue::String(Arc::new(s.clone())),
         Value::Array(items) => CelValue::List(Arc::new(items.iter().map(cel_value).collect())),
-        Value::Object(map) => cel_map(map),
+        Value::Object(map) => cel_map(map.iter()),
     }
 }
 
@@ -776,6 +853,23 @@ mod tests {
     use super::*;
     use ecst_schemas::EnvelopeKeys;
     use serde_json::json;
+
+    #[test]
+    fn compute_hands_cel_only_the_payload_members_it_selects() {
+        let uses = |expr: &str| PayloadUse::of(Program::compile(expr).unwrap().expression());
+        assert_eq!(
+            uses("payload.country.upperAscii() + payload.name + payload.country"),
+            PayloadUse::Members(vec!["country".into(), "name".into()])
+        );
+        assert_eq!(
+            uses("has(payload.tier) ? payload.tier : 'standard'"),
+            PayloadUse::Members(vec!["tier".into()])
+        );
+        assert_eq!(uses("size(payload)"), PayloadUse::Whole);
+        assert_eq!(uses("payload['country']"), PayloadUse::Whole);
+        assert_eq!(uses("[1, 2].map(x, x + payload.points)"), PayloadUse::Whole);
+        assert_eq!(uses("aggregateId + '!'"), PayloadUse::Nothing);
+    }
 
     fn config(yaml_like: Value) -> UpcastConfig {
         serde_json::from_value(yaml_like).unwrap()
