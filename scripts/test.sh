@@ -24,14 +24,17 @@ RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked
 echo "== doc tests"
 # No --quiet: this is the first build of the test profile, minutes long on a fresh clone.
 cargo test --workspace --locked --doc
+echo "== ecst test examples/*.yaml"
+cargo build --locked -p ecst
+# The examples' pipeline cases, with the debug binary (the tests below reuse its build), against
+# the same Redis and Postgres (each case in a key prefix and schema of its own, removed
+# afterwards). The bench examples' keys are written out in their cases, so their prefix must be
+# the default.
+env -u ECST_BENCH_PREFIX ECST_LOG=error target/debug/ecst test examples/*.yaml
+# Last, so that the runner's summary line ends the output.
 echo "== tests"
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --workspace --locked --no-fail-fast
 else
   cargo test --workspace --locked --no-fail-fast
 fi
-echo "== ecst test examples/*.yaml"
-# The examples' pipeline cases, with the debug binary the tests above built, against the same
-# Redis and Postgres (each case in a key prefix and schema of its own, removed afterwards). The
-# bench examples' keys are written out in their cases, so their prefix must be the default.
-env -u ECST_BENCH_PREFIX ECST_LOG=error target/debug/ecst test examples/*.yaml

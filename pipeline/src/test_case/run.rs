@@ -223,9 +223,10 @@ async fn connect_postgres(url: &SecretUrl) -> Result<tokio_postgres::Client, Tes
     tokio::spawn(connection);
     // Every statement of a case (schema creation, replica reads, the drop) is bounded by the
     // server: a DROP queued behind a lock must not hang the run.
-    client
-        .batch_execute("SET statement_timeout = '30s'; SET lock_timeout = '30s'")
+    let configure = client.batch_execute("SET statement_timeout = '30s'; SET lock_timeout = '30s'");
+    tokio::time::timeout(Duration::from_secs(10), configure)
         .await
+        .map_err(|_| TestError(format!("Postgres at {url} did not answer: timed out")))?
         .map_err(|e| TestError(format!("cannot configure the session on {url}: {e}")))?;
     Ok(client)
 }
