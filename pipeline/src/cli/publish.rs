@@ -127,8 +127,8 @@ pub(crate) async fn publish(args: PublishArgs) -> anyhow::Result<ExitCode> {
     // One pipeline per partition: a Redis Cluster takes a pipeline only within one slot, and
     // each partition keeps its lines' order.
     let mut pipes: Vec<redis::Pipeline> = (0..partitions).map(|_| redis::pipe()).collect();
-    let mut queued = 0;
-    // With --strict, every line is checked before any is published: they wait here.
+    // Lines wait here: all of them with --strict (nothing is published if one is bad),
+    // 1000 at a time otherwise.
     let mut held: Vec<(u32, Vec<u8>)> = Vec::new();
     for (number, line) in reader.lines().enumerate() {
         let number = number + 1;
@@ -145,23 +145,20 @@ pub(crate) async fn publish(args: PublishArgs) -> anyhow::Result<ExitCode> {
                 continue;
             }
         };
-        if args.strict {
-            held.push((partition, body));
-            continue;
-        }
-        queue(
-            &mut pipes,
-            &args.stream,
-            partition,
-            partitions,
-            maxlen,
-            ct,
-            body,
-        );
-        queued += 1;
-        if queued == 1000 {
+        held.push((partition, body));
+        if !args.strict && held.len() == 1000 {
+            for (partition, body) in held.drain(..) {
+                queue(
+                    &mut pipes,
+                    &args.stream,
+                    partition,
+                    partitions,
+                    maxlen,
+                    ct,
+                    &body,
+                );
+            }
             flush(&mut conn, &mut pipes, &mut published).await?;
-            queued = 0;
         }
     }
     if args.strict && bad > 0 {
@@ -171,23 +168,18 @@ pub(crate) async fn publish(args: PublishArgs) -> anyhow::Result<ExitCode> {
         );
         return Ok(ExitCode::from(1));
     }
-    for (partition, body) in held {
-        queue(
-            &mut pipes,
-            &args.stream,
-            partition,
-            partitions,
-            maxlen,
-            ct,
-            body,
-        );
-        queued += 1;
-        if queued == 1000 {
-            flush(&mut conn, &mut pipes, &mut published).await?;
-            queued = 0;
+    for chunk in held.chunks(1000) {
+        for (partition, body) in chunk {
+            queue(
+                &mut pipes,
+                &args.stream,
+                *partition,
+                partitions,
+                maxlen,
+                ct,
+                body,
+            );
         }
-    }
-    if queued > 0 {
         flush(&mut conn, &mut pipes, &mut published).await?;
     }
     eprintln!(
@@ -248,7 +240,7 @@ fn queue(
     partitions: u32,
     maxlen: Option<u64>,
     ct: ContentType,
-    body: Vec<u8>,
+    body: &[u8],
 ) {
     let key = partition_stream(stream, partition, partitions);
     let Some(pipe) = pipes.get_mut(partition as usize) else {
