@@ -433,6 +433,7 @@ fn probe_key(sink: &RedisHashConfig) -> Option<String> {
         aggregate_id: PROBE_ID.to_string(),
         aggregate_version: 0,
         payload: None,
+        payload_ref: None,
         deleted: false,
     };
     KeyTemplate::parse(&sink.key)

@@ -239,6 +239,7 @@ mod tests {
                 aggregate_id: id.into(),
                 aggregate_version: version,
                 payload: Some(serde_json::json!({})),
+                payload_ref: None,
                 deleted: false,
             },
         )

@@ -721,6 +721,7 @@ impl Relay<'_> {
             aggregate_id,
             aggregate_version,
             payload,
+            payload_ref: None,
             deleted,
         };
         if let Some(schemas) = &self.schemas {
