@@ -5,7 +5,7 @@
 //! - [`record`]: what flows between stages ([`Record`], [`Action`]) and what a batch reports
 //!   besides its records ([`Outcomes`]).
 //! - [`stage`]: the small traits every component implements ([`Stage`] for synchronous batch
-//!   transforms, [`Sink`] for the async leaves, [`stage::ComponentConfig`] for their configs).
+//!   transforms, [`AsyncStage`] for those that wait on a service, [`Sink`] for the async leaves, [`stage::ComponentConfig`] for their configs).
 //! - [`registry`]: the closed set of stage types, each named once ([`StageConfig`]).
 //! - [`dead_letter`]: why an entry was dead-lettered ([`DeadLetterReason`]).
 //! - [`error`]: [`SinkError`] and [`BuildError`].
@@ -39,4 +39,6 @@ pub use error::{BuildError, SinkError};
 pub use record::{Action, DropReason, FieldNames, Fields, Outcomes, RawEntry, Record};
 pub use registry::StageConfig;
 pub use secret::SecretUrl;
-pub use stage::{BuildContext, BuiltStage, PayloadPath, ReplicaFreshness, Sink, SinkReport, Stage};
+pub use stage::{
+    AsyncStage, BuildContext, BuiltStage, PayloadPath, ReplicaFreshness, Sink, SinkReport, Stage,
+};
