@@ -45,6 +45,22 @@ pub enum DeadLetterReason {
     Trimmed,
     /// A snapshot row (bootstrap, reconcile) is not a valid row.
     InvalidSnapshotRow(String),
+    /// The claim-checked payload a `payloadRef` names is not in its store (expired, never
+    /// written, deleted) after the stage's retries.
+    ClaimMissing {
+        /// The store's key.
+        key: String,
+        /// Attempts made.
+        attempts: u32,
+    },
+    /// The claim-checked payload is there but is not the body the reference names (size,
+    /// hash), or is not a JSON object within the stage's limits.
+    ClaimCorrupt {
+        /// The store's key.
+        key: String,
+        /// What is wrong with it.
+        problem: String,
+    },
 }
 
 impl DeadLetterReason {
@@ -56,6 +72,7 @@ impl DeadLetterReason {
         "max_deliveries",
         "trimmed",
         "snapshot",
+        "claim",
     ];
 
     /// The stable, bounded label of the reason's kind (`invalid_event`, `sink_rejected`, ...).
@@ -70,6 +87,9 @@ impl DeadLetterReason {
             DeadLetterReason::MaxDeliveries { .. } => "max_deliveries",
             DeadLetterReason::Trimmed => "trimmed",
             DeadLetterReason::InvalidSnapshotRow(_) => "snapshot",
+            DeadLetterReason::ClaimMissing { .. } | DeadLetterReason::ClaimCorrupt { .. } => {
+                "claim"
+            }
         }
     }
 
@@ -108,6 +128,12 @@ impl fmt::Display for DeadLetterReason {
             }
             DeadLetterReason::Trimmed => f.write_str("trimmed before applied"),
             DeadLetterReason::InvalidSnapshotRow(message) => f.write_str(message),
+            DeadLetterReason::ClaimMissing { key, attempts } => {
+                write!(f, "claim `{key}` not found after {attempts} attempts")
+            }
+            DeadLetterReason::ClaimCorrupt { key, problem } => {
+                write!(f, "claim `{key}` is corrupt: {problem}")
+            }
         }
     }
 }
@@ -135,6 +161,14 @@ mod tests {
             DeadLetterReason::MaxDeliveries { count: 6, max: 5 },
             DeadLetterReason::Trimmed,
             DeadLetterReason::InvalidSnapshotRow("snapshot line is not JSON".into()),
+            DeadLetterReason::ClaimMissing {
+                key: "ecst:claim:sha256:ab".into(),
+                attempts: 4,
+            },
+            DeadLetterReason::ClaimCorrupt {
+                key: "ecst:claim:sha256:ab".into(),
+                problem: "size 3 bytes, reference says 5".into(),
+            },
         ];
         for reason in &reasons {
             assert!(
@@ -161,6 +195,14 @@ mod tests {
         assert_eq!(
             reasons[4].to_string(),
             "delivered 6 times, over max_deliveries 5"
+        );
+        assert_eq!(
+            reasons[7].to_string(),
+            "claim `ecst:claim:sha256:ab` not found after 4 attempts"
+        );
+        assert_eq!(
+            reasons[8].to_string(),
+            "claim `ecst:claim:sha256:ab` is corrupt: size 3 bytes, reference says 5"
         );
     }
 }

@@ -15,11 +15,14 @@
 //! - [`replica`]: reading a replica back for reconciliation ([`replica::Replica`]).
 //! - [`redis_pool`]: the one Redis connection type (one server or a cluster), its URLs (TLS,
 //!   credentials, `redis+cluster://`) and pool, and how a Redis failure is classified.
+//! - [`claim`]: claim stores for payloads too large for the stream ([`claim::ClaimStore`],
+//!   [`claim::RedisClaimStore`]).
 //! - [`secret`]: connection strings that never print their passwords.
 //! - [`duration`]: the `500ms` / `2s` / `7d` durations config files use.
 #![forbid(unsafe_code)]
 #![warn(missing_docs, unreachable_pub)]
 
+pub mod claim;
 pub mod dead_letter;
 pub mod duration;
 pub mod error;

@@ -10,6 +10,7 @@ use crate::sinks::redis_hash::RedisHashConfig;
 use crate::stage::{
     BuildContext, BuildError, BuiltStage, ComponentConfig, ConfigProblem, KeyDoc, PayloadPath,
 };
+use crate::stages::claim_check::ClaimCheckConfig;
 use crate::stages::decode::DecodeConfig;
 use crate::stages::project::ProjectConfig;
 use crate::stages::tombstone::TombstoneConfig;
@@ -152,6 +153,8 @@ stage_types! {
     "project" => Project(ProjectConfig), Transform;
     /// Carries older payload schema versions up to the latest.
     "upcast" => Upcast(UpcastConfig), Transform;
+    /// Resolves claim-checked payloads (payloadRef) from the claim store.
+    "claim_check" => ClaimCheck(ClaimCheckConfig), Transform;
     /// Writes Redis hashes behind a version guard.
     "redis_hash" => RedisHash(RedisHashConfig), Sink;
     /// Writes Postgres rows behind a version guard.

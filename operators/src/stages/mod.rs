@@ -1,5 +1,6 @@
 //! The transform stages, one file each.
 
+pub mod claim_check;
 pub mod decode;
 pub mod project;
 pub mod tombstone;

@@ -1,0 +1,54 @@
+//! Claim stores: where producers put payloads too large for the stream, and where the
+//! `claim_check` stage reads them back. A store is a trait so that an HTTP/S3-style store can
+//! sit next to the Redis one ([`RedisClaimStore`]).
+//!
+//! Bodies are content-addressed (`...sha256:<hex>`): writing the same body twice writes one
+//! key, and a reference can be checked against what it names. Stored bodies are removed by
+//! their TTL only; the TTL must outlive the stream's retention plus the longest consumer lag.
+
+mod redis;
+
+use std::future::Future;
+use std::pin::Pin;
+
+use ecst_schemas::ClaimRef;
+
+pub use self::redis::RedisClaimStore;
+
+/// Why a claim store could not answer (the store is down or slow; the caller retries).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClaimStoreError {
+    /// The store did not answer, or answered with an error.
+    #[error("claim store {store} unavailable: {message}")]
+    Unavailable {
+        /// The store's name and address (no secrets).
+        store: String,
+        /// What went wrong.
+        message: String,
+    },
+    /// A reference names a store this one is not.
+    #[error("reference names store `{named}`, this store is `{this}`")]
+    WrongStore {
+        /// The store the reference names.
+        named: String,
+        /// This store's name.
+        this: &'static str,
+    },
+}
+
+/// Future returned by a [`ClaimStore`] call.
+pub type ClaimFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, ClaimStoreError>> + Send + 'a>>;
+
+/// A store of claim-checked bodies.
+pub trait ClaimStore: Send + Sync {
+    /// The store name references carry (`redis`).
+    fn name(&self) -> &'static str;
+
+    /// Stores `body` under its content address and returns the reference to publish.
+    fn put<'a>(&'a self, body: &'a [u8]) -> ClaimFuture<'a, ClaimRef>;
+
+    /// Fetches the bodies `refs` name, in order, in one round trip where the store allows;
+    /// `None` for a body the store does not hold.
+    fn get_many<'a>(&'a self, refs: &'a [&'a ClaimRef]) -> ClaimFuture<'a, Vec<Option<Vec<u8>>>>;
+}
