@@ -3,6 +3,7 @@
 mod auth;
 mod bootstrap;
 mod chaos;
+mod claim_check;
 mod cluster;
 mod cluster_reconcile;
 mod commands;

@@ -191,6 +191,9 @@ impl ClaimCheck {
                 }
             }
             waiting = still;
+            if !waiting.is_empty() && attempt < self.attempts {
+                tracing::info!(stage = %self.reporter, unresolved = waiting.len(), attempt, retry_in = ?delay, "Claims not resolved yet; retrying.");
+            }
         }
         for (i, why) in waiting {
             let Some(record) = slots[i].take() else {

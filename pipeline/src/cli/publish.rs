@@ -8,6 +8,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Args, ValueEnum};
 use ecst_operators::SecretUrl;
+use ecst_operators::claim::{ClaimStore, RedisClaimStore};
 use ecst_pipeline::partitioning::{PartitioningError, ensure_partitioning};
 use ecst_schemas::EnvelopeKeys;
 use ecst_schemas::partition::{Partitioning, partition_of, partition_stream};
@@ -59,6 +60,25 @@ pub(crate) struct PublishArgs {
     /// version, or whose aggregateId is not the stream's partition key.
     #[arg(long, conflicts_with = "raw")]
     schemas: Option<PathBuf>,
+    /// Claim check: a payload larger than this many bytes (as JSON) is stored in Redis under
+    /// `ecst:claim:sha256:<hex>` and the event carries a `payloadRef` to it instead.
+    #[arg(long, value_name = "BYTES", conflicts_with = "raw")]
+    claim_check_over: Option<usize>,
+    /// How long claimed payloads live (`7d`, `12h`): longer than the stream's retention plus
+    /// the longest consumer lag, or consumers dead-letter the events whose claim expired.
+    #[arg(long, value_name = "DURATION", default_value = "7d", value_parser = parse_ttl)]
+    claim_ttl: Duration,
+    /// Prefix of claim keys (the key ends `sha256:<hex>` after it).
+    #[arg(long, default_value = ecst_schemas::claim::DEFAULT_KEY_PREFIX)]
+    claim_prefix: String,
+}
+
+fn parse_ttl(text: &str) -> Result<Duration, String> {
+    let ttl = ecst_operators::ConfigDuration::parse(text)?.0;
+    if ttl < Duration::from_secs(1) {
+        return Err("must be at least 1s (Redis expires whole seconds)".into());
+    }
+    Ok(ttl)
 }
 
 pub(crate) async fn publish(args: PublishArgs) -> anyhow::Result<ExitCode> {
@@ -118,6 +138,22 @@ pub(crate) async fn publish(args: PublishArgs) -> anyhow::Result<ExitCode> {
     }
     // MAXLEN bounds the logical stream: each partition keeps its share.
     let maxlen = args.maxlen.map(|n| n.div_ceil(u64::from(partitions)));
+    let claims = match args.claim_check_over {
+        None => None,
+        Some(over) => {
+            let url = SecretUrl::new(args.redis.as_str());
+            let pool = ecst_operators::redis_pool::redis_pool(&url, 1, Duration::from_secs(10))
+                .context("invalid Redis URL")?;
+            let store = RedisClaimStore::new(
+                pool,
+                url,
+                args.claim_prefix.as_str(),
+                args.claim_ttl,
+                Duration::from_secs(30),
+            );
+            Some((over, store))
+        }
+    };
     let keys = EnvelopeKeys::default();
     let checked = schemas
         .as_ref()
@@ -136,8 +172,22 @@ pub(crate) async fn publish(args: PublishArgs) -> anyhow::Result<ExitCode> {
         if line.trim().is_empty() {
             continue;
         }
-        let (partition, body) = match encode_line(&line, &keys, ct, args.raw, partitions, &checked)
-        {
+        let claim_over = claims.as_ref().map(|(over, store)| (*over, store));
+        let encoded = match parse_line(&line, &keys, args.raw, &checked) {
+            Ok(Line::Envelope(mut envelope)) => {
+                if let Some((over, store)) = claim_over {
+                    claim_check(&mut envelope, over, store)
+                        .await
+                        .with_context(|| {
+                            format!("{label}:{number}: cannot store the claimed payload")
+                        })?;
+                }
+                encode_line(Line::Envelope(envelope), ct, partitions)
+            }
+            Ok(raw) => encode_line(raw, ct, partitions),
+            Err(problem) => Err(problem),
+        };
+        let (partition, body) = match encoded {
             Ok(encoded) => encoded,
             Err(problem) => {
                 eprintln!("{label}:{number}: {problem}");
@@ -198,38 +248,74 @@ pub(crate) async fn publish(args: PublishArgs) -> anyhow::Result<ExitCode> {
     })
 }
 
-/// One NDJSON line as the body to publish and its partition, or why it cannot be published.
-fn encode_line(
+/// One NDJSON line, read.
+enum Line {
+    /// A canonical event.
+    Envelope(ecst_schemas::Envelope),
+    /// A line published as it is (`--raw`), with its aggregateId when partitioned.
+    Raw(serde_json::Value, String),
+}
+
+/// Reads and checks one NDJSON line, or says why it cannot be published.
+fn parse_line(
     line: &str,
     keys: &EnvelopeKeys,
-    ct: ContentType,
     raw: bool,
-    partitions: u32,
     schemas: &Option<(&SchemaRegistry, &str)>,
-) -> Result<(u32, Vec<u8>), String> {
+) -> Result<Line, String> {
     let value: serde_json::Value =
         serde_json::from_str(line).map_err(|e| format!("not JSON: {e}"))?;
-    let (body, aggregate_id) = if raw {
+    if raw {
         if !value.is_object() {
             return Err("not a JSON object".into());
         }
-        let id = if partitions > 1 {
-            raw_aggregate_id(&value).ok_or(
-                "no aggregateId (a non-empty string or an integer) to choose the partition by",
-            )?
-        } else {
-            String::new()
-        };
-        (encode_body(&value, ct), id)
-    } else {
-        let envelope = keys.read(&value).map_err(|e| e.to_string())?;
-        if let Some((registry, stream)) = schemas {
-            registry.check_event(stream, &envelope)?;
+        let id = raw_aggregate_id(&value).unwrap_or_default();
+        return Ok(Line::Raw(value, id));
+    }
+    let envelope = keys.read_owned(value).map_err(|e| e.to_string())?;
+    if let Some((registry, stream)) = schemas {
+        registry.check_event(stream, &envelope)?;
+    }
+    Ok(Line::Envelope(envelope))
+}
+
+/// A line as the body to publish and its partition.
+fn encode_line(line: Line, ct: ContentType, partitions: u32) -> Result<(u32, Vec<u8>), String> {
+    let (body, aggregate_id) = match line {
+        Line::Raw(value, id) => {
+            if partitions > 1 && id.is_empty() {
+                return Err(
+                    "no aggregateId (a non-empty string or an integer) to choose the partition by"
+                        .into(),
+                );
+            }
+            (encode_body(&value, ct), id)
         }
-        (encode_body(&envelope, ct), envelope.aggregate_id)
+        Line::Envelope(envelope) => (encode_body(&envelope, ct), envelope.aggregate_id),
     };
     let body = body.map_err(|e| format!("cannot encode: {e}"))?;
     Ok((partition_of(&aggregate_id, partitions), body))
+}
+
+/// Stores the payload in the claim store and replaces it by a reference when its JSON is
+/// larger than `over` bytes. The claim is written before the event, so a consumer never
+/// reads a reference to a body not yet stored.
+async fn claim_check(
+    envelope: &mut ecst_schemas::Envelope,
+    over: usize,
+    store: &RedisClaimStore,
+) -> anyhow::Result<()> {
+    let Some(payload) = envelope.payload.as_ref().filter(|p| p.is_object()) else {
+        return Ok(());
+    };
+    let body = serde_json::to_vec(payload)?;
+    if body.len() <= over {
+        return Ok(());
+    }
+    let claim = store.put(&body).await?;
+    envelope.payload = None;
+    envelope.payload_ref = Some(claim);
+    Ok(())
 }
 
 /// Adds the XADD of `body` to its partition's pipeline.
