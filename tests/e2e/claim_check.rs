@@ -191,3 +191,75 @@ stages:
     );
     cleanup(&mut conn, &stream);
 }
+
+#[test]
+fn the_relay_claim_checks_a_5mb_outbox_payload() {
+    use crate::relay::{drop_outbox, outbox, outbox_count, relay_file, start_relay};
+    let pg = postgres();
+    let mut conn = redis();
+    let table = outbox("claim");
+    let stream = unique("relay-claim");
+    let blob = blob(5);
+    let payload = json!({"displayName": "Outboxed", "blob": blob}).to_string();
+    pg.query(
+        &format!(
+            "INSERT INTO {table} (stream, aggregate_type, aggregate_id, aggregate_version, event_type,
+                                  event_id, schema_version, occurred_at, payload)
+             VALUES ($1, 'athlete', 'big', 1, 'athlete.updated', 'c81bc81b-dead-4e5d-abff-90865d1e13b1', 1,
+                     '2026-11-24T10:00:00Z', $2::text::jsonb),
+                    ($1, 'athlete', 'small', 1, 'athlete.updated', 'c81bc81b-dead-4e5d-abff-90865d1e13b2', 1,
+                     '2026-11-24T10:00:00Z', '{{\"displayName\": \"Inline\"}}')"
+        ),
+        &[&stream, &payload],
+    );
+    let file = relay_file(
+        &table,
+        &database_url(),
+        &redis_url(),
+        &format!("claim_check: {{ over_bytes: 1048576, ttl: 1h, prefix: \"{stream}:claim:\" }}\n"),
+    );
+    let relay = start_relay(&file);
+    wait_until(Duration::from_secs(30), "the outbox to empty", || {
+        outbox_count(&pg, &table) == 0
+    });
+    let (status, log) = relay.terminate();
+    assert!(status.success(), "{log}");
+    let keys = claim_keys(&mut conn, &stream);
+    assert_eq!(
+        keys.len(),
+        1,
+        "only the large payload is claim-checked: {keys:?}"
+    );
+    assert!(keys["big"].starts_with(&format!("{stream}:claim:sha256:")));
+
+    let prefix = format!("{stream}:");
+    let pipeline = pipeline_file(
+        "relay-claim",
+        &format!(
+            r#"name: claims
+source:
+  stream: "{stream}"
+  group: replica
+  block: 100ms
+stages:
+  decode: {{ type: decode }}
+  claims: {{ type: claim_check, input: decode }}
+  cache:
+    type: redis_hash
+    input: claims
+    key: "{prefix}athlete:{{aggregateId}}"
+    tombstone_prefix: "{prefix}tombstone:"
+"#
+        ),
+    );
+    drain(&pipeline);
+    let stored = hash(&mut conn, &format!("{prefix}athlete:big"));
+    assert!(stored.get("blob") == Some(&blob), "the stored blob differs");
+    assert_eq!(stored["displayName"], "Outboxed");
+    assert_eq!(
+        hash(&mut conn, &format!("{prefix}athlete:small"))["displayName"],
+        "Inline"
+    );
+    drop_outbox(&pg, &table);
+    cleanup(&mut conn, &stream);
+}

@@ -205,6 +205,7 @@ fn relay_config(args: &RelayBenchArgs, poll: Duration) -> RelayConfig {
         timeout: ConfigDuration(Duration::from_secs(30)),
         validate: false,
         schemas: None,
+        claim_check: None,
     }
 }
 

@@ -151,6 +151,32 @@ pub struct RelayConfig {
     /// The schema directory, relative to the relay file.
     #[serde(default)]
     pub schemas: Option<PathBuf>,
+    /// Claim check: payloads larger than a threshold go to Redis, the event carries a
+    /// `payloadRef` (default: off, every payload inline).
+    #[serde(default)]
+    pub claim_check: Option<ClaimCheckSettings>,
+}
+
+/// The relay's claim check: where and how long large payloads are kept.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClaimCheckSettings {
+    /// A payload whose JSON is larger than this many bytes is claim-checked.
+    pub over_bytes: usize,
+    /// How long a claimed payload lives (default 7d): longer than the stream's retention plus
+    /// the longest consumer lag.
+    #[serde(default = "default_claim_ttl")]
+    pub ttl: ConfigDuration,
+    /// Prefix of claim keys (default `ecst:claim:`); the key ends `sha256:<hex>`.
+    #[serde(default = "default_claim_prefix")]
+    pub prefix: String,
+}
+
+fn default_claim_ttl() -> ConfigDuration {
+    ConfigDuration(Duration::from_secs(7 * 86_400))
+}
+fn default_claim_prefix() -> String {
+    ecst_schemas::claim::DEFAULT_KEY_PREFIX.into()
 }
 
 fn default_schema() -> String {
@@ -223,6 +249,14 @@ impl RelayConfig {
         }
         if let Some(message) = check_partitions(self.partitions) {
             problems.push((at(&["partitions"]), message));
+        }
+        if let Some(claim) = &self.claim_check
+            && claim.ttl.0 < Duration::from_secs(1)
+        {
+            problems.push((
+                at(&["claim_check", "ttl"]),
+                "must be at least 1s (Redis expires whole seconds)".into(),
+            ));
         }
         for (stream, settings) in self.streams.iter().flatten() {
             let at = || vec!["streams".to_string(), stream.clone()];

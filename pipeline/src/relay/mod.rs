@@ -29,7 +29,10 @@ use tokio_postgres::{AsyncMessage, Client, Row, Statement};
 
 mod config;
 
-pub use config::{BodyEncoding, OnPublish, OutboxLocation, RelayConfig, Retention, StreamSettings};
+pub use config::{
+    BodyEncoding, ClaimCheckSettings, OnPublish, OutboxLocation, RelayConfig, Retention,
+    StreamSettings,
+};
 
 use crate::outbox::{OUTBOX_COLUMNS, OutboxTable, check_stream_name};
 use crate::partitioning::{PartitioningError, ensure_partitioning};
@@ -99,6 +102,8 @@ struct Entry {
     key: String,
     body: Vec<u8>,
     traceparent: Option<String>,
+    /// The claim-checked payload, stored before the entry is added: its key and JSON.
+    claim: Option<(String, Vec<u8>)>,
 }
 
 struct Session {
@@ -505,6 +510,10 @@ impl Relay<'_> {
             let _ = within(timeout, s.client.batch_execute("ROLLBACK")).await;
             return Err(BatchError::Partitioning(e));
         }
+        if let Err(e) = self.store_claims(&mut link.conn, &claimed).await {
+            let _ = within(timeout, s.client.batch_execute("ROLLBACK")).await;
+            return Err(e);
+        }
         let outcome = match self.publish(&mut link.conn, &claimed).await {
             Ok(outcome) => outcome,
             Err(e) => {
@@ -582,6 +591,54 @@ impl Relay<'_> {
             }
         }
         spans
+    }
+
+    /// Stores the batch's claim-checked payloads (`SET key body EX ttl`) before any XADD, so no
+    /// consumer reads a reference to a body not yet stored.
+    async fn store_claims(
+        &self,
+        conn: &mut RedisConn,
+        claimed: &[Claimed],
+    ) -> Result<(), BatchError> {
+        let Some(settings) = &self.config.claim_check else {
+            return Ok(());
+        };
+        let ttl = settings.ttl.0.as_secs().max(1);
+        let claims = claimed
+            .iter()
+            .filter_map(|c| c.entry.as_ref().ok()?.claim.as_ref());
+        // One pipeline on a single server; a cluster routes each single-key SET on its own.
+        let per_key = matches!(conn, RedisConn::Cluster(_));
+        let mut pipe = redis::pipe();
+        for (key, body) in claims {
+            pipe.cmd("SET")
+                .arg(key)
+                .arg(body)
+                .arg("EX")
+                .arg(ttl)
+                .ignore();
+            if per_key {
+                self.run_claims(conn, &pipe).await?;
+                pipe = redis::pipe();
+            }
+        }
+        if !pipe.is_empty() {
+            self.run_claims(conn, &pipe).await?;
+        }
+        Ok(())
+    }
+
+    async fn run_claims(
+        &self,
+        conn: &mut RedisConn,
+        pipe: &redis::Pipeline,
+    ) -> Result<(), BatchError> {
+        pipe.query_async::<()>(conn)
+            .await
+            .map_err(|e| BatchError::Redis {
+                transport: is_transport_error(&e),
+                message: format!("storing claim-checked payloads: {e}"),
+            })
     }
 
     /// XADDs every encodable row (in one pipeline, or one per stream key on a cluster); per-row
@@ -712,7 +769,7 @@ impl Relay<'_> {
         };
         let deleted = payload.is_none();
         let occurred_at: OffsetDateTime = column(row, "occurred_at")?;
-        let envelope = Envelope {
+        let mut envelope = Envelope {
             schema_version: Some(i64::from(column::<i32>(row, "schema_version")?)),
             event_id: Some(column(row, "event_id")?),
             event_type: Some(column(row, "event_type")?),
@@ -726,6 +783,19 @@ impl Relay<'_> {
         };
         if let Some(schemas) = &self.schemas {
             schemas.check_event(&stream, &envelope)?;
+        }
+        let mut claim = None;
+        if let Some(settings) = &self.config.claim_check
+            && let Some(payload) = &envelope.payload
+        {
+            let json = serde_json::to_vec(payload)
+                .map_err(|e| format!("cannot encode the payload: {e}"))?;
+            if json.len() > settings.over_bytes {
+                let reference = ecst_schemas::ClaimRef::redis(&settings.prefix, &json);
+                claim = Some((reference.key.clone(), json));
+                envelope.payload = None;
+                envelope.payload_ref = Some(reference);
+            }
         }
         let body =
             encode_body(&envelope, self.ct).map_err(|e| format!("cannot encode the event: {e}"))?;
@@ -753,6 +823,7 @@ impl Relay<'_> {
             key,
             body,
             traceparent,
+            claim,
         })
     }
 
