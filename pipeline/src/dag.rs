@@ -219,7 +219,7 @@ impl Dag {
                 Node::Transform(_) | Node::AsyncTransform(_) if root && decoded.is_some() => {
                     outputs[i] = decoded.clone();
                 }
-                Node::Sink(s) => per_sink[*s] = input,
+                Node::Sink(s) => per_sink[*s] = refuse_unresolved(input, &self.sinks[*s].0, out),
                 node => {
                     let timing = self.stage_slots[i].and_then(|slot| self.stats.stages().get(slot));
                     let span = tracing::info_span!(
@@ -254,6 +254,38 @@ impl Dag {
         }
         per_sink
     }
+}
+
+/// Takes out the records whose payload is still a claim reference: no `claim_check` stage ran
+/// before sink `sink`, and writing them would replace the replica's state by an empty one.
+fn refuse_unresolved(mut input: Vec<Record>, sink: &str, out: &mut Outcomes) -> Vec<Record> {
+    if input.iter().all(|r| r.event.payload_ref.is_none()) {
+        return input;
+    }
+    input.retain(|record| {
+        let Some(claim) = &record.event.payload_ref else {
+            return true;
+        };
+        // A fan-out's other sinks see the same entry: it is dead-lettered once.
+        if !out
+            .dead_letters
+            .iter()
+            .any(|(entry, _)| *entry == record.entry)
+        {
+            out.dead_letter(
+                record.entry,
+                DeadLetterReason::SinkRejected {
+                    sink: sink.to_string(),
+                    message: format!(
+                        "payloadRef `{}` is not resolved: add a claim_check stage before this sink",
+                        claim.key
+                    ),
+                },
+            );
+        }
+        false
+    });
+    input
 }
 
 /// What one stage or sink did with one entry of a batch (`ecst test` checks these, `ecst tap`

@@ -232,6 +232,41 @@ fn the_relay_claim_checks_a_5mb_outbox_payload() {
     );
     assert!(keys["big"].starts_with(&format!("{stream}:claim:sha256:")));
 
+    // A pipeline without claim_check refuses the reference rather than write an empty row.
+    let unresolved = pipeline_file(
+        "relay-noclaim",
+        &format!(
+            r#"name: no-claims
+source:
+  stream: "{stream}"
+  group: no-claims
+  block: 100ms
+stages:
+  decode: {{ type: decode }}
+  cache:
+    type: redis_hash
+    input: decode
+    key: "{stream}:plain:{{aggregateId}}"
+    tombstone_prefix: "{stream}:plain-tombstone:"
+"#
+        ),
+    );
+    drain(&unresolved);
+    assert!(hash(&mut conn, &format!("{stream}:plain:big")).is_empty());
+    assert_eq!(
+        hash(&mut conn, &format!("{stream}:plain:small"))["displayName"],
+        "Inline"
+    );
+    let dead = dead_letters(&mut conn, &format!("{stream}.dlq"));
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert_eq!(
+        dead[0]["error"],
+        format!(
+            "sink `cache`: payloadRef `{}` is not resolved: add a claim_check stage before this sink",
+            keys["big"]
+        )
+    );
+
     let prefix = format!("{stream}:");
     let pipeline = pipeline_file(
         "relay-claim",
