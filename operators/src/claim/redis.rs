@@ -7,7 +7,7 @@ use ecst_schemas::ClaimRef;
 use ecst_schemas::claim::REDIS_STORE;
 
 use super::{ClaimFuture, ClaimStore, ClaimStoreError};
-use crate::redis_pool::{RedisPool, describe_run_error};
+use crate::redis_pool::{RedisPool, describe_run_error, is_cluster_url};
 use crate::secret::SecretUrl;
 
 /// Claim store in Redis (one server or a cluster).
@@ -18,6 +18,7 @@ pub struct RedisClaimStore {
     prefix: String,
     ttl: Duration,
     timeout: Duration,
+    cluster: bool,
 }
 
 impl std::fmt::Debug for RedisClaimStore {
@@ -31,8 +32,8 @@ impl std::fmt::Debug for RedisClaimStore {
 }
 
 impl RedisClaimStore {
-    /// A store over `pool` (whose URL is `url`), writing keys `prefix` + `sha256:<hex>` that
-    /// expire after `ttl`; `timeout` bounds every round trip.
+    /// A store over `pool` (whose URL is `url`, one server or `redis+cluster://`), writing
+    /// keys `prefix` + `sha256:<hex>` that expire after `ttl`; `timeout` bounds every round trip.
     pub fn new(
         pool: RedisPool,
         url: SecretUrl,
@@ -41,6 +42,7 @@ impl RedisClaimStore {
         timeout: Duration,
     ) -> Self {
         RedisClaimStore {
+            cluster: is_cluster_url(&url),
             pool,
             url,
             prefix: prefix.into(),
@@ -75,6 +77,32 @@ impl RedisClaimStore {
         conn.settle(&result);
         result.map_err(|e| self.unavailable(e.to_string()))
     }
+
+    /// One GET per key, concurrently: a cluster refuses a pipeline whose keys span slots.
+    async fn get_each(&self, refs: &[&ClaimRef]) -> Result<Vec<Option<Vec<u8>>>, ClaimStoreError> {
+        let mut pooled = self
+            .pool
+            .get()
+            .await
+            .map_err(|e| self.unavailable(describe_run_error(e)))?;
+        let conn = pooled.conn().clone();
+        let gets = refs.iter().map(|claim| {
+            let mut conn = conn.clone();
+            async move {
+                redis::cmd("GET")
+                    .arg(&claim.key)
+                    .query_async::<Option<Vec<u8>>>(&mut conn)
+                    .await
+            }
+        });
+        match tokio::time::timeout(self.timeout, futures::future::join_all(gets)).await {
+            Ok(results) => results
+                .into_iter()
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| self.unavailable(e.to_string())),
+            Err(_) => Err(self.unavailable(format!("no reply within {:?}", self.timeout))),
+        }
+    }
 }
 
 impl ClaimStore for RedisClaimStore {
@@ -108,6 +136,9 @@ impl ClaimStore for RedisClaimStore {
             }
             if refs.is_empty() {
                 return Ok(Vec::new());
+            }
+            if self.cluster {
+                return self.get_each(refs).await;
             }
             let mut pipe = redis::pipe();
             for claim in refs {
@@ -182,5 +213,30 @@ mod tests {
         other.store = "s3".into();
         let err = store.get_many(&[&other]).await.unwrap_err();
         assert!(matches!(err, ClaimStoreError::WrongStore { .. }), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_cluster_reads_claims_in_every_slot() {
+        let url = crate::redis_pool::test_cluster_url();
+        let pool = redis_pool(&url, 2, Duration::from_secs(2)).unwrap();
+        let prefix = format!("test:claim:{}:", uuid::Uuid::new_v4());
+        let store = RedisClaimStore::new(
+            pool,
+            url,
+            prefix.as_str(),
+            Duration::from_secs(60),
+            Duration::from_secs(2),
+        );
+        let bodies: Vec<Vec<u8>> = (0..20)
+            .map(|i| format!("{{\"n\":{i}}}").into_bytes())
+            .collect();
+        let mut claims = Vec::new();
+        for body in &bodies {
+            claims.push(store.put(body).await.unwrap());
+        }
+        let refs: Vec<&ClaimRef> = claims.iter().collect();
+        let got = store.get_many(&refs).await.unwrap();
+        let expected: Vec<Option<Vec<u8>>> = bodies.into_iter().map(Some).collect();
+        assert_eq!(got, expected);
     }
 }
