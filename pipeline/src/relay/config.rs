@@ -393,4 +393,29 @@ mod tests {
         );
         assert!(at("orders").is_empty() && at("users").is_empty());
     }
+
+    #[test]
+    fn claim_check_settings_default_and_are_checked() {
+        let config = |claim: serde_json::Value| {
+            serde_json::from_value::<RelayConfig>(serde_json::json!({
+                "postgres": "postgres://postgres@127.0.0.1/postgres",
+                "claim_check": claim,
+            }))
+        };
+        let on = config(serde_json::json!({"over_bytes": 1_048_576})).unwrap();
+        let claim = on.claim_check.as_ref().unwrap();
+        assert_eq!(claim.ttl.0, Duration::from_secs(7 * 86_400));
+        assert_eq!(claim.prefix, "ecst:claim:");
+        assert!(on.check().is_empty(), "{:?}", on.check());
+        let short = config(serde_json::json!({"over_bytes": 1, "ttl": "500ms"})).unwrap();
+        assert_eq!(
+            short.check(),
+            vec![(
+                vec!["claim_check".to_string(), "ttl".to_string()],
+                "must be at least 1s (Redis expires whole seconds)".to_string()
+            )]
+        );
+        let err = config(serde_json::json!({"over": 1})).unwrap_err();
+        assert!(err.to_string().contains("unknown field `over`"), "{err}");
+    }
 }
