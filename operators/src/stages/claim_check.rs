@@ -131,13 +131,28 @@ impl ClaimCheck {
 
     async fn resolve(&mut self, input: Vec<Record>, out: &mut Outcomes) -> Vec<Record> {
         let mut slots: Vec<Option<Record>> = input.into_iter().map(Some).collect();
-        // Positions still waiting for their claim, and why.
-        let mut waiting: Vec<(usize, Unresolved)> = slots
-            .iter()
-            .enumerate()
-            .filter(|(_, r)| r.as_ref().is_some_and(|r| r.event.payload_ref.is_some()))
-            .map(|(i, _)| (i, Unresolved::Missing))
-            .collect();
+        // Positions still waiting for their claim, and why. A reference to a body over the
+        // limit is refused unread: the store is not asked for what would be dropped anyway.
+        let mut waiting: Vec<(usize, Unresolved)> = Vec::new();
+        for (i, slot) in slots.iter_mut().enumerate() {
+            let Some(claim) = slot.as_ref().and_then(|r| r.event.payload_ref.as_ref()) else {
+                continue;
+            };
+            if claim.size > self.limits.max_bytes as u64 {
+                let reason = DeadLetterReason::ClaimCorrupt {
+                    key: claim.key.clone(),
+                    problem: format!(
+                        "size {} bytes is over max_bytes {}",
+                        claim.size, self.limits.max_bytes
+                    ),
+                };
+                if let Some(record) = slot.take() {
+                    out.dead_letter(record.entry, reason);
+                }
+                continue;
+            }
+            waiting.push((i, Unresolved::Missing));
+        }
         let mut delay = self.retry_backoff;
         let mut attempt = 0;
         while !waiting.is_empty() && attempt < self.attempts {
@@ -401,6 +416,7 @@ mod tests {
             .insert(corrupt.key.clone(), br#"{"name":"Eve"}"#.to_vec());
         let missing = ClaimRef::redis(DEFAULT_KEY_PREFIX, br#"{"gone":1}"#);
         let not_object = store.put(b"[1,2]").await.unwrap();
+        let too_big = store.put(&[b' '; 1001]).await.unwrap();
         let inline = Record::new(
             4,
             EnvelopeKeys::default()
@@ -416,6 +432,7 @@ mod tests {
             record(3, &not_object),
             inline,
             record(5, &good),
+            record(6, &too_big),
         ];
         let kept = stage.process(input, &[], &mut out).await;
         let entries: Vec<usize> = kept.iter().map(|r| r.entry).collect();
@@ -438,6 +455,13 @@ mod tests {
         assert_eq!(
             reasons[&2],
             format!("claim `{}` not found after 3 attempts", missing.key)
+        );
+        assert_eq!(
+            reasons[&6],
+            format!(
+                "claim `{}` is corrupt: size 1001 bytes is over max_bytes 1000",
+                too_big.key
+            )
         );
         assert!(
             reasons[&3].ends_with("body must be a JSON object, got an array"),
