@@ -1,6 +1,7 @@
 //! The transform stages, one file each.
 
 pub mod decode;
+pub mod fetch;
 pub mod project;
 pub mod tombstone;
 pub mod upcast;
