@@ -9,7 +9,7 @@
 //! - [`registry`]: the closed set of stage types, each named once ([`StageConfig`]).
 //! - [`dead_letter`]: why an entry was dead-lettered ([`DeadLetterReason`]).
 //! - [`error`]: [`SinkError`] and [`BuildError`].
-//! - [`stages`]: `decode`, `version_filter`, `tombstone`, `project`, one file each.
+//! - [`stages`]: `decode`, `version_filter`, `tombstone`, `project`, `fetch`, ..., one file each.
 //! - [`sinks`]: the `redis_hash` and `postgres` sinks.
 //! - [`fetch`]: a client of the snapshot contract's single-entity reads (timeout, retries,
 //!   circuit breaker, concurrency limit, per-endpoint stats).
