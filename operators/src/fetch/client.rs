@@ -12,8 +12,8 @@ use tokio::sync::Semaphore;
 use super::breaker::Breaker;
 use super::stats::{EndpointStats, FetchOutcome, register};
 
-/// How a [`FetchClient`] talks to its endpoint.
-#[derive(Debug, Clone)]
+/// How a [`FetchClient`] talks to its endpoint (its `Debug` never shows the token).
+#[derive(Clone)]
 pub struct FetchOptions {
     /// The base URL: `{url}/{entity}/{id}` and `{url}/{entity}:batch`.
     pub url: String,
@@ -35,6 +35,19 @@ pub struct FetchOptions {
     pub concurrency: usize,
     /// Ids per `:batch` request.
     pub max_batch: usize,
+}
+
+impl std::fmt::Debug for FetchOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FetchOptions")
+            .field("url", &crate::secret::redact(&self.url))
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("timeout", &self.timeout)
+            .field("retries", &self.retries)
+            .field("concurrency", &self.concurrency)
+            .field("max_batch", &self.max_batch)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Default for FetchOptions {

@@ -50,8 +50,8 @@ impl Default for FetchWhen {
     }
 }
 
-/// Configuration of the `fetch` stage.
-#[derive(Debug, Clone, Deserialize)]
+/// Configuration of the `fetch` stage (its `Debug` never shows the token).
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FetchConfig {
     /// Base URL of the endpoint (`{url}/{entity}/{id}`, `{url}/{entity}:batch`).
@@ -93,6 +93,17 @@ pub struct FetchConfig {
     /// dead-lettered (default 30s).
     #[serde(default = "default_lag_retry_for")]
     pub lag_retry_for: ConfigDuration,
+}
+
+impl std::fmt::Debug for FetchConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FetchConfig")
+            .field("options", &self.options())
+            .field("entity", &self.entity)
+            .field("when", &self.when)
+            .field("lag_retry_for", &self.lag_retry_for)
+            .finish_non_exhaustive()
+    }
 }
 
 fn default_batch_size() -> usize {
@@ -437,6 +448,17 @@ mod tests {
     use super::*;
     use ecst_schemas::EnvelopeKeys;
     use serde_json::json;
+
+    #[test]
+    fn the_token_is_never_printed() {
+        let config: FetchConfig =
+            serde_json::from_value(json!({"url": "http://x/s", "token": "s3cret"})).unwrap();
+        let shown = format!("{config:?}");
+        assert!(
+            !shown.contains("s3cret") && shown.contains("<redacted>"),
+            "{shown}"
+        );
+    }
 
     #[test]
     fn globs_match_event_types() {
