@@ -61,6 +61,9 @@ pub enum DeadLetterReason {
         /// What is wrong with it.
         problem: String,
     },
+    /// The `fetch` stage could not get a usable state for a thin event: the endpoint kept
+    /// answering a version older than the event's, or a row it cannot use.
+    Fetch(String),
 }
 
 impl DeadLetterReason {
@@ -73,6 +76,7 @@ impl DeadLetterReason {
         "trimmed",
         "snapshot",
         "claim",
+        "fetch",
     ];
 
     /// The stable, bounded label of the reason's kind (`invalid_event`, `sink_rejected`, ...).
@@ -90,6 +94,7 @@ impl DeadLetterReason {
             DeadLetterReason::ClaimMissing { .. } | DeadLetterReason::ClaimCorrupt { .. } => {
                 "claim"
             }
+            DeadLetterReason::Fetch(_) => "fetch",
         }
     }
 
@@ -134,6 +139,7 @@ impl fmt::Display for DeadLetterReason {
             DeadLetterReason::ClaimCorrupt { key, problem } => {
                 write!(f, "claim `{key}` is corrupt: {problem}")
             }
+            DeadLetterReason::Fetch(message) => write!(f, "fetch: {message}"),
         }
     }
 }
@@ -169,6 +175,7 @@ mod tests {
                 key: "ecst:claim:sha256:ab".into(),
                 problem: "size 3 bytes, reference says 5".into(),
             },
+            DeadLetterReason::Fetch("the endpoint answered version 3, the event is 5".into()),
         ];
         for reason in &reasons {
             assert!(

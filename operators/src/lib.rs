@@ -9,8 +9,10 @@
 //! - [`registry`]: the closed set of stage types, each named once ([`StageConfig`]).
 //! - [`dead_letter`]: why an entry was dead-lettered ([`DeadLetterReason`]).
 //! - [`error`]: [`SinkError`] and [`BuildError`].
-//! - [`stages`]: `decode`, `version_filter`, `tombstone`, `project`, one file each.
+//! - [`stages`]: `decode`, `version_filter`, `tombstone`, `project`, `fetch`, ..., one file each.
 //! - [`sinks`]: the `redis_hash` and `postgres` sinks.
+//! - [`fetch`]: a client of the snapshot contract's single-entity reads (timeout, retries,
+//!   circuit breaker, concurrency limit, per-endpoint stats).
 //! - [`postgres_tls`]: Postgres URLs with libpq's `sslmode` options, over rustls.
 //! - [`replica`]: reading a replica back for reconciliation ([`replica::Replica`]).
 //! - [`redis_pool`]: the one Redis connection type (one server or a cluster), its URLs (TLS,
@@ -26,6 +28,7 @@ pub mod claim;
 pub mod dead_letter;
 pub mod duration;
 pub mod error;
+pub mod fetch;
 pub mod postgres_tls;
 pub mod record;
 pub mod redis_pool;

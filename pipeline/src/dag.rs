@@ -239,6 +239,7 @@ impl Dag {
                         Node::AsyncTransform(stage) => {
                             stage.process(input, entries, out).instrument(span).await
                         }
+                        // Sinks took their input in the arm above.
                         Node::Sink(_) => Vec::new(),
                     };
                     if let Some(s) = timing {

@@ -2,6 +2,7 @@
 
 pub mod claim_check;
 pub mod decode;
+pub mod fetch;
 pub mod project;
 pub mod tombstone;
 pub mod upcast;
