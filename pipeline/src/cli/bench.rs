@@ -5,7 +5,7 @@
 //! routed to partitions on a Redis Cluster, drained by several worker processes of one group,
 //! with the Redis CPU each event cost summed over the masters.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -335,6 +335,34 @@ fn peak_rss_mb() -> f64 {
         })
         .map(|kb| kb / 1024.0)
         .unwrap_or(0.0)
+}
+
+/// What each command Redis ran during the drain cost per event, from two readings of
+/// `INFO commandstats`: `{"hget": {"calls": 1.02, "us": 0.31}, ...}`. Time spent reading
+/// requests and writing replies is in `INFO cpu` only; a script's time includes its commands'.
+fn commands_per_event(
+    before: &BTreeMap<String, (u64, u64)>,
+    after: &BTreeMap<String, (u64, u64)>,
+    events: usize,
+) -> serde_json::Map<String, serde_json::Value> {
+    let events = events.max(1) as f64;
+    after
+        .iter()
+        .filter_map(|(command, &(calls, usec))| {
+            let (calls_before, usec_before) = before.get(command).copied().unwrap_or_default();
+            let calls = calls.saturating_sub(calls_before);
+            (calls > 0).then(|| {
+                let usec = usec.saturating_sub(usec_before) as f64;
+                (
+                    command.clone(),
+                    json!({
+                        "calls": (calls as f64 / events * 1e4).round() / 1e4,
+                        "us": (usec / events * 1e3).round() / 1e3,
+                    }),
+                )
+            })
+        })
+        .collect()
 }
 
 /// The reference: one EVALSHA per event doing HGET + HSET, pipelined, nothing else in the way.
@@ -762,6 +790,7 @@ async fn measure(args: &BenchArgs, target: &Target, run_id: &str) -> anyhow::Res
     let partition_events = partition_counts(&w, args.partitions);
 
     // Throughput: drain the pre-filled stream, while the masters' CPU time is counted.
+    let commands_before = target.command_stats().await?;
     let cpu_before = target.cpu_seconds().await?;
     let drained = match args.workers {
         None => drain_in_process(&pipeline, events as u64).await?,
@@ -776,12 +805,14 @@ async fn measure(args: &BenchArgs, target: &Target, run_id: &str) -> anyhow::Res
         }
     };
     let cpu_after = target.cpu_seconds().await?;
+    let commands_after = target.command_stats().await?;
     let cpu_by_master: Vec<f64> = cpu_after
         .iter()
         .zip(&cpu_before)
         .map(|(after, before)| after - before)
         .collect();
     let redis_cpu_us_per_event = cpu_by_master.iter().sum::<f64>() * 1e6 / events as f64;
+    let redis_commands = commands_per_event(&commands_before, &commands_after, events);
     let worker_cpu_us_per_event = drained
         .worker_cpu_seconds
         .map(|cpu| cpu * 1e6 / events as f64);
@@ -920,6 +951,7 @@ async fn measure(args: &BenchArgs, target: &Target, run_id: &str) -> anyhow::Res
         "workers": args.workers,
         "partition_events": partition_events,
         "redis_cpu_us_per_event": (redis_cpu_us_per_event * 100.0).round() / 100.0,
+        "redis_commands_per_event": redis_commands,
         "redis_cpu_seconds_by_master": target
             .master_names()
             .into_iter()

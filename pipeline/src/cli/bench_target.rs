@@ -5,6 +5,7 @@
 //! master's CPU time, scans each master's keys, and pipelines each master's share of a batch
 //! concurrently, none of which a cluster client exposes.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -340,6 +341,25 @@ impl Target {
             .collect()
     }
 
+    /// Calls and microseconds per command (`INFO commandstats`), summed over the masters:
+    /// commands a script runs count under their own names too, and in the script's time.
+    pub(crate) async fn command_stats(&self) -> anyhow::Result<BTreeMap<String, (u64, u64)>> {
+        let replies = self
+            .on_every_master(redis::cmd("INFO").arg("commandstats"))
+            .await?;
+        let mut stats = BTreeMap::new();
+        for (reply, (name, _)) in replies.into_iter().zip(&self.masters) {
+            let text: String = redis::from_redis_value(reply)
+                .with_context(|| format!("INFO commandstats of {name}"))?;
+            for (command, calls, usec) in text.lines().filter_map(parse_command_stat) {
+                let sum = stats.entry(command.to_string()).or_insert((0, 0));
+                sum.0 += calls;
+                sum.1 += usec;
+            }
+        }
+        Ok(stats)
+    }
+
     /// Unlinks every key matching `pattern` on every master.
     pub(crate) async fn unlink_matching(&self, pattern: &str) -> anyhow::Result<()> {
         try_join_all(self.masters.iter().map(|(name, conn)| {
@@ -378,9 +398,37 @@ impl Target {
     }
 }
 
+/// A line of `INFO commandstats`, `cmdstat_hget:calls=5,usec=12,...`: the command (a
+/// subcommand as `config|get`), its calls and microseconds.
+fn parse_command_stat(line: &str) -> Option<(&str, u64, u64)> {
+    let (command, fields) = line.trim().strip_prefix("cmdstat_")?.split_once(':')?;
+    let field = |key: &str| {
+        fields
+            .split(',')
+            .find_map(|f| f.strip_prefix(key)?.strip_prefix('=')?.parse().ok())
+    };
+    Some((command, field("calls")?, field("usec")?))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn command_stats_lines_give_calls_and_microseconds() {
+        assert_eq!(
+            parse_command_stat(
+                "cmdstat_xreadgroup:calls=106,usec=160042,usec_per_call=1509.83,rejected_calls=0,failed_calls=0\r"
+            ),
+            Some(("xreadgroup", 106, 160042))
+        );
+        assert_eq!(
+            parse_command_stat("cmdstat_config|get:calls=2,usec=31,usec_per_call=15.50"),
+            Some(("config|get", 2, 31))
+        );
+        assert_eq!(parse_command_stat("# Commandstats"), None);
+        assert_eq!(parse_command_stat("cmdstat_hget:calls=x,usec=1"), None);
+    }
 
     #[test]
     fn key_slots_match_redis() {
