@@ -32,6 +32,10 @@ pub struct Envelope {
     pub aggregate_id: String,
     /// Monotonic per aggregate: the ordering and idempotency guard.
     pub aggregate_version: u64,
+    /// The version a delta applies on top of: the payload is then a patch (a member is a
+    /// change, `null` removes the field, an absent member is untouched), not the full state.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_version: Option<u64>,
     /// Full new state, always a JSON object; `None` is a tombstone.
     #[serde(default)]
     pub payload: Option<Value>,
@@ -61,6 +65,7 @@ impl Envelope {
             Member::EventId => scalar_only(self.event_id.clone().map(Value::String)?),
             Member::EventType => scalar_only(self.event_type.clone().map(Value::String)?),
             Member::SchemaVersion => scalar_only(self.schema_version.map(Value::from)?),
+            Member::BaseVersion => scalar_only(self.base_version.map(Value::from)?),
             Member::OccurredAt => scalar_only(Value::String(format_timestamp(self.occurred_at?))),
             Member::Deleted => scalar_only(Value::Bool(self.is_tombstone())),
             Member::Payload => {
@@ -94,6 +99,7 @@ enum Member {
     SchemaVersion,
     OccurredAt,
     Deleted,
+    BaseVersion,
     Payload,
 }
 
@@ -125,6 +131,7 @@ impl EnvelopePath {
             "schemaVersion" => Member::SchemaVersion,
             "occurredAt" => Member::OccurredAt,
             "deleted" => Member::Deleted,
+            "baseVersion" => Member::BaseVersion,
             "payload" => Member::Payload,
             _ => return None,
         };
@@ -194,6 +201,8 @@ pub struct EnvelopeKeys {
     pub payload: String,
     /// Path of the tombstone flag.
     pub deleted: String,
+    /// Path of the base version of a delta (non-negative integer, below the aggregate version).
+    pub base_version: String,
 }
 
 impl Default for EnvelopeKeys {
@@ -208,6 +217,7 @@ impl Default for EnvelopeKeys {
             aggregate_version: "aggregateVersion".into(),
             payload: "payload".into(),
             deleted: "deleted".into(),
+            base_version: "baseVersion".into(),
         }
     }
 }
@@ -271,6 +281,8 @@ pub struct Members {
     pub payload: Option<Value>,
     /// `deleted`.
     pub deleted: Option<Value>,
+    /// `baseVersion`.
+    pub base_version: Option<Value>,
 }
 
 impl EnvelopeKeys {
@@ -305,6 +317,7 @@ impl EnvelopeKeys {
             aggregate_version: get(&body, &self.aggregate_version),
             payload: None,
             deleted: get(&body, &self.deleted),
+            base_version: get(&body, &self.base_version),
         };
         // Taken last and moved, not copied: other members may live inside the payload.
         members.payload = take_path(&mut body, &self.payload);
@@ -346,6 +359,20 @@ impl EnvelopeKeys {
                 ));
             }
             None => return Err(missing("aggregateVersion", &self.aggregate_version)),
+        };
+        let base_version = match present(members.base_version) {
+            None => None,
+            Some(Value::Number(n)) if n.as_u64().is_some_and(|b| b < aggregate_version) => {
+                n.as_u64()
+            }
+            Some(other) => {
+                return Err(invalid(
+                    "baseVersion",
+                    &self.base_version,
+                    "must be a non-negative integer below aggregateVersion",
+                    &other,
+                ));
+            }
         };
         let occurred_at = match present(members.occurred_at) {
             None => None,
@@ -413,6 +440,7 @@ impl EnvelopeKeys {
             )?,
             aggregate_id,
             aggregate_version,
+            base_version,
             payload,
             deleted,
         })
@@ -663,6 +691,44 @@ mod tests {
             .read(&json!({"aggregateId": "a", "aggregateVersion": 2, "payload": {}}))
             .unwrap();
         assert!(!env.is_tombstone());
+    }
+
+    #[test]
+    fn a_base_version_reads_with_default_and_mapped_keys() {
+        let keys = EnvelopeKeys::default();
+        let env = keys
+            .read(&json!({"aggregateId": "a", "aggregateVersion": 5, "baseVersion": 4, "payload": {"name": null}}))
+            .unwrap();
+        assert_eq!(env.base_version, Some(4));
+        assert_eq!(env.lookup("baseVersion"), Some(json!(4)));
+        let back: Envelope = serde_json::from_value(env.to_value()).unwrap();
+        assert_eq!(back, env);
+        // Absent: a full-state event, and the canonical form does not grow a key.
+        let full = keys
+            .read(&json!({"aggregateId": "a", "aggregateVersion": 5, "payload": {}}))
+            .unwrap();
+        assert_eq!(full.base_version, None);
+        assert!(!full.to_value().as_object().unwrap().contains_key("baseVersion"));
+        let mapped = EnvelopeKeys {
+            aggregate_version: "version".into(),
+            base_version: "meta.previous_version".into(),
+            ..EnvelopeKeys::default()
+        };
+        let env = mapped
+            .read(&json!({"aggregateId": "a", "version": 9, "meta": {"previous_version": 7}, "payload": {}}))
+            .unwrap();
+        assert_eq!(env.base_version, Some(7));
+        for bad in [json!(-1), json!("4"), json!(1.5), json!(9), json!(10)] {
+            let err = mapped
+                .read(&json!({"aggregateId": "a", "version": 9, "meta": {"previous_version": bad}}))
+                .unwrap_err();
+            assert!(
+                err.to_string().starts_with(
+                    "baseVersion (key `meta.previous_version`) must be a non-negative integer below aggregateVersion"
+                ),
+                "{err}"
+            );
+        }
     }
 
     #[test]

@@ -94,6 +94,7 @@ impl<'de> Visitor<'de> for MembersSeed<'_> {
                 MemberKey::AggregateId => &mut members.aggregate_id,
                 MemberKey::AggregateVersion => &mut members.aggregate_version,
                 MemberKey::Deleted => &mut members.deleted,
+                MemberKey::BaseVersion => &mut members.base_version,
             };
             if slot.is_some() {
                 return Err(de::Error::duplicate_field(key.name()));
@@ -116,6 +117,7 @@ enum MemberKey {
     AggregateVersion,
     Payload,
     Deleted,
+    BaseVersion,
     Other,
 }
 
@@ -131,6 +133,7 @@ impl MemberKey {
             b"aggregateVersion" => MemberKey::AggregateVersion,
             b"payload" => MemberKey::Payload,
             b"deleted" => MemberKey::Deleted,
+            b"baseVersion" => MemberKey::BaseVersion,
             _ => MemberKey::Other,
         }
     }
@@ -146,6 +149,7 @@ impl MemberKey {
             MemberKey::AggregateVersion => "aggregateVersion",
             MemberKey::Payload => "payload",
             MemberKey::Deleted => "deleted",
+            MemberKey::BaseVersion => "baseVersion",
             MemberKey::Other => "",
         }
     }
