@@ -434,6 +434,7 @@ fn probe_key(sink: &RedisHashConfig) -> Option<String> {
         aggregate_version: 0,
         base_version: None,
         payload: None,
+        payload_ref: None,
         deleted: false,
     };
     KeyTemplate::parse(&sink.key)

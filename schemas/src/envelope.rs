@@ -5,6 +5,8 @@ use serde_json::Value;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
+use crate::claim::{ClaimRef, ClaimRefError};
+
 /// One event as the wire contract defines it: the full new state of one aggregate.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -36,18 +38,24 @@ pub struct Envelope {
     /// change, `null` removes the field, an absent member is untouched), not the full state.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub base_version: Option<u64>,
-    /// Full new state, always a JSON object; `None` is a tombstone.
+    /// Full new state, always a JSON object; `None` is a tombstone unless `payload_ref` is set.
     #[serde(default)]
     pub payload: Option<Value>,
+    /// Where the full new state is stored when it is too large for the stream (claim check);
+    /// the `claim_check` stage resolves it into `payload`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub payload_ref: Option<ClaimRef>,
     /// True for a tombstone.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub deleted: bool,
 }
 
 impl Envelope {
-    /// Whether this event deletes the aggregate (`deleted: true` or no payload).
+    /// Whether this event deletes the aggregate (`deleted: true`, or neither a payload nor a
+    /// payload reference).
     pub fn is_tombstone(&self) -> bool {
-        self.deleted || matches!(self.payload, None | Some(Value::Null))
+        self.deleted
+            || (self.payload_ref.is_none() && matches!(self.payload, None | Some(Value::Null)))
     }
 
     /// Looks up a dotted path (`aggregateId`, `payload.address.city`) in the canonical view.
@@ -203,6 +211,8 @@ pub struct EnvelopeKeys {
     pub deleted: String,
     /// Path of the base version of a delta (non-negative integer, below the aggregate version).
     pub base_version: String,
+    /// Path of the claim-check reference to a payload stored outside the stream.
+    pub payload_ref: String,
 }
 
 impl Default for EnvelopeKeys {
@@ -218,6 +228,7 @@ impl Default for EnvelopeKeys {
             payload: "payload".into(),
             deleted: "deleted".into(),
             base_version: "baseVersion".into(),
+            payload_ref: "payloadRef".into(),
         }
     }
 }
@@ -248,6 +259,23 @@ pub enum EnvelopeError {
         problem: &'static str,
         /// The offending value, shortened.
         got: String,
+    },
+    /// The claim-check reference is malformed.
+    #[error("payloadRef (key `{key}`) {problem}")]
+    PayloadRef {
+        /// Configured key path.
+        key: String,
+        /// What is wrong with it.
+        problem: ClaimRefError,
+    },
+    /// A reference next to an inline payload or a delete flag: which is the new state is
+    /// ambiguous.
+    #[error("payloadRef (key `{key}`) cannot be combined with {other}")]
+    PayloadRefConflict {
+        /// Configured key path.
+        key: String,
+        /// What it is combined with (`a payload`, `deleted: true`).
+        other: &'static str,
     },
     /// The payload is neither an object nor null: it cannot be an entity's state.
     #[error("payload (key `{key}`) must be an object or null, got {found}")]
@@ -283,6 +311,8 @@ pub struct Members {
     pub deleted: Option<Value>,
     /// `baseVersion`.
     pub base_version: Option<Value>,
+    /// `payloadRef`.
+    pub payload_ref: Option<Value>,
 }
 
 impl EnvelopeKeys {
@@ -318,6 +348,7 @@ impl EnvelopeKeys {
             payload: None,
             deleted: get(&body, &self.deleted),
             base_version: get(&body, &self.base_version),
+            payload_ref: get(&body, &self.payload_ref),
         };
         // Taken last and moved, not copied: other members may live inside the payload.
         members.payload = take_path(&mut body, &self.payload);
@@ -428,6 +459,30 @@ impl EnvelopeKeys {
                 });
             }
         };
+        let payload_ref = match present(members.payload_ref) {
+            None => None,
+            Some(value) => {
+                let claim =
+                    ClaimRef::from_value(value).map_err(|problem| EnvelopeError::PayloadRef {
+                        key: self.payload_ref.clone(),
+                        problem,
+                    })?;
+                let conflict = if payload.is_some() {
+                    Some("a payload")
+                } else if deleted {
+                    Some("deleted: true")
+                } else {
+                    None
+                };
+                if let Some(other) = conflict {
+                    return Err(EnvelopeError::PayloadRefConflict {
+                        key: self.payload_ref.clone(),
+                        other,
+                    });
+                }
+                Some(claim)
+            }
+        };
         Ok(Envelope {
             schema_version,
             event_id: optional_string("eventId", &self.event_id, members.event_id)?,
@@ -442,6 +497,7 @@ impl EnvelopeKeys {
             aggregate_version,
             base_version,
             payload,
+            payload_ref,
             deleted,
         })
     }
@@ -776,5 +832,55 @@ mod tests {
                 proptest::prop_assert_eq!(fast.offset(), time::UtcOffset::UTC);
             }
         }
+    }
+
+    #[test]
+    fn a_payload_ref_is_read_validated_and_not_a_tombstone() {
+        let claim = ClaimRef::redis(crate::claim::DEFAULT_KEY_PREFIX, br#"{"n":1}"#);
+        let reference = serde_json::to_value(&claim).unwrap();
+        let keys = EnvelopeKeys::default();
+        let env = keys
+            .read(&json!({"aggregateId": "a", "aggregateVersion": 2, "payloadRef": reference}))
+            .unwrap();
+        assert_eq!(env.payload_ref.as_ref(), Some(&claim));
+        assert_eq!(env.payload, None);
+        assert!(!env.is_tombstone());
+        // The wire form round-trips under `payloadRef`.
+        assert_eq!(env.to_value()["payloadRef"], reference);
+        let back: Envelope = serde_json::from_value(env.to_value()).unwrap();
+        assert_eq!(back, env);
+        // A foreign shape names it by configuration.
+        let mapped = EnvelopeKeys {
+            payload_ref: "meta.claim".into(),
+            ..EnvelopeKeys::default()
+        };
+        let env = mapped
+            .read(&json!({"aggregateId": "a", "aggregateVersion": 2, "meta": {"claim": reference}}))
+            .unwrap();
+        assert_eq!(env.payload_ref, Some(claim.clone()));
+        // Malformed, or combined with an inline payload or a delete: refused with the key.
+        let err = mapped
+            .read(&json!({"aggregateId": "a", "aggregateVersion": 2, "meta": {"claim": {"store": "redis"}}}))
+            .unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("payloadRef (key `meta.claim`) must be an object"),
+            "{err}"
+        );
+        for (extra, other) in [("payload", json!({"n": 1})), ("deleted", json!(true))] {
+            let mut body =
+                json!({"aggregateId": "a", "aggregateVersion": 2, "payloadRef": reference});
+            body[extra] = other;
+            let err = keys.read(&body).unwrap_err();
+            assert!(
+                matches!(err, EnvelopeError::PayloadRefConflict { .. }),
+                "{err}"
+            );
+        }
+        // A null reference is no reference.
+        let env = keys
+            .read(&json!({"aggregateId": "a", "aggregateVersion": 2, "payloadRef": null}))
+            .unwrap();
+        assert!(env.is_tombstone());
     }
 }

@@ -2,6 +2,7 @@
 //!
 //! # Layout
 //!
+//! - [`claim`]: claim-check references (`payloadRef`) to payloads stored outside the stream.
 //! - [`compat`]: schema compatibility rules (Confluent's, for JSON Schema) between versions.
 //! - [`envelope`]: the canonical [`Envelope`] and the [`EnvelopeKeys`] mapping that reads foreign
 //!   shapes into it.
@@ -15,6 +16,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs, unreachable_pub)]
 
+pub mod claim;
 pub mod compat;
 pub mod envelope;
 pub mod evolution;
@@ -23,6 +25,7 @@ pub mod registry;
 pub mod selection;
 pub mod wire;
 
+pub use claim::{ClaimMismatch, ClaimRef, ClaimRefError};
 pub use envelope::{Envelope, EnvelopeError, EnvelopeKeys, EnvelopePath, Members};
 pub use registry::{Compatibility, SchemaProblem, SchemaRegistry, StreamSpec};
 pub use selection::PayloadSelection;

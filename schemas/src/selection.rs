@@ -95,6 +95,7 @@ impl<'de> Visitor<'de> for MembersSeed<'_> {
                 MemberKey::AggregateVersion => &mut members.aggregate_version,
                 MemberKey::Deleted => &mut members.deleted,
                 MemberKey::BaseVersion => &mut members.base_version,
+                MemberKey::PayloadRef => &mut members.payload_ref,
             };
             if slot.is_some() {
                 return Err(de::Error::duplicate_field(key.name()));
@@ -118,6 +119,7 @@ enum MemberKey {
     Payload,
     Deleted,
     BaseVersion,
+    PayloadRef,
     Other,
 }
 
@@ -134,6 +136,7 @@ impl MemberKey {
             b"payload" => MemberKey::Payload,
             b"deleted" => MemberKey::Deleted,
             b"baseVersion" => MemberKey::BaseVersion,
+            b"payloadRef" => MemberKey::PayloadRef,
             _ => MemberKey::Other,
         }
     }
@@ -150,6 +153,7 @@ impl MemberKey {
             MemberKey::Payload => "payload",
             MemberKey::Deleted => "deleted",
             MemberKey::BaseVersion => "baseVersion",
+            MemberKey::PayloadRef => "payloadRef",
             MemberKey::Other => "",
         }
     }

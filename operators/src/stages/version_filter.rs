@@ -240,6 +240,7 @@ mod tests {
                 aggregate_version: version,
                 base_version: None,
                 payload: Some(serde_json::json!({})),
+                payload_ref: None,
                 deleted: false,
             },
         )

@@ -722,6 +722,7 @@ impl Relay<'_> {
             aggregate_version,
             base_version: None,
             payload,
+            payload_ref: None,
             deleted,
         };
         if let Some(schemas) = &self.schemas {
