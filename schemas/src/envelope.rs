@@ -557,12 +557,12 @@ fn parse_any_offset(value: &Value) -> Option<OffsetDateTime> {
         Value::String(s) => parse_utc_z(s.as_bytes())
             .or_else(|| OffsetDateTime::parse(s, &Rfc3339).ok())
             .or_else(|| {
-            let naive = time::PrimitiveDateTime::parse(
-                s,
-                &time::format_description::well_known::Iso8601::DEFAULT,
-            )
-            .ok()?;
-            Some(naive.assume_utc())
+                let naive = time::PrimitiveDateTime::parse(
+                    s,
+                    &time::format_description::well_known::Iso8601::DEFAULT,
+                )
+                .ok()?;
+                Some(naive.assume_utc())
             }),
         Value::Number(n) => {
             let millis = n.as_i64()?;
@@ -764,7 +764,13 @@ mod tests {
             .read(&json!({"aggregateId": "a", "aggregateVersion": 5, "payload": {}}))
             .unwrap();
         assert_eq!(full.base_version, None);
-        assert!(!full.to_value().as_object().unwrap().contains_key("baseVersion"));
+        assert!(
+            !full
+                .to_value()
+                .as_object()
+                .unwrap()
+                .contains_key("baseVersion")
+        );
         let mapped = EnvelopeKeys {
             aggregate_version: "version".into(),
             base_version: "meta.previous_version".into(),
