@@ -432,6 +432,7 @@ fn probe_key(sink: &RedisHashConfig) -> Option<String> {
         aggregate_type: None,
         aggregate_id: PROBE_ID.to_string(),
         aggregate_version: 0,
+        base_version: None,
         payload: None,
         payload_ref: None,
         deleted: false,

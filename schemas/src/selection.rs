@@ -94,6 +94,7 @@ impl<'de> Visitor<'de> for MembersSeed<'_> {
                 MemberKey::AggregateId => &mut members.aggregate_id,
                 MemberKey::AggregateVersion => &mut members.aggregate_version,
                 MemberKey::Deleted => &mut members.deleted,
+                MemberKey::BaseVersion => &mut members.base_version,
                 MemberKey::PayloadRef => &mut members.payload_ref,
             };
             if slot.is_some() {
@@ -117,6 +118,7 @@ enum MemberKey {
     AggregateVersion,
     Payload,
     Deleted,
+    BaseVersion,
     PayloadRef,
     Other,
 }
@@ -133,6 +135,7 @@ impl MemberKey {
             b"aggregateVersion" => MemberKey::AggregateVersion,
             b"payload" => MemberKey::Payload,
             b"deleted" => MemberKey::Deleted,
+            b"baseVersion" => MemberKey::BaseVersion,
             b"payloadRef" => MemberKey::PayloadRef,
             _ => MemberKey::Other,
         }
@@ -149,6 +152,7 @@ impl MemberKey {
             MemberKey::AggregateVersion => "aggregateVersion",
             MemberKey::Payload => "payload",
             MemberKey::Deleted => "deleted",
+            MemberKey::BaseVersion => "baseVersion",
             MemberKey::PayloadRef => "payloadRef",
             MemberKey::Other => "",
         }

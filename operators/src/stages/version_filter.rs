@@ -238,6 +238,7 @@ mod tests {
                 aggregate_type: None,
                 aggregate_id: id.into(),
                 aggregate_version: version,
+                base_version: None,
                 payload: Some(serde_json::json!({})),
                 payload_ref: None,
                 deleted: false,

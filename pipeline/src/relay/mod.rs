@@ -777,6 +777,7 @@ impl Relay<'_> {
             aggregate_type: Some(column(row, "aggregate_type")?),
             aggregate_id,
             aggregate_version,
+            base_version: None,
             payload,
             payload_ref: None,
             deleted,
