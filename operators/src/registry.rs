@@ -11,6 +11,7 @@ use crate::stage::{
     BuildContext, BuildError, BuiltStage, ComponentConfig, ConfigProblem, KeyDoc, PayloadPath,
 };
 use crate::stages::decode::DecodeConfig;
+use crate::stages::delta::DeltaConfig;
 use crate::stages::project::ProjectConfig;
 use crate::stages::tombstone::TombstoneConfig;
 use crate::stages::upcast::UpcastConfig;
@@ -152,6 +153,8 @@ stage_types! {
     "project" => Project(ProjectConfig), Transform;
     /// Carries older payload schema versions up to the latest.
     "upcast" => Upcast(UpcastConfig), Transform;
+    /// Marks events carrying only changed fields as patches on a base version.
+    "delta" => Delta(DeltaConfig), Transform;
     /// Writes Redis hashes behind a version guard.
     "redis_hash" => RedisHash(RedisHashConfig), Sink;
     /// Writes Postgres rows behind a version guard.

@@ -44,6 +44,9 @@ pub struct SinkReport {
     /// Records the store refused (a CHECK or foreign-key violation), by entry index, with
     /// what the store said.
     pub refused: Vec<(usize, String)>,
+    /// Patches not applied because the replica is older than their base (a version is
+    /// missing in between), by entry index: never applied over the gap, never acked as done.
+    pub gaps: Vec<usize>,
 }
 
 /// Future returned by [`Sink::apply_batch`].

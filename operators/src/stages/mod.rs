@@ -1,6 +1,7 @@
 //! The transform stages, one file each.
 
 pub mod decode;
+pub mod delta;
 pub mod project;
 pub mod tombstone;
 pub mod upcast;
