@@ -67,6 +67,8 @@ async fn apply_with_retry(shared: &Shared, sink_index: usize, records: &[Record]
         s.applied
             .fetch_add(report.applied as u64, Ordering::Relaxed);
         s.stale.fetch_add(report.stale as u64, Ordering::Relaxed);
+        s.delta_gaps
+            .fetch_add(report.gaps.len() as u64, Ordering::Relaxed);
         s.last_apply_ms.store(now, Ordering::Relaxed);
         let mut newest = None;
         for record in records {
@@ -169,6 +171,7 @@ async fn isolate_refused(
                 merged.stale_entries.extend(report.stale_entries);
                 merged.rejected.extend(report.rejected);
                 merged.refused.extend(report.refused);
+                merged.gaps.extend(report.gaps);
             }
             Err(SinkError::Refused { message, .. } | SinkError::Conflict { message, .. }) => {
                 refused.push((record.entry, message))
@@ -337,6 +340,12 @@ pub(crate) async fn complete(shared: Arc<Shared>, batch: Batch) -> Option<Trace>
         }
     }
 
+    // A patch over a gap was not applied: its entry stays pending, and is delivered again
+    // (XAUTOCLAIM after claim_idle, or a restart) when the missing version may have come.
+    let gaps: HashSet<usize> = reports
+        .iter()
+        .flat_map(|(_, report)| report.gaps.iter().copied())
+        .collect();
     let stats = &shared.stats;
     let mut not_applied: Vec<HashSet<usize>> = vec![HashSet::new(); per_sink.len()];
     for (i, report) in &reports {
@@ -429,7 +438,12 @@ pub(crate) async fn complete(shared: Arc<Shared>, batch: Batch) -> Option<Trace>
             .fetch_add(dead.len() as u64, Ordering::Relaxed);
     }
 
-    let mut ids: Vec<String> = entries.iter().map(|e| e.id.clone()).collect();
+    let mut ids: Vec<String> = entries
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| !gaps.contains(i))
+        .map(|(_, e)| e.id.clone())
+        .collect();
     ids.extend(extra_dead.iter().map(|(e, _)| e.id.clone()));
     ids.extend(trimmed.iter().map(|e| e.id.clone()));
     if ack && !ids.is_empty() {

@@ -279,6 +279,9 @@ pub enum Outcome {
     Applied,
     /// Not written: the store's version guard holds this version or a newer one.
     StaleAtSink,
+    /// A patch not written: the replica is older than its base (a version is missing), so
+    /// the entry is left pending until the gap is filled.
+    GapAtSink,
     /// Written or stale at the sink, which counted but did not name its stale records in a
     /// batch that had both (Postgres).
     AppliedOrStale,
@@ -308,6 +311,7 @@ impl Outcome {
             Outcome::DeadLettered { .. } => "dead_lettered",
             Outcome::Applied => "applied",
             Outcome::StaleAtSink => "stale_at_sink",
+            Outcome::GapAtSink => "gap_at_sink",
             Outcome::AppliedOrStale => "applied_or_stale",
             Outcome::Rejected { .. } => "rejected",
             Outcome::Refused { .. } => "refused",
@@ -403,7 +407,7 @@ impl Trace {
         self.note_events(entries, output);
         for record in output {
             let outcome = match record.action {
-                Action::Upsert => Outcome::Passed,
+                Action::Upsert | Action::Patch { .. } => Outcome::Passed,
                 Action::Delete { .. } => Outcome::Deleted,
                 Action::Mark => Outcome::Marked,
             };
@@ -457,7 +461,9 @@ impl Trace {
         let unnamed: Vec<usize> = records
             .iter()
             .map(|r| r.entry)
-            .filter(|&e| !failed(e) && !report.stale_entries.contains(&e))
+            .filter(|&e| {
+                !failed(e) && !report.stale_entries.contains(&e) && !report.gaps.contains(&e)
+            })
             .collect();
         let unnamed_stale = report.stale.saturating_sub(report.stale_entries.len());
         let outcome = match unnamed_stale {
@@ -470,6 +476,9 @@ impl Trace {
         }
         for &entry in &report.stale_entries {
             self.decide(entry, name, Outcome::StaleAtSink);
+        }
+        for &entry in &report.gaps {
+            self.decide(entry, name, Outcome::GapAtSink);
         }
         for (entry, reason) in &report.rejected {
             let reason = reason.clone();
@@ -591,7 +600,7 @@ mod tests {
 
     #[test]
     fn a_sinks_report_names_each_records_outcome_when_it_can() {
-        let records: Vec<Record> = (0..4)
+        let records: Vec<Record> = (0..5)
             .map(|i| {
                 let event = serde_json::from_str(&event(&format!("k{i}"), 1, "active")).unwrap();
                 Record::new(i, event)
@@ -608,13 +617,14 @@ mod tests {
             seen.sort();
             seen
         };
-        // Named stale records (Redis), a rejection and a refusal.
+        // Named stale records (Redis), a rejection, a refusal and a patch over a gap.
         let named = SinkReport {
             applied: 1,
             stale: 1,
             stale_entries: vec![2],
             rejected: vec![(0, "bad key".into())],
             refused: vec![(3, "check".into())],
+            gaps: vec![4],
         };
         assert_eq!(
             outcomes(named),
@@ -622,12 +632,13 @@ mod tests {
                 (0, "rejected"),
                 (1, "applied"),
                 (2, "stale_at_sink"),
-                (3, "refused")
+                (3, "refused"),
+                (4, "gap_at_sink")
             ]
         );
         // A count the sink cannot attribute (Postgres's guard in a mixed batch).
         let counted = SinkReport {
-            applied: 3,
+            applied: 4,
             stale: 1,
             ..SinkReport::default()
         };
@@ -637,7 +648,7 @@ mod tests {
                 .all(|(_, o)| *o == "applied_or_stale")
         );
         let all_stale = SinkReport {
-            stale: 4,
+            stale: 5,
             ..SinkReport::default()
         };
         assert!(
