@@ -26,6 +26,12 @@ pub trait Stage: Send {
     /// Forgets what earlier batches taught the stage (before a bootstrap re-applies state
     /// the stage may have seen newer versions of).
     fn reset(&mut self) {}
+
+    /// Whether snapshot rows (full states, by definition) go through the stage too; a stage
+    /// that reads events as changes says no, and they pass it untouched.
+    fn reads_snapshots(&self) -> bool {
+        true
+    }
 }
 
 /// What a sink did with one batch.

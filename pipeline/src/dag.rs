@@ -208,6 +208,9 @@ impl Dag {
                 Node::Transform(_) if self.inputs[i].is_empty() && decoded.is_some() => {
                     outputs[i] = decoded.clone();
                 }
+                Node::Transform(stage) if decoded.is_some() && !stage.reads_snapshots() => {
+                    outputs[i] = Some(input);
+                }
                 Node::Transform(stage) => {
                     let timing = self.stage_slots[i].and_then(|slot| self.stats.stages().get(slot));
                     let _span = tracing::info_span!(
@@ -531,6 +534,24 @@ mod tests {
             .of_entry(entry)
             .map(|d| (d.stage.as_str(), d.outcome.as_str()))
             .collect()
+    }
+
+    #[tokio::test]
+    async fn snapshot_rows_pass_a_delta_stage_as_full_states() {
+        let text = "name: p\nsource: { redis: \"redis://127.0.0.1:6379\", stream: s, group: g }\nstages:\n  decode: { type: decode }\n  patches: { type: delta, input: decode, base: contiguous }\n  cache: { type: redis_hash, input: patches, key: \"dag-delta-test:{aggregateId}\" }\n";
+        let config = crate::config::load_str(Path::new("p.yaml"), text, &|_| None)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let mut dag = Dag::build(&config, Arc::new(Stats::default()))
+            .await
+            .unwrap();
+        let body = event("a", 7, "active");
+        let entries = vec![entry("1-0", &body)];
+        let mut out = Outcomes::default();
+        let live = dag.run(&entries, &mut out);
+        assert_eq!(live[0][0].action, Action::Patch { base: 6 });
+        let row = Record::new(0, serde_json::from_str(&body).unwrap());
+        let snapshot = dag.run_decoded(&entries, vec![row], &mut out);
+        assert_eq!(snapshot[0][0].action, Action::Upsert);
     }
 
     #[tokio::test]

@@ -65,6 +65,11 @@ impl Delta {
 }
 
 impl Stage for Delta {
+    fn reads_snapshots(&self) -> bool {
+        // A snapshot row is the aggregate's full state, whatever `base` says of events.
+        false
+    }
+
     fn process(
         &mut self,
         input: Vec<Record>,
