@@ -45,6 +45,9 @@ pub enum DeadLetterReason {
     Trimmed,
     /// A snapshot row (bootstrap, reconcile) is not a valid row.
     InvalidSnapshotRow(String),
+    /// The `fetch` stage could not get a usable state for a thin event: the endpoint kept
+    /// answering a version older than the event's, or a row it cannot use.
+    Fetch(String),
 }
 
 impl DeadLetterReason {
@@ -56,6 +59,7 @@ impl DeadLetterReason {
         "max_deliveries",
         "trimmed",
         "snapshot",
+        "fetch",
     ];
 
     /// The stable, bounded label of the reason's kind (`invalid_event`, `sink_rejected`, ...).
@@ -70,6 +74,7 @@ impl DeadLetterReason {
             DeadLetterReason::MaxDeliveries { .. } => "max_deliveries",
             DeadLetterReason::Trimmed => "trimmed",
             DeadLetterReason::InvalidSnapshotRow(_) => "snapshot",
+            DeadLetterReason::Fetch(_) => "fetch",
         }
     }
 
@@ -108,6 +113,7 @@ impl fmt::Display for DeadLetterReason {
             }
             DeadLetterReason::Trimmed => f.write_str("trimmed before applied"),
             DeadLetterReason::InvalidSnapshotRow(message) => f.write_str(message),
+            DeadLetterReason::Fetch(message) => write!(f, "fetch: {message}"),
         }
     }
 }
@@ -135,6 +141,7 @@ mod tests {
             DeadLetterReason::MaxDeliveries { count: 6, max: 5 },
             DeadLetterReason::Trimmed,
             DeadLetterReason::InvalidSnapshotRow("snapshot line is not JSON".into()),
+            DeadLetterReason::Fetch("the endpoint answered version 3, the event is 5".into()),
         ];
         for reason in &reasons {
             assert!(

@@ -5,12 +5,14 @@
 //! - [`record`]: what flows between stages ([`Record`], [`Action`]) and what a batch reports
 //!   besides its records ([`Outcomes`]).
 //! - [`stage`]: the small traits every component implements ([`Stage`] for synchronous batch
-//!   transforms, [`Sink`] for the async leaves, [`stage::ComponentConfig`] for their configs).
+//!   transforms, [`AsyncStage`] for those that wait on a service, [`Sink`] for the async leaves, [`stage::ComponentConfig`] for their configs).
 //! - [`registry`]: the closed set of stage types, each named once ([`StageConfig`]).
 //! - [`dead_letter`]: why an entry was dead-lettered ([`DeadLetterReason`]).
 //! - [`error`]: [`SinkError`] and [`BuildError`].
-//! - [`stages`]: `decode`, `version_filter`, `tombstone`, `project`, one file each.
+//! - [`stages`]: `decode`, `version_filter`, `tombstone`, `project`, `fetch`, ..., one file each.
 //! - [`sinks`]: the `redis_hash` and `postgres` sinks.
+//! - [`fetch`]: a client of the snapshot contract's single-entity reads (timeout, retries,
+//!   circuit breaker, concurrency limit, per-endpoint stats).
 //! - [`postgres_tls`]: Postgres URLs with libpq's `sslmode` options, over rustls.
 //! - [`replica`]: reading a replica back for reconciliation ([`replica::Replica`]).
 //! - [`redis_pool`]: the one Redis connection type (one server or a cluster), its URLs (TLS,
@@ -23,6 +25,7 @@
 pub mod dead_letter;
 pub mod duration;
 pub mod error;
+pub mod fetch;
 pub mod postgres_tls;
 pub mod record;
 pub mod redis_pool;
@@ -39,4 +42,6 @@ pub use error::{BuildError, SinkError};
 pub use record::{Action, DropReason, FieldNames, Fields, Outcomes, RawEntry, Record};
 pub use registry::StageConfig;
 pub use secret::SecretUrl;
-pub use stage::{BuildContext, BuiltStage, PayloadPath, ReplicaFreshness, Sink, SinkReport, Stage};
+pub use stage::{
+    AsyncStage, BuildContext, BuiltStage, PayloadPath, ReplicaFreshness, Sink, SinkReport, Stage,
+};

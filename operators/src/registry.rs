@@ -12,6 +12,7 @@ use crate::stage::{
 };
 use crate::stages::decode::DecodeConfig;
 use crate::stages::delta::DeltaConfig;
+use crate::stages::fetch::FetchConfig;
 use crate::stages::project::ProjectConfig;
 use crate::stages::tombstone::TombstoneConfig;
 use crate::stages::upcast::UpcastConfig;
@@ -155,6 +156,8 @@ stage_types! {
     "upcast" => Upcast(UpcastConfig), Transform;
     /// Marks events carrying only changed fields as patches on a base version.
     "delta" => Delta(DeltaConfig), Transform;
+    /// Fetches the current state of thin events from an endpoint.
+    "fetch" => Fetch(FetchConfig), Transform;
     /// Writes Redis hashes behind a version guard.
     "redis_hash" => RedisHash(RedisHashConfig), Sink;
     /// Writes Postgres rows behind a version guard.
@@ -238,6 +241,7 @@ mod tests {
             "project" => serde_json::json!({"fields": {"a": "payload.a"}}),
             "redis_hash" => serde_json::json!({"key": "k:{aggregateId}"}),
             "upcast" => serde_json::json!({"steps": [{"from": 1, "ops": [{"drop": "a"}]}]}),
+            "fetch" => serde_json::json!({"url": "http://127.0.0.1:8081/snapshot"}),
             "postgres" => serde_json::json!({
                 "url": "postgres://127.0.0.1/db", "table": "t", "key": "id",
                 "columns": {"a": "text"}

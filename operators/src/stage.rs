@@ -34,6 +34,27 @@ pub trait Stage: Send {
     }
 }
 
+/// Future returned by [`AsyncStage::process`]: the stage's output records.
+pub type ProcessFuture<'a> = Pin<Box<dyn Future<Output = Vec<Record>> + Send + 'a>>;
+
+/// A batch transform that waits on a service (an HTTP endpoint, a claim store).
+///
+/// While the service is down the stage retries in place with backoff: the batch is held, so
+/// nothing is acked. A worker shutting down drops the future; the batch stays pending and is
+/// redelivered. Records not returned must be reported in `out`, as for [`Stage`].
+pub trait AsyncStage: Send {
+    /// Processes one batch.
+    fn process<'a>(
+        &'a mut self,
+        input: Vec<Record>,
+        entries: &'a [RawEntry],
+        out: &'a mut Outcomes,
+    ) -> ProcessFuture<'a>;
+
+    /// Forgets what earlier batches taught the stage, as [`Stage::reset`].
+    fn reset(&mut self) {}
+}
+
 /// What a sink did with one batch.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct SinkReport {
@@ -151,6 +172,8 @@ impl PayloadPath {
 pub enum BuiltStage {
     /// A synchronous transform.
     Stage(Box<dyn Stage>),
+    /// A transform that waits on a service.
+    AsyncStage(Box<dyn AsyncStage>),
     /// A sink (a DAG leaf).
     Sink(Arc<dyn Sink>),
 }

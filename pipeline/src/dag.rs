@@ -6,11 +6,12 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use ecst_operators::{
-    Action, BuildContext, BuiltStage, DeadLetterReason, DropReason, Outcomes, RawEntry, Record,
-    Sink, SinkReport, Stage,
+    Action, AsyncStage, BuildContext, BuiltStage, DeadLetterReason, DropReason, Outcomes, RawEntry,
+    Record, Sink, SinkReport, Stage,
 };
 use ecst_schemas::PayloadSelection;
 use serde::Serialize;
+use tracing::Instrument;
 
 use crate::config::PipelineConfig;
 use crate::error::RunError;
@@ -18,6 +19,7 @@ use crate::stats::{Histogram, SinkStats, StageStats, Stats};
 
 enum Node {
     Transform(Box<dyn Stage>),
+    AsyncTransform(Box<dyn AsyncStage>),
     Sink(usize),
 }
 
@@ -98,6 +100,7 @@ impl Dag {
             };
             nodes.push(match stage.config.build(&ctx).await? {
                 BuiltStage::Stage(s) => Node::Transform(s),
+                BuiltStage::AsyncStage(s) => Node::AsyncTransform(s),
                 BuiltStage::Sink(s) => {
                     sinks.push((stage.name.clone(), s));
                     Node::Sink(sinks.len() - 1)
@@ -117,7 +120,7 @@ impl Dag {
         let mut stage_stats = Vec::new();
         for (node, stage) in nodes.iter().zip(&config.stages) {
             stage_slots.push(match node {
-                Node::Transform(_) => {
+                Node::Transform(_) | Node::AsyncTransform(_) => {
                     stage_stats.push(StageStats {
                         name: stage.name.clone(),
                         duration: Histogram::latency(),
@@ -145,8 +148,10 @@ impl Dag {
     /// Forgets every stage's memory of earlier batches.
     pub(crate) fn reset(&mut self) {
         for node in &mut self.nodes {
-            if let Node::Transform(stage) = node {
-                stage.reset();
+            match node {
+                Node::Transform(stage) => stage.reset(),
+                Node::AsyncTransform(stage) => stage.reset(),
+                Node::Sink(_) => {}
             }
         }
     }
@@ -156,34 +161,39 @@ impl Dag {
         &self.sinks
     }
 
-    /// Runs the transforms over a batch; returns each sink's records.
-    pub(crate) fn run(&mut self, entries: &[RawEntry], out: &mut Outcomes) -> Vec<Vec<Record>> {
-        self.run_from(entries, None, out, None)
+    /// Runs the transforms over a batch; returns each sink's records. An async stage may wait
+    /// (its service down); dropping the future abandons the batch, which stays un-acked.
+    pub(crate) async fn run(
+        &mut self,
+        entries: &[RawEntry],
+        out: &mut Outcomes,
+    ) -> Vec<Vec<Record>> {
+        self.run_from(entries, None, out, None).await
     }
 
     /// Runs the transforms over a batch as `run` does, writing what each stage did with each
     /// entry to `trace` (which `commit::complete` then completes for the sinks).
-    pub fn run_traced(
+    pub async fn run_traced(
         &mut self,
         entries: &[RawEntry],
         out: &mut Outcomes,
         trace: &mut Trace,
     ) -> Vec<Vec<Record>> {
-        self.run_from(entries, None, out, Some(trace))
+        self.run_from(entries, None, out, Some(trace)).await
     }
 
     /// Runs a batch whose records are already decoded (snapshot rows): they stand in for the
     /// output of the root stages.
-    pub(crate) fn run_decoded(
+    pub(crate) async fn run_decoded(
         &mut self,
         entries: &[RawEntry],
         records: Vec<Record>,
         out: &mut Outcomes,
     ) -> Vec<Vec<Record>> {
-        self.run_from(entries, Some(records), out, None)
+        self.run_from(entries, Some(records), out, None).await
     }
 
-    fn run_from(
+    async fn run_from(
         &mut self,
         entries: &[RawEntry],
         decoded: Option<Vec<Record>>,
@@ -204,27 +214,36 @@ impl Dag {
                 };
                 input.extend(records);
             }
+            let root = self.inputs[i].is_empty();
             match &mut self.nodes[i] {
-                Node::Transform(_) if self.inputs[i].is_empty() && decoded.is_some() => {
+                Node::Transform(_) | Node::AsyncTransform(_) if root && decoded.is_some() => {
                     outputs[i] = decoded.clone();
                 }
                 Node::Transform(stage) if decoded.is_some() && !stage.reads_snapshots() => {
                     outputs[i] = Some(input);
                 }
-                Node::Transform(stage) => {
+                Node::Sink(s) => per_sink[*s] = input,
+                node => {
                     let timing = self.stage_slots[i].and_then(|slot| self.stats.stages().get(slot));
-                    let _span = tracing::info_span!(
+                    let span = tracing::info_span!(
                         "ecst.stage",
                         ecst.stage = timing.map_or("", |s| s.name.as_str()),
                         ecst.records = input.len()
-                    )
-                    .entered();
+                    );
                     let marks = (out.dead_letters.len(), out.dropped.len());
                     if let Some(trace) = trace.as_deref_mut() {
                         trace.note_events(entries.len(), &input);
                     }
                     let started = Instant::now();
-                    let output = stage.process(input, entries, out);
+                    let output = match node {
+                        Node::Transform(stage) => {
+                            span.in_scope(|| stage.process(input, entries, out))
+                        }
+                        Node::AsyncTransform(stage) => {
+                            stage.process(input, entries, out).instrument(span).await
+                        }
+                        Node::Sink(_) => Vec::new(),
+                    };
                     if let Some(s) = timing {
                         s.duration.observe(started.elapsed().as_secs_f64());
                     }
@@ -234,7 +253,6 @@ impl Dag {
                     }
                     outputs[i] = Some(output);
                 }
-                Node::Sink(s) => per_sink[*s] = input,
             }
         }
         per_sink
@@ -572,7 +590,7 @@ mod tests {
         ];
         let mut out = Outcomes::default();
         let mut trace = Trace::default();
-        let per_sink = dag.run_traced(&entries, &mut out, &mut trace);
+        let per_sink = dag.run_traced(&entries, &mut out, &mut trace).await;
         assert_eq!(per_sink[0].len(), 1);
         assert_eq!(
             decided(&trace, 0),
@@ -612,7 +630,8 @@ mod tests {
         // A later batch: what the stage saw before is stale, not coalesced.
         let mut trace = Trace::default();
         let later = [entry("6-0", &event("a", 2, "active"))];
-        dag.run_traced(&later, &mut Outcomes::default(), &mut trace);
+        dag.run_traced(&later, &mut Outcomes::default(), &mut trace)
+            .await;
         assert_eq!(
             decided(&trace, 0),
             [("decode", "passed"), ("latest", "stale")]

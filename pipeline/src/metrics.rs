@@ -436,8 +436,75 @@ impl Collector for StatsCollector {
             "ecst_source_connected",
             "1 while the last read from the stream succeeded.",
             flag(&stats.source_connected),
-        )
+        )?;
+        encode_fetch(e)
     }
+}
+
+/// The `fetch` stages' endpoints: requests by outcome, latency, circuit breaker.
+fn encode_fetch(e: &mut DescriptorEncoder) -> fmt::Result {
+    let endpoints = ecst_operators::fetch::endpoints();
+    if endpoints.is_empty() {
+        return Ok(());
+    }
+    let mut family = e.encode_descriptor(
+        "ecst_fetch_requests",
+        "Requests to fetch endpoints, by outcome (ok, not_found, error, timeout, refused, invalid, circuit_open).",
+        None,
+        MetricType::Counter,
+    )?;
+    for endpoint in &endpoints {
+        for (outcome, n) in endpoint.requests() {
+            ConstCounter::new(n).encode(family.encode_family(&[
+                ("endpoint", endpoint.endpoint.as_str()),
+                ("outcome", outcome),
+            ])?)?;
+        }
+    }
+    let mut family = e.encode_descriptor(
+        "ecst_fetch_request_duration_seconds",
+        "Duration of each request to a fetch endpoint (retries are separate requests).",
+        None,
+        MetricType::Histogram,
+    )?;
+    for endpoint in &endpoints {
+        let (buckets, sum, count) = endpoint.latency();
+        let snapshot = HistogramSnapshot {
+            buckets,
+            sum,
+            count,
+        };
+        histogram(
+            family.encode_family(&[("endpoint", endpoint.endpoint.as_str())])?,
+            &snapshot,
+        )?;
+    }
+    counters(
+        e,
+        "ecst_fetch_ids",
+        "Ids answered by fetch endpoints (found or missing).",
+        "endpoint",
+        endpoints.iter().map(|s| (s.endpoint.as_str(), s.ids())),
+    )?;
+    gauges(
+        e,
+        "ecst_fetch_circuit_open",
+        "1 while the endpoint's circuit breaker is open or half-open.",
+        "endpoint",
+        endpoints.iter().map(|s| {
+            let open = s.breaker() != ecst_operators::fetch::BreakerState::Closed;
+            (s.endpoint.as_str(), i64::from(open))
+        }),
+    )?;
+    gauges(
+        e,
+        "ecst_fetch_unavailable",
+        "1 while a fetch stage holds its batch waiting for the endpoint.",
+        "endpoint",
+        endpoints
+            .iter()
+            .map(|s| (s.endpoint.as_str(), i64::from(s.unavailable().is_some()))),
+    )
 }
 
 /// A registry of a worker's metrics, every series labelled with its `pipeline`.
@@ -482,6 +549,7 @@ pub fn not_ready(stats: &Stats) -> Option<String> {
         reasons.push("retention gap".to_string());
     }
     reasons.extend(ecst_operators::redis_pool::access_problems());
+    reasons.extend(ecst_operators::fetch::unavailable_endpoints());
     (!reasons.is_empty()).then(|| reasons.join("; "))
 }
 

@@ -119,7 +119,7 @@ pub async fn reconcile(config: &PipelineConfig, repair: bool) -> Result<Reconcil
         let mut outcomes = Outcomes::default();
         let (entries, records, cursor) =
             page_records(lines, &mut outcomes).map_err(RunError::Config)?;
-        let per_sink = dag.run_decoded(&entries, records, &mut outcomes);
+        let per_sink = dag.run_decoded(&entries, records, &mut outcomes).await;
         if let Some(reason) = outcomes.halt.take() {
             return Err(RunError::Halted(format!("{reason}, in the snapshot")));
         }

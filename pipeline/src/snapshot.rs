@@ -6,6 +6,12 @@
 //! of them, after the id `after` (exclusive). The next page starts after the last line's
 //! `aggregateId`; an empty page is the end. Rows are streamed from Postgres as they come, never
 //! held as a whole page.
+//!
+//! Single-entity reads, for consumers of thin events (the `fetch` stage) and gap repair:
+//! `GET /snapshot/{entity}/{id}` answers one row as a JSON object, or 404; `POST
+//! /snapshot/{entity}:batch` with `{"ids": [...]}` (at most `max_batch_ids`, 413 beyond)
+//! answers the rows found as NDJSON, in no particular order (an id absent is missing). The id
+//! `count` is taken by the count route: read it through `:batch`.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -52,6 +58,9 @@ pub struct SnapshotConfig {
     /// Pooled connections (default 4).
     #[serde(default = "default_pool_size")]
     pub pool_size: u32,
+    /// Most ids one `POST {entity}:batch` may ask for (default 1000).
+    #[serde(default = "default_max_batch_ids")]
+    pub max_batch_ids: u32,
     /// Connect timeout and the longest a page may take (default 30s).
     #[serde(default = "default_timeout")]
     pub timeout: ConfigDuration,
@@ -87,6 +96,10 @@ pub struct EntityConfig {
     /// `ORDER BY id` would sort by the text.
     #[serde(default)]
     pub query: Option<String>,
+    /// With `query`: a query returning the same columns for the ids in `$1` (a text array),
+    /// for single-entity reads (without it, a `query` entity answers them with 501).
+    #[serde(default)]
+    pub query_by_ids: Option<String>,
 }
 
 fn default_listen() -> String {
@@ -97,6 +110,9 @@ fn default_limit() -> u32 {
 }
 fn default_max_limit() -> u32 {
     10_000
+}
+fn default_max_batch_ids() -> u32 {
+    1000
 }
 fn default_pool_size() -> u32 {
     4
@@ -135,6 +151,9 @@ impl SnapshotConfig {
                     .into(),
             ));
         }
+        if self.max_batch_ids == 0 {
+            problems.push((at(&["max_batch_ids"]), "must be more than 0".into()));
+        }
         if self.pool_size == 0 {
             problems.push((at(&["pool_size"]), "must be more than 0".into()));
         }
@@ -168,8 +187,22 @@ impl SnapshotConfig {
                             "the query must use $1 (after, text or NULL) and $2 (limit)".into(),
                         ));
                     }
+                    if let Some(q) = &entity.query_by_ids
+                        && !q.contains("$1")
+                    {
+                        problems.push((
+                            key("query_by_ids"),
+                            "the query must use $1 (the ids, a text array)".into(),
+                        ));
+                    }
                 }
                 (Some(table), None) => {
+                    if entity.query_by_ids.is_some() {
+                        problems.push((
+                            key("query_by_ids"),
+                            "goes with `query`; a `table` entity reads by id itself".into(),
+                        ));
+                    }
                     let mut names = vec![
                         ("schema", entity.schema.as_str()),
                         ("table", table.as_str()),
@@ -213,6 +246,8 @@ struct Entity {
     first_page: String,
     next_page: String,
     count: Option<String>,
+    /// The rows of the ids in `$1` (text array), for single-entity reads.
+    by_ids: Option<String>,
     /// The id column's type, for checking `after` before it reaches SQL.
     id_type: Option<String>,
 }
@@ -224,6 +259,7 @@ struct App {
     token: Option<String>,
     default_limit: u32,
     max_limit: u32,
+    max_batch_ids: u32,
     timeout: Duration,
 }
 
@@ -243,8 +279,10 @@ pub async fn serve(config: &SnapshotConfig, mut shutdown: Shutdown) -> Result<()
 
 fn router(app: Arc<App>) -> Router {
     Router::new()
-        .route("/snapshot/{entity}", get(page))
+        // `{entity}:batch` is one path segment: the POST of the page route takes it.
+        .route("/snapshot/{entity}", get(page).post(batch))
         .route("/snapshot/{entity}/count", get(count))
+        .route("/snapshot/{entity}/{id}", get(one))
         .route("/healthz", get(|| async { "ok\n" }))
         .with_state(app)
 }
@@ -290,6 +328,7 @@ async fn build(config: &SnapshotConfig) -> Result<App, SnapshotError> {
         token,
         default_limit: config.default_limit,
         max_limit: config.max_limit,
+        max_batch_ids: config.max_batch_ids,
         timeout: config.timeout.0,
     })
 }
@@ -309,10 +348,19 @@ async fn prepare_entity(
                 db_message(&e)
             ))
         })?;
+        if let Some(by_ids) = &entity.query_by_ids {
+            client.prepare(by_ids).await.map_err(|e| {
+                SnapshotError::Schema(format!(
+                    "entities.{name}.query_by_ids does not prepare: {}",
+                    db_message(&e)
+                ))
+            })?;
+        }
         return Ok(Entity {
             first_page: query.clone(),
             next_page: query,
             count: None,
+            by_ids: entity.query_by_ids.clone(),
             id_type: None,
         });
     };
@@ -381,6 +429,9 @@ async fn prepare_entity(
         first_page: format!("{select} WHERE $1::text IS NULL ORDER BY t.{id} LIMIT $2"),
         next_page: format!("{select} WHERE t.{id} > $1::text::{id_type} ORDER BY t.{id} LIMIT $2"),
         count: Some(format!("SELECT count(*) FROM {qualified}")),
+        by_ids: Some(format!(
+            "{select} WHERE t.{id} = ANY($1::text[]::{id_type}[])"
+        )),
         id_type: Some(id_type),
     })
 }
@@ -683,6 +734,151 @@ async fn count(
             .into_response(),
         Ok(Err(e)) => query_failed(&entity_name, &e),
     }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BatchRequest {
+    ids: Vec<String>,
+}
+
+/// `GET /snapshot/{entity}/{id}`: one row as a JSON object, or 404.
+async fn one(
+    State(app): State<Arc<App>>,
+    Path((entity_name, id)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Response {
+    let rows = match rows_by_ids(&app, &entity_name, vec![id.clone()], &headers).await {
+        Ok(rows) => rows,
+        Err(response) => return response,
+    };
+    match rows.first() {
+        None => problem(StatusCode::NOT_FOUND, format!("no {entity_name} `{id}`")),
+        Some(line) => (
+            [(header::CONTENT_TYPE, "application/json")],
+            Bytes::from(line.clone()),
+        )
+            .into_response(),
+    }
+}
+
+/// `POST /snapshot/{entity}:batch`: the rows of the ids asked for, as NDJSON.
+async fn batch(
+    State(app): State<Arc<App>>,
+    Path(segment): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let Some(entity_name) = segment.strip_suffix(":batch") else {
+        return problem(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "POST /snapshot/{entity}:batch reads by ids; the page route is GET",
+        );
+    };
+    if !authorized(&app, &headers) {
+        return problem(StatusCode::UNAUTHORIZED, "a valid bearer token is required");
+    }
+    let request: BatchRequest = match serde_json::from_slice(&body) {
+        Ok(request) => request,
+        Err(e) => {
+            return problem(
+                StatusCode::BAD_REQUEST,
+                format!("the body must be {{\"ids\": [\"…\"]}}: {e}"),
+            );
+        }
+    };
+    if request.ids.len() > app.max_batch_ids as usize {
+        return problem(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "{} ids asked, at most {} per request",
+                request.ids.len(),
+                app.max_batch_ids
+            ),
+        );
+    }
+    let rows = match rows_by_ids(&app, entity_name, request.ids, &headers).await {
+        Ok(rows) => rows,
+        Err(response) => return response,
+    };
+    let mut body = Vec::with_capacity(rows.iter().map(|l| l.len() + 1).sum());
+    for line in rows {
+        body.extend_from_slice(&line);
+        body.push(b'\n');
+    }
+    (
+        [(header::CONTENT_TYPE, "application/x-ndjson")],
+        Bytes::from(body),
+    )
+        .into_response()
+}
+
+/// The rows of `ids`, each one JSON line without its newline. Ids that cannot be the entity's
+/// (`abc` for a bigint id) are simply not found.
+async fn rows_by_ids(
+    app: &App,
+    entity_name: &str,
+    ids: Vec<String>,
+    headers: &HeaderMap,
+) -> Result<Vec<Vec<u8>>, Response> {
+    if !authorized(app, headers) {
+        return Err(problem(
+            StatusCode::UNAUTHORIZED,
+            "a valid bearer token is required",
+        ));
+    }
+    let Some(entity) = app.entities.get(entity_name) else {
+        return Err(problem(
+            StatusCode::NOT_FOUND,
+            format!("no entity `{entity_name}`"),
+        ));
+    };
+    let Some(sql) = &entity.by_ids else {
+        return Err(problem(
+            StatusCode::NOT_IMPLEMENTED,
+            format!("entity `{entity_name}` is a query without query_by_ids"),
+        ));
+    };
+    let ids: Vec<String> = ids
+        .into_iter()
+        .filter(|id| check_after(id, entity.id_type.as_deref()).is_ok())
+        .collect();
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let conn = match app.pool.get().await {
+        Ok(conn) => conn,
+        Err(e) => {
+            tracing::warn!(error = %e, "Snapshot request: no Postgres connection.");
+            return Err(problem(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the source database is unavailable",
+            ));
+        }
+    };
+    let rows = match tokio::time::timeout(app.timeout, conn.query(sql.as_str(), &[&ids])).await {
+        Err(_) => return Err(timed_out(app, &conn)),
+        Ok(Err(e)) => return Err(query_failed(entity_name, &e)),
+        Ok(Ok(rows)) => rows,
+    };
+    let mut lines = Vec::with_capacity(rows.len());
+    for row in &rows {
+        let mut line = Vec::new();
+        if let Err(e) = write_line(&mut line, row, entity_name) {
+            tracing::warn!(entity = entity_name, error = %e, "Snapshot row cannot be written.");
+            return Err(problem(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "a row cannot be written",
+            ));
+        }
+        if line.last() == Some(&b'\n') {
+            line.pop();
+        }
+        if !line.is_empty() {
+            lines.push(line);
+        }
+    }
+    Ok(lines)
 }
 
 #[cfg(test)]

@@ -12,6 +12,7 @@ mod deploy;
 mod dlq;
 mod fanout;
 mod faults;
+mod fetch;
 mod first_hour;
 mod observe;
 mod orphans;

@@ -2,6 +2,7 @@
 
 pub mod decode;
 pub mod delta;
+pub mod fetch;
 pub mod project;
 pub mod tombstone;
 pub mod upcast;

@@ -453,7 +453,11 @@ async fn run_bootstrap(
                 continue;
             }
         };
-        let per_sink = dag.run_decoded(&entries, records, &mut outcomes);
+        // An async stage whose service is down waits; shutdown abandons the page.
+        let per_sink = tokio::select! {
+            per_sink = dag.run_decoded(&entries, records, &mut outcomes) => per_sink,
+            _ = shutdown.wait() => return Ok(false),
+        };
         if let Some(reason) = outcomes.halt.take() {
             return Err(Fatal(RunError::Halted(format!(
                 "{reason}, in the snapshot"

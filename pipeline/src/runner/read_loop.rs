@@ -238,12 +238,21 @@ pub(super) async fn stream_until(
                 entries.iter().map(|e| e.id.clone()).collect(),
             )
         });
-        let per_sink = {
+        let run = async {
             let mut dag = dag.lock().await;
-            batch_span.in_scope(|| match trace.as_mut() {
-                Some(trace) => dag.run_traced(&entries, &mut outcomes, trace),
-                None => dag.run(&entries, &mut outcomes),
-            })
+            match trace.as_mut() {
+                Some(trace) => dag.run_traced(&entries, &mut outcomes, trace).await,
+                None => dag.run(&entries, &mut outcomes).await,
+            }
+        };
+        // An async stage whose service is down holds the batch; on shutdown it is abandoned
+        // un-acked (it stays pending and is redelivered).
+        let per_sink = tokio::select! {
+            per_sink = run.instrument(batch_span.clone()) => per_sink,
+            _ = shutdown.wait() => {
+                tracing::warn!(pipeline = %config.name, stream = %source_cfg.stream, entries = batch_ids.len(), "Stopping while a stage waits; the batch stays pending.");
+                break;
+            }
         };
         if let Some(reason) = outcomes.halt.take() {
             tracing::error!(pipeline = %config.name, stream = %source_cfg.stream, reason = %reason, "A stage stopped the worker; the batch stays pending.");

@@ -268,7 +268,7 @@ async fn run_isolated(
         let offset = b * batch_size;
         let mut outcomes = Outcomes::default();
         let mut trace = Trace::default();
-        let per_sink = dag.run_traced(batch, &mut outcomes, &mut trace);
+        let per_sink = dag.run_traced(batch, &mut outcomes, &mut trace).await;
         // A worker stops here without committing the batch; so does the case.
         if let Some(reason) = outcomes.halt.take() {
             run.stopped = Some(reason);

@@ -1,0 +1,565 @@
+//! The HTTP client: one request per chunk of ids, timeout, retries with backoff, circuit
+//! breaker and a concurrency limit, counting every attempt in the endpoint's stats.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::Deserialize;
+use serde_json::Value;
+use tokio::sync::Semaphore;
+
+use super::breaker::Breaker;
+use super::stats::{EndpointStats, FetchOutcome, register};
+
+/// How a [`FetchClient`] talks to its endpoint.
+#[derive(Debug, Clone)]
+pub struct FetchOptions {
+    /// The base URL: `{url}/{entity}/{id}` and `{url}/{entity}:batch`.
+    pub url: String,
+    /// Sent as `Authorization: Bearer …` when set.
+    pub token: Option<String>,
+    /// Longest one request may take (connecting included).
+    pub timeout: Duration,
+    /// Retries of a failed request (timeouts, connection errors, 5xx, 429) before giving up.
+    pub retries: u32,
+    /// First retry delay; doubled each retry up to `backoff_max`.
+    pub backoff: Duration,
+    /// Longest retry delay.
+    pub backoff_max: Duration,
+    /// Consecutive failed requests that open the circuit breaker (0: never).
+    pub breaker_failures: u32,
+    /// How long an open breaker fails requests fast before one trial.
+    pub breaker_open_for: Duration,
+    /// Requests in flight at once.
+    pub concurrency: usize,
+    /// Ids per `:batch` request.
+    pub max_batch: usize,
+}
+
+impl Default for FetchOptions {
+    fn default() -> Self {
+        FetchOptions {
+            url: String::new(),
+            token: None,
+            timeout: Duration::from_secs(5),
+            retries: 3,
+            backoff: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(5),
+            breaker_failures: 5,
+            breaker_open_for: Duration::from_secs(10),
+            concurrency: 4,
+            max_batch: 100,
+        }
+    }
+}
+
+/// What the endpoint said about one id.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub enum FetchedState {
+    /// The entity's current state.
+    Found {
+        /// `aggregateId`.
+        id: String,
+        /// `aggregateVersion` of this state.
+        version: u64,
+        /// The full state.
+        payload: Value,
+        /// `occurredAt`, when the endpoint sends it.
+        occurred_at: Option<String>,
+    },
+    /// The endpoint has no such entity (404, or absent from a batch answer).
+    Missing {
+        /// `aggregateId`.
+        id: String,
+    },
+    /// The endpoint answered a row that cannot be used (no version, a payload that is not an
+    /// object).
+    Invalid {
+        /// `aggregateId`.
+        id: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+}
+
+impl FetchedState {
+    /// The id the state is about.
+    pub fn id(&self) -> &str {
+        match self {
+            FetchedState::Found { id, .. }
+            | FetchedState::Missing { id }
+            | FetchedState::Invalid { id, .. } => id,
+        }
+    }
+}
+
+/// Why a fetch failed.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum FetchError {
+    /// The endpoint cannot answer now (timeouts, connection errors, 5xx, 429), retries spent.
+    #[error("{endpoint} unavailable: {message}")]
+    Unavailable {
+        /// The endpoint.
+        endpoint: String,
+        /// The last failure.
+        message: String,
+    },
+    /// The circuit breaker is open: the endpoint kept failing, requests fail fast for a while.
+    #[error("{endpoint}: circuit open after repeated failures")]
+    CircuitOpen {
+        /// The endpoint.
+        endpoint: String,
+    },
+    /// The endpoint refused the request (401, 403, 413, 400 …): retrying will not help until
+    /// the configuration changes.
+    #[error("{endpoint} refused the request: HTTP {status}: {message}")]
+    Refused {
+        /// The endpoint.
+        endpoint: String,
+        /// The HTTP status.
+        status: u16,
+        /// The body's `error`, or the body.
+        message: String,
+    },
+    /// The client cannot be built (a bad URL, a TLS setup that fails).
+    #[error("{0}")]
+    Config(String),
+}
+
+impl FetchError {
+    /// Whether the same request may succeed later without any change (the endpoint is down
+    /// or slow, not refusing).
+    pub fn is_retryable(&self) -> bool {
+        matches!(
+            self,
+            FetchError::Unavailable { .. } | FetchError::CircuitOpen { .. }
+        )
+    }
+}
+
+/// A row as the endpoint sends it.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Row {
+    aggregate_id: Value,
+    #[serde(default)]
+    aggregate_version: Option<Value>,
+    #[serde(default)]
+    payload: Option<Value>,
+    #[serde(default)]
+    occurred_at: Option<String>,
+}
+
+/// A client of one snapshot endpoint. Cheap to share behind an `Arc`; every clone of the
+/// endpoint's URL in the process shares one [`EndpointStats`].
+pub struct FetchClient {
+    http: reqwest::Client,
+    base: String,
+    options: FetchOptions,
+    breaker: Mutex<Breaker>,
+    limit: Semaphore,
+    stats: Arc<EndpointStats>,
+}
+
+impl std::fmt::Debug for FetchClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FetchClient")
+            .field("endpoint", &self.stats.endpoint)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How one attempt ended, before retries.
+enum Attempt {
+    Rows(Vec<FetchedState>),
+    Retry(FetchOutcome, String),
+    Refused(u16, String),
+}
+
+impl FetchClient {
+    /// A client of `options.url`.
+    pub fn new(options: FetchOptions) -> Result<Self, FetchError> {
+        let parsed = url::Url::parse(&options.url)
+            .map_err(|e| FetchError::Config(format!("url `{}`: {e}", options.url)))?;
+        if !matches!(parsed.scheme(), "http" | "https") {
+            return Err(FetchError::Config(format!(
+                "url `{}`: only http and https are supported",
+                options.url
+            )));
+        }
+        let mut shown = parsed.clone();
+        let _ = shown.set_username("");
+        let _ = shown.set_password(None);
+        shown.set_query(None);
+        let endpoint = shown.as_str().trim_end_matches('/').to_string();
+        let http = reqwest::Client::builder()
+            .timeout(options.timeout)
+            .connect_timeout(options.timeout)
+            .pool_max_idle_per_host(options.concurrency.max(1))
+            .build()
+            .map_err(|e| FetchError::Config(format!("building the HTTP client: {e}")))?;
+        let stats = register(&endpoint);
+        Ok(FetchClient {
+            http,
+            base: options.url.trim_end_matches('/').to_string(),
+            breaker: Mutex::new(Breaker::new(
+                options.breaker_failures,
+                options.breaker_open_for,
+            )),
+            limit: Semaphore::new(options.concurrency.max(1)),
+            stats,
+            options,
+        })
+    }
+
+    /// The endpoint's counters.
+    pub fn stats(&self) -> &Arc<EndpointStats> {
+        &self.stats
+    }
+
+    /// The endpoint (the base URL without credentials or query), as metrics label it.
+    pub fn endpoint(&self) -> &str {
+        &self.stats.endpoint
+    }
+
+    /// The current state of entity `id`.
+    pub async fn fetch_one(&self, entity: &str, id: &str) -> Result<FetchedState, FetchError> {
+        let mut states = self.fetch_batch(entity, &[id.to_string()]).await?;
+        Ok(states
+            .pop()
+            .unwrap_or(FetchedState::Missing { id: id.into() }))
+    }
+
+    /// The current state of every distinct id of `ids`, in first-seen order: requests of at
+    /// most `max_batch` ids, at most `concurrency` at once, each retried with backoff.
+    pub async fn fetch_batch(
+        &self,
+        entity: &str,
+        ids: &[String],
+    ) -> Result<Vec<FetchedState>, FetchError> {
+        let mut seen = HashSet::new();
+        let distinct: Vec<&String> = ids.iter().filter(|id| seen.insert(id.as_str())).collect();
+        let chunks = distinct.chunks(self.options.max_batch.max(1));
+        let answers =
+            futures::future::join_all(chunks.map(|chunk| self.request_with_retries(entity, chunk)))
+                .await;
+        let mut states = Vec::with_capacity(distinct.len());
+        for answer in answers {
+            states.extend(answer?);
+        }
+        self.stats.add_ids(states.len());
+        Ok(states)
+    }
+
+    async fn request_with_retries(
+        &self,
+        entity: &str,
+        ids: &[&String],
+    ) -> Result<Vec<FetchedState>, FetchError> {
+        let mut delay = self.options.backoff;
+        let mut attempt = 0;
+        loop {
+            let failure = match self.request(entity, ids).await? {
+                Attempt::Rows(rows) => return Ok(rows),
+                Attempt::Refused(status, message) => {
+                    return Err(FetchError::Refused {
+                        endpoint: self.stats.endpoint.clone(),
+                        status,
+                        message,
+                    });
+                }
+                Attempt::Retry(_, message) => message,
+            };
+            if attempt >= self.options.retries {
+                return Err(FetchError::Unavailable {
+                    endpoint: self.stats.endpoint.clone(),
+                    message: failure,
+                });
+            }
+            attempt += 1;
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(self.options.backoff_max);
+        }
+    }
+
+    /// One attempt, through the breaker and the concurrency limit. `Err` only when the
+    /// breaker is open.
+    async fn request(&self, entity: &str, ids: &[&String]) -> Result<Attempt, FetchError> {
+        let Ok(_permit) = self.limit.acquire().await else {
+            return Err(FetchError::Config("the client is closed".into()));
+        };
+        let admitted = self
+            .breaker
+            .lock()
+            .map(|mut b| {
+                let ok = b.admit(Instant::now());
+                self.stats.set_breaker(b.state(Instant::now()));
+                ok
+            })
+            .unwrap_or(true);
+        if !admitted {
+            self.stats.record(FetchOutcome::CircuitOpen, None);
+            return Err(FetchError::CircuitOpen {
+                endpoint: self.stats.endpoint.clone(),
+            });
+        }
+        let started = Instant::now();
+        let attempt = self.send(entity, ids).await;
+        let seconds = Some(started.elapsed().as_secs_f64());
+        let outcome = match &attempt {
+            Attempt::Rows(rows) if rows.len() == 1 && ids.len() == 1 && self.single(ids) => {
+                match rows[0] {
+                    FetchedState::Missing { .. } => FetchOutcome::NotFound,
+                    _ => FetchOutcome::Ok,
+                }
+            }
+            Attempt::Rows(_) => FetchOutcome::Ok,
+            Attempt::Retry(outcome, _) => *outcome,
+            Attempt::Refused(..) => FetchOutcome::Refused,
+        };
+        self.stats.record(outcome, seconds);
+        if let Ok(mut b) = self.breaker.lock() {
+            match &attempt {
+                // A refusal is the request's fault, not the endpoint's.
+                Attempt::Rows(_) | Attempt::Refused(..) => b.success(),
+                Attempt::Retry(..) => b.failure(Instant::now()),
+            }
+            self.stats.set_breaker(b.state(Instant::now()));
+        }
+        Ok(attempt)
+    }
+
+    /// Whether `ids` go as a single `GET` (one id, not `count`, which the snapshot server's
+    /// count route takes).
+    fn single(&self, ids: &[&String]) -> bool {
+        ids.len() == 1 && ids[0] != "count"
+    }
+
+    async fn send(&self, entity: &str, ids: &[&String]) -> Attempt {
+        let request = if self.single(ids) {
+            let mut url = match url::Url::parse(&self.base) {
+                Ok(url) => url,
+                Err(e) => return Attempt::Refused(0, format!("bad url: {e}")),
+            };
+            if let Ok(mut segments) = url.path_segments_mut() {
+                segments.pop_if_empty().push(entity).push(ids[0]);
+            }
+            self.http.get(url)
+        } else {
+            let body = serde_json::json!({ "ids": ids }).to_string();
+            self.http
+                .post(format!("{}/{entity}:batch", self.base))
+                .header(reqwest::header::CONTENT_TYPE, "application/json")
+                .body(body)
+        };
+        let request = match &self.options.token {
+            Some(token) => request.bearer_auth(token),
+            None => request,
+        };
+        let response = match request.send().await {
+            Ok(response) => response,
+            Err(e) if e.is_timeout() => {
+                return Attempt::Retry(
+                    FetchOutcome::Timeout,
+                    format!("no answer within {:?}", self.options.timeout),
+                );
+            }
+            Err(e) => return Attempt::Retry(FetchOutcome::Error, error_chain(&e)),
+        };
+        let status = response.status();
+        let json_array = response
+            .headers()
+            .get(reqwest::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("application/json"));
+        let body = match response.bytes().await {
+            Ok(body) => body,
+            Err(e) if e.is_timeout() => {
+                return Attempt::Retry(
+                    FetchOutcome::Timeout,
+                    format!("no answer within {:?}", self.options.timeout),
+                );
+            }
+            Err(e) => return Attempt::Retry(FetchOutcome::Error, error_chain(&e)),
+        };
+        if status.as_u16() == 404 && self.single(ids) {
+            // A 404 naming an unknown entity is the endpoint's configuration, not a missing id.
+            if let Some(message) = error_message(&body)
+                && message.starts_with("no entity")
+            {
+                return Attempt::Refused(404, message);
+            }
+            return Attempt::Rows(vec![FetchedState::Missing { id: ids[0].clone() }]);
+        }
+        if status.is_server_error() || status.as_u16() == 429 {
+            let message = error_message(&body).unwrap_or_default();
+            return Attempt::Retry(
+                FetchOutcome::Error,
+                format!("HTTP {status} {message}").trim_end().to_string(),
+            );
+        }
+        if !status.is_success() {
+            let message = error_message(&body).unwrap_or_else(|| {
+                String::from_utf8_lossy(&body)
+                    .trim()
+                    .chars()
+                    .take(200)
+                    .collect()
+            });
+            return Attempt::Refused(status.as_u16(), message);
+        }
+        match parse_rows(&body, json_array, self.single(ids)) {
+            Ok(rows) => Attempt::Rows(answer(ids, rows)),
+            Err(e) => Attempt::Retry(
+                FetchOutcome::Invalid,
+                format!("the answer is not rows: {e}"),
+            ),
+        }
+    }
+}
+
+/// The `error` of a JSON error body.
+fn error_message(body: &[u8]) -> Option<String> {
+    let value: Value = serde_json::from_slice(body).ok()?;
+    value.get("error")?.as_str().map(str::to_string)
+}
+
+/// An error with its sources (reqwest's own message hides the cause).
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut message = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        message.push_str(": ");
+        message.push_str(&s.to_string());
+        source = s.source();
+    }
+    message
+}
+
+/// The rows of a body: one object (a single read), a JSON array, or NDJSON.
+fn parse_rows(body: &[u8], json_array: bool, single: bool) -> Result<Vec<Row>, serde_json::Error> {
+    if single {
+        return Ok(vec![serde_json::from_slice(body)?]);
+    }
+    if json_array {
+        return serde_json::from_slice(body);
+    }
+    body.split(|b| *b == b'\n')
+        .filter(|line| !line.iter().all(u8::is_ascii_whitespace))
+        .map(serde_json::from_slice)
+        .collect()
+}
+
+/// One state per id asked, in order: the rows found, `Missing` for the others. Rows for ids
+/// not asked are ignored.
+fn answer(ids: &[&String], rows: Vec<Row>) -> Vec<FetchedState> {
+    let mut by_id: HashMap<String, FetchedState> = HashMap::with_capacity(rows.len());
+    for row in rows {
+        let id = match row.aggregate_id {
+            Value::String(s) => s,
+            Value::Number(n) => n.to_string(),
+            _ => continue,
+        };
+        let state = match (
+            row.aggregate_version.as_ref().and_then(Value::as_u64),
+            row.payload,
+        ) {
+            (Some(version), Some(payload @ Value::Object(_))) => FetchedState::Found {
+                id: id.clone(),
+                version,
+                payload,
+                occurred_at: row.occurred_at,
+            },
+            (None, _) => FetchedState::Invalid {
+                id: id.clone(),
+                reason: format!(
+                    "the endpoint's row has no usable aggregateVersion ({})",
+                    row.aggregate_version.unwrap_or(Value::Null)
+                ),
+            },
+            (Some(_), _) => FetchedState::Invalid {
+                id: id.clone(),
+                reason: "the endpoint's row has no payload object".into(),
+            },
+        };
+        by_id.insert(id, state);
+    }
+    ids.iter()
+        .map(|id| {
+            by_id
+                .remove(id.as_str())
+                .unwrap_or_else(|| FetchedState::Missing { id: (*id).clone() })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fetch::BreakerState;
+
+    fn ids(list: &[&str]) -> Vec<String> {
+        list.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn answers_one_state_per_id_asked() {
+        let asked = ids(&["a", "b", "7"]);
+        let refs: Vec<&String> = asked.iter().collect();
+        let body = b"{\"aggregateId\":\"a\",\"aggregateVersion\":3,\"payload\":{\"x\":1}}\n{\"aggregateId\":7,\"aggregateVersion\":null,\"payload\":{}}\n{\"aggregateId\":\"zz\",\"aggregateVersion\":1,\"payload\":{}}\n";
+        let rows = parse_rows(body, false, false).unwrap();
+        let states = answer(&refs, rows);
+        assert!(matches!(&states[0], FetchedState::Found { id, version: 3, .. } if id == "a"));
+        assert_eq!(states[1], FetchedState::Missing { id: "b".into() });
+        assert!(matches!(&states[2], FetchedState::Invalid { id, .. } if id == "7"));
+        let array = br#"[{"aggregateId":"b","aggregateVersion":1,"payload":{"y":2}}]"#;
+        let states = answer(&refs, parse_rows(array, true, false).unwrap());
+        assert!(matches!(&states[1], FetchedState::Found { version: 1, .. }));
+    }
+
+    #[test]
+    fn only_http_urls_build() {
+        let bad = FetchOptions {
+            url: "redis://127.0.0.1".into(),
+            ..FetchOptions::default()
+        };
+        assert!(matches!(FetchClient::new(bad), Err(FetchError::Config(_))));
+        let ok = FetchOptions {
+            url: "http://user:secret@127.0.0.1:1/snapshot/?x=1".into(),
+            ..FetchOptions::default()
+        };
+        let client = FetchClient::new(ok).unwrap();
+        assert_eq!(client.endpoint(), "http://127.0.0.1:1/snapshot");
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_endpoint_is_retried_then_unavailable_then_the_circuit_opens() {
+        // A port nothing listens on: bind, read the port, close.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let client = FetchClient::new(FetchOptions {
+            url: format!("http://127.0.0.1:{port}/snapshot"),
+            retries: 1,
+            backoff: Duration::from_millis(1),
+            breaker_failures: 2,
+            breaker_open_for: Duration::from_secs(60),
+            ..FetchOptions::default()
+        })
+        .unwrap();
+        let err = client.fetch_one("athlete", "a").await.unwrap_err();
+        assert!(matches!(err, FetchError::Unavailable { .. }), "{err}");
+        assert!(err.is_retryable());
+        let err = client.fetch_one("athlete", "a").await.unwrap_err();
+        assert!(matches!(err, FetchError::CircuitOpen { .. }), "{err}");
+        assert_eq!(client.stats().breaker(), BreakerState::Open);
+        let requests = client.stats().requests();
+        assert!(requests.contains(&("error", 2)), "{requests:?}");
+        assert!(requests.contains(&("circuit_open", 1)), "{requests:?}");
+    }
+}
