@@ -101,6 +101,9 @@ pub struct SinkStats {
     pub stale: AtomicU64,
     /// Patches whose base the replica did not hold (a version missing before them).
     pub delta_gaps: AtomicU64,
+    /// Gapped patches whose aggregate's fetched full state (at their version or newer) was
+    /// applied instead.
+    pub delta_repaired: AtomicU64,
     /// Newest `occurredAt` applied, Unix ms (0: none yet).
     pub newest_source_ms: AtomicI64,
     /// Last successful apply, Unix ms (0: none yet).
@@ -123,6 +126,7 @@ impl SinkStats {
             applied: AtomicU64::new(0),
             stale: AtomicU64::new(0),
             delta_gaps: AtomicU64::new(0),
+            delta_repaired: AtomicU64::new(0),
             newest_source_ms: AtomicI64::new(0),
             last_apply_ms: AtomicI64::new(0),
             last_lag_ms: AtomicI64::new(0),

@@ -665,7 +665,13 @@ mod tests {
             .read(&json!({"aggregateId": "a", "aggregateVersion": 5, "payload": {}}))
             .unwrap();
         assert_eq!(full.base_version, None);
-        assert!(!full.to_value().as_object().unwrap().contains_key("baseVersion"));
+        assert!(
+            !full
+                .to_value()
+                .as_object()
+                .unwrap()
+                .contains_key("baseVersion")
+        );
         let mapped = EnvelopeKeys {
             aggregate_version: "version".into(),
             base_version: "meta.previous_version".into(),

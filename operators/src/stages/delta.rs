@@ -1,13 +1,18 @@
 //! `delta`: marks events that carry only their changed fields as patches, with the version
 //! each applies on top of. The sinks apply a patch only where the replica holds exactly that
 //! base version; anything else is stale (the replica is as new or newer) or a gap (a version
-//! in between is missing), which is never patched over.
+//! in between is missing), which is never patched over. With `repair:`, the worker fetches a
+//! gapped aggregate's full state from a snapshot-contract endpoint and applies that instead.
+
+use std::sync::Arc;
 
 use serde::Deserialize;
 
 use crate::dead_letter::DeadLetterReason;
+use crate::duration::ConfigDuration;
+use crate::fetch::{FetchClient, FetchOptions};
 use crate::record::{Action, Outcomes, RawEntry, Record};
-use crate::stage::{BuildContext, BuiltStage, ComponentConfig, KeyDoc, Stage};
+use crate::stage::{BuildContext, BuiltStage, ComponentConfig, ConfigProblem, KeyDoc, Stage};
 
 /// Where a patch's base version comes from.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -29,6 +34,84 @@ pub struct DeltaConfig {
     /// `baseVersion` (default) or `contiguous`.
     #[serde(default)]
     pub base: DeltaBase,
+    /// Where a gapped aggregate's full state is fetched from (default: none, a gap waits for
+    /// the missing version).
+    #[serde(default)]
+    pub repair: Option<RepairConfig>,
+}
+
+/// The endpoint gap repair fetches full states from: the `fetch` stage's client keys.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RepairConfig {
+    /// Base URL of the endpoint (`{url}/{entity}/{id}`, `{url}/{entity}:batch`).
+    pub url: String,
+    /// Bearer token (write `${ENV}`; default none).
+    #[serde(default)]
+    pub token: Option<String>,
+    /// Entity name in the URL (default: the event's `aggregateType`).
+    #[serde(default)]
+    pub entity: Option<String>,
+    /// Ids per request (default 100).
+    #[serde(default)]
+    pub batch_size: Option<usize>,
+    /// Requests in flight at once (default 4).
+    #[serde(default)]
+    pub concurrency: Option<usize>,
+    /// Longest one request may take (default 5s).
+    #[serde(default)]
+    pub timeout: Option<ConfigDuration>,
+    /// Retries of a failed request before the gap waits for a redelivery (default 3).
+    #[serde(default)]
+    pub retries: Option<u32>,
+    /// First retry delay, doubled each time (default 100ms).
+    #[serde(default)]
+    pub backoff: Option<ConfigDuration>,
+    /// Longest retry delay (default 5s).
+    #[serde(default)]
+    pub backoff_max: Option<ConfigDuration>,
+    /// Consecutive failed requests that open the circuit breaker (default 5, 0: never).
+    #[serde(default)]
+    pub breaker_failures: Option<u32>,
+    /// How long an open breaker fails fast before one trial (default 10s).
+    #[serde(default)]
+    pub breaker_open_for: Option<ConfigDuration>,
+}
+
+impl RepairConfig {
+    fn options(&self) -> FetchOptions {
+        let d = FetchOptions::default();
+        FetchOptions {
+            url: self.url.clone(),
+            token: self.token.clone().filter(|t| !t.is_empty()),
+            timeout: self.timeout.map_or(d.timeout, |t| t.0),
+            retries: self.retries.unwrap_or(d.retries),
+            backoff: self.backoff.map_or(d.backoff, |t| t.0),
+            backoff_max: self.backoff_max.map_or(d.backoff_max, |t| t.0),
+            breaker_failures: self.breaker_failures.unwrap_or(d.breaker_failures),
+            breaker_open_for: self.breaker_open_for.map_or(d.breaker_open_for, |t| t.0),
+            concurrency: self.concurrency.unwrap_or(d.concurrency),
+            max_batch: self.batch_size.unwrap_or(d.max_batch),
+        }
+    }
+
+    /// The client of the repair endpoint.
+    pub fn build(&self) -> Result<GapRepair, String> {
+        let client = FetchClient::new(self.options()).map_err(|e| e.to_string())?;
+        Ok(GapRepair {
+            client: Arc::new(client),
+            entity: self.entity.clone(),
+        })
+    }
+}
+
+/// Where gapped aggregates' full states come from: a snapshot-contract endpoint.
+#[derive(Debug, Clone)]
+pub struct GapRepair {
+    /// The endpoint's client.
+    pub client: Arc<FetchClient>,
+    /// Entity name in the URL (`None`: the event's `aggregateType`).
+    pub entity: Option<String>,
 }
 
 impl DeltaConfig {
@@ -93,12 +176,34 @@ impl Stage for Delta {
 }
 
 impl ComponentConfig for DeltaConfig {
-    const KEYS: &'static [KeyDoc] = &[KeyDoc::optional(
-        "base",
-        "baseVersion | contiguous",
-        "baseVersion",
-        "where a patch's base version comes from (`contiguous`: version - 1)",
-    )];
+    const KEYS: &'static [KeyDoc] = &[
+        KeyDoc::optional(
+            "base",
+            "baseVersion | contiguous",
+            "baseVersion",
+            "where a patch's base version comes from (`contiguous`: version - 1)",
+        ),
+        KeyDoc::optional(
+            "repair",
+            "map",
+            "none",
+            "gap repair endpoint: `url` plus the `fetch` stage's client keys (`token`, `entity`, `batch_size`, `concurrency`, `timeout`, `retries`, `backoff`, `backoff_max`, `breaker_failures`, `breaker_open_for`)",
+        ),
+    ];
+
+    fn problems(&self) -> Vec<ConfigProblem> {
+        let Some(repair) = &self.repair else {
+            return Vec::new();
+        };
+        match url::Url::parse(&repair.url) {
+            Ok(u) if matches!(u.scheme(), "http" | "https") => Vec::new(),
+            Ok(_) => vec![ConfigProblem::new(
+                "repair.url",
+                "only http and https are supported",
+            )],
+            Err(e) => vec![ConfigProblem::new("repair.url", e.to_string())],
+        }
+    }
 
     fn payload_reads(&self, _projected: bool) -> ecst_schemas::PayloadSelection {
         ecst_schemas::PayloadSelection::nothing()
@@ -209,5 +314,22 @@ mod tests {
         assert_eq!(c.base, DeltaBase::Contiguous);
         assert!(serde_json::from_value::<DeltaConfig>(json!({"base": "previous"})).is_err());
         assert!(serde_json::from_value::<DeltaConfig>(json!({"bsae": "contiguous"})).is_err());
+        let c: DeltaConfig = serde_json::from_value(
+            json!({"repair": {"url": "http://127.0.0.1:1/snapshot", "entity": "athlete", "timeout": "2s"}}),
+        )
+        .unwrap();
+        let repair = c.repair.as_ref().unwrap();
+        assert_eq!(repair.options().timeout, std::time::Duration::from_secs(2));
+        assert_eq!(repair.options().retries, FetchOptions::default().retries);
+        assert!(c.problems().is_empty());
+        assert!(
+            serde_json::from_value::<DeltaConfig>(
+                json!({"repair": {"url": "http://x", "when": "payload_missing"}})
+            )
+            .is_err()
+        );
+        let c: DeltaConfig =
+            serde_json::from_value(json!({"repair": {"url": "ftp://x/snapshot"}})).unwrap();
+        assert_eq!(c.problems()[0].key, "repair.url");
     }
 }
