@@ -227,7 +227,9 @@ mod tests {
     fn run(base: DeltaBase, input: Vec<Record>) -> (Vec<Record>, Outcomes) {
         let mut out = Outcomes::default();
         (
-            DeltaConfig { base }.build().process(input, &[], &mut out),
+            DeltaConfig { base, repair: None }
+                .build()
+                .process(input, &[], &mut out),
             out,
         )
     }
