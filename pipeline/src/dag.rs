@@ -565,10 +565,10 @@ mod tests {
         let body = event("a", 7, "active");
         let entries = vec![entry("1-0", &body)];
         let mut out = Outcomes::default();
-        let live = dag.run(&entries, &mut out);
+        let live = dag.run(&entries, &mut out).await;
         assert_eq!(live[0][0].action, Action::Patch { base: 6 });
         let row = Record::new(0, serde_json::from_str(&body).unwrap());
-        let snapshot = dag.run_decoded(&entries, vec![row], &mut out);
+        let snapshot = dag.run_decoded(&entries, vec![row], &mut out).await;
         assert_eq!(snapshot[0][0].action, Action::Upsert);
     }
 
