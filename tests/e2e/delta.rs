@@ -159,9 +159,12 @@ fn shuffled_deltas_converge_field_by_field_and_gaps_wait_for_their_version() {
     cleanup(&mut conn, &stream);
 }
 
-/// A source table holding each aggregate's final state (columns f0..f5, NULL where absent)
-/// and an `ecst snapshot serve` over it; returns the server and the table.
-fn repair_source(states: &HashMap<String, BTreeMap<String, String>>) -> (Worker, String, u16) {
+/// A source table holding each aggregate's final state (columns f0..f5, NULL where absent) at
+/// `version`, and an `ecst snapshot serve` over it; returns the server, the table, its port.
+fn repair_source(
+    states: &HashMap<String, BTreeMap<String, String>>,
+    version: i64,
+) -> (Worker, String, u16) {
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.subsec_nanos())
@@ -176,9 +179,9 @@ fn repair_source(states: &HashMap<String, BTreeMap<String, String>>) -> (Worker,
             .map(|f| state.get(&format!("f{f}")).cloned())
             .collect();
         pg.query(
-            &format!("INSERT INTO {table} VALUES ($1, 12, $2, $3, $4, $5, $6, $7)"),
+            &format!("INSERT INTO {table} VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"),
             &[
-                id, &cols[0], &cols[1], &cols[2], &cols[3], &cols[4], &cols[5],
+                id, &version, &cols[0], &cols[1], &cols[2], &cols[3], &cols[4], &cols[5],
             ],
         );
     }
@@ -223,7 +226,7 @@ fn versions_never_published_are_repaired_from_the_source_through_the_snapshot_en
         expected.insert(id, state);
     }
     events.shuffle(&mut rng);
-    let (server, table, port) = repair_source(&expected);
+    let (server, table, port) = repair_source(&expected, 12);
     let yaml = pipeline(&stream, &prefix).replace(
         "  patches: { type: delta, input: decode }\n",
         &format!(
@@ -296,6 +299,71 @@ fn versions_never_published_are_repaired_from_the_source_through_the_snapshot_en
         let got: BTreeMap<String, String> = got.into_iter().collect();
         assert_eq!(&got, state, "{id}: untouched by a stale delta");
     }
+    assert!(dead_letters(&mut conn, &format!("{stream}.dlq")).is_empty());
+    let (status, log) = worker.terminate();
+    assert!(status.success(), "{log}");
+    postgres().execute(&format!("DROP TABLE {table}"));
+    let (status, log) = server.terminate();
+    assert!(status.success(), "{log}");
+    cleanup(&mut conn, &stream);
+}
+
+#[test]
+fn a_repair_endpoint_lagging_behind_the_patch_leaves_it_pending_until_it_catches_up() {
+    let mut conn = redis();
+    let stream = unique("delta-lag");
+    let prefix = format!("{stream}:");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(17);
+    let mut events = Vec::new();
+    let mut expected: HashMap<String, BTreeMap<String, String>> = HashMap::new();
+    for a in 0..4 {
+        let id = format!("ath-{a}");
+        let (evs, state) = patches(&mut rng, &id, 12);
+        // Version 6 is never published; the endpoint answers version 5 for now.
+        events.extend(evs.into_iter().filter(|e| e["aggregateVersion"] != 6));
+        expected.insert(id, state);
+    }
+    let (server, table, port) = repair_source(&expected, 5);
+    let yaml = pipeline(&stream, &prefix).replace(
+        "  patches: { type: delta, input: decode }\n",
+        &format!(
+            "  patches:\n    type: delta\n    input: decode\n    repair:\n      url: \"http://127.0.0.1:{port}/snapshot\"\n      timeout: 2s\n      retries: 0\n"
+        ),
+    );
+    let path = pipeline_file("delta-lag", &yaml);
+    let worker = Worker::start(&path, &["--metrics-addr", "127.0.0.1:0"]);
+    let metrics = worker.listen_port("Metrics on /metrics");
+    publish(&mut conn, &stream, &events);
+    let key = |id: &str| format!("{prefix}athlete:{id}");
+    // Asked more than once (the entries are claimed again), never covered.
+    wait_for_worker(
+        &worker,
+        Duration::from_secs(30),
+        "repeated repair fetches",
+        || metric(metrics, "ecst_fetch_ids_total") >= 8.0,
+    );
+    assert_eq!(metric(metrics, "ecst_delta_gaps_repaired_total"), 0.0);
+    assert!(group_pending(&mut conn, &stream, "replica") > 0);
+    for a in 0..4 {
+        let h = hash(&mut conn, &key(&format!("ath-{a}")));
+        assert_eq!(h.get("_version").map(String::as_str), Some("5"), "{h:?}");
+    }
+    // The endpoint catches up: the next claim repairs every gap.
+    postgres().execute(&format!("UPDATE {table} SET version = 12"));
+    wait_for_worker(
+        &worker,
+        Duration::from_secs(30),
+        "repaired and acked",
+        || group_pending(&mut conn, &stream, "replica") == 0,
+    );
+    for (id, state) in &expected {
+        let mut got = hash(&mut conn, &key(id));
+        assert_eq!(got.remove("_version").as_deref(), Some("12"), "{id}");
+        got.remove("_occurred_at");
+        let got: BTreeMap<String, String> = got.into_iter().collect();
+        assert_eq!(&got, state, "{id}: field by field");
+    }
+    assert!(metric(metrics, "ecst_delta_gaps_repaired_total") >= 4.0);
     assert!(dead_letters(&mut conn, &format!("{stream}.dlq")).is_empty());
     let (status, log) = worker.terminate();
     assert!(status.success(), "{log}");
