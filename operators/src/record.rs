@@ -39,6 +39,12 @@ pub enum Action {
     },
     /// Keep the replica entry, flagged deleted at the tombstone's version.
     Mark,
+    /// Apply the record's fields as a patch (a value changes a field, a null removes it, an
+    /// absent field is untouched), only where the replica holds exactly version `base`.
+    Patch {
+        /// The version the patch applies on top of.
+        base: u64,
+    },
 }
 
 /// Default retention of a delete's version when no `tombstone` stage sets one.
@@ -94,6 +100,20 @@ impl Record {
         fields.chain(payload)
     }
 
+    /// The fields a patch removes: the projected ones set to null, or the payload's null
+    /// members when nothing was projected.
+    pub fn removed_fields(&self) -> Vec<&str> {
+        match (&self.fields, &self.event.payload) {
+            (Some(fields), _) => fields.nulls().collect(),
+            (None, Some(Value::Object(payload))) => payload
+                .iter()
+                .filter(|(_, value)| value.is_null())
+                .map(|(name, _)| name.as_str())
+                .collect(),
+            _ => Vec::new(),
+        }
+    }
+
     /// The value an upsert writes to `name`, if any (null counts as none).
     pub fn written_field(&self, name: &str) -> Option<&Value> {
         match (&self.fields, &self.event.payload) {
@@ -146,6 +166,25 @@ impl Fields {
                 .filter(|v| !v.is_null()),
             Fields::Map(map) => map.get(name).filter(|v| !v.is_null()),
         }
+    }
+
+    /// The fields set to an explicit null (a patch removes them; an upsert does not write them).
+    pub fn nulls(&self) -> impl Iterator<Item = &str> {
+        let (fixed, map) = match self {
+            Fields::Fixed { names, values } => (Some(names.iter().zip(values)), None),
+            Fields::Map(map) => (None, Some(map.iter())),
+        };
+        let fixed = fixed
+            .into_iter()
+            .flatten()
+            .filter(|(_, value)| matches!(value, Some(Value::Null)))
+            .map(|(name, _)| name.as_str());
+        let map = map
+            .into_iter()
+            .flatten()
+            .filter(|(_, value)| value.is_null())
+            .map(|(name, _)| name.as_str());
+        fixed.chain(map)
     }
 
     /// The shared names of a fixed field set.

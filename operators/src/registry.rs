@@ -12,6 +12,7 @@ use crate::stage::{
 };
 use crate::stages::claim_check::ClaimCheckConfig;
 use crate::stages::decode::DecodeConfig;
+use crate::stages::delta::DeltaConfig;
 use crate::stages::fetch::FetchConfig;
 use crate::stages::project::ProjectConfig;
 use crate::stages::tombstone::TombstoneConfig;
@@ -156,6 +157,8 @@ stage_types! {
     "upcast" => Upcast(UpcastConfig), Transform;
     /// Resolves claim-checked payloads (payloadRef) from the claim store.
     "claim_check" => ClaimCheck(ClaimCheckConfig), Transform;
+    /// Marks events carrying only changed fields as patches on a base version.
+    "delta" => Delta(DeltaConfig), Transform;
     /// Fetches the current state of thin events from an endpoint.
     "fetch" => Fetch(FetchConfig), Transform;
     /// Writes Redis hashes behind a version guard.

@@ -26,6 +26,12 @@ pub trait Stage: Send {
     /// Forgets what earlier batches taught the stage (before a bootstrap re-applies state
     /// the stage may have seen newer versions of).
     fn reset(&mut self) {}
+
+    /// Whether snapshot rows (full states, by definition) go through the stage too; a stage
+    /// that reads events as changes says no, and they pass it untouched.
+    fn reads_snapshots(&self) -> bool {
+        true
+    }
 }
 
 /// Future returned by [`AsyncStage::process`]: the stage's output records.
@@ -65,6 +71,9 @@ pub struct SinkReport {
     /// Records the store refused (a CHECK or foreign-key violation), by entry index, with
     /// what the store said.
     pub refused: Vec<(usize, String)>,
+    /// Patches not applied because the replica is older than their base (a version is
+    /// missing in between), by entry index: never applied over the gap, never acked as done.
+    pub gaps: Vec<usize>,
 }
 
 /// Future returned by [`Sink::apply_batch`].

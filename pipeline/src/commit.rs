@@ -14,6 +14,7 @@ use ecst_operators::{
 use tracing::Instrument;
 
 use crate::dag::Trace;
+use crate::gap_repair::{Repair, repair_gaps};
 use crate::retry::Backoff;
 use crate::stats::{Stats, now_ms};
 
@@ -56,9 +57,16 @@ pub(crate) struct Batch {
     pub(crate) ack: bool,
     /// What the stages did with each entry, when the batch is traced: the sinks add theirs.
     pub(crate) trace: Option<Trace>,
+    /// Where patches over a gap get their aggregate's full state (a `delta` stage's `repair`).
+    pub(crate) repair: Option<Arc<Repair>>,
 }
 
-async fn apply_with_retry(shared: &Shared, sink_index: usize, records: &[Record]) -> SinkReport {
+/// Applies one sink's share until the store takes it, counting what it did.
+pub(crate) async fn apply_with_retry(
+    shared: &Shared,
+    sink_index: usize,
+    records: &[Record],
+) -> SinkReport {
     let started = Instant::now();
     let report = apply_until_committed(shared, sink_index, records).await;
     if let Some(s) = shared.stats.sinks().get(sink_index) {
@@ -67,6 +75,8 @@ async fn apply_with_retry(shared: &Shared, sink_index: usize, records: &[Record]
         s.applied
             .fetch_add(report.applied as u64, Ordering::Relaxed);
         s.stale.fetch_add(report.stale as u64, Ordering::Relaxed);
+        s.delta_gaps
+            .fetch_add(report.gaps.len() as u64, Ordering::Relaxed);
         s.last_apply_ms.store(now, Ordering::Relaxed);
         let mut newest = None;
         for record in records {
@@ -169,6 +179,7 @@ async fn isolate_refused(
                 merged.stale_entries.extend(report.stale_entries);
                 merged.rejected.extend(report.rejected);
                 merged.refused.extend(report.refused);
+                merged.gaps.extend(report.gaps);
             }
             Err(SinkError::Refused { message, .. } | SinkError::Conflict { message, .. }) => {
                 refused.push((record.entry, message))
@@ -309,6 +320,7 @@ pub(crate) async fn complete(shared: Arc<Shared>, batch: Batch) -> Option<Trace>
         trimmed,
         ack,
         mut trace,
+        repair,
     } = batch;
     let checked_from = outcomes.dead_letters.len();
     refuse_unwritable(&shared, &mut per_sink, &mut outcomes);
@@ -337,6 +349,19 @@ pub(crate) async fn complete(shared: Arc<Shared>, batch: Batch) -> Option<Trace>
         }
     }
 
+    // A patch over a gap was not applied: its entry stays pending, and is delivered again
+    // (XAUTOCLAIM after claim_idle, or a restart) when the missing version may have come,
+    // unless the aggregate's full state fetched for it covers it.
+    let mut gaps: HashSet<usize> = reports
+        .iter()
+        .flat_map(|(_, report)| report.gaps.iter().copied())
+        .collect();
+    if let Some(repair) = repair.as_deref()
+        && !gaps.is_empty()
+    {
+        let repaired = repair_gaps(&shared, repair, &entries, &per_sink, &reports).await;
+        gaps.retain(|e| !repaired.contains(e));
+    }
     let stats = &shared.stats;
     let mut not_applied: Vec<HashSet<usize>> = vec![HashSet::new(); per_sink.len()];
     for (i, report) in &reports {
@@ -429,7 +454,12 @@ pub(crate) async fn complete(shared: Arc<Shared>, batch: Batch) -> Option<Trace>
             .fetch_add(dead.len() as u64, Ordering::Relaxed);
     }
 
-    let mut ids: Vec<String> = entries.iter().map(|e| e.id.clone()).collect();
+    let mut ids: Vec<String> = entries
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| !gaps.contains(i))
+        .map(|(_, e)| e.id.clone())
+        .collect();
     ids.extend(extra_dead.iter().map(|(e, _)| e.id.clone()));
     ids.extend(trimmed.iter().map(|e| e.id.clone()));
     if ack && !ids.is_empty() {

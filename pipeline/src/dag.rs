@@ -219,6 +219,9 @@ impl Dag {
                 Node::Transform(_) | Node::AsyncTransform(_) if root && decoded.is_some() => {
                     outputs[i] = decoded.clone();
                 }
+                Node::Transform(stage) if decoded.is_some() && !stage.reads_snapshots() => {
+                    outputs[i] = Some(input);
+                }
                 Node::Sink(s) => per_sink[*s] = refuse_unresolved(input, &self.sinks[*s].0, out),
                 node => {
                     let timing = self.stage_slots[i].and_then(|slot| self.stats.stages().get(slot));
@@ -330,6 +333,9 @@ pub enum Outcome {
     Applied,
     /// Not written: the store's version guard holds this version or a newer one.
     StaleAtSink,
+    /// A patch not written: the replica is older than its base (a version is missing), so
+    /// the entry is left pending until the gap is filled.
+    GapAtSink,
     /// Written or stale at the sink, which counted but did not name its stale records in a
     /// batch that had both (Postgres).
     AppliedOrStale,
@@ -359,6 +365,7 @@ impl Outcome {
             Outcome::DeadLettered { .. } => "dead_lettered",
             Outcome::Applied => "applied",
             Outcome::StaleAtSink => "stale_at_sink",
+            Outcome::GapAtSink => "gap_at_sink",
             Outcome::AppliedOrStale => "applied_or_stale",
             Outcome::Rejected { .. } => "rejected",
             Outcome::Refused { .. } => "refused",
@@ -454,7 +461,7 @@ impl Trace {
         self.note_events(entries, output);
         for record in output {
             let outcome = match record.action {
-                Action::Upsert => Outcome::Passed,
+                Action::Upsert | Action::Patch { .. } => Outcome::Passed,
                 Action::Delete { .. } => Outcome::Deleted,
                 Action::Mark => Outcome::Marked,
             };
@@ -508,7 +515,9 @@ impl Trace {
         let unnamed: Vec<usize> = records
             .iter()
             .map(|r| r.entry)
-            .filter(|&e| !failed(e) && !report.stale_entries.contains(&e))
+            .filter(|&e| {
+                !failed(e) && !report.stale_entries.contains(&e) && !report.gaps.contains(&e)
+            })
             .collect();
         let unnamed_stale = report.stale.saturating_sub(report.stale_entries.len());
         let outcome = match unnamed_stale {
@@ -521,6 +530,9 @@ impl Trace {
         }
         for &entry in &report.stale_entries {
             self.decide(entry, name, Outcome::StaleAtSink);
+        }
+        for &entry in &report.gaps {
+            self.decide(entry, name, Outcome::GapAtSink);
         }
         for (entry, reason) in &report.rejected {
             let reason = reason.clone();
@@ -573,6 +585,24 @@ mod tests {
             .of_entry(entry)
             .map(|d| (d.stage.as_str(), d.outcome.as_str()))
             .collect()
+    }
+
+    #[tokio::test]
+    async fn snapshot_rows_pass_a_delta_stage_as_full_states() {
+        let text = "name: p\nsource: { redis: \"redis://127.0.0.1:6379\", stream: s, group: g }\nstages:\n  decode: { type: decode }\n  patches: { type: delta, input: decode, base: contiguous }\n  cache: { type: redis_hash, input: patches, key: \"dag-delta-test:{aggregateId}\" }\n";
+        let config = crate::config::load_str(Path::new("p.yaml"), text, &|_| None)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let mut dag = Dag::build(&config, Arc::new(Stats::default()))
+            .await
+            .unwrap();
+        let body = event("a", 7, "active");
+        let entries = vec![entry("1-0", &body)];
+        let mut out = Outcomes::default();
+        let live = dag.run(&entries, &mut out).await;
+        assert_eq!(live[0][0].action, Action::Patch { base: 6 });
+        let row = Record::new(0, serde_json::from_str(&body).unwrap());
+        let snapshot = dag.run_decoded(&entries, vec![row], &mut out).await;
+        assert_eq!(snapshot[0][0].action, Action::Upsert);
     }
 
     #[tokio::test]
@@ -643,7 +673,7 @@ mod tests {
 
     #[test]
     fn a_sinks_report_names_each_records_outcome_when_it_can() {
-        let records: Vec<Record> = (0..4)
+        let records: Vec<Record> = (0..5)
             .map(|i| {
                 let event = serde_json::from_str(&event(&format!("k{i}"), 1, "active")).unwrap();
                 Record::new(i, event)
@@ -660,13 +690,14 @@ mod tests {
             seen.sort();
             seen
         };
-        // Named stale records (Redis), a rejection and a refusal.
+        // Named stale records (Redis), a rejection, a refusal and a patch over a gap.
         let named = SinkReport {
             applied: 1,
             stale: 1,
             stale_entries: vec![2],
             rejected: vec![(0, "bad key".into())],
             refused: vec![(3, "check".into())],
+            gaps: vec![4],
         };
         assert_eq!(
             outcomes(named),
@@ -674,12 +705,13 @@ mod tests {
                 (0, "rejected"),
                 (1, "applied"),
                 (2, "stale_at_sink"),
-                (3, "refused")
+                (3, "refused"),
+                (4, "gap_at_sink")
             ]
         );
         // A count the sink cannot attribute (Postgres's guard in a mixed batch).
         let counted = SinkReport {
-            applied: 3,
+            applied: 4,
             stale: 1,
             ..SinkReport::default()
         };
@@ -689,7 +721,7 @@ mod tests {
                 .all(|(_, o)| *o == "applied_or_stale")
         );
         let all_stale = SinkReport {
-            stale: 4,
+            stale: 5,
             ..SinkReport::default()
         };
         assert!(

@@ -137,6 +137,61 @@ pub fn check(nodes: &[GraphNode<'_>]) -> Vec<GraphProblem> {
             format!("cycle: {}", cycle.join(" -> ")),
         ));
     }
+    problems.extend(delta_problems(nodes));
+    problems
+}
+
+/// Stages on the way of a `delta` stage's patches (before or after it) that cannot take them:
+/// a `version_filter` coalesces a batch to its newest version, so that patch finds a gap where
+/// the others were; the `postgres` sink does not apply patches.
+fn delta_problems(nodes: &[GraphNode<'_>]) -> Vec<GraphProblem> {
+    let by_name: HashMap<&str, &GraphNode<'_>> = nodes.iter().map(|n| (n.name, n)).collect();
+    let mut readers: HashMap<&str, Vec<&str>> = HashMap::new();
+    for node in nodes {
+        for input in node.inputs {
+            readers.entry(input.as_str()).or_default().push(node.name);
+        }
+    }
+    let mut problems = Vec::new();
+    let mut reported = HashSet::new();
+    for delta in nodes.iter().filter(|n| n.type_name == "delta") {
+        let mut seen = HashSet::from([delta.name]);
+        let mut up: Vec<&str> = delta.inputs.iter().map(String::as_str).collect();
+        let mut down: Vec<&str> = readers.get(delta.name).cloned().unwrap_or_default();
+        let mut lineage = Vec::new();
+        while let Some(name) = up.pop() {
+            if let Some(node) = by_name.get(name).filter(|_| seen.insert(name)) {
+                lineage.push(*node);
+                up.extend(node.inputs.iter().map(String::as_str));
+            }
+        }
+        while let Some(name) = down.pop() {
+            if let Some(node) = by_name.get(name).filter(|_| seen.insert(name)) {
+                lineage.push(*node);
+                down.extend(readers.get(name).into_iter().flatten().copied());
+            }
+        }
+        for node in lineage {
+            let message = match node.type_name {
+                "version_filter" => format!(
+                    "a version_filter on the way of delta stage `{}` coalesces a batch's patches to the newest, which then finds a gap where the others were: remove it (the sink's guard keeps patches in order)",
+                    delta.name
+                ),
+                "postgres" => format!(
+                    "the postgres sink does not apply patches yet (delta stage `{}` makes them): write this replica with redis_hash",
+                    delta.name
+                ),
+                _ => continue,
+            };
+            if reported.insert(node.name) {
+                problems.push(GraphProblem {
+                    stage: node.name.to_string(),
+                    key: None,
+                    message,
+                });
+            }
+        }
+    }
     problems
 }
 
@@ -351,5 +406,40 @@ mod tests {
         assert!(text.iter().any(|t| t.contains("has no sink")), "{text:?}");
         assert!(text.iter().any(|t| t.contains("cycle: ")), "{text:?}");
         assert_eq!(topo_order(&nodes), None);
+    }
+
+    #[test]
+    fn a_delta_pipeline_refuses_a_version_filter_and_a_postgres_sink_on_its_way() {
+        let none: Vec<String> = vec![];
+        let d = vec!["decode".to_string()];
+        let l = vec!["latest".to_string()];
+        let p = vec!["patches".to_string()];
+        let f = vec!["full".to_string()];
+        let nodes = vec![
+            node("decode", "decode", &none),
+            node("latest", "version_filter", &d),
+            node("patches", "delta", &l),
+            node("cache", "redis_hash", &p),
+            GraphNode {
+                is_sink: true,
+                ..node("table", "postgres", &p)
+            },
+            // Another branch, which patches never reach: left alone.
+            node("full", "version_filter", &d),
+            node("other", "redis_hash", &f),
+        ];
+        let text: Vec<String> = check(&nodes)
+            .iter()
+            .map(|p| format!("{}: {}", p.stage, p.message))
+            .collect();
+        assert_eq!(text.len(), 2, "{text:?}");
+        assert!(
+            text[0].starts_with("latest: a version_filter on the way of delta stage `patches`"),
+            "{text:?}"
+        );
+        assert!(
+            text[1].starts_with("table: the postgres sink does not apply patches yet"),
+            "{text:?}"
+        );
     }
 }

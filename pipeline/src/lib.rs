@@ -38,6 +38,7 @@ pub mod commit;
 pub mod config;
 pub mod dag;
 pub mod error;
+mod gap_repair;
 pub mod graph;
 pub mod lease;
 pub mod metrics;

@@ -209,6 +209,20 @@ impl Collector for StatsCollector {
             "sink",
             per_sink(|s| load(&s.stale)),
         )?;
+        counters(
+            e,
+            "ecst_delta_gaps",
+            "Patches a sink did not apply because the replica is older than their base (a version is missing); left pending until the gap is filled.",
+            "sink",
+            per_sink(|s| load(&s.delta_gaps)),
+        )?;
+        counters(
+            e,
+            "ecst_delta_gaps_repaired",
+            "Gapped patches covered by the aggregate's full state fetched through the delta stage's repair endpoint, and acked.",
+            "sink",
+            per_sink(|s| load(&s.delta_repaired)),
+        )?;
 
         let now = now_ms();
         // 0 means "never": an age would then read as 56 years, and 0 s as perfectly fresh.
@@ -735,6 +749,10 @@ mod tests {
     /// bucket bounds are checked on their own).
     const EXPECTED_SERIES: &[&str] = &[
         r#"counter ecst_bootstrap_rows_total{pipeline="p"}"#,
+        r#"counter ecst_delta_gaps_total{pipeline="p",sink="cache"}"#,
+        r#"counter ecst_delta_gaps_total{pipeline="p",sink="table"}"#,
+        r#"counter ecst_delta_gaps_repaired_total{pipeline="p",sink="cache"}"#,
+        r#"counter ecst_delta_gaps_repaired_total{pipeline="p",sink="table"}"#,
         r#"counter ecst_events_acked_total{pipeline="p"}"#,
         r#"counter ecst_events_applied_total{pipeline="p",sink="cache"}"#,
         r#"counter ecst_events_applied_total{pipeline="p",sink="table"}"#,

@@ -99,6 +99,11 @@ pub struct SinkStats {
     pub applied: AtomicU64,
     /// Records the store's guard found not newer.
     pub stale: AtomicU64,
+    /// Patches whose base the replica did not hold (a version missing before them).
+    pub delta_gaps: AtomicU64,
+    /// Gapped patches whose aggregate's fetched full state (at their version or newer) was
+    /// applied instead.
+    pub delta_repaired: AtomicU64,
     /// Newest `occurredAt` applied, Unix ms (0: none yet).
     pub newest_source_ms: AtomicI64,
     /// Last successful apply, Unix ms (0: none yet).
@@ -120,6 +125,8 @@ impl SinkStats {
             name: name.to_string(),
             applied: AtomicU64::new(0),
             stale: AtomicU64::new(0),
+            delta_gaps: AtomicU64::new(0),
+            delta_repaired: AtomicU64::new(0),
             newest_source_ms: AtomicI64::new(0),
             last_apply_ms: AtomicI64::new(0),
             last_lag_ms: AtomicI64::new(0),

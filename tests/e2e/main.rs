@@ -8,6 +8,7 @@ mod cluster;
 mod cluster_reconcile;
 mod commands;
 mod common;
+mod delta;
 mod deploy;
 mod dlq;
 mod fanout;

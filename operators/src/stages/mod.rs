@@ -2,6 +2,7 @@
 
 pub mod claim_check;
 pub mod decode;
+pub mod delta;
 pub mod fetch;
 pub mod project;
 pub mod tombstone;

@@ -80,6 +80,7 @@ const ENVELOPE_ROOTS: &[&str] = &[
     "schemaVersion",
     "occurredAt",
     "deleted",
+    "baseVersion",
     "payload",
 ];
 
@@ -275,12 +276,29 @@ impl Project {
         }
     }
 
-    fn project(&self, event: &Envelope) -> Fields {
+    /// The value of one `fields` entry for a patch: `None` (untouched) when the path is
+    /// absent, whatever the default; a null (removed) takes the default if there is one.
+    fn patch_value(source: &FieldPath, event: &Envelope) -> Option<Value> {
+        match (event.get(&source.path)?, &source.default) {
+            (Value::Null, Some(default)) => Some(default.clone()),
+            (value, _) => Some(value),
+        }
+    }
+
+    /// The record's fields; for a `patch` a null (a removed field) is kept as null, apart
+    /// from an absent one (untouched), which a full state does not tell apart.
+    fn project(&self, event: &Envelope, patch: bool) -> Fields {
         if self.config.include.is_empty() {
             let values = self
                 .sources
                 .iter()
-                .map(|source| Self::field_value(source, event).filter(|v| !v.is_null()))
+                .map(|source| {
+                    if patch {
+                        Self::patch_value(source, event)
+                    } else {
+                        Self::field_value(source, event).filter(|v| !v.is_null())
+                    }
+                })
                 .collect();
             return Fields::Fixed {
                 names: self.names.clone(),
@@ -299,7 +317,12 @@ impl Project {
         // A null from `fields` stays in the map (sinks skip it), hiding an included member
         // of the same name.
         for (name, source) in self.names.iter().zip(&self.sources) {
-            if let Some(value) = Self::field_value(source, event) {
+            let value = if patch {
+                Self::patch_value(source, event)
+            } else {
+                Self::field_value(source, event)
+            };
+            if let Some(value) = value {
                 fields.insert(name.clone(), value);
             }
         }
@@ -323,7 +346,8 @@ impl Stage for Project {
             }
             match self.matches(&record.event) {
                 Ok(true) => {
-                    record.fields = Some(self.project(&record.event));
+                    let patch = matches!(record.action, Action::Patch { .. });
+                    record.fields = Some(self.project(&record.event, patch));
                     kept.push(record);
                 }
                 Ok(false) if self.config.unmatched == Unmatched::Delete => {
@@ -534,6 +558,59 @@ mod tests {
             None,
             "the null from `fields` wins over the included member"
         );
+    }
+
+    #[test]
+    fn a_patch_keeps_removed_fields_apart_from_untouched_ones() {
+        let body = json!({"aggregateId": "a", "aggregateVersion": 2, "baseVersion": 1,
+            "payload": {"b": "x", "n": null}});
+        let patch = |body: Value| {
+            let mut r = record(0, body);
+            r.action = Action::Patch { base: 1 };
+            r
+        };
+        let fixed = config(
+            json!({"fields": {"b": "payload.b", "a": {"path": "payload.a", "default": 1}, "n": "payload.n", "id": "aggregateId"}}),
+        );
+        let mut out = Outcomes::default();
+        let kept = fixed.build().unwrap().process(
+            vec![patch(body.clone()), record(1, body.clone())],
+            &[],
+            &mut out,
+        );
+        let Some(Fields::Fixed { values, .. }) = &kept[0].fields else {
+            panic!("{kept:?}");
+        };
+        // a absent (untouched, no default), b changed, n removed; the upsert drops the null.
+        assert_eq!(
+            values,
+            &vec![None, Some(json!("x")), Some(json!("a")), Some(Value::Null)]
+        );
+        assert_eq!(
+            kept[0].fields.as_ref().unwrap().nulls().collect::<Vec<_>>(),
+            ["n"]
+        );
+        assert_eq!(kept[0].removed_fields(), ["n"]);
+        let Some(Fields::Fixed { values, .. }) = &kept[1].fields else {
+            panic!("{kept:?}");
+        };
+        assert_eq!(
+            values,
+            &vec![Some(json!(1)), Some(json!("x")), Some(json!("a")), None]
+        );
+        let include = config(
+            json!({"include": ["*"], "fields": {"tier": {"path": "payload.tier", "default": "basic"}}}),
+        );
+        let kept = include
+            .build()
+            .unwrap()
+            .process(vec![patch(body)], &[], &mut out);
+        let fields = kept[0].fields.as_ref().unwrap();
+        assert_eq!(
+            fields,
+            &Fields::Map(json!({"b": "x", "n": null}).as_object().unwrap().clone())
+        );
+        assert_eq!(kept[0].removed_fields(), ["n"]);
     }
 
     #[test]

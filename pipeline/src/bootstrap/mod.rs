@@ -487,6 +487,7 @@ async fn run_bootstrap(
                 trimmed: Vec::new(),
                 ack: false,
                 trace: None,
+                repair: None,
             },
         );
         // A sink that is down retries forever; SIGTERM must still end the bootstrap (the page

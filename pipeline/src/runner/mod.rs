@@ -172,7 +172,7 @@ async fn run_settled(
     tracing::info!(pipeline = %config.name, stream = %source_cfg.stream, group = %source_cfg.group, consumer = %consumer, "Worker starting.");
 
     let _watching = AbortOnDrop(tokio::spawn(group_watch::watch_group(shared.clone())));
-    let dag = tokio::sync::Mutex::new(dag);
+    let dag = Arc::new(tokio::sync::Mutex::new(dag));
     let mut hint = options.bootstrap_only.then_some(Reason::Forced);
     loop {
         let settled = bootstrap::settle_group(

@@ -17,6 +17,7 @@ use crate::commit::{Batch, Shared, complete};
 use crate::config::PipelineConfig;
 use crate::dag::{Dag, Trace};
 use crate::error::RunError;
+use crate::gap_repair::Repair;
 use crate::redis_reply::{StreamId, parse_id};
 use crate::retry::{Backoff, sleep_or_shutdown};
 use crate::shutdown::Shutdown;
@@ -26,13 +27,14 @@ use crate::source::{Origin, SourceBatch, StreamSource};
 pub(super) async fn stream_until(
     config: &PipelineConfig,
     options: &RunOptions,
-    dag: &tokio::sync::Mutex<Dag>,
+    dag: &Arc<tokio::sync::Mutex<Dag>>,
     shared: &Arc<Shared>,
     source: &mut StreamSource,
     shutdown: &mut Shutdown,
 ) -> Result<Option<String>, RunError> {
     let source_cfg = &config.source;
     let stats = &shared.stats;
+    let repair = Repair::of(config, dag).map_err(RunError::Config)?;
     let mut backoff = Backoff::new();
     loop {
         match source.ensure_group().await {
@@ -261,6 +263,7 @@ pub(super) async fn stream_until(
         }
         name_event_spans(&event_spans, &per_sink);
         let shared = shared.clone();
+        let repair = repair.clone();
         let in_flight_ids = in_flight_ids.clone();
         tasks.spawn(async move {
             let trace = complete(
@@ -273,6 +276,7 @@ pub(super) async fn stream_until(
                     trimmed,
                     ack: true,
                     trace,
+                    repair,
                 },
             )
             .instrument(batch_span)

@@ -284,6 +284,7 @@ async fn run_isolated(
                 trimmed: Vec::new(),
                 ack: false,
                 trace: Some(trace),
+                repair: None,
             },
         );
         let trace = tokio::time::timeout(COMMIT_DEADLINE, committed)

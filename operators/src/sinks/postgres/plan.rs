@@ -228,6 +228,13 @@ impl Layout {
                     plan.marks
                         .push(record.entry, key.into_iter().chain([version, updated]));
                 }
+                Action::Patch { .. } => {
+                    report.rejected.push((
+                        record.entry,
+                        "the postgres sink does not apply patches yet".to_string(),
+                    ));
+                    continue;
+                }
             }
             buckets.insert(bucket);
         }

@@ -3,6 +3,7 @@
 //! the sink's freshness.
 
 mod cluster;
+mod delta;
 mod replica;
 mod script;
 mod template;
@@ -14,7 +15,7 @@ use redis::Script;
 use serde::Deserialize;
 
 use crate::duration::ConfigDuration;
-use crate::record::Record;
+use crate::record::{Action, Record};
 use crate::redis_pool::{
     RedisConn, RedisManager, RedisPool, check_redis_url, describe_run_error, is_cluster_url,
     is_transport_error, report_failure, resolve_failure,
@@ -138,6 +139,7 @@ impl RedisHashConfig {
             pool: manager.into_pool(self.pool_size),
             cluster,
             script: Script::new(SCRIPT),
+            delta_script: Script::new(delta::DELTA_SCRIPT),
         })
     }
 }
@@ -153,6 +155,8 @@ pub struct RedisHashSink {
     /// Whether the store is a Redis Cluster: one script per slot, tombstones in their hash's slot.
     cluster: bool,
     script: Script,
+    /// The patch script (`delta.lua`).
+    delta_script: Script,
     /// Where the sink notes its freshness (see [`RedisHashConfig::freshness_key`]).
     freshness_key: String,
 }
@@ -218,7 +222,11 @@ impl RedisHashSink {
     }
 
     /// The records of `batch` to write; those whose keys cannot be made are rejected.
-    fn writes<'a>(&self, batch: &'a [Record]) -> (Writes<'a>, Vec<(usize, String)>) {
+    fn writes<'a>(
+        &self,
+        batch: impl IntoIterator<Item = &'a Record, IntoIter: ExactSizeIterator>,
+    ) -> (Writes<'a>, Vec<(usize, String)>) {
+        let batch = batch.into_iter();
         let mut rejected = Vec::new();
         let mut writes = Writes {
             keys: String::with_capacity(batch.len() * 32),
@@ -463,6 +471,146 @@ impl Sink for RedisHashSink {
 
     fn apply_batch<'a>(&'a self, batch: &'a [Record]) -> ApplyFuture<'a> {
         Box::pin(async move {
+            if !batch.iter().any(is_patch) {
+                return self.apply_states(batch).await;
+            }
+            // Full states and deletes first, then the patches on top of what they left.
+            let states: Vec<Record> = batch.iter().filter(|r| !is_patch(r)).cloned().collect();
+            let mut report = if states.is_empty() {
+                SinkReport::default()
+            } else {
+                self.apply_states(&states).await?
+            };
+            let patches = self
+                .apply_patches(batch.iter().filter(|r| is_patch(r)))
+                .await?;
+            report.applied += patches.applied;
+            report.stale += patches.stale;
+            report.stale_entries.extend(patches.stale_entries);
+            report.rejected.extend(patches.rejected);
+            report.gaps.extend(patches.gaps);
+            Ok(report)
+        })
+    }
+}
+
+/// Whether a record is a patch (for `delta.lua`) rather than a state (for `script.lua`).
+fn is_patch(record: &Record) -> bool {
+    matches!(record.action, Action::Patch { .. })
+}
+
+impl RedisHashSink {
+    /// Applies patches, each only where its hash holds exactly its base version, in version
+    /// order (so that a batch holding several patches of one aggregate applies them in turn);
+    /// on a cluster one call per slot group.
+    async fn apply_patches<'a>(
+        &self,
+        patches: impl Iterator<Item = &'a Record>,
+    ) -> Result<SinkReport, SinkError> {
+        let patches: Vec<&Record> = patches.collect();
+        let (mut writes, rejected) = self.writes(patches);
+        writes
+            .records
+            .sort_by_key(|w| w.record.event.aggregate_version);
+        let keys = writes.keys.as_str();
+        let groups: Vec<Vec<&Write<'_>>> = if self.cluster {
+            cluster::by_slot(writes.records.iter().map(|w| &keys[w.key.clone()]))
+                .into_iter()
+                .map(|group| group.into_iter().map(|i| &writes.records[i]).collect())
+                .collect()
+        } else {
+            vec![writes.records.iter().collect()]
+        };
+        let mut report = SinkReport {
+            rejected,
+            ..SinkReport::default()
+        };
+        let deadline = self.batch_deadline();
+        for group in groups.iter().filter(|g| !g.is_empty()) {
+            let reply = match tokio::time::timeout(deadline, self.eval_patches(keys, group)).await {
+                Ok(reply) => reply,
+                Err(_) => {
+                    return Err(SinkError::Unavailable {
+                        store: STORE,
+                        message: format!(
+                            "patch write timed out after {}",
+                            ConfigDuration(deadline)
+                        ),
+                    });
+                }
+            };
+            let (applied, stale_at, gaps_at) = match reply {
+                Ok(reply) => reply,
+                Err(e) => {
+                    let failure = report_failure(&self.reporter, &self.url, &e);
+                    if failure.kind.is_configuration() {
+                        return Err(SinkError::Unavailable {
+                            store: STORE,
+                            message: failure.to_string(),
+                        });
+                    }
+                    return Err(classify(e, failure.to_string()));
+                }
+            };
+            report.applied += applied;
+            report.stale += stale_at.len();
+            report.stale_entries.extend(stale_entries(group, &stale_at));
+            report.gaps.extend(stale_entries(group, &gaps_at));
+        }
+        resolve_failure(&self.reporter, &self.url);
+        let newest = writes
+            .records
+            .iter()
+            .filter_map(|w| w.record.event.occurred_at)
+            .max();
+        if report.applied > 0 {
+            self.note_freshness(newest).await;
+        }
+        Ok(report)
+    }
+
+    /// One call of the patch script; on NOSCRIPT sent again as EVAL, which loads it.
+    async fn eval_patches(
+        &self,
+        keys: &str,
+        group: &[&Write<'_>],
+    ) -> Result<delta::DeltaReply, redis::RedisError> {
+        let layout = Layout {
+            deleted: &self.config.deleted_field,
+            version: &self.config.version_field,
+            occurred_at: &self.config.occurred_at_field,
+            tombstone_prefix: &self.config.tombstone_prefix,
+        };
+        let call = |invoke: Invoke| {
+            let mut cmd = redis::Cmd::new();
+            match invoke {
+                Invoke::Sha => cmd.arg("EVALSHA").arg(self.delta_script.get_hash()),
+                Invoke::Text => cmd.arg("EVAL").arg(delta::DELTA_SCRIPT),
+            };
+            delta::append(&mut cmd, &layout, keys, group);
+            cmd
+        };
+        let mut conn = self.pool.get().await.map_err(|e| {
+            redis::RedisError::from((
+                redis::ErrorKind::Io,
+                "no pooled connection",
+                describe_run_error(e),
+            ))
+        })?;
+        conn.begin();
+        let result = match call(Invoke::Sha).query_async(conn.conn()).await {
+            Err(e) if e.code() == Some("NOSCRIPT") => {
+                call(Invoke::Text).query_async(conn.conn()).await
+            }
+            other => other,
+        };
+        conn.settle(&result);
+        result
+    }
+
+    /// Applies full states, deletes and marks with the batch script.
+    async fn apply_states(&self, batch: &[Record]) -> Result<SinkReport, SinkError> {
+        {
             let (writes, rejected) = self.writes(batch);
             if writes.records.is_empty() {
                 return Ok(SinkReport {
@@ -529,7 +677,7 @@ impl Sink for RedisHashSink {
                     Err(classify(e, failure.to_string()))
                 }
             }
-        })
+        }
     }
 }
 

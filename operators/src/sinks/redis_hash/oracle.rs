@@ -38,6 +38,7 @@ fn oracle_call(sink: &RedisHashSink, keys: &str, writes: &[&Write<'_>]) -> redis
                     .max(1),
             ),
             Action::Mark => ("m", 0),
+            Action::Patch { .. } => panic!("patches go to delta.lua, not the oracle"),
         };
         let occurred = record
             .event

@@ -204,7 +204,10 @@ fn append_record<'r>(
             };
             by_name(cmd, "F", layout, record, fields);
         }
-        (Action::Upsert, _) => by_name(cmd, "P", layout, record, || record.written_fields()),
+        // Patches go to delta.lua (see delta.rs), never in this script's calls.
+        (Action::Upsert | Action::Patch { .. }, _) => {
+            by_name(cmd, "P", layout, record, || record.written_fields())
+        }
     }
 }
 
@@ -239,7 +242,7 @@ fn flag(present: bool) -> u8 {
 }
 
 /// A value as Redis stores it: a string as is, anything else as JSON.
-fn value_arg(cmd: &mut Cmd, value: &Value) {
+pub(super) fn value_arg(cmd: &mut Cmd, value: &Value) {
     match value {
         Value::String(s) => cmd.arg(s.as_str()),
         Value::Bool(b) => cmd.arg(if *b { "true" } else { "false" }),
@@ -260,7 +263,7 @@ fn json_arg<'c>(cmd: &'c mut Cmd, value: &Value) -> &'c mut Cmd {
 
 /// A timestamp in RFC 3339 UTC as `format_timestamp` makes it (`2026-11-24T10:00:00.5Z`;
 /// empty for a year outside 0..=9999).
-fn timestamp_arg(cmd: &mut Cmd, at: OffsetDateTime) {
+pub(super) fn timestamp_arg(cmd: &mut Cmd, at: OffsetDateTime) {
     let mut text = [0u8; 30];
     let len = rfc3339(at, &mut text);
     cmd.arg(&text[..len]);
