@@ -251,7 +251,7 @@ pub(crate) async fn publish(args: PublishArgs) -> anyhow::Result<ExitCode> {
 /// One NDJSON line, read.
 enum Line {
     /// A canonical event.
-    Envelope(ecst_schemas::Envelope),
+    Envelope(Box<ecst_schemas::Envelope>),
     /// A line published as it is (`--raw`), with its aggregateId when partitioned.
     Raw(serde_json::Value, String),
 }
@@ -276,7 +276,7 @@ fn parse_line(
     if let Some((registry, stream)) = schemas {
         registry.check_event(stream, &envelope)?;
     }
-    Ok(Line::Envelope(envelope))
+    Ok(Line::Envelope(Box::new(envelope)))
 }
 
 /// A line as the body to publish and its partition.
@@ -291,7 +291,7 @@ fn encode_line(line: Line, ct: ContentType, partitions: u32) -> Result<(u32, Vec
             }
             (encode_body(&value, ct), id)
         }
-        Line::Envelope(envelope) => (encode_body(&envelope, ct), envelope.aggregate_id),
+        Line::Envelope(envelope) => (encode_body(&*envelope, ct), envelope.aggregate_id),
     };
     let body = body.map_err(|e| format!("cannot encode: {e}"))?;
     Ok((partition_of(&aggregate_id, partitions), body))
