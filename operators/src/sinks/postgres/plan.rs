@@ -76,6 +76,9 @@ impl Plan<'_> {
     }
 }
 
+/// A patch's changed value columns (index, type, cell) and removed ones (index).
+pub(super) type PatchCells<'r> = (Vec<(usize, PgType, Cell<'r>)>, Vec<usize>);
+
 /// The columns a sink writes and where their values come from.
 #[derive(Debug, Clone)]
 pub(super) struct Layout {
@@ -128,11 +131,7 @@ impl Layout {
 
     /// A patch's changed value columns (index, type, cell) and removed ones (index), or the
     /// first changed value that does not fit. Columns the patch does not name are untouched.
-    #[allow(clippy::type_complexity)]
-    pub(super) fn patch_cells<'r>(
-        &self,
-        record: &'r Record,
-    ) -> Result<(Vec<(usize, PgType, Cell<'r>)>, Vec<usize>), String> {
+    pub(super) fn patch_cells<'r>(&self, record: &'r Record) -> Result<PatchCells<'r>, String> {
         let removed_names = record.removed_fields();
         let mut changed = Vec::new();
         let mut removed = Vec::new();

@@ -1103,3 +1103,80 @@ async fn a_patch_value_that_does_not_fit_is_rejected_alone() {
     assert_eq!(patched_row(&c, &table, "b").await, None);
     drop_tables(&c, &table).await;
 }
+
+#[tokio::test]
+async fn a_patch_postgres_refuses_is_isolated_and_the_other_patches_apply_and_report() {
+    let table = unique_table();
+    let c = client().await;
+    create_table_refusing_forbidden(&c, &table).await;
+    let sink = config(&table, false).build(&ctx("table")).await.unwrap();
+    sink.apply_batch(&[record(
+        0,
+        "a",
+        1,
+        json!({"display_name": "one", "points": 1}),
+    )])
+    .await
+    .unwrap();
+    // The refused patch fails the batch's transaction: the batch is applied record by record,
+    // and the others still apply, come back stale or wait on their gap.
+    let report = sink
+        .apply_batch(&[
+            patch(0, "a", 2, 1, json!({"points": 2})),
+            patch(1, "b", 1, 0, json!({"display_name": "forbidden"})),
+            patch(2, "a", 1, 0, json!({"points": 0})),
+            patch(3, "a", 9, 8, json!({"points": 9})),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(report.applied, 1, "{report:?}");
+    assert_eq!((report.stale, report.stale_entries), (1, vec![2]));
+    assert_eq!(report.gaps, [3]);
+    assert_eq!(report.refused.len(), 1);
+    assert_eq!(report.refused[0].0, 1);
+    assert!(
+        report.refused[0].1.contains("check constraint"),
+        "{:?}",
+        report.refused
+    );
+    assert_eq!(
+        row(&c, &table, "a").await,
+        Some((2, Some("one".into()), Some(2)))
+    );
+    assert_eq!(row(&c, &table, "b").await, None);
+    drop_tables(&c, &table).await;
+}
+
+#[tokio::test]
+async fn a_patch_on_a_marked_row_clears_the_mark() {
+    let table = unique_table();
+    let sink = config(&table, true).build(&ctx("table")).await.unwrap();
+    let c = client().await;
+    let mut mark = record(0, "a", 2, Value::Null);
+    mark.action = Action::Mark;
+    sink.apply_batch(&[record(0, "a", 1, json!({"display_name": "one"}))])
+        .await
+        .unwrap();
+    sink.apply_batch(&[mark]).await.unwrap();
+    let deleted_at = || async {
+        c.query_one(
+            &format!("SELECT deleted_at FROM {table} WHERE athlete_id = 'a'"),
+            &[],
+        )
+        .await
+        .unwrap()
+        .get::<_, Option<time::OffsetDateTime>>(0)
+    };
+    assert!(deleted_at().await.is_some());
+    let report = sink
+        .apply_batch(&[patch(0, "a", 3, 2, json!({"points": 3}))])
+        .await
+        .unwrap();
+    assert_eq!(report.applied, 1, "{report:?}");
+    assert_eq!(deleted_at().await, None);
+    assert_eq!(
+        row(&c, &table, "a").await,
+        Some((3, Some("one".into()), Some(3)))
+    );
+    drop_tables(&c, &table).await;
+}
