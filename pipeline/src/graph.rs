@@ -143,7 +143,7 @@ pub fn check(nodes: &[GraphNode<'_>]) -> Vec<GraphProblem> {
 
 /// Stages on the way of a `delta` stage's patches (before or after it) that cannot take them:
 /// a `version_filter` coalesces a batch to its newest version, so that patch finds a gap where
-/// the others were; the `postgres` sink does not apply patches.
+/// the others were. (Both sinks apply patches behind their base-version guard.)
 fn delta_problems(nodes: &[GraphNode<'_>]) -> Vec<GraphProblem> {
     let by_name: HashMap<&str, &GraphNode<'_>> = nodes.iter().map(|n| (n.name, n)).collect();
     let mut readers: HashMap<&str, Vec<&str>> = HashMap::new();
@@ -175,10 +175,6 @@ fn delta_problems(nodes: &[GraphNode<'_>]) -> Vec<GraphProblem> {
             let message = match node.type_name {
                 "version_filter" => format!(
                     "a version_filter on the way of delta stage `{}` coalesces a batch's patches to the newest, which then finds a gap where the others were: remove it (the sink's guard keeps patches in order)",
-                    delta.name
-                ),
-                "postgres" => format!(
-                    "the postgres sink does not apply patches yet (delta stage `{}` makes them): write this replica with redis_hash",
                     delta.name
                 ),
                 _ => continue,
@@ -409,7 +405,7 @@ mod tests {
     }
 
     #[test]
-    fn a_delta_pipeline_refuses_a_version_filter_and_a_postgres_sink_on_its_way() {
+    fn a_delta_pipeline_refuses_a_version_filter_but_takes_a_postgres_sink() {
         let none: Vec<String> = vec![];
         let d = vec!["decode".to_string()];
         let l = vec!["latest".to_string()];
@@ -432,13 +428,10 @@ mod tests {
             .iter()
             .map(|p| format!("{}: {}", p.stage, p.message))
             .collect();
-        assert_eq!(text.len(), 2, "{text:?}");
+        // The postgres sink applies patches: only the version_filter is refused.
+        assert_eq!(text.len(), 1, "{text:?}");
         assert!(
             text[0].starts_with("latest: a version_filter on the way of delta stage `patches`"),
-            "{text:?}"
-        );
-        assert!(
-            text[1].starts_with("table: the postgres sink does not apply patches yet"),
             "{text:?}"
         );
     }

@@ -1,7 +1,7 @@
 //! Deltas: patches delivered shuffled and duplicated converge to the source's state; a patch
 //! over a missing version is never applied, stays pending, and applies once the version came;
 //! with `repair:`, versions never published are repaired from a real `ecst snapshot serve` over
-//! a Postgres source table.
+//! a Postgres source table, in a Redis hash and a Postgres replica alike.
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
@@ -234,7 +234,29 @@ fn versions_never_published_are_repaired_from_the_source_through_the_snapshot_en
         ),
     );
     assert!(yaml.contains("repair:"), "{yaml}");
+    // The same patches into a Postgres replica too: applied on their base, gaps repaired.
+    let replica = format!("{table}_replica");
+    let yaml = format!(
+        "{yaml}  table:\n    type: postgres\n    input: deletes\n    url: \"{url}\"\n    table: {replica}\n    create: true\n    columns: {{ f0: text, f1: text, f2: text, f3: text, f4: text, f5: text }}\n",
+        url = database_url()
+    );
     let path = pipeline_file("delta-repair", &yaml);
+    let pg = postgres();
+    // Each replica row's version and its non-null columns, by aggregate id.
+    let rows = || -> HashMap<String, (i64, BTreeMap<String, String>)> {
+        pg.query(
+            &format!("SELECT aggregate_id, source_version, f0, f1, f2, f3, f4, f5 FROM {replica}"),
+            &[],
+        )
+        .iter()
+        .map(|r| {
+            let fields = (0..6)
+                .filter_map(|f| Some((format!("f{f}"), r.get::<_, Option<String>>(f + 2)?)))
+                .collect();
+            (r.get(0), (r.get(1), fields))
+        })
+        .collect()
+    };
 
     let worker = Worker::start(&path, &["--metrics-addr", "127.0.0.1:0"]);
     let metrics = worker.listen_port("Metrics on /metrics");
@@ -256,12 +278,18 @@ fn versions_never_published_are_repaired_from_the_source_through_the_snapshot_en
     wait_for_worker(&worker, Duration::from_secs(30), "nothing pending", || {
         group_pending(&mut conn, &stream, "replica") == 0
     });
+    let table_rows = rows();
     for (id, state) in &expected {
         let mut got = hash(&mut conn, &key(id));
         assert_eq!(got.remove("_version").as_deref(), Some("12"), "{id}");
         got.remove("_occurred_at");
         let got: BTreeMap<String, String> = got.into_iter().collect();
         assert_eq!(&got, state, "{id}: field by field, removed fields removed");
+        assert_eq!(
+            table_rows.get(id),
+            Some(&(12, state.clone())),
+            "{id}: the Postgres row, column by column, removed columns NULL"
+        );
     }
     let gaps = metric(metrics, "ecst_delta_gaps_total");
     let repaired = metric(metrics, "ecst_delta_gaps_repaired_total");
@@ -299,10 +327,17 @@ fn versions_never_published_are_repaired_from_the_source_through_the_snapshot_en
         let got: BTreeMap<String, String> = got.into_iter().collect();
         assert_eq!(&got, state, "{id}: untouched by a stale delta");
     }
+    assert_eq!(
+        rows(),
+        table_rows,
+        "Postgres rows untouched by stale deltas"
+    );
     assert!(dead_letters(&mut conn, &format!("{stream}.dlq")).is_empty());
     let (status, log) = worker.terminate();
     assert!(status.success(), "{log}");
-    postgres().execute(&format!("DROP TABLE {table}"));
+    pg.execute(&format!(
+        "DROP TABLE {table}; DROP TABLE {replica}; DROP TABLE {replica}_tombstones"
+    ));
     let (status, log) = server.terminate();
     assert!(status.success(), "{log}");
     cleanup(&mut conn, &stream);

@@ -4,6 +4,7 @@
 pub mod config;
 mod inspect;
 mod locks;
+mod patch;
 mod plan;
 mod replica;
 mod sql;
@@ -25,6 +26,7 @@ use crate::stage::{
     ReplicaFreshness, Sink, SinkError, SinkReport,
 };
 pub use config::{PgType, PostgresConfig};
+use patch::{PatchOutcome, PatchSql};
 use plan::{Layout, Plan};
 use sql::Statements;
 
@@ -217,6 +219,7 @@ pub struct PostgresSink {
     config: PostgresConfig,
     lock_key: i32,
     layout: Layout,
+    patch_sql: PatchSql,
     pool: bb8::Pool<PgManager>,
     purge: tokio::task::JoinHandle<()>,
 }
@@ -293,6 +296,7 @@ impl PostgresConfig {
                 keys: self.key.columns(),
                 values: self.value_columns(),
             },
+            patch_sql: PatchSql::new(self),
             config: self.clone(),
             pool,
             purge,
@@ -372,12 +376,13 @@ impl PostgresSink {
         })
     }
 
-    /// Runs a plan in one transaction; returns the rows applied.
+    /// Runs a plan in one transaction; returns the rows applied (patches aside) and what
+    /// became of each patch, by entry.
     async fn execute(
         &self,
         conn: &mut PgConnection,
         plan: &Plan<'_>,
-    ) -> Result<u64, tokio_postgres::Error> {
+    ) -> Result<(u64, Vec<(usize, PatchOutcome)>), tokio_postgres::Error> {
         let PgConnection {
             client,
             share_table,
@@ -429,15 +434,21 @@ impl PostgresSink {
             }
         };
         let (_, _, u, d, m) = tokio::try_join!(table_lock, bucket_locks, upserts, deletes, marks)?;
+        // Patches on top of what the rows above left, in version order, one statement each:
+        // each reads what the one before wrote.
+        let mut patches = Vec::with_capacity(plan.patches.len());
+        for patch in &plan.patches {
+            patches.push((patch.entry, self.patch_sql.apply(&tx, patch).await?));
+        }
         tx.commit().await?;
-        Ok(u + d + m)
+        Ok((u + d + m, patches))
     }
 
     async fn apply(&self, batch: &[Record]) -> Result<SinkReport, SinkError> {
         let mut report = SinkReport::default();
         let plan = self.layout.plan(batch, &mut report);
         let rows = plan.len();
-        if rows == 0 {
+        if plan.is_empty() {
             return Ok(report);
         }
         let mut conn = self.connection().await?;
@@ -455,10 +466,13 @@ impl PostgresSink {
             }
         };
         match result {
-            Ok(applied) => {
+            Ok((applied, patches)) => {
                 conn.broken = false;
                 report.applied += usize::try_from(applied).unwrap_or(usize::MAX);
                 report.stale += rows - usize::try_from(applied).unwrap_or(rows).min(rows);
+                for (entry, outcome) in patches {
+                    count_patch(&mut report, entry, outcome);
+                }
                 Ok(report)
             }
             Err(e) if is_data_error(&e) => {
@@ -502,7 +516,12 @@ impl PostgresSink {
                     })?;
             conn.broken = false;
             match result {
-                Ok(1) => report.applied += 1,
+                Ok((_, patches)) if !patches.is_empty() => {
+                    for (entry, outcome) in patches {
+                        count_patch(&mut report, entry, outcome);
+                    }
+                }
+                Ok((1, _)) => report.applied += 1,
                 Ok(_) => {
                     report.stale += 1;
                     report.stale_entries.push(record.entry);
@@ -523,14 +542,32 @@ impl PostgresSink {
     }
 }
 
+/// Counts one patch's outcome in a report.
+fn count_patch(report: &mut SinkReport, entry: usize, outcome: PatchOutcome) {
+    match outcome {
+        PatchOutcome::Applied => report.applied += 1,
+        PatchOutcome::Stale => {
+            report.stale += 1;
+            report.stale_entries.push(entry);
+        }
+        PatchOutcome::Gap => report.gaps.push(entry),
+    }
+}
+
 impl Sink for PostgresSink {
     fn check_record(&self, record: &Record) -> Result<(), String> {
         self.layout.key_cells(record)?;
         if i64::try_from(record.event.aggregate_version).is_err() {
             return Err(plan::too_new(record));
         }
-        if record.action == Action::Upsert {
-            self.layout.value_cells(record)?;
+        match record.action {
+            Action::Upsert => {
+                self.layout.value_cells(record)?;
+            }
+            Action::Patch { .. } => {
+                self.layout.patch_cells(record)?;
+            }
+            Action::Delete { .. } | Action::Mark => {}
         }
         Ok(())
     }

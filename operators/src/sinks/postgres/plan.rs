@@ -10,6 +10,7 @@ use tokio_postgres::types::ToSql;
 
 use super::config::{KeyColumn, PgType};
 use super::locks;
+use super::patch::PatchRow;
 use super::values::{Cell, Column, convert, convert_key_text};
 use crate::record::{Action, FieldNames, Fields, Record};
 use crate::stage::SinkReport;
@@ -46,8 +47,8 @@ impl<'a> Rows<'a> {
     }
 }
 
-/// A batch split into the three statements' rows, newest per key, in batch order, and the key
-/// buckets they write.
+/// A batch split into the three statements' rows, newest per key, in batch order, the patches
+/// in version order, and the key buckets they write.
 #[derive(Debug)]
 pub(super) struct Plan<'a> {
     /// Guarded upserts: keys, version, updated_at, value columns.
@@ -56,16 +57,27 @@ pub(super) struct Plan<'a> {
     pub(super) deletes: Rows<'a>,
     /// Guarded marks: keys, version, updated_at.
     pub(super) marks: Rows<'a>,
+    /// Patches, every one (a patch is not coalesced: each builds on the one before), in
+    /// version order, applied after the rows above.
+    pub(super) patches: Vec<PatchRow<'a>>,
     /// The key buckets written, ascending.
     pub(super) buckets: Vec<i32>,
 }
 
 impl Plan<'_> {
-    /// Rows of every kind.
+    /// Rows of every kind but patches.
     pub(super) fn len(&self) -> usize {
         self.upserts.entries.len() + self.deletes.entries.len() + self.marks.entries.len()
     }
+
+    /// Whether nothing is to be written.
+    pub(super) fn is_empty(&self) -> bool {
+        self.len() == 0 && self.patches.is_empty()
+    }
 }
+
+/// A patch's changed value columns (index, type, cell) and removed ones (index).
+pub(super) type PatchCells<'r> = (Vec<(usize, PgType, Cell<'r>)>, Vec<usize>);
 
 /// The columns a sink writes and where their values come from.
 #[derive(Debug, Clone)]
@@ -117,6 +129,24 @@ impl Layout {
             .collect()
     }
 
+    /// A patch's changed value columns (index, type, cell) and removed ones (index), or the
+    /// first changed value that does not fit. Columns the patch does not name are untouched.
+    pub(super) fn patch_cells<'r>(&self, record: &'r Record) -> Result<PatchCells<'r>, String> {
+        let removed_names = record.removed_fields();
+        let mut changed = Vec::new();
+        let mut removed = Vec::new();
+        for (i, (column, t, from)) in self.values.iter().enumerate() {
+            if let Some(value) = record.written_field(from) {
+                let cell =
+                    convert(Some(value), *t).map_err(|e| format!("column `{column}`: {e}"))?;
+                changed.push((i, *t, cell));
+            } else if removed_names.contains(&from.as_str()) {
+                removed.push(i);
+            }
+        }
+        Ok((changed, removed))
+    }
+
     /// As `value_cells`, finding where a fixed field set holds each column's field once per
     /// set of names rather than once per record.
     fn indexed_value_cells<'r>(
@@ -159,8 +189,13 @@ impl Layout {
             }
         }
         let mut newest: HashMap<&[Cell<'r>], usize> = HashMap::with_capacity(batch.len());
+        let mut patches = Vec::new();
         for (i, key) in keyed.iter().enumerate() {
             let Some(key) = key else { continue };
+            if matches!(batch[i].action, Action::Patch { .. }) {
+                patches.push(i);
+                continue;
+            }
             match newest.entry(key.as_slice()) {
                 Entry::Vacant(slot) => {
                     slot.insert(i);
@@ -193,6 +228,7 @@ impl Layout {
             ),
             deletes: Rows::new(key_types().chain([PgType::Bigint, PgType::Bigint])),
             marks: Rows::new(key_types().chain([PgType::Bigint, PgType::Timestamptz])),
+            patches: Vec::new(),
             buckets: Vec::new(),
         };
         let mut buckets = BTreeSet::new();
@@ -228,15 +264,47 @@ impl Layout {
                     plan.marks
                         .push(record.entry, key.into_iter().chain([version, updated]));
                 }
-                Action::Patch { .. } => {
-                    report.rejected.push((
-                        record.entry,
-                        "the postgres sink does not apply patches yet".to_string(),
-                    ));
-                    continue;
-                }
+                // Planned below, in version order.
+                Action::Patch { .. } => continue,
             }
             buckets.insert(bucket);
+        }
+        // Stable: patches of one version keep their batch order.
+        patches.sort_by_key(|&i| batch[i].event.aggregate_version);
+        for i in patches {
+            let (Some(Some(key)), record) = (keyed.get_mut(i).map(Option::take), &batch[i]) else {
+                continue;
+            };
+            let Action::Patch { base } = record.action else {
+                continue;
+            };
+            let version = record.event.aggregate_version;
+            let (Ok(v), Ok(b)) = (i64::try_from(version), i64::try_from(base)) else {
+                report.rejected.push((record.entry, too_new(record)));
+                continue;
+            };
+            let (changed, removed) = match self.patch_cells(record) {
+                Ok(cells) => cells,
+                Err(reason) => {
+                    report.rejected.push((record.entry, reason));
+                    continue;
+                }
+            };
+            buckets.insert(locks::bucket_of(&key));
+            let meta = [
+                Cell::Bigint(Some(v)),
+                Cell::Bigint(Some(b)),
+                Cell::Timestamptz(record.event.occurred_at),
+            ];
+            plan.patches.push(PatchRow::new(
+                record.entry,
+                version,
+                key,
+                key_types(),
+                meta,
+                changed,
+                removed,
+            ));
         }
         plan.buckets = buckets.into_iter().collect();
         plan

@@ -931,3 +931,252 @@ async fn typed_and_composite_keys_coalesce_by_value() {
     );
     drop_tables(&c, &table).await;
 }
+
+fn patch(entry: usize, id: &str, version: u64, base: u64, payload: Value) -> Record {
+    let mut r = record(entry, id, version, payload);
+    r.action = Action::Patch { base };
+    r
+}
+
+/// The row's version, display_name, points and tags (jsonb as text).
+async fn patched_row(
+    c: &Client,
+    table: &str,
+    id: &str,
+) -> Option<(i64, Option<String>, Option<i64>, Option<String>)> {
+    c.query_opt(
+        &format!(
+            "SELECT source_version, display_name, points, tags::text FROM {table} WHERE athlete_id = $1"
+        ),
+        &[&id],
+    )
+    .await
+    .unwrap()
+    .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+}
+
+#[tokio::test]
+async fn patches_apply_on_their_base_in_version_order_and_leave_untouched_columns() {
+    let table = unique_table();
+    let sink = config(&table, true).build(&ctx("table")).await.unwrap();
+    let c = client().await;
+    // A full state and, in the same batch, a chain of patches on it, shuffled: the state
+    // first, then the patches in version order; the one at 3 is older than the state.
+    let report = sink
+        .apply_batch(&[
+            patch(0, "a", 6, 5, json!({"points": 6})),
+            record(
+                1,
+                "a",
+                4,
+                json!({"display_name": "four", "points": 4, "tags": ["x"]}),
+            ),
+            patch(2, "a", 5, 4, json!({"display_name": null, "tags": ["y"]})),
+            patch(3, "a", 3, 2, json!({"display_name": "three"})),
+        ])
+        .await
+        .unwrap();
+    assert_eq!((report.applied, report.stale), (3, 1), "{report:?}");
+    assert_eq!(report.stale_entries, [3]);
+    assert!(report.gaps.is_empty());
+    // display_name removed at 5, tags changed at 5, points changed at 6: each column as the
+    // last patch naming it left it.
+    assert_eq!(
+        patched_row(&c, &table, "a").await,
+        Some((6, None, Some(6), Some("[\"y\"]".into())))
+    );
+    // A duplicate is stale.
+    let report = sink
+        .apply_batch(&[patch(0, "a", 6, 5, json!({"points": 60}))])
+        .await
+        .unwrap();
+    assert_eq!(
+        (report.applied, report.stale, report.stale_entries),
+        (0, 1, vec![0])
+    );
+    // Version 7 missing: the patch on it is a gap and the row is unchanged; so is a patch
+    // whose base is older than the row (its diff skips a version).
+    let report = sink
+        .apply_batch(&[
+            patch(0, "a", 8, 7, json!({"points": 8})),
+            patch(1, "a", 7, 5, json!({"points": 7})),
+        ])
+        .await
+        .unwrap();
+    assert_eq!((report.applied, report.stale), (0, 0));
+    assert_eq!(report.gaps, [1, 0]);
+    assert_eq!(
+        patched_row(&c, &table, "a").await,
+        Some((6, None, Some(6), Some("[\"y\"]".into())))
+    );
+    // The bookkeeping columns move as an upsert moves them.
+    let report = sink
+        .apply_batch(&[patch(0, "a", 7, 6, json!({"display_name": "seven"}))])
+        .await
+        .unwrap();
+    assert_eq!(report.applied, 1);
+    let (version, deleted, updated): (
+        i64,
+        Option<time::OffsetDateTime>,
+        Option<time::OffsetDateTime>,
+    ) = {
+        let r = c
+            .query_one(
+                &format!("SELECT source_version, deleted_at, source_updated_at FROM {table} WHERE athlete_id = 'a'"),
+                &[],
+            )
+            .await
+            .unwrap();
+        (r.get(0), r.get(1), r.get(2))
+    };
+    assert_eq!((version, deleted), (7, None));
+    assert_eq!(updated.map(|t| t.unix_timestamp()), Some(1_795_514_400));
+    assert_eq!(
+        patched_row(&c, &table, "a").await,
+        Some((7, Some("seven".into()), Some(6), Some("[\"y\"]".into())))
+    );
+    drop_tables(&c, &table).await;
+}
+
+#[tokio::test]
+async fn patches_start_from_nothing_and_from_a_tombstone_only_on_its_version() {
+    let table = unique_table();
+    let sink = config(&table, true).build(&ctx("table")).await.unwrap();
+    let c = client().await;
+    // An absent row without a tombstone is version 0.
+    let report = sink
+        .apply_batch(&[
+            patch(0, "n", 1, 0, json!({"display_name": "new"})),
+            patch(1, "m", 2, 1, json!({"display_name": "gap"})),
+        ])
+        .await
+        .unwrap();
+    assert_eq!((report.applied, report.gaps.clone()), (1, vec![1]));
+    assert_eq!(
+        patched_row(&c, &table, "n").await,
+        Some((1, Some("new".into()), None, None))
+    );
+    assert_eq!(patched_row(&c, &table, "m").await, None);
+    // Deleted at 3: version 3 is stale, a patch on 2 is stale, one on 4 with base 3
+    // re-creates the row from nothing, and one skipping the delete is a gap.
+    sink.apply_batch(&[record(0, "n", 3, Value::Null)])
+        .await
+        .unwrap();
+    let report = sink
+        .apply_batch(&[patch(0, "n", 5, 2, json!({"points": 5}))])
+        .await
+        .unwrap();
+    assert_eq!(report.gaps, [0]);
+    assert_eq!(patched_row(&c, &table, "n").await, None);
+    let report = sink
+        .apply_batch(&[
+            patch(0, "n", 3, 2, json!({"display_name": "late"})),
+            patch(1, "n", 4, 3, json!({"points": 4})),
+        ])
+        .await
+        .unwrap();
+    assert_eq!((report.applied, report.stale_entries), (1, vec![0]));
+    assert_eq!(
+        patched_row(&c, &table, "n").await,
+        Some((4, None, Some(4), None))
+    );
+    drop_tables(&c, &table).await;
+}
+
+#[tokio::test]
+async fn a_patch_value_that_does_not_fit_is_rejected_alone() {
+    let table = unique_table();
+    let sink = config(&table, true).build(&ctx("table")).await.unwrap();
+    let c = client().await;
+    let bad = patch(1, "b", 1, 0, json!({"points": "many"}));
+    assert_eq!(
+        sink.check_record(&bad).unwrap_err(),
+        "column `points`: cannot write \"many\" as bigint"
+    );
+    let report = sink
+        .apply_batch(&[patch(0, "a", 1, 0, json!({"points": 1})), bad])
+        .await
+        .unwrap();
+    assert_eq!(report.applied, 1);
+    assert_eq!(report.rejected.len(), 1);
+    assert_eq!(report.rejected[0].0, 1);
+    assert_eq!(patched_row(&c, &table, "b").await, None);
+    drop_tables(&c, &table).await;
+}
+
+#[tokio::test]
+async fn a_patch_postgres_refuses_is_isolated_and_the_other_patches_apply_and_report() {
+    let table = unique_table();
+    let c = client().await;
+    create_table_refusing_forbidden(&c, &table).await;
+    let sink = config(&table, false).build(&ctx("table")).await.unwrap();
+    sink.apply_batch(&[record(
+        0,
+        "a",
+        1,
+        json!({"display_name": "one", "points": 1}),
+    )])
+    .await
+    .unwrap();
+    // The refused patch fails the batch's transaction: the batch is applied record by record,
+    // and the others still apply, come back stale or wait on their gap.
+    let report = sink
+        .apply_batch(&[
+            patch(0, "a", 2, 1, json!({"points": 2})),
+            patch(1, "b", 1, 0, json!({"display_name": "forbidden"})),
+            patch(2, "a", 1, 0, json!({"points": 0})),
+            patch(3, "a", 9, 8, json!({"points": 9})),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(report.applied, 1, "{report:?}");
+    assert_eq!((report.stale, report.stale_entries), (1, vec![2]));
+    assert_eq!(report.gaps, [3]);
+    assert_eq!(report.refused.len(), 1);
+    assert_eq!(report.refused[0].0, 1);
+    assert!(
+        report.refused[0].1.contains("check constraint"),
+        "{:?}",
+        report.refused
+    );
+    assert_eq!(
+        row(&c, &table, "a").await,
+        Some((2, Some("one".into()), Some(2)))
+    );
+    assert_eq!(row(&c, &table, "b").await, None);
+    drop_tables(&c, &table).await;
+}
+
+#[tokio::test]
+async fn a_patch_on_a_marked_row_clears_the_mark() {
+    let table = unique_table();
+    let sink = config(&table, true).build(&ctx("table")).await.unwrap();
+    let c = client().await;
+    let mut mark = record(0, "a", 2, Value::Null);
+    mark.action = Action::Mark;
+    sink.apply_batch(&[record(0, "a", 1, json!({"display_name": "one"}))])
+        .await
+        .unwrap();
+    sink.apply_batch(&[mark]).await.unwrap();
+    let deleted_at = || async {
+        c.query_one(
+            &format!("SELECT deleted_at FROM {table} WHERE athlete_id = 'a'"),
+            &[],
+        )
+        .await
+        .unwrap()
+        .get::<_, Option<time::OffsetDateTime>>(0)
+    };
+    assert!(deleted_at().await.is_some());
+    let report = sink
+        .apply_batch(&[patch(0, "a", 3, 2, json!({"points": 3}))])
+        .await
+        .unwrap();
+    assert_eq!(report.applied, 1, "{report:?}");
+    assert_eq!(deleted_at().await, None);
+    assert_eq!(
+        row(&c, &table, "a").await,
+        Some((3, Some("one".into()), Some(3)))
+    );
+    drop_tables(&c, &table).await;
+}
