@@ -10,7 +10,7 @@ use ecst_schemas::{ClaimRef, PayloadSelection};
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::claim::{ClaimStore, RedisClaimStore};
+use crate::claim::{ClaimRead, ClaimStore, RedisClaimStore};
 use crate::dead_letter::DeadLetterReason;
 use crate::duration::ConfigDuration;
 use crate::record::{Outcomes, RawEntry, Record};
@@ -103,7 +103,7 @@ enum Unresolved {
 impl ClaimCheck {
     /// Reads the bodies of `refs`, waiting out a store that is down (the batch is held, so
     /// nothing is acked meanwhile).
-    async fn read(&self, refs: &[&ClaimRef]) -> Vec<Option<Vec<u8>>> {
+    async fn read(&self, refs: &[&ClaimRef]) -> Vec<ClaimRead> {
         let mut backoff = self.retry_backoff.max(Duration::from_millis(50));
         loop {
             match self.store.get_many(refs).await {
@@ -178,6 +178,7 @@ impl ClaimCheck {
             let bodies = self.read(&refs).await;
             let mut payloads: HashMap<usize, Result<Value, String>> = HashMap::new();
             let mut still = Vec::new();
+            let mut bad = Vec::new();
             for (i, _) in waiting {
                 let Some(claim) = slots[i].as_ref().and_then(|r| r.event.payload_ref.clone())
                 else {
@@ -186,9 +187,17 @@ impl ClaimCheck {
                 let Some(&at) = keys.get(&claim.key) else {
                     continue;
                 };
-                let Some(body) = bodies.get(at).and_then(Option::as_ref) else {
-                    still.push((i, Unresolved::Missing));
-                    continue;
+                let body = match bodies.get(at) {
+                    Some(ClaimRead::Found(body)) => body,
+                    Some(ClaimRead::Bad(problem)) => {
+                        // No retry reads it differently: dead-letter now.
+                        bad.push((i, problem.clone()));
+                        continue;
+                    }
+                    _ => {
+                        still.push((i, Unresolved::Missing));
+                        continue;
+                    }
                 };
                 let payload = payloads
                     .entry(at)
@@ -206,6 +215,19 @@ impl ClaimCheck {
                 }
             }
             waiting = still;
+            for (i, problem) in bad {
+                if let Some(record) = slots[i].take() {
+                    let key = record
+                        .event
+                        .payload_ref
+                        .as_ref()
+                        .map(|c| c.key.clone())
+                        .unwrap_or_default();
+                    let reason = DeadLetterReason::ClaimCorrupt { key, problem };
+                    tracing::warn!(stage = %self.reporter, entry = record.entry, reason = %reason, "Claim unreadable; dead-lettering the event.");
+                    out.dead_letter(record.entry, reason);
+                }
+            }
             if !waiting.is_empty() && attempt < self.attempts {
                 tracing::info!(stage = %self.reporter, unresolved = waiting.len(), attempt, retry_in = ?delay, "Claims not resolved yet; retrying.");
             }
@@ -373,10 +395,7 @@ mod tests {
                 Ok(claim)
             })
         }
-        fn get_many<'a>(
-            &'a self,
-            refs: &'a [&'a ClaimRef],
-        ) -> ClaimFuture<'a, Vec<Option<Vec<u8>>>> {
+        fn get_many<'a>(&'a self, refs: &'a [&'a ClaimRef]) -> ClaimFuture<'a, Vec<ClaimRead>> {
             Box::pin(async move {
                 let reads = {
                     let mut reads = self.reads.lock().unwrap();
@@ -388,7 +407,15 @@ mod tests {
                     self.bodies.lock().unwrap().insert(claim.key, body);
                 }
                 let bodies = self.bodies.lock().unwrap();
-                Ok::<_, ClaimStoreError>(refs.iter().map(|r| bodies.get(&r.key).cloned()).collect())
+                Ok::<_, ClaimStoreError>(
+                    refs.iter()
+                        .map(|r| match bodies.get(&r.key) {
+                            Some(body) if r.store == "redis" => ClaimRead::Found(body.clone()),
+                            Some(_) => ClaimRead::Bad(format!("store `{}`", r.store)),
+                            None => ClaimRead::Missing,
+                        })
+                        .collect(),
+                )
             })
         }
     }
@@ -467,6 +494,24 @@ mod tests {
             reasons[&3].ends_with("body must be a JSON object, got an array"),
             "{}",
             reasons[&3]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_claim_the_store_cannot_read_is_dead_lettered_on_the_first_read() {
+        let store = Arc::new(MemoryStore::default());
+        let mut foreign = store.put(br#"{"x":1}"#).await.unwrap();
+        foreign.store = "s3".into();
+        let mut stage = config().build_with(store.clone(), "claims");
+        let mut out = Outcomes::default();
+        let kept = stage
+            .process(vec![record(0, &foreign)], &[], &mut out)
+            .await;
+        assert!(kept.is_empty());
+        assert_eq!(*store.reads.lock().unwrap(), 1);
+        assert_eq!(
+            out.dead_letters[0].1.to_string(),
+            format!("claim `{}` is corrupt: store `s3`", foreign.key)
         );
     }
 
