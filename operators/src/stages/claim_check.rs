@@ -20,6 +20,14 @@ use crate::stage::{
     AsyncStage, BuildContext, BuiltStage, ComponentConfig, ConfigProblem, KeyDoc, ProcessFuture,
 };
 
+/// Longest wait between two reads of a claim not found yet (the batch is held meanwhile).
+const MAX_MISSING_BACKOFF: Duration = Duration::from_secs(5);
+
+/// The wait after `delay` before the next read of a missing claim.
+fn next_missing_delay(delay: Duration) -> Duration {
+    delay.saturating_mul(2).min(MAX_MISSING_BACKOFF)
+}
+
 /// Longest wait between two reads of a store that is down.
 const MAX_UNAVAILABLE_BACKOFF: Duration = Duration::from_secs(5);
 
@@ -39,7 +47,7 @@ pub struct ClaimCheckConfig {
     /// Reads of a missing or corrupt claim before the event is dead-lettered (default 5).
     #[serde(default = "default_attempts")]
     pub attempts: u32,
-    /// Wait before the second read; doubled each time (default 200ms).
+    /// Wait before the second read; doubled each time, up to 5s (default 200ms).
     #[serde(default = "default_retry_backoff")]
     pub retry_backoff: ConfigDuration,
     /// Bound of one round trip to the store (default 2s).
@@ -158,7 +166,7 @@ impl ClaimCheck {
         while !waiting.is_empty() && attempt < self.attempts {
             if attempt > 0 {
                 tokio::time::sleep(delay).await;
-                delay = delay.saturating_mul(2);
+                delay = next_missing_delay(delay);
             }
             attempt += 1;
             // One read per distinct claim: versions of one body share it.
@@ -297,7 +305,7 @@ impl ComponentConfig for ClaimCheckConfig {
             "retry_backoff",
             "duration",
             "200ms",
-            "wait before the second read, doubled each time",
+            "wait before the second read, doubled each time up to 5s",
         ),
         KeyDoc::optional(
             "timeout",
@@ -513,6 +521,17 @@ mod tests {
             out.dead_letters[0].1.to_string(),
             format!("claim `{}` is corrupt: store `s3`", foreign.key)
         );
+    }
+
+    #[test]
+    fn the_wait_for_a_missing_claim_is_capped() {
+        let mut delay = Duration::from_secs(1);
+        let mut waits = Vec::new();
+        for _ in 0..5 {
+            waits.push(delay.as_secs());
+            delay = next_missing_delay(delay);
+        }
+        assert_eq!(waits, [1, 2, 4, 5, 5]);
     }
 
     #[tokio::test]
