@@ -200,9 +200,15 @@ fn glob_matches(glob: &str, text: &str) -> bool {
 
 impl Fetch {
     fn is_thin(&self, event: &Envelope) -> bool {
+        // A delete carries its own state (none); a payloadRef is a payload not resolved yet
+        // (claim_check's), not a missing one.
+        if event.deleted {
+            return false;
+        }
         match &self.when {
             FetchWhen::Keyword(WhenKeyword::PayloadMissing) => {
-                !event.deleted && matches!(event.payload, None | Some(serde_json::Value::Null))
+                event.payload_ref.is_none()
+                    && matches!(event.payload, None | Some(serde_json::Value::Null))
             }
             FetchWhen::EventType { event_type } => event
                 .event_type
@@ -325,6 +331,7 @@ impl Fetch {
                     let mut event = Envelope::clone(&record.event);
                     event.aggregate_version = *version;
                     event.payload = Some(payload.clone());
+                    event.payload_ref = None;
                     event.deleted = false;
                     kept.push(Record::new(record.entry, event));
                 }
@@ -336,6 +343,7 @@ impl Fetch {
                 _ => {
                     let mut event = Envelope::clone(&record.event);
                     event.payload = None;
+                    event.payload_ref = None;
                     event.deleted = true;
                     kept.push(Record::new(record.entry, event));
                 }
@@ -498,8 +506,30 @@ mod tests {
         let full = keys
             .read(&json!({"aggregateId": "a", "aggregateVersion": 1, "payload": {"x": 1}}))
             .unwrap();
+        let claimed = keys
+            .read(&json!({"aggregateId": "a", "aggregateVersion": 1, "payloadRef": ecst_schemas::ClaimRef::redis("ecst:claim:", b"{}")}))
+            .unwrap();
         assert!(stage.is_thin(&thin));
         assert!(!stage.is_thin(&deleted) && !stage.is_thin(&full));
+        assert!(
+            !stage.is_thin(&claimed),
+            "a payloadRef is not a missing payload"
+        );
+        let by_type: FetchConfig = serde_json::from_value(
+            json!({"url": "http://x/s", "when": {"event_type": "athlete.*"}}),
+        )
+        .unwrap();
+        let by_type = by_type.build().unwrap();
+        let typed_delete = keys
+            .read(&json!({"aggregateId": "a", "aggregateVersion": 2, "eventType": "athlete.deleted", "deleted": true}))
+            .unwrap();
+        let typed = keys
+            .read(
+                &json!({"aggregateId": "a", "aggregateVersion": 2, "eventType": "athlete.updated"}),
+            )
+            .unwrap();
+        assert!(by_type.is_thin(&typed));
+        assert!(!by_type.is_thin(&typed_delete), "a delete is never fetched");
         let bad: FetchConfig =
             serde_json::from_value(json!({"url": "ftp://x", "batch_size": 0})).unwrap();
         let keys: Vec<String> = bad.problems().into_iter().map(|p| p.key).collect();
