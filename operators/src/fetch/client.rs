@@ -407,13 +407,15 @@ impl FetchClient {
             Err(e) => return Attempt::Retry(FetchOutcome::Error, error_chain(&e)),
         };
         if status.as_u16() == 404 && self.single(ids) {
-            // A 404 naming an unknown entity is the endpoint's configuration, not a missing id.
-            if let Some(message) = error_message(&body)
-                && message.starts_with("no entity")
-            {
-                return Attempt::Refused(404, message);
+            // Only the contract's own "no such id" deletes; an unknown entity, a wrong base
+            // URL or a proxy's 404 page is a configuration to fix.
+            if error_code(&body).as_deref() == Some("not_found") {
+                return Attempt::Rows(vec![FetchedState::Missing { id: ids[0].clone() }]);
             }
-            return Attempt::Rows(vec![FetchedState::Missing { id: ids[0].clone() }]);
+            let message = error_message(&body).unwrap_or_else(|| {
+                "a 404 without the snapshot contract's {\"code\":\"not_found\"}".into()
+            });
+            return Attempt::Refused(404, message);
         }
         if status.is_server_error() || status.as_u16() == 429 {
             let message = error_message(&body).unwrap_or_default();
@@ -452,6 +454,12 @@ impl FetchClient {
 fn error_message(body: &[u8]) -> Option<String> {
     let value: Value = serde_json::from_slice(body).ok()?;
     value.get("error")?.as_str().map(str::to_string)
+}
+
+/// The `code` of a JSON error body (`not_found`, `unknown_entity`).
+fn error_code(body: &[u8]) -> Option<String> {
+    let value: Value = serde_json::from_slice(body).ok()?;
+    value.get("code")?.as_str().map(str::to_string)
 }
 
 /// An error with its sources (reqwest's own message hides the cause).
@@ -717,6 +725,27 @@ mod tests {
                 matches!(&state, FetchedState::Invalid { reason, .. } if reason.contains("bad id")),
                 "{status}: {state:?}"
             );
+        }
+        for (body, refused) in [
+            (r#"{"error":"no athlete `x`","code":"not_found"}"#, false),
+            (
+                r#"{"error":"no entity `athlete`","code":"unknown_entity"}"#,
+                true,
+            ),
+            (r#"{"error":"no entity `x`"}"#, true),
+            ("<html>Not Found</html>", true),
+        ] {
+            let (url, _) = answering("404 Not Found", body).await;
+            let client = FetchClient::new(FetchOptions {
+                url,
+                ..FetchOptions::default()
+            })
+            .unwrap();
+            match client.fetch_one("athlete", "x").await {
+                Ok(FetchedState::Missing { .. }) if !refused => {}
+                Err(FetchError::Refused { status: 404, .. }) if refused => {}
+                other => panic!("{body}: {other:?}"),
+            }
         }
         let (url, _) = answering("403 Forbidden", "{\"error\":\"no\"}").await;
         let client = FetchClient::new(FetchOptions {
