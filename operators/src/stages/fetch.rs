@@ -264,11 +264,13 @@ impl Fetch {
             *newest = (*newest).max(record.event.aggregate_version);
         }
         let mut states: HashMap<(String, String), FetchedState> = HashMap::new();
-        let started = Instant::now();
-        let mut lag_delay = self.backoff;
         for (entity, ids) in wanted {
             let mut asked: Vec<String> = ids.keys().cloned().collect();
             asked.sort();
+            // The lag bound counts from the endpoint's first answer for these ids: time spent
+            // waiting for a down endpoint, or on other entities, is not the replica's lag.
+            let mut first_answer: Option<Instant> = None;
+            let mut lag_delay = self.backoff;
             loop {
                 let answered = match self.fetch_until_answered(&entity, &asked).await {
                     Ok(answered) => answered,
@@ -277,6 +279,7 @@ impl Fetch {
                         return Vec::new();
                     }
                 };
+                let started = *first_answer.get_or_insert_with(Instant::now);
                 let mut lagging = Vec::new();
                 for state in answered {
                     let id = state.id().to_string();
@@ -466,6 +469,60 @@ mod tests {
             !shown.contains("s3cret") && shown.contains("<redacted>"),
             "{shown}"
         );
+    }
+
+    #[tokio::test]
+    async fn the_lag_bound_counts_from_the_first_answer_not_from_a_down_endpoint() {
+        use std::sync::Mutex;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        // 503 for the first 400ms, then version 1 of `a` (the event is at 2) forever.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/snapshot", listener.local_addr().unwrap());
+        let answers = Arc::new(Mutex::new(0u32));
+        let counted = answers.clone();
+        let up_at = Instant::now() + Duration::from_millis(400);
+        tokio::spawn(async move {
+            while let Ok((mut socket, _)) = listener.accept().await {
+                let mut buf = [0u8; 4096];
+                let _ = socket.read(&mut buf).await;
+                let (status, body) = if Instant::now() < up_at {
+                    ("503 Service Unavailable", "{}".to_string())
+                } else {
+                    *counted.lock().unwrap() += 1;
+                    (
+                        "200 OK",
+                        r#"{"aggregateId":"a","aggregateVersion":1,"payload":{}}"#.to_string(),
+                    )
+                };
+                let reply = format!(
+                    "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = socket.write_all(reply.as_bytes()).await;
+            }
+        });
+        let config: FetchConfig = serde_json::from_value(json!({
+            "url": url, "entity": "athlete", "lag_retry_for": "300ms", "backoff": "10ms", "backoff_max": "20ms",
+            "retries": 0, "breaker_failures": 0
+        }))
+        .unwrap();
+        let stage = config.build().unwrap();
+        let event = EnvelopeKeys::default()
+            .read(&json!({"aggregateId": "a", "aggregateVersion": 2}))
+            .unwrap();
+        let mut out = Outcomes::default();
+        let kept = stage.run(vec![Record::new(0, event)], &mut out).await;
+        assert!(kept.is_empty());
+        assert_eq!(
+            out.dead_letters.len(),
+            1,
+            "{:?} {:?}",
+            out.halt,
+            out.dead_letters
+        );
+        // The endpoint was down longer than lag_retry_for, yet the lagging state was fetched
+        // again after its first answer.
+        assert!(*answers.lock().unwrap() >= 2, "{}", answers.lock().unwrap());
     }
 
     #[test]
