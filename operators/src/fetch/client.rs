@@ -35,6 +35,8 @@ pub struct FetchOptions {
     pub concurrency: usize,
     /// Ids per `:batch` request.
     pub max_batch: usize,
+    /// Largest answer body read, in bytes: a larger one is not held in memory.
+    pub max_body_bytes: usize,
 }
 
 impl std::fmt::Debug for FetchOptions {
@@ -63,6 +65,7 @@ impl Default for FetchOptions {
             breaker_open_for: Duration::from_secs(10),
             concurrency: 4,
             max_batch: 100,
+            max_body_bytes: 16 * 1024 * 1024,
         }
     }
 }
@@ -396,8 +399,22 @@ impl FetchClient {
             .get(reqwest::header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.starts_with("application/json"));
-        let body = match response.bytes().await {
-            Ok(body) => body,
+        let limit = self.options.max_body_bytes;
+        let body = match read_capped(response, limit).await {
+            Ok(Some(body)) => body,
+            Ok(None) => {
+                let problem = format!("the answer is over max_body_bytes {limit}");
+                if self.single(ids) {
+                    return Attempt::Rows(vec![FetchedState::Invalid {
+                        id: ids[0].clone(),
+                        reason: problem,
+                    }]);
+                }
+                return Attempt::Refused(
+                    status.as_u16(),
+                    format!("{problem} (raise it or lower batch_size)"),
+                );
+            }
             Err(e) if e.is_timeout() => {
                 return Attempt::Retry(
                     FetchOutcome::Timeout,
@@ -448,6 +465,28 @@ impl FetchClient {
         let (rows, problem) = parse_rows(&body, json_array, single);
         Attempt::Rows(answer(ids, rows, problem, single))
     }
+}
+
+/// The body of `response`, or `None` when it is over `limit` bytes (by its Content-Length,
+/// or while streaming: only `limit` bytes are ever held).
+async fn read_capped(
+    mut response: reqwest::Response,
+    limit: usize,
+) -> Result<Option<Vec<u8>>, reqwest::Error> {
+    if response
+        .content_length()
+        .is_some_and(|length| length > limit as u64)
+    {
+        return Ok(None);
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await? {
+        if body.len() + chunk.len() > limit {
+            return Ok(None);
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(Some(body))
 }
 
 /// The `error` of a JSON error body.
@@ -747,6 +786,27 @@ mod tests {
                 other => panic!("{body}: {other:?}"),
             }
         }
+        let (url, _) = answering(
+            "200 OK",
+            "{\"aggregateId\":\"x\",\"aggregateVersion\":1,\"payload\":{\"big\":\"0123456789\"}}",
+        )
+        .await;
+        let client = FetchClient::new(FetchOptions {
+            url,
+            max_body_bytes: 20,
+            ..FetchOptions::default()
+        })
+        .unwrap();
+        let state = client.fetch_one("athlete", "x").await.unwrap();
+        assert!(
+            matches!(&state, FetchedState::Invalid { reason, .. } if reason.contains("over max_body_bytes 20")),
+            "{state:?}"
+        );
+        let err = client
+            .fetch_batch("athlete", &ids(&["x", "y"]))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, FetchError::Refused { .. }), "{err}");
         let (url, _) = answering("403 Forbidden", "{\"error\":\"no\"}").await;
         let client = FetchClient::new(FetchOptions {
             url,

@@ -68,6 +68,9 @@ pub struct FetchConfig {
     /// Ids per request (default 100).
     #[serde(default = "default_batch_size")]
     pub batch_size: usize,
+    /// Largest answer read, in bytes (default 16 MiB).
+    #[serde(default = "default_max_body_bytes")]
+    pub max_body_bytes: usize,
     /// Requests in flight at once (default 4).
     #[serde(default = "default_concurrency")]
     pub concurrency: usize,
@@ -106,6 +109,9 @@ impl std::fmt::Debug for FetchConfig {
     }
 }
 
+fn default_max_body_bytes() -> usize {
+    16 * 1024 * 1024
+}
 fn default_batch_size() -> usize {
     100
 }
@@ -147,6 +153,7 @@ impl FetchConfig {
             breaker_open_for: self.breaker_open_for.0,
             concurrency: self.concurrency,
             max_batch: self.batch_size,
+            max_body_bytes: self.max_body_bytes,
         }
     }
 
@@ -388,6 +395,12 @@ impl ComponentConfig for FetchConfig {
             "which events are thin and fetched",
         ),
         KeyDoc::optional("batch_size", "integer", "100", "ids per request"),
+        KeyDoc::optional(
+            "max_body_bytes",
+            "integer",
+            "16777216",
+            "largest answer read; a larger one for one id is dead-lettered, for a batch stops the worker",
+        ),
         KeyDoc::optional("concurrency", "integer", "4", "requests in flight at once"),
         KeyDoc::optional("timeout", "duration", "5s", "longest one request may take"),
         KeyDoc::optional(
@@ -427,6 +440,9 @@ impl ComponentConfig for FetchConfig {
         let mut problems = Vec::new();
         if let Err(e) = FetchClient::new(self.options()) {
             problems.push(ConfigProblem::new("url", e.to_string()));
+        }
+        if self.max_body_bytes == 0 {
+            problems.push(ConfigProblem::new("max_body_bytes", "must be at least 1"));
         }
         if self.batch_size == 0 {
             problems.push(ConfigProblem::new("batch_size", "must be at least 1"));
