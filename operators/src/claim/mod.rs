@@ -8,8 +8,10 @@
 
 mod redis;
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::{Mutex, OnceLock};
 
 use ecst_schemas::ClaimRef;
 
@@ -58,4 +60,33 @@ pub trait ClaimStore: Send + Sync {
     /// means the store could not answer at all; a problem with one key is that key's
     /// [`ClaimRead::Bad`].
     fn get_many<'a>(&'a self, refs: &'a [&'a ClaimRef]) -> ClaimFuture<'a, Vec<ClaimRead>>;
+}
+
+fn waiting() -> &'static Mutex<BTreeMap<String, String>> {
+    static WAITING: OnceLock<Mutex<BTreeMap<String, String>>> = OnceLock::new();
+    WAITING.get_or_init(Mutex::default)
+}
+
+/// Marks `stage` as holding its batch for a claim store that cannot answer (with why), or
+/// as not waiting any more.
+pub(crate) fn set_waiting(stage: &str, why: Option<String>) {
+    if let Ok(mut all) = waiting().lock() {
+        match why {
+            Some(why) => all.insert(stage.to_string(), why),
+            None => all.remove(stage),
+        };
+    }
+}
+
+/// `<stage> waits for its claim store: <why>` for each stage holding a batch for one (the
+/// `/readyz` reasons).
+pub fn unavailable_stores() -> Vec<String> {
+    waiting()
+        .lock()
+        .map(|all| {
+            all.iter()
+                .map(|(stage, why)| format!("{stage} waits for its claim store: {why}"))
+                .collect()
+        })
+        .unwrap_or_default()
 }

@@ -115,8 +115,12 @@ impl ClaimCheck {
         let mut backoff = self.retry_backoff.max(Duration::from_millis(50));
         loop {
             match self.store.get_many(refs).await {
-                Ok(bodies) => return bodies,
+                Ok(bodies) => {
+                    crate::claim::set_waiting(&self.reporter, None);
+                    return bodies;
+                }
                 Err(e) => {
+                    crate::claim::set_waiting(&self.reporter, Some(e.to_string()));
                     tracing::warn!(stage = %self.reporter, error = %e, retry_in = ?backoff, "Claim store unavailable; holding the batch.");
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(MAX_UNAVAILABLE_BACKOFF);
@@ -532,6 +536,66 @@ mod tests {
             delay = next_missing_delay(delay);
         }
         assert_eq!(waits, [1, 2, 4, 5, 5]);
+    }
+
+    /// A store that cannot answer while `down` is set.
+    struct DownStore {
+        down: std::sync::atomic::AtomicBool,
+    }
+
+    impl ClaimStore for DownStore {
+        fn name(&self) -> &'static str {
+            "redis"
+        }
+        fn put<'a>(&'a self, body: &'a [u8]) -> ClaimFuture<'a, ClaimRef> {
+            Box::pin(async move { Ok(ClaimRef::redis(DEFAULT_KEY_PREFIX, body)) })
+        }
+        fn get_many<'a>(&'a self, refs: &'a [&'a ClaimRef]) -> ClaimFuture<'a, Vec<ClaimRead>> {
+            Box::pin(async move {
+                if self.down.load(std::sync::atomic::Ordering::SeqCst) {
+                    return Err(ClaimStoreError::Unavailable {
+                        store: "redis test".into(),
+                        message: "connection refused".into(),
+                    });
+                }
+                Ok(refs.iter().map(|_| ClaimRead::Missing).collect())
+            })
+        }
+    }
+
+    #[tokio::test]
+    async fn a_store_that_is_down_is_named_in_the_readiness_reasons_until_it_answers() {
+        let store = Arc::new(DownStore {
+            down: std::sync::atomic::AtomicBool::new(true),
+        });
+        let config: ClaimCheckConfig =
+            serde_json::from_value(json!({"attempts": 1, "retry_backoff": "10ms"})).unwrap();
+        let mut stage = config.build_with(store.clone(), "claims-readyz");
+        let claim = ClaimRef::redis(DEFAULT_KEY_PREFIX, b"{}");
+        let task = tokio::spawn(async move {
+            let mut out = Outcomes::default();
+            stage.process(vec![record(0, &claim)], &[], &mut out).await;
+            out
+        });
+        let named = |reasons: Vec<String>| {
+            reasons.iter().any(|r| {
+                r == "claim_check stage `claims-readyz` waits for its claim store: claim store redis test unavailable: connection refused"
+            })
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while !named(crate::claim::unavailable_stores()) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{:?}",
+                crate::claim::unavailable_stores()
+            );
+            tokio::task::yield_now().await;
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        store.down.store(false, std::sync::atomic::Ordering::SeqCst);
+        let out = task.await.unwrap();
+        assert_eq!(out.dead_letters.len(), 1);
+        assert!(!named(crate::claim::unavailable_stores()));
     }
 
     #[tokio::test]
