@@ -130,6 +130,35 @@ pub fn check(nodes: &[GraphNode<'_>]) -> Vec<GraphProblem> {
             "the pipeline has no decode stage reading the source".into(),
         ));
     }
+    // fetch and claim_check replace an event's payload and version (or mark it deleted): a
+    // tombstone mode or a projection applied upstream would be silently undone.
+    for node in nodes {
+        if !matches!(node.type_name, "fetch" | "claim_check") {
+            continue;
+        }
+        let mut stack: Vec<&str> = node.inputs.iter().map(String::as_str).collect();
+        let mut seen: HashSet<&str> = HashSet::new();
+        while let Some(name) = stack.pop() {
+            if !seen.insert(name) {
+                continue;
+            }
+            let Some(upstream) = by_name.get(name) else {
+                continue;
+            };
+            if matches!(upstream.type_name, "tombstone" | "project") {
+                problems.push(problem(
+                    node.name,
+                    Some("input"),
+                    format!(
+                        "a {} stage must come before `{}` ({}), which it would undo; move `{}` upstream of it",
+                        node.type_name, upstream.name, upstream.type_name, node.name
+                    ),
+                ));
+                break;
+            }
+            stack.extend(upstream.inputs.iter().map(String::as_str));
+        }
+    }
     for cycle in cycles(nodes) {
         problems.push(problem(
             &cycle[0],
@@ -434,5 +463,39 @@ mod tests {
             text[0].starts_with("latest: a version_filter on the way of delta stage `patches`"),
             "{text:?}"
         );
+    }
+
+    #[test]
+    fn fetch_and_claim_check_come_before_tombstone_and_project() {
+        let none: Vec<String> = vec![];
+        let d = vec!["decode".to_string()];
+        let p = vec!["shape".to_string()];
+        let f = vec!["fetch".to_string()];
+        let c = vec!["claims".to_string()];
+        let nodes = vec![
+            node("decode", "decode", &none),
+            node("shape", "project", &d),
+            node("fetch", "fetch", &p),
+            node("claims", "claim_check", &f),
+            node("cache", "redis_hash", &c),
+        ];
+        let text: Vec<String> = check(&nodes)
+            .iter()
+            .map(|p| format!("{} {:?}: {}", p.stage, p.key, p.message))
+            .collect();
+        assert_eq!(
+            text,
+            [
+                "fetch Some(\"input\"): a fetch stage must come before `shape` (project), which it would undo; move `fetch` upstream of it",
+                "claims Some(\"input\"): a claim_check stage must come before `shape` (project), which it would undo; move `claims` upstream of it",
+            ]
+        );
+        let fine = vec![
+            node("decode", "decode", &none),
+            node("fetch", "fetch", &d),
+            node("shape", "project", &f),
+            node("cache", "redis_hash", &p),
+        ];
+        assert!(check(&fine).is_empty(), "{:?}", check(&fine));
     }
 }

@@ -557,6 +557,7 @@ pub fn not_ready(stats: &Stats) -> Option<String> {
     }
     reasons.extend(ecst_operators::redis_pool::access_problems());
     reasons.extend(ecst_operators::fetch::unavailable_endpoints());
+    reasons.extend(ecst_operators::claim::unavailable_stores());
     (!reasons.is_empty()).then(|| reasons.join("; "))
 }
 

@@ -443,10 +443,24 @@ struct PageQuery {
 }
 
 fn problem(status: StatusCode, message: impl Into<String>) -> Response {
+    problem_coded(status, None, message)
+}
+
+/// A 404 body: `code` tells a client `not_found` (no such id: the entity was deleted) from
+/// `unknown_entity` (a configuration to fix), which a proxy's or another server's 404 is not.
+fn not_found(code: &'static str, message: impl Into<String>) -> Response {
+    problem_coded(StatusCode::NOT_FOUND, Some(code), message)
+}
+
+fn problem_coded(status: StatusCode, code: Option<&str>, message: impl Into<String>) -> Response {
+    let body = match code {
+        Some(code) => json!({"error": message.into(), "code": code}),
+        None => json!({"error": message.into()}),
+    };
     let mut response = (
         status,
         [(header::CONTENT_TYPE, "application/json")],
-        format!("{}\n", json!({"error": message.into()})),
+        format!("{body}\n"),
     )
         .into_response();
     if status == StatusCode::UNAUTHORIZED {
@@ -504,7 +518,7 @@ async fn page(
         return problem(StatusCode::UNAUTHORIZED, "a valid bearer token is required");
     }
     let Some(entity) = app.entities.get(&entity_name) else {
-        return problem(StatusCode::NOT_FOUND, format!("no entity `{entity_name}`"));
+        return not_found("unknown_entity", format!("no entity `{entity_name}`"));
     };
     let limit = match query.limit.as_deref().map(str::parse::<u32>) {
         None => app.default_limit,
@@ -707,7 +721,7 @@ async fn count(
         return problem(StatusCode::UNAUTHORIZED, "a valid bearer token is required");
     }
     let Some(entity) = app.entities.get(&entity_name) else {
-        return problem(StatusCode::NOT_FOUND, format!("no entity `{entity_name}`"));
+        return not_found("unknown_entity", format!("no entity `{entity_name}`"));
     };
     let Some(sql) = &entity.count else {
         return (
@@ -753,7 +767,7 @@ async fn one(
         Err(response) => return response,
     };
     match rows.first() {
-        None => problem(StatusCode::NOT_FOUND, format!("no {entity_name} `{id}`")),
+        None => not_found("not_found", format!("no {entity_name} `{id}`")),
         Some(line) => (
             [(header::CONTENT_TYPE, "application/json")],
             Bytes::from(line.clone()),
@@ -828,8 +842,8 @@ async fn rows_by_ids(
         ));
     }
     let Some(entity) = app.entities.get(entity_name) else {
-        return Err(problem(
-            StatusCode::NOT_FOUND,
+        return Err(not_found(
+            "unknown_entity",
             format!("no entity `{entity_name}`"),
         ));
     };

@@ -176,8 +176,18 @@ fn single_and_batch_reads_follow_the_contract() {
         json!({"aggregateId": "a7", "aggregateVersion": 3,
                "payload": {"displayName": "athlete 7", "status": "active"}})
     );
-    assert_eq!(http_get(source.port, "/snapshot/athlete/nope").0, 404);
-    assert_eq!(http_get(source.port, "/snapshot/nobody/a1").0, 404);
+    let (status, body) = http_get(source.port, "/snapshot/athlete/nope");
+    assert_eq!(status, 404);
+    assert_eq!(
+        serde_json::from_str::<Value>(&body).expect("JSON")["code"],
+        "not_found"
+    );
+    let (status, body) = http_get(source.port, "/snapshot/nobody/a1");
+    assert_eq!(status, 404);
+    assert_eq!(
+        serde_json::from_str::<Value>(&body).expect("JSON")["code"],
+        "unknown_entity"
+    );
     let batch = |ids: Vec<String>| {
         let response = client
             .post(format!("{}/athlete:batch", source.base()))

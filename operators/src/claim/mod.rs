@@ -8,8 +8,10 @@
 
 mod redis;
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::{Mutex, OnceLock};
 
 use ecst_schemas::ClaimRef;
 
@@ -27,14 +29,20 @@ pub enum ClaimStoreError {
         /// What went wrong.
         message: String,
     },
-    /// A reference names a store this one is not.
-    #[error("reference names store `{named}`, this store is `{this}`")]
-    WrongStore {
-        /// The store the reference names.
-        named: String,
-        /// This store's name.
-        this: &'static str,
-    },
+}
+
+/// What a store holds under one reference.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ClaimRead {
+    /// The stored body (at most one byte longer than the reference's size, so a larger value
+    /// is seen as larger without being read whole).
+    Found(Vec<u8>),
+    /// Nothing under the key (yet).
+    Missing,
+    /// The key cannot hold this body, whatever the retries (a value of another type, a
+    /// reference naming another store); the claim is corrupt.
+    Bad(String),
 }
 
 /// Future returned by a [`ClaimStore`] call.
@@ -48,7 +56,37 @@ pub trait ClaimStore: Send + Sync {
     /// Stores `body` under its content address and returns the reference to publish.
     fn put<'a>(&'a self, body: &'a [u8]) -> ClaimFuture<'a, ClaimRef>;
 
-    /// Fetches the bodies `refs` name, in order, in one round trip where the store allows;
-    /// `None` for a body the store does not hold.
-    fn get_many<'a>(&'a self, refs: &'a [&'a ClaimRef]) -> ClaimFuture<'a, Vec<Option<Vec<u8>>>>;
+    /// Reads what `refs` name, in order, in one round trip where the store allows. An error
+    /// means the store could not answer at all; a problem with one key is that key's
+    /// [`ClaimRead::Bad`].
+    fn get_many<'a>(&'a self, refs: &'a [&'a ClaimRef]) -> ClaimFuture<'a, Vec<ClaimRead>>;
+}
+
+fn waiting() -> &'static Mutex<BTreeMap<String, String>> {
+    static WAITING: OnceLock<Mutex<BTreeMap<String, String>>> = OnceLock::new();
+    WAITING.get_or_init(Mutex::default)
+}
+
+/// Marks `stage` as holding its batch for a claim store that cannot answer (with why), or
+/// as not waiting any more.
+pub(crate) fn set_waiting(stage: &str, why: Option<String>) {
+    if let Ok(mut all) = waiting().lock() {
+        match why {
+            Some(why) => all.insert(stage.to_string(), why),
+            None => all.remove(stage),
+        };
+    }
+}
+
+/// `<stage> waits for its claim store: <why>` for each stage holding a batch for one (the
+/// `/readyz` reasons).
+pub fn unavailable_stores() -> Vec<String> {
+    waiting()
+        .lock()
+        .map(|all| {
+            all.iter()
+                .map(|(stage, why)| format!("{stage} waits for its claim store: {why}"))
+                .collect()
+        })
+        .unwrap_or_default()
 }

@@ -1,12 +1,13 @@
 //! The Redis claim store: `SET <prefix>sha256:<hex> <body> EX <ttl>`, read back with
-//! pipelined GETs (one key each, so a cluster routes every GET to its own slot).
+//! pipelined STRLEN + GETRANGE (one key each, so a cluster routes every read to its own slot;
+//! GETRANGE bounds what a value larger than its reference costs).
 
 use std::time::Duration;
 
 use ecst_schemas::ClaimRef;
 use ecst_schemas::claim::REDIS_STORE;
 
-use super::{ClaimFuture, ClaimStore, ClaimStoreError};
+use super::{ClaimFuture, ClaimRead, ClaimStore, ClaimStoreError};
 use crate::redis_pool::{RedisPool, describe_run_error, is_cluster_url};
 use crate::secret::SecretUrl;
 
@@ -78,8 +79,9 @@ impl RedisClaimStore {
         result.map_err(|e| self.unavailable(e.to_string()))
     }
 
-    /// One GET per key, concurrently: a cluster refuses a pipeline whose keys span slots.
-    async fn get_each(&self, refs: &[&ClaimRef]) -> Result<Vec<Option<Vec<u8>>>, ClaimStoreError> {
+    /// One STRLEN + GETRANGE per key, concurrently: a cluster refuses a pipeline whose keys
+    /// span slots.
+    async fn get_each(&self, refs: &[&ClaimRef]) -> Result<Vec<ClaimRead>, ClaimStoreError> {
         let mut pooled = self
             .pool
             .get()
@@ -89,20 +91,91 @@ impl RedisClaimStore {
         let gets = refs.iter().map(|claim| {
             let mut conn = conn.clone();
             async move {
-                redis::cmd("GET")
-                    .arg(&claim.key)
-                    .query_async::<Option<Vec<u8>>>(&mut conn)
+                let mut pipe = redis::pipe();
+                push_read(&mut pipe, claim);
+                pipe.ignore_errors()
+                    .query_async::<Vec<redis::RedisResult<redis::Value>>>(&mut conn)
                     .await
             }
         });
-        match tokio::time::timeout(self.timeout, futures::future::join_all(gets)).await {
-            Ok(results) => results
-                .into_iter()
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| self.unavailable(e.to_string())),
-            Err(_) => Err(self.unavailable(format!("no reply within {:?}", self.timeout))),
+        let results = tokio::time::timeout(self.timeout, futures::future::join_all(gets))
+            .await
+            .map_err(|_| self.unavailable(format!("no reply within {:?}", self.timeout)))?;
+        let mut reads = Vec::with_capacity(refs.len());
+        for (claim, result) in refs.iter().zip(results) {
+            let replies = result.map_err(|e| self.unavailable(e.to_string()))?;
+            reads.push(self.read_of(claim, replies)?);
+        }
+        Ok(reads)
+    }
+
+    /// What one key's STRLEN and GETRANGE replies say.
+    fn read_of(
+        &self,
+        claim: &ClaimRef,
+        replies: Vec<redis::RedisResult<redis::Value>>,
+    ) -> Result<ClaimRead, ClaimStoreError> {
+        let mut replies = replies.into_iter();
+        let (Some(len), Some(body)) = (replies.next(), replies.next()) else {
+            return Err(self.unavailable("short pipeline reply"));
+        };
+        let len = match len {
+            Ok(value) => redis::from_redis_value::<u64>(value)
+                .map_err(|e| self.unavailable(format!("STRLEN reply: {e}")))?,
+            Err(e) => return self.key_error(e),
+        };
+        if len == 0 {
+            return Ok(ClaimRead::Missing);
+        }
+        if len > claim.size {
+            return Ok(ClaimRead::Bad(format!(
+                "stored value is {len} bytes, the reference says {}",
+                claim.size
+            )));
+        }
+        match body {
+            Ok(value) => redis::from_redis_value::<Vec<u8>>(value)
+                .map(ClaimRead::Found)
+                .map_err(|e| self.unavailable(format!("GETRANGE reply: {e}"))),
+            Err(e) => self.key_error(e),
         }
     }
+
+    /// A per-key error: the server being unable to answer now is retried, anything else
+    /// (WRONGTYPE: the key holds no string) is this claim's own problem.
+    fn key_error(&self, e: redis::RedisError) -> Result<ClaimRead, ClaimStoreError> {
+        let transient = e.is_io_error()
+            || e.is_timeout()
+            || e.is_connection_dropped()
+            || matches!(
+                e.code(),
+                Some(
+                    "LOADING"
+                        | "BUSY"
+                        | "TRYAGAIN"
+                        | "CLUSTERDOWN"
+                        | "MASTERDOWN"
+                        | "MOVED"
+                        | "ASK"
+                )
+            );
+        if transient {
+            Err(self.unavailable(e.to_string()))
+        } else {
+            Ok(ClaimRead::Bad(format!("the store refused the read: {e}")))
+        }
+    }
+}
+
+/// Queues the reads of one claim: its length, then at most one byte more than the reference's
+/// size (so a larger value is seen as larger without being read whole). An empty or absent
+/// key has length 0: no claim body is empty.
+fn push_read(pipe: &mut redis::Pipeline, claim: &ClaimRef) {
+    pipe.cmd("STRLEN").arg(&claim.key);
+    pipe.cmd("GETRANGE")
+        .arg(&claim.key)
+        .arg(0)
+        .arg(claim.size.min(i64::MAX as u64));
 }
 
 impl ClaimStore for RedisClaimStore {
@@ -126,25 +199,48 @@ impl ClaimStore for RedisClaimStore {
         })
     }
 
-    fn get_many<'a>(&'a self, refs: &'a [&'a ClaimRef]) -> ClaimFuture<'a, Vec<Option<Vec<u8>>>> {
+    fn get_many<'a>(&'a self, refs: &'a [&'a ClaimRef]) -> ClaimFuture<'a, Vec<ClaimRead>> {
         Box::pin(async move {
-            if let Some(other) = refs.iter().find(|r| r.store != REDIS_STORE) {
-                return Err(ClaimStoreError::WrongStore {
-                    named: other.store.clone(),
-                    this: REDIS_STORE,
-                });
+            // A reference naming another store is not read here (the key may exist in this
+            // one by chance); the rest of the batch is.
+            let ours: Vec<&ClaimRef> = refs
+                .iter()
+                .copied()
+                .filter(|r| r.store == REDIS_STORE)
+                .collect();
+            let mut read = if ours.is_empty() {
+                Vec::new()
+            } else if self.cluster {
+                self.get_each(&ours).await?
+            } else {
+                let mut pipe = redis::pipe();
+                for claim in &ours {
+                    push_read(&mut pipe, claim);
+                }
+                pipe.ignore_errors();
+                let replies: Vec<redis::RedisResult<redis::Value>> = self.run(&pipe).await?;
+                let mut replies = replies.into_iter();
+                let mut reads = Vec::with_capacity(ours.len());
+                for claim in &ours {
+                    let pair: Vec<_> = replies.by_ref().take(2).collect();
+                    reads.push(self.read_of(claim, pair)?);
+                }
+                reads
             }
-            if refs.is_empty() {
-                return Ok(Vec::new());
-            }
-            if self.cluster {
-                return self.get_each(refs).await;
-            }
-            let mut pipe = redis::pipe();
-            for claim in refs {
-                pipe.cmd("GET").arg(&claim.key);
-            }
-            self.run(&pipe).await
+            .into_iter();
+            Ok(refs
+                .iter()
+                .map(|r| {
+                    if r.store == REDIS_STORE {
+                        read.next().unwrap_or(ClaimRead::Missing)
+                    } else {
+                        ClaimRead::Bad(format!(
+                            "reference names store `{}`, this store is `{REDIS_STORE}`",
+                            r.store
+                        ))
+                    }
+                })
+                .collect())
         })
     }
 }
@@ -178,7 +274,10 @@ mod tests {
         assert_eq!(claim.validate(), Ok(()));
         let absent = ClaimRef::redis(&prefix, b"never written");
         let got = store.get_many(&[&claim, &absent]).await.unwrap();
-        assert_eq!(got, vec![Some(body.clone()), None]);
+        assert_eq!(
+            got,
+            vec![ClaimRead::Found(body.clone()), ClaimRead::Missing]
+        );
         // The key expires: a TTL is set, at most the configured one.
         let mut conn = store.pool.get().await.unwrap();
         let ttl: i64 = redis::cmd("TTL")
@@ -189,6 +288,55 @@ mod tests {
         assert!((1..=60).contains(&ttl), "ttl {ttl}");
         let _: () = redis::cmd("DEL")
             .arg(&claim.key)
+            .query_async(conn.conn())
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_foreign_store_a_wrong_type_and_an_oversized_value_are_bad_not_unavailable() {
+        let prefix = format!("test:claim:{}:", uuid::Uuid::new_v4());
+        let store = store(&prefix);
+        let good = store.put(br#"{"ok":1}"#).await.unwrap();
+        let mut foreign = good.clone();
+        foreign.store = "s3".into();
+        let hash = ClaimRef::redis(&prefix, b"a hash is stored here");
+        let big = ClaimRef::redis(&prefix, b"{}");
+        let mut conn = store.pool.get().await.unwrap();
+        let _: () = redis::cmd("HSET")
+            .arg(&hash.key)
+            .arg("f")
+            .arg("v")
+            .query_async(conn.conn())
+            .await
+            .unwrap();
+        let _: () = redis::cmd("SET")
+            .arg(&big.key)
+            .arg(vec![b'x'; 10_000])
+            .query_async(conn.conn())
+            .await
+            .unwrap();
+        let got = store
+            .get_many(&[&foreign, &hash, &good, &big])
+            .await
+            .unwrap();
+        assert!(
+            matches!(&got[0], ClaimRead::Bad(m) if m.contains("`s3`")),
+            "{got:?}"
+        );
+        assert!(
+            matches!(&got[1], ClaimRead::Bad(m) if m.contains("WRONGTYPE")),
+            "{got:?}"
+        );
+        assert_eq!(got[2], ClaimRead::Found(br#"{"ok":1}"#.to_vec()));
+        assert_eq!(
+            got[3],
+            ClaimRead::Bad("stored value is 10000 bytes, the reference says 2".into())
+        );
+        let _: () = redis::cmd("DEL")
+            .arg(&good.key)
+            .arg(&hash.key)
+            .arg(&big.key)
             .query_async(conn.conn())
             .await
             .unwrap();
@@ -209,10 +357,6 @@ mod tests {
         let claim = ClaimRef::redis("x:", b"body");
         let err = store.get_many(&[&claim]).await.unwrap_err();
         assert!(matches!(err, ClaimStoreError::Unavailable { .. }), "{err}");
-        let mut other = claim.clone();
-        other.store = "s3".into();
-        let err = store.get_many(&[&other]).await.unwrap_err();
-        assert!(matches!(err, ClaimStoreError::WrongStore { .. }), "{err}");
     }
 
     #[tokio::test]
@@ -236,7 +380,7 @@ mod tests {
         }
         let refs: Vec<&ClaimRef> = claims.iter().collect();
         let got = store.get_many(&refs).await.unwrap();
-        let expected: Vec<Option<Vec<u8>>> = bodies.into_iter().map(Some).collect();
+        let expected: Vec<ClaimRead> = bodies.into_iter().map(ClaimRead::Found).collect();
         assert_eq!(got, expected);
     }
 }

@@ -35,6 +35,8 @@ pub struct FetchOptions {
     pub concurrency: usize,
     /// Ids per `:batch` request.
     pub max_batch: usize,
+    /// Largest answer body read, in bytes: a larger one is not held in memory.
+    pub max_body_bytes: usize,
 }
 
 impl std::fmt::Debug for FetchOptions {
@@ -63,6 +65,7 @@ impl Default for FetchOptions {
             breaker_open_for: Duration::from_secs(10),
             concurrency: 4,
             max_batch: 100,
+            max_body_bytes: 16 * 1024 * 1024,
         }
     }
 }
@@ -88,7 +91,7 @@ pub enum FetchedState {
         id: String,
     },
     /// The endpoint answered a row that cannot be used (no version, a payload that is not an
-    /// object).
+    /// object, an answer that does not parse) or refused this one id (400, 414, 422).
     Invalid {
         /// `aggregateId`.
         id: String,
@@ -126,8 +129,9 @@ pub enum FetchError {
         /// The endpoint.
         endpoint: String,
     },
-    /// The endpoint refused the request (401, 403, 413, 400 …): retrying will not help until
-    /// the configuration changes.
+    /// The endpoint refused the request (401, 403, 413, a 400 to a batch …): retrying will
+    /// not help until the configuration changes. (A 400, 414 or 422 to one id is that id's
+    /// [`FetchedState::Invalid`].)
     #[error("{endpoint} refused the request: HTTP {status}: {message}")]
     Refused {
         /// The endpoint.
@@ -329,6 +333,13 @@ impl FetchClient {
                     _ => FetchOutcome::Ok,
                 }
             }
+            Attempt::Rows(rows)
+                if rows
+                    .iter()
+                    .any(|r| matches!(r, FetchedState::Invalid { .. })) =>
+            {
+                FetchOutcome::Invalid
+            }
             Attempt::Rows(_) => FetchOutcome::Ok,
             Attempt::Retry(outcome, _) => *outcome,
             Attempt::Refused(..) => FetchOutcome::Refused,
@@ -345,10 +356,10 @@ impl FetchClient {
         Ok(attempt)
     }
 
-    /// Whether `ids` go as a single `GET` (one id, not `count`, which the snapshot server's
-    /// count route takes).
+    /// Whether `ids` go as a single `GET`: one id, not `count` (the snapshot server's count
+    /// route) and not `.` or `..` (which a URL path drops, reaching the paging route).
     fn single(&self, ids: &[&String]) -> bool {
-        ids.len() == 1 && ids[0] != "count"
+        ids.len() == 1 && !matches!(ids[0].as_str(), "count" | "." | "..")
     }
 
     async fn send(&self, entity: &str, ids: &[&String]) -> Attempt {
@@ -388,8 +399,22 @@ impl FetchClient {
             .get(reqwest::header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.starts_with("application/json"));
-        let body = match response.bytes().await {
-            Ok(body) => body,
+        let limit = self.options.max_body_bytes;
+        let body = match read_capped(response, limit).await {
+            Ok(Some(body)) => body,
+            Ok(None) => {
+                let problem = format!("the answer is over max_body_bytes {limit}");
+                if self.single(ids) {
+                    return Attempt::Rows(vec![FetchedState::Invalid {
+                        id: ids[0].clone(),
+                        reason: problem,
+                    }]);
+                }
+                return Attempt::Refused(
+                    status.as_u16(),
+                    format!("{problem} (raise it or lower batch_size)"),
+                );
+            }
             Err(e) if e.is_timeout() => {
                 return Attempt::Retry(
                     FetchOutcome::Timeout,
@@ -399,13 +424,15 @@ impl FetchClient {
             Err(e) => return Attempt::Retry(FetchOutcome::Error, error_chain(&e)),
         };
         if status.as_u16() == 404 && self.single(ids) {
-            // A 404 naming an unknown entity is the endpoint's configuration, not a missing id.
-            if let Some(message) = error_message(&body)
-                && message.starts_with("no entity")
-            {
-                return Attempt::Refused(404, message);
+            // Only the contract's own "no such id" deletes; an unknown entity, a wrong base
+            // URL or a proxy's 404 page is a configuration to fix.
+            if error_code(&body).as_deref() == Some("not_found") {
+                return Attempt::Rows(vec![FetchedState::Missing { id: ids[0].clone() }]);
             }
-            return Attempt::Rows(vec![FetchedState::Missing { id: ids[0].clone() }]);
+            let message = error_message(&body).unwrap_or_else(|| {
+                "a 404 without the snapshot contract's {\"code\":\"not_found\"}".into()
+            });
+            return Attempt::Refused(404, message);
         }
         if status.is_server_error() || status.as_u16() == 429 {
             let message = error_message(&body).unwrap_or_default();
@@ -414,30 +441,64 @@ impl FetchClient {
                 format!("HTTP {status} {message}").trim_end().to_string(),
             );
         }
-        if !status.is_success() {
-            let message = error_message(&body).unwrap_or_else(|| {
+        let message = || {
+            error_message(&body).unwrap_or_else(|| {
                 String::from_utf8_lossy(&body)
                     .trim()
                     .chars()
                     .take(200)
                     .collect()
-            });
-            return Attempt::Refused(status.as_u16(), message);
+            })
+        };
+        if self.single(ids) && matches!(status.as_u16(), 400 | 414 | 422) {
+            // The endpoint refuses this id, not the worker's configuration: the one event
+            // is dead-lettered, the worker goes on.
+            return Attempt::Rows(vec![FetchedState::Invalid {
+                id: ids[0].clone(),
+                reason: format!("the endpoint refused this id: HTTP {status}: {}", message()),
+            }]);
         }
-        match parse_rows(&body, json_array, self.single(ids)) {
-            Ok(rows) => Attempt::Rows(answer(ids, rows)),
-            Err(e) => Attempt::Retry(
-                FetchOutcome::Invalid,
-                format!("the answer is not rows: {e}"),
-            ),
+        if !status.is_success() {
+            return Attempt::Refused(status.as_u16(), message());
         }
+        let single = self.single(ids);
+        let (rows, problem) = parse_rows(&body, json_array, single);
+        Attempt::Rows(answer(ids, rows, problem, single))
     }
+}
+
+/// The body of `response`, or `None` when it is over `limit` bytes (by its Content-Length,
+/// or while streaming: only `limit` bytes are ever held).
+async fn read_capped(
+    mut response: reqwest::Response,
+    limit: usize,
+) -> Result<Option<Vec<u8>>, reqwest::Error> {
+    if response
+        .content_length()
+        .is_some_and(|length| length > limit as u64)
+    {
+        return Ok(None);
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await? {
+        if body.len() + chunk.len() > limit {
+            return Ok(None);
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(Some(body))
 }
 
 /// The `error` of a JSON error body.
 fn error_message(body: &[u8]) -> Option<String> {
     let value: Value = serde_json::from_slice(body).ok()?;
     value.get("error")?.as_str().map(str::to_string)
+}
+
+/// The `code` of a JSON error body (`not_found`, `unknown_entity`).
+fn error_code(body: &[u8]) -> Option<String> {
+    let value: Value = serde_json::from_slice(body).ok()?;
+    value.get("code")?.as_str().map(str::to_string)
 }
 
 /// An error with its sources (reqwest's own message hides the cause).
@@ -452,30 +513,68 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     message
 }
 
-/// The rows of a body: one object (a single read), a JSON array, or NDJSON.
-fn parse_rows(body: &[u8], json_array: bool, single: bool) -> Result<Vec<Row>, serde_json::Error> {
-    if single {
-        return Ok(vec![serde_json::from_slice(body)?]);
+/// The rows of a body: one object (a single read), a JSON array, or NDJSON read line by
+/// line; with the first problem met (a row that does not parse), if any.
+fn parse_rows(body: &[u8], json_array: bool, single: bool) -> (Vec<Row>, Option<String>) {
+    let whole = |body: &[u8]| -> (Vec<Row>, Option<String>) {
+        if single {
+            match serde_json::from_slice::<Row>(body) {
+                Ok(row) => (vec![row], None),
+                Err(e) => (Vec::new(), Some(format!("the answer is not a row: {e}"))),
+            }
+        } else {
+            match serde_json::from_slice::<Vec<Row>>(body) {
+                Ok(rows) => (rows, None),
+                Err(e) => (Vec::new(), Some(format!("the answer is not rows: {e}"))),
+            }
+        }
+    };
+    if single || json_array {
+        return whole(body);
     }
-    if json_array {
-        return serde_json::from_slice(body);
+    let mut rows = Vec::new();
+    let mut problem = None;
+    for (n, line) in body.split(|b| *b == b'\n').enumerate() {
+        if line.iter().all(u8::is_ascii_whitespace) {
+            continue;
+        }
+        match serde_json::from_slice::<Row>(line) {
+            Ok(row) => rows.push(row),
+            Err(e) => {
+                problem.get_or_insert_with(|| format!("line {} is not a row: {e}", n + 1));
+            }
+        }
     }
-    body.split(|b| *b == b'\n')
-        .filter(|line| !line.iter().all(u8::is_ascii_whitespace))
-        .map(serde_json::from_slice)
-        .collect()
+    (rows, problem)
 }
 
-/// One state per id asked, in order: the rows found, `Missing` for the others. Rows for ids
-/// not asked are ignored.
-fn answer(ids: &[&String], rows: Vec<Row>) -> Vec<FetchedState> {
+/// One state per id asked, in order: the rows found, `Missing` for the others. A single
+/// read's one row is the asked id's whatever text form the endpoint gives its id in (`007`
+/// asked, `7` stored). When the answer had a row that does not parse or names an id not
+/// asked, an id without a row may be that row: it is `Invalid`, never `Missing` (which
+/// would delete it).
+fn answer(
+    ids: &[&String],
+    rows: Vec<Row>,
+    mut problem: Option<String>,
+    single: bool,
+) -> Vec<FetchedState> {
+    let asked: HashSet<&str> = ids.iter().map(|id| id.as_str()).collect();
     let mut by_id: HashMap<String, FetchedState> = HashMap::with_capacity(rows.len());
     for row in rows {
-        let id = match row.aggregate_id {
-            Value::String(s) => s,
-            Value::Number(n) => n.to_string(),
-            _ => continue,
+        let id = match (single, row.aggregate_id) {
+            (true, _) => ids[0].clone(),
+            (false, Value::String(s)) => s,
+            (false, Value::Number(n)) => n.to_string(),
+            (false, other) => {
+                problem.get_or_insert_with(|| format!("a row's aggregateId is {other}"));
+                continue;
+            }
         };
+        if !asked.contains(id.as_str()) {
+            problem.get_or_insert_with(|| format!("a row answers id `{id}`, which was not asked"));
+            continue;
+        }
         let state = match (
             row.aggregate_version.as_ref().and_then(Value::as_u64),
             row.payload,
@@ -502,9 +601,13 @@ fn answer(ids: &[&String], rows: Vec<Row>) -> Vec<FetchedState> {
     }
     ids.iter()
         .map(|id| {
-            by_id
-                .remove(id.as_str())
-                .unwrap_or_else(|| FetchedState::Missing { id: (*id).clone() })
+            by_id.remove(id.as_str()).unwrap_or_else(|| match &problem {
+                Some(p) => FetchedState::Invalid {
+                    id: (*id).clone(),
+                    reason: format!("the endpoint's answer cannot be trusted for this id: {p}"),
+                },
+                None => FetchedState::Missing { id: (*id).clone() },
+            })
         })
         .collect()
 }
@@ -523,14 +626,198 @@ mod tests {
         let asked = ids(&["a", "b", "7"]);
         let refs: Vec<&String> = asked.iter().collect();
         let body = b"{\"aggregateId\":\"a\",\"aggregateVersion\":3,\"payload\":{\"x\":1}}\n{\"aggregateId\":7,\"aggregateVersion\":null,\"payload\":{}}\n{\"aggregateId\":\"zz\",\"aggregateVersion\":1,\"payload\":{}}\n";
-        let rows = parse_rows(body, false, false).unwrap();
-        let states = answer(&refs, rows);
+        let (rows, problem) = parse_rows(body, false, false);
+        let states = answer(&refs, rows, problem, false);
         assert!(matches!(&states[0], FetchedState::Found { id, version: 3, .. } if id == "a"));
-        assert_eq!(states[1], FetchedState::Missing { id: "b".into() });
+        // A row for an id not asked (`zz`): `b` may be it in another text form, so it is
+        // not taken as deleted.
+        assert!(
+            matches!(&states[1], FetchedState::Invalid { id, reason } if id == "b" && reason.contains("`zz`")),
+            "{:?}",
+            states[1]
+        );
         assert!(matches!(&states[2], FetchedState::Invalid { id, .. } if id == "7"));
         let array = br#"[{"aggregateId":"b","aggregateVersion":1,"payload":{"y":2}}]"#;
-        let states = answer(&refs, parse_rows(array, true, false).unwrap());
+        let (rows, problem) = parse_rows(array, true, false);
+        let states = answer(&refs, rows, problem, false);
         assert!(matches!(&states[1], FetchedState::Found { version: 1, .. }));
+        assert_eq!(states[0], FetchedState::Missing { id: "a".into() });
+    }
+
+    #[test]
+    fn an_answer_that_does_not_parse_is_invalid_not_retried_or_missing() {
+        let asked = ids(&["a", "b"]);
+        let refs: Vec<&String> = asked.iter().collect();
+        let body = b"{\"aggregateId\":\"a\",\"aggregateVersion\":3,\"payload\":{}}\n<html>\n";
+        let (rows, problem) = parse_rows(body, false, false);
+        let states = answer(&refs, rows, problem, false);
+        assert!(matches!(&states[0], FetchedState::Found { version: 3, .. }));
+        assert!(
+            matches!(&states[1], FetchedState::Invalid { reason, .. } if reason.contains("line 2 is not a row")),
+            "{:?}",
+            states[1]
+        );
+        let one = ids(&["x"]);
+        let refs: Vec<&String> = one.iter().collect();
+        let (rows, problem) = parse_rows(b"<html>not found</html>", false, true);
+        let states = answer(&refs, rows, problem, true);
+        assert!(
+            matches!(&states[0], FetchedState::Invalid { .. }),
+            "{states:?}"
+        );
+        // A single read's one row is the id asked, whatever form the endpoint spells it in.
+        let upper = ids(&["0af7c1f2-aaaa-4bbb-8ccc-000000000001"]);
+        let refs: Vec<&String> = upper.iter().collect();
+        let row = br#"{"aggregateId":"0AF7C1F2-AAAA-4BBB-8CCC-000000000001","aggregateVersion":2,"payload":{}}"#;
+        let (rows, problem) = parse_rows(row, false, true);
+        let states = answer(&refs, rows, problem, true);
+        assert!(
+            matches!(&states[0], FetchedState::Found { version: 2, .. }),
+            "{states:?}"
+        );
+    }
+
+    /// An HTTP server answering every request with `status` and `body`, recording request
+    /// lines.
+    async fn answering(
+        status: &'static str,
+        body: &'static str,
+    ) -> (String, Arc<Mutex<Vec<String>>>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/snapshot", listener.local_addr().unwrap());
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let log = seen.clone();
+        tokio::spawn(async move {
+            while let Ok((mut socket, _)) = listener.accept().await {
+                // Read the whole request (head and body) before answering, so the client
+                // is never cut off mid-send.
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                let head = loop {
+                    let n = socket.read(&mut chunk).await.unwrap_or(0);
+                    buf.extend_from_slice(&chunk[..n]);
+                    let text = String::from_utf8_lossy(&buf).to_string();
+                    if let Some(end) = text.find("\r\n\r\n") {
+                        let length = text[..end]
+                            .lines()
+                            .find_map(|l| {
+                                l.to_ascii_lowercase()
+                                    .strip_prefix("content-length:")
+                                    .map(|v| v.trim().parse::<usize>().unwrap_or(0))
+                            })
+                            .unwrap_or(0);
+                        if buf.len() >= end + 4 + length || n == 0 {
+                            break text;
+                        }
+                    } else if n == 0 {
+                        break text;
+                    }
+                };
+                log.lock()
+                    .unwrap()
+                    .push(head.lines().next().unwrap_or("").to_string());
+                let reply = format!(
+                    "HTTP/1.1 {status}\r\ncontent-type: application/x-ndjson\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = socket.write_all(reply.as_bytes()).await;
+            }
+        });
+        (url, seen)
+    }
+
+    #[tokio::test]
+    async fn dot_ids_go_by_batch_and_a_refused_id_is_invalid_not_a_halt() {
+        let (url, seen) = answering(
+            "200 OK",
+            "{\"aggregateId\":\"..\",\"aggregateVersion\":4,\"payload\":{}}\n",
+        )
+        .await;
+        let client = FetchClient::new(FetchOptions {
+            url,
+            ..FetchOptions::default()
+        })
+        .unwrap();
+        let state = client.fetch_one("athlete", "..").await.unwrap();
+        assert!(
+            matches!(state, FetchedState::Found { version: 4, .. }),
+            "{state:?}"
+        );
+        assert_eq!(
+            seen.lock().unwrap().as_slice(),
+            ["POST /snapshot/athlete:batch HTTP/1.1"]
+        );
+        for status in [
+            "400 Bad Request",
+            "414 URI Too Long",
+            "422 Unprocessable Entity",
+        ] {
+            let (url, _) = answering(status, "{\"error\":\"bad id\"}").await;
+            let client = FetchClient::new(FetchOptions {
+                url,
+                ..FetchOptions::default()
+            })
+            .unwrap();
+            let state = client.fetch_one("athlete", "x").await.unwrap();
+            assert!(
+                matches!(&state, FetchedState::Invalid { reason, .. } if reason.contains("bad id")),
+                "{status}: {state:?}"
+            );
+        }
+        for (body, refused) in [
+            (r#"{"error":"no athlete `x`","code":"not_found"}"#, false),
+            (
+                r#"{"error":"no entity `athlete`","code":"unknown_entity"}"#,
+                true,
+            ),
+            (r#"{"error":"no entity `x`"}"#, true),
+            ("<html>Not Found</html>", true),
+        ] {
+            let (url, _) = answering("404 Not Found", body).await;
+            let client = FetchClient::new(FetchOptions {
+                url,
+                ..FetchOptions::default()
+            })
+            .unwrap();
+            match client.fetch_one("athlete", "x").await {
+                Ok(FetchedState::Missing { .. }) if !refused => {}
+                Err(FetchError::Refused { status: 404, .. }) if refused => {}
+                other => panic!("{body}: {other:?}"),
+            }
+        }
+        let (url, _) = answering(
+            "200 OK",
+            "{\"aggregateId\":\"x\",\"aggregateVersion\":1,\"payload\":{\"big\":\"0123456789\"}}",
+        )
+        .await;
+        let client = FetchClient::new(FetchOptions {
+            url,
+            max_body_bytes: 20,
+            ..FetchOptions::default()
+        })
+        .unwrap();
+        let state = client.fetch_one("athlete", "x").await.unwrap();
+        assert!(
+            matches!(&state, FetchedState::Invalid { reason, .. } if reason.contains("over max_body_bytes 20")),
+            "{state:?}"
+        );
+        let err = client
+            .fetch_batch("athlete", &ids(&["x", "y"]))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, FetchError::Refused { .. }), "{err}");
+        let (url, _) = answering("403 Forbidden", "{\"error\":\"no\"}").await;
+        let client = FetchClient::new(FetchOptions {
+            url,
+            ..FetchOptions::default()
+        })
+        .unwrap();
+        let err = client.fetch_one("athlete", "x").await.unwrap_err();
+        assert!(
+            matches!(err, FetchError::Refused { status: 403, .. }),
+            "{err}"
+        );
     }
 
     #[test]

@@ -10,7 +10,7 @@ use ecst_schemas::{ClaimRef, PayloadSelection};
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::claim::{ClaimStore, RedisClaimStore};
+use crate::claim::{ClaimRead, ClaimStore, RedisClaimStore};
 use crate::dead_letter::DeadLetterReason;
 use crate::duration::ConfigDuration;
 use crate::record::{Outcomes, RawEntry, Record};
@@ -19,6 +19,14 @@ use crate::secret::SecretUrl;
 use crate::stage::{
     AsyncStage, BuildContext, BuiltStage, ComponentConfig, ConfigProblem, KeyDoc, ProcessFuture,
 };
+
+/// Longest wait between two reads of a claim not found yet (the batch is held meanwhile).
+const MAX_MISSING_BACKOFF: Duration = Duration::from_secs(5);
+
+/// The wait after `delay` before the next read of a missing claim.
+fn next_missing_delay(delay: Duration) -> Duration {
+    delay.saturating_mul(2).min(MAX_MISSING_BACKOFF)
+}
 
 /// Longest wait between two reads of a store that is down.
 const MAX_UNAVAILABLE_BACKOFF: Duration = Duration::from_secs(5);
@@ -39,7 +47,7 @@ pub struct ClaimCheckConfig {
     /// Reads of a missing or corrupt claim before the event is dead-lettered (default 5).
     #[serde(default = "default_attempts")]
     pub attempts: u32,
-    /// Wait before the second read; doubled each time (default 200ms).
+    /// Wait before the second read; doubled each time, up to 5s (default 200ms).
     #[serde(default = "default_retry_backoff")]
     pub retry_backoff: ConfigDuration,
     /// Bound of one round trip to the store (default 2s).
@@ -103,12 +111,16 @@ enum Unresolved {
 impl ClaimCheck {
     /// Reads the bodies of `refs`, waiting out a store that is down (the batch is held, so
     /// nothing is acked meanwhile).
-    async fn read(&self, refs: &[&ClaimRef]) -> Vec<Option<Vec<u8>>> {
+    async fn read(&self, refs: &[&ClaimRef]) -> Vec<ClaimRead> {
         let mut backoff = self.retry_backoff.max(Duration::from_millis(50));
         loop {
             match self.store.get_many(refs).await {
-                Ok(bodies) => return bodies,
+                Ok(bodies) => {
+                    crate::claim::set_waiting(&self.reporter, None);
+                    return bodies;
+                }
                 Err(e) => {
+                    crate::claim::set_waiting(&self.reporter, Some(e.to_string()));
                     tracing::warn!(stage = %self.reporter, error = %e, retry_in = ?backoff, "Claim store unavailable; holding the batch.");
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(MAX_UNAVAILABLE_BACKOFF);
@@ -158,7 +170,7 @@ impl ClaimCheck {
         while !waiting.is_empty() && attempt < self.attempts {
             if attempt > 0 {
                 tokio::time::sleep(delay).await;
-                delay = delay.saturating_mul(2);
+                delay = next_missing_delay(delay);
             }
             attempt += 1;
             // One read per distinct claim: versions of one body share it.
@@ -178,6 +190,7 @@ impl ClaimCheck {
             let bodies = self.read(&refs).await;
             let mut payloads: HashMap<usize, Result<Value, String>> = HashMap::new();
             let mut still = Vec::new();
+            let mut bad = Vec::new();
             for (i, _) in waiting {
                 let Some(claim) = slots[i].as_ref().and_then(|r| r.event.payload_ref.clone())
                 else {
@@ -186,9 +199,17 @@ impl ClaimCheck {
                 let Some(&at) = keys.get(&claim.key) else {
                     continue;
                 };
-                let Some(body) = bodies.get(at).and_then(Option::as_ref) else {
-                    still.push((i, Unresolved::Missing));
-                    continue;
+                let body = match bodies.get(at) {
+                    Some(ClaimRead::Found(body)) => body,
+                    Some(ClaimRead::Bad(problem)) => {
+                        // No retry reads it differently: dead-letter now.
+                        bad.push((i, problem.clone()));
+                        continue;
+                    }
+                    _ => {
+                        still.push((i, Unresolved::Missing));
+                        continue;
+                    }
                 };
                 let payload = payloads
                     .entry(at)
@@ -206,6 +227,19 @@ impl ClaimCheck {
                 }
             }
             waiting = still;
+            for (i, problem) in bad {
+                if let Some(record) = slots[i].take() {
+                    let key = record
+                        .event
+                        .payload_ref
+                        .as_ref()
+                        .map(|c| c.key.clone())
+                        .unwrap_or_default();
+                    let reason = DeadLetterReason::ClaimCorrupt { key, problem };
+                    tracing::warn!(stage = %self.reporter, entry = record.entry, reason = %reason, "Claim unreadable; dead-lettering the event.");
+                    out.dead_letter(record.entry, reason);
+                }
+            }
             if !waiting.is_empty() && attempt < self.attempts {
                 tracing::info!(stage = %self.reporter, unresolved = waiting.len(), attempt, retry_in = ?delay, "Claims not resolved yet; retrying.");
             }
@@ -275,7 +309,7 @@ impl ComponentConfig for ClaimCheckConfig {
             "retry_backoff",
             "duration",
             "200ms",
-            "wait before the second read, doubled each time",
+            "wait before the second read, doubled each time up to 5s",
         ),
         KeyDoc::optional(
             "timeout",
@@ -373,10 +407,7 @@ mod tests {
                 Ok(claim)
             })
         }
-        fn get_many<'a>(
-            &'a self,
-            refs: &'a [&'a ClaimRef],
-        ) -> ClaimFuture<'a, Vec<Option<Vec<u8>>>> {
+        fn get_many<'a>(&'a self, refs: &'a [&'a ClaimRef]) -> ClaimFuture<'a, Vec<ClaimRead>> {
             Box::pin(async move {
                 let reads = {
                     let mut reads = self.reads.lock().unwrap();
@@ -388,7 +419,15 @@ mod tests {
                     self.bodies.lock().unwrap().insert(claim.key, body);
                 }
                 let bodies = self.bodies.lock().unwrap();
-                Ok::<_, ClaimStoreError>(refs.iter().map(|r| bodies.get(&r.key).cloned()).collect())
+                Ok::<_, ClaimStoreError>(
+                    refs.iter()
+                        .map(|r| match bodies.get(&r.key) {
+                            Some(body) if r.store == "redis" => ClaimRead::Found(body.clone()),
+                            Some(_) => ClaimRead::Bad(format!("store `{}`", r.store)),
+                            None => ClaimRead::Missing,
+                        })
+                        .collect(),
+                )
             })
         }
     }
@@ -468,6 +507,95 @@ mod tests {
             "{}",
             reasons[&3]
         );
+    }
+
+    #[tokio::test]
+    async fn a_claim_the_store_cannot_read_is_dead_lettered_on_the_first_read() {
+        let store = Arc::new(MemoryStore::default());
+        let mut foreign = store.put(br#"{"x":1}"#).await.unwrap();
+        foreign.store = "s3".into();
+        let mut stage = config().build_with(store.clone(), "claims");
+        let mut out = Outcomes::default();
+        let kept = stage
+            .process(vec![record(0, &foreign)], &[], &mut out)
+            .await;
+        assert!(kept.is_empty());
+        assert_eq!(*store.reads.lock().unwrap(), 1);
+        assert_eq!(
+            out.dead_letters[0].1.to_string(),
+            format!("claim `{}` is corrupt: store `s3`", foreign.key)
+        );
+    }
+
+    #[test]
+    fn the_wait_for_a_missing_claim_is_capped() {
+        let mut delay = Duration::from_secs(1);
+        let mut waits = Vec::new();
+        for _ in 0..5 {
+            waits.push(delay.as_secs());
+            delay = next_missing_delay(delay);
+        }
+        assert_eq!(waits, [1, 2, 4, 5, 5]);
+    }
+
+    /// A store that cannot answer while `down` is set.
+    struct DownStore {
+        down: std::sync::atomic::AtomicBool,
+    }
+
+    impl ClaimStore for DownStore {
+        fn name(&self) -> &'static str {
+            "redis"
+        }
+        fn put<'a>(&'a self, body: &'a [u8]) -> ClaimFuture<'a, ClaimRef> {
+            Box::pin(async move { Ok(ClaimRef::redis(DEFAULT_KEY_PREFIX, body)) })
+        }
+        fn get_many<'a>(&'a self, refs: &'a [&'a ClaimRef]) -> ClaimFuture<'a, Vec<ClaimRead>> {
+            Box::pin(async move {
+                if self.down.load(std::sync::atomic::Ordering::SeqCst) {
+                    return Err(ClaimStoreError::Unavailable {
+                        store: "redis test".into(),
+                        message: "connection refused".into(),
+                    });
+                }
+                Ok(refs.iter().map(|_| ClaimRead::Missing).collect())
+            })
+        }
+    }
+
+    #[tokio::test]
+    async fn a_store_that_is_down_is_named_in_the_readiness_reasons_until_it_answers() {
+        let store = Arc::new(DownStore {
+            down: std::sync::atomic::AtomicBool::new(true),
+        });
+        let config: ClaimCheckConfig =
+            serde_json::from_value(json!({"attempts": 1, "retry_backoff": "10ms"})).unwrap();
+        let mut stage = config.build_with(store.clone(), "claims-readyz");
+        let claim = ClaimRef::redis(DEFAULT_KEY_PREFIX, b"{}");
+        let task = tokio::spawn(async move {
+            let mut out = Outcomes::default();
+            stage.process(vec![record(0, &claim)], &[], &mut out).await;
+            out
+        });
+        let named = |reasons: Vec<String>| {
+            reasons.iter().any(|r| {
+                r == "claim_check stage `claims-readyz` waits for its claim store: claim store redis test unavailable: connection refused"
+            })
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while !named(crate::claim::unavailable_stores()) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{:?}",
+                crate::claim::unavailable_stores()
+            );
+            tokio::task::yield_now().await;
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        store.down.store(false, std::sync::atomic::Ordering::SeqCst);
+        let out = task.await.unwrap();
+        assert_eq!(out.dead_letters.len(), 1);
+        assert!(!named(crate::claim::unavailable_stores()));
     }
 
     #[tokio::test]

@@ -68,6 +68,9 @@ pub struct FetchConfig {
     /// Ids per request (default 100).
     #[serde(default = "default_batch_size")]
     pub batch_size: usize,
+    /// Largest answer read, in bytes (default 16 MiB).
+    #[serde(default = "default_max_body_bytes")]
+    pub max_body_bytes: usize,
     /// Requests in flight at once (default 4).
     #[serde(default = "default_concurrency")]
     pub concurrency: usize,
@@ -106,6 +109,9 @@ impl std::fmt::Debug for FetchConfig {
     }
 }
 
+fn default_max_body_bytes() -> usize {
+    16 * 1024 * 1024
+}
 fn default_batch_size() -> usize {
     100
 }
@@ -147,6 +153,7 @@ impl FetchConfig {
             breaker_open_for: self.breaker_open_for.0,
             concurrency: self.concurrency,
             max_batch: self.batch_size,
+            max_body_bytes: self.max_body_bytes,
         }
     }
 
@@ -200,9 +207,15 @@ fn glob_matches(glob: &str, text: &str) -> bool {
 
 impl Fetch {
     fn is_thin(&self, event: &Envelope) -> bool {
+        // A delete carries its own state (none); a payloadRef is a payload not resolved yet
+        // (claim_check's), not a missing one.
+        if event.deleted {
+            return false;
+        }
         match &self.when {
             FetchWhen::Keyword(WhenKeyword::PayloadMissing) => {
-                !event.deleted && matches!(event.payload, None | Some(serde_json::Value::Null))
+                event.payload_ref.is_none()
+                    && matches!(event.payload, None | Some(serde_json::Value::Null))
             }
             FetchWhen::EventType { event_type } => event
                 .event_type
@@ -258,11 +271,13 @@ impl Fetch {
             *newest = (*newest).max(record.event.aggregate_version);
         }
         let mut states: HashMap<(String, String), FetchedState> = HashMap::new();
-        let started = Instant::now();
-        let mut lag_delay = self.backoff;
         for (entity, ids) in wanted {
             let mut asked: Vec<String> = ids.keys().cloned().collect();
             asked.sort();
+            // The lag bound counts from the endpoint's first answer for these ids: time spent
+            // waiting for a down endpoint, or on other entities, is not the replica's lag.
+            let mut first_answer: Option<Instant> = None;
+            let mut lag_delay = self.backoff;
             loop {
                 let answered = match self.fetch_until_answered(&entity, &asked).await {
                     Ok(answered) => answered,
@@ -271,6 +286,7 @@ impl Fetch {
                         return Vec::new();
                     }
                 };
+                let started = *first_answer.get_or_insert_with(Instant::now);
                 let mut lagging = Vec::new();
                 for state in answered {
                     let id = state.id().to_string();
@@ -325,6 +341,7 @@ impl Fetch {
                     let mut event = Envelope::clone(&record.event);
                     event.aggregate_version = *version;
                     event.payload = Some(payload.clone());
+                    event.payload_ref = None;
                     event.deleted = false;
                     kept.push(Record::new(record.entry, event));
                 }
@@ -336,6 +353,7 @@ impl Fetch {
                 _ => {
                     let mut event = Envelope::clone(&record.event);
                     event.payload = None;
+                    event.payload_ref = None;
                     event.deleted = true;
                     kept.push(Record::new(record.entry, event));
                 }
@@ -377,6 +395,12 @@ impl ComponentConfig for FetchConfig {
             "which events are thin and fetched",
         ),
         KeyDoc::optional("batch_size", "integer", "100", "ids per request"),
+        KeyDoc::optional(
+            "max_body_bytes",
+            "integer",
+            "16777216",
+            "largest answer read; a larger one for one id is dead-lettered, for a batch stops the worker",
+        ),
         KeyDoc::optional("concurrency", "integer", "4", "requests in flight at once"),
         KeyDoc::optional("timeout", "duration", "5s", "longest one request may take"),
         KeyDoc::optional(
@@ -416,6 +440,9 @@ impl ComponentConfig for FetchConfig {
         let mut problems = Vec::new();
         if let Err(e) = FetchClient::new(self.options()) {
             problems.push(ConfigProblem::new("url", e.to_string()));
+        }
+        if self.max_body_bytes == 0 {
+            problems.push(ConfigProblem::new("max_body_bytes", "must be at least 1"));
         }
         if self.batch_size == 0 {
             problems.push(ConfigProblem::new("batch_size", "must be at least 1"));
@@ -460,6 +487,60 @@ mod tests {
         );
     }
 
+    #[tokio::test]
+    async fn the_lag_bound_counts_from_the_first_answer_not_from_a_down_endpoint() {
+        use std::sync::Mutex;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        // 503 for the first 400ms, then version 1 of `a` (the event is at 2) forever.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/snapshot", listener.local_addr().unwrap());
+        let answers = Arc::new(Mutex::new(0u32));
+        let counted = answers.clone();
+        let up_at = Instant::now() + Duration::from_millis(400);
+        tokio::spawn(async move {
+            while let Ok((mut socket, _)) = listener.accept().await {
+                let mut buf = [0u8; 4096];
+                let _ = socket.read(&mut buf).await;
+                let (status, body) = if Instant::now() < up_at {
+                    ("503 Service Unavailable", "{}".to_string())
+                } else {
+                    *counted.lock().unwrap() += 1;
+                    (
+                        "200 OK",
+                        r#"{"aggregateId":"a","aggregateVersion":1,"payload":{}}"#.to_string(),
+                    )
+                };
+                let reply = format!(
+                    "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = socket.write_all(reply.as_bytes()).await;
+            }
+        });
+        let config: FetchConfig = serde_json::from_value(json!({
+            "url": url, "entity": "athlete", "lag_retry_for": "300ms", "backoff": "10ms", "backoff_max": "20ms",
+            "retries": 0, "breaker_failures": 0
+        }))
+        .unwrap();
+        let stage = config.build().unwrap();
+        let event = EnvelopeKeys::default()
+            .read(&json!({"aggregateId": "a", "aggregateVersion": 2}))
+            .unwrap();
+        let mut out = Outcomes::default();
+        let kept = stage.run(vec![Record::new(0, event)], &mut out).await;
+        assert!(kept.is_empty());
+        assert_eq!(
+            out.dead_letters.len(),
+            1,
+            "{:?} {:?}",
+            out.halt,
+            out.dead_letters
+        );
+        // The endpoint was down longer than lag_retry_for, yet the lagging state was fetched
+        // again after its first answer.
+        assert!(*answers.lock().unwrap() >= 2, "{}", answers.lock().unwrap());
+    }
+
     #[test]
     fn globs_match_event_types() {
         assert!(glob_matches("athlete.ref.*", "athlete.ref.updated"));
@@ -498,8 +579,30 @@ mod tests {
         let full = keys
             .read(&json!({"aggregateId": "a", "aggregateVersion": 1, "payload": {"x": 1}}))
             .unwrap();
+        let claimed = keys
+            .read(&json!({"aggregateId": "a", "aggregateVersion": 1, "payloadRef": ecst_schemas::ClaimRef::redis("ecst:claim:", b"{}")}))
+            .unwrap();
         assert!(stage.is_thin(&thin));
         assert!(!stage.is_thin(&deleted) && !stage.is_thin(&full));
+        assert!(
+            !stage.is_thin(&claimed),
+            "a payloadRef is not a missing payload"
+        );
+        let by_type: FetchConfig = serde_json::from_value(
+            json!({"url": "http://x/s", "when": {"event_type": "athlete.*"}}),
+        )
+        .unwrap();
+        let by_type = by_type.build().unwrap();
+        let typed_delete = keys
+            .read(&json!({"aggregateId": "a", "aggregateVersion": 2, "eventType": "athlete.deleted", "deleted": true}))
+            .unwrap();
+        let typed = keys
+            .read(
+                &json!({"aggregateId": "a", "aggregateVersion": 2, "eventType": "athlete.updated"}),
+            )
+            .unwrap();
+        assert!(by_type.is_thin(&typed));
+        assert!(!by_type.is_thin(&typed_delete), "a delete is never fetched");
         let bad: FetchConfig =
             serde_json::from_value(json!({"url": "ftp://x", "batch_size": 0})).unwrap();
         let keys: Vec<String> = bad.problems().into_iter().map(|p| p.key).collect();
