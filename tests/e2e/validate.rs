@@ -103,7 +103,7 @@ fn unknown_stage_types_list_the_known_ones() {
     assert_errors(
         &GOOD.replace("type: version_filter", "type: version_filtre"),
         &[
-            "FILE:7:13: stages.latest.type: unknown stage type `version_filtre` (expected one of decode, version_filter, tombstone, validate, project, upcast, redis_hash, postgres)",
+            "FILE:7:13: stages.latest.type: unknown stage type `version_filtre` (expected one of decode, version_filter, tombstone, validate, project, upcast, claim_check, delta, fetch, redis_hash, postgres)",
         ],
     );
 }

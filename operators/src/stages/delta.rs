@@ -76,6 +76,9 @@ pub struct RepairConfig {
     /// How long an open breaker fails fast before one trial (default 10s).
     #[serde(default)]
     pub breaker_open_for: Option<ConfigDuration>,
+    /// Largest response body accepted, in bytes (default 16 MiB).
+    #[serde(default)]
+    pub max_body_bytes: Option<usize>,
 }
 
 impl RepairConfig {
@@ -92,6 +95,7 @@ impl RepairConfig {
             breaker_open_for: self.breaker_open_for.map_or(d.breaker_open_for, |t| t.0),
             concurrency: self.concurrency.unwrap_or(d.concurrency),
             max_batch: self.batch_size.unwrap_or(d.max_batch),
+            max_body_bytes: self.max_body_bytes.unwrap_or(d.max_body_bytes),
         }
     }
 
@@ -187,7 +191,7 @@ impl ComponentConfig for DeltaConfig {
             "repair",
             "map",
             "none",
-            "gap repair endpoint: `url` plus the `fetch` stage's client keys (`token`, `entity`, `batch_size`, `concurrency`, `timeout`, `retries`, `backoff`, `backoff_max`, `breaker_failures`, `breaker_open_for`)",
+            "gap repair endpoint: `url` plus the `fetch` stage's client keys (`token`, `entity`, `batch_size`, `concurrency`, `timeout`, `retries`, `backoff`, `backoff_max`, `breaker_failures`, `breaker_open_for`, `max_body_bytes`)",
         ),
     ];
 
