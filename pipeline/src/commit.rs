@@ -171,7 +171,10 @@ async fn isolate_refused(
     let (name, sink) = &shared.sinks[sink_index];
     let mut merged = SinkReport::default();
     let mut refused = Vec::new();
-    for record in records {
+    // In version order: a delta patch applied before the one it builds on would gap.
+    let mut ordered: Vec<&Record> = records.iter().collect();
+    ordered.sort_by_key(|r| r.event.aggregate_version);
+    for record in ordered {
         match sink.apply_batch(std::slice::from_ref(record)).await {
             Ok(report) => {
                 merged.applied += report.applied;
@@ -370,7 +373,9 @@ pub(crate) async fn complete(shared: Arc<Shared>, batch: Batch) -> Option<Trace>
                 .rejected
                 .iter()
                 .chain(&report.refused)
-                .map(|(e, _)| *e),
+                .map(|(e, _)| *e)
+                // A gapped patch was not applied either, repaired or not.
+                .chain(report.gaps.iter().copied()),
         );
     }
     for (i, report) in reports {

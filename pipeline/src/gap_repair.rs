@@ -2,8 +2,9 @@
 //! `delta` stage names a `repair:` endpoint, the batch's task fetches each gapped aggregate's
 //! full state there, runs it through the stages as a snapshot row, and applies it under the
 //! guard to every sink: a state at the patch's version or newer covers the patch, whose entry
-//! is then acked. A state older than the patch (a lagging endpoint), an endpoint that cannot
-//! answer or a state the stages or a store refuse leave the entry pending, delivered again.
+//! is then acked, once the state reached every sink that gapped it. A state older than the
+//! patch (a lagging endpoint), a 404, an endpoint that cannot answer, or a state the stages
+//! drop or refuse on the way to a gapped sink leave the entry pending, delivered again.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -144,11 +145,13 @@ pub(crate) async fn repair_gaps(
                     }
                     (row, covered)
                 }
-                // Deleted at the source: a tombstone at the patch's version.
-                FetchedState::Missing { id } => (
-                    json!({"aggregateId": id, "aggregateVersion": newest, "payload": null}),
-                    gapped.patches.iter().map(|(e, _)| *e).collect(),
-                ),
+                // Not at the source, or not yet at a lagging one: a 404 has no version to cover a
+                // patch with. The patches wait; the delete event, when there is one, makes
+                // them stale.
+                FetchedState::Missing { id } => {
+                    tracing::debug!(pipeline = %shared.pipeline, entity = %entity, aggregate_id = %id, patch = newest, "The repair endpoint does not know the gapped aggregate; its patches stay pending.");
+                    continue;
+                }
                 FetchedState::Invalid { id, reason } => {
                     tracing::warn!(pipeline = %shared.pipeline, entity = %entity, aggregate_id = %id, reason = %reason, "The repair endpoint answered an unusable state; the gapped patch stays pending.");
                     continue;
@@ -205,10 +208,32 @@ pub(crate) async fn repair_gaps(
                 .chain(report.gaps.iter().copied()),
         );
     }
+    // A row covers a gapped patch only if it reached every sink that gapped it: a stage may
+    // drop the row on one branch (a `where`, a tombstone `mode: ignore`) while another applies it.
+    let mut gapped_at: HashMap<usize, Vec<usize>> = HashMap::new();
+    for (i, report) in reports {
+        for &entry in &report.gaps {
+            gapped_at.entry(entry).or_default().push(*i);
+        }
+    }
+    let reached: HashSet<(usize, usize)> = fixed
+        .iter()
+        .enumerate()
+        .flat_map(|(i, records)| records.iter().map(move |r| (i, r.entry)))
+        .collect();
     let repaired: HashSet<usize> = covers
         .iter()
         .enumerate()
         .filter(|(row, _)| !failed.contains(row))
+        .filter(|(row, covered)| {
+            covered.iter().all(|entry| {
+                gapped_at
+                    .get(entry)
+                    .into_iter()
+                    .flatten()
+                    .all(|&sink| reached.contains(&(sink, *row)))
+            })
+        })
         .flat_map(|(_, covered)| covered.iter().copied())
         .collect();
     for (i, report) in reports {

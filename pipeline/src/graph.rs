@@ -188,9 +188,11 @@ fn delta_problems(nodes: &[GraphNode<'_>]) -> Vec<GraphProblem> {
         let mut up: Vec<&str> = delta.inputs.iter().map(String::as_str).collect();
         let mut down: Vec<&str> = readers.get(delta.name).cloned().unwrap_or_default();
         let mut lineage = Vec::new();
+        let mut upstream = HashSet::new();
         while let Some(name) = up.pop() {
             if let Some(node) = by_name.get(name).filter(|_| seen.insert(name)) {
                 lineage.push(*node);
+                upstream.insert(node.name);
                 up.extend(node.inputs.iter().map(String::as_str));
             }
         }
@@ -204,6 +206,10 @@ fn delta_problems(nodes: &[GraphNode<'_>]) -> Vec<GraphProblem> {
             let message = match node.type_name {
                 "version_filter" => format!(
                     "a version_filter on the way of delta stage `{}` coalesces a batch's patches to the newest, which then finds a gap where the others were: remove it (the sink's guard keeps patches in order)",
+                    delta.name
+                ),
+                "project" if upstream.contains(node.name) => format!(
+                    "a project before delta stage `{0}` sees full states, not patches: it would fill defaults for the fields a patch leaves untouched and drop its removals (nulls); move it after `{0}`",
                     delta.name
                 ),
                 _ => continue,
@@ -463,6 +469,36 @@ mod tests {
             text[0].starts_with("latest: a version_filter on the way of delta stage `patches`"),
             "{text:?}"
         );
+    }
+
+    #[test]
+    fn a_project_before_delta_is_refused() {
+        let none: Vec<String> = vec![];
+        let d = vec!["decode".to_string()];
+        let p = vec!["shape".to_string()];
+        let x = vec!["patches".to_string()];
+        let nodes = vec![
+            node("decode", "decode", &none),
+            node("shape", "project", &d),
+            node("patches", "delta", &p),
+            node("cache", "redis_hash", &x),
+        ];
+        let text: Vec<String> = check(&nodes)
+            .iter()
+            .map(|p| format!("{}: {}", p.stage, p.message))
+            .collect();
+        assert_eq!(text.len(), 1, "{text:?}");
+        assert!(
+            text[0].starts_with("shape: a project before delta stage `patches`"),
+            "{text:?}"
+        );
+        let fine = vec![
+            node("decode", "decode", &none),
+            node("patches", "delta", &d),
+            node("shape", "project", &x),
+            node("cache", "redis_hash", &p),
+        ];
+        assert!(check(&fine).is_empty(), "{:?}", check(&fine));
     }
 
     #[test]

@@ -499,7 +499,13 @@ impl PostgresSink {
         let mut conn = self.connection().await?;
         report.stale = 0;
         report.stale_entries.clear();
-        for record in batch.iter().filter(|r| !rejected.contains(&r.entry)) {
+        // In version order: a delta patch applied before the one it builds on would gap.
+        let mut ordered: Vec<&Record> = batch
+            .iter()
+            .filter(|r| !rejected.contains(&r.entry))
+            .collect();
+        ordered.sort_by_key(|r| r.event.aggregate_version);
+        for record in ordered {
             let mut single = SinkReport::default();
             let plan = self.layout.plan(std::slice::from_ref(record), &mut single);
             if !single.rejected.is_empty() {
