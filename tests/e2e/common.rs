@@ -591,6 +591,27 @@ impl Proxy {
     }
 }
 
+/// A group's pending count and entries read, from one `XINFO GROUPS` reply (one moment: a
+/// worker reading between two separate calls would make them disagree).
+pub fn pending_and_read(conn: &mut redis::Connection, stream: &str, group: &str) -> (u64, u64) {
+    let groups: Vec<HashMap<String, redis::Value>> = redis::cmd("XINFO")
+        .arg("GROUPS")
+        .arg(stream)
+        .query(conn)
+        .expect("XINFO GROUPS");
+    let group = groups
+        .iter()
+        .find(
+            |g| matches!(g.get("name"), Some(redis::Value::BulkString(n)) if n == group.as_bytes()),
+        )
+        .expect("the group exists");
+    let int = |key: &str| match group.get(key) {
+        Some(redis::Value::Int(n)) => *n as u64,
+        other => panic!("XINFO GROUPS {key}: {other:?}"),
+    };
+    (int("pending"), int("entries-read"))
+}
+
 /// `entries-read` of a group (how far its consumers have read).
 pub fn entries_read(conn: &mut redis::Connection, stream: &str, group: &str) -> u64 {
     let groups: Vec<HashMap<String, redis::Value>> = redis::cmd("XINFO")
