@@ -247,14 +247,23 @@ pub(super) async fn stream_until(
                 None => dag.run(&entries, &mut outcomes).await,
             }
         };
-        // An async stage whose service is down holds the batch; on shutdown it is abandoned
-        // un-acked (it stays pending and is redelivered).
-        let per_sink = tokio::select! {
-            per_sink = run.instrument(batch_span.clone()) => per_sink,
-            _ = shutdown.wait() => {
-                tracing::warn!(pipeline = %config.name, stream = %source_cfg.stream, entries = batch_ids.len(), "Stopping while a stage waits; the batch stays pending.");
-                break;
+        // Shutdown finishes a batch whose stages finish; one that an async stage still holds
+        // (its service is down) after the shutdown timeout is abandoned un-acked: it stays
+        // pending and is redelivered.
+        let per_sink = {
+            let run = run.instrument(batch_span.clone());
+            tokio::pin!(run);
+            tokio::select! {
+                biased;
+                per_sink = &mut run => Some(per_sink),
+                _ = shutdown.wait() => {
+                    tokio::time::timeout(source_cfg.shutdown_timeout.0, &mut run).await.ok()
+                }
             }
+        };
+        let Some(per_sink) = per_sink else {
+            tracing::warn!(pipeline = %config.name, stream = %source_cfg.stream, entries = batch_ids.len(), "Stopping while a stage waits; the batch stays pending.");
+            break;
         };
         if let Some(reason) = outcomes.halt.take() {
             tracing::error!(pipeline = %config.name, stream = %source_cfg.stream, reason = %reason, "A stage stopped the worker; the batch stays pending.");
