@@ -6,13 +6,12 @@ use std::time::Duration;
 
 use ecst_operators::RawEntry;
 use ecst_operators::redis_pool::{
-    RedisConn, RedisManager, RedisUrlError, report_failure, resolve_failure,
+    ReaderConn, ReaderReply, RedisManager, RedisUrlError, report_failure, resolve_failure,
 };
-use redis::aio::ConnectionLike;
 use redis::{RedisError, Value};
 
 use crate::config::SourceConfig;
-use crate::redis_reply::{bulk, compare_ids, parse_entries};
+use crate::redis_reply::{bulk, compare_ids, parse_entries, parse_read, parse_read_resp};
 
 /// Where a batch came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -73,7 +72,7 @@ pub struct StreamSource {
     config: SourceConfig,
     consumer: String,
     manager: RedisManager,
-    conn: Option<RedisConn>,
+    conn: Option<ReaderConn>,
     /// Next id to read our own pending entries from; `None` once they are all re-read.
     pending_cursor: Option<String>,
     claim_cursor: String,
@@ -120,11 +119,11 @@ impl StreamSource {
         self.pending_cursor.is_none()
     }
 
-    async fn conn(&mut self) -> Result<&mut RedisConn, SourceError> {
+    async fn conn(&mut self) -> Result<&mut ReaderConn, SourceError> {
         if self.conn.is_none() {
             let conn = self
                 .manager
-                .connect_with_timeout(self.config.read_timeout())
+                .connect_reader(self.config.read_timeout())
                 .await
                 .map_err(|source| self.error("CONNECT", source))?;
             self.conn = Some(conn);
@@ -144,20 +143,26 @@ impl StreamSource {
         }
     }
 
-    /// Runs a command on the reader connection, dropping the connection on any failure so a
-    /// timed-out reply can never be read as the answer to a later command.
-    async fn query(&mut self, op: &'static str, cmd: &redis::Cmd) -> Result<Value, SourceError> {
-        // The commands sent here answer a server error only at the top of a reply, so only the
-        // top is looked at: `query_async` walks and rebuilds every reply to find nested ones
-        // (about 4% of the worker's instructions, measured on XREADGROUP replies).
-        let result = match self.conn().await?.req_packed_command(cmd).await {
-            Ok(Value::ServerError(error)) => Err(RedisError::from(error)),
-            other => other,
+    /// Runs a command on the reader connection and reads its reply with `read`, dropping the
+    /// connection on any failure so a timed-out reply can never be read as the answer to a
+    /// later command.
+    async fn request<T>(
+        &mut self,
+        op: &'static str,
+        cmd: &redis::Cmd,
+        read: impl FnOnce(ReaderReply<'_>) -> Result<T, String>,
+    ) -> Result<T, SourceError> {
+        let outcome = match self.conn().await?.request(cmd).await {
+            Ok(reply) => Ok(read(reply)),
+            Err(source) => Err(source),
         };
-        match result {
-            Ok(value) => {
+        match outcome {
+            Ok(read) => {
                 resolve_failure("source", &self.config.redis);
-                Ok(value)
+                read.map_err(|detail| {
+                    self.conn = None;
+                    self.protocol(op, detail)
+                })
             }
             Err(source) => {
                 report_failure("source", &self.config.redis, &source);
@@ -167,6 +172,23 @@ impl StreamSource {
                 Err(self.error(op, source))
             }
         }
+    }
+
+    /// Runs a command on the reader connection; its reply as the redis crate's value.
+    async fn query(&mut self, op: &'static str, cmd: &redis::Cmd) -> Result<Value, SourceError> {
+        self.request(op, cmd, |reply| {
+            reply.into_value().map_err(|e| e.to_string())
+        })
+        .await
+    }
+
+    /// Runs an `XREADGROUP`; its entries.
+    async fn read_entries(&mut self, cmd: &redis::Cmd) -> Result<Vec<RawEntry>, SourceError> {
+        self.request("XREADGROUP", cmd, |reply| match reply {
+            ReaderReply::Resp(bytes) => parse_read_resp(bytes),
+            ReaderReply::Value(value) => parse_read(value),
+        })
+        .await
     }
 
     /// Whether the group vanished (NOGROUP) since the last call: the stream or the group was
@@ -223,14 +245,12 @@ impl StreamSource {
     async fn read(&mut self) -> Result<(Origin, SourceBatch), SourceError> {
         if let Some(cursor) = self.pending_cursor.clone() {
             let mut cmd = self.xreadgroup_cmd(&cursor, None);
-            let reply = self.query("XREADGROUP", &cmd).await?;
-            let entries = self.parse_read(reply)?;
+            let entries = self.read_entries(&cmd).await?;
             match entries.last() {
                 None => {
                     self.pending_cursor = None;
                     cmd = self.xreadgroup_cmd(">", Some(self.config.block.0));
-                    let reply = self.query("XREADGROUP", &cmd).await?;
-                    let entries = self.parse_read(reply)?;
+                    let entries = self.read_entries(&cmd).await?;
                     return Ok((
                         Origin::New,
                         SourceBatch {
@@ -249,8 +269,7 @@ impl StreamSource {
             }
         }
         let cmd = self.xreadgroup_cmd(">", Some(self.config.block.0));
-        let reply = self.query("XREADGROUP", &cmd).await?;
-        let entries = self.parse_read(reply)?;
+        let entries = self.read_entries(&cmd).await?;
         Ok((
             Origin::New,
             SourceBatch {
@@ -281,30 +300,6 @@ impl StreamSource {
             stream: self.config.stream.clone(),
             detail: detail.into(),
         }
-    }
-
-    fn parse_read(&self, reply: Value) -> Result<Vec<RawEntry>, SourceError> {
-        let streams = match reply {
-            Value::Nil => return Ok(Vec::new()),
-            Value::Array(items) => items,
-            Value::Map(pairs) => pairs
-                .into_iter()
-                .map(|(k, v)| Value::Array(vec![k, v]))
-                .collect(),
-            other => return Err(self.protocol("XREADGROUP", format!("{other:?}"))),
-        };
-        let mut entries = Vec::new();
-        for stream in streams {
-            let Value::Array(mut parts) = stream else {
-                return Err(self.protocol("XREADGROUP", "stream item is not an array"));
-            };
-            if parts.len() != 2 {
-                return Err(self.protocol("XREADGROUP", "stream item is not [name, entries]"));
-            }
-            let list = parts.pop().unwrap_or(Value::Nil);
-            entries.extend(parse_entries(list).map_err(|d| self.protocol("XREADGROUP", d))?);
-        }
-        Ok(entries)
     }
 
     /// Delivery counts of pending entries of this consumer between `first` and `last`.

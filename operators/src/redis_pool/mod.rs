@@ -12,7 +12,9 @@
 mod client;
 mod cluster;
 mod conn;
+mod direct;
 mod failure;
+pub mod resp;
 
 use std::fmt;
 use std::time::Duration;
@@ -22,6 +24,7 @@ use redis::{AsyncConnectionConfig, Client, RedisError};
 pub use client::{RedisUrlError, redis_client, redis_user};
 use cluster::ClusterSeeds;
 pub use conn::RedisConn;
+pub use direct::{DirectConn, DirectTarget, ReaderConn, ReaderReply};
 pub use failure::{FailureKind, RedisFailure, access_problems, report_failure, resolve_failure};
 use failure::{latest_connect_failure, note_connect};
 
@@ -98,6 +101,30 @@ impl RedisManager {
         response_timeout: Duration,
     ) -> Result<RedisConn, RedisError> {
         let result = self.connect_once(response_timeout).await;
+        note_connect(&self.url, &result);
+        result
+    }
+
+    /// Opens the connection of a dedicated stream reader: a [`DirectConn`] to a single server
+    /// reached without TLS, else the redis crate's. Its outcome is recorded like
+    /// [`RedisManager::connect_with_timeout`]'s.
+    pub async fn connect_reader(
+        &self,
+        response_timeout: Duration,
+    ) -> Result<ReaderConn, RedisError> {
+        let direct = match &self.target {
+            Target::Single(client) => DirectTarget::of(client),
+            Target::Cluster(_) => None,
+        };
+        let result = match direct {
+            Some(target) => DirectConn::connect(&target, self.config_timeout, response_timeout)
+                .await
+                .map(ReaderConn::Direct),
+            None => self
+                .connect_once(response_timeout)
+                .await
+                .map(ReaderConn::Client),
+        };
         note_connect(&self.url, &result);
         result
     }
