@@ -289,7 +289,7 @@ fn read_certificates(
 /// `prefer` / `require` without a root certificate: libpq encrypts without checking who the
 /// server is. The handshake signatures are still verified.
 #[derive(Debug)]
-struct EncryptOnly(Arc<CryptoProvider>);
+pub(crate) struct EncryptOnly(pub(crate) Arc<CryptoProvider>);
 
 impl ServerCertVerifier for EncryptOnly {
     fn verify_server_cert(

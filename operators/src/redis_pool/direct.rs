@@ -3,18 +3,26 @@
 //! through the redis crate's `Value` trees (about a quarter of a worker's instructions per
 //! event went to the redis crate's reply parser and the trees it builds).
 //!
-//! It speaks RESP2 over TCP or a Unix socket, logs in (`AUTH`) and selects the URL's database.
-//! TLS and cluster URLs are not served here: they keep the redis crate's connection.
+//! It speaks RESP2 over TCP, TLS (with the URL's `tls_*` files, as the redis crate reads them)
+//! or a Unix socket, logs in (`AUTH`) and selects the URL's database. Cluster URLs are not
+//! served here: they keep the redis crate's connection, which follows the slot map.
 
 use std::io;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use redis::aio::ConnectionLike;
-use redis::{Cmd, ConnectionAddr, RedisError, Value};
+use redis::{ClientTlsConfig, Cmd, ConnectionAddr, RedisError, TlsCertificates, Value};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::{ClientConfig, RootCertStore};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
+use super::client::{TlsParts, tls_parts};
 use super::resp::ReplyScan;
+use crate::postgres_tls::EncryptOnly;
+use crate::secret::SecretUrl;
 
 /// Bytes asked of the socket at least per read: a batch of 1000 events is about 300 KiB.
 const READ_CHUNK: usize = 64 * 1024;
@@ -28,19 +36,46 @@ pub struct DirectTarget {
     db: i64,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 enum DirectAddress {
     Tcp(String, u16),
+    Tls {
+        host: String,
+        port: u16,
+        config: Arc<ClientConfig>,
+    },
     Unix(PathBuf),
 }
 
+impl std::fmt::Debug for DirectAddress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DirectAddress::Tcp(host, port) => write!(f, "{host}:{port}"),
+            DirectAddress::Tls { host, port, .. } => write!(f, "{host}:{port} (TLS)"),
+            DirectAddress::Unix(path) => write!(f, "{}", path.display()),
+        }
+    }
+}
+
 impl DirectTarget {
-    /// The target of a single-server connection, or `None` where only the redis crate's
-    /// connection serves (TLS).
-    pub fn of(client: &redis::Client) -> Option<Self> {
+    /// The target of a single-server URL, or `None` where only the redis crate's connection
+    /// serves (a URL or TLS setting it reads differently, which its connect then reports).
+    pub fn of(url: &SecretUrl) -> Option<Self> {
+        let TlsParts { url, certificates } = tls_parts(url.expose()).ok()?;
+        let client = redis::Client::open(url.as_str()).ok()?;
         let info = client.get_connection_info();
         let address = match info.addr() {
             ConnectionAddr::Tcp(host, port) => DirectAddress::Tcp(host.clone(), *port),
+            ConnectionAddr::TcpTls {
+                host,
+                port,
+                insecure,
+                ..
+            } => DirectAddress::Tls {
+                host: host.clone(),
+                port: *port,
+                config: Arc::new(tls_config(certificates.as_ref(), *insecure)?),
+            },
             ConnectionAddr::Unix(path) => DirectAddress::Unix(path.clone()),
             _ => return None,
         };
@@ -119,15 +154,20 @@ impl DirectConn {
         response_timeout: Duration,
     ) -> Result<Self, RedisError> {
         let io: Box<dyn Io> = match &target.address {
-            DirectAddress::Tcp(host, port) => {
-                let stream = bounded(
-                    connect_timeout,
-                    "connect",
-                    tokio::net::TcpStream::connect((host.as_str(), *port)),
+            DirectAddress::Tcp(host, port) => Box::new(tcp(host, *port, connect_timeout).await?),
+            DirectAddress::Tls { host, port, config } => {
+                let name = ServerName::try_from(host.clone())
+                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+                let stream = tcp(host, *port, connect_timeout).await?;
+                let connector = tokio_rustls::TlsConnector::from(config.clone());
+                Box::new(
+                    bounded(
+                        connect_timeout,
+                        "TLS handshake",
+                        connector.connect(name, stream),
+                    )
+                    .await??,
                 )
-                .await??;
-                stream.set_nodelay(true)?;
-                Box::new(stream)
             }
             DirectAddress::Unix(path) => Box::new(
                 bounded(
@@ -199,6 +239,58 @@ impl DirectConn {
     }
 }
 
+async fn tcp(host: &str, port: u16, limit: Duration) -> io::Result<tokio::net::TcpStream> {
+    let stream = bounded(
+        limit,
+        "connect",
+        tokio::net::TcpStream::connect((host, port)),
+    )
+    .await??;
+    stream.set_nodelay(true)?;
+    Ok(stream)
+}
+
+/// The client TLS settings the redis crate makes of the same URL: the `tls_ca` file or else
+/// the system's roots, the client certificate, and for `#insecure` no check of the server's
+/// certificate (the handshake's signatures are still checked).
+fn tls_config(certificates: Option<&TlsCertificates>, insecure: bool) -> Option<ClientConfig> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .ok()?;
+    let builder = if insecure {
+        builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(EncryptOnly(provider)))
+    } else {
+        let mut roots = RootCertStore::empty();
+        match certificates.and_then(|c| c.root_cert.as_deref()) {
+            Some(pem) => {
+                for cert in CertificateDer::pem_slice_iter(pem) {
+                    roots.add(cert.ok()?).ok()?;
+                }
+            }
+            None => {
+                roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
+            }
+        }
+        builder.with_root_certificates(roots)
+    };
+    match certificates.and_then(|c| c.client_tls.as_ref()) {
+        Some(ClientTlsConfig {
+            client_cert,
+            client_key,
+        }) => {
+            let chain = CertificateDer::pem_slice_iter(client_cert)
+                .collect::<Result<Vec<_>, _>>()
+                .ok()?;
+            let key = PrivateKeyDer::from_pem_slice(client_key).ok()?;
+            builder.with_client_auth_cert(chain, key).ok()
+        }
+        None => Some(builder.with_no_client_auth()),
+    }
+}
+
 async fn bounded<F: Future>(limit: Duration, what: &str, future: F) -> io::Result<F::Output> {
     tokio::time::timeout(limit, future).await.map_err(|_| {
         io::Error::new(
@@ -221,7 +313,7 @@ mod tests {
 
     fn redis_target() -> DirectTarget {
         let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
-        DirectTarget::of(&redis::Client::open(url).unwrap()).expect("a plain TCP URL")
+        DirectTarget::of(&SecretUrl::new(url)).expect("a plain TCP URL")
     }
 
     #[tokio::test]

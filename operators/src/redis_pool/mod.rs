@@ -48,6 +48,8 @@ pub struct RedisManager {
     url: SecretUrl,
     target: Target,
     config_timeout: Duration,
+    /// Where a stream reader connects directly, read from the URL (and its TLS files) once.
+    direct: std::sync::OnceLock<Option<DirectTarget>>,
 }
 
 impl fmt::Debug for RedisManager {
@@ -75,6 +77,7 @@ impl RedisManager {
             url: url.clone(),
             target,
             config_timeout: timeout,
+            direct: std::sync::OnceLock::new(),
         })
     }
 
@@ -112,12 +115,12 @@ impl RedisManager {
         &self,
         response_timeout: Duration,
     ) -> Result<ReaderConn, RedisError> {
-        let direct = match &self.target {
-            Target::Single(client) => DirectTarget::of(client),
+        let direct = self.direct.get_or_init(|| match &self.target {
+            Target::Single(_) => DirectTarget::of(&self.url),
             Target::Cluster(_) => None,
-        };
+        });
         let result = match direct {
-            Some(target) => DirectConn::connect(&target, self.config_timeout, response_timeout)
+            Some(target) => DirectConn::connect(target, self.config_timeout, response_timeout)
                 .await
                 .map(ReaderConn::Direct),
             None => self
