@@ -123,7 +123,7 @@ impl StreamSource {
         if self.conn.is_none() {
             let conn = self
                 .manager
-                .connect_reader(self.config.read_timeout())
+                .connect_reader(self.config.read_timeout(), &self.config.stream)
                 .await
                 .map_err(|source| self.error("CONNECT", source))?;
             self.conn = Some(conn);

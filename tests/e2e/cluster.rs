@@ -391,3 +391,43 @@ fn a_stream_slot_migrating_during_a_drain_loses_nothing() {
     let (status, log) = worker.terminate();
     assert!(status.success(), "{log}");
 }
+
+#[test]
+fn a_stream_whose_slot_is_half_migrated_is_read_through_ask() {
+    let private = PrivateCluster::start(3, 0);
+    let url = private.url();
+    let mut conn = cluster(&url);
+    let stream = unique("cl-ask");
+    let prefix = format!("{stream}:");
+    let file = pipeline_file("cl-ask", &pipeline(&stream, &prefix, &url, None, true));
+    let (events, expected) = workload(300, 4, 25);
+    let (first_half, second_half) = events.split_at(events.len() / 2);
+    publish_routed(&mut conn, &stream, first_half);
+    // Partition 3's stream moves to another master, but the slot is not handed over: its old
+    // owner answers ASK for the stream while the worker reads it.
+    let key = partition_stream(&stream, 3, PARTITIONS);
+    let slot = private.key_slot(&key);
+    let from = private.master_of_slot(slot);
+    let to = private
+        .node_ports()
+        .into_iter()
+        .take(3)
+        .find(|p| *p != from)
+        .expect("another master");
+    private.move_slot_keys(slot, to);
+    let worker = Worker::start(&file, &[]);
+    publish_routed(&mut conn, &stream, second_half);
+    converge(
+        &mut conn,
+        &mut cluster(&url),
+        &[&worker],
+        &stream,
+        &prefix,
+        true,
+        &expected,
+    );
+    assert_eq!(private.master_of_slot(slot), from, "still migrating");
+    private.assign_slot(slot, to);
+    let (status, log) = worker.terminate();
+    assert!(status.success(), "{log}");
+}

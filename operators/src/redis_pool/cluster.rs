@@ -8,6 +8,7 @@ use redis::cluster::ClusterClient;
 use redis::{RedisError, TlsCertificates};
 
 use super::client::{RedisUrlError, TlsParts, UrlParts, tls_parts};
+use super::direct::DirectTarget;
 
 /// The cluster schemes and the node scheme each stands for.
 const SCHEMES: [(&str, &str); 2] = [("redis+cluster", "redis"), ("rediss+cluster", "rediss")];
@@ -77,6 +78,15 @@ impl ClusterSeeds {
             nodes,
             certificates,
         }))
+    }
+
+    /// The seeds as targets of direct connections; `None` where one is a URL only the redis
+    /// crate reads.
+    pub(super) fn direct_targets(&self) -> Option<Vec<DirectTarget>> {
+        self.nodes
+            .iter()
+            .map(|node| DirectTarget::from_parts(node, self.certificates.as_ref()))
+            .collect()
     }
 
     /// A client whose every attempt on a node has `response_timeout`. A whole request gets

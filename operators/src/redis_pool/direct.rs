@@ -20,6 +20,7 @@ use rustls::{ClientConfig, RootCertStore};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::client::{TlsParts, tls_parts};
+use super::cluster_reader::ClusterReader;
 use super::resp::ReplyScan;
 use crate::postgres_tls::EncryptOnly;
 use crate::secret::SecretUrl;
@@ -27,8 +28,8 @@ use crate::secret::SecretUrl;
 /// Bytes asked of the socket at least per read: a batch of 1000 events is about 300 KiB.
 const READ_CHUNK: usize = 64 * 1024;
 
-/// What a direct connection is opened to, from a single-server URL.
-#[derive(Debug, Clone)]
+/// What a direct connection is opened to: a server, its credentials and TLS settings.
+#[derive(Clone)]
 pub struct DirectTarget {
     address: DirectAddress,
     username: Option<String>,
@@ -47,6 +48,13 @@ enum DirectAddress {
     Unix(PathBuf),
 }
 
+/// The address only: the credentials stay out of logs.
+impl std::fmt::Debug for DirectTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}", self.address)
+    }
+}
+
 impl std::fmt::Debug for DirectAddress {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
@@ -62,7 +70,12 @@ impl DirectTarget {
     /// serves (a URL or TLS setting it reads differently, which its connect then reports).
     pub fn of(url: &SecretUrl) -> Option<Self> {
         let TlsParts { url, certificates } = tls_parts(url.expose()).ok()?;
-        let client = redis::Client::open(url.as_str()).ok()?;
+        Self::from_parts(&url, certificates.as_ref())
+    }
+
+    /// The target of a single-server URL without `tls_*` options, with the files they named.
+    pub(super) fn from_parts(url: &str, certificates: Option<&TlsCertificates>) -> Option<Self> {
+        let client = redis::Client::open(url).ok()?;
         let info = client.get_connection_info();
         let address = match info.addr() {
             ConnectionAddr::Tcp(host, port) => DirectAddress::Tcp(host.clone(), *port),
@@ -74,7 +87,7 @@ impl DirectTarget {
             } => DirectAddress::Tls {
                 host: host.clone(),
                 port: *port,
-                config: Arc::new(tls_config(certificates.as_ref(), *insecure)?),
+                config: Arc::new(tls_config(certificates, *insecure)?),
             },
             ConnectionAddr::Unix(path) => DirectAddress::Unix(path.clone()),
             _ => return None,
@@ -87,10 +100,36 @@ impl DirectTarget {
             db: redis.db(),
         })
     }
+
+    /// The same credentials and TLS settings on another server (a cluster node); `None` for a
+    /// Unix socket.
+    pub(super) fn at(&self, host: &str, port: u16) -> Option<Self> {
+        let address = match &self.address {
+            DirectAddress::Tcp(..) => DirectAddress::Tcp(host.to_owned(), port),
+            DirectAddress::Tls { config, .. } => DirectAddress::Tls {
+                host: host.to_owned(),
+                port,
+                config: config.clone(),
+            },
+            DirectAddress::Unix(_) => return None,
+        };
+        Some(DirectTarget {
+            address,
+            ..self.clone()
+        })
+    }
+
+    /// The host name or address, for a TCP target.
+    pub(super) fn host(&self) -> Option<&str> {
+        match &self.address {
+            DirectAddress::Tcp(host, _) | DirectAddress::Tls { host, .. } => Some(host),
+            DirectAddress::Unix(_) => None,
+        }
+    }
 }
 
-trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
-impl<T: AsyncRead + AsyncWrite + Send + Unpin> Io for T {}
+trait Io: AsyncRead + AsyncWrite + Send + Sync + Unpin {}
+impl<T: AsyncRead + AsyncWrite + Send + Sync + Unpin> Io for T {}
 
 /// A connection that sends one command at a time and returns its reply as RESP bytes.
 pub struct DirectConn {
@@ -108,7 +147,9 @@ pub struct DirectConn {
 pub enum ReaderConn {
     /// A direct connection to one server.
     Direct(DirectConn),
-    /// The redis crate's connection (TLS, or a cluster).
+    /// A direct connection to the cluster node serving the reader's stream.
+    Cluster(Box<ClusterReader>),
+    /// The redis crate's connection (a URL only it reads).
     Client(super::RedisConn),
 }
 
@@ -126,6 +167,7 @@ impl ReaderConn {
     pub async fn request(&mut self, cmd: &Cmd) -> Result<ReaderReply<'_>, RedisError> {
         match self {
             ReaderConn::Direct(conn) => conn.request(cmd).await.map(ReaderReply::Resp),
+            ReaderConn::Cluster(reader) => reader.request(cmd).await.map(ReaderReply::Resp),
             // Only the top of a reply is looked at for an error: `query_async` walks and
             // rebuilds every reply to find nested ones.
             ReaderConn::Client(conn) => match conn.req_packed_command(cmd).await? {
@@ -202,21 +244,35 @@ impl DirectConn {
 
     /// Sends `cmd` and reads its whole reply; a server error comes back as `Err`.
     pub async fn request(&mut self, cmd: &Cmd) -> Result<&[u8], RedisError> {
+        self.send(cmd).await?;
+        Ok(self.reply())
+    }
+
+    /// The reply of the last [`DirectConn::send`] that succeeded.
+    pub fn reply(&self) -> &[u8] {
+        &self.buffer[..self.handed_out]
+    }
+
+    /// Sends `cmd` and reads its whole reply, kept for [`DirectConn::reply`]; a server error
+    /// comes back as `Err`.
+    pub async fn send(&mut self, cmd: &Cmd) -> Result<(), RedisError> {
         self.buffer.drain(..self.handed_out);
         self.handed_out = 0;
         self.request.clear();
         cmd.write_packed_command(&mut self.request);
         let timeout = self.response_timeout;
         let len = bounded(timeout, "reply", self.exchange()).await??;
-        self.handed_out = len;
         let reply = &self.buffer[..len];
         if reply.first() == Some(&b'-') {
-            return Err(match redis::parse_redis_value(reply)? {
+            let error = match redis::parse_redis_value(reply)? {
                 Value::ServerError(error) => RedisError::from(error),
                 other => protocol_error(format!("an error reply read as {other:?}")),
-            });
+            };
+            self.buffer.drain(..len);
+            return Err(error);
         }
-        Ok(reply)
+        self.handed_out = len;
+        Ok(())
     }
 
     async fn exchange(&mut self) -> Result<usize, RedisError> {

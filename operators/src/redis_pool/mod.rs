@@ -11,6 +11,7 @@
 
 mod client;
 mod cluster;
+mod cluster_reader;
 mod conn;
 mod direct;
 mod failure;
@@ -23,6 +24,7 @@ use redis::{AsyncConnectionConfig, Client, RedisError};
 
 pub use client::{RedisUrlError, redis_client, redis_user};
 use cluster::ClusterSeeds;
+pub use cluster_reader::ClusterReader;
 pub use conn::RedisConn;
 pub use direct::{DirectConn, DirectTarget, ReaderConn, ReaderReply};
 pub use failure::{FailureKind, RedisFailure, access_problems, report_failure, resolve_failure};
@@ -42,6 +44,17 @@ enum Target {
     Cluster(ClusterSeeds),
 }
 
+/// Where a stream reader's direct connection goes.
+#[derive(Clone)]
+enum DirectPlan {
+    /// The one server.
+    Single(DirectTarget),
+    /// The master serving the stream, found from these seeds.
+    Cluster(Vec<DirectTarget>),
+    /// Nowhere: the redis crate's connection serves.
+    None,
+}
+
 /// bb8 manager that opens connections with explicit connect and response timeouts.
 #[derive(Clone)]
 pub struct RedisManager {
@@ -49,7 +62,7 @@ pub struct RedisManager {
     target: Target,
     config_timeout: Duration,
     /// Where a stream reader connects directly, read from the URL (and its TLS files) once.
-    direct: std::sync::OnceLock<Option<DirectTarget>>,
+    direct: std::sync::OnceLock<DirectPlan>,
 }
 
 impl fmt::Debug for RedisManager {
@@ -108,22 +121,34 @@ impl RedisManager {
         result
     }
 
-    /// Opens the connection of a dedicated stream reader: a [`DirectConn`] to a single server
-    /// reached without TLS, else the redis crate's. Its outcome is recorded like
+    /// Opens the connection of a dedicated stream reader of `key`: a [`DirectConn`] to a single
+    /// server, or a [`ClusterReader`] to the master serving `key`, else (a URL only the redis
+    /// crate reads) the redis crate's. Its outcome is recorded like
     /// [`RedisManager::connect_with_timeout`]'s.
     pub async fn connect_reader(
         &self,
         response_timeout: Duration,
+        key: &str,
     ) -> Result<ReaderConn, RedisError> {
-        let direct = self.direct.get_or_init(|| match &self.target {
-            Target::Single(_) => DirectTarget::of(&self.url),
-            Target::Cluster(_) => None,
+        let plan = self.direct.get_or_init(|| {
+            let plan = match &self.target {
+                Target::Single(_) => DirectTarget::of(&self.url).map(DirectPlan::Single),
+                Target::Cluster(seeds) => seeds.direct_targets().map(DirectPlan::Cluster),
+            };
+            plan.unwrap_or(DirectPlan::None)
         });
-        let result = match direct {
-            Some(target) => DirectConn::connect(target, self.config_timeout, response_timeout)
-                .await
-                .map(ReaderConn::Direct),
-            None => self
+        let result = match plan {
+            DirectPlan::Single(target) => {
+                DirectConn::connect(target, self.config_timeout, response_timeout)
+                    .await
+                    .map(ReaderConn::Direct)
+            }
+            DirectPlan::Cluster(seeds) => {
+                ClusterReader::connect(seeds, key, self.config_timeout, response_timeout)
+                    .await
+                    .map(|reader| ReaderConn::Cluster(Box::new(reader)))
+            }
+            DirectPlan::None => self
                 .connect_once(response_timeout)
                 .await
                 .map(ReaderConn::Client),

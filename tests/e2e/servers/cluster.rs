@@ -367,10 +367,18 @@ impl PrivateCluster {
     /// for keys already moved), then SETSLOT NODE on every master; waits until every running
     /// node sees the new owner.
     pub fn migrate_slot(&self, slot: u16, to_port: u16) {
-        let from_port = self.master_of_slot(slot);
-        if from_port == to_port {
+        if self.master_of_slot(slot) == to_port {
             return;
         }
+        self.move_slot_keys(slot, to_port);
+        self.assign_slot(slot, to_port);
+    }
+
+    /// The first half of [`PrivateCluster::migrate_slot`]: the slot is IMPORTING on `to_port`
+    /// and MIGRATING on its owner, and every key of it has moved, so that its owner answers
+    /// ASK for each of them until [`PrivateCluster::assign_slot`].
+    pub fn move_slot_keys(&self, slot: u16, to_port: u16) {
+        let from_port = self.master_of_slot(slot);
         let view = self.view();
         let id_of = |port: u16| -> String {
             view.iter()
@@ -407,6 +415,19 @@ impl PrivateCluster {
                     panic!("MIGRATE of slot {slot} from {from_port} to {to_port}: {e}")
                 });
         }
+    }
+
+    /// The second half of [`PrivateCluster::migrate_slot`]: SETSLOT NODE on every master;
+    /// waits until every running node sees the new owner.
+    pub fn assign_slot(&self, slot: u16, to_port: u16) {
+        let from_port = self.master_of_slot(slot);
+        let view = self.view();
+        let to_id = view
+            .iter()
+            .find(|n| n.port == to_port && n.has_flag("master"))
+            .map(|n| n.id.clone())
+            .unwrap_or_else(|| panic!("no master on port {to_port}"));
+        let slot_arg = slot.to_string();
         // The new owner first, then the old, then the rest, as Redis's docs order it, so that
         // no moment has both or neither claim the slot.
         let mut masters: Vec<u16> = vec![to_port, from_port];
