@@ -15,8 +15,9 @@
 //!   circuit breaker, concurrency limit, per-endpoint stats).
 //! - [`postgres_tls`]: Postgres URLs with libpq's `sslmode` options, over rustls.
 //! - [`replica`]: reading a replica back for reconciliation ([`replica::Replica`]).
-//! - [`redis_pool`]: the one Redis connection type (one server or a cluster), its URLs (TLS,
-//!   credentials, `redis+cluster://`) and pool, and how a Redis failure is classified.
+//! - [`redis_pool`]: Redis connections (one server or a cluster; the redis crate's, and the
+//!   stream reader's own), their URLs (TLS, credentials, `redis+cluster://`) and pool, and how
+//!   a Redis failure is classified.
 //! - [`claim`]: claim stores for payloads too large for the stream ([`claim::ClaimStore`],
 //!   [`claim::RedisClaimStore`]).
 //! - [`secret`]: connection strings that never print their passwords.

@@ -166,7 +166,11 @@ impl StreamSource {
             }
             Err(source) => {
                 report_failure("source", &self.config.redis, &source);
-                if !is_server_error(&source) {
+                // A cluster node that lost its slots or its quorum: the next connection asks
+                // the seeds again where the stream is served.
+                if !is_server_error(&source)
+                    || matches!(source.code(), Some("CLUSTERDOWN" | "MASTERDOWN"))
+                {
                     self.conn = None;
                 }
                 Err(self.error(op, source))

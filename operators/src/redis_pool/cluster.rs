@@ -10,6 +10,99 @@ use redis::{RedisError, TlsCertificates};
 use super::client::{RedisUrlError, TlsParts, UrlParts, tls_parts};
 use super::direct::DirectTarget;
 
+/// Slots of a Redis Cluster.
+const SLOTS: u16 = 16384;
+
+/// CRC16-CCITT (XMODEM), Redis Cluster's key hash.
+fn crc16(bytes: &[u8]) -> u16 {
+    bytes.iter().fold(0u16, |crc, &byte| {
+        (0..8).fold(crc ^ (u16::from(byte) << 8), |crc, _| {
+            if crc & 0x8000 != 0 {
+                (crc << 1) ^ 0x1021
+            } else {
+                crc << 1
+            }
+        })
+    })
+}
+
+/// The cluster slot of `key`: the hash of its hash tag (what lies between the first `{` and
+/// the next `}`, when not empty), else of the whole key.
+pub fn key_slot(key: &[u8]) -> u16 {
+    let tag = key.iter().position(|&b| b == b'{').and_then(|open| {
+        let rest = &key[open + 1..];
+        let len = rest.iter().position(|&b| b == b'}')?;
+        (len > 0).then(|| &rest[..len])
+    });
+    crc16(tag.unwrap_or(key)) % SLOTS
+}
+
+/// A range of slots and the master serving it, from `CLUSTER SLOTS`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SlotRange {
+    /// First slot of the range.
+    pub first: u16,
+    /// Last slot of the range (included).
+    pub last: u16,
+    /// The master's host, as clients reach it.
+    pub host: String,
+    /// The master's port.
+    pub port: u16,
+}
+
+/// The ranges of a `CLUSTER SLOTS` reply from the node reached at `answering_host`, read as
+/// the redis crate reads them: an empty host or a wildcard address means that node's host,
+/// and a range whose master's address is unknown (`?`) is left out.
+pub fn slot_ranges(reply: &redis::Value, answering_host: &str) -> Result<Vec<SlotRange>, String> {
+    use redis::Value;
+    let Value::Array(ranges) = reply else {
+        return Err(format!("CLUSTER SLOTS answered {reply:?}"));
+    };
+    let mut read = Vec::with_capacity(ranges.len());
+    for range in ranges {
+        let unexpected = || format!("CLUSTER SLOTS: an unexpected range {range:?}");
+        let Value::Array(fields) = range else {
+            return Err(unexpected());
+        };
+        let [
+            Value::Int(first),
+            Value::Int(last),
+            Value::Array(master),
+            ..,
+        ] = fields.as_slice()
+        else {
+            return Err(unexpected());
+        };
+        let [host, Value::Int(port), ..] = master.as_slice() else {
+            return Err(format!(
+                "CLUSTER SLOTS: a range without its master: {range:?}"
+            ));
+        };
+        let host = match host {
+            Value::BulkString(b) => String::from_utf8_lossy(b).into_owned(),
+            Value::SimpleString(s) => s.clone(),
+            _ => String::new(),
+        };
+        let host = match host.as_str() {
+            "?" => continue,
+            "" | "0.0.0.0" | "::" => answering_host.to_owned(),
+            _ => host,
+        };
+        let slot = |n: &i64| u16::try_from(*n).ok().filter(|n| *n < SLOTS);
+        let (Some(first), Some(last), Ok(port)) = (slot(first), slot(last), u16::try_from(*port))
+        else {
+            return Err(unexpected());
+        };
+        read.push(SlotRange {
+            first,
+            last,
+            host,
+            port,
+        });
+    }
+    Ok(read)
+}
+
 /// The cluster schemes and the node scheme each stands for.
 const SCHEMES: [(&str, &str); 2] = [("redis+cluster", "redis"), ("rediss+cluster", "rediss")];
 
@@ -111,6 +204,20 @@ impl ClusterSeeds {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn key_slots_match_redis() {
+        // From the Redis Cluster specification and CLUSTER KEYSLOT.
+        assert_eq!(crc16(b"123456789"), 0x31c3);
+        assert_eq!(key_slot(b"foo"), 12182);
+        assert_eq!(key_slot(b"somekey"), 11058);
+        assert_eq!(key_slot(b"{user1000}.following"), key_slot(b"user1000"));
+        // An empty tag does not count: the whole key is hashed.
+        assert_eq!(key_slot(b"foo{}{bar}"), crc16(b"foo{}{bar}") % SLOTS);
+        assert_eq!(key_slot(b"foo{{bar}}zap"), key_slot(b"{bar"));
+        // A partition key hashes by its own tag, so partitions spread over slots.
+        assert_eq!(key_slot(b"orders:{orders:3}"), key_slot(b"orders:3"));
+    }
     use crate::redis_pool::{redis_client, redis_user, test_cluster_url as cluster_url};
     use crate::secret::SecretUrl;
 

@@ -1,17 +1,20 @@
 //! A stream reader's direct connection on a Redis Cluster: to the master serving its stream's
-//! slot, found from the seeds (`CLUSTER KEYSLOT`, `CLUSTER SLOTS`), following `MOVED` to the
-//! new owner and `ASK` (with `ASKING`) during a slot migration, as the redis crate's cluster
-//! connection does for the commands it routes.
+//! slot, found from the seeds' `CLUSTER SLOTS` (the command the redis crate's cluster client
+//! sends, so no ACL needs more), following `MOVED` to the new owner and `ASK` (with `ASKING`)
+//! during a slot migration, as the redis crate does for the commands it routes.
 
 use std::time::Duration;
 
-use redis::{Cmd, RedisError, Value};
+use redis::{Cmd, RedisError};
 
+use super::cluster::{key_slot, slot_ranges};
 use super::direct::{DirectConn, DirectTarget};
 
 /// A direct connection to the cluster node that serves one key.
 pub struct ClusterReader {
+    /// The connection to the node serving the key.
     conn: DirectConn,
+    /// That node.
     node: DirectTarget,
     /// The importing node's connection while a migration answers `ASK`, by its address.
     asking: Option<(String, DirectConn)>,
@@ -20,30 +23,47 @@ pub struct ClusterReader {
 }
 
 impl ClusterReader {
-    /// Connects to the master serving `key`, asking each seed in turn where that is; the last
-    /// seed's failure when none answers.
+    /// Connects to the master serving `key`, asking the seeds in turn where that is, all within
+    /// one connect and one response timeout; the last failure when no seed leads to it.
     pub async fn connect(
         seeds: &[DirectTarget],
         key: &str,
         connect_timeout: Duration,
         response_timeout: Duration,
     ) -> Result<Self, RedisError> {
-        let mut failure = None;
-        for seed in seeds {
-            match master_of(seed, key, connect_timeout, response_timeout).await {
-                Ok(node) => {
-                    return Ok(ClusterReader {
-                        conn: DirectConn::connect(&node, connect_timeout, response_timeout).await?,
-                        node,
-                        asking: None,
-                        connect_timeout,
-                        response_timeout,
-                    });
+        let deadline = connect_timeout + response_timeout;
+        let discovery = async {
+            let slot = key_slot(key.as_bytes());
+            let mut failure = None;
+            for seed in seeds {
+                let found = async {
+                    let node = master_of(seed, slot, connect_timeout, response_timeout).await?;
+                    let conn =
+                        DirectConn::connect(&node, connect_timeout, response_timeout).await?;
+                    Ok::<_, RedisError>((node, conn))
+                };
+                match found.await {
+                    Ok((node, conn)) => {
+                        return Ok(ClusterReader {
+                            conn,
+                            node,
+                            asking: None,
+                            connect_timeout,
+                            response_timeout,
+                        });
+                    }
+                    Err(e) => failure = Some(e),
                 }
-                Err(e) => failure = Some(e),
             }
+            Err(failure.unwrap_or_else(|| cluster_error("the cluster URL names no seed".into())))
+        };
+        match tokio::time::timeout(deadline, discovery).await {
+            Ok(result) => result,
+            Err(_) => Err(RedisError::from(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("finding the master of `{key}` took more than {deadline:?}"),
+            ))),
         }
-        Err(failure.unwrap_or_else(|| cluster_error("the cluster URL names no seed".into())))
     }
 
     /// Sends `cmd` to the node serving its key, following one `MOVED` or `ASK`.
@@ -94,61 +114,27 @@ impl ClusterReader {
     }
 }
 
-/// The master serving `key`, as `seed` sees the slot map.
+/// The master serving `slot`, as `seed` sees the slot map.
 async fn master_of(
     seed: &DirectTarget,
-    key: &str,
+    slot: u16,
     connect_timeout: Duration,
     response_timeout: Duration,
 ) -> Result<DirectTarget, RedisError> {
     let mut conn = DirectConn::connect(seed, connect_timeout, response_timeout).await?;
-    let slot = match redis::parse_redis_value(
-        conn.request(redis::cmd("CLUSTER").arg("KEYSLOT").arg(key))
-            .await?,
-    )? {
-        Value::Int(slot) => slot,
-        other => return Err(cluster_error(format!("CLUSTER KEYSLOT answered {other:?}"))),
-    };
-    let slots = redis::parse_redis_value(conn.request(redis::cmd("CLUSTER").arg("SLOTS")).await?)?;
-    let Value::Array(ranges) = slots else {
-        return Err(cluster_error(format!("CLUSTER SLOTS answered {slots:?}")));
-    };
-    for range in ranges {
-        let Value::Array(parts) = range else { continue };
-        let (Some(Value::Int(first)), Some(Value::Int(last)), Some(Value::Array(master))) =
-            (parts.first(), parts.get(1), parts.get(2))
-        else {
-            continue;
-        };
-        if !(*first..=*last).contains(&slot) {
-            continue;
-        }
-        let host = match master.first() {
-            Some(Value::BulkString(host)) => String::from_utf8_lossy(host).into_owned(),
-            _ => String::new(),
-        };
-        let port = match master.get(1) {
-            Some(Value::Int(port)) => u16::try_from(*port).ok(),
-            _ => None,
-        };
-        let Some(port) = port else {
-            return Err(cluster_error(format!(
-                "CLUSTER SLOTS gives no port for slot {slot}"
-            )));
-        };
-        // A node that does not know its own address is reached where it was asked.
-        let host = if host.is_empty() || host == "?" {
-            seed.host().unwrap_or_default().to_owned()
-        } else {
-            host
-        };
-        return seed
-            .at(&host, port)
-            .ok_or_else(|| cluster_error("a cluster seed is a Unix socket".into()));
-    }
-    Err(cluster_error(format!(
-        "no node serves slot {slot} (key `{key}`): the cluster is not fully covered"
-    )))
+    let reply = redis::parse_redis_value(conn.request(redis::cmd("CLUSTER").arg("SLOTS")).await?)?;
+    let seed_host = seed.host().unwrap_or_default();
+    let range = slot_ranges(&reply, seed_host)
+        .map_err(cluster_error)?
+        .into_iter()
+        .find(|range| (range.first..=range.last).contains(&slot))
+        .ok_or_else(|| {
+            cluster_error(format!(
+                "no master with a known address serves slot {slot} (redis-cli cluster info)"
+            ))
+        })?;
+    seed.at(&range.host, range.port)
+        .ok_or_else(|| cluster_error("a cluster seed is a Unix socket".into()))
 }
 
 /// The target at a redirect's `host:port`.

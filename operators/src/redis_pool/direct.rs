@@ -4,8 +4,8 @@
 //! event went to the redis crate's reply parser and the trees it builds).
 //!
 //! It speaks RESP2 over TCP, TLS (with the URL's `tls_*` files, as the redis crate reads them)
-//! or a Unix socket, logs in (`AUTH`) and selects the URL's database. Cluster URLs are not
-//! served here: they keep the redis crate's connection, which follows the slot map.
+//! or a Unix socket, logs in (`AUTH`) and selects the URL's database. On a cluster,
+//! [`ClusterReader`] opens one to the node serving the reader's stream.
 
 use std::io;
 use std::path::PathBuf;
@@ -25,7 +25,8 @@ use super::resp::ReplyScan;
 use crate::postgres_tls::EncryptOnly;
 use crate::secret::SecretUrl;
 
-/// Bytes asked of the socket at least per read: a batch of 1000 events is about 300 KiB.
+/// Room made in the buffer when less than a quarter of it is left: a batch of 500 events is
+/// about 170 KiB.
 const READ_CHUNK: usize = 64 * 1024;
 
 /// What a direct connection is opened to: a server, its credentials and TLS settings.
@@ -37,6 +38,7 @@ pub struct DirectTarget {
     db: i64,
 }
 
+/// Where a server listens, and for TLS the client settings.
 #[derive(Clone)]
 enum DirectAddress {
     Tcp(String, u16),
@@ -138,6 +140,9 @@ pub struct DirectConn {
     buffer: Vec<u8>,
     /// Length of the reply handed out last, at the front of `buffer`.
     handed_out: usize,
+    /// A request was sent and its reply not wholly read (a timeout, a dropped future): what
+    /// comes next on the connection may be that reply, so it is not used again.
+    broken: bool,
     request: Vec<u8>,
     response_timeout: Duration,
 }
@@ -224,6 +229,7 @@ impl DirectConn {
             io,
             buffer: Vec::with_capacity(READ_CHUNK),
             handed_out: 0,
+            broken: false,
             request: Vec::new(),
             response_timeout: connect_timeout.max(response_timeout),
         };
@@ -248,14 +254,22 @@ impl DirectConn {
         Ok(self.reply())
     }
 
-    /// The reply of the last [`DirectConn::send`] that succeeded.
+    /// The reply read by the last [`DirectConn::send`], if it succeeded (else empty).
     pub fn reply(&self) -> &[u8] {
         &self.buffer[..self.handed_out]
     }
 
     /// Sends `cmd` and reads its whole reply, kept for [`DirectConn::reply`]; a server error
-    /// comes back as `Err`.
+    /// comes back as `Err`. Once a request failed other than by a server error, or was
+    /// abandoned, every later one fails.
     pub async fn send(&mut self, cmd: &Cmd) -> Result<(), RedisError> {
+        if self.broken {
+            return Err(RedisError::from(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                "the connection lost track of its replies (an earlier request failed)",
+            )));
+        }
+        self.broken = true;
         self.buffer.drain(..self.handed_out);
         self.handed_out = 0;
         self.request.clear();
@@ -269,14 +283,18 @@ impl DirectConn {
                 other => protocol_error(format!("an error reply read as {other:?}")),
             };
             self.buffer.drain(..len);
+            self.broken = false;
             return Err(error);
         }
         self.handed_out = len;
+        self.broken = false;
         Ok(())
     }
 
     async fn exchange(&mut self) -> Result<usize, RedisError> {
         self.io.write_all(&self.request).await?;
+        // TLS may hold the records back until flushed.
+        self.io.flush().await?;
         let mut scan = ReplyScan::default();
         loop {
             if let Some(len) = scan.advance(&self.buffer).map_err(protocol_error)? {
@@ -398,6 +416,26 @@ mod tests {
         // The connection stays usable after an error reply.
         let reply = conn.request(redis::cmd("DEL").arg(&key)).await.unwrap();
         assert_eq!(reply, b":1\r\n");
+    }
+
+    #[tokio::test]
+    async fn a_reply_that_came_too_late_is_never_read_as_the_next_ones() {
+        let mut conn = DirectConn::connect(
+            &redis_target(),
+            Duration::from_secs(5),
+            Duration::from_millis(200),
+        )
+        .await
+        .unwrap();
+        let list = format!("ecst:test:direct-late:{}", std::process::id());
+        let error = conn
+            .request(redis::cmd("BLPOP").arg(&list).arg(1))
+            .await
+            .unwrap_err();
+        assert!(error.is_timeout(), "{error}");
+        // BLPOP's nil arrives later; a PING must not take it for its answer.
+        let error = conn.request(&redis::cmd("PING")).await.unwrap_err();
+        assert!(error.to_string().contains("lost track"), "{error}");
     }
 
     #[tokio::test]

@@ -1,7 +1,8 @@
 //! Every Redis connection ecst opens, to one server or to a Redis Cluster: the URL forms with
-//! their TLS options ([`redis_client`], and `redis+cluster://` in `cluster`), the one
-//! connection type [`RedisConn`], a bb8 pool whose every command has a response timeout, and
-//! the classification of failures ([`RedisFailure`]) that `/readyz` and error messages report.
+//! their TLS options ([`redis_client`], and `redis+cluster://` in `cluster`), the redis crate's
+//! connection [`RedisConn`] with a bb8 pool whose every command has a response timeout, the
+//! stream reader's own connection ([`ReaderConn`]: [`DirectConn`], [`ClusterReader`]), and the
+//! classification of failures ([`RedisFailure`]) that `/readyz` and error messages report.
 //!
 //! One manager serves both kinds of server, rather than `bb8-redis` for one server and the
 //! redis crate's own bb8 manager for a cluster: both of those open connections with fixed
@@ -24,6 +25,7 @@ use redis::{AsyncConnectionConfig, Client, RedisError};
 
 pub use client::{RedisUrlError, redis_client, redis_user};
 use cluster::ClusterSeeds;
+pub use cluster::{SlotRange, key_slot, slot_ranges};
 pub use cluster_reader::ClusterReader;
 pub use conn::RedisConn;
 pub use direct::{DirectConn, DirectTarget, ReaderConn, ReaderReply};
@@ -52,7 +54,7 @@ enum DirectPlan {
     /// The master serving the stream, found from these seeds.
     Cluster(Vec<DirectTarget>),
     /// Nowhere: the redis crate's connection serves.
-    None,
+    RedisCrate,
 }
 
 /// bb8 manager that opens connections with explicit connect and response timeouts.
@@ -109,7 +111,7 @@ impl RedisManager {
             .build_unchecked(self)
     }
 
-    /// Opens one connection outside the pool (for a dedicated blocking reader); on a cluster,
+    /// Opens one connection outside the pool (for a dedicated blocking command); on a cluster,
     /// a connection of its own, never shared with another user. Its outcome is recorded for
     /// `/readyz` and pool-timeout messages.
     pub async fn connect_with_timeout(
@@ -135,7 +137,14 @@ impl RedisManager {
                 Target::Single(_) => DirectTarget::of(&self.url).map(DirectPlan::Single),
                 Target::Cluster(seeds) => seeds.direct_targets().map(DirectPlan::Cluster),
             };
-            plan.unwrap_or(DirectPlan::None)
+            plan.unwrap_or_else(|| {
+                tracing::warn!(
+                    redis = %self.url,
+                    "the stream reader uses the redis crate's connection: its URL or TLS files \
+                     do not make a direct connection (the first connect says why if they are wrong)"
+                );
+                DirectPlan::RedisCrate
+            })
         });
         let result = match plan {
             DirectPlan::Single(target) => {
@@ -148,7 +157,7 @@ impl RedisManager {
                     .await
                     .map(|reader| ReaderConn::Cluster(Box::new(reader)))
             }
-            DirectPlan::None => self
+            DirectPlan::RedisCrate => self
                 .connect_once(response_timeout)
                 .await
                 .map(ReaderConn::Client),

@@ -48,7 +48,10 @@ impl ReplyScan {
                 },
                 b'*' => {
                     if let Some(n) = length(line)? {
-                        self.remaining += n as u64;
+                        self.remaining = self
+                            .remaining
+                            .checked_add(n as u64)
+                            .ok_or("more values than can be counted")?;
                     }
                     after
                 }

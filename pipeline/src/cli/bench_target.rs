@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use ecst_operators::SecretUrl;
+use ecst_operators::redis_pool::{key_slot, slot_ranges};
 use futures::future::try_join_all;
 use redis::Value;
 use redis::aio::MultiplexedConnection;
@@ -19,30 +20,6 @@ const SLOTS: usize = 16384;
 
 /// Commands per pipeline.
 const PIPELINE: usize = 1000;
-
-/// CRC16-CCITT (XMODEM), Redis Cluster's key hash.
-fn crc16(bytes: &[u8]) -> u16 {
-    bytes.iter().fold(0u16, |crc, &byte| {
-        (0..8).fold(crc ^ (u16::from(byte) << 8), |crc, _| {
-            if crc & 0x8000 != 0 {
-                (crc << 1) ^ 0x1021
-            } else {
-                crc << 1
-            }
-        })
-    })
-}
-
-/// The cluster slot of `key`: the hash of its hash tag (what lies between the first `{` and
-/// the next `}`, when not empty), else of the whole key.
-fn key_slot(key: &[u8]) -> usize {
-    let tag = key.iter().position(|&b| b == b'{').and_then(|open| {
-        let rest = &key[open + 1..];
-        let len = rest.iter().position(|&b| b == b'}')?;
-        (len > 0).then(|| &rest[..len])
-    });
-    usize::from(crc16(tag.unwrap_or(key))) % SLOTS
-}
 
 /// A cluster URL's seeds as single-node URLs with the same credentials and options; `None`
 /// for a single-node URL.
@@ -89,50 +66,24 @@ struct SlotTable {
     owner: Vec<usize>,
 }
 
-/// The slot table of a CLUSTER SLOTS reply; `seed_host` stands in for a master's empty host.
+/// The slot table of a CLUSTER SLOTS reply from the node reached at `seed_host`.
 fn parse_slots(reply: &Value, seed_host: &str) -> anyhow::Result<SlotTable> {
-    let Value::Array(ranges) = reply else {
-        bail!("CLUSTER SLOTS answered {reply:?}");
-    };
     let mut masters: Vec<(String, i64)> = Vec::new();
     let mut owner = vec![usize::MAX; SLOTS];
-    for range in ranges {
-        let (from, to, host, port) = match range {
-            Value::Array(fields) => match fields.as_slice() {
-                [Value::Int(from), Value::Int(to), Value::Array(node), ..] => match node.as_slice()
-                {
-                    [host, Value::Int(port), ..] => {
-                        let host = match host {
-                            Value::BulkString(b) => String::from_utf8_lossy(b).into_owned(),
-                            Value::SimpleString(s) => s.clone(),
-                            _ => String::new(),
-                        };
-                        (*from, *to, host, *port)
-                    }
-                    _ => bail!("CLUSTER SLOTS: a range without its master: {range:?}"),
-                },
-                _ => bail!("CLUSTER SLOTS: an unexpected range {range:?}"),
-            },
-            _ => bail!("CLUSTER SLOTS: an unexpected range {range:?}"),
-        };
-        // An empty or `?` host means "the address you reached me at".
-        let host = if host.is_empty() || host == "?" {
-            seed_host.to_string()
-        } else {
-            host
-        };
-        let index = match masters.iter().position(|m| *m == (host.clone(), port)) {
+    for range in slot_ranges(reply, seed_host).map_err(anyhow::Error::msg)? {
+        let master = (range.host, i64::from(range.port));
+        let index = match masters.iter().position(|m| *m == master) {
             Some(i) => i,
             None => {
-                masters.push((host, port));
+                masters.push(master);
                 masters.len() - 1
             }
         };
-        let (from, to) = (
-            usize::try_from(from).unwrap_or(SLOTS),
-            usize::try_from(to).unwrap_or(SLOTS),
-        );
-        for slot in owner.iter_mut().take(to.saturating_add(1)).skip(from) {
+        for slot in owner
+            .iter_mut()
+            .take(usize::from(range.last) + 1)
+            .skip(usize::from(range.first))
+        {
             *slot = index;
         }
     }
@@ -202,7 +153,7 @@ impl Target {
         if self.owner.is_empty() {
             0
         } else {
-            self.owner[key_slot(key)]
+            self.owner[usize::from(key_slot(key))]
         }
     }
 
@@ -428,23 +379,6 @@ mod tests {
         );
         assert_eq!(parse_command_stat("# Commandstats"), None);
         assert_eq!(parse_command_stat("cmdstat_hget:calls=x,usec=1"), None);
-    }
-
-    #[test]
-    fn key_slots_match_redis() {
-        // From the Redis Cluster specification and CLUSTER KEYSLOT.
-        assert_eq!(crc16(b"123456789"), 0x31c3);
-        assert_eq!(key_slot(b"foo"), 12182);
-        assert_eq!(key_slot(b"somekey"), 11058);
-        assert_eq!(key_slot(b"{user1000}.following"), key_slot(b"user1000"));
-        // An empty tag does not count: the whole key is hashed.
-        assert_eq!(
-            key_slot(b"foo{}{bar}"),
-            usize::from(crc16(b"foo{}{bar}")) % SLOTS
-        );
-        assert_eq!(key_slot(b"foo{{bar}}zap"), key_slot(b"{bar"));
-        // A partition key hashes by its own tag, so partitions spread over slots.
-        assert_eq!(key_slot(b"orders:{orders:3}"), key_slot(b"orders:3"));
     }
 
     #[test]
