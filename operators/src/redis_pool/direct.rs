@@ -239,7 +239,18 @@ impl DirectConn {
                 auth.arg(username);
             }
             auth.arg(password);
-            conn.request(&auth).await?;
+            match conn.request(&auth).await {
+                // Redis before 6 has no users: the password alone, as the redis crate retries.
+                Err(e)
+                    if target.username.is_some()
+                        && e.to_string().contains("wrong number of arguments") =>
+                {
+                    conn.request(redis::cmd("AUTH").arg(password)).await?;
+                }
+                result => {
+                    result?;
+                }
+            }
         }
         if target.db != 0 {
             conn.request(redis::cmd("SELECT").arg(target.db)).await?;
