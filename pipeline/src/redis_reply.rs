@@ -184,7 +184,8 @@ pub fn parse_read_resp(reply: &[u8]) -> Result<Vec<RawEntry>, String> {
         match resp.array()? {
             None => {}
             Some(count) => {
-                entries.reserve(count);
+                // Bounded by the reply: a count is only as trustworthy as the bytes behind it.
+                entries.reserve(count.min(reply.len() / 8));
                 for _ in 0..count {
                     if let Some(entry) = resp.entry()? {
                         entries.push(entry);
@@ -297,7 +298,7 @@ impl<'a> RespCursor<'a> {
             match header.kind {
                 b'*' => {
                     if let Some(flat) = resp::length(header.line)? {
-                        fields.reserve(flat / 2);
+                        fields.reserve((flat / 2).min(self.reply.len() / 8));
                         for _ in 0..flat / 2 {
                             let name = self
                                 .string()?
@@ -470,6 +471,7 @@ mod tests {
                     parse_read_resp(&bytes).unwrap_err(),
                     "entry without an id"
                 );
+                proptest::prop_assert!(parse_read(redis::parse_redis_value(&bytes).unwrap()).is_err());
             }
         }
     }

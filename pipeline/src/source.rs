@@ -120,6 +120,10 @@ impl StreamSource {
     }
 
     async fn conn(&mut self) -> Result<&mut ReaderConn, SourceError> {
+        // A request abandoned midway (its future dropped) left its reply unread.
+        if self.conn.as_ref().is_some_and(ReaderConn::is_broken) {
+            self.conn = None;
+        }
         if self.conn.is_none() {
             let conn = self
                 .manager

@@ -50,9 +50,10 @@ pub struct SlotRange {
     pub port: u16,
 }
 
-/// The ranges of a `CLUSTER SLOTS` reply from the node reached at `answering_host`, read as
-/// the redis crate reads them: an empty host or a wildcard address means that node's host,
-/// and a range whose master's address is unknown (`?`) is left out.
+/// The ranges of a `CLUSTER SLOTS` reply from the node reached at `answering_host`, each with
+/// its master: an empty or nil host or a wildcard address means the answering node's host (as
+/// the redis crate reads it), and a range whose master's address is unknown (`?`) is left out
+/// (the redis crate would fall back to a replica, which only answers `MOVED`).
 pub fn slot_ranges(reply: &redis::Value, answering_host: &str) -> Result<Vec<SlotRange>, String> {
     use redis::Value;
     let Value::Array(ranges) = reply else {
@@ -227,6 +228,47 @@ mod tests {
             Ok(None) => vec!["not a cluster URL".to_string()],
             Err(e) => vec![e.to_string()],
         }
+    }
+
+    #[test]
+    fn slot_ranges_read_hosts_as_the_redis_crate_does() {
+        use redis::Value;
+        let range = |first: i64, last: i64, host: Value| {
+            Value::Array(vec![
+                Value::Int(first),
+                Value::Int(last),
+                Value::Array(vec![host, Value::Int(7001)]),
+            ])
+        };
+        let bulk = |host: &str| Value::BulkString(host.as_bytes().to_vec());
+        let reply = Value::Array(vec![
+            range(0, 99, bulk("10.0.0.2")),
+            range(100, 199, bulk("")),
+            range(200, 299, Value::Nil),
+            range(300, 399, bulk("0.0.0.0")),
+            range(400, 499, bulk("::")),
+            range(500, 599, bulk("?")),
+        ]);
+        let hosts: Vec<(u16, String)> = slot_ranges(&reply, "seed")
+            .unwrap()
+            .into_iter()
+            .map(|r| (r.first, r.host))
+            .collect();
+        let expected = [
+            (0, "10.0.0.2"),
+            (100, "seed"),
+            (200, "seed"),
+            (300, "seed"),
+            (400, "seed"),
+        ];
+        assert_eq!(
+            hosts,
+            expected
+                .map(|(slot, host)| (slot, host.to_string()))
+                .to_vec()
+        );
+        assert!(slot_ranges(&Value::Array(vec![range(0, 16384, bulk("a"))]), "seed").is_err());
+        assert!(slot_ranges(&Value::Int(1), "seed").is_err());
     }
 
     #[test]

@@ -32,9 +32,9 @@ impl ClusterReader {
         response_timeout: Duration,
     ) -> Result<Self, RedisError> {
         let deadline = connect_timeout + response_timeout;
+        let mut failure = None;
         let discovery = async {
             let slot = key_slot(key.as_bytes());
-            let mut failure = None;
             for seed in seeds {
                 let found = async {
                     let node = master_of(seed, slot, connect_timeout, response_timeout).await?;
@@ -55,15 +55,23 @@ impl ClusterReader {
                     Err(e) => failure = Some(e),
                 }
             }
-            Err(failure.unwrap_or_else(|| cluster_error("the cluster URL names no seed".into())))
+            Err(failure
+                .take()
+                .unwrap_or_else(|| cluster_error("the cluster URL names no seed".into())))
         };
-        match tokio::time::timeout(deadline, discovery).await {
-            Ok(result) => result,
-            Err(_) => Err(RedisError::from(std::io::Error::new(
+        let result = tokio::time::timeout(deadline, discovery).await;
+        result.unwrap_or_else(|_| {
+            let last = failure.map_or(String::new(), |e| format!(" (last failure: {e})"));
+            Err(RedisError::from(std::io::Error::new(
                 std::io::ErrorKind::TimedOut,
-                format!("finding the master of `{key}` took more than {deadline:?}"),
-            ))),
-        }
+                format!("finding the master of `{key}` took more than {deadline:?}{last}"),
+            )))
+        })
+    }
+
+    /// Whether a request failed or was abandoned on the node's connection.
+    pub fn is_broken(&self) -> bool {
+        self.conn.is_broken()
     }
 
     /// Sends `cmd` to the node serving its key, following one `MOVED` or `ASK`.
@@ -87,7 +95,9 @@ impl ClusterReader {
         // ASK: this one command goes to the importing node, announced by ASKING; its
         // connection is kept for the next ones until the migration ends.
         let (_, conn) = match self.asking.take() {
-            Some((at, conn)) if at == address => self.asking.insert((at, conn)),
+            Some((at, conn)) if at == address && !conn.is_broken() => {
+                self.asking.insert((at, conn))
+            }
             _ => {
                 let conn = self.open(&target).await?;
                 self.asking.insert((address, conn))

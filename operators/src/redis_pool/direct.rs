@@ -168,6 +168,15 @@ pub enum ReaderReply<'a> {
 }
 
 impl ReaderConn {
+    /// Whether a request failed or was abandoned on it, so that it cannot be used.
+    pub fn is_broken(&self) -> bool {
+        match self {
+            ReaderConn::Direct(conn) => conn.is_broken(),
+            ReaderConn::Cluster(reader) => reader.is_broken(),
+            ReaderConn::Client(_) => false,
+        }
+    }
+
     /// Sends `cmd` and reads its reply.
     pub async fn request(&mut self, cmd: &Cmd) -> Result<ReaderReply<'_>, RedisError> {
         match self {
@@ -263,6 +272,11 @@ impl DirectConn {
     pub async fn request(&mut self, cmd: &Cmd) -> Result<&[u8], RedisError> {
         self.send(cmd).await?;
         Ok(self.reply())
+    }
+
+    /// Whether a request failed or was abandoned, so that the connection cannot be used.
+    pub fn is_broken(&self) -> bool {
+        self.broken
     }
 
     /// The reply read by the last [`DirectConn::send`], if it succeeded (else empty).

@@ -53,7 +53,7 @@ enum DirectPlan {
     Single(DirectTarget),
     /// The master serving the stream, found from these seeds.
     Cluster(Vec<DirectTarget>),
-    /// Nowhere: the redis crate's connection serves.
+    /// The redis crate's connection (a URL or TLS files only it reads).
     RedisCrate,
 }
 
