@@ -148,8 +148,8 @@ impl StreamSource {
     }
 
     /// Runs a command on the reader connection and reads its reply with `read`, dropping the
-    /// connection on any failure so a timed-out reply can never be read as the answer to a
-    /// later command.
+    /// connection on any failure but a server error's, so a timed-out reply can never be read
+    /// as the answer to a later command.
     async fn request<T>(
         &mut self,
         op: &'static str,

@@ -164,6 +164,19 @@ fn taken(worker: &Worker) -> usize {
         .count()
 }
 
+/// The slot of `key`, the master serving it and another of the three masters.
+fn slot_and_masters(private: &PrivateCluster, key: &str) -> (u16, u16, u16) {
+    let slot = private.key_slot(key);
+    let from = private.master_of_slot(slot);
+    let to = private
+        .node_ports()
+        .into_iter()
+        .take(3)
+        .find(|p| *p != from)
+        .expect("another master");
+    (slot, from, to)
+}
+
 fn dead_letter_count(conn: &mut impl redis::ConnectionLike, stream: &str) -> i64 {
     redis::cmd("XLEN")
         .arg(format!("{stream}.dlq"))
@@ -368,14 +381,7 @@ fn a_stream_slot_migrating_during_a_drain_loses_nothing() {
         .collect();
     assert!(!burst.is_empty());
     publish_routed(&mut conn, &stream, &burst);
-    let slot = private.key_slot(&key);
-    let from = private.master_of_slot(slot);
-    let to = private
-        .node_ports()
-        .into_iter()
-        .take(3)
-        .find(|p| *p != from)
-        .expect("another master");
+    let (slot, _, to) = slot_and_masters(&private, &key);
     private.migrate_slot(slot, to);
     assert_eq!(private.master_of_slot(slot), to);
     publish_routed(&mut conn, &stream, second_half);
@@ -406,14 +412,7 @@ fn a_stream_whose_slot_is_half_migrated_is_read_through_ask() {
     // Partition 3's stream moves to another master, but the slot is not handed over: its old
     // owner answers ASK for the stream while the worker reads it.
     let key = partition_stream(&stream, 3, PARTITIONS);
-    let slot = private.key_slot(&key);
-    let from = private.master_of_slot(slot);
-    let to = private
-        .node_ports()
-        .into_iter()
-        .take(3)
-        .find(|p| *p != from)
-        .expect("another master");
+    let (slot, from, to) = slot_and_masters(&private, &key);
     private.move_slot_keys(slot, to);
     let worker = Worker::start(&file, &[]);
     publish_routed(&mut conn, &stream, second_half);

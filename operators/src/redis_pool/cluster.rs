@@ -11,7 +11,7 @@ use super::client::{RedisUrlError, TlsParts, UrlParts, tls_parts};
 use super::direct::DirectTarget;
 
 /// Slots of a Redis Cluster.
-const SLOTS: u16 = 16384;
+pub const SLOTS: u16 = 16384;
 
 /// CRC16-CCITT (XMODEM), Redis Cluster's key hash.
 fn crc16(bytes: &[u8]) -> u16 {

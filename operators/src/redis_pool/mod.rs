@@ -25,7 +25,7 @@ use redis::{AsyncConnectionConfig, Client, RedisError};
 
 pub use client::{RedisUrlError, redis_client, redis_user};
 use cluster::ClusterSeeds;
-pub use cluster::{SlotRange, key_slot, slot_ranges};
+pub use cluster::{SLOTS, SlotRange, key_slot, slot_ranges};
 pub use cluster_reader::ClusterReader;
 pub use conn::RedisConn;
 pub use direct::{DirectConn, DirectTarget, ReaderConn, ReaderReply};

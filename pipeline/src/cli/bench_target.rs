@@ -15,8 +15,8 @@ use futures::future::try_join_all;
 use redis::Value;
 use redis::aio::MultiplexedConnection;
 
-/// Slots of a Redis Cluster.
-const SLOTS: usize = 16384;
+/// Slots of a Redis Cluster, as an index bound.
+const SLOTS: usize = ecst_operators::redis_pool::SLOTS as usize;
 
 /// Commands per pipeline.
 const PIPELINE: usize = 1000;
