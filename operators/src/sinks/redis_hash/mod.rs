@@ -4,6 +4,7 @@
 
 mod cluster;
 mod delta;
+mod pack;
 mod replica;
 mod script;
 mod template;
@@ -254,32 +255,25 @@ impl RedisHashSink {
     }
 
     /// One call of the batch script over `writes` (of `keys`), which on one server also notes
-    /// the sink's `freshness`.
+    /// the sink's `freshness`, as EVALSHA; refused if a value is too long for any call.
     fn script_call(
         &self,
-        invoke: Invoke,
         keys: &str,
         writes: &[&Write<'_>],
         freshness: Option<&Freshness<'_>>,
-    ) -> redis::Cmd {
-        let fixed_fields = writes
-            .iter()
-            .find_map(|w| w.record.fields.as_ref()?.fixed_names())
-            .map_or(0, |names| names.len());
-        let (args, bytes) = script::capacity(keys, writes.len(), fixed_fields);
-        let mut cmd = redis::Cmd::with_capacity(args, bytes + SCRIPT.len());
-        match invoke {
-            Invoke::Sha => cmd.arg("EVALSHA").arg(self.script.get_hash()),
-            Invoke::Text => cmd.arg("EVAL").arg(SCRIPT),
-        };
+    ) -> Result<redis::Cmd, SinkError> {
         let layout = Layout {
             deleted: &self.config.deleted_field,
             version: &self.config.version_field,
             occurred_at: &self.config.occurred_at_field,
             tombstone_prefix: &self.config.tombstone_prefix,
         };
-        script::append(&mut cmd, &layout, keys, writes, freshness);
-        cmd
+        script::call(self.script.get_hash(), &layout, keys, writes, freshness).map_err(|e| {
+            SinkError::Refused {
+                store: STORE,
+                message: e.to_string(),
+            }
+        })
     }
 
     async fn eval(&self, cmd: &redis::Cmd) -> Result<ScriptReply, redis::RedisError> {
@@ -309,17 +303,25 @@ impl RedisHashSink {
         result
     }
 
-    /// Runs the batch on a cluster: one script per slot group, all at once on one cluster
+    /// The batch's script calls on a cluster, one per slot group (see [`cluster::by_slot`]).
+    fn slot_calls<'w>(&self, writes: &'w Writes<'_>) -> Result<Vec<SlotCall<'w>>, SinkError> {
+        let keys = writes.keys.as_str();
+        cluster::by_slot(writes.records.iter().map(|w| &keys[w.key.clone()]))
+            .into_iter()
+            .map(|group| {
+                let group: Vec<&Write<'_>> =
+                    group.into_iter().map(|i| &writes.records[i]).collect();
+                let cmd = self.script_call(keys, &group, None)?;
+                Ok((group, cmd))
+            })
+            .collect()
+    }
+
+    /// Runs the batch on a cluster: the slot groups' calls all at once on one cluster
     /// connection (which pipelines them to their nodes). The first failure is returned,
     /// a retryable one before a refusal: then the caller retries the whole batch, and the
     /// groups that were applied already come back stale, as the version guard holds per key.
-    async fn eval_by_slot(&self, writes: &Writes<'_>) -> Result<BatchCounts, redis::RedisError> {
-        let keys = writes.keys.as_str();
-        let groups: Vec<Vec<&Write<'_>>> =
-            cluster::by_slot(writes.records.iter().map(|w| &keys[w.key.clone()]))
-                .into_iter()
-                .map(|group| group.into_iter().map(|i| &writes.records[i]).collect())
-                .collect();
+    async fn eval_by_slot(&self, calls: &[SlotCall<'_>]) -> Result<BatchCounts, redis::RedisError> {
         let mut pooled = self.pool.get().await.map_err(|e| {
             redis::RedisError::from((
                 redis::ErrorKind::Io,
@@ -329,17 +331,17 @@ impl RedisHashSink {
         })?;
         pooled.begin();
         let conn = pooled.conn().clone();
-        let calls = groups.iter().map(|group| {
+        let results = calls.iter().map(|(_, cmd)| {
             let mut conn = conn.clone();
-            async move { self.eval_group(&mut conn, keys, group).await }
+            async move { eval_group(&mut conn, cmd).await }
         });
         let mut totals = (0, 0, Vec::new());
         let mut reloaded = 0;
         let mut failure: Option<redis::RedisError> = None;
-        for ((result, noscript), group) in futures::future::join_all(calls)
+        for ((result, noscript), (group, _)) in futures::future::join_all(results)
             .await
             .into_iter()
-            .zip(&groups)
+            .zip(calls)
         {
             reloaded += usize::from(noscript);
             match result {
@@ -373,30 +375,6 @@ impl RedisHashSink {
         result
     }
 
-    /// One slot group's script; on NOSCRIPT (a restarted or promoted node, SCRIPT FLUSH) it is
-    /// sent again as EVAL, which loads it on the node that owns the slot. Also says whether it
-    /// had to.
-    async fn eval_group(
-        &self,
-        conn: &mut RedisConn,
-        keys: &str,
-        group: &[&Write<'_>],
-    ) -> (Result<ScriptReply, redis::RedisError>, bool) {
-        match self
-            .script_call(Invoke::Sha, keys, group, None)
-            .query_async(&mut *conn)
-            .await
-        {
-            Err(e) if e.code() == Some("NOSCRIPT") => (
-                self.script_call(Invoke::Text, keys, group, None)
-                    .query_async(conn)
-                    .await,
-                true,
-            ),
-            other => (other, false),
-        }
-    }
-
     /// How long a batch write may take: the timeout on one server; on a cluster also the
     /// redirects and slot refresh the cluster client allows for (twice the timeout), after
     /// the pool checkout.
@@ -406,6 +384,24 @@ impl RedisHashSink {
         } else {
             self.config.timeout.0
         }
+    }
+}
+
+/// One slot group's records and their script call.
+type SlotCall<'w> = (Vec<&'w Write<'w>>, redis::Cmd);
+
+/// One slot group's script call; on NOSCRIPT (a restarted or promoted node, SCRIPT FLUSH) it
+/// is sent again as EVAL, which loads it on the node that owns the slot. Also says whether it
+/// had to.
+async fn eval_group(
+    conn: &mut RedisConn,
+    cmd: &redis::Cmd,
+) -> (Result<ScriptReply, redis::RedisError>, bool) {
+    match cmd.query_async(&mut *conn).await {
+        Err(e) if e.code() == Some("NOSCRIPT") => {
+            (script::as_eval(cmd).query_async(conn).await, true)
+        }
+        other => (other, false),
     }
 }
 
@@ -621,7 +617,8 @@ impl RedisHashSink {
             let newest = batch.iter().filter_map(|r| r.event.occurred_at).max();
             let deadline = self.batch_deadline();
             let result = if self.cluster {
-                tokio::time::timeout(deadline, self.eval_by_slot(&writes)).await
+                let calls = self.slot_calls(&writes)?;
+                tokio::time::timeout(deadline, self.eval_by_slot(&calls)).await
             } else {
                 let all: Vec<&Write<'_>> = writes.records.iter().collect();
                 let freshness = Freshness {
@@ -629,7 +626,7 @@ impl RedisHashSink {
                     replicated_at: time::OffsetDateTime::now_utc(),
                     newest_occurred_at: newest,
                 };
-                let cmd = self.script_call(Invoke::Sha, &writes.keys, &all, Some(&freshness));
+                let cmd = self.script_call(&writes.keys, &all, Some(&freshness))?;
                 tokio::time::timeout(deadline, self.eval(&cmd))
                     .await
                     .map(|r| {

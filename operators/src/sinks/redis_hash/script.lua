@@ -6,7 +6,9 @@
 -- ARGV, once per call: 1 deleted-flag field, 2 version field, 3 occurred-at field, 4 the count
 --   n of fixed field names, 5..4+n the names; with the freshness hash, then replicated_at and
 --   the batch's newest occurredAt ('' if none).
--- Then per record a head, its action and what follows:
+-- Then the records' values, in order, in packs: MessagePack arrays of strings (pack.rs), as
+-- many as it takes; a record's values are all in one. Per record a head, its action and what
+-- follows:
 --   'U'           upsert of the named fixed fields, all present: version, occurredAt, n values
 --   'u' o f1..fn  upsert of the named fixed fields, o and each f '1' (present) or '0'
 --                 (absent): version, [occurredAt], the present values
@@ -22,7 +24,7 @@
 -- shows right or not: dropping the hash first costs more. A call on a cluster often holds a
 -- single record, so what a call costs besides its records counts too: the functions use no
 -- upvalues (each is allocated per call), and the table the named fields' pairs are put in is
--- only worth its cost in a call of several records ('F' writes its pairs from ARGV).
+-- only worth its cost in a call of several records ('F' writes its pairs from its pack).
 
 -- unpack() of more than ~8,000 values exceeds Lua's C stack: this many values (1,000
 -- field/value pairs) at most go to one command, a record with more takes several.
@@ -57,7 +59,8 @@ local function absent(head, deleted, occurred_at, nfixed)
 end
 
 -- Locals, not globals, in the loop: a global is a table lookup each time.
-local KEYS, ARGV, call, byte, unpack = KEYS, ARGV, redis.call, string.byte, unpack
+local KEYS, ARGV, call, byte, unpack, unpack_pack = KEYS, ARGV, redis.call, string.byte, unpack,
+  cmsgpack.unpack
 local PRESENT = 49 -- '1'
 local df, vf, of = ARGV[1], ARGV[2], ARGV[3]
 local nfixed = tonumber(ARGV[4])
@@ -67,12 +70,20 @@ local buf, full
 
 -- Stale records are rare (version_filter drops most first): their table is made for the first.
 local applied, stale, stale_at = 0, 0, false
-local a = 5 + nfixed + (freshness and 2 or 0)
+-- R is the pack being read, ARGV[p], of `packed` values; a is the next record's first in it.
+local p = 5 + nfixed + (freshness and 2 or 0)
+local R = unpack_pack(ARGV[p])
+local packed, a = #R, 1
 for i = 1, #KEYS - 1, 2 do
-  local key, tomb, head = KEYS[i], KEYS[i + 1], ARGV[a]
+  if a > packed then
+    p = p + 1
+    R = unpack_pack(ARGV[p])
+    packed, a = #R, 1
+  end
+  local key, tomb, head = KEYS[i], KEYS[i + 1], R[a]
   -- Heads compare as strings (one instruction: Lua strings are interned), but for 'u'.
   local by_name = head == 'F' or head == 'P'
-  local ver = ARGV[by_name and a + 3 or a + 1]
+  local ver = R[by_name and a + 3 or a + 1]
   -- A live hash is always newer than any tombstone of its key (an upsert over a tombstone
   -- removes it), so the tombstone is only consulted when there is no hash.
   local current = call('HGET', key, vf)
@@ -90,15 +101,15 @@ for i = 1, #KEYS - 1, 2 do
     stale_at[stale] = (i + 1) / 2
   end
   if by_name then
-    local first, last = a + 2, a + 1 + 2 * tonumber(ARGV[a + 1])
+    local first, last = a + 2, a + 1 + 2 * tonumber(R[a + 1])
     if fresh then
       if head == 'P' then call('DEL', key) end
       local n = last - first + 1
-      if n <= SLICE then call('HSET', key, unpack(ARGV, first, last)) else sliced('HSET', key, ARGV, first, last) end
+      if n <= SLICE then call('HSET', key, unpack(R, first, last)) else sliced('HSET', key, R, first, last) end
       -- Fields a fixed set leaves absent, or nobody knows: from scratch.
       if head == 'F' and call('HLEN', key) ~= n / 2 then
         call('DEL', key)
-        sliced('HSET', key, ARGV, first, last)
+        sliced('HSET', key, R, first, last)
       end
       if buried then call('DEL', tomb) end
     end
@@ -106,13 +117,13 @@ for i = 1, #KEYS - 1, 2 do
   elseif head == 'd' then
     if fresh then
       call('DEL', key)
-      call('SET', tomb, ver, 'PX', ARGV[a + 2])
+      call('SET', tomb, ver, 'PX', R[a + 2])
     end
     a = a + 3
   elseif head == 'M' or head == 'm' then
     if fresh then
       if head == 'M' then
-        call('HSET', key, df, '1', vf, ver, of, ARGV[a + 2])
+        call('HSET', key, df, '1', vf, ver, of, R[a + 2])
       else
         call('HSET', key, df, '1', vf, ver)
       end
@@ -129,18 +140,18 @@ for i = 1, #KEYS - 1, 2 do
           full[1], full[3] = vf, of
           for j = 1, nfixed do full[3 + 2 * j] = ARGV[4 + j] end
         end
-        full[2], full[4] = ver, ARGV[v]
-        for j = 1, nfixed do full[4 + 2 * j] = ARGV[v + j] end
+        full[2], full[4] = ver, R[v]
+        for j = 1, nfixed do full[4 + 2 * j] = R[v + j] end
         t, n, v = full, 4 + 2 * nfixed, v + 1 + nfixed
       else
         buf = buf or {}
         buf[1], buf[2], n = vf, ver, 2
         if byte(head, 2) == PRESENT then
-          buf[3], buf[4], n, v = of, ARGV[v], 4, v + 1
+          buf[3], buf[4], n, v = of, R[v], 4, v + 1
         end
         for j = 1, nfixed do
           if byte(head, 2 + j) == PRESENT then
-            buf[n + 1], buf[n + 2], n, v = ARGV[4 + j], ARGV[v], n + 2, v + 1
+            buf[n + 1], buf[n + 2], n, v = ARGV[4 + j], R[v], n + 2, v + 1
           end
         end
         t = buf

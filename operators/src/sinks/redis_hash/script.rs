@@ -1,8 +1,8 @@
 //! The batch script and the layout of its arguments (`script.lua` describes it). A call of
 //! several upserts of one fixed field set names the fields once, in a header, and each record
 //! sends a head saying its action and which values follow, then only those; a smaller call
-//! names the fields in its records. Arguments are written straight into the command, without
-//! a string per value.
+//! names the fields in its records. The records' arguments travel in packs (`pack.rs`), and
+//! everything is written straight into the command, without a string per value.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -12,6 +12,7 @@ use serde_json::Value;
 use time::{OffsetDateTime, UtcOffset};
 
 use super::Write;
+use super::pack::{Packs, ValueTooLong};
 use crate::record::{Action, FieldNames, Fields, Record};
 
 /// The batch script.
@@ -32,15 +33,79 @@ pub(super) struct Freshness<'a> {
     pub newest_occurred_at: Option<OffsetDateTime>,
 }
 
-/// Appends the keys and arguments of one script call over `writes`, whose keys are rendered
-/// in `keys`, to `cmd` (which already names the script).
-pub(super) fn append(
-    cmd: &mut Cmd,
+/// Where a script's arguments go: the command itself, or a pack of them.
+pub(super) trait Args {
+    /// Appends one argument.
+    fn push(&mut self, value: &[u8]);
+    /// Appends `value` as JSON, as one argument.
+    fn push_json(&mut self, value: &Value);
+}
+
+impl Args for Cmd {
+    fn push(&mut self, value: &[u8]) {
+        self.arg(value);
+    }
+
+    fn push_json(&mut self, value: &Value) {
+        // A JSON value always serializes, and the command's buffer takes every write.
+        let _ = serde_json::to_writer(self.writer_for_next_arg(), value);
+    }
+}
+
+impl Args for Packs {
+    fn push(&mut self, value: &[u8]) {
+        Packs::push(self, value);
+    }
+
+    fn push_json(&mut self, value: &Value) {
+        // A JSON value always serializes, and a Vec takes every write.
+        self.push_with(|buf| {
+            let _ = serde_json::to_writer(buf, value);
+        });
+    }
+}
+
+/// Appends `n` in decimal.
+fn push_u64(args: &mut impl Args, n: u64) {
+    push_integer(args, false, n);
+}
+
+/// Appends the integer of sign `negative` and `magnitude` in decimal.
+fn push_integer(args: &mut impl Args, negative: bool, magnitude: u64) {
+    let mut text = [0u8; 21];
+    let mut at = text.len();
+    let mut rest = magnitude;
+    loop {
+        at -= 1;
+        text[at] = b'0' + (rest % 10) as u8;
+        rest /= 10;
+        if rest == 0 {
+            break;
+        }
+    }
+    if negative {
+        at -= 1;
+        text[at] = b'-';
+    }
+    args.push(&text[at..]);
+}
+
+/// The keys and arguments of one script call over `writes`, whose keys are rendered in
+/// `keys`, as EVALSHA of the script; an error names a value no call can carry.
+pub(super) fn call(
+    sha: &str,
     layout: &Layout<'_>,
     keys: &str,
     writes: &[&Write<'_>],
     freshness: Option<&Freshness<'_>>,
-) {
+) -> Result<Cmd, ValueTooLong> {
+    let fixed_fields = writes
+        .iter()
+        .find_map(|w| w.record.fields.as_ref()?.fixed_names())
+        .map_or(0, |names| names.len());
+    let (args, bytes, record_bytes) = capacity(keys, writes.len(), fixed_fields);
+    let mut cmd = Cmd::with_capacity(args, bytes);
+    cmd.arg("EVALSHA").arg(sha);
     // Scratch space for the arguments made of parts: tombstone keys, heads.
     let mut scratch = Vec::new();
     cmd.arg(writes.len() * 2 + usize::from(freshness.is_some()));
@@ -66,24 +131,43 @@ pub(super) fn append(
         cmd.arg(name.as_str());
     }
     if let Some(freshness) = freshness {
-        timestamp_arg(cmd, freshness.replicated_at);
+        timestamp_arg(&mut cmd, freshness.replicated_at);
         match freshness.newest_occurred_at {
-            Some(newest) => timestamp_arg(cmd, newest),
+            Some(newest) => timestamp_arg(&mut cmd, newest),
             None => {
                 cmd.arg("");
             }
         }
     }
+    let mut packs = Packs::with_capacity(record_bytes);
     for write in writes {
-        append_record(cmd, &mut scratch, layout, &mut sets, write.record);
+        packs.next_record();
+        append_record(&mut packs, &mut scratch, layout, &mut sets, write.record);
     }
+    packs.append_to(&mut cmd)?;
+    Ok(cmd)
 }
 
-/// A guess of the size of a call, so that the command's buffers grow seldom.
-pub(super) fn capacity(keys: &str, writes: usize, fixed_fields: usize) -> (usize, usize) {
-    let args = 16 + fixed_fields + writes * (8 + 2 * fixed_fields);
-    let bytes = 256 + 2 * keys.len() + writes * (64 + 24 * fixed_fields);
-    (args, bytes)
+/// `evalsha` (a call made by [`call`]) as EVAL of the script's text, which loads it where it
+/// was missing.
+pub(super) fn as_eval(evalsha: &Cmd) -> Cmd {
+    let mut cmd = Cmd::new();
+    cmd.arg("EVAL").arg(SCRIPT);
+    for arg in evalsha.args_iter().skip(2) {
+        if let redis::Arg::Simple(arg) = arg {
+            cmd.arg(arg);
+        }
+    }
+    cmd
+}
+
+/// A guess of the size of a call (arguments, bytes) and of its packs (bytes), so that the
+/// buffers grow seldom.
+fn capacity(keys: &str, writes: usize, fixed_fields: usize) -> (usize, usize, usize) {
+    let args = 16 + fixed_fields + writes * 2 + 1;
+    let bytes = 256 + SCRIPT.len().min(64) + 2 * keys.len() + writes * 16;
+    let record_bytes = 16 + writes * (40 + 16 * fixed_fields);
+    (args, bytes + record_bytes, record_bytes)
 }
 
 /// Upserts of one fixed set a call needs before its header names the set: the script then
@@ -145,7 +229,7 @@ impl<'r> FixedSets<'r> {
 
 /// The arguments of one record (after the header).
 fn append_record<'r>(
-    cmd: &mut Cmd,
+    packs: &mut Packs,
     scratch: &mut Vec<u8>,
     layout: &Layout<'_>,
     sets: &mut FixedSets<'r>,
@@ -158,13 +242,15 @@ fn append_record<'r>(
             let keep_ms = u64::try_from(keep_for.as_millis())
                 .unwrap_or(u64::MAX)
                 .max(1);
-            cmd.arg("d").arg(version).arg(keep_ms);
+            packs.push(b"d");
+            push_u64(packs, version);
+            push_u64(packs, keep_ms);
         }
         (Action::Mark, _) => {
-            cmd.arg(if occurred.is_some() { "M" } else { "m" })
-                .arg(version);
+            packs.push(if occurred.is_some() { b"M" } else { b"m" });
+            push_u64(packs, version);
             if let Some(at) = occurred {
-                timestamp_arg(cmd, at);
+                timestamp_arg(packs, at);
             }
         }
         (Action::Upsert, Some(Fields::Fixed { names, values }))
@@ -177,20 +263,20 @@ fn append_record<'r>(
                     .is_some_and(|v| v.as_ref().is_some_and(|v| !v.is_null()))
             };
             if occurred.is_some() && (0..names.len()).all(present) {
-                cmd.arg("U");
+                packs.push(b"U");
             } else {
                 scratch.clear();
                 scratch.extend([b'u', flag(occurred.is_some())]);
                 scratch.extend((0..names.len()).map(|j| flag(present(j))));
-                cmd.arg(scratch.as_slice());
+                packs.push(scratch);
             }
-            cmd.arg(version);
+            push_u64(packs, version);
             if let Some(at) = occurred {
-                timestamp_arg(cmd, at);
+                timestamp_arg(packs, at);
             }
             for value in values.iter().take(names.len()).flatten() {
                 if !value.is_null() {
-                    value_arg(cmd, value);
+                    value_arg(packs, value);
                 }
             }
         }
@@ -202,11 +288,11 @@ fn append_record<'r>(
                     .filter_map(|(name, value)| Some((name.as_str(), value.as_ref()?)))
                     .filter(|(_, value)| !value.is_null())
             };
-            by_name(cmd, "F", layout, record, fields);
+            by_name(packs, b"F", layout, record, fields);
         }
         // Patches go to delta.lua (see delta.rs), never in this script's calls.
         (Action::Upsert | Action::Patch { .. }, _) => {
-            by_name(cmd, "P", layout, record, || record.written_fields())
+            by_name(packs, b"P", layout, record, || record.written_fields())
         }
     }
 }
@@ -214,25 +300,25 @@ fn append_record<'r>(
 /// An upsert that names its fields: `head`, the pair count, the version and occurredAt pairs,
 /// then those of `fields`.
 fn by_name<'v, I: Iterator<Item = (&'v str, &'v Value)>>(
-    cmd: &mut Cmd,
-    head: &str,
+    packs: &mut Packs,
+    head: &[u8],
     layout: &Layout<'_>,
     record: &Record,
     fields: impl Fn() -> I,
 ) {
     let occurred = record.event.occurred_at;
     let pairs = 1 + usize::from(occurred.is_some()) + fields().count();
-    cmd.arg(head)
-        .arg(pairs)
-        .arg(layout.version)
-        .arg(record.event.aggregate_version);
+    packs.push(head);
+    push_u64(packs, pairs as u64);
+    packs.push(layout.version.as_bytes());
+    push_u64(packs, record.event.aggregate_version);
     if let Some(at) = occurred {
-        cmd.arg(layout.occurred_at);
-        timestamp_arg(cmd, at);
+        packs.push(layout.occurred_at.as_bytes());
+        timestamp_arg(packs, at);
     }
     for (name, value) in fields() {
-        cmd.arg(name);
-        value_arg(cmd, value);
+        packs.push(name.as_bytes());
+        value_arg(packs, value);
     }
 }
 
@@ -242,31 +328,25 @@ fn flag(present: bool) -> u8 {
 }
 
 /// A value as Redis stores it: a string as is, anything else as JSON.
-pub(super) fn value_arg(cmd: &mut Cmd, value: &Value) {
+pub(super) fn value_arg(args: &mut impl Args, value: &Value) {
     match value {
-        Value::String(s) => cmd.arg(s.as_str()),
-        Value::Bool(b) => cmd.arg(if *b { "true" } else { "false" }),
+        Value::String(s) => args.push(s.as_bytes()),
+        Value::Bool(b) => args.push(if *b { b"true" } else { b"false" }),
         Value::Number(n) => match (n.as_u64(), n.as_i64()) {
-            (Some(u), _) => cmd.arg(u),
-            (None, Some(i)) => cmd.arg(i),
-            (None, None) => json_arg(cmd, value),
+            (Some(u), _) => push_u64(args, u),
+            (None, Some(i)) => push_integer(args, i < 0, i.unsigned_abs()),
+            (None, None) => args.push_json(value),
         },
-        other => json_arg(cmd, other),
-    };
-}
-
-fn json_arg<'c>(cmd: &'c mut Cmd, value: &Value) -> &'c mut Cmd {
-    // A JSON value always serializes, and the command's buffer takes every write.
-    let _ = serde_json::to_writer(cmd.writer_for_next_arg(), value);
-    cmd
+        other => args.push_json(other),
+    }
 }
 
 /// A timestamp in RFC 3339 UTC as `format_timestamp` makes it (`2026-11-24T10:00:00.5Z`;
 /// empty for a year outside 0..=9999).
-pub(super) fn timestamp_arg(cmd: &mut Cmd, at: OffsetDateTime) {
+pub(super) fn timestamp_arg(args: &mut impl Args, at: OffsetDateTime) {
     let mut text = [0u8; 30];
     let len = rfc3339(at, &mut text);
-    cmd.arg(&text[..len]);
+    args.push(&text[..len]);
 }
 
 /// Writes `at` as [`timestamp_arg`] sends it into `out` and returns its length: 19 bytes of

@@ -52,7 +52,7 @@ fn record(entry: usize, id: &str, version: u64, payload: Value) -> Record {
     )
 }
 
-async fn conn() -> redis::aio::MultiplexedConnection {
+pub(super) async fn conn() -> redis::aio::MultiplexedConnection {
     redis::Client::open(redis_url().expose())
         .unwrap()
         .get_multiplexed_async_connection()
@@ -331,6 +331,41 @@ async fn twenty_thousand_fields_land_and_stay_guarded() {
     assert_eq!(h.len(), 20_002);
     assert_eq!(h.get("f12345").map(String::as_str), Some("new12345"));
     assert_eq!(h.get("_version").map(String::as_str), Some("2"));
+}
+
+#[tokio::test]
+async fn a_batch_over_several_packs_lands_whole_and_stays_guarded() {
+    // Values of 9 MiB: the records' values take three packs (pack.rs), read in turn.
+    let prefix = unique_prefix();
+    let sink = sink(&prefix);
+    let batch: Vec<Record> = (0..5)
+        .map(|i| {
+            let mut record = record(i, &format!("big{i}"), 3, json!({}));
+            let fill = char::from(b'a' + i as u8).to_string();
+            record.fields = Some(Fields::Map(
+                [
+                    ("blob".to_string(), Value::String(fill.repeat(9 << 20))),
+                    ("n".to_string(), json!(i)),
+                ]
+                .into_iter()
+                .collect(),
+            ));
+            record
+        })
+        .collect();
+    let report = sink.apply_batch(&batch).await.unwrap();
+    assert_eq!((report.applied, report.stale), (5, 0));
+    for i in 0..5u8 {
+        let h = hash(&format!("{prefix}athlete:big{i}")).await;
+        let blob = h.get("blob").map(String::as_str).unwrap_or_default();
+        assert_eq!(blob.len(), 9 << 20, "big{i}");
+        assert!(blob.bytes().all(|b| b == b'a' + i), "big{i}");
+        assert_eq!(h.get("n").map(String::as_str), Some(i.to_string().as_str()));
+        assert_eq!(h.get("_version").map(String::as_str), Some("3"));
+    }
+    let report = sink.apply_batch(&batch).await.unwrap();
+    assert_eq!((report.applied, report.stale), (0, 5));
+    assert_eq!(report.stale_entries, [0, 1, 2, 3, 4]);
 }
 
 // On a Redis Cluster: the local one of `scripts/services.sh` (`ECST_CLUSTER_URL`).
