@@ -6,61 +6,81 @@
 //! Only the formats every `cmsgpack` Redis has shipped reads are written: fix raw, raw 16 and
 //! raw 32 strings, and array 32.
 
-/// Bytes a pack may reach before the next record starts another: far below the 512 MiB of
-/// Redis's default `proto-max-bulk-len`, which bounds one argument. A record is never split,
-/// so a pack holds at least one whole record.
-const PACK_BYTES: usize = 16 << 20;
+use redis::Cmd;
 
-/// A value longer than a MessagePack string holds (4 GiB).
+/// Bytes a pack may reach before the next record starts another. A record is never split, so
+/// a pack holds at least one whole record.
+const PACK_BYTES: usize = 1 << 20;
+
+/// The most bytes of values one record may have: a pack (one argument) of it and of less than
+/// `PACK_BYTES` of others stays under the 512 MiB of Redis's default `proto-max-bulk-len`.
+const RECORD_BYTES: usize = 510 << 20;
+
+/// A record whose values are more than one script call carries: their size in bytes (at least).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) struct ValueTooLong(pub usize);
+pub(super) struct RecordTooLarge(pub usize);
 
-impl std::fmt::Display for ValueTooLong {
+impl std::fmt::Display for RecordTooLarge {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "a value of {} bytes is longer than the batch script takes (4 GiB)",
-            self.0
+            "the record's values take {} bytes, over the {} MiB one batch script argument carries \
+             (Redis's proto-max-bulk-len is 512 MiB by default)",
+            self.0,
+            RECORD_BYTES >> 20
         )
     }
 }
 
-/// MessagePack arrays of strings, written value by value into one buffer.
+/// MessagePack arrays of strings, written value by value: each full pack goes into the
+/// command as an argument, and its buffer is used for the next.
 pub(super) struct Packs {
     buf: Vec<u8>,
-    /// Where each pack's array header is in `buf`.
-    starts: Vec<usize>,
-    /// Values in the last pack.
+    /// Values in the pack in `buf`.
     count: u32,
-    too_long: Option<ValueTooLong>,
+    /// Where the record being written starts in `buf`.
+    record_start: usize,
+    pack_bytes: usize,
+    record_bytes: usize,
+    too_large: Option<RecordTooLarge>,
 }
 
+/// An array 32 header whose count is filled in when the pack is done.
+const ARRAY_HEADER: [u8; 5] = [0xdd, 0, 0, 0, 0];
+
 impl Packs {
-    /// One empty pack, with room for `bytes` of values.
+    /// An empty pack, with room for `bytes` of values.
     pub(super) fn with_capacity(bytes: usize) -> Self {
-        let mut packs = Packs {
-            buf: Vec::with_capacity(bytes),
-            starts: Vec::new(),
-            count: 0,
-            too_long: None,
-        };
-        packs.open();
-        packs
+        Self::with_limits(bytes, PACK_BYTES, RECORD_BYTES)
     }
 
-    /// Called before each record: starts a new pack if this one is full.
-    pub(super) fn next_record(&mut self) {
-        let start = self.starts.last().copied().unwrap_or_default();
-        if self.buf.len() - start >= PACK_BYTES {
-            self.close();
-            self.open();
+    fn with_limits(bytes: usize, pack_bytes: usize, record_bytes: usize) -> Self {
+        let mut buf = Vec::with_capacity(bytes.min(pack_bytes) + ARRAY_HEADER.len());
+        buf.extend(ARRAY_HEADER);
+        Packs {
+            record_start: buf.len(),
+            buf,
+            count: 0,
+            pack_bytes,
+            record_bytes,
+            too_large: None,
         }
+    }
+
+    /// Called before each record: checks the last one's size, and moves the pack into `cmd`
+    /// if it is full.
+    pub(super) fn next_record(&mut self, cmd: &mut Cmd) {
+        self.check_record();
+        if self.buf.len() >= self.pack_bytes {
+            self.flush(cmd);
+        }
+        self.record_start = self.buf.len();
     }
 
     /// Appends one value.
     pub(super) fn push(&mut self, value: &[u8]) {
         let Ok(len) = u32::try_from(value.len()) else {
-            self.too_long.get_or_insert(ValueTooLong(value.len()));
+            self.too_large.get_or_insert(RecordTooLarge(value.len()));
             return;
         };
         match len {
@@ -91,34 +111,34 @@ impl Packs {
             }
             Err(_) => {
                 self.buf.truncate(header);
-                self.too_long.get_or_insert(ValueTooLong(len));
+                self.too_large.get_or_insert(RecordTooLarge(len));
             }
         }
     }
 
-    /// Appends the packs to `cmd`, an argument each; an error if a value did not fit in one.
-    pub(super) fn append_to(mut self, cmd: &mut redis::Cmd) -> Result<(), ValueTooLong> {
-        if let Some(e) = self.too_long {
+    /// Moves the last pack into `cmd`; an error if a record was too large for any call.
+    pub(super) fn finish(mut self, cmd: &mut Cmd) -> Result<(), RecordTooLarge> {
+        self.check_record();
+        if let Some(e) = self.too_large {
             return Err(e);
         }
-        self.close();
-        let ends = self.starts.iter().skip(1).copied().chain([self.buf.len()]);
-        for (start, end) in self.starts.iter().copied().zip(ends) {
-            cmd.arg(&self.buf[start..end]);
-        }
+        self.flush(cmd);
         Ok(())
     }
 
-    fn open(&mut self) {
-        self.starts.push(self.buf.len());
-        self.buf.extend([0xdd, 0, 0, 0, 0]);
-        self.count = 0;
+    fn check_record(&mut self) {
+        let size = self.buf.len() - self.record_start;
+        if size > self.record_bytes {
+            self.too_large.get_or_insert(RecordTooLarge(size));
+        }
     }
 
-    fn close(&mut self) {
-        if let Some(&start) = self.starts.last() {
-            self.buf[start + 1..start + 5].copy_from_slice(&self.count.to_be_bytes());
-        }
+    fn flush(&mut self, cmd: &mut Cmd) {
+        self.buf[1..5].copy_from_slice(&self.count.to_be_bytes());
+        cmd.arg(self.buf.as_slice());
+        self.buf.clear();
+        self.buf.extend(ARRAY_HEADER);
+        self.count = 0;
     }
 }
 
@@ -128,7 +148,7 @@ mod tests {
     use crate::sinks::redis_hash::tests::conn;
 
     /// What Redis's `cmsgpack` reads from the packs of `cmd`: every pack's strings, in order.
-    async fn unpacked(cmd: &redis::Cmd) -> Vec<Vec<u8>> {
+    async fn unpacked(cmd: &Cmd) -> Vec<Vec<u8>> {
         let mut eval = redis::cmd("EVAL");
         eval.arg(
             "local out = {} \
@@ -147,6 +167,16 @@ mod tests {
         eval.query_async(&mut conn().await).await.unwrap()
     }
 
+    /// The byte length of each argument of `cmd`.
+    fn lengths(cmd: &Cmd) -> Vec<usize> {
+        cmd.args_iter()
+            .map(|arg| match arg {
+                redis::Arg::Simple(arg) => arg.len(),
+                _ => 0,
+            })
+            .collect()
+    }
+
     #[tokio::test]
     async fn redis_reads_every_string_format_back_as_written() {
         // Each length at the edges of fix raw, raw 16 and raw 32, in bytes that are not UTF-8.
@@ -154,16 +184,16 @@ mod tests {
             .into_iter()
             .map(|len| (0..len).map(|i| (i * 7 + len) as u8 | 0x80).collect())
             .collect();
+        let mut cmd = Cmd::new();
         let mut packs = Packs::with_capacity(0);
         for value in &values {
-            packs.next_record();
+            packs.next_record(&mut cmd);
             packs.push(value);
         }
         packs.push_with(|buf| buf.extend_from_slice(b"{\"k\":[1,\"x\"]}"));
         packs.push_with(|_| {});
-        let mut cmd = redis::Cmd::new();
-        packs.append_to(&mut cmd).unwrap();
-        assert_eq!(cmd.args_iter().count(), 1);
+        packs.finish(&mut cmd).unwrap();
+        assert_eq!(lengths(&cmd).len(), 1);
         let mut expected = values;
         expected.push(b"{\"k\":[1,\"x\"]}".to_vec());
         expected.push(Vec::new());
@@ -172,27 +202,39 @@ mod tests {
 
     #[tokio::test]
     async fn a_full_pack_is_followed_by_another_between_records() {
-        // Three records of 9 MiB: the first two fill a pack, the third starts another.
-        let record = |n: u8| vec![vec![n; 9 << 20], vec![n; 3]];
+        // Records of 600 KiB: the first two fill a pack, the third starts another.
+        let record = |n: u8| vec![vec![n; 600 << 10], vec![n; 3]];
+        let mut cmd = Cmd::new();
         let mut packs = Packs::with_capacity(0);
         for n in 0..3 {
-            packs.next_record();
+            packs.next_record(&mut cmd);
             for value in record(n) {
                 packs.push(&value);
             }
         }
-        let mut cmd = redis::Cmd::new();
-        packs.append_to(&mut cmd).unwrap();
-        let lens: Vec<usize> = cmd
-            .args_iter()
-            .map(|arg| match arg {
-                redis::Arg::Simple(arg) => arg.len(),
-                _ => 0,
-            })
-            .collect();
+        packs.finish(&mut cmd).unwrap();
+        let lens = lengths(&cmd);
         assert_eq!(lens.len(), 2, "{lens:?}");
         assert!(lens[0] > PACK_BYTES && lens[1] < PACK_BYTES, "{lens:?}");
         let expected: Vec<Vec<u8>> = (0..3).flat_map(record).collect();
         assert_eq!(unpacked(&cmd).await, expected);
+    }
+
+    #[test]
+    fn a_record_over_the_limit_is_refused_whoever_follows_it() {
+        let pack = |sizes: &[usize]| {
+            let mut cmd = Cmd::new();
+            let mut packs = Packs::with_limits(0, 64, 100);
+            for &size in sizes {
+                packs.next_record(&mut cmd);
+                packs.push(&vec![b'x'; size / 2]);
+                packs.push_with(|buf| buf.resize(buf.len() + size - size / 2, b'y'));
+            }
+            packs.finish(&mut cmd)
+        };
+        assert_eq!(pack(&[40, 90, 30]), Ok(()));
+        // 101 bytes of values and their headers (raw 16: 3 bytes, raw 32: 5).
+        assert_eq!(pack(&[40, 101, 30]), Err(RecordTooLarge(109)));
+        assert_eq!(pack(&[40, 30, 101]), Err(RecordTooLarge(109)));
     }
 }

@@ -1,8 +1,8 @@
 //! The batch script and the layout of its arguments (`script.lua` describes it). A call of
 //! several upserts of one fixed field set names the fields once, in a header, and each record
 //! sends a head saying its action and which values follow, then only those; a smaller call
-//! names the fields in its records. The records' arguments travel in packs (`pack.rs`), and
-//! everything is written straight into the command, without a string per value.
+//! names the fields in its records. The records' values travel in packs (`pack.rs`); keys,
+//! header and packs are written straight into the command, without a string per value.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -12,7 +12,7 @@ use serde_json::Value;
 use time::{OffsetDateTime, UtcOffset};
 
 use super::Write;
-use super::pack::{Packs, ValueTooLong};
+use super::pack::{Packs, RecordTooLarge};
 use crate::record::{Action, FieldNames, Fields, Record};
 
 /// The batch script.
@@ -91,19 +91,19 @@ fn push_integer(args: &mut impl Args, negative: bool, magnitude: u64) {
 }
 
 /// The keys and arguments of one script call over `writes`, whose keys are rendered in
-/// `keys`, as EVALSHA of the script; an error names a value no call can carry.
+/// `keys`, as EVALSHA of the script; an error for a record no call can carry.
 pub(super) fn call(
     sha: &str,
     layout: &Layout<'_>,
     keys: &str,
     writes: &[&Write<'_>],
     freshness: Option<&Freshness<'_>>,
-) -> Result<Cmd, ValueTooLong> {
+) -> Result<Cmd, RecordTooLarge> {
     let fixed_fields = writes
         .iter()
         .find_map(|w| w.record.fields.as_ref()?.fixed_names())
         .map_or(0, |names| names.len());
-    let (args, bytes, record_bytes) = capacity(keys, writes.len(), fixed_fields);
+    let (args, bytes, record_bytes) = capacity(sha, keys, writes.len(), fixed_fields);
     let mut cmd = Cmd::with_capacity(args, bytes);
     cmd.arg("EVALSHA").arg(sha);
     // Scratch space for the arguments made of parts: tombstone keys, heads.
@@ -141,17 +141,21 @@ pub(super) fn call(
     }
     let mut packs = Packs::with_capacity(record_bytes);
     for write in writes {
-        packs.next_record();
+        packs.next_record(&mut cmd);
         append_record(&mut packs, &mut scratch, layout, &mut sets, write.record);
     }
-    packs.append_to(&mut cmd)?;
+    packs.finish(&mut cmd)?;
     Ok(cmd)
 }
 
 /// `evalsha` (a call made by [`call`]) as EVAL of the script's text, which loads it where it
 /// was missing.
 pub(super) fn as_eval(evalsha: &Cmd) -> Cmd {
-    let mut cmd = Cmd::new();
+    let (args, bytes) = evalsha.args_iter().fold((0, 0), |(n, len), arg| match arg {
+        redis::Arg::Simple(arg) => (n + 1, len + arg.len()),
+        _ => (n + 1, len),
+    });
+    let mut cmd = Cmd::with_capacity(args, bytes + SCRIPT.len());
     cmd.arg("EVAL").arg(SCRIPT);
     for arg in evalsha.args_iter().skip(2) {
         if let redis::Arg::Simple(arg) = arg {
@@ -163,9 +167,9 @@ pub(super) fn as_eval(evalsha: &Cmd) -> Cmd {
 
 /// A guess of the size of a call (arguments, bytes) and of its packs (bytes), so that the
 /// buffers grow seldom.
-fn capacity(keys: &str, writes: usize, fixed_fields: usize) -> (usize, usize, usize) {
+fn capacity(sha: &str, keys: &str, writes: usize, fixed_fields: usize) -> (usize, usize, usize) {
     let args = 16 + fixed_fields + writes * 2 + 1;
-    let bytes = 256 + SCRIPT.len().min(64) + 2 * keys.len() + writes * 16;
+    let bytes = 256 + sha.len() + 2 * keys.len() + writes * 16;
     let record_bytes = 16 + writes * (40 + 16 * fixed_fields);
     (args, bytes + record_bytes, record_bytes)
 }

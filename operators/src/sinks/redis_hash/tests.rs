@@ -335,7 +335,7 @@ async fn twenty_thousand_fields_land_and_stay_guarded() {
 
 #[tokio::test]
 async fn a_batch_over_several_packs_lands_whole_and_stays_guarded() {
-    // Values of 9 MiB: the records' values take three packs (pack.rs), read in turn.
+    // Values of 900 KiB: the records' values take three packs (pack.rs), read in turn.
     let prefix = unique_prefix();
     let sink = sink(&prefix);
     let batch: Vec<Record> = (0..5)
@@ -344,7 +344,7 @@ async fn a_batch_over_several_packs_lands_whole_and_stays_guarded() {
             let fill = char::from(b'a' + i as u8).to_string();
             record.fields = Some(Fields::Map(
                 [
-                    ("blob".to_string(), Value::String(fill.repeat(9 << 20))),
+                    ("blob".to_string(), Value::String(fill.repeat(900 << 10))),
                     ("n".to_string(), json!(i)),
                 ]
                 .into_iter()
@@ -353,12 +353,17 @@ async fn a_batch_over_several_packs_lands_whole_and_stays_guarded() {
             record
         })
         .collect();
+    let (writes, _) = sink.writes(&batch);
+    let all: Vec<&Write<'_>> = writes.records.iter().collect();
+    let call = sink.script_call(&writes.keys, &all, None).unwrap();
+    // EVALSHA, the sha, the key count, 10 keys, 4 header arguments, then the packs.
+    assert_eq!(call.args_iter().count() - 17, 3);
     let report = sink.apply_batch(&batch).await.unwrap();
     assert_eq!((report.applied, report.stale), (5, 0));
     for i in 0..5u8 {
         let h = hash(&format!("{prefix}athlete:big{i}")).await;
         let blob = h.get("blob").map(String::as_str).unwrap_or_default();
-        assert_eq!(blob.len(), 9 << 20, "big{i}");
+        assert_eq!(blob.len(), 900 << 10, "big{i}");
         assert!(blob.bytes().all(|b| b == b'a' + i), "big{i}");
         assert_eq!(h.get("n").map(String::as_str), Some(i.to_string().as_str()));
         assert_eq!(h.get("_version").map(String::as_str), Some("3"));
