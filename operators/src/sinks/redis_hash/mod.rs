@@ -255,7 +255,7 @@ impl RedisHashSink {
     }
 
     /// One call of the batch script over `writes` (of `keys`), which on one server also notes
-    /// the sink's `freshness`, as EVALSHA; refused if a value is too long for any call.
+    /// the sink's `freshness`, as EVALSHA; refused for a record too large for any call.
     fn script_call(
         &self,
         keys: &str,
