@@ -356,77 +356,95 @@ fn a_master_killed_mid_stream_fails_over_and_nothing_acked_is_lost() {
     cleanup(&mut replica, &stream);
 }
 
+/// A private 3-master cluster, a tagged pipeline of a fresh stream on it, and a workload of
+/// which the first half is published: the set-up of the slot migration tests.
+struct HalfPublished {
+    private: PrivateCluster,
+    url: String,
+    conn: redis::cluster::ClusterConnection,
+    stream: String,
+    prefix: String,
+    file: std::path::PathBuf,
+    second_half: Vec<Value>,
+    expected: HashMap<String, Option<String>>,
+}
+
+impl HalfPublished {
+    fn start(label: &str, aggregates: usize, versions: u64, seed: u64) -> Self {
+        let private = PrivateCluster::start(3, 0);
+        let url = private.url();
+        let mut conn = cluster(&url);
+        let stream = unique(label);
+        let prefix = format!("{stream}:");
+        let file = pipeline_file(label, &pipeline(&stream, &prefix, &url, None, true));
+        let (mut events, expected) = workload(aggregates, versions, seed);
+        let second_half = events.split_off(events.len() / 2);
+        publish_routed(&mut conn, &stream, &events);
+        HalfPublished {
+            private,
+            url,
+            conn,
+            stream,
+            prefix,
+            file,
+            second_half,
+            expected,
+        }
+    }
+
+    /// Publishes the second half, then waits until `worker` has the replica exact.
+    fn finish_and_converge(&mut self, worker: &Worker) {
+        publish_routed(&mut self.conn, &self.stream, &self.second_half);
+        converge(
+            &mut self.conn,
+            &mut cluster(&self.url),
+            &[worker],
+            &self.stream,
+            &self.prefix,
+            true,
+            &self.expected,
+        );
+    }
+}
+
 #[test]
 fn a_stream_slot_migrating_during_a_drain_loses_nothing() {
-    let private = PrivateCluster::start(3, 0);
-    let url = private.url();
-    let mut conn = cluster(&url);
-    let stream = unique("cl-migrate");
-    let prefix = format!("{stream}:");
-    let file = pipeline_file("cl-migrate", &pipeline(&stream, &prefix, &url, None, true));
-    let (events, expected) = workload(400, 5, 24);
-    let (first_half, second_half) = events.split_at(events.len() / 2);
-    publish_routed(&mut conn, &stream, first_half);
-    let worker = Worker::start(&file, &[]);
+    let mut case = HalfPublished::start("cl-migrate", 400, 5, 24);
+    let worker = Worker::start(&case.file, &[]);
     wait_for_worker(&worker, Duration::from_secs(30), "all partitions", || {
         taken(&worker) >= PARTITIONS as usize
     });
     // Move the slot of partition 3's stream to another master while the worker reads it:
     // a burst for partition 3 just before, so it has entries unread or pending when it moves.
-    let key = partition_stream(&stream, 3, PARTITIONS);
-    let burst: Vec<Value> = second_half
+    let key = partition_stream(&case.stream, 3, PARTITIONS);
+    let burst: Vec<Value> = case
+        .second_half
         .iter()
         .filter(|e| partition_of(e["aggregateId"].as_str().unwrap_or(""), PARTITIONS) == 3)
         .cloned()
         .collect();
     assert!(!burst.is_empty());
-    publish_routed(&mut conn, &stream, &burst);
-    let (slot, _, to) = slot_and_masters(&private, &key);
-    private.migrate_slot(slot, to);
-    assert_eq!(private.master_of_slot(slot), to);
-    publish_routed(&mut conn, &stream, second_half);
-    converge(
-        &mut conn,
-        &mut cluster(&url),
-        &[&worker],
-        &stream,
-        &prefix,
-        true,
-        &expected,
-    );
+    publish_routed(&mut case.conn, &case.stream, &burst);
+    let (slot, _, to) = slot_and_masters(&case.private, &key);
+    case.private.migrate_slot(slot, to);
+    assert_eq!(case.private.master_of_slot(slot), to);
+    case.finish_and_converge(&worker);
     let (status, log) = worker.terminate();
     assert!(status.success(), "{log}");
 }
 
 #[test]
 fn a_stream_whose_slot_is_half_migrated_is_read_through_ask() {
-    let private = PrivateCluster::start(3, 0);
-    let url = private.url();
-    let mut conn = cluster(&url);
-    let stream = unique("cl-ask");
-    let prefix = format!("{stream}:");
-    let file = pipeline_file("cl-ask", &pipeline(&stream, &prefix, &url, None, true));
-    let (events, expected) = workload(300, 4, 25);
-    let (first_half, second_half) = events.split_at(events.len() / 2);
-    publish_routed(&mut conn, &stream, first_half);
+    let mut case = HalfPublished::start("cl-ask", 300, 4, 25);
     // Partition 3's stream moves to another master, but the slot is not handed over: its old
     // owner answers ASK for the stream while the worker reads it.
-    let key = partition_stream(&stream, 3, PARTITIONS);
-    let (slot, from, to) = slot_and_masters(&private, &key);
-    private.move_slot_keys(slot, to);
-    let worker = Worker::start(&file, &[]);
-    publish_routed(&mut conn, &stream, second_half);
-    converge(
-        &mut conn,
-        &mut cluster(&url),
-        &[&worker],
-        &stream,
-        &prefix,
-        true,
-        &expected,
-    );
-    assert_eq!(private.master_of_slot(slot), from, "still migrating");
-    private.assign_slot(slot, to);
+    let key = partition_stream(&case.stream, 3, PARTITIONS);
+    let (slot, from, to) = slot_and_masters(&case.private, &key);
+    case.private.move_slot_keys(slot, to);
+    let worker = Worker::start(&case.file, &[]);
+    case.finish_and_converge(&worker);
+    assert_eq!(case.private.master_of_slot(slot), from, "still migrating");
+    case.private.assign_slot(slot, to);
     let (status, log) = worker.terminate();
     assert!(status.success(), "{log}");
 }
