@@ -29,7 +29,7 @@ use crate::stage::{
 };
 use cluster::Tombstone;
 pub use cluster::tombstone_key;
-use script::{Freshness, Layout, SCRIPT};
+use script::{Freshness, Layout, ScriptCall};
 pub use template::KeyTemplate;
 
 /// Configuration of the `redis_hash` sink.
@@ -139,7 +139,6 @@ impl RedisHashConfig {
             url,
             pool: manager.into_pool(self.pool_size),
             cluster,
-            script: Script::new(SCRIPT),
             delta_script: Script::new(delta::DELTA_SCRIPT),
         })
     }
@@ -155,7 +154,6 @@ pub struct RedisHashSink {
     pool: RedisPool,
     /// Whether the store is a Redis Cluster: one script per slot, tombstones in their hash's slot.
     cluster: bool,
-    script: Script,
     /// The patch script (`delta.lua`).
     delta_script: Script,
     /// Where the sink notes its freshness (see [`RedisHashConfig::freshness_key`]).
@@ -261,22 +259,20 @@ impl RedisHashSink {
         keys: &str,
         writes: &[&Write<'_>],
         freshness: Option<&Freshness<'_>>,
-    ) -> Result<redis::Cmd, SinkError> {
+    ) -> Result<ScriptCall, SinkError> {
         let layout = Layout {
             deleted: &self.config.deleted_field,
             version: &self.config.version_field,
             occurred_at: &self.config.occurred_at_field,
             tombstone_prefix: &self.config.tombstone_prefix,
         };
-        script::call(self.script.get_hash(), &layout, keys, writes, freshness).map_err(|e| {
-            SinkError::Refused {
-                store: STORE,
-                message: e.to_string(),
-            }
+        script::call(&layout, keys, writes, freshness).map_err(|e| SinkError::Refused {
+            store: STORE,
+            message: e.to_string(),
         })
     }
 
-    async fn eval(&self, cmd: &redis::Cmd) -> Result<ScriptReply, redis::RedisError> {
+    async fn eval(&self, call: &ScriptCall) -> Result<ScriptReply, redis::RedisError> {
         let mut conn = self.pool.get().await.map_err(|e| {
             redis::RedisError::from((
                 redis::ErrorKind::Io,
@@ -285,17 +281,14 @@ impl RedisHashSink {
             ))
         })?;
         conn.begin();
-        let result = match cmd.query_async(conn.conn()).await {
+        let result = match call.cmd.query_async(conn.conn()).await {
             // Restarts, failovers and SCRIPT FLUSH empty the script cache.
             Err(e) if e.code() == Some("NOSCRIPT") => {
                 tracing::info!(
                     sink = "redis_hash",
-                    "Script cache was empty (NOSCRIPT); loading the script again."
+                    "Script cache was empty (NOSCRIPT); sent the script itself, which loads it."
                 );
-                match self.script.load_async(conn.conn()).await {
-                    Ok(_) => cmd.query_async(conn.conn()).await,
-                    Err(e) => Err(e),
-                }
+                call.as_eval().query_async(conn.conn()).await
             }
             other => other,
         };
@@ -311,8 +304,8 @@ impl RedisHashSink {
             .map(|group| {
                 let group: Vec<&Write<'_>> =
                     group.into_iter().map(|i| &writes.records[i]).collect();
-                let cmd = self.script_call(keys, &group, None)?;
-                Ok((group, cmd))
+                let call = self.script_call(keys, &group, None)?;
+                Ok((group, call))
             })
             .collect()
     }
@@ -331,9 +324,9 @@ impl RedisHashSink {
         })?;
         pooled.begin();
         let conn = pooled.conn().clone();
-        let results = calls.iter().map(|(_, cmd)| {
+        let results = calls.iter().map(|(_, call)| {
             let mut conn = conn.clone();
-            async move { eval_group(&mut conn, cmd).await }
+            async move { eval_group(&mut conn, call).await }
         });
         let mut totals = (0, 0, Vec::new());
         let mut reloaded = 0;
@@ -388,19 +381,17 @@ impl RedisHashSink {
 }
 
 /// One slot group's records and their script call.
-type SlotCall<'w> = (Vec<&'w Write<'w>>, redis::Cmd);
+type SlotCall<'w> = (Vec<&'w Write<'w>>, ScriptCall);
 
 /// One slot group's script call; on NOSCRIPT (a restarted or promoted node, SCRIPT FLUSH) it
 /// is sent again as EVAL, which loads it on the node that owns the slot. Also says whether it
 /// had to.
 async fn eval_group(
     conn: &mut RedisConn,
-    cmd: &redis::Cmd,
+    call: &ScriptCall,
 ) -> (Result<ScriptReply, redis::RedisError>, bool) {
-    match cmd.query_async(&mut *conn).await {
-        Err(e) if e.code() == Some("NOSCRIPT") => {
-            (script::as_eval(cmd).query_async(conn).await, true)
-        }
+    match call.cmd.query_async(&mut *conn).await {
+        Err(e) if e.code() == Some("NOSCRIPT") => (call.as_eval().query_async(conn).await, true),
         other => (other, false),
     }
 }
@@ -626,8 +617,8 @@ impl RedisHashSink {
                     replicated_at: time::OffsetDateTime::now_utc(),
                     newest_occurred_at: newest,
                 };
-                let cmd = self.script_call(&writes.keys, &all, Some(&freshness))?;
-                tokio::time::timeout(deadline, self.eval(&cmd))
+                let call = self.script_call(&writes.keys, &all, Some(&freshness))?;
+                tokio::time::timeout(deadline, self.eval(&call))
                     .await
                     .map(|r| {
                         r.map(|(a, s, at)| {

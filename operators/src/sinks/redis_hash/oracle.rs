@@ -424,45 +424,58 @@ fn the_script_leaves_what_the_old_one_left() {
         .unwrap();
 }
 
+/// An upsert of aggregate `case`-`id` over the fixed set `names`: every third value, from the
+/// `absent`th, is missing.
+fn fixed_record(names: &FieldNames, case: u64, id: usize, version: u64, absent: usize) -> Record {
+    let event = EnvelopeKeys::default()
+        .read(
+            &json!({"aggregateId": format!("{case}-{id}"), "aggregateVersion": version,
+                      "occurredAt": "2026-11-24T10:00:00Z", "payload": {}}),
+        )
+        .unwrap();
+    let mut record = Record::new(id, event);
+    let values = (0..names.len())
+        .map(|i| (i % 3 != absent).then(|| Value::String(format!("{version}:{i}"))))
+        .collect();
+    record.fields = Some(Fields::Fixed {
+        names: Arc::clone(names),
+        values,
+    });
+    record
+}
+
+impl Pair {
+    /// Applies `batch` through both scripts and checks that they report the same counts,
+    /// which it returns.
+    async fn apply_both(&self, batch: &[Record]) -> (usize, usize) {
+        let report = self.new.apply_batch(batch).await.unwrap();
+        let (writes, _) = self.old.writes(batch);
+        let all: Vec<&Write<'_>> = writes.records.iter().collect();
+        let counts: (usize, usize) = oracle_call(&self.old, &writes.keys, &all)
+            .query_async(&mut self.conn.clone())
+            .await
+            .unwrap();
+        assert_eq!((report.applied, report.stale), counts);
+        counts
+    }
+}
+
 #[tokio::test]
 async fn wide_fixed_sets_agree_too() {
     let pair = Pair::new().await;
     // 1,500 names: over the 2,000 values one HSET or HDEL takes.
     let names: FieldNames = (0..1500).map(|i| format!("f{i}")).collect();
-    let record = |id: usize, version: u64, absent: usize| {
-        let event = EnvelopeKeys::default()
-            .read(
-                &json!({"aggregateId": format!("0-{id}"), "aggregateVersion": version,
-                          "occurredAt": "2026-11-24T10:00:00Z", "payload": {}}),
-            )
-            .unwrap();
-        let mut record = Record::new(id, event);
-        let values = (0..names.len())
-            .map(|i| (i % 3 != absent).then(|| Value::String(format!("{version}:{i}"))))
-            .collect();
-        record.fields = Some(Fields::Fixed {
-            names: Arc::clone(&names),
-            values,
-        });
-        record
-    };
     // A new hash, one over it lacking other fields, one with all of them; aggregates 0 to 2
-    // in one call (whose header names the set), 3 alone (naming its fields).
+    // in one call, 3 alone.
     for (version, absent) in [(1, 0), (2, 1), (3, usize::MAX)] {
         let batches = [
-            (0..3).map(|id| record(id, version, absent)).collect(),
-            vec![record(3, version, absent)],
+            (0..3)
+                .map(|id| fixed_record(&names, 0, id, version, absent))
+                .collect(),
+            vec![fixed_record(&names, 0, 3, version, absent)],
         ];
         for batch in batches {
-            let report = pair.new.apply_batch(&batch).await.unwrap();
-            let (writes, _) = pair.old.writes(&batch);
-            let all: Vec<&Write<'_>> = writes.records.iter().collect();
-            let counts: (usize, usize) = oracle_call(&pair.old, &writes.keys, &all)
-                .query_async(&mut pair.conn.clone())
-                .await
-                .unwrap();
-            assert_eq!((report.applied, report.stale), counts);
-            assert_eq!(counts, (batch.len(), 0));
+            assert_eq!(pair.apply_both(&batch).await, (batch.len(), 0));
         }
         let (new, old) = (pair.state(true, 0).await, pair.state(false, 0).await);
         let fields = 2 + if absent > 2 { 1500 } else { 1000 };
@@ -470,4 +483,60 @@ async fn wide_fixed_sets_agree_too() {
         assert_eq!(new, old);
     }
     pair.clean_up(0).await;
+}
+
+#[tokio::test]
+async fn every_header_size_agrees_too() {
+    let pair = Pair::new().await;
+    // Each size a header can name has a script of its own; one more is named by record.
+    for size in 1..=script::HEADER_MAX_NAMES + 1 {
+        let case = size as u64;
+        let names: FieldNames = (0..size).map(|i| format!("f{i}")).collect();
+        // Aggregate 0 holds a field no record writes: the first complete write must drop it.
+        for sink in [&pair.new, &pair.old] {
+            let (key, _) = Pair::keys(sink, case, 0);
+            let _: () = redis::cmd("HSET")
+                .arg(key)
+                .arg("legacy")
+                .arg("x")
+                .query_async(&mut pair.conn.clone())
+                .await
+                .unwrap();
+        }
+        // Complete, then lacking every third field from the second, complete again, and the
+        // same version once more, which is stale: aggregates 0 to 2 in one call, whose header
+        // names the set, 3 alone.
+        for (version, absent, fresh) in [
+            (1, usize::MAX, true),
+            (2, 1, true),
+            (3, usize::MAX, true),
+            (3, usize::MAX, false),
+        ] {
+            for ids in [0..3, 3..4] {
+                let batch: Vec<Record> = ids
+                    .map(|id| fixed_record(&names, case, id, version, absent))
+                    .collect();
+                let expected = if fresh {
+                    (batch.len(), 0)
+                } else {
+                    (0, batch.len())
+                };
+                let context = format!("{size} names, version {version}");
+                assert_eq!(pair.apply_both(&batch).await, expected, "{context}");
+            }
+            let (new, old) = (pair.state(true, case).await, pair.state(false, case).await);
+            let written = if absent == 1 {
+                size - (size + 1) / 3
+            } else {
+                size
+            };
+            // Each hash holds the version, occurredAt and the fields written, no more.
+            assert!(
+                new.iter().all(|key| key.hash.len() == 2 + written),
+                "{size} names, version {version}: {new:?}"
+            );
+            assert_eq!(new, old, "{size} names, version {version}");
+        }
+        pair.clean_up(case).await;
+    }
 }

@@ -1,6 +1,10 @@
 -- Compare-version-then-write for a whole batch. Versions are compared as decimal strings
 -- (length first) so that u64 versions above 2^53 stay exact. The layout is script.rs's.
 --
+-- A template: script.rs writes the header's names in, one script per header size (at the
+-- lines `--{names}` and `--{write_complete}`), so that a complete record's write names its
+-- values one by one, which costs Redis less than a table filled and unpacked per record.
+--
 -- KEYS: per record its hash and its tombstone; when their count is odd, the last one is the
 -- sink's freshness hash.
 -- ARGV, once per call: 1 deleted-flag field, 2 version field, 3 occurred-at field, 4 the count
@@ -23,8 +27,7 @@
 -- The fixed fields of one set are written over the hash, which the hash's field count then
 -- shows right or not: dropping the hash first costs more. A call on a cluster often holds a
 -- single record, so what a call costs besides its records counts too: the functions use no
--- upvalues (each is allocated per call), and the table the named fields' pairs are put in is
--- only worth its cost in a call of several records ('F' writes its pairs from its pack).
+-- upvalues (each is allocated per call).
 
 -- unpack() of more than ~8,000 values exceeds Lua's C stack: this many values (1,000
 -- field/value pairs) at most go to one command, a record with more takes several.
@@ -64,9 +67,11 @@ local KEYS, ARGV, call, byte, unpack, unpack_pack = KEYS, ARGV, redis.call, stri
 local PRESENT = 49 -- '1'
 local df, vf, of = ARGV[1], ARGV[2], ARGV[3]
 local nfixed = tonumber(ARGV[4])
+-- The header's names as locals F1, F2, ... (ARGV[5], ARGV[6], ...), for `write_complete`.
+--{names}
 local freshness = #KEYS % 2 == 1
--- The pairs of a 'u' record; `full` keeps the names of a 'U' record between records.
-local buf, full
+-- The pairs of a 'u' record.
+local buf
 
 -- Stale records are rare (version_filter drops most first): their table is made for the first.
 local applied, stale, stale_at = 0, 0, false
@@ -132,17 +137,12 @@ for i = 1, #KEYS - 1, 2 do
   else
     local complete, v = head == 'U', a + 2
     if fresh then
-      local t, n
+      local n
       if complete then
-        if not full then
-          -- Sized at once: a constructor sizes its table for all the values unpack() gives.
-          full = {unpack(ARGV, 1, 4 + 2 * nfixed)}
-          full[1], full[3] = vf, of
-          for j = 1, nfixed do full[3 + 2 * j] = ARGV[4 + j] end
-        end
-        full[2], full[4] = ver, R[v]
-        for j = 1, nfixed do full[4 + 2 * j] = R[v + j] end
-        t, n, v = full, 4 + 2 * nfixed, v + 1 + nfixed
+        -- The version, occurredAt and each named field, R[a + 2 + j] the value of Fj:
+        -- call('HSET', key, vf, ver, of, R[a + 2], F1, R[a + 3], F2, R[a + 4], ...)
+        --{write_complete}
+        n, v = 4 + 2 * nfixed, v + 1 + nfixed
       else
         buf = buf or {}
         buf[1], buf[2], n = vf, ver, 2
@@ -154,17 +154,20 @@ for i = 1, #KEYS - 1, 2 do
             buf[n + 1], buf[n + 2], n, v = ARGV[4 + j], R[v], n + 2, v + 1
           end
         end
-        t = buf
+        call('HSET', key, unpack(buf, 1, n))
       end
       -- Written over the hash as it is, which leaves it right when it held no other fields
       -- (the usual update, or a new key); else the fields the record leaves absent go; and if
       -- a field nobody knows is left even then (one dropped from the projection, a foreign
       -- hash), it is written from scratch.
-      if n <= SLICE then call('HSET', key, unpack(t, 1, n)) else sliced('HSET', key, t, 1, n) end
       local len = call('HLEN', key)
       if len ~= n / 2 and len - sliced('HDEL', key, absent(head, df, of, nfixed)) ~= n / 2 then
         call('DEL', key)
-        sliced('HSET', key, t, 1, n)
+        if complete then
+          --{write_complete}
+        else
+          call('HSET', key, unpack(buf, 1, n))
+        end
       end
       if buried then call('DEL', tomb) end
     elseif complete then

@@ -5,7 +5,8 @@
 //! header and packs are written straight into the command, without a string per value.
 
 use std::collections::HashSet;
-use std::sync::Arc;
+use std::fmt::Write as _;
+use std::sync::{Arc, OnceLock};
 
 use redis::{Cmd, RedisWrite};
 use serde_json::Value;
@@ -15,8 +16,97 @@ use super::Write;
 use super::pack::{Packs, RecordTooLarge};
 use crate::record::{Action, FieldNames, Fields, Record};
 
-/// The batch script.
-pub(super) const SCRIPT: &str = include_str!("script.lua");
+/// The batch script, with the places for its header's names (`--{names}`,
+/// `--{write_complete}`) that [`BatchScript::for_header`] fills.
+const TEMPLATE: &str = include_str!("script.lua");
+
+/// The batch script for calls whose header names a given number of fields.
+pub(super) struct BatchScript {
+    text: String,
+    sha: String,
+}
+
+impl BatchScript {
+    /// The script for a header of `names` names (at most [`HEADER_MAX_NAMES`]), made once.
+    pub(super) fn for_header(names: usize) -> &'static BatchScript {
+        static SCRIPTS: [OnceLock<BatchScript>; HEADER_MAX_NAMES + 1] =
+            [const { OnceLock::new() }; HEADER_MAX_NAMES + 1];
+        SCRIPTS[names].get_or_init(|| BatchScript::render(names))
+    }
+
+    /// The template with the header's `names` names written in: each a local `Fj`, and a
+    /// complete record's write naming its values one by one.
+    fn render(names: usize) -> Self {
+        let mut locals = format!(
+            "if nfixed ~= {names} then return redis.error_reply('ERR a header of ' .. nfixed .. ' names in the script for {names}') end"
+        );
+        if names > 0 {
+            let (fields, values): (Vec<String>, Vec<String>) = (1..=names)
+                .map(|j| (format!("F{j}"), format!("ARGV[{}]", 4 + j)))
+                .unzip();
+            let _ = write!(
+                locals,
+                "\nlocal {} = {}",
+                fields.join(", "),
+                values.join(", ")
+            );
+        }
+        let mut write = String::from("call('HSET', key, vf, ver, of, R[a + 2]");
+        for j in 1..=names {
+            let _ = write!(write, ", F{j}, R[a + {}]", 2 + j);
+        }
+        write.push(')');
+        let mut text = String::with_capacity(TEMPLATE.len() + locals.len() + 2 * write.len());
+        for line in TEMPLATE.lines() {
+            let filled = match line.trim() {
+                "--{names}" => &locals,
+                "--{write_complete}" => &write,
+                _ => {
+                    let _ = writeln!(text, "{line}");
+                    continue;
+                }
+            };
+            let indent = &line[..line.len() - line.trim_start().len()];
+            for part in filled.lines() {
+                let _ = writeln!(text, "{indent}{part}");
+            }
+        }
+        let sha = redis::Script::new(&text).get_hash().to_owned();
+        BatchScript { text, sha }
+    }
+
+    /// The SHA1 EVALSHA names the script by.
+    pub(super) fn sha(&self) -> &str {
+        &self.sha
+    }
+}
+
+/// One call of the batch script, as EVALSHA.
+pub(super) struct ScriptCall {
+    pub cmd: Cmd,
+    script: &'static BatchScript,
+}
+
+impl ScriptCall {
+    /// The same call as EVAL of the script's text, which loads it where it was missing.
+    pub(super) fn as_eval(&self) -> Cmd {
+        let (args, bytes) = self
+            .cmd
+            .args_iter()
+            .fold((0, 0), |(n, len), arg| match arg {
+                redis::Arg::Simple(arg) => (n + 1, len + arg.len()),
+                _ => (n + 1, len),
+            });
+        let mut cmd = Cmd::with_capacity(args, bytes + self.script.text.len());
+        cmd.arg("EVAL").arg(self.script.text.as_str());
+        for arg in self.cmd.args_iter().skip(2) {
+            if let redis::Arg::Simple(arg) = arg {
+                cmd.arg(arg);
+            }
+        }
+        cmd
+    }
+}
 
 /// The hash fields the sink writes besides a record's own, and the tombstones' prefix.
 pub(super) struct Layout<'a> {
@@ -91,21 +181,23 @@ fn push_integer(args: &mut impl Args, negative: bool, magnitude: u64) {
 }
 
 /// The keys and arguments of one script call over `writes`, whose keys are rendered in
-/// `keys`, as EVALSHA of the script; an error for a record no call can carry.
+/// `keys`; an error for a record no call can carry.
 pub(super) fn call(
-    sha: &str,
     layout: &Layout<'_>,
     keys: &str,
     writes: &[&Write<'_>],
     freshness: Option<&Freshness<'_>>,
-) -> Result<Cmd, RecordTooLarge> {
+) -> Result<ScriptCall, RecordTooLarge> {
+    let mut sets = FixedSets::of(layout, writes);
+    let names: &[String] = sets.header.map_or(&[], |names| names);
+    let script = BatchScript::for_header(names.len());
     let fixed_fields = writes
         .iter()
         .find_map(|w| w.record.fields.as_ref()?.fixed_names())
         .map_or(0, |names| names.len());
-    let (args, bytes, record_bytes) = capacity(sha, keys, writes.len(), fixed_fields);
+    let (args, bytes, record_bytes) = capacity(script.sha(), keys, writes.len(), fixed_fields);
     let mut cmd = Cmd::with_capacity(args, bytes);
-    cmd.arg("EVALSHA").arg(sha);
+    cmd.arg("EVALSHA").arg(script.sha());
     // Scratch space for the arguments made of parts: tombstone keys, heads.
     let mut scratch = Vec::new();
     cmd.arg(writes.len() * 2 + usize::from(freshness.is_some()));
@@ -124,8 +216,6 @@ pub(super) fn call(
     cmd.arg(layout.deleted)
         .arg(layout.version)
         .arg(layout.occurred_at);
-    let mut sets = FixedSets::of(layout, writes);
-    let names: &[String] = sets.header.map_or(&[], |names| names);
     cmd.arg(names.len());
     for name in names {
         cmd.arg(name.as_str());
@@ -145,24 +235,7 @@ pub(super) fn call(
         append_record(&mut packs, &mut scratch, layout, &mut sets, write.record);
     }
     packs.finish(&mut cmd)?;
-    Ok(cmd)
-}
-
-/// `evalsha` (a call made by [`call`]) as EVAL of the script's text, which loads it where it
-/// was missing.
-pub(super) fn as_eval(evalsha: &Cmd) -> Cmd {
-    let (args, bytes) = evalsha.args_iter().fold((0, 0), |(n, len), arg| match arg {
-        redis::Arg::Simple(arg) => (n + 1, len + arg.len()),
-        _ => (n + 1, len),
-    });
-    let mut cmd = Cmd::with_capacity(args, bytes + SCRIPT.len());
-    cmd.arg("EVAL").arg(SCRIPT);
-    for arg in evalsha.args_iter().skip(2) {
-        if let redis::Arg::Simple(arg) = arg {
-            cmd.arg(arg);
-        }
-    }
-    cmd
+    Ok(ScriptCall { cmd, script })
 }
 
 /// A guess of the size of a call (arguments, bytes) and of its packs (bytes), so that the
@@ -174,14 +247,14 @@ fn capacity(sha: &str, keys: &str, writes: usize, fixed_fields: usize) -> (usize
     (args, bytes + record_bytes, record_bytes)
 }
 
-/// Upserts of one fixed set a call needs before its header names the set: the script then
-/// puts each record's pairs together in a table, which costs it more per call than naming the
-/// fields in every record of a small call.
+/// Upserts of one fixed set a call needs before its header names the set; a smaller call
+/// names the fields in its records.
 const HEADER_FROM: usize = 3;
 
-/// Most names a header holds: the script unpacks the header's pairs into one table, and
-/// unpack() of more than ~8,000 values exceeds Lua's C stack.
-const HEADER_MAX_NAMES: usize = 1000;
+/// Most names a header holds: each is a local of the script and a register of a complete
+/// record's `HSET`, and Lua allows a function 200 locals and 250 registers. A wider set is
+/// named in every record.
+pub(super) const HEADER_MAX_NAMES: usize = 48;
 
 /// The fixed field sets of a call's upserts: whether the script may write each over a hash
 /// (its names differ from each other and from the sink's own fields, as the script tells from

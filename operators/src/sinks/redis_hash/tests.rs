@@ -357,7 +357,7 @@ async fn a_batch_over_several_packs_lands_whole_and_stays_guarded() {
     let all: Vec<&Write<'_>> = writes.records.iter().collect();
     let call = sink.script_call(&writes.keys, &all, None).unwrap();
     // EVALSHA, the sha, the key count, 10 keys, 4 header arguments, then the packs.
-    assert_eq!(call.args_iter().count() - 17, 3);
+    assert_eq!(call.cmd.args_iter().count() - 17, 3);
     let report = sink.apply_batch(&batch).await.unwrap();
     assert_eq!((report.applied, report.stale), (5, 0));
     for i in 0..5u8 {
@@ -565,7 +565,7 @@ async fn noscript_after_script_flush_on_every_master_recovers() {
     for master_conn in &mut master_conns {
         let cached: Vec<bool> = redis::cmd("SCRIPT")
             .arg("EXISTS")
-            .arg(sink.script.get_hash())
+            .arg(script::BatchScript::for_header(0).sha())
             .query_async(master_conn)
             .await
             .unwrap();
