@@ -286,9 +286,12 @@ impl RedisHashSink {
             Err(e) if e.code() == Some("NOSCRIPT") => {
                 tracing::info!(
                     sink = "redis_hash",
-                    "Script cache was empty (NOSCRIPT); sent the script itself, which loads it."
+                    "Script cache was empty (NOSCRIPT); loading the script again."
                 );
-                call.as_eval().query_async(conn.conn()).await
+                match call.load().query_async::<String>(conn.conn()).await {
+                    Ok(_) => call.cmd.query_async(conn.conn()).await,
+                    Err(e) => Err(e),
+                }
             }
             other => other,
         };

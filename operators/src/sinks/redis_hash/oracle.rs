@@ -537,6 +537,42 @@ async fn every_header_size_agrees_too() {
             );
             assert_eq!(new, old, "{size} names, version {version}");
         }
+        // The header's records among the other kinds, in one call: one without occurredAt, a
+        // partial one over a foreign field (so rewritten), a stale partial one, a delete and a
+        // mark.
+        for sink in [&pair.new, &pair.old] {
+            let (key, _) = Pair::keys(sink, case, 1);
+            let _: () = redis::cmd("HSET")
+                .arg(key)
+                .arg("legacy")
+                .arg("x")
+                .query_async(&mut pair.conn.clone())
+                .await
+                .unwrap();
+        }
+        let mut no_occurred = fixed_record(&names, case, 0, 4, usize::MAX);
+        Arc::make_mut(&mut no_occurred.event).occurred_at = None;
+        let mut delete = fixed_record(&names, case, 3, 5, usize::MAX);
+        delete.action = Action::Delete {
+            keep_for: Duration::from_secs(600),
+        };
+        delete.fields = None;
+        let mut mark = fixed_record(&names, case, 0, 6, usize::MAX);
+        mark.action = Action::Mark;
+        mark.fields = None;
+        let mut batch = vec![
+            no_occurred,
+            fixed_record(&names, case, 1, 4, 1),
+            fixed_record(&names, case, 2, 2, 1),
+            delete,
+            mark,
+        ];
+        for (entry, record) in batch.iter_mut().enumerate() {
+            record.entry = entry;
+        }
+        assert_eq!(pair.apply_both(&batch).await, (4, 1), "{size} names");
+        let (new, old) = (pair.state(true, case).await, pair.state(false, case).await);
+        assert_eq!(new, old, "{size} names, the other kinds");
         pair.clean_up(case).await;
     }
 }

@@ -1,8 +1,10 @@
 //! The batch script and the layout of its arguments (`script.lua` describes it). A call of
-//! several upserts of one fixed field set names the fields once, in a header, and each record
-//! sends a head saying its action and which values follow, then only those; a smaller call
-//! names the fields in its records. The records' values travel in packs (`pack.rs`); keys,
-//! header and packs are written straight into the command, without a string per value.
+//! several upserts of one fixed field set of at most 48 names names the fields once, in a
+//! header, and each record sends a head saying its action and which values follow, then only
+//! those; a smaller call, or a wider set, names the fields in its records. Each header size
+//! has a script of its own, which writes a complete record naming its values one by one. The
+//! records' values travel in packs (`pack.rs`); keys, header and packs are written straight
+//! into the command, without a string per value.
 
 use std::collections::HashSet;
 use std::fmt::Write as _;
@@ -88,6 +90,14 @@ pub(super) struct ScriptCall {
 }
 
 impl ScriptCall {
+    /// `SCRIPT LOAD` of the call's script, for a server that lost it (the sink's access check
+    /// covers `SCRIPT LOAD`).
+    pub(super) fn load(&self) -> Cmd {
+        let mut cmd = redis::cmd("SCRIPT");
+        cmd.arg("LOAD").arg(self.script.text.as_str());
+        cmd
+    }
+
     /// The same call as EVAL of the script's text, which loads it where it was missing.
     pub(super) fn as_eval(&self) -> Cmd {
         let (args, bytes) = self
@@ -478,6 +488,27 @@ mod tests {
     use ecst_schemas::envelope::format_timestamp;
     use serde_json::json;
     use time::macros::datetime;
+
+    #[test]
+    fn every_header_size_fills_the_template_in_full() {
+        for names in 0..=HEADER_MAX_NAMES {
+            let script = BatchScript::for_header(names);
+            assert!(
+                !script
+                    .text
+                    .lines()
+                    .any(|line| line.trim().starts_with("--{")),
+                "{names}"
+            );
+            let mut write = String::from("call('HSET', key, vf, ver, of, R[a + 2]");
+            for j in 1..=names {
+                write += &format!(", F{j}, R[a + {}]", 2 + j);
+            }
+            write.push(')');
+            assert_eq!(script.text.matches(&write).count(), 2, "{names}");
+            assert_eq!(script.sha, redis::Script::new(&script.text).get_hash());
+        }
+    }
 
     #[test]
     fn timestamps_are_written_as_format_timestamp_makes_them() {

@@ -561,7 +561,8 @@ async fn noscript_after_script_flush_on_every_master_recovers() {
 
     let report = sink.apply_batch(&versions(100, 2)).await.unwrap();
     assert_eq!((report.applied, report.stale), (100, 0));
-    // The script went to every master as EVAL, which cached it there.
+    // The script went to every master as EVAL, which cached it there (the script without a
+    // header: these records are payloads, named field by field).
     for master_conn in &mut master_conns {
         let cached: Vec<bool> = redis::cmd("SCRIPT")
             .arg("EXISTS")
