@@ -154,6 +154,7 @@ for i = 1, #KEYS - 1, 2 do
             buf[n + 1], buf[n + 2], n, v = ARGV[4 + j], R[v], n + 2, v + 1
           end
         end
+        -- At most 100 values: a header names at most 48 fields (script.rs).
         call('HSET', key, unpack(buf, 1, n))
       end
       -- Written over the hash as it is, which leaves it right when it held no other fields
