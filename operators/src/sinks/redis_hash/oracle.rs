@@ -445,6 +445,20 @@ fn fixed_record(names: &FieldNames, case: u64, id: usize, version: u64, absent: 
 }
 
 impl Pair {
+    /// Gives aggregate `id` of `case`, on both sides, a field no record writes.
+    async fn plant_foreign_field(&self, case: u64, id: usize) {
+        for sink in [&self.new, &self.old] {
+            let (key, _) = Pair::keys(sink, case, id);
+            let _: () = redis::cmd("HSET")
+                .arg(key)
+                .arg("legacy")
+                .arg("x")
+                .query_async(&mut self.conn.clone())
+                .await
+                .unwrap();
+        }
+    }
+
     /// Applies `batch` through both scripts and checks that they report the same counts,
     /// which it returns.
     async fn apply_both(&self, batch: &[Record]) -> (usize, usize) {
@@ -493,16 +507,7 @@ async fn every_header_size_agrees_too() {
         let case = size as u64;
         let names: FieldNames = (0..size).map(|i| format!("f{i}")).collect();
         // Aggregate 0 holds a field no record writes: the first complete write must drop it.
-        for sink in [&pair.new, &pair.old] {
-            let (key, _) = Pair::keys(sink, case, 0);
-            let _: () = redis::cmd("HSET")
-                .arg(key)
-                .arg("legacy")
-                .arg("x")
-                .query_async(&mut pair.conn.clone())
-                .await
-                .unwrap();
-        }
+        pair.plant_foreign_field(case, 0).await;
         // Complete, then lacking every third field from the second, complete again, and the
         // same version once more, which is stale: aggregates 0 to 2 in one call, whose header
         // names the set, 3 alone.
@@ -540,16 +545,7 @@ async fn every_header_size_agrees_too() {
         // The header's records among the other kinds, in one call: one without occurredAt, a
         // partial one over a foreign field (so rewritten), a stale partial one, a delete and a
         // mark.
-        for sink in [&pair.new, &pair.old] {
-            let (key, _) = Pair::keys(sink, case, 1);
-            let _: () = redis::cmd("HSET")
-                .arg(key)
-                .arg("legacy")
-                .arg("x")
-                .query_async(&mut pair.conn.clone())
-                .await
-                .unwrap();
-        }
+        pair.plant_foreign_field(case, 1).await;
         let mut no_occurred = fixed_record(&names, case, 0, 4, usize::MAX);
         Arc::make_mut(&mut no_occurred.event).occurred_at = None;
         let mut delete = fixed_record(&names, case, 3, 5, usize::MAX);
