@@ -174,14 +174,6 @@ struct Writes<'a> {
     records: Vec<Write<'a>>,
 }
 
-/// How a script call names the script: by its SHA1, or by its text, which also loads it into
-/// the cache of the node that runs it.
-#[derive(Clone, Copy)]
-enum Invoke {
-    Sha,
-    Text,
-}
-
 impl RedisHashConfig {
     /// The hash where the sink records its freshness: `ecst:freshness:<key template>`.
     pub fn freshness_key(&self) -> String {
@@ -571,15 +563,9 @@ impl RedisHashSink {
             occurred_at: &self.config.occurred_at_field,
             tombstone_prefix: &self.config.tombstone_prefix,
         };
-        let call = |invoke: Invoke| {
-            let mut cmd = redis::Cmd::new();
-            match invoke {
-                Invoke::Sha => cmd.arg("EVALSHA").arg(self.delta_script.get_hash()),
-                Invoke::Text => cmd.arg("EVAL").arg(delta::DELTA_SCRIPT),
-            };
-            delta::append(&mut cmd, &layout, keys, group);
-            cmd
-        };
+        let mut cmd = redis::Cmd::new();
+        cmd.arg("EVALSHA").arg(self.delta_script.get_hash());
+        delta::append(&mut cmd, &layout, keys, group);
         let mut conn = self.pool.get().await.map_err(|e| {
             redis::RedisError::from((
                 redis::ErrorKind::Io,
@@ -588,9 +574,11 @@ impl RedisHashSink {
             ))
         })?;
         conn.begin();
-        let result = match call(Invoke::Sha).query_async(conn.conn()).await {
+        let result = match cmd.query_async(conn.conn()).await {
             Err(e) if e.code() == Some("NOSCRIPT") => {
-                call(Invoke::Text).query_async(conn.conn()).await
+                script::as_eval(&cmd, delta::DELTA_SCRIPT)
+                    .query_async(conn.conn())
+                    .await
             }
             other => other,
         };

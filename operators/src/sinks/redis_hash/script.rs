@@ -100,22 +100,25 @@ impl ScriptCall {
 
     /// The same call as EVAL of the script's text, which loads it where it was missing.
     pub(super) fn as_eval(&self) -> Cmd {
-        let (args, bytes) = self
-            .cmd
-            .args_iter()
-            .fold((0, 0), |(n, len), arg| match arg {
-                redis::Arg::Simple(arg) => (n + 1, len + arg.len()),
-                _ => (n + 1, len),
-            });
-        let mut cmd = Cmd::with_capacity(args, bytes + self.script.text.len());
-        cmd.arg("EVAL").arg(self.script.text.as_str());
-        for arg in self.cmd.args_iter().skip(2) {
-            if let redis::Arg::Simple(arg) = arg {
-                cmd.arg(arg);
-            }
-        }
-        cmd
+        as_eval(&self.cmd, &self.script.text)
     }
+}
+
+/// `evalsha` (EVALSHA, a SHA, then the call's keys and arguments) as EVAL of `text`, the
+/// script the SHA names: it runs the same and loads the script where it was missing.
+pub(super) fn as_eval(evalsha: &Cmd, text: &str) -> Cmd {
+    let (args, bytes) = evalsha.args_iter().fold((0, 0), |(n, len), arg| match arg {
+        redis::Arg::Simple(arg) => (n + 1, len + arg.len()),
+        _ => (n + 1, len),
+    });
+    let mut cmd = Cmd::with_capacity(args, bytes + text.len());
+    cmd.arg("EVAL").arg(text);
+    for arg in evalsha.args_iter().skip(2) {
+        if let redis::Arg::Simple(arg) = arg {
+            cmd.arg(arg);
+        }
+    }
+    cmd
 }
 
 /// The hash fields the sink writes besides a record's own, and the tombstones' prefix.
