@@ -18,13 +18,15 @@ use ecst_pipeline::config::{self, PipelineConfig};
 use ecst_pipeline::runner::{self, RunOptions};
 use ecst_pipeline::shutdown::Shutdown;
 use ecst_pipeline::stats::Stats;
-use ecst_schemas::partition::{partition_of, partition_stream};
-use rand::seq::SliceRandom;
-use rand::{Rng, SeedableRng};
+use ecst_schemas::partition::partition_stream;
 use serde_json::json;
 
 use super::bench_target::Target;
 use super::bench_workers::{Workers, cpu_seconds};
+use super::bench_workload::{
+    Event, STATUSES, Workload, aggregate_id, display_name, now_rfc3339, partition_counts, workload,
+    write_stream,
+};
 
 const BENCH_REDIS: &str = include_str!("../../../examples/bench.yaml");
 const BENCH_POSTGRES: &str = include_str!("../../../examples/bench-postgres.yaml");
@@ -92,19 +94,19 @@ pub(crate) struct BenchArgs {
     sink: BenchSink,
     /// Distinct aggregates.
     #[arg(long, default_value_t = 100_000, value_parser = clap::value_parser!(u32).range(1..))]
-    aggregates: u32,
+    pub(crate) aggregates: u32,
     /// Versions per aggregate.
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..))]
-    versions: u32,
+    pub(crate) versions: u32,
     /// Share of events written twice (0.05 = 5%).
     #[arg(long, default_value_t = 0.05)]
-    duplicates: f64,
+    pub(crate) duplicates: f64,
     /// Share of aggregates deleted at their last version.
     #[arg(long, default_value_t = 0.10)]
-    deletes: f64,
+    pub(crate) deletes: f64,
     /// Events are shuffled inside windows of this many.
     #[arg(long, default_value_t = 1000)]
-    window: usize,
+    pub(crate) window: usize,
     /// Pipeline file to run instead of the built-in one (it must read ${ECST_BENCH_STREAM},
     /// ${ECST_BENCH_GROUP}, ${ECST_BENCH_PARTITIONS} and write keys
     /// `${ECST_BENCH_PREFIX}athlete:{aggregateId}`, as examples/bench.yaml does).
@@ -118,146 +120,10 @@ pub(crate) struct BenchArgs {
     latency_seconds: u32,
     /// Random seed of the workload.
     #[arg(long, default_value_t = 42)]
-    seed: u64,
+    pub(crate) seed: u64,
     /// Print one JSON object instead of a table.
     #[arg(long)]
     json: bool,
-}
-
-/// One event of the workload, regenerated from these numbers when it is written.
-#[derive(Clone, Copy)]
-struct Event {
-    aggregate: u32,
-    version: u32,
-}
-
-struct Workload {
-    events: Vec<Event>,
-    deleted: Vec<bool>,
-    versions: u32,
-}
-
-fn workload(args: &BenchArgs) -> Workload {
-    let mut rng = rand::rngs::StdRng::seed_from_u64(args.seed);
-    let deleted: Vec<bool> = (0..args.aggregates)
-        .map(|_| rng.random_bool(args.deletes.clamp(0.0, 1.0)))
-        .collect();
-    let mut order: Vec<u32> = (0..args.aggregates).collect();
-    let mut events: Vec<Event> =
-        Vec::with_capacity((args.aggregates as usize) * (args.versions as usize));
-    for version in 1..=args.versions {
-        order.shuffle(&mut rng);
-        events.extend(order.iter().map(|&aggregate| Event { aggregate, version }));
-    }
-    let window = args.window.max(1);
-    for chunk in events.chunks_mut(window) {
-        chunk.shuffle(&mut rng);
-    }
-    // Each duplicate lands up to a window after its original; spliced in one pass.
-    let duplicates = (events.len() as f64 * args.duplicates.clamp(0.0, 1.0)) as usize;
-    let mut copies: Vec<(usize, Event)> = (0..duplicates)
-        .map(|_| {
-            let at = rng.random_range(0..events.len());
-            (
-                (at + rng.random_range(0..window)).min(events.len()),
-                events[at],
-            )
-        })
-        .collect();
-    copies.sort_by_key(|(to, _)| std::cmp::Reverse(*to));
-    let mut spliced = Vec::with_capacity(events.len() + duplicates);
-    for (i, event) in events.into_iter().enumerate() {
-        while copies.last().is_some_and(|(to, _)| *to == i) {
-            if let Some((_, copy)) = copies.pop() {
-                spliced.push(copy);
-            }
-        }
-        spliced.push(event);
-    }
-    spliced.extend(copies.into_iter().rev().map(|(_, copy)| copy));
-    let events = spliced;
-    Workload {
-        events,
-        deleted,
-        versions: args.versions,
-    }
-}
-
-const STATUSES: [&str; 3] = ["active", "retired", "suspended"];
-
-fn body(event: Event, deleted: bool, occurred_at: &str) -> Vec<u8> {
-    let id = format!("ath-{}", event.aggregate);
-    let value = if deleted {
-        json!({"schemaVersion": 1, "eventId": format!("{id}-{}", event.version), "eventType": "athlete.deleted",
-               "occurredAt": occurred_at, "aggregateType": "athlete", "aggregateId": id,
-               "aggregateVersion": event.version, "payload": null, "deleted": true})
-    } else {
-        json!({"schemaVersion": 1, "eventId": format!("{id}-{}", event.version), "eventType": "athlete.updated",
-               "occurredAt": occurred_at, "aggregateType": "athlete", "aggregateId": id,
-               "aggregateVersion": event.version,
-               "payload": {"athleteId": id, "displayName": display_name(event), "countryCode": "GB",
-                           "weightClass": "lightweight", "status": STATUSES[(event.version % 3) as usize],
-                           "updatedAt": occurred_at}})
-    };
-    serde_json::to_vec(&value).unwrap_or_default()
-}
-
-fn display_name(event: Event) -> String {
-    format!("Athlete {} v{}", event.aggregate, event.version)
-}
-
-fn is_delete(w: &Workload, e: Event) -> bool {
-    w.deleted[e.aggregate as usize] && e.version == w.versions
-}
-
-fn now_rfc3339() -> String {
-    ecst_schemas::envelope::format_timestamp(time::OffsetDateTime::now_utc())
-}
-
-fn aggregate_id(aggregate: u32) -> String {
-    format!("ath-{aggregate}")
-}
-
-/// Appends `events` to their partitions of `stream`, as a producer routes them.
-async fn write_stream(
-    target: &Target,
-    stream: &str,
-    partitions: u32,
-    w: &Workload,
-    events: &[Event],
-) -> anyhow::Result<()> {
-    let occurred = now_rfc3339();
-    let keys: Vec<String> = (0..partitions)
-        .map(|p| partition_stream(stream, p, partitions))
-        .collect();
-    // A slice at a time bounds the memory of the bodies.
-    for slice in events.chunks(10_000) {
-        target
-            .exec(slice.iter().map(|&e| {
-                let key = &keys[partition_of(&aggregate_id(e.aggregate), partitions) as usize];
-                let mut cmd = redis::cmd("XADD");
-                cmd.arg(key)
-                    .arg("*")
-                    .arg("v")
-                    .arg(body(e, is_delete(w, e), &occurred));
-                (key.clone(), cmd)
-            }))
-            .await
-            .context("XADD failed")?;
-    }
-    Ok(())
-}
-
-/// Events of the workload per partition.
-fn partition_counts(w: &Workload, partitions: u32) -> Vec<u64> {
-    let of: Vec<u32> = (0..w.deleted.len() as u32)
-        .map(|a| partition_of(&aggregate_id(a), partitions))
-        .collect();
-    let mut counts = vec![0u64; partitions as usize];
-    for e in &w.events {
-        counts[of[e.aggregate as usize] as usize] += 1;
-    }
-    counts
 }
 
 /// The `${VAR}`s the bench pipelines read, for one run.

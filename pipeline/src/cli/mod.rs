@@ -5,6 +5,7 @@ pub(crate) mod bench_relay;
 pub(crate) mod bench_stages;
 pub(crate) mod bench_target;
 pub(crate) mod bench_workers;
+pub(crate) mod bench_workload;
 pub(crate) mod connect;
 pub(crate) mod dlq;
 pub(crate) mod docs;
